@@ -1,0 +1,1 @@
+"""The collapser actor: the page cache (files, pages, refcounts) and khugepaged's first half."""

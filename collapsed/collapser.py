@@ -1,0 +1,625 @@
+"""The collapser actor's core: the page cache, its file operations, and the peer protocol's
+page-cache side (fault lookups, rmap accounting, folio locks). khugepaged itself is in
+:mod:`collapsed.khugepaged`.
+
+Sans-IO: no sockets, no clock of its own. See :mod:`shared.actor` for how it is driven.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Generator
+from typing import Any
+
+from collapsed.pagecache import (
+    PG_DIRTY,
+    PG_HEAD,
+    PG_LOCKED,
+    PG_LRU,
+    PG_SWAPBACKED,
+    PG_UPTODATE,
+    PG_WRITEBACK,
+    File,
+    PhysMem,
+)
+from shared import messages as m
+from shared.actor import Actor, Call, Sleep, Wait
+from shared.errors import UserError
+from shared.knobs import Knobs
+from shared.message import Message
+from shared.units import HPAGE_PMD_NR, PAGE_SIZE, pages
+
+# Pages wait in a per-CPU batch before they reach the LRU (folio_batch: PAGEVEC_SIZE in 6.x).
+LRU_BATCH = 15
+
+# The vmstat event counters this side owns, in /proc/vmstat order.
+VM_EVENTS = (
+    "pgmajfault",
+    "pswpin",
+    "pswpout",
+    "thp_collapse_alloc",
+    "thp_collapse_alloc_failed",
+    "thp_file_alloc",
+    "thp_file_fallback",
+    "thp_file_fallback_charge",
+    "thp_split_page",
+    "thp_split_page_failed",
+    "thp_scan_exceed_none_pte",
+    "thp_scan_exceed_swap_pte",
+    "thp_scan_exceed_share_pte",
+)
+
+_MAX_NAME = 255
+
+
+class Collapser(Actor):
+    """Owns files, pages and khugepaged's scan. Peer messages go in through :meth:`deliver`."""
+
+    def __init__(self, knobs: Knobs | None = None, seed: int = 0, start_khugepaged: bool = True):
+        super().__init__()
+        self.knobs = knobs or Knobs()
+        self.mem = PhysMem(seed)
+        self.files: dict[int, File] = {}
+        self.by_name: dict[str, File] = {}
+        self._next_ino = 1
+        self.vm: Counter[str] = Counter({name: 0 for name in VM_EVENTS})
+        self.nr_swap_entries = 0
+        self._next_swap = 1
+        self._lru_batch: list[int] = []
+        self._writeback: list[tuple[float, int]] = []  # (done at, pfn)
+        from collapsed.khugepaged import Khugepaged
+
+        self.khugepaged = Khugepaged(self)
+        if start_khugepaged:
+            self.spawn(self.khugepaged.thread(), name="khugepaged")
+
+    # -- peer messages ------------------------------------------------------------------------
+
+    def deliver(self, msg: Message) -> None:
+        """Handle one message from the remapper."""
+        if isinstance(msg, m.LookupPage):
+            self.spawn(self._lookup(msg), name="lookup")
+        elif isinstance(msg, m.RmapDelta):
+            self.apply_rmap(msg.rows)
+        elif isinstance(msg, m.MarkDirty):
+            self._set_dirty(self.mem.head(msg.pfn))
+        elif isinstance(msg, m.RegisterRange):
+            self.khugepaged.register(msg)
+        elif isinstance(msg, m.UnregisterRange):
+            self.khugepaged.unregister(msg.pid, msg.start)
+        elif isinstance(msg, m.MmExit):
+            self.khugepaged.mm_exit(msg.pid)
+        elif isinstance(msg, m.WriteOpen):
+            f = self.files.get(msg.ino)
+            if f is not None:
+                f.writecount += msg.delta
+        elif isinstance(msg, m.SetCollapsePmd):
+            f = self.files.get(msg.ino)
+            if f is not None:
+                f.collapse_pmd = True
+        elif isinstance(msg, m.Reclaim):
+            self._reclaim(msg.pfns)
+        elif isinstance(msg, m.LockFolio):
+            self.spawn(self._lock_folio(msg), name="lock_folio")
+        elif isinstance(msg, m.UnlockFolio):
+            self.unlock(msg.pfn)
+        elif isinstance(msg, m.MadvCollapse):
+            self.spawn(self.khugepaged.madvise_collapse(msg), name="madv_collapse")
+        elif isinstance(msg, m.KnobsChanged):
+            for name, value in msg.values.items():
+                self.knobs.set(name, str(value))
+            self.notify("khugepaged_wake")
+        elif hasattr(msg, "req"):
+            self.deliver_reply(msg.req, msg)  # type: ignore[attr-defined]
+        self.flush()
+
+    # -- struct page helpers ------------------------------------------------------------------
+
+    def trylock(self, pfn: int) -> bool:
+        flags = self.mem.flags
+        if flags[pfn] & PG_LOCKED:
+            return False
+        flags[pfn] |= PG_LOCKED
+        return True
+
+    def lock(self, pfn: int) -> Generator[Any, Any, None]:
+        """lock_page: sleep until the page lock is ours."""
+        while not self.trylock(pfn):
+            yield Wait(("page", pfn))
+
+    def unlock(self, pfn: int) -> None:
+        self.mem.flags[pfn] &= ~PG_LOCKED
+        self.notify(("page", pfn))
+
+    def put(self, head: int, n: int = 1) -> None:
+        """put_page: drop references; the last one frees the page (a THP's block goes back to the
+        huge pool)."""
+        mem = self.mem
+        mem.ref[head] -= n
+        if mem.ref[head] < 0:
+            raise AssertionError(f"refcount underflow on pfn {head}")
+        if mem.ref[head] == 0:
+            huge = mem.flags[head] & PG_HEAD
+            self._lru_del(head)
+            mem.free(head)
+            if huge:
+                self.knobs.free_huge_pages += 1
+
+    def apply_rmap(self, rows: tuple[tuple[int, int, int, int], ...]) -> None:
+        mem = self.mem
+        for pfn, pte, pmd, pin in rows:
+            head = mem.head(pfn)
+            if pte:
+                mem.mapcount[pfn] += pte
+            if pmd:
+                mem.entire[head] = mem.entire.get(head, 0) + pmd
+                if not mem.entire[head]:
+                    del mem.entire[head]
+            if pin:
+                mem.pins[head] = mem.pins.get(head, 0) + pin
+                if not mem.pins[head]:
+                    del mem.pins[head]
+            delta = pte + pmd + pin
+            if delta > 0:
+                mem.ref[head] += delta
+            elif delta < 0:
+                self.put(head, -delta)
+
+    # -- LRU (per-CPU add batch, as folio_add_lru) --------------------------------------------
+
+    def lru_add(self, pfn: int) -> None:
+        self._lru_batch.append(pfn)
+        if len(self._lru_batch) >= LRU_BATCH:
+            self.lru_add_drain()
+
+    def lru_add_drain(self) -> None:
+        flags = self.mem.flags
+        for pfn in self._lru_batch:
+            if self.mem.allocated(pfn):
+                flags[pfn] |= PG_LRU
+        self._lru_batch.clear()
+
+    def _lru_del(self, pfn: int) -> None:
+        self.mem.flags[pfn] &= ~PG_LRU
+        if pfn in self._lru_batch:
+            self._lru_batch.remove(pfn)
+
+    # -- page cache insertion/removal ---------------------------------------------------------
+
+    def add_small_page(self, f: File, index: int, dirty: bool = False) -> int:
+        """Allocate a small page, insert it at ``index`` (ref 1 for the cache), uptodate, on LRU."""
+        mem = self.mem
+        pfn = mem.alloc_small()
+        mem.flags[pfn] |= PG_UPTODATE | (PG_SWAPBACKED | PG_DIRTY if f.shmem else 0)
+        if dirty:
+            mem.flags[pfn] |= PG_DIRTY
+        mem.index[pfn] = index
+        mem.ino[pfn] = f.ino
+        old = f.get(index)
+        if old < 0:
+            f.nrswap -= 1
+            self.nr_swap_entries -= 1
+        f.set(index, pfn)
+        f.nrpages += 1
+        self.lru_add(pfn)
+        return pfn
+
+    def alloc_huge(self, direct_compaction: bool) -> int:
+        k = self.knobs
+        head = self.mem.alloc_huge(k.free_huge_pages, direct_compaction, k.fragmentation)
+        if head:
+            k.free_huge_pages -= 1
+        return head
+
+    def add_huge_page(self, f: File, start: int, head: int) -> None:
+        """Publish a PMD-order folio at ``start`` (one multi-index entry: 512 slots)."""
+        mem = self.mem
+        mem.index[head] = start
+        mem.ino[head] = f.ino
+        mem.flags[head] |= PG_UPTODATE | (PG_SWAPBACKED | PG_DIRTY if f.shmem else 0)
+        for i in range(HPAGE_PMD_NR):
+            mem.index[head + i] = start + i
+            mem.ino[head + i] = f.ino
+            f.set(start + i, head + i)
+        mem.ref[head] += HPAGE_PMD_NR - 1  # the cache holds one reference per subpage
+        f.nrpages += HPAGE_PMD_NR
+        f.nr_thps += 1
+        self.lru_add(head)
+
+    def remove_page(self, f: File, pfn: int) -> None:
+        """Delete a small page or a whole THP from the cache and drop the cache's references."""
+        mem = self.mem
+        head = mem.head(pfn)
+        if mem.flags[head] & PG_HEAD:
+            start = mem.index[head]
+            for i in range(HPAGE_PMD_NR):
+                f.set(start + i, 0)
+            f.drop_empty_chunk(start)
+            f.nrpages -= HPAGE_PMD_NR
+            f.nr_thps -= 1
+            mem.ino[head] = 0
+            self.put(head, HPAGE_PMD_NR)
+        else:
+            index = mem.index[head]
+            f.set(index, 0)
+            f.drop_empty_chunk(index)
+            f.nrpages -= 1
+            mem.ino[head] = 0
+            self.put(head)
+
+    def _set_dirty(self, head: int) -> None:
+        if self.mem.allocated(head):
+            self.mem.flags[head] |= PG_DIRTY
+
+    # -- fault lookups (filemap_fault / shmem_fault) ------------------------------------------
+
+    def _lookup(self, msg: m.LookupPage) -> Generator[Any, Any, None]:
+        mem = self.mem
+        while True:
+            f = self.files.get(msg.ino)
+            if f is None or msg.index >= f.nr_pages_size:
+                self.send(m.PageAnswer(msg.req, "sigbus"))
+                return
+            value = f.get(msg.index)
+            major = False
+            if value > 0:
+                head = mem.head(value)
+                if mem.flags[head] & PG_LOCKED:
+                    # The fault waits on the page lock (a collapse or truncate is in progress),
+                    # then looks again: the page it waited for may be gone.
+                    yield Wait(("page", head))
+                    continue
+                pfn = value
+            elif value < 0:
+                pfn = self.add_small_page(f, msg.index)
+                self.vm["pswpin"] += 1
+                major = True
+            elif f.shmem:
+                pfn = self._shmem_alloc(f, msg.index, msg.pmd_ok, msg.vm_hugepage)
+            else:
+                pfn = self.add_small_page(f, msg.index)
+                major = True
+            if major:
+                self.vm["pgmajfault"] += 1
+            break
+        head = mem.head(pfn)
+        thp = bool(mem.flags[head] & PG_HEAD)
+        pmd = False
+        if msg.purpose == "map":
+            if thp and msg.pmd_ok:
+                pmd = True
+                self.apply_rmap(((head, 0, 1, 0),))
+            else:
+                self.apply_rmap(((pfn, 1, 0, 0),))
+            if msg.write:
+                self._set_dirty(head)
+        elif msg.purpose == "pin":
+            self.apply_rmap(((pfn, 0, 0, 1),))
+        self.send(m.PageAnswer(msg.req, "ok", pfn, head, thp, pmd, major, f.shmem))
+
+    def _shmem_alloc(self, f: File, index: int, pmd_ok: bool, vm_hugepage: bool) -> int:
+        """shmem_get_folio_gfp for a hole: a PMD-order folio when shmem_enabled allows it here."""
+        start = index & ~(HPAGE_PMD_NR - 1)
+        if pmd_ok and self.shmem_huge_allowed(f, start, vm_hugepage):
+            chunk = f.chunk(start)
+            if chunk is None or not any(chunk):
+                k = self.knobs
+                direct = k.defrag == "always" or (k.defrag in ("madvise", "defer+madvise") and vm_hugepage)
+                head = self.alloc_huge(direct)
+                if head:
+                    self.mem.flags[head] |= PG_UPTODATE
+                    self.add_huge_page(f, start, head)
+                    self.vm["thp_file_alloc"] += 1
+                    return head + (index - start)
+                self.vm["thp_file_fallback"] += 1
+        return self.add_small_page(f, index)
+
+    def shmem_huge_allowed(self, f: File, start: int, vm_hugepage: bool) -> bool:
+        """shmem_huge_global_enabled for this file range (the sysfs shmem_enabled policy)."""
+        policy = self.knobs.shmem_enabled
+        if policy in ("always", "force"):
+            return True
+        if policy == "within_size":
+            return (start + HPAGE_PMD_NR) * PAGE_SIZE <= f.size
+        if policy == "advise":
+            return vm_hugepage
+        return False
+
+    def _lock_folio(self, msg: m.LockFolio) -> Generator[Any, Any, None]:
+        mem = self.mem
+        while True:
+            f = self.files.get(msg.ino)
+            value = f.get(msg.index) if f is not None else 0
+            if value <= 0:
+                self.send(m.FolioAnswer(msg.req, 0, 0))
+                return
+            head = mem.head(value)
+            if self.trylock(head):
+                break
+            yield Wait(("page", head))
+        self.send(m.FolioAnswer(msg.req, head, 9 if mem.flags[head] & PG_HEAD else 0))
+
+    # -- file operations (client requests) ----------------------------------------------------
+
+    def file_create(self, name: str, size: int, shmem: bool) -> dict[str, Any]:
+        if not name or len(name) > _MAX_NAME or "/" in name or "\0" in name:
+            raise UserError("EINVAL", f"bad file name {name!r}")
+        if name in self.by_name:
+            raise UserError("EEXIST", f"file {name!r} exists")
+        if size < 0:
+            raise UserError("EINVAL", "size must not be negative")
+        f = File(self._next_ino, name, size, shmem)
+        self._next_ino += 1
+        self.files[f.ino] = f
+        self.by_name[name] = f
+        self.send(m.FileInfo(f.ino, name, size, shmem))
+        return self.file_stat(f)
+
+    def file(self, name: str) -> File:
+        f = self.by_name.get(name)
+        if f is None:
+            raise UserError("ENOENT", f"no file {name!r}")
+        return f
+
+    def file_stat(self, f: File) -> dict[str, Any]:
+        return {
+            "name": f.name,
+            "ino": f.ino,
+            "size": f.size,
+            "shmem": f.shmem,
+            "nrpages": f.nrpages,
+            "thps": f.nr_thps,
+            "swap": f.nrswap,
+            "dirty": sum(1 for _, v in f.entries() if v > 0 and self.mem.flags[v] & PG_DIRTY),
+            "open_for_write": f.writecount,
+        }
+
+    def file_ls(self) -> list[dict[str, Any]]:
+        return [self.file_stat(f) for f in sorted(self.files.values(), key=lambda f: f.name)]
+
+    def file_write(self, name: str, offset: int, length: int) -> Generator[Any, Any, dict[str, Any]]:
+        """write(2): dirty the pages, reading in (or allocating) missing ones; extends i_size."""
+        f = self.file(name)
+        if offset < 0 or length < 0:
+            raise UserError("EINVAL", "offset and length must not be negative")
+        if length == 0:
+            return self.file_stat(f)
+        end = offset + length
+        if end > f.size:
+            self._set_size(f, end)
+        for index in range(offset // PAGE_SIZE, pages(end)):
+            while True:
+                value = f.get(index)
+                if value > 0:
+                    head = self.mem.head(value)
+                    if self.mem.flags[head] & PG_LOCKED:
+                        yield Wait(("page", head))
+                        continue
+                    self._set_dirty(head)
+                else:
+                    self.add_small_page(f, index, dirty=True)
+                break
+        return self.file_stat(f)
+
+    def file_sync(self, name: str) -> dict[str, Any]:
+        f = self.file(name)
+        self.start_writeback(f)
+        return self.file_stat(f)
+
+    def start_writeback(self, f: File) -> None:
+        """filemap_flush: dirty pages of a regular file go under writeback (clean when it ends)."""
+        if f.shmem:
+            return
+        flags = self.mem.flags
+        done = self.now + self.knobs.writeback_millisecs
+        for _, value in list(f.entries()):
+            head = self.mem.head(value) if value > 0 else 0
+            if head and flags[head] & PG_DIRTY and not flags[head] & PG_WRITEBACK:
+                flags[head] = (flags[head] & ~PG_DIRTY) | PG_WRITEBACK
+                self.mem.ref[head] += 1  # writeback holds a reference until it ends
+                self._writeback.append((done, head))
+        if self._writeback:
+            self.spawn(self._end_writeback(done), name="writeback")
+
+    def _end_writeback(self, until: float) -> Generator[Any, Any, None]:
+        yield Sleep(until)
+        still = []
+        for done, head in self._writeback:
+            if done <= self.now:
+                self.mem.flags[head] &= ~PG_WRITEBACK
+                self.put(head)
+            else:
+                still.append((done, head))
+        self._writeback = still
+
+    def _set_size(self, f: File, size: int) -> None:
+        f.size = size
+        self.send(m.FileInfo(f.ino, f.name, size, f.shmem))
+
+    def file_truncate(self, name: str, size: int) -> Generator[Any, Any, dict[str, Any]]:
+        """truncate(2): unmap, then drop every page at or past the new EOF (split a THP it cuts)."""
+        f = self.file(name)
+        if size < 0:
+            raise UserError("EINVAL", "size must not be negative")
+        old = f.size
+        self._set_size(f, size)
+        if size < old:
+            yield from self.punch(f, pages(size), pages(old))
+        return self.file_stat(f)
+
+    def punch(self, f: File, start: int, end: int) -> Generator[Any, Any, None]:
+        """truncate_inode_pages_range on [start, end): unmap_mapping_range, then delete pages."""
+        yield from self.unmap_range(f, start, end, (), even_cows=True)
+        mem = self.mem
+        for index, value in list(f.entries(start, end)):
+            if f.get(index) != value:
+                continue  # went with a THP removed earlier in this loop
+            if value < 0:
+                f.set(index, 0)
+                f.drop_empty_chunk(index)
+                f.nrswap -= 1
+                self.nr_swap_entries -= 1
+                continue
+            head = mem.head(value)
+            yield from self.lock(head)
+            if f.get(index) != value:
+                self.unlock(head)
+                continue
+            if mem.flags[head] & PG_HEAD:
+                hstart = mem.index[head]
+                if hstart >= start and hstart + HPAGE_PMD_NR <= end:
+                    self.remove_page(f, head)
+                    self.unlock(head)
+                    continue
+                if not self.split_thp(f, head):
+                    self.unlock(head)
+                    continue  # pinned: the folio stays whole, as truncate_inode_partial_folio
+                self.unlock_split(head)
+                for sub in range(head, head + HPAGE_PMD_NR):
+                    if start <= mem.index[sub] < end and f.get(mem.index[sub]) == sub:
+                        self.remove_page(f, sub)
+                continue
+            self.remove_page(f, head)
+            self.unlock(head)
+
+    def unlock_split(self, head: int) -> None:
+        for pfn in range(head, head + HPAGE_PMD_NR):
+            self.unlock(pfn)
+
+    def split_thp(self, f: File, head: int) -> bool:
+        """split_huge_page on an unmapped THP: 512 small pages, each with its own cache reference.
+
+        Fails (thp_split_page_failed) while anything but the cache holds a reference, as
+        can_split_folio does.
+        """
+        mem = self.mem
+        if mem.ref[head] != HPAGE_PMD_NR or mem.entire.get(head) or any(
+            mem.mapcount[head : head + HPAGE_PMD_NR]
+        ):
+            self.vm["thp_split_page_failed"] += 1
+            return False
+        was_lru = mem.flags[head] & PG_LRU
+        mem.split_huge(head)
+        for sub in range(head, head + HPAGE_PMD_NR):
+            mem.ref[sub] = 1
+            mem.flags[sub] |= PG_LOCKED | was_lru
+        f.nr_thps -= 1
+        self.vm["thp_split_page"] += 1
+        return True
+
+    def unmap_range(
+        self, f: File, start: int, end: int, pfns: tuple[int, ...], even_cows: bool
+    ) -> Generator[Any, Any, None]:
+        """Ask the remapper to zap mappings of [start, end) and wait until it has."""
+        yield Call(m.UnmapMapping(self.new_req(), f.ino, start, end, pfns, even_cows))
+
+    def drop_caches(self) -> Generator[Any, Any, dict[str, int]]:
+        """echo 1 > drop_caches: evict clean, unmapped, unlocked, unpinned page-cache pages."""
+        self.lru_add_drain()
+        mem = self.mem
+        dropped = 0
+        for f in list(self.files.values()):
+            for _, value in list(f.entries()):
+                if value <= 0:
+                    continue
+                head = mem.head(value)
+                if not mem.allocated(head) or mem.ino[head] != f.ino:
+                    continue
+                cache_refs = HPAGE_PMD_NR if mem.flags[head] & PG_HEAD else 1
+                if f.shmem or mem.flags[head] & (PG_DIRTY | PG_WRITEBACK | PG_LOCKED):
+                    continue
+                if mem.ref[head] != cache_refs:
+                    continue  # mapped or pinned: invalidate_mapping_pages leaves it
+                dropped += cache_refs
+                self.remove_page(f, head)
+        yield from ()
+        return {"dropped_pages": dropped}
+
+    def _reclaim(self, pfns: tuple[int, ...]) -> None:
+        """shrink_folio_list for MADV_PAGEOUT: unmapped pages leave memory (shmem to swap)."""
+        mem = self.mem
+        for pfn in pfns:
+            if not mem.allocated(pfn):
+                continue
+            head = mem.head(pfn)
+            f = self.files.get(mem.ino[head])
+            if f is None or mem.flags[head] & (PG_LOCKED | PG_WRITEBACK):
+                continue
+            cache_refs = HPAGE_PMD_NR if mem.flags[head] & PG_HEAD else 1
+            if mem.ref[head] != cache_refs:
+                continue
+            if mem.flags[head] & PG_HEAD:
+                if not f.shmem:
+                    continue  # a read-only file THP is dropped whole by drop_caches, not pageout
+                self.trylock(head)
+                if not self.split_thp(f, head):
+                    self.unlock(head)
+                    continue
+                subs = list(range(head, head + HPAGE_PMD_NR))
+                self.unlock_split(head)
+            else:
+                subs = [head]
+            for sub in subs:
+                self._reclaim_small(f, sub)
+
+    def _reclaim_small(self, f: File, pfn: int) -> None:
+        mem = self.mem
+        index = mem.index[pfn]
+        if f.shmem:
+            self.remove_page(f, pfn)
+            swap = self._next_swap
+            self._next_swap += 1
+            f.set(index, -swap)
+            f.nrswap += 1
+            self.nr_swap_entries += 1
+            self.vm["pswpout"] += 1
+        elif mem.flags[pfn] & PG_DIRTY:
+            self.start_writeback(f)
+        else:
+            self.remove_page(f, pfn)
+
+    # -- reports ------------------------------------------------------------------------------
+
+    def meminfo(self) -> dict[str, int]:
+        """The THP lines of /proc/meminfo, in kB, plus the page-cache totals they sit beside."""
+        mem = self.mem
+        file_pages = shmem_pages = file_thp = shmem_thp = file_pmd = shmem_pmd = 0
+        for f in self.files.values():
+            if f.shmem:
+                shmem_pages += f.nrpages
+                shmem_thp += f.nr_thps
+            else:
+                file_thp += f.nr_thps
+            file_pages += f.nrpages
+        for head, count in mem.entire.items():
+            if count > 0:
+                if mem.flags[head] & PG_SWAPBACKED:
+                    shmem_pmd += 1
+                else:
+                    file_pmd += 1
+        kb = PAGE_SIZE // 1024
+        huge_kb = HPAGE_PMD_NR * kb
+        return {
+            "Cached": file_pages * kb,
+            "Shmem": shmem_pages * kb,
+            "SwapCached": 0,
+            "ShmemHugePages": shmem_thp * huge_kb,
+            "ShmemPmdMapped": shmem_pmd * huge_kb,
+            "FileHugePages": file_thp * huge_kb,
+            "FilePmdMapped": file_pmd * huge_kb,
+            "HugePagesFreeTHP": self.knobs.free_huge_pages,
+        }
+
+    def vmstat(self) -> dict[str, int]:
+        stats = self.meminfo()
+        out = {
+            "nr_file_pages": stats["Cached"] // 4,
+            "nr_shmem": stats["Shmem"] // 4,
+            "nr_shmem_hugepages": stats["ShmemHugePages"] // 2048,
+            "nr_shmem_pmdmapped": stats["ShmemPmdMapped"] // 2048,
+            "nr_file_hugepages": stats["FileHugePages"] // 2048,
+            "nr_file_pmdmapped": stats["FilePmdMapped"] // 2048,
+            "nr_swap_entries": self.nr_swap_entries,
+        }
+        out.update(self.vm)
+        return out

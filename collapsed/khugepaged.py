@@ -1,0 +1,448 @@
+"""khugepaged's first half: the scan of registered file ranges, ``hpage_collapse_scan_file`` and
+``collapse_file`` (6.x semantics, kernel-notes §2.4–2.6), and MADV_COLLAPSE's page-cache half.
+
+Where the kernel would touch page tables (``try_to_unmap`` of the old pages, ``retract_page_tables``,
+``collapse_pte_mapped_thp``) the collapser sends a request to the remapper and waits for the answer:
+that is the split Kirill proposed. ``try_to_unmap`` is one batched request per collapse, sent after
+the pages are locked and isolated, so the refcount check comes after every page's lock/LRU checks.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+from collections.abc import Generator
+from typing import TYPE_CHECKING, Any
+
+from collapsed.pagecache import (
+    PG_DIRTY,
+    PG_HEAD,
+    PG_LOCKED,
+    PG_LRU,
+    PG_SWAPBACKED,
+    PG_UPTODATE,
+    PG_WRITEBACK,
+    File,
+)
+from shared import messages as m
+from shared.actor import Call, Sleep, Wait
+from shared.logs import get_logger
+from shared.scan_result import ScanResult as R
+from shared.units import HPAGE_PMD_NR, HPAGE_PMD_SIZE, PAGE_SHIFT
+
+if TYPE_CHECKING:
+    from collapsed.collapser import Collapser
+
+log = get_logger("collapsed.khugepaged")
+
+# The madvise_collapse_errno() table (6.x).
+_EAGAIN = {R.SCAN_PAGE_COUNT, R.SCAN_PAGE_LOCK, R.SCAN_PAGE_LRU, R.SCAN_DEL_PAGE_LRU, R.SCAN_PAGE_FILLED}
+_EBUSY = {R.SCAN_CGROUP_CHARGE_FAIL, R.SCAN_EXCEED_NONE_PTE}
+
+
+def madvise_collapse_errno(result: R) -> str:
+    if result == R.SCAN_ALLOC_HUGE_PAGE_FAIL:
+        return "ENOMEM"
+    if result in _EBUSY:
+        return "EBUSY"
+    if result in _EAGAIN:
+        return "EAGAIN"
+    return "EINVAL"
+
+
+@dataclasses.dataclass
+class Range:
+    """A registered file VMA (khugepaged_enter_vma): [start, end) maps ``ino`` from ``pgoff``."""
+
+    start: int
+    end: int
+    ino: int
+    pgoff: int
+    vm_hugepage: bool
+    vm_nohugepage: bool
+
+    def pgoff_at(self, addr: int) -> int:
+        return self.pgoff + ((addr - self.start) >> PAGE_SHIFT)
+
+
+@dataclasses.dataclass
+class MmSlot:
+    pid: int
+    ranges: dict[int, Range] = dataclasses.field(default_factory=dict)
+    starts: list[int] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class CollapseControl:
+    """struct collapse_control: who is collapsing (khugepaged or MADV_COLLAPSE) and for whom."""
+
+    is_khugepaged: bool
+    pid: int
+    addr: int
+
+
+class Khugepaged:
+    """The scan state (mm slots, cursor, pages_collapsed, full_scans) and the kthread."""
+
+    def __init__(self, c: Collapser):
+        self.c = c
+        self.slots: dict[int, MmSlot] = {}
+        self.order: list[int] = []  # mm slot list, in registration order
+        self.cursor_pid: int | None = None
+        self.cursor_addr = 0
+        self.pages_collapsed = 0
+        self.full_scans = 0
+        self.passes = 0
+        self.results: dict[str, int] = {}
+
+    # -- registration (khugepaged_enter_vma / collect_mm_slot) --------------------------------
+
+    def register(self, msg: m.RegisterRange) -> None:
+        slot = self.slots.get(msg.pid)
+        if slot is None:
+            slot = self.slots[msg.pid] = MmSlot(msg.pid)
+            self.order.append(msg.pid)
+            self.c.notify("khugepaged_work")
+        if msg.start not in slot.ranges:
+            bisect.insort(slot.starts, msg.start)
+        slot.ranges[msg.start] = Range(msg.start, msg.end, msg.ino, msg.pgoff, msg.vm_hugepage, msg.vm_nohugepage)
+
+    def unregister(self, pid: int, start: int) -> None:
+        slot = self.slots.get(pid)
+        if slot is not None and slot.ranges.pop(start, None) is not None:
+            slot.starts.remove(start)
+
+    def mm_exit(self, pid: int) -> None:
+        if self.slots.pop(pid, None) is not None:
+            self.order.remove(pid)
+            if self.cursor_pid == pid:
+                self.cursor_pid = None
+
+    # -- the kthread --------------------------------------------------------------------------
+
+    def thread(self) -> Generator[Any, Any, None]:
+        """khugepaged(): scan a pass, sleep scan_sleep_millisecs (a knob write wakes it early)."""
+        c = self.c
+        while True:
+            if not self.slots:
+                yield Wait("khugepaged_work")
+                continue
+            yield from self.do_scan()
+            yield Sleep(c.now + c.knobs.scan_sleep_millisecs, wake="khugepaged_wake")
+
+    def do_scan(self) -> Generator[Any, Any, None]:
+        """khugepaged_do_scan: spend ``pages_to_scan`` progress; one alloc-failure sleep per pass."""
+        c = self.c
+        pages = c.knobs.pages_to_scan
+        progress = 0
+        wait = True
+        pass_through_head = 0
+        self.passes += 1
+        c.lru_add_drain()  # lru_add_drain_all() at the start of every pass
+        while True:
+            if self.cursor_pid is None:
+                pass_through_head += 1
+            if self.slots and pass_through_head < 2:
+                got, result = yield from self.scan_mm_slot(pages - progress)
+                progress += got
+            else:
+                progress = pages
+            if progress >= pages:
+                return
+            if result == R.SCAN_ALLOC_HUGE_PAGE_FAIL:
+                if not wait:
+                    return
+                wait = False
+                yield Sleep(c.now + c.knobs.alloc_sleep_millisecs, wake="khugepaged_wake")
+
+    def _eligible(self, r: Range, f: File) -> bool:
+        """hugepage_vma_check / thp_vma_allowable_order with TVA_ENFORCE_SYSFS, for a file VMA."""
+        if r.vm_nohugepage:
+            return False
+        k = self.c.knobs
+        if f.shmem:
+            policy = k.shmem_enabled
+            if policy == "within_size":
+                return f.size >= HPAGE_PMD_SIZE
+            return policy in ("always", "force") or (policy == "advise" and r.vm_hugepage)
+        # CONFIG_READ_ONLY_THP_FOR_FS: a regular file, not open for write, and THP enabled for it.
+        if f.writecount > 0:
+            return False
+        return k.enabled == "always" or (k.enabled == "madvise" and r.vm_hugepage)
+
+    def scan_mm_slot(self, pages: int) -> Generator[Any, Any, tuple[int, R]]:
+        """khugepaged_scan_mm_slot: continue at the cursor; a scanned file range ends the visit."""
+        c = self.c
+        result = R.SCAN_FAIL
+        if self.cursor_pid is None or self.cursor_pid not in self.slots:
+            self.cursor_pid = self.order[0]
+            self.cursor_addr = 0
+        slot = self.slots[self.cursor_pid]
+        progress = 1
+        if c.knobs.retry_policy == "mm-slot":
+            yield Call(m.VisitMm(c.new_req(), slot.pid))
+            if slot.pid not in self.slots:
+                self._next_slot(slot.pid)
+                return progress, result
+        i = bisect.bisect_right(slot.starts, self.cursor_addr) - 1
+        for start in slot.starts[max(i, 0) :]:
+            r = slot.ranges[start]
+            f = c.files.get(r.ino)
+            if f is None or not self._eligible(r, f):
+                progress += 1
+                continue
+            hstart = max((r.start + HPAGE_PMD_SIZE - 1) & ~(HPAGE_PMD_SIZE - 1), self.cursor_addr)
+            hend = r.end & ~(HPAGE_PMD_SIZE - 1)
+            if hstart >= hend or (r.start >> PAGE_SHIFT) % HPAGE_PMD_NR != r.pgoff % HPAGE_PMD_NR:
+                progress += 1
+                continue
+            addr = hstart
+            pgoff = r.pgoff_at(addr)
+            cc = CollapseControl(True, slot.pid, addr)
+            result = yield from self.scan_file(f, pgoff, cc)
+            if result == R.SCAN_PTE_MAPPED_HUGEPAGE:
+                result = yield from self._pte_mapped(f, pgoff, cc)
+            if result == R.SCAN_SUCCEED:
+                self.pages_collapsed += 1
+            self.cursor_addr = addr + HPAGE_PMD_SIZE
+            progress += HPAGE_PMD_NR
+            return progress, result
+        self._next_slot(slot.pid)
+        return progress, result
+
+    def _next_slot(self, pid: int) -> None:
+        idx = self.order.index(pid) if pid in self.order else -1
+        if idx + 1 < len(self.order):
+            self.cursor_pid = self.order[idx + 1]
+        else:
+            self.cursor_pid = None
+            self.full_scans += 1
+        self.cursor_addr = 0
+
+    def _pte_mapped(self, f: File, pgoff: int, cc: CollapseControl) -> Generator[Any, Any, R]:
+        """What each retry policy does when the scan finds the THP already in the page cache."""
+        c = self.c
+        policy = c.knobs.retry_policy
+        if policy == "lockless":
+            # 6.6+: collapse_pte_mapped_thp(mm, addr, false) right away, under mmap_read_lock.
+            reply = yield Call(m.CollapsePteMapped(c.new_req(), cc.pid, cc.addr))
+            result = R(reply.result)
+            return R.SCAN_SUCCEED if result == R.SCAN_PMD_MAPPED else result
+        if policy == "per-mapping" and f.collapse_pmd:
+            # The seed's v6: test_and_clear_bit(AS_COLLAPSE_PMD) by the first THP the scan meets.
+            f.collapse_pmd = False
+            head = c.mem.head(f.get(pgoff))
+            if c.trylock(head):
+                reply = yield Call(m.Retract(c.new_req(), f.ino, pgoff, head))
+                c.unlock(head)
+                if reply.retracted:
+                    return R.SCAN_SUCCEED
+        return R.SCAN_PTE_MAPPED_HUGEPAGE
+
+    # -- hpage_collapse_scan_file -------------------------------------------------------------
+
+    def scan_file(self, f: File, start: int, cc: CollapseControl) -> Generator[Any, Any, R]:
+        c = self.c
+        mem = c.mem
+        k = c.knobs
+        present = swap = 0
+        result = R.SCAN_SUCCEED
+        scan_pfn = -1
+        for index in range(start, start + HPAGE_PMD_NR):
+            value = f.get(index)
+            if value == 0:
+                continue
+            if value < 0:
+                swap += 1
+                if cc.is_khugepaged and swap > k.max_ptes_swap:
+                    result = R.SCAN_EXCEED_SWAP_PTE
+                    c.vm["thp_scan_exceed_swap_pte"] += 1
+                    break
+                continue
+            head = mem.head(value)
+            scan_pfn = value
+            if mem.flags[head] & PG_HEAD:
+                pmd_order_at_start = mem.index[head] == start
+                result = R.SCAN_PTE_MAPPED_HUGEPAGE if pmd_order_at_start else R.SCAN_PAGE_COMPOUND
+                break
+            if not mem.flags[head] & PG_LRU:
+                result = R.SCAN_PAGE_LRU
+                break
+            if mem.ref[head] != 1 + mem.mapcount[head]:
+                result = R.SCAN_PAGE_COUNT
+                break
+            present += 1
+        if result == R.SCAN_SUCCEED:
+            if cc.is_khugepaged and present < HPAGE_PMD_NR - k.max_ptes_none:
+                result = R.SCAN_EXCEED_NONE_PTE
+                c.vm["thp_scan_exceed_none_pte"] += 1
+            else:
+                result = yield from self.collapse_file(f, start, cc)
+        log.debug(
+            "mm_khugepaged_scan_file",
+            pid=cc.pid,
+            pfn=scan_pfn,
+            filename=f.name,
+            present=present,
+            swap=swap,
+            result=result.trace,
+        )
+        self._count(result)
+        return result
+
+    def _count(self, result: R) -> None:
+        self.results[result.name] = self.results.get(result.name, 0) + 1
+
+    # -- collapse_file ------------------------------------------------------------------------
+
+    def collapse_file(self, f: File, start: int, cc: CollapseControl) -> Generator[Any, Any, R]:
+        c = self.c
+        mem = c.mem
+        end = start + HPAGE_PMD_NR
+        direct = (not cc.is_khugepaged) or bool(c.knobs.khugepaged_defrag)
+        new = c.alloc_huge(direct)
+        if not new:
+            c.vm["thp_collapse_alloc_failed"] += 1
+            result = R.SCAN_ALLOC_HUGE_PAGE_FAIL
+            self._trace_collapse(f, 0, start, cc, result)
+            return result
+        c.vm["thp_collapse_alloc"] += 1
+        mem.flags[new] |= PG_LOCKED | (PG_SWAPBACKED if f.shmem else 0)
+        mem.index[new] = start
+        mem.ino[new] = f.ino
+
+        pagelist: list[int] = []
+        nr_none = 0
+        result = R.SCAN_SUCCEED
+        for index in range(start, end):
+            value = f.get(index)
+            if f.shmem:
+                if value == 0:
+                    if index == start and not any(f.get(i) for i in range(start, end)):
+                        result = R.SCAN_TRUNCATED
+                        break
+                    nr_none += 1
+                    continue
+                if value < 0:
+                    # shmem_get_folio(SGP_NOALLOC): swap it in; the new page comes back locked.
+                    pfn = c.add_small_page(f, index)
+                    c.vm["pswpin"] += 1
+                    c.lru_add_drain()
+                    c.trylock(pfn)
+                else:
+                    pfn = value
+                    if not c.trylock(mem.head(pfn)):
+                        result = R.SCAN_PAGE_LOCK
+                        break
+            else:
+                if value <= 0:
+                    # page_cache_sync_readahead + lru_add_drain + filemap_lock_folio.
+                    if index >= f.nr_pages_size:
+                        result = R.SCAN_TRUNCATED
+                        break
+                    pfn = c.add_small_page(f, index)
+                    c.lru_add_drain()
+                    c.trylock(pfn)
+                else:
+                    pfn = value
+                    head = mem.head(pfn)
+                    if mem.flags[head] & PG_DIRTY:
+                        c.start_writeback(f)  # filemap_flush: a one-off async writeback
+                        result = R.SCAN_FAIL
+                        break
+                    if mem.flags[head] & PG_WRITEBACK:
+                        result = R.SCAN_FAIL
+                        break
+                    if not c.trylock(head):
+                        result = R.SCAN_PAGE_LOCK
+                        break
+            head = mem.head(pfn)
+            # The page is locked from here on.
+            if not mem.flags[head] & PG_UPTODATE:
+                result = R.SCAN_FAIL
+            elif mem.flags[head] & PG_HEAD:
+                result = R.SCAN_PTE_MAPPED_HUGEPAGE if mem.index[head] == start else R.SCAN_PAGE_COMPOUND
+            elif mem.ino[head] != f.ino:
+                result = R.SCAN_TRUNCATED
+            elif not f.shmem and mem.flags[head] & (PG_DIRTY | PG_WRITEBACK):
+                result = R.SCAN_FAIL
+            elif not mem.flags[head] & PG_LRU:
+                result = R.SCAN_DEL_PAGE_LRU
+            if result != R.SCAN_SUCCEED:
+                c.unlock(head)
+                break
+            # folio_isolate_lru + the collapse's own get: the "3" of the refcount check below.
+            mem.flags[head] &= ~PG_LRU
+            mem.ref[head] += 2
+            pagelist.append(head)
+
+        if result == R.SCAN_SUCCEED and pagelist:
+            mapped = tuple(p for p in pagelist if mem.mapcount[p])
+            if mapped:
+                # try_to_unmap(folio) for every mapped page, as one request to the remapper.
+                yield from c.unmap_range(f, start, end, mapped, even_cows=False)
+            for p in pagelist:
+                if mem.ref[p] != 3:
+                    result = R.SCAN_PAGE_COUNT
+                    break
+        if result == R.SCAN_SUCCEED and not f.shmem and f.writecount > 0:
+            result = R.SCAN_FAIL  # inode_is_open_for_write after filemap_nr_thps_inc
+        if result == R.SCAN_SUCCEED and nr_none:
+            # The XA_RETRY_ENTRY pass: a hole someone filled while we waited is SCAN_PAGE_FILLED.
+            holes = sum(1 for i in range(start, end) if f.get(i) == 0)
+            if holes != nr_none:
+                result = R.SCAN_PAGE_FILLED
+
+        if result != R.SCAN_SUCCEED:
+            for p in pagelist:
+                mem.ref[p] -= 2
+                c.lru_add(p)
+                c.unlock(p)
+            mem.flags[new] &= ~PG_LOCKED
+            mem.ino[new] = 0
+            c.put(new)
+            self._trace_collapse(f, 0, start, cc, result)
+            return result
+
+        # Success: copy, publish the multi-index entry, free the old pages, retract.
+        for p in pagelist:
+            f.set(mem.index[p], 0)
+            f.nrpages -= 1
+            mem.ino[p] = 0
+        mem.ref[new] = 1
+        c.add_huge_page(f, start, new)
+        for p in pagelist:
+            c.unlock(p)
+            c.put(p, 3)
+        reply = yield Call(m.Retract(c.new_req(), f.ino, start, new))
+        log.debug("retract_page_tables", ino=f.ino, pgoff=start, retracted=reply.retracted,
+                  installed=reply.installed, deferred=reply.deferred, skipped=reply.skipped)
+        result = R.SCAN_SUCCEED if cc.is_khugepaged else R.SCAN_PTE_MAPPED_HUGEPAGE
+        c.unlock(new)
+        self._trace_collapse(f, new, start, cc, result)
+        return result
+
+    def _trace_collapse(self, f: File, hpfn: int, index: int, cc: CollapseControl, result: R) -> None:
+        log.info(
+            "mm_khugepaged_collapse_file",
+            pid=cc.pid,
+            hpage_pfn=hex(hpfn) if hpfn else -1,
+            index=index,
+            addr=hex(cc.addr),
+            is_shmem=int(f.shmem),
+            filename=f.name,
+            nr=HPAGE_PMD_NR,
+            result=result.trace,
+        )
+
+    # -- MADV_COLLAPSE, page-cache half -------------------------------------------------------
+
+    def madvise_collapse(self, msg: m.MadvCollapse) -> Generator[Any, Any, None]:
+        c = self.c
+        f = c.files.get(msg.ino)
+        if f is None:
+            result = R.SCAN_TRUNCATED
+        else:
+            c.lru_add_drain()  # lru_add_drain_all()
+            result = yield from self.scan_file(f, msg.pgoff, CollapseControl(False, msg.pid, msg.addr))
+        c.send(m.CollapseResult(msg.req, int(result)))

@@ -1,0 +1,143 @@
+"""/proc/PID/smaps, computed from the page tables the way fs/proc/task_mmu.c walks them."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from remapd.mm import PROT_EXEC, PROT_READ, PROT_WRITE, PTE_ANON, PTE_SHMEM, Mm, PteTable, Vma
+from shared.units import HPAGE_PMD_SHIFT, HPAGE_PMD_SIZE, PAGE_SHIFT, PAGE_SIZE
+
+if TYPE_CHECKING:
+    from remapd.remapper import Remapper
+
+# The smaps fields we print, in the kernel's order (kB unless said otherwise).
+SMAPS_FIELDS = (
+    "Size",
+    "KernelPageSize",
+    "MMUPageSize",
+    "Rss",
+    "Anonymous",
+    "AnonHugePages",
+    "ShmemPmdMapped",
+    "FilePmdMapped",
+    "Shared_Hugetlb",
+    "Private_Hugetlb",
+    "Swap",
+    "Locked",
+)
+
+
+def thp_eligible(r: Remapper, vma: Vma) -> bool:
+    """THPeligible: thp_vma_allowable_order with TVA_SMAPS | TVA_ENFORCE_SYSFS, for a file VMA."""
+    if vma.nohugepage:
+        return False
+    haddr = (vma.start + HPAGE_PMD_SIZE - 1) & ~(HPAGE_PMD_SIZE - 1)
+    if not vma.pmd_suitable(haddr):
+        return False
+    f = r.files.get(vma.ino)
+    if f is None:
+        return False
+    k = r.knobs
+    if f.shmem:
+        policy = k.shmem_enabled
+        if policy == "within_size":
+            return f.size >= HPAGE_PMD_SIZE
+        return policy in ("always", "force") or (policy == "advise" and vma.hugepage)
+    if any(v.writes_file for _, v in r._vmas_of(vma.ino)):
+        return False
+    return k.enabled == "always" or (k.enabled == "madvise" and vma.hugepage)
+
+
+def vm_flags(vma: Vma) -> str:
+    flags = []
+    if vma.prot & PROT_READ:
+        flags.append("rd")
+    if vma.prot & PROT_WRITE:
+        flags.append("wr")
+    if vma.prot & PROT_EXEC:
+        flags.append("ex")
+    if vma.shared:
+        flags.append("sh")
+    flags += ["mr", "mw", "me"]
+    if vma.shared:
+        flags.append("ms")
+    if vma.hugepage:
+        flags.append("hg")
+    if vma.nohugepage:
+        flags.append("nh")
+    return " ".join(flags)
+
+
+def smaps(r: Remapper, mm: Mm) -> list[dict[str, Any]]:
+    out = []
+    for vma in mm.vmas:
+        rss = anon = file_pmd = shmem_pmd = 0
+        for pidx in r._pidx_range(mm, vma.start, vma.end):
+            entry = mm.pmds[pidx]
+            base = pidx << HPAGE_PMD_SHIFT
+            if isinstance(entry, int):
+                if vma.start <= base and base + HPAGE_PMD_SIZE <= vma.end:
+                    rss += HPAGE_PMD_SIZE
+                    if entry & PTE_SHMEM:
+                        shmem_pmd += HPAGE_PMD_SIZE
+                    else:
+                        file_pmd += HPAGE_PMD_SIZE
+                continue
+            assert isinstance(entry, PteTable)
+            lo = max(vma.start, base)
+            hi = min(vma.end, base + HPAGE_PMD_SIZE)
+            first, last = (lo - base) >> PAGE_SHIFT, (hi - base) >> PAGE_SHIFT
+            for slot, pte in entry.present():
+                if first <= slot < last:
+                    rss += PAGE_SIZE
+                    if pte & PTE_ANON:
+                        anon += PAGE_SIZE
+        f = r.files.get(vma.ino)
+        prot = vma.prot
+        perms = (
+            ("r" if prot & PROT_READ else "-")
+            + ("w" if prot & PROT_WRITE else "-")
+            + ("x" if prot & PROT_EXEC else "-")
+            + ("s" if vma.shared else "p")
+        )
+        kb = 1024
+        out.append(
+            {
+                "start": vma.start,
+                "end": vma.end,
+                "perms": perms,
+                "offset": vma.pgoff << PAGE_SHIFT,
+                "ino": vma.ino,
+                "name": f.name if f is not None else "",
+                "Size": (vma.end - vma.start) // kb,
+                "KernelPageSize": PAGE_SIZE // kb,
+                "MMUPageSize": PAGE_SIZE // kb,
+                "Rss": rss // kb,
+                "Anonymous": anon // kb,
+                "AnonHugePages": 0,
+                "ShmemPmdMapped": shmem_pmd // kb,
+                "FilePmdMapped": file_pmd // kb,
+                "Shared_Hugetlb": 0,
+                "Private_Hugetlb": 0,
+                "Swap": 0,
+                "Locked": 0,
+                "THPeligible": int(thp_eligible(r, vma)),
+                "VmFlags": vm_flags(vma),
+            }
+        )
+    return out
+
+
+def render_smaps(entries: list[dict[str, Any]]) -> str:
+    """The text of /proc/PID/smaps for these entries."""
+    lines = []
+    for e in entries:
+        lines.append(
+            f"{e['start']:08x}-{e['end']:08x} {e['perms']} {e['offset']:08x} 00:00 {e['ino']:<10d} "
+            f"{'/' + e['name'] if e['name'] else ''}".rstrip()
+        )
+        for name in SMAPS_FIELDS:
+            lines.append(f"{name + ':':<16}{e[name]:>8} kB")
+        lines.append(f"{'THPeligible:':<16}{e['THPeligible']:>8}")
+        lines.append(f"VmFlags: {e['VmFlags']}")
+    return "\n".join(lines) + ("\n" if lines else "")

@@ -1,0 +1,189 @@
+"""A sans-IO task runner: the one piece of machinery both actors' cores are built on.
+
+An actor's long operations (a fault waiting for the page cache, ``collapse_file`` waiting for the
+remapper to unmap, khugepaged sleeping between passes) are generators. A generator yields one of
+the effects below and is resumed with its outcome:
+
+* :class:`Call` — a request message to the peer actor; resumed with the peer's reply.
+* :class:`Sleep` — resumed once the actor's clock reaches ``until`` (model milliseconds).
+* :class:`Wait` — resumed when someone calls :meth:`Actor.notify` with the same key (a page lock
+  released, an mmap lock dropped).
+
+Nothing here touches a socket or a real clock: the owner moves time forward with
+:meth:`Actor.advance`, hands peer messages to :meth:`Actor.deliver`, and drains :attr:`Actor.outbox`.
+That is what lets the same core run in-process in tests and behind trio in the daemons.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import defaultdict, deque
+from collections.abc import Callable, Generator
+from typing import Any
+
+from shared.errors import UserError
+from shared.message import Message
+
+Task = Generator[Any, Any, Any]
+Done = Callable[[Any], None]
+
+
+class Call:
+    """Effect: send ``msg`` (whose ``req`` field is already set) to the peer and wait for the reply."""
+
+    __slots__ = ("msg",)
+
+    def __init__(self, msg: Message):
+        self.msg = msg
+
+
+class Sleep:
+    """Effect: resume when the actor's clock reaches ``until`` (model milliseconds), or earlier
+    when ``wake`` is given and :meth:`Actor.notify` is called with it (an interruptible sleep)."""
+
+    __slots__ = ("until", "wake")
+
+    def __init__(self, until: float, wake: Any = None):
+        self.until = until
+        self.wake = wake
+
+
+class Wait:
+    """Effect: resume when :meth:`Actor.notify` is called with ``key``."""
+
+    __slots__ = ("key",)
+
+    def __init__(self, key: Any):
+        self.key = key
+
+
+class _Running:
+    __slots__ = ("gen", "done", "name", "epoch")
+
+    def __init__(self, gen: Task, done: Done | None, name: str):
+        self.gen = gen
+        self.done = done
+        self.name = name
+        # Bumped at every resume; a timer or wait registered in an older epoch is stale.
+        self.epoch = 0
+
+
+class Actor:
+    """Base of the collapser and remapper cores: runs tasks, holds the outbox and the clock."""
+
+    def __init__(self) -> None:
+        self.now: float = 0.0
+        self.outbox: deque[Message] = deque()
+        self._req_ids = itertools.count(1)
+        self._calls: dict[int, _Running] = {}
+        self._timers: list[tuple[float, int, _Running, int]] = []
+        self._timer_seq = itertools.count()
+        self._waits: defaultdict[Any, list[tuple[_Running, int]]] = defaultdict(list)
+        self._ready: deque[tuple[_Running, Any, int]] = deque()
+        self._stepping = False
+
+    # -- what the owner calls -----------------------------------------------------------------
+
+    def new_req(self) -> int:
+        return next(self._req_ids)
+
+    def spawn(self, gen: Task, done: Done | None = None, name: str = "") -> None:
+        """Start ``gen``; ``done(result)`` is called with its return value when it finishes."""
+        self._ready.append((_Running(gen, done, name), None, 0))
+        self._run_ready()
+
+    def deliver_reply(self, req: int, msg: Message) -> bool:
+        """Resume the task waiting on request ``req``. Returns False if no task waits for it."""
+        task = self._calls.pop(req, None)
+        if task is None:
+            return False
+        self._ready.append((task, msg, task.epoch))
+        self._run_ready()
+        return True
+
+    def advance(self, now: float) -> None:
+        """Move the clock to ``now`` and run every task whose sleep has ended, in time order."""
+        while self._timers and self._timers[0][0] <= now:
+            until, _, task, epoch = heapq.heappop(self._timers)
+            if task.epoch != epoch:
+                continue
+            self.now = max(self.now, until)
+            self._ready.append((task, None, epoch))
+            self._run_ready()
+        self.now = max(self.now, now)
+
+    def next_deadline(self) -> float | None:
+        while self._timers and self._timers[0][2].epoch != self._timers[0][3]:
+            heapq.heappop(self._timers)
+        return self._timers[0][0] if self._timers else None
+
+    def notify(self, key: Any) -> None:
+        waiters = self._waits.pop(key, None)
+        if waiters:
+            self._ready.extend((t, None, epoch) for t, epoch in waiters if t.epoch == epoch)
+            self._run_ready()
+
+    def has_waiters(self, key: Any) -> bool:
+        return key in self._waits
+
+    def pending_calls(self) -> int:
+        return len(self._calls)
+
+    def send(self, msg: Message) -> None:
+        self.outbox.append(msg)
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _run_ready(self) -> None:
+        # Re-entrancy guard: a task that notifies or finishes others must not recurse into them.
+        if self._stepping:
+            return
+        self._stepping = True
+        try:
+            while self._ready:
+                task, value, epoch = self._ready.popleft()
+                if task.epoch == epoch:
+                    self._step(task, value)
+        finally:
+            self._stepping = False
+        self.flush()
+
+    def flush(self) -> None:
+        """Hook run after every burst of task steps: push batched notices to the outbox."""
+
+    def _step(self, task: _Running, value: Any) -> None:
+        task.epoch += 1
+        try:
+            effect = task.gen.send(value)
+        except StopIteration as stop:
+            if task.done is not None:
+                task.done(stop.value)
+            return
+        except UserError as err:
+            if task.done is not None:
+                task.done(err)
+            return
+        if isinstance(effect, Call):
+            self._calls[effect.msg.req] = task  # type: ignore[attr-defined]
+            self.send(effect.msg)
+        elif isinstance(effect, Sleep):
+            if effect.until <= self.now:
+                self._ready.append((task, None, task.epoch))
+                return
+            heapq.heappush(self._timers, (effect.until, next(self._timer_seq), task, task.epoch))
+            if effect.wake is not None:
+                self._waits[effect.wake].append((task, task.epoch))
+        elif isinstance(effect, Wait):
+            self._waits[effect.key].append((task, task.epoch))
+        else:
+            raise TypeError(f"task {task.name or task.gen!r} yielded {effect!r}, not an effect")
+
+
+def run_now(actor: Actor, gen: Task) -> Any:
+    """Run ``gen`` and return its result if it finishes without waiting (else raise RuntimeError)."""
+    box: list[Any] = []
+    actor.spawn(gen, box.append)
+    if not box:
+        raise RuntimeError("task did not complete synchronously")
+    return box[0]

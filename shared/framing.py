@@ -1,0 +1,231 @@
+"""Length-prefixed msgpack frames on a byte stream.
+
+Sans-IO: the caller moves bytes; this module only turns objects into frames and frames back into
+objects. A frame is a 4-byte big-endian unsigned length followed by that many bytes holding
+exactly one msgpack value. Frames come from an untrusted peer, so every size is bounded before
+memory is committed to it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import struct
+from typing import Any
+
+import msgpack
+
+from shared.message import Message
+from shared.wire import ProtocolError, from_wire, to_wire
+
+__all__ = [
+    "MAX_DEPTH",
+    "MAX_FRAME_BYTES",
+    "MAX_ITEMS",
+    "MAX_STR",
+    "FrameDecoder",
+    "FrameDecoderStatistics",
+    "FrameError",
+    "encode_frame",
+    "encode_message",
+]
+
+# Largest frame body either side accepts; bounds the memory one frame can claim.
+MAX_FRAME_BYTES = 4 * 1024 * 1024
+# Deepest nesting of arrays and maps in a frame; bounds recursion when walking decoded values.
+MAX_DEPTH = 16
+# Longest array or map in a frame, so a tiny header cannot make msgpack preallocate millions.
+MAX_ITEMS = 1_000_000
+# Longest str or bin value in a frame, in bytes.
+MAX_STR = 1024 * 1024
+
+_HEADER = struct.Struct(">I")
+
+
+class FrameError(ProtocolError):
+    """The byte stream is not a valid sequence of frames; its position is lost for good."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class FrameDecoderStatistics:
+    """A snapshot of a :class:`FrameDecoder`.
+
+    Attributes:
+        frames_decoded: frames turned into objects so far.
+        bytes_buffered: bytes fed but not yet consumed by a decoded frame.
+    """
+
+    frames_decoded: int
+    bytes_buffered: int
+
+
+def encode_frame(obj: Any) -> bytes:
+    """Encode ``obj`` as one frame.
+
+    Args:
+        obj: a msgpack-able value other than None; bytes are sent as bin, str as str.
+    Returns:
+        The 4-byte big-endian length followed by the msgpack body.
+    Errors:
+        ValueError: ``obj`` is None (the decoder reserves None for "no frame yet") or the body
+        exceeds MAX_FRAME_BYTES, which the peer would reject, losing the stream; msgpack's own
+        TypeError/OverflowError for values it cannot encode.
+    The peer also rejects values beyond MAX_DEPTH, MAX_ITEMS or MAX_STR; :func:`encode_message`
+    enforces the depth, the sizes are the caller's to respect.
+    """
+    if obj is None:
+        raise ValueError("a frame cannot hold None: the decoder returns None for 'no frame yet'")
+    body = msgpack.packb(obj, use_bin_type=True)
+    if len(body) > MAX_FRAME_BYTES:
+        raise ValueError(f"frame of {len(body)} bytes exceeds MAX_FRAME_BYTES ({MAX_FRAME_BYTES})")
+    return _HEADER.pack(len(body)) + body
+
+
+def encode_message(msg: Message) -> bytes:
+    """Encode ``msg`` as one frame: ``encode_frame(to_wire(msg))``; raises what those raise."""
+    return encode_frame(to_wire(msg))
+
+
+def _within_depth(obj: Any, budget: int) -> bool:
+    """Whether ``obj`` nests at most ``budget`` arrays/maps deep (scalars nest 0 deep)."""
+    kind = type(obj)
+    if kind is list:
+        children: Any = obj
+    elif kind is dict:
+        # strict_map_key leaves only str and bytes keys, which cannot nest.
+        children = obj.values()
+    else:
+        return True
+    if budget == 0:
+        return False
+    budget -= 1
+    for child in children:
+        kind = type(child)
+        if (kind is list or kind is dict) and not _within_depth(child, budget):
+            return False
+    return True
+
+
+class FrameDecoder:
+    """Splits a byte stream into frames and decodes them.
+
+    Feed bytes as they arrive with :meth:`feed`, then call :meth:`next_object` or
+    :meth:`next_message` until it returns None. Frames may be split anywhere across feeds.
+
+    A :class:`FrameError` poisons the decoder: the frame boundary is lost, so every later call
+    raises the same error and the connection must be dropped. A :class:`ProtocolError` from
+    :meth:`next_message` about a well-framed but invalid message leaves the stream usable.
+
+    Memory: the decoder holds what was fed and not yet decoded (plus consumed bytes at most equal
+    to that, reclaimed on the next feed); a frame whose header announces more than
+    ``max_frame_bytes`` is rejected before its body is buffered. Decoding many frames costs time
+    proportional to their total size.
+    """
+
+    def __init__(self, max_frame_bytes: int = MAX_FRAME_BYTES) -> None:
+        """Args:
+        max_frame_bytes: largest frame body accepted, excluding the 4-byte header.
+        """
+        self._max_frame_bytes = max_frame_bytes
+        self._buffer = bytearray()
+        # Start of the unconsumed bytes: consuming a frame only moves it, so decoding a batch
+        # of frames does not copy the rest of the buffer each time.
+        self._offset = 0
+        self._frames_decoded = 0
+        self._error: FrameError | None = None
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Append ``data`` received from the stream.
+
+        Errors:
+            FrameError: the decoder is poisoned by an earlier error.
+        """
+        if self._error is not None:
+            raise self._error
+        # Drop consumed bytes once they are at least half the buffer: each compaction moves no
+        # more bytes than were consumed since the previous one, keeping feeding O(total).
+        if self._offset and self._offset * 2 >= len(self._buffer):
+            del self._buffer[: self._offset]
+            self._offset = 0
+        self._buffer += data
+
+    def next_object(self) -> Any:
+        """Decode the next complete frame.
+
+        Returns:
+            The frame's msgpack value (arrays as lists, maps as dicts, str as str, bin as
+            bytes), or None if the next frame has not fully arrived yet.
+        Errors:
+            FrameError: the header announces more than ``max_frame_bytes``; the body is not
+            exactly one valid msgpack value; it nests deeper than MAX_DEPTH; a str/bin exceeds
+            MAX_STR or an array/map MAX_ITEMS; a map key is not str/bytes; or the decoder is
+            already poisoned.
+            ProtocolError: the frame holds nil, which would read as "no frame yet"; the frame
+            is consumed and the stream stays usable.
+        """
+        if self._error is not None:
+            raise self._error
+        buffer, start = self._buffer, self._offset
+        available = len(buffer) - start
+        if available < _HEADER.size:
+            return None
+        (length,) = _HEADER.unpack_from(buffer, start)
+        if length > self._max_frame_bytes:
+            raise self._poison(
+                f"frame of {length} bytes exceeds the limit of {self._max_frame_bytes} bytes"
+            )
+        end = start + _HEADER.size + length
+        if len(buffer) < end:
+            return None
+        try:
+            # The views must be released before feed() resizes the buffer.
+            with memoryview(buffer) as view, view[start + _HEADER.size : end] as body:
+                obj = msgpack.unpackb(
+                    body,
+                    raw=False,
+                    strict_map_key=True,
+                    max_str_len=MAX_STR,
+                    max_bin_len=MAX_STR,
+                    max_array_len=MAX_ITEMS,
+                    max_map_len=MAX_ITEMS,
+                )
+        except msgpack.ExtraData as exc:
+            raise self._poison(
+                f"frame body has {len(exc.extra)} trailing bytes after its msgpack value"
+            ) from exc
+        except ValueError as exc:
+            # FormatError carries no text; its class name is the explanation.
+            raise self._poison(f"undecodable frame body: {exc or type(exc).__name__}") from exc
+        if not _within_depth(obj, MAX_DEPTH):
+            raise self._poison(f"frame nests deeper than {MAX_DEPTH} levels")
+        self._offset = end
+        self._frames_decoded += 1
+        if obj is None:
+            raise ProtocolError("frame holds nil, which no encoder sends")
+        return obj
+
+    def next_message(self) -> Message | None:
+        """Decode the next complete frame as a message.
+
+        Returns:
+            The message, or None if the next frame has not fully arrived yet.
+        Errors:
+            FrameError: as :meth:`next_object`; the decoder is poisoned.
+            ProtocolError: the frame is not a valid message (see :func:`shared.wire.from_wire`);
+            the frame is consumed and the stream stays usable.
+        """
+        obj = self.next_object()
+        return None if obj is None else from_wire(obj)
+
+    def statistics(self) -> FrameDecoderStatistics:
+        """Return counters describing the decoder; works on a poisoned decoder too."""
+        return FrameDecoderStatistics(
+            frames_decoded=self._frames_decoded,
+            bytes_buffered=len(self._buffer) - self._offset,
+        )
+
+    def _poison(self, reason: str) -> FrameError:
+        self._error = FrameError(reason)
+        # The stream position is lost, so the buffered bytes can never be decoded.
+        self._buffer = bytearray()
+        self._offset = 0
+        return self._error

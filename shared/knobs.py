@@ -1,0 +1,135 @@
+"""The sysfs knobs under /sys/kernel/mm/transparent_hugepage, plus thpsplit's own.
+
+Both actors hold a :class:`Knobs`; a change is validated here (``EINVAL`` as sysfs refuses it)
+and then applied to both. Defaults are the kernel's (6.x, ``enabled=madvise`` as on these machines).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+ENABLED_CHOICES = ("always", "madvise", "never")
+DEFRAG_CHOICES = ("always", "defer", "defer+madvise", "madvise", "never")
+SHMEM_ENABLED_CHOICES = ("always", "within_size", "advise", "never", "deny", "force")
+RETRY_POLICIES = ("per-pmd", "mm-slot", "per-mapping", "lockless", "none")
+
+# max_ptes_* accept 0..HPAGE_PMD_NR-1, as khugepaged's sysfs store functions do.
+_MAX_PTES = 511
+
+
+class KnobError(ValueError):
+    """A write sysfs would refuse; ``errno_name`` is what the kernel returns."""
+
+    def __init__(self, message: str, errno_name: str = "EINVAL"):
+        super().__init__(message)
+        self.errno_name = errno_name
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    kind: str  # "choice", "int", "bool"
+    choices: tuple[str, ...] = ()
+    lo: int = 0
+    hi: int = 1 << 62
+    writable: bool = True
+
+
+SPECS: dict[str, _Spec] = {
+    "enabled": _Spec("choice", ENABLED_CHOICES),
+    "defrag": _Spec("choice", DEFRAG_CHOICES),
+    "shmem_enabled": _Spec("choice", SHMEM_ENABLED_CHOICES),
+    "khugepaged/pages_to_scan": _Spec("int", lo=1, hi=(1 << 32) - 1),
+    "khugepaged/scan_sleep_millisecs": _Spec("int", lo=0, hi=(1 << 32) - 1),
+    "khugepaged/alloc_sleep_millisecs": _Spec("int", lo=0, hi=(1 << 32) - 1),
+    "khugepaged/max_ptes_none": _Spec("int", lo=0, hi=_MAX_PTES),
+    "khugepaged/max_ptes_swap": _Spec("int", lo=0, hi=_MAX_PTES),
+    "khugepaged/max_ptes_shared": _Spec("int", lo=0, hi=_MAX_PTES),
+    "khugepaged/defrag": _Spec("bool"),
+    "khugepaged/pages_collapsed": _Spec("int", writable=False),
+    "khugepaged/full_scans": _Spec("int", writable=False),
+    "thpsplit/retry_policy": _Spec("choice", RETRY_POLICIES),
+    "thpsplit/install_pmd": _Spec("bool"),
+    "thpsplit/free_huge_pages": _Spec("int", lo=0, hi=1 << 40),
+    "thpsplit/fragmentation": _Spec("int", lo=0, hi=100),
+    "thpsplit/remap_sleep_millisecs": _Spec("int", lo=0, hi=(1 << 32) - 1),
+    "thpsplit/writeback_millisecs": _Spec("int", lo=0, hi=(1 << 32) - 1),
+}
+
+
+@dataclasses.dataclass
+class Knobs:
+    """Current knob values. Attribute names are the sysfs paths with ``/`` → ``_``, minus prefixes."""
+
+    enabled: str = "madvise"
+    defrag: str = "madvise"
+    shmem_enabled: str = "never"
+    pages_to_scan: int = 4096
+    scan_sleep_millisecs: int = 10000
+    alloc_sleep_millisecs: int = 60000
+    max_ptes_none: int = 511
+    max_ptes_swap: int = 64
+    max_ptes_shared: int = 256
+    khugepaged_defrag: int = 1
+    retry_policy: str = "per-pmd"
+    install_pmd: int = 1
+    # 2 GiB of huge pages free: enough for demos, small enough to run out in experiments.
+    free_huge_pages: int = 1024
+    # Percentage of huge allocations without direct compaction that fail to fragmentation.
+    fragmentation: int = 0
+    # The remapper's own pace through marked PTE tables (per-pmd policy); khugepaged's by default.
+    remap_sleep_millisecs: int = 10000
+    # How long a page stays under writeback after sync or pageout before it is clean.
+    writeback_millisecs: int = 100
+
+    def get(self, name: str) -> Any:
+        return getattr(self, _attr(name))
+
+    def validate(self, name: str, text: str) -> Any:
+        """Parse ``text`` for knob ``name`` as sysfs would.
+
+        Raises:
+            KnobError: unknown knob (ENOENT), read-only (EACCES), or a value sysfs refuses (EINVAL).
+        """
+        spec = SPECS.get(name)
+        if spec is None:
+            raise KnobError(f"no such knob: {name}", "ENOENT")
+        if not spec.writable:
+            raise KnobError(f"{name} is read-only", "EACCES")
+        text = str(text).strip()
+        if spec.kind == "choice":
+            if text not in spec.choices:
+                raise KnobError(f"{name}: {text!r} is not one of {', '.join(spec.choices)}")
+            return text
+        try:
+            value = int(text, 10)
+        except ValueError:
+            raise KnobError(f"{name}: {text!r} is not a decimal number") from None
+        lo, hi = (0, 1) if spec.kind == "bool" else (spec.lo, spec.hi)
+        if not lo <= value <= hi:
+            raise KnobError(f"{name}: {value} is outside {lo}..{hi}")
+        return value
+
+    def set(self, name: str, text: str) -> Any:
+        value = self.validate(name, text)
+        setattr(self, _attr(name), value)
+        return value
+
+    def render(self, name: str) -> str:
+        """The text ``cat`` of the sysfs file prints (choices with the current one in brackets)."""
+        spec = SPECS[name]
+        value = self.get(name)
+        if spec.kind == "choice":
+            return " ".join(f"[{c}]" if c == value else c for c in spec.choices)
+        return str(value)
+
+    def writable_items(self) -> dict[str, Any]:
+        return {n: self.get(n) for n, s in SPECS.items() if s.writable}
+
+
+def _attr(name: str) -> str:
+    if name == "khugepaged/defrag":
+        return "khugepaged_defrag"
+    if name not in SPECS:
+        raise KnobError(f"no such knob: {name}", "ENOENT")
+    return name.rsplit("/", 1)[-1]

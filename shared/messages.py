@@ -1,0 +1,267 @@
+"""Every message the collapser and the remapper exchange (the peer protocol).
+
+Requests carry ``req`` (unique per sender); the answer carries the same ``req``. Messages without
+``req`` are one-way notices. A channel is FIFO: a notice sent before a reply arrives before it,
+which is what keeps the two halves' views of refcounts and mappings in step (docs/protocol.md).
+
+Mapping accounting: the collapser owns ``struct page`` (refcount, mapcount); the remapper owns page
+tables. A lookup answered for mapping already counts the new mapping; every later change the
+remapper makes (unmap, failed install, PMD install) travels as :class:`RmapDelta` rows, sent ahead of
+whatever the remapper sends next, so a reply never overtakes the accounting it depends on.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from shared.message import Message, message
+
+# -- remapper -> collapser ----------------------------------------------------------------------
+
+
+@message("peer.hello")
+class PeerHello(Message):
+    """First message on the peer channel, in both directions."""
+
+    role: str
+    protocol: int
+
+
+@message("peer.lookup_page")
+class LookupPage(Message):
+    """A fault's page-cache lookup (filemap_fault / shmem_fault).
+
+    ``purpose``: ``"map"`` (account the mapping before answering), ``"copy"`` (CoW source or uprobe
+    original: a transient reference only, dropped when answered) or ``"pin"`` (GUP: a pin).
+    ``pmd_ok``: the remapper could map a PMD here (PMD none, VMA covers the aligned range with
+    matching alignment, not VM_NOHUGEPAGE). ``vm_hugepage``: the VMA has VM_HUGEPAGE (shmem advise).
+    """
+
+    req: int
+    ino: int
+    index: int
+    purpose: str
+    write: bool
+    pmd_ok: bool
+    vm_hugepage: bool
+
+
+@message("peer.rmap_delta")
+class RmapDelta(Message):
+    """Mapping changes made by the remapper: rows of (pfn, pte mappings, pmd mappings, pins).
+
+    Each unit of mapping or pin carries one page reference, as the kernel's rmap does.
+    """
+
+    rows: tuple[tuple[int, int, int, int], ...]
+
+
+@message("peer.mark_dirty")
+class MarkDirty(Message):
+    """A write through a shared mapping dirtied this page (set_page_dirty)."""
+
+    pfn: int
+
+
+@message("peer.register_range")
+class RegisterRange(Message):
+    """khugepaged_enter_vma: a file VMA khugepaged should visit ([start, end) maps ``ino`` from
+    ``pgoff``). Sent again whenever the VMA changes; the scan re-checks eligibility each visit."""
+
+    pid: int
+    start: int
+    end: int
+    ino: int
+    pgoff: int
+    vm_hugepage: bool
+    vm_nohugepage: bool
+
+
+@message("peer.unregister_range")
+class UnregisterRange(Message):
+    pid: int
+    start: int
+
+
+@message("peer.mm_exit")
+class MmExit(Message):
+    """The mm is gone: drop its khugepaged slot."""
+
+    pid: int
+
+
+@message("peer.write_open")
+class WriteOpen(Message):
+    """i_writecount change: a shared writable mapping opened (+1) or closed (-1) the file for write."""
+
+    ino: int
+    delta: int
+
+
+@message("peer.set_collapse_pmd")
+class SetCollapsePmd(Message):
+    """The per-mapping policy's AS_COLLAPSE_PMD bit (the seed's v6 patch): set on trylock failure."""
+
+    ino: int
+
+
+@message("peer.reclaim")
+class Reclaim(Message):
+    """MADV_PAGEOUT: try to reclaim these pages (the remapper already unmapped its own PTEs)."""
+
+    pfns: tuple[int, ...]
+
+
+@message("peer.lock_folio")
+class LockFolio(Message):
+    """filemap_lock_folio for collapse_pte_mapped_thp: lock and return the folio at ``index``."""
+
+    req: int
+    ino: int
+    index: int
+
+
+@message("peer.unlock_folio")
+class UnlockFolio(Message):
+    pfn: int
+
+
+@message("peer.madv_collapse")
+class MadvCollapse(Message):
+    """MADV_COLLAPSE's page-cache half: hpage_collapse_scan_file + collapse_file, no max_ptes_*."""
+
+    req: int
+    pid: int
+    addr: int
+    ino: int
+    pgoff: int
+
+
+@message("peer.visit_mm")
+class VisitMmDone(Message):
+    """Answer to :class:`VisitMm`."""
+
+    req: int
+
+
+# -- collapser -> remapper ----------------------------------------------------------------------
+
+
+@message("peer.page")
+class PageAnswer(Message):
+    """Answer to :class:`LookupPage`.
+
+    ``status``: ``"ok"``, ``"sigbus"`` (index at or beyond EOF), ``"nomem"``.
+    ``pfn`` is the (sub)page for the index; ``head`` its compound head (== pfn for a small page);
+    ``thp`` whether it is PMD-order; ``pmd`` whether the mapping was accounted as a PMD mapping;
+    ``major`` whether it had to be read in (or allocated).
+    """
+
+    req: int
+    status: str
+    pfn: int = 0
+    head: int = 0
+    thp: bool = False
+    pmd: bool = False
+    major: bool = False
+    shmem: bool = False
+
+
+@message("peer.folio")
+class FolioAnswer(Message):
+    """Answer to :class:`LockFolio`: ``pfn`` is the locked head, 0 when there was no folio."""
+
+    req: int
+    pfn: int
+    order: int
+
+
+@message("peer.collapse_result")
+class CollapseResult(Message):
+    """Answer to :class:`MadvCollapse`: the kernel's scan result code."""
+
+    req: int
+    result: int
+
+
+@message("peer.unmap_mapping")
+class UnmapMapping(Message):
+    """Zap every mapping of file pages in [start, end) of ``ino`` (try_to_unmap / truncate).
+
+    ``pfns``: only PTEs/PMDs mapping these pages (collapse_file's try_to_unmap); empty means all
+    (unmap_mapping_range). ``even_cows``: also zap private CoW copies (truncate).
+    """
+
+    req: int
+    ino: int
+    start: int
+    end: int
+    pfns: tuple[int, ...]
+    even_cows: bool
+
+
+@message("peer.unmapped")
+class Unmapped(Message):
+    """Answer to :class:`UnmapMapping` (the zapped mappings went ahead as :class:`RmapDelta`)."""
+
+    req: int
+
+
+@message("peer.retract")
+class Retract(Message):
+    """retract_page_tables(mapping, pgoff) for the new PMD-order folio at ``head`` (locked)."""
+
+    req: int
+    ino: int
+    pgoff: int
+    head: int
+
+
+@message("peer.retracted")
+class Retracted(Message):
+    """Answer to :class:`Retract`: how many VMAs had their table retracted, got a PMD installed,
+    were deferred (trylock failed) or were skipped."""
+
+    req: int
+    retracted: int
+    installed: int
+    deferred: int
+    skipped: int
+
+
+@message("peer.collapse_pte_mapped")
+class CollapsePteMapped(Message):
+    """Run collapse_pte_mapped_thp(mm, addr) (the 6.x scan's answer to SCAN_PTE_MAPPED_HUGEPAGE)."""
+
+    req: int
+    pid: int
+    addr: int
+
+
+@message("peer.collapse_pte_mapped_result")
+class CollapsePteMappedResult(Message):
+    req: int
+    result: int
+
+
+@message("peer.visit")
+class VisitMm(Message):
+    """khugepaged visits this mm's slot (mm-slot policy: khugepaged_collapse_pte_mapped_thps)."""
+
+    req: int
+    pid: int
+
+
+@message("peer.file_info")
+class FileInfo(Message):
+    """The remapper's mirror of a file: created, resized (``size``), or removed (``size`` = -1)."""
+
+    ino: int
+    name: str
+    size: int
+    shmem: bool
+
+
+@message("peer.knobs")
+class KnobsChanged(Message):
+    values: dict[str, Any]
