@@ -76,7 +76,7 @@ class Actor:
         self.now: float = 0.0
         self.outbox: deque[Message] = deque()
         self._req_ids = itertools.count(1)
-        self._calls: dict[int, _Running] = {}
+        self._calls: dict[int, tuple[_Running, Message]] = {}
         self._timers: list[tuple[float, int, _Running, int]] = []
         self._timer_seq = itertools.count()
         self._waits: defaultdict[Any, list[tuple[_Running, int]]] = defaultdict(list)
@@ -95,9 +95,10 @@ class Actor:
 
     def deliver_reply(self, req: int, msg: Message) -> bool:
         """Resume the task waiting on request ``req``. Returns False if no task waits for it."""
-        task = self._calls.pop(req, None)
-        if task is None:
+        entry = self._calls.pop(req, None)
+        if entry is None:
             return False
+        task = entry[0]
         self._ready.append((task, msg, task.epoch))
         self._run_ready()
         return True
@@ -129,6 +130,13 @@ class Actor:
 
     def pending_calls(self) -> int:
         return len(self._calls)
+
+    def fail_calls(self, answer: Callable[[Message], Message]) -> None:
+        """The peer is gone: resume every task waiting on it with ``answer(request)``."""
+        calls, self._calls = self._calls, {}
+        for task, request in calls.values():
+            self._ready.append((task, answer(request), task.epoch))
+        self._run_ready()
 
     def send(self, msg: Message) -> None:
         self.outbox.append(msg)
@@ -165,7 +173,7 @@ class Actor:
                 task.done(err)
             return
         if isinstance(effect, Call):
-            self._calls[effect.msg.req] = task  # type: ignore[attr-defined]
+            self._calls[effect.msg.req] = (task, effect.msg)  # type: ignore[attr-defined]
             self.send(effect.msg)
         elif isinstance(effect, Sleep):
             if effect.until <= self.now:

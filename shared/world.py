@@ -111,6 +111,28 @@ class World:
                 raise RuntimeError("khugepaged is not making progress")
             self.advance(max(min(nxt) - self.now, 0))
 
+    def restart_collapser(self) -> None:
+        """collapsed dies and comes back with an empty page cache; the remapper resyncs it."""
+        knobs = dataclasses.replace(self.remapper.knobs)
+        self.remapper.outbox.clear()
+        self.collapser = Collapser(knobs)
+        self.collapser.advance(self.now)
+        self.remapper.peer_lost()
+        self.remapper.resync()
+        self.collapser.resync()
+        self.settle()
+
+    def restart_remapper(self) -> None:
+        """remapd dies (its processes with it) and a new one connects."""
+        knobs = dataclasses.replace(self.collapser.knobs)
+        self.collapser.outbox.clear()
+        self.remapper = Remapper(knobs)
+        self.remapper.advance(self.now)
+        self.collapser.peer_lost()
+        self.collapser.resync()
+        self.remapper.resync()
+        self.settle()
+
     # -- the operations, by actor -------------------------------------------------------------
 
     def file_create(self, name: str, size: int, shmem: bool = False) -> dict[str, Any]:
