@@ -27,6 +27,7 @@ from shared.actor import Actor, Call, Sleep, Wait
 from shared.errors import UserError
 from shared.knobs import Knobs
 from shared.message import Message
+from shared.scan_result import ScanResult
 from shared.units import HPAGE_PMD_NR, PAGE_SIZE, pages
 
 # Pages wait in a per-CPU batch before they reach the LRU (folio_batch: PAGEVEC_SIZE in 6.x).
@@ -67,6 +68,8 @@ class Collapser(Actor):
         self._next_swap = 1
         self._lru_batch: list[int] = []
         self._writeback: list[tuple[float, int]] = []  # (done at, pfn)
+        # Bumped when the remapper is lost: a lookup begun for the old one must not account.
+        self.peer_epoch = 0
         from collapsed.khugepaged import Khugepaged
 
         self.khugepaged = Khugepaged(self)
@@ -109,9 +112,50 @@ class Collapser(Actor):
             for name, value in msg.values.items():
                 self.knobs.set(name, str(value))
             self.notify("khugepaged_wake")
+        elif isinstance(msg, m.FileInfo):
+            self._adopt_file(msg)
         elif hasattr(msg, "req"):
             self.deliver_reply(msg.req, msg)  # type: ignore[attr-defined]
         self.flush()
+
+    # -- losing and regaining the peer --------------------------------------------------------
+
+    def peer_lost(self) -> None:
+        """The remapper is gone, and every mapping and pin it held with it: drop their
+        accounting, answer whatever waited on it, forget its mm slots and write opens."""
+        self.peer_epoch += 1
+        mem = self.mem
+        heads = set(mem.pins) | set(mem.entire)
+        for f in self.files.values():
+            f.writecount = 0
+            for _, value in f.entries():
+                if value > 0 and mem.mapcount[value]:
+                    heads.add(mem.head(value))
+        for head in heads:
+            subs = range(head, head + HPAGE_PMD_NR) if mem.flags[head] & PG_HEAD else (head,)
+            drop = sum(mem.mapcount[p] for p in subs) + mem.entire.pop(head, 0) + mem.pins.pop(head, 0)
+            for p in subs:
+                mem.mapcount[p] = 0
+            if drop:
+                self.put(head, drop)
+        for pid in list(self.khugepaged.slots):
+            self.khugepaged.mm_exit(pid)
+        self.fail_calls(_answer_for_lost_peer)
+        self.outbox.clear()
+
+    def resync(self) -> None:
+        """A remapper (new or back) is connected: tell it every file."""
+        for f in self.files.values():
+            self.send(m.FileInfo(f.ino, f.name, f.size, f.shmem))
+
+    def _adopt_file(self, msg: m.FileInfo) -> None:
+        """A remapper that outlived us names a file it maps: recreate it (empty page cache)."""
+        if msg.ino in self.files or msg.name in self.by_name or msg.size < 0:
+            return
+        f = File(msg.ino, msg.name, msg.size, msg.shmem)
+        self.files[f.ino] = f
+        self.by_name[f.name] = f
+        self._next_ino = max(self._next_ino, f.ino + 1)
 
     # -- struct page helpers ------------------------------------------------------------------
 
@@ -255,7 +299,10 @@ class Collapser(Actor):
 
     def _lookup(self, msg: m.LookupPage) -> Generator[Any, Any, None]:
         mem = self.mem
+        epoch = self.peer_epoch
         while True:
+            if self.peer_epoch != epoch:
+                return
             f = self.files.get(msg.ino)
             if f is None or msg.index >= f.nr_pages_size:
                 self.send(m.PageAnswer(msg.req, "sigbus"))
@@ -327,6 +374,7 @@ class Collapser(Actor):
 
     def _lock_folio(self, msg: m.LockFolio) -> Generator[Any, Any, None]:
         mem = self.mem
+        epoch = self.peer_epoch
         while True:
             f = self.files.get(msg.ino)
             value = f.get(msg.index) if f is not None else 0
@@ -337,6 +385,8 @@ class Collapser(Actor):
             if self.trylock(head):
                 break
             yield Wait(("page", head))
+            if self.peer_epoch != epoch:
+                return
         self.send(m.FolioAnswer(msg.req, head, 9 if mem.flags[head] & PG_HEAD else 0))
 
     # -- file operations (client requests) ----------------------------------------------------
@@ -607,7 +657,6 @@ class Collapser(Actor):
             "ShmemPmdMapped": shmem_pmd * huge_kb,
             "FileHugePages": file_thp * huge_kb,
             "FilePmdMapped": file_pmd * huge_kb,
-            "HugePagesFreeTHP": self.knobs.free_huge_pages,
         }
 
     def vmstat(self) -> dict[str, int]:
@@ -623,3 +672,16 @@ class Collapser(Actor):
         }
         out.update(self.vm)
         return out
+
+
+def _answer_for_lost_peer(request: Message) -> Message:
+    """What a request to a remapper that is gone resolves to: nothing was mapped any more."""
+    if isinstance(request, m.UnmapMapping):
+        return m.Unmapped(request.req)
+    if isinstance(request, m.Retract):
+        return m.Retracted(request.req, 0, 0, 0, 0)
+    if isinstance(request, m.CollapsePteMapped):
+        return m.CollapsePteMappedResult(request.req, int(ScanResult.SCAN_ANY_PROCESS))
+    if isinstance(request, m.VisitMm):
+        return m.VisitMmDone(request.req)
+    raise TypeError(f"no answer for {request!r}")

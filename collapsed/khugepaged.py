@@ -99,13 +99,17 @@ class Khugepaged:
 
     def register(self, msg: m.RegisterRange) -> None:
         slot = self.slots.get(msg.pid)
+        wakeup = slot is None
         if slot is None:
             slot = self.slots[msg.pid] = MmSlot(msg.pid)
             self.order.append(msg.pid)
-            self.c.notify("khugepaged_work")
         if msg.start not in slot.ranges:
             bisect.insort(slot.starts, msg.start)
         slot.ranges[msg.start] = Range(msg.start, msg.end, msg.ino, msg.pgoff, msg.vm_hugepage, msg.vm_nohugepage)
+        if wakeup:
+            # The wakeup runs the kthread at once: the VMA must be in the slot by then, as
+            # khugepaged_enter_vma comes after the VMA is linked.
+            self.c.notify("khugepaged_work")
 
     def unregister(self, pid: int, start: int) -> None:
         slot = self.slots.get(pid)

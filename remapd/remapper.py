@@ -135,6 +135,45 @@ class Remapper(Actor):
             self.by_name[msg.name] = f
         f.size = msg.size
 
+    # -- losing and regaining the peer --------------------------------------------------------
+
+    def peer_lost(self) -> None:
+        """The collapser is gone, and its page cache with it: every file page mapping and pin
+        goes (anon pages stay), waiting faults fail with SIGBUS, nothing queued for it is sent."""
+        for mm in self.mms.values():
+            for pidx, entry in list(mm.pmds.items()):
+                if isinstance(entry, int):
+                    self._zap_pmd(mm, pidx, split=False)
+                    continue
+                for slot, pte in list(entry.present()):
+                    if not pte & PTE_ANON:
+                        self._zap_pte(mm, entry, slot)
+            for page, pfns in list(mm.pins.items()):
+                kept = [p for p in pfns if p >= ANON_PFN_BASE]
+                if kept:
+                    mm.pins[page] = kept
+                else:
+                    del mm.pins[page]
+        self._rows.clear()
+        self.fail_calls(_answer_for_lost_peer)
+        self._rows.clear()
+        self.outbox.clear()
+
+    def resync(self) -> None:
+        """A collapser (new or back) is connected: name every file we know (a restarted collapser
+        recreates them), and re-register every mapping's write open and khugepaged range."""
+        for f in self.files.values():
+            self.send(m.FileInfo(f.ino, f.name, f.size, f.shmem))
+        for mm in self.mms.values():
+            for vma in mm.vmas:
+                f = self.files.get(vma.ino)
+                if vma.writes_file and f is not None and not f.shmem:
+                    self.send(m.WriteOpen(vma.ino, 1))
+                if self._khugepaged_suitable(vma):
+                    self.send(
+                        m.RegisterRange(mm.pid, vma.start, vma.end, vma.ino, vma.pgoff, vma.hugepage, vma.nohugepage)
+                    )
+
     # -- lookups ------------------------------------------------------------------------------
 
     def mm(self, pid: int) -> Mm:
@@ -838,3 +877,13 @@ _ADVICE = (
     "pageout",
 )
 
+
+def _answer_for_lost_peer(request: Message) -> Message:
+    """What a request to a collapser that is gone resolves to."""
+    if isinstance(request, m.LookupPage):
+        return m.PageAnswer(request.req, "sigbus")
+    if isinstance(request, m.LockFolio):
+        return m.FolioAnswer(request.req, 0, 0)
+    if isinstance(request, m.MadvCollapse):
+        return m.CollapseResult(request.req, int(R.SCAN_FAIL))
+    raise TypeError(f"no answer for {request!r}")
