@@ -501,9 +501,12 @@ class Collapser(Actor):
         """truncate_inode_pages_range on [start, end): unmap_mapping_range, then delete pages."""
         yield from self.unmap_range(f, start, end, (), even_cows=True)
         mem = self.mem
+        kept: set[int] = set()  # THPs that would not split: one attempt each, not one per subpage
         for index, value in list(f.entries(start, end)):
             if f.get(index) != value:
                 continue  # went with a THP removed earlier in this loop
+            if value > 0 and mem.head(value) in kept:
+                continue
             if value < 0:
                 f.set(index, 0)
                 f.drop_empty_chunk(index)
@@ -523,6 +526,7 @@ class Collapser(Actor):
                     continue
                 if not self.split_thp(f, head):
                     self.unlock(head)
+                    kept.add(head)
                     continue  # pinned: the folio stays whole, as truncate_inode_partial_folio
                 self.unlock_split(head)
                 for sub in range(head, head + HPAGE_PMD_NR):

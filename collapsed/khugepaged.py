@@ -272,7 +272,9 @@ class Khugepaged:
             if not mem.flags[head] & PG_LRU:
                 result = R.SCAN_PAGE_LRU
                 break
-            if mem.ref[head] != 1 + mem.mapcount[head]:
+            # The model's writeback reference has no kernel counterpart (folio_start_writeback
+            # takes none): such a page must reach collapse_file's writeback check.
+            if mem.ref[head] != 1 + mem.mapcount[head] + bool(mem.flags[head] & PG_WRITEBACK):
                 result = R.SCAN_PAGE_COUNT
                 break
             present += 1
@@ -342,7 +344,8 @@ class Khugepaged:
                 if value <= 0:
                     # page_cache_sync_readahead + lru_add_drain + filemap_lock_folio.
                     if index >= f.nr_pages_size:
-                        result = R.SCAN_TRUNCATED
+                        # Readahead stops at EOF, so filemap_lock_folio finds nothing.
+                        result = R.SCAN_FAIL
                         break
                     pfn = c.add_small_page(f, index)
                     c.lru_add_drain()

@@ -199,9 +199,18 @@ def khugepaged_collapse_pte_mapped_thps(r: Remapper, mm: Mm) -> Generator[Any, A
 
 
 def remap_marked_tables(r: Remapper) -> Generator[Any, Any, None]:
-    """Kirill's remapper pass: try every marked PTE table (up to pages_to_scan worth)."""
+    """Kirill's remapper pass: try marked PTE tables (up to pages_to_scan worth of collapses).
+
+    An mm whose lock is held costs no budget and is passed over for the rest of the pass: its
+    other tables would fail the same trylock, and charging for them would let one busy process
+    with many marks starve every other process's marks."""
     budget = max(1, r.knobs.pages_to_scan // HPAGE_PMD_NR)
-    for pid, pidx in sorted(r.marked)[:budget]:
+    busy: set[int] = set()
+    for pid, pidx in sorted(r.marked):
+        if budget <= 0:
+            break
+        if pid in busy:
+            continue
         mm = r.mms.get(pid)
         table = mm.pmds.get(pidx) if mm is not None else None
         if mm is None or mm.exiting or not isinstance(table, PteTable) or not table.mark:
@@ -209,7 +218,9 @@ def remap_marked_tables(r: Remapper) -> Generator[Any, Any, None]:
             continue
         if not mm.lock.try_write():
             r.stats["remap_trylock_failed"] += 1
+            busy.add(pid)
             continue  # the mark stays: try again next pass
+        budget -= 1
         try:
             result = yield from collapse_pte_mapped_thp(r, mm, pidx << HPAGE_PMD_SHIFT, bool(r.knobs.install_pmd))
         finally:

@@ -191,12 +191,20 @@ class Remapper(Actor):
     # -- mmap lock ----------------------------------------------------------------------------
 
     def lock_read(self, mm: Mm) -> Generator[Any, Any, None]:
+        """mmap_read_lock; fails with ESRCH if the process exits while we wait."""
         while not mm.lock.try_read():
             yield Wait(("mmap", mm.pid))
+        if mm.exiting:
+            self.unlock_read(mm)
+            raise UserError("ESRCH", f"process {mm.pid} exited")
 
     def lock_write(self, mm: Mm) -> Generator[Any, Any, None]:
+        """mmap_write_lock; fails with ESRCH if the process exits while we wait."""
         while not mm.lock.try_write():
             yield Wait(("mmap", mm.pid))
+        if mm.exiting:
+            self.unlock_write(mm)
+            raise UserError("ESRCH", f"process {mm.pid} exited")
 
     def unlock_read(self, mm: Mm) -> None:
         mm.lock.readers -= 1
@@ -395,9 +403,11 @@ class Remapper(Actor):
             if a.start > end:
                 break
             if a.end == b.start and a.same_flags(b) and a.pgoff_at(a.end) == b.pgoff:
+                merged = a.copy(a.start, b.end)
+                merged.anon_vma = a.anon_vma or b.anon_vma
                 self._unlink(mm, a)
                 self._unlink(mm, b)
-                self._link(mm, a.copy(a.start, b.end))
+                self._link(mm, merged)
                 continue
             i += 1
 
@@ -430,12 +440,22 @@ class Remapper(Actor):
         self.notify(("mmap", pid))
         return {"pid": pid}
 
-    def fork(self, pid: int, child: int) -> dict[str, Any]:
-        """dup_mmap: copy VMAs; page tables are copied only where the VMA has an anon_vma
-        (vma_needs_copy), and file PMDs never are (copy_huge_pmd leaves them to refault)."""
+    def fork(self, pid: int, child: int) -> Generator[Any, Any, dict[str, Any]]:
+        """dup_mmap under the parent's mmap write lock: copy VMAs; page tables are copied only
+        where the VMA has an anon_vma (vma_needs_copy), and file PMDs never are (copy_huge_pmd
+        leaves them to refault)."""
         parent = self.mm(pid)
-        self.spawn_process(child)
-        mm = self.mms[child]
+        yield from self.lock_write(parent)
+        try:
+            if parent.exiting:
+                raise UserError("ESRCH", f"no process {pid}")
+            self.spawn_process(child)
+            self._dup_mmap(parent, self.mms[child])
+        finally:
+            self.unlock_write(parent)
+        return {"pid": child, "parent": pid}
+
+    def _dup_mmap(self, parent: Mm, mm: Mm) -> None:
         for vma in parent.vmas:
             self._link(mm, vma.copy(vma.start, vma.end))
             if not vma.anon_vma:
@@ -449,7 +469,13 @@ class Remapper(Actor):
                     addr = base + (slot << PAGE_SHIFT)
                     if not vma.start <= addr < vma.end:
                         continue
-                    if pte & PTE_ANON:
+                    if pte & PTE_ANON and self.anon_pins.get(pte_pfn(pte)):
+                        # copy_present_page: a pinned anon page stays the parent's alone (a
+                        # later CoW must not move the parent off the page the pin holds).
+                        new = self._anon_new()
+                        self._anon_map(new)
+                        pte = pte_make(new, PTE_ANON | (PTE_WRITE if vma.prot & PROT_WRITE else 0))
+                    elif pte & PTE_ANON:
                         # Shared anon pages become copy-on-write in both.
                         pte &= ~PTE_WRITE
                         entry.ptes[slot] = pte
@@ -457,7 +483,6 @@ class Remapper(Actor):
                     else:
                         self._row(pte_pfn(pte), pte=1)
                     self._set_pte(mm, pidx, slot, pte)
-        return {"pid": child, "parent": pid}
 
     # -- mmap / munmap / madvise --------------------------------------------------------------
 
@@ -587,17 +612,23 @@ class Remapper(Actor):
             finally:
                 self.unlock_read(mm)
         else:
+            # madvise_populate, as observed on 6.18: it stops at the first hole (ENOMEM) or VMA
+            # whose protection refuses the access (EINVAL), keeping what it populated before.
             write = advice == "populate_write"
-            for vma in covered:
-                page = max(vma.start, addr)
-                while page < min(vma.end, end):
-                    outcome = yield from self.fault(pid, page, write)
-                    if outcome["result"] in ("sigsegv", "sigbus"):
-                        return {"result": "EFAULT"}
-                    if isinstance(mm.pmds.get(page >> HPAGE_PMD_SHIFT), int):
-                        page = (page | (HPAGE_PMD_SIZE - 1)) + 1  # the PMD mapped the rest
-                    else:
-                        page += PAGE_SIZE
+            page = addr
+            while page < end:
+                vma = mm.find_vma(page)
+                if vma is None:
+                    return {"result": "ENOMEM"}
+                if (write and not vma.prot & PROT_WRITE) or not vma.prot & PROT_READ:
+                    return {"result": "EINVAL"}
+                outcome = yield from self.fault(pid, page, write)
+                if outcome["result"] in ("sigsegv", "sigbus"):
+                    return {"result": "EFAULT"}
+                if isinstance(mm.pmds.get(page >> HPAGE_PMD_SHIFT), int):
+                    page = (page | (HPAGE_PMD_SIZE - 1)) + 1  # the PMD mapped the rest
+                else:
+                    page += PAGE_SIZE
         return {"result": "ENOMEM" if unmapped else 0}
 
     def _pageout(self, mm: Mm, start: int, end: int) -> None:
@@ -763,6 +794,7 @@ class Remapper(Actor):
         if not pfns:
             del mm.pins[page]
         self._unpin(pfn)
+        self.flush()  # a plain call, not a task: nothing else pushes the row out
         return {"pid": pid, "addr": page, "pfn": pfn}
 
     def _unpin(self, pfn: int) -> None:

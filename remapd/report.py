@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from remapd.mm import PROT_EXEC, PROT_READ, PROT_WRITE, PTE_ANON, PTE_SHMEM, Mm, PteTable, Vma
-from shared.units import HPAGE_PMD_SHIFT, HPAGE_PMD_SIZE, PAGE_SHIFT, PAGE_SIZE
+from shared.units import HPAGE_PMD_NR, HPAGE_PMD_SHIFT, HPAGE_PMD_SIZE, PAGE_SHIFT, PAGE_SIZE, pages
 
 if TYPE_CHECKING:
     from remapd.remapper import Remapper
@@ -41,7 +41,9 @@ def thp_eligible(r: Remapper, vma: Vma) -> bool:
     if f.shmem:
         policy = k.shmem_enabled
         if policy == "within_size":
-            return f.size >= HPAGE_PMD_SIZE
+            # shmem_huge_global_enabled at the VMA's vm_pgoff: i_size must reach the end of the
+            # huge page holding it.
+            return pages(f.size) >= (vma.pgoff // HPAGE_PMD_NR + 1) * HPAGE_PMD_NR
         return policy in ("always", "force") or (policy == "advise" and vma.hugepage)
     if any(v.writes_file for _, v in r._vmas_of(vma.ino)):
         return False

@@ -265,3 +265,226 @@ class FileInfo(Message):
 @message("peer.knobs")
 class KnobsChanged(Message):
     values: dict[str, Any]
+
+
+# ===============================================================================================
+# client protocol: thpctl (and the client library) <-> either daemon
+#
+# A client opens with PeerHello(role="client") and the daemon answers with its own PeerHello.
+# Every request carries ``id`` (unique per connection, chosen by the client); the daemon answers
+# each with Reply(id, result) or ErrorReply(id, errno, message), in whatever order they finish.
+# Requests a daemon does not serve are refused with EOPNOTSUPP. The daemons also send Sync to
+# each other over the peer channel, as the barrier that makes a reply wait until the peer has
+# seen everything the operation sent it.
+# ===============================================================================================
+
+
+@message("client.reply")
+class Reply(Message):
+    id: int
+    result: Any
+
+
+@message("client.error")
+class ErrorReply(Message):
+    """A refused request (``errno`` as the kernel names it), or a protocol error (``id`` 0 when
+    the offending frame had no readable id; the connection is closed after it)."""
+
+    id: int
+    errno: str
+    message: str
+
+
+@message("client.sync")
+class Sync(Message):
+    """Answered once the daemon's peer has processed everything the daemon sent it before
+    (waits for a peer to be connected)."""
+
+    id: int
+
+
+@message("client.status")
+class Status(Message):
+    id: int
+
+
+@message("client.file_create")
+class FileCreate(Message):
+    id: int
+    name: str
+    size: int
+    shmem: bool = False
+
+
+@message("client.file_write")
+class FileWrite(Message):
+    id: int
+    name: str
+    offset: int
+    length: int
+
+
+@message("client.file_sync")
+class FileSync(Message):
+    id: int
+    name: str
+
+
+@message("client.file_truncate")
+class FileTruncate(Message):
+    id: int
+    name: str
+    size: int
+
+
+@message("client.file_ls")
+class FileLs(Message):
+    id: int
+
+
+@message("client.drop_caches")
+class DropCaches(Message):
+    id: int
+
+
+@message("client.proc_spawn")
+class ProcSpawn(Message):
+    id: int
+    pid: int
+
+
+@message("client.proc_exit")
+class ProcExit(Message):
+    id: int
+    pid: int
+
+
+@message("client.proc_fork")
+class ProcFork(Message):
+    id: int
+    pid: int
+    child: int
+
+
+@message("client.mmap")
+class Mmap(Message):
+    """``addr`` None: the kernel picks (mmap(NULL, ...))."""
+
+    id: int
+    pid: int
+    addr: int | None
+    length: int
+    name: str
+    offset: int = 0
+    prot: str = "r"
+    shared: bool = True
+
+
+@message("client.munmap")
+class Munmap(Message):
+    id: int
+    pid: int
+    addr: int
+    length: int
+
+
+@message("client.madvise")
+class Madvise(Message):
+    id: int
+    pid: int
+    addr: int
+    length: int
+    advice: str
+
+
+@message("client.fault")
+class Fault(Message):
+    id: int
+    pid: int
+    addr: int
+    write: bool = False
+
+
+@message("client.touch")
+class Touch(Message):
+    id: int
+    pid: int
+    addr: int
+    length: int
+    write: bool = False
+    stride: int = 4096
+
+
+@message("client.lock")
+class Lock(Message):
+    """An application thread takes the mmap lock and holds it ``hold_ms`` (real milliseconds)."""
+
+    id: int
+    pid: int
+    hold_ms: float
+    write: bool = False
+
+
+@message("client.pin")
+class Pin(Message):
+    id: int
+    pid: int
+    addr: int
+
+
+@message("client.unpin")
+class Unpin(Message):
+    id: int
+    pid: int
+    addr: int
+
+
+@message("client.uprobe")
+class Uprobe(Message):
+    """``action``: "add" or "del"."""
+
+    id: int
+    action: str
+    name: str
+    offset: int
+
+
+@message("client.smaps")
+class Smaps(Message):
+    id: int
+    pid: int
+
+
+@message("client.vmstat")
+class Vmstat(Message):
+    """This daemon's share of /proc/vmstat; a client shows the union of both."""
+
+    id: int
+
+
+@message("client.meminfo")
+class Meminfo(Message):
+    id: int
+
+
+@message("client.sysfs_get")
+class SysfsGet(Message):
+    """``name`` None: every knob. The result maps knob name to {"value", "text"}."""
+
+    id: int
+    name: str | None = None
+
+
+@message("client.sysfs_set")
+class SysfsSet(Message):
+    id: int
+    name: str
+    value: str
+
+
+@message("client.wait_scans")
+class WaitScans(Message):
+    """Answered once khugepaged's full_scans has grown by ``n`` since the request arrived."""
+
+    id: int
+    n: int

@@ -1,0 +1,221 @@
+"""A framed message stream over a trio Stream: the one transport of the peer and client protocols.
+
+:func:`open_channel` runs two tasks around a stream: a reader that splits bytes into frames and
+messages (:mod:`shared.framing`, whose limits bound every frame an untrusted peer sends) and a
+writer that puts queued frames on the wire. Both queues are bounded trio memory channels, so a
+slow reader or a flooding writer exerts backpressure instead of growing memory.
+
+A protocol error (a bad frame, an unknown message, a wrong first message) is delivered in stream
+order, after every good message before it, as a :class:`ChannelError` raised from
+:meth:`Channel.receive`; the reader stops there. The owner answers with an ``ErrorReply`` and
+closes: leaving the ``async with`` flushes what is queued (for at most :data:`CLOSE_TIMEOUT_S`)
+and closes the stream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Collection
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+
+from shared.framing import MAX_FRAME_BYTES, FrameDecoder, encode_message
+from shared.message import Message
+from shared.messages import ErrorReply, PeerHello
+from shared.wire import ProtocolError, from_wire
+
+PROTOCOL_VERSION = 1
+# Bytes asked of the stream per read.
+RECV_CHUNK = 64 * 1024
+# Messages buffered in each direction before the other side waits.
+QUEUE_DEPTH = 64
+# Frames coalesced into one write when several are queued.
+WRITE_BATCH_BYTES = 256 * 1024
+# How long the other side has to send its hello.
+HELLO_TIMEOUT_S = 5.0
+# How long closing waits for queued frames to reach the stream.
+CLOSE_TIMEOUT_S = 1.0
+
+
+class ChannelError(Exception):
+    """The other side broke the protocol. ``errno`` names the failure as the kernel would;
+    ``reply_to`` is the id of the offending request when it could be read, else 0."""
+
+    def __init__(self, reason: str, errno: str = "EPROTO", reply_to: int = 0):
+        super().__init__(reason)
+        self.reason = reason
+        self.errno = errno
+        self.reply_to = reply_to
+
+    def reply(self) -> ErrorReply:
+        return ErrorReply(self.reply_to, self.errno, self.reason)
+
+
+def _request_id(obj: Any) -> int:
+    """The ``id`` (client request) or ``req`` (peer request) of a decoded but invalid message."""
+    if type(obj) is list and len(obj) == 3 and type(obj[2]) is dict:
+        for key in ("id", "req"):
+            value = obj[2].get(key)
+            if type(value) is int and 0 < value < 1 << 63:
+                return value
+    return 0
+
+
+class Channel:
+    """Typed messages over a stream. Create with :func:`open_channel`."""
+
+    def __init__(self, stream: trio.abc.Stream, max_frame_bytes: int, queue_depth: int):
+        self.stream = stream
+        self.hello: PeerHello | None = None
+        self._decoder = FrameDecoder(max_frame_bytes)
+        self._in_send, self._in_recv = trio.open_memory_channel[Any](queue_depth)
+        self._out_send, self._out_recv = trio.open_memory_channel[bytes](queue_depth)
+        self._writer_done = trio.Event()
+
+    # -- sending -------------------------------------------------------------------------------
+
+    async def send(self, msg: Message) -> None:
+        """Queue ``msg``; waits while the queue is full.
+
+        Errors:
+            ValueError/TypeError/OverflowError: ``msg`` cannot be encoded (too big for a frame,
+            a value msgpack cannot hold); nothing was queued.
+            trio.BrokenResourceError: the stream failed; trio.ClosedResourceError: closed.
+        """
+        await self._out_send.send(encode_message(msg))
+
+    # -- receiving -----------------------------------------------------------------------------
+
+    async def receive(self) -> Message:
+        """The next message.
+
+        Errors:
+            trio.EndOfChannel: the other side closed the stream.
+            ChannelError: the next frame broke the protocol; nothing more will be received.
+        """
+        item = await self._in_recv.receive()
+        if isinstance(item, ChannelError):
+            self._in_recv.close()
+            raise item
+        return item
+
+    def __aiter__(self) -> Channel:
+        return self
+
+    async def __anext__(self) -> Message:
+        try:
+            return await self.receive()
+        except trio.EndOfChannel:
+            raise StopAsyncIteration from None
+
+    async def handshake(
+        self, role: str, accept: Collection[str] | None = None, timeout: float = HELLO_TIMEOUT_S
+    ) -> PeerHello:
+        """Send our hello and read theirs (both sides send first, so neither waits on the other).
+
+        Errors:
+            ChannelError: no hello within ``timeout`` (ETIMEDOUT), the first message is not a
+            hello (EPROTO), another protocol version (EPROTONOSUPPORT), or a role not in
+            ``accept`` (EPERM).
+            trio.EndOfChannel: closed before saying hello.
+        """
+        await self.send(PeerHello(role, PROTOCOL_VERSION))
+        with trio.move_on_after(timeout):
+            msg = await self.receive()
+            if not isinstance(msg, PeerHello):
+                raise ChannelError(
+                    f"expected peer.hello first, got {msg.TAG}", reply_to=_request_id([0, 0, msg.fields()])
+                )
+            if msg.protocol != PROTOCOL_VERSION:
+                raise ChannelError(
+                    f"protocol version {msg.protocol} is not supported (this side speaks {PROTOCOL_VERSION})",
+                    "EPROTONOSUPPORT",
+                )
+            if accept is not None and msg.role not in accept:
+                raise ChannelError(f"role {msg.role!r} is not accepted here", "EPERM")
+            self.hello = msg
+            return msg
+        raise ChannelError(f"no hello within {timeout:g} s", "ETIMEDOUT")
+
+    # -- the two tasks -------------------------------------------------------------------------
+
+    async def _reader(self) -> None:
+        try:
+            while True:
+                try:
+                    data = await self.stream.receive_some(RECV_CHUNK)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    return
+                if not data:
+                    return
+                self._decoder.feed(data)
+                while True:
+                    obj = None
+                    try:
+                        obj = self._decoder.next_object()
+                        if obj is None:
+                            break
+                        msg = from_wire(obj)
+                    except ProtocolError as err:
+                        await self._in_send.send(ChannelError(str(err), reply_to=_request_id(obj)))
+                        return
+                    await self._in_send.send(msg)
+        finally:
+            self._in_send.close()
+
+    async def _writer(self) -> None:
+        try:
+            async for data in self._out_recv:
+                chunks = [data]
+                size = len(data)
+                while size < WRITE_BATCH_BYTES:
+                    try:
+                        more = self._out_recv.receive_nowait()
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                    chunks.append(more)
+                    size += len(more)
+                await self.stream.send_all(b"".join(chunks))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            # Senders now get BrokenResourceError instead of filling a queue nobody drains.
+            self._out_recv.close()
+        finally:
+            self._writer_done.set()
+
+    async def _close(self) -> None:
+        self._out_send.close()
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(CLOSE_TIMEOUT_S):
+                await self._writer_done.wait()
+            await trio.aclose_forcefully(self.stream)
+
+
+@asynccontextmanager
+async def open_channel(
+    stream: trio.abc.Stream,
+    max_frame_bytes: int = MAX_FRAME_BYTES,
+    queue_depth: int = QUEUE_DEPTH,
+) -> AsyncIterator[Channel]:
+    """Run a :class:`Channel` over ``stream`` for the duration of the block; the stream is closed
+    when the block ends (after queued frames are flushed, within :data:`CLOSE_TIMEOUT_S`)."""
+    channel = Channel(stream, max_frame_bytes, queue_depth)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(channel._reader)
+        nursery.start_soon(channel._writer)
+        try:
+            yield channel
+        finally:
+            await channel._close()
+            nursery.cancel_scope.cancel()
+
+
+__all__ = [
+    "CLOSE_TIMEOUT_S",
+    "HELLO_TIMEOUT_S",
+    "PROTOCOL_VERSION",
+    "QUEUE_DEPTH",
+    "Channel",
+    "ChannelError",
+    "open_channel",
+]

@@ -1,0 +1,166 @@
+"""Where the daemons listen and how they are configured: addresses, THPSPLIT_* variables, defaults.
+
+An address is ``unix:/path/to.sock`` or ``tcp:HOST:PORT`` (``tcp:[::1]:PORT`` for IPv6; port 0
+asks the kernel for a free port, the daemon then reports the one it got). Without flags or
+environment, both daemons and ``thpctl`` meet on Unix sockets in a per-user runtime directory, so
+``collapsed & remapd &`` works locally; TCP is for containers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from typing import Any
+
+from shared.knobs import SPECS, Knobs, KnobError
+
+ENV_COLLAPSED = "THPSPLIT_COLLAPSED"
+ENV_REMAPD = "THPSPLIT_REMAPD"
+ENV_RUNTIME_DIR = "THPSPLIT_RUNTIME_DIR"
+ENV_LOG_LEVEL = "THPSPLIT_LOG_LEVEL"
+ENV_LOG_FORMAT = "THPSPLIT_LOG_FORMAT"
+ENV_SEED = "THPSPLIT_SEED"
+ENV_TIMEOUT = "THPSPLIT_TIMEOUT"
+
+LOG_FORMATS = ("auto", "json", "console")
+
+# Knobs a daemon accepts as flags and THPSPLIT_* variables: every writable sysfs knob.
+KNOB_NAMES = tuple(name for name, spec in SPECS.items() if spec.writable)
+
+
+class AddressError(ValueError):
+    """An address that is neither ``unix:PATH`` nor ``tcp:HOST:PORT``."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Address:
+    kind: str  # "unix" or "tcp"
+    path: str = ""
+    host: str = ""
+    port: int = 0
+
+    def __str__(self) -> str:
+        if self.kind == "unix":
+            return f"unix:{self.path}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"tcp:{host}:{self.port}"
+
+
+def parse_address(text: str) -> Address:
+    kind, sep, rest = text.partition(":")
+    if not sep or not rest:
+        raise AddressError(f"bad address {text!r}: use unix:PATH or tcp:HOST:PORT")
+    if kind == "unix":
+        return Address("unix", path=rest)
+    if kind == "tcp":
+        host, sep, port = rest.rpartition(":")
+        if not sep or not host or not port.isdigit() or int(port) > 65535:
+            raise AddressError(f"bad address {text!r}: use tcp:HOST:PORT with PORT 0..65535")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        return Address("tcp", host=host, port=int(port))
+    raise AddressError(f"bad address {text!r}: use unix:PATH or tcp:HOST:PORT")
+
+
+def runtime_dir() -> str:
+    """$THPSPLIT_RUNTIME_DIR, else $XDG_RUNTIME_DIR/thpsplit, else /tmp/thpsplit-$UID."""
+    explicit = os.environ.get(ENV_RUNTIME_DIR)
+    if explicit:
+        return explicit
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg:
+        return os.path.join(xdg, "thpsplit")
+    return f"/tmp/thpsplit-{os.getuid()}"
+
+
+def default_address(daemon: str) -> str:
+    """The address ``daemon`` ("collapsed" or "remapd") uses without flag or environment."""
+    env = ENV_COLLAPSED if daemon == "collapsed" else ENV_REMAPD
+    return os.environ.get(env) or f"unix:{os.path.join(runtime_dir(), daemon + '.sock')}"
+
+
+def knob_env(name: str) -> str:
+    """THPSPLIT_ENABLED, THPSPLIT_KHUGEPAGED_SCAN_SLEEP_MILLISECS, THPSPLIT_RETRY_POLICY, ..."""
+    return "THPSPLIT_" + name.removeprefix("thpsplit/").replace("/", "_").upper()
+
+
+def knob_flag(name: str) -> str:
+    """--enabled, --khugepaged-scan-sleep-millisecs, --retry-policy, ..."""
+    return "--" + name.removeprefix("thpsplit/").replace("/", "-").replace("_", "-")
+
+
+def add_knob_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "knobs", "sysfs knobs at start (each also read from the THPSPLIT_* variable shown)"
+    )
+    for name in KNOB_NAMES:
+        group.add_argument(
+            knob_flag(name),
+            dest="knob:" + name,
+            metavar="VALUE",
+            help=f"{name} (${knob_env(name)})",
+        )
+
+
+def knobs_from(args: argparse.Namespace) -> Knobs:
+    """Knobs from flags, then THPSPLIT_* variables, then the defaults.
+
+    Raises:
+        KnobError: a value sysfs would refuse; the message names the flag's knob.
+    """
+    knobs = Knobs()
+    for name in KNOB_NAMES:
+        value: Any = getattr(args, "knob:" + name, None)
+        if value is None:
+            value = os.environ.get(knob_env(name))
+        if value is not None:
+            knobs.set(name, value)
+    return knobs
+
+
+def add_daemon_flags(parser: argparse.ArgumentParser, daemon: str) -> None:
+    env = ENV_COLLAPSED if daemon == "collapsed" else ENV_REMAPD
+    parser.add_argument(
+        "--listen",
+        metavar="ADDR",
+        default=None,
+        help=f"address to listen on: unix:PATH or tcp:HOST:PORT, port 0 picks one "
+        f"(${env}; default unix:{runtime_dir()}/{daemon}.sock)",
+    )
+    parser.add_argument(
+        "--ready-file",
+        metavar="PATH",
+        help="once listening, write the actual address (with the bound port) to PATH",
+    )
+    parser.add_argument(
+        "--log-level",
+        choices=("debug", "info", "warning", "error"),
+        default=os.environ.get(ENV_LOG_LEVEL, "info"),
+        help=f"${ENV_LOG_LEVEL}; default info (debug shows every scan)",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default=os.environ.get(ENV_LOG_FORMAT, "auto"),
+        help=f"${ENV_LOG_FORMAT}; auto: console on a TTY, JSON lines otherwise",
+    )
+
+
+def log_json(fmt: str) -> bool | None:
+    return None if fmt == "auto" else fmt == "json"
+
+
+__all__ = [
+    "Address",
+    "AddressError",
+    "KnobError",
+    "add_daemon_flags",
+    "add_knob_flags",
+    "default_address",
+    "knob_env",
+    "knob_flag",
+    "knobs_from",
+    "parse_address",
+    "runtime_dir",
+]

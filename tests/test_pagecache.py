@@ -1,0 +1,492 @@
+"""The collapser's page cache: file operations, writeback, truncation, reclaim, huge allocation."""
+
+from __future__ import annotations
+
+import pytest
+
+from collapsed.pagecache import PG_DIRTY, PG_HEAD, PG_LRU, PG_SWAPBACKED, PG_UPTODATE, PG_WRITEBACK
+from shared.errors import UserError
+from shared.units import HPAGE_PMD_NR, HPAGE_PMD_SIZE, PAGE_SIZE
+
+MiB = 1 << 20
+
+
+def slots(world, name: str) -> dict[int, int]:
+    return dict(world.collapser.by_name[name].entries())
+
+
+def flags_of(world, name: str, index: int) -> int:
+    c = world.collapser
+    return c.mem.flags[c.mem.head(c.by_name[name].get(index))]
+
+
+def shmem_thp(world, name: str = "s", size: int = HPAGE_PMD_SIZE, pid: int = 1) -> tuple[int, int]:
+    """A shmem file whose first 2 MiB is one THP allocated at fault, PMD-mapped in ``pid``."""
+    world.sysfs_set("shmem_enabled", "always")
+    world.file_create(name, size, shmem=True)
+    world.spawn(pid)
+    addr = world.mmap(pid, None, size, name, prot="rw")
+    assert world.fault(pid, addr) == "pmd"
+    head = world.collapser.by_name[name].get(0)
+    assert world.collapser.mem.flags[head] & PG_HEAD
+    return addr, head
+
+
+# -- file_create ----------------------------------------------------------------------------------
+
+
+def test_file_create_returns_stat_and_tells_remapper(world):
+    st = world.file_create("f", 5 * PAGE_SIZE + 1)
+    assert st == {
+        "name": "f", "ino": 1, "size": 5 * PAGE_SIZE + 1, "shmem": False, "nrpages": 0,
+        "thps": 0, "swap": 0, "dirty": 0, "open_for_write": 0,
+    }
+    assert world.file_create("g", 0, shmem=True)["ino"] == 2
+    assert world.remapper.by_name["f"].size == 5 * PAGE_SIZE + 1
+    assert world.remapper.by_name["g"].shmem
+    assert world.collapser.by_name["f"].nr_pages_size == 6
+
+
+@pytest.mark.parametrize("name", ["", "a/b", "a\0b", "x" * 256])
+def test_file_create_bad_name_is_einval(world, name):
+    with pytest.raises(UserError) as err:
+        world.file_create(name, PAGE_SIZE)
+    assert err.value.errno_name == "EINVAL"
+    assert not world.collapser.files and not world.remapper.files
+
+
+def test_file_create_longest_name_is_fine(world):
+    assert world.file_create("x" * 255, 0)["name"] == "x" * 255
+
+
+def test_file_create_duplicate_is_eexist_and_negative_size_einval(world):
+    world.file_create("f", PAGE_SIZE)
+    with pytest.raises(UserError) as err:
+        world.file_create("f", 2 * PAGE_SIZE, shmem=True)
+    assert err.value.errno_name == "EEXIST"
+    assert world.collapser.by_name["f"].size == PAGE_SIZE and not world.collapser.by_name["f"].shmem
+    with pytest.raises(UserError) as err:
+        world.file_create("g", -1)
+    assert err.value.errno_name == "EINVAL"
+    assert list(world.collapser.by_name) == ["f"]
+
+
+# -- write ------------------------------------------------------------------------------------------
+
+
+def test_write_dirties_pages_and_extends_size(world):
+    world.file_create("f", 0)
+    st = world.file_write("f", 3 * PAGE_SIZE + 100, PAGE_SIZE)  # straddles pages 3 and 4
+    assert st["size"] == 4 * PAGE_SIZE + 100
+    assert st["nrpages"] == 2 and st["dirty"] == 2
+    assert sorted(slots(world, "f")) == [3, 4]
+    assert world.remapper.by_name["f"].size == 4 * PAGE_SIZE + 100
+    for i in (3, 4):
+        assert flags_of(world, "f", i) & (PG_DIRTY | PG_UPTODATE) == PG_DIRTY | PG_UPTODATE
+        assert world.collapser.mem.ref[slots(world, "f")[i]] == 1
+    assert world.meminfo()["Cached"] == 8
+
+
+def test_write_inside_size_keeps_size_and_redirties_clean_page(world):
+    world.file_create("f", 10 * PAGE_SIZE)
+    world.spawn(1)
+    addr = world.mmap(1, None, 10 * PAGE_SIZE, "f")
+    assert world.fault(1, addr + 2 * PAGE_SIZE) == "major"  # read in: clean
+    assert not flags_of(world, "f", 2) & PG_DIRTY
+    pfn = slots(world, "f")[2]
+    st = world.file_write("f", 2 * PAGE_SIZE, 10)
+    assert st["size"] == 10 * PAGE_SIZE and st["nrpages"] == 1 and st["dirty"] == 1
+    assert slots(world, "f")[2] == pfn  # the cached page is written, not replaced
+    assert flags_of(world, "f", 2) & PG_DIRTY
+
+
+def test_write_zero_length_and_errors(world):
+    world.file_create("f", PAGE_SIZE)
+    assert world.file_write("f", 8 * PAGE_SIZE, 0)["size"] == PAGE_SIZE
+    assert not slots(world, "f")
+    for offset, length in ((-1, 1), (0, -1)):
+        with pytest.raises(UserError) as err:
+            world.file_write("f", offset, length)
+        assert err.value.errno_name == "EINVAL"
+    with pytest.raises(UserError) as err:
+        world.file_write("nope", 0, 1)
+    assert err.value.errno_name == "ENOENT"
+
+
+# -- sync and the writeback window -----------------------------------------------------------------
+
+
+def test_sync_holds_pages_under_writeback_for_writeback_millisecs(make_world):
+    world = make_world(writeback_millisecs=250)
+    world.file_create("f", 0)
+    world.file_write("f", 0, 3 * PAGE_SIZE)
+    world.advance(1000)
+    st = world.file_sync("f")
+    assert st["dirty"] == 0
+    mem = world.collapser.mem
+    pfns = list(slots(world, "f").values())
+    for pfn in pfns:
+        assert mem.flags[pfn] & (PG_DIRTY | PG_WRITEBACK) == PG_WRITEBACK
+        assert mem.ref[pfn] == 2  # the cache's, and writeback's until it ends
+    world.advance(249)
+    assert all(mem.flags[p] & PG_WRITEBACK for p in pfns)
+    world.advance(1)
+    for pfn in pfns:
+        assert not mem.flags[pfn] & (PG_DIRTY | PG_WRITEBACK)
+        assert mem.ref[pfn] == 1
+    # A second sync of a clean file starts nothing.
+    world.file_sync("f")
+    assert not any(mem.flags[p] & PG_WRITEBACK for p in pfns)
+    assert world.collapser.next_deadline() is None or world.collapser.next_deadline() > world.now
+
+
+def test_sync_leaves_shmem_dirty(world):
+    world.file_create("s", 0, shmem=True)
+    world.file_write("s", 0, 2 * PAGE_SIZE)
+    assert world.file_sync("s")["dirty"] == 2
+    for i in (0, 1):
+        f = flags_of(world, "s", i)
+        assert f & PG_DIRTY and f & PG_SWAPBACKED and not f & PG_WRITEBACK
+
+
+def test_page_redirtied_during_writeback_stays_dirty(world):
+    world.file_create("f", 0)
+    world.file_write("f", 0, PAGE_SIZE)
+    world.file_sync("f")
+    world.file_write("f", 0, PAGE_SIZE)
+    assert flags_of(world, "f", 0) & (PG_DIRTY | PG_WRITEBACK) == PG_DIRTY | PG_WRITEBACK
+    world.advance(world.collapser.knobs.writeback_millisecs)
+    assert flags_of(world, "f", 0) & (PG_DIRTY | PG_WRITEBACK) == PG_DIRTY
+    assert world.collapser.mem.ref[slots(world, "f")[0]] == 1
+
+
+# -- truncate and punch ------------------------------------------------------------------------------
+
+
+def test_truncate_drops_pages_past_eof(world):
+    world.file_create("f", 0)
+    world.file_write("f", 0, 8 * PAGE_SIZE)
+    allocated = world.collapser.mem.nr_allocated
+    st = world.file_truncate("f", 3 * PAGE_SIZE + 1)  # page 3 still holds a byte
+    assert st["size"] == 3 * PAGE_SIZE + 1 and st["nrpages"] == 4
+    assert sorted(slots(world, "f")) == [0, 1, 2, 3]
+    assert world.collapser.mem.nr_allocated == allocated - 4
+    assert world.remapper.by_name["f"].size == 3 * PAGE_SIZE + 1
+
+
+def test_truncate_up_adds_no_pages(world):
+    world.file_create("f", 0)
+    world.file_write("f", 0, PAGE_SIZE)
+    st = world.file_truncate("f", 4 * MiB)
+    assert st["size"] == 4 * MiB and st["nrpages"] == 1
+    with pytest.raises(UserError) as err:
+        world.file_truncate("f", -1)
+    assert err.value.errno_name == "EINVAL"
+
+
+def test_truncate_unmaps_mapped_pages_first(world):
+    world.file_create("f", 16 * PAGE_SIZE)
+    world.spawn(1)
+    world.spawn(2)
+    a1 = world.mmap(1, None, 16 * PAGE_SIZE, "f")
+    a2 = world.mmap(2, None, 16 * PAGE_SIZE, "f", prot="rw")
+    world.touch(1, a1, 16 * PAGE_SIZE)
+    world.touch(2, a2, 16 * PAGE_SIZE, write=True)
+    pfn = slots(world, "f")[10]
+    assert world.collapser.mem.mapcount[pfn] == 2
+    world.file_truncate("f", 4 * PAGE_SIZE)
+    assert sorted(slots(world, "f")) == [0, 1, 2, 3]
+    assert not world.collapser.mem.allocated(pfn)
+    assert world.smaps(1)[0]["Rss"] == 16 and world.smaps(2)[0]["Rss"] == 16
+    assert world.fault(1, a1 + 10 * PAGE_SIZE) == "sigbus"
+    assert world.fault(1, a1 + 3 * PAGE_SIZE) == "hit"
+
+
+def test_truncate_removes_private_cow_copies_too(world):
+    world.file_create("f", 4 * PAGE_SIZE)
+    world.spawn(1)
+    addr = world.mmap(1, None, 4 * PAGE_SIZE, "f", prot="rw", shared=False)
+    assert world.fault(1, addr + 3 * PAGE_SIZE, write=True) == "major"
+    assert world.smaps(1)[0]["Anonymous"] == 4
+    world.file_truncate("f", PAGE_SIZE)
+    assert world.smaps(1)[0]["Rss"] == 0
+    assert not world.remapper.anon
+
+
+def test_truncate_cutting_a_thp_splits_it(world):
+    addr, head = shmem_thp(world, size=HPAGE_PMD_SIZE)
+    assert world.meminfo()["ShmemHugePages"] == 2048
+    free = world.collapser.knobs.free_huge_pages
+    world.file_truncate("s", MiB + 1)
+    f = world.collapser.by_name["s"]
+    vm = world.vmstat()
+    assert vm["thp_split_page"] == 1 and vm["thp_split_page_failed"] == 0
+    assert f.nr_thps == 0 and f.nrpages == 257
+    assert sorted(slots(world, "s")) == list(range(257))
+    mem = world.collapser.mem
+    assert not mem.is_thp(head) and mem.ref[head] == 1 and mem.flags[head] & PG_SWAPBACKED
+    assert not mem.allocated(head + 300)
+    assert world.meminfo()["ShmemHugePages"] == 0 and world.meminfo()["ShmemPmdMapped"] == 0
+    # The PMD went with the unmap; the survivors refault as small pages.
+    assert world.smaps(1)[0]["Rss"] == 0
+    assert world.fault(1, addr + 5 * PAGE_SIZE) == "minor"
+    assert world.fault(1, addr + 300 * PAGE_SIZE) == "sigbus"
+    # The block is small pages now: it does not go back to the huge pool.
+    assert world.collapser.knobs.free_huge_pages == free
+
+
+def test_truncate_cutting_a_collapsed_file_thp_splits_it(make_world):
+    world = make_world(enabled="always")
+    world.file_create("f", HPAGE_PMD_SIZE)
+    world.spawn(1)
+    addr = world.mmap(1, None, HPAGE_PMD_SIZE, "f")
+    world.touch(1, addr, HPAGE_PMD_SIZE)
+    world.wait_scans(1)
+    assert world.smaps(1)[0]["FilePmdMapped"] == 2048
+    world.file_truncate("f", MiB)
+    f = world.collapser.by_name["f"]
+    assert world.vmstat()["thp_split_page"] == 1 and world.vmstat()["thp_split_pmd"] == 1  # unmap cut the PMD
+    assert f.nr_thps == 0 and f.nrpages == 256
+    assert world.meminfo()["FileHugePages"] == 0 and world.meminfo()["FilePmdMapped"] == 0
+    assert world.smaps(1)[0]["Rss"] == 0
+    assert world.fault(1, addr + 255 * PAGE_SIZE) == "minor"
+
+
+def test_truncate_removes_a_whole_thp_past_eof_without_splitting(world):
+    world.sysfs_set("shmem_enabled", "always")
+    world.file_create("s", 2 * HPAGE_PMD_SIZE, shmem=True)
+    world.spawn(1)
+    addr = world.mmap(1, None, 2 * HPAGE_PMD_SIZE, "s", prot="rw")
+    assert world.touch(1, addr, 2 * HPAGE_PMD_SIZE, stride=HPAGE_PMD_SIZE) == {"pmd": 2}
+    free = world.collapser.knobs.free_huge_pages
+    world.file_truncate("s", HPAGE_PMD_SIZE)
+    assert world.vmstat()["thp_split_page"] == 0
+    assert world.collapser.by_name["s"].nr_thps == 1
+    assert world.collapser.knobs.free_huge_pages == free + 1
+    assert world.smaps(1)[0]["ShmemPmdMapped"] == 2048
+
+
+def test_truncate_does_not_split_a_pinned_thp(world):
+    addr, head = shmem_thp(world)
+    world.pin(1, addr + 7 * PAGE_SIZE)
+    world.file_truncate("s", MiB)
+    vm = world.vmstat()
+    assert vm["thp_split_page_failed"] == 1 and vm["thp_split_page"] == 0
+    f = world.collapser.by_name["s"]
+    assert f.nr_thps == 1 and f.nrpages == HPAGE_PMD_NR
+    mem = world.collapser.mem
+    assert mem.flags[head] & PG_HEAD and mem.pins == {head: 1}
+    assert mem.ref[head] == HPAGE_PMD_NR + 1  # unmapped: the cache and the pin
+    assert world.smaps(1)[0]["Rss"] == 0
+    world.unpin(1, addr + 7 * PAGE_SIZE)
+    assert mem.ref[head] == HPAGE_PMD_NR and not mem.pins
+
+
+def test_punch_removes_a_range_and_keeps_size(world):
+    world.file_create("f", 0)
+    world.file_write("f", 0, 8 * PAGE_SIZE)
+    c = world.collapser
+    f = c.by_name["f"]
+    world.start(c, c.punch(f, 2, 5)).result()
+    assert sorted(slots(world, "f")) == [0, 1, 5, 6, 7]
+    assert f.nrpages == 5 and f.size == 8 * PAGE_SIZE
+
+
+def test_punch_drops_shmem_swap_entries(world):
+    world.file_create("s", 4 * PAGE_SIZE, shmem=True)
+    world.spawn(1)
+    addr = world.mmap(1, None, 4 * PAGE_SIZE, "s", prot="rw")
+    world.touch(1, addr, 4 * PAGE_SIZE, write=True)
+    world.madvise(1, addr, 4 * PAGE_SIZE, "pageout")
+    c = world.collapser
+    f = c.by_name["s"]
+    assert f.nrswap == 4 and c.nr_swap_entries == 4
+    world.start(c, c.punch(f, 1, 3)).result()
+    assert sorted(slots(world, "s")) == [0, 3] and f.nrswap == 2 and c.nr_swap_entries == 2
+    assert world.vmstat()["nr_swap_entries"] == 2
+
+
+def test_punch_inside_a_thp_splits_it_and_keeps_the_rest(world):
+    addr, head = shmem_thp(world)
+    c = world.collapser
+    f = c.by_name["s"]
+    world.start(c, c.punch(f, 100, 200)).result()
+    assert world.vmstat()["thp_split_page"] == 1
+    assert f.nrpages == HPAGE_PMD_NR - 100 and f.nr_thps == 0
+    assert f.get(99) == head + 99 and f.get(100) == 0 and f.get(200) == head + 200
+    assert not c.mem.allocated(head + 150) and c.mem.allocated(head + 200)
+
+
+# -- drop_caches ------------------------------------------------------------------------------------
+
+
+def test_drop_caches_evicts_only_clean_unmapped_unpinned_file_pages(world):
+    world.file_create("f", 8 * PAGE_SIZE)
+    world.file_create("s", 2 * PAGE_SIZE, shmem=True)
+    world.spawn(1)
+    addr = world.mmap(1, None, 8 * PAGE_SIZE, "f")
+    world.touch(1, addr, 8 * PAGE_SIZE)  # pages 0..7 read in, mapped, clean
+    world.madvise(1, addr + 4 * PAGE_SIZE, 4 * PAGE_SIZE, "dontneed")  # 4..7 unmapped
+    world.pin(1, addr + 6 * PAGE_SIZE)
+    world.madvise(1, addr + 6 * PAGE_SIZE, PAGE_SIZE, "dontneed")  # 6: pinned only
+    world.file_write("f", 5 * PAGE_SIZE, 1)  # 5: dirty
+    world.file_write("s", 0, 2 * PAGE_SIZE)  # shmem: never dropped
+    assert world.drop_caches() == {"dropped_pages": 2}
+    assert sorted(slots(world, "f")) == [0, 1, 2, 3, 5, 6]
+    assert sorted(slots(world, "s")) == [0, 1]
+    # Under writeback is no better than dirty.
+    world.file_sync("f")
+    assert world.drop_caches() == {"dropped_pages": 0}
+    world.advance(world.collapser.knobs.writeback_millisecs)
+    assert world.drop_caches() == {"dropped_pages": 1}
+    assert sorted(slots(world, "f")) == [0, 1, 2, 3, 6]
+    assert world.meminfo()["Cached"] == (5 + 2) * 4 and world.meminfo()["Shmem"] == 2 * 4  # Cached counts shmem too
+
+
+def test_unpin_releases_the_page_reference_at_once(world):
+    world.file_create("f", PAGE_SIZE)
+    world.spawn(1)
+    addr = world.mmap(1, None, PAGE_SIZE, "f")
+    world.pin(1, addr)
+    world.madvise(1, addr, PAGE_SIZE, "dontneed")
+    pfn = slots(world, "f")[0]
+    assert world.collapser.mem.ref[pfn] == 2
+    world.unpin(1, addr)
+    assert world.collapser.mem.pins == {} and world.collapser.mem.ref[pfn] == 1
+    assert world.drop_caches() == {"dropped_pages": 1}
+
+
+def test_drop_caches_evicts_a_clean_unmapped_file_thp_whole(make_world):
+    world = make_world(enabled="always")
+    world.file_create("f", HPAGE_PMD_SIZE)
+    world.spawn(1)
+    addr = world.mmap(1, None, HPAGE_PMD_SIZE, "f")
+    world.touch(1, addr, HPAGE_PMD_SIZE)
+    world.wait_scans(1)
+    assert world.meminfo()["FileHugePages"] == 2048
+    assert world.drop_caches() == {"dropped_pages": 0}  # PMD-mapped
+    free = world.collapser.knobs.free_huge_pages
+    world.munmap(1, addr, HPAGE_PMD_SIZE)
+    assert world.drop_caches() == {"dropped_pages": HPAGE_PMD_NR}
+    assert world.meminfo()["FileHugePages"] == 0 and world.meminfo()["Cached"] == 0
+    assert world.collapser.knobs.free_huge_pages == free + 1
+    assert world.collapser.mem.nr_allocated == 0
+
+
+# -- pageout (MADV_PAGEOUT) -------------------------------------------------------------------------
+
+
+def test_pageout_shmem_goes_to_swap_and_faults_back_in(world):
+    world.file_create("s", 4 * PAGE_SIZE, shmem=True)
+    world.spawn(1)
+    addr = world.mmap(1, None, 4 * PAGE_SIZE, "s", prot="rw")
+    world.touch(1, addr, 4 * PAGE_SIZE, write=True)
+    assert world.madvise(1, addr, 3 * PAGE_SIZE, "pageout") == 0
+    f = world.collapser.by_name["s"]
+    values = slots(world, "s")
+    assert all(values[i] < 0 for i in range(3)) and values[3] > 0
+    assert f.nrswap == 3 and f.nrpages == 1
+    vm = world.vmstat()
+    assert vm["pswpout"] == 3 and vm["nr_swap_entries"] == 3 and vm["pswpin"] == 0
+    assert world.meminfo()["Shmem"] == 4
+    assert world.smaps(1)[0]["Rss"] == 4
+    majors = vm["pgmajfault"]
+    assert world.fault(1, addr + PAGE_SIZE) == "major"
+    vm = world.vmstat()
+    assert vm["pswpin"] == 1 and vm["pgmajfault"] == majors + 1 and vm["nr_swap_entries"] == 2
+    assert f.nrswap == 2 and f.nrpages == 2 and slots(world, "s")[1] > 0
+
+
+def test_pageout_skips_shmem_pages_mapped_elsewhere(world):
+    world.file_create("s", 2 * PAGE_SIZE, shmem=True)
+    world.spawn(1)
+    world.spawn(2)
+    a1 = world.mmap(1, None, 2 * PAGE_SIZE, "s", prot="rw")
+    a2 = world.mmap(2, None, 2 * PAGE_SIZE, "s", prot="rw")
+    world.touch(1, a1, 2 * PAGE_SIZE, write=True)
+    world.fault(2, a2)
+    world.madvise(1, a1, 2 * PAGE_SIZE, "pageout")
+    values = slots(world, "s")
+    assert values[0] > 0 and values[1] < 0  # page 0 still mapped by pid 2
+    assert world.vmstat()["pswpout"] == 1
+
+
+def test_pageout_splits_a_shmem_thp_to_swap(world):
+    addr, head = shmem_thp(world)
+    world.madvise(1, addr, HPAGE_PMD_SIZE, "pageout")
+    f = world.collapser.by_name["s"]
+    vm = world.vmstat()
+    assert vm["thp_split_page"] == 1 and vm["pswpout"] == HPAGE_PMD_NR
+    assert f.nrswap == HPAGE_PMD_NR and f.nrpages == 0 and f.nr_thps == 0
+    assert world.collapser.mem.nr_allocated == 0
+
+
+def test_pageout_regular_file_drops_clean_and_writes_back_dirty(world):
+    world.file_create("f", 2 * PAGE_SIZE)
+    world.spawn(1)
+    addr = world.mmap(1, None, 2 * PAGE_SIZE, "f", prot="rw")
+    world.fault(1, addr)
+    world.fault(1, addr + PAGE_SIZE, write=True)
+    world.madvise(1, addr, 2 * PAGE_SIZE, "pageout")
+    assert sorted(slots(world, "f")) == [1]
+    assert flags_of(world, "f", 1) & (PG_DIRTY | PG_WRITEBACK) == PG_WRITEBACK
+    assert world.vmstat()["pswpout"] == 0
+    world.advance(world.collapser.knobs.writeback_millisecs)
+    assert not flags_of(world, "f", 1) & (PG_DIRTY | PG_WRITEBACK)
+
+
+# -- huge page allocation ---------------------------------------------------------------------------
+
+
+def test_huge_allocation_charges_and_returns_free_huge_pages(make_world):
+    world = make_world(free_huge_pages=2)
+    c = world.collapser
+    a = c.alloc_huge(direct_compaction=False)
+    b = c.alloc_huge(direct_compaction=False)
+    assert a and b and a % HPAGE_PMD_NR == 0 and b % HPAGE_PMD_NR == 0 and a != b
+    assert c.knobs.free_huge_pages == 0
+    assert c.alloc_huge(direct_compaction=True) == 0
+    c.put(a)
+    assert c.knobs.free_huge_pages == 1 and not c.mem.allocated(a)
+    assert c.alloc_huge(direct_compaction=False) == a  # the freed block is reused
+    c.put(a)
+    c.put(b)
+    assert c.mem.nr_allocated == 0
+
+
+def test_huge_allocation_fails_to_fragmentation_without_direct_compaction(make_world):
+    world = make_world(fragmentation=100)
+    c = world.collapser
+    assert c.alloc_huge(direct_compaction=False) == 0
+    assert c.knobs.free_huge_pages == 1024
+    head = c.alloc_huge(direct_compaction=True)
+    assert head and c.knobs.free_huge_pages == 1023
+    c.put(head)
+
+
+def test_collapse_alloc_fails_with_no_free_huge_pages(make_world):
+    world = make_world(enabled="always", free_huge_pages=0)
+    world.file_create("f", HPAGE_PMD_SIZE)
+    world.spawn(1)
+    addr = world.mmap(1, None, HPAGE_PMD_SIZE, "f")
+    world.touch(1, addr, HPAGE_PMD_SIZE)
+    world.wait_scans(1)
+    k = world.collapser.khugepaged
+    assert k.results.get("SCAN_ALLOC_HUGE_PAGE_FAIL") == 1
+    vm = world.vmstat()
+    assert vm["thp_collapse_alloc_failed"] == 1 and vm["thp_collapse_alloc"] == 0
+    assert world.meminfo()["FileHugePages"] == 0 and k.pages_collapsed == 0
+
+
+@pytest.mark.parametrize("khugepaged_defrag, collapses", [(0, False), (1, True)])
+def test_collapse_alloc_with_full_fragmentation_needs_khugepaged_defrag(make_world, khugepaged_defrag, collapses):
+    world = make_world(enabled="always", fragmentation=100, khugepaged_defrag=khugepaged_defrag)
+    world.file_create("f", HPAGE_PMD_SIZE)
+    world.spawn(1)
+    addr = world.mmap(1, None, HPAGE_PMD_SIZE, "f")
+    world.touch(1, addr, HPAGE_PMD_SIZE)
+    world.wait_scans(1)
+    vm = world.vmstat()
+    assert vm["thp_collapse_alloc"] == int(collapses)
+    assert vm["thp_collapse_alloc_failed"] == int(not collapses)
+    assert world.meminfo()["FileHugePages"] == (2048 if collapses else 0)
