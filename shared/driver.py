@@ -1,0 +1,497 @@
+"""The trio shell around a sans-IO actor core; both daemons are this plus a table of requests.
+
+The core (a :class:`~shared.actor.Actor`) is only ever touched from the trio thread, between
+checkpoints, so it needs no locks. Every event is synchronous: a client request starts its core
+operation at once (so requests start in the order they arrive), a peer message goes straight to
+``core.deliver``, and the clock task calls ``core.advance`` when the core's next deadline (model
+milliseconds since the daemon started) comes up in real time. After each event the pump task
+moves the core's outbox to the peer channel, whose bounded queue is the backpressure.
+
+While no peer is connected nothing can be sent: whatever the core queues for the peer, and every
+call it waits on, is answered through ``core.peer_lost()``. A new peer gets ``core.resync()``,
+which describes the whole state again.
+
+A reply to a client that made the core send something to the peer waits for a round trip
+(:class:`~shared.messages.Sync` over the peer channel) before it goes out: once the client sees
+the reply, the other daemon has seen the operation's effects too, so a client may switch
+daemons between two requests without racing the peer traffic.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import signal
+import stat
+from collections.abc import Awaitable, Callable, Collection, Generator, Mapping
+from typing import Any
+
+import structlog
+import trio
+
+from shared import messages as m
+from shared.actor import Actor
+from shared.channel import Channel, ChannelError, open_channel
+from shared.config import Address, parse_address
+from shared.errors import UserError
+from shared.logs import get_logger
+from shared.message import Message
+
+log = get_logger("thpsplit.driver")
+
+# Requests one client may have in flight; the next one is not read until one is answered.
+MAX_PENDING_PER_CLIENT = 64
+# Rounds of peer_lost() per event while disconnected: answering a call may queue another.
+MAX_LOST_PEER_ROUNDS = 64
+# After SIGTERM/SIGINT, how long requests in flight get to finish before everything is cancelled.
+SHUTDOWN_GRACE_S = 2.0
+LISTEN_BACKLOG = 128
+
+
+class Op:
+    """An operation started on the core; :meth:`result` waits for it (and for the peer to have
+    seen what it sent)."""
+
+    def __init__(self, driver: Driver, mark: int):
+        self._driver = driver
+        self._mark = mark
+        self._done = trio.Event()
+        self._value: Any = None
+
+    def set(self, value: Any) -> None:
+        self._value = value
+        self._done.set()
+
+    async def result(self) -> Any:
+        await self._done.wait()
+        await self._driver.barrier_after(self._mark)
+        if isinstance(self._value, BaseException):
+            raise self._value
+        return self._value
+
+
+# What a request handler returns: an operation already started, or work to await in the
+# connection's task (created at once, so anything it captures reflects the arrival time).
+Work = Op | Callable[[], Awaitable[Any]]
+Handler = Callable[[Any], Work]
+
+
+class Driver:
+    def __init__(self, core: Actor, name: str, peer_role: str):
+        self.core = core
+        self.name = name
+        self.peer_role = peer_role
+        self.peer: Channel | None = None
+        self.on_peer: Callable[[], None] | None = None
+        self.clients = 0
+        self.active_requests = 0
+        self._t0 = trio.current_time()
+        self._tick = trio.Event()
+        self._clock_wake = trio.Event()
+        self._planned: float | None = None
+        self._pumped = 0
+        self._barriers: dict[int, trio.Event] = {}
+        self._barrier_ids = itertools.count(1)
+
+    # -- time ---------------------------------------------------------------------------------
+
+    def now_ms(self) -> float:
+        return (trio.current_time() - self._t0) * 1000.0
+
+    def uptime_s(self) -> float:
+        return trio.current_time() - self._t0
+
+    # -- events -------------------------------------------------------------------------------
+
+    def _guard(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run core code; a bug in it is logged and returned, and the daemon carries on."""
+        try:
+            return fn(*args)
+        except UserError:
+            raise
+        except Exception as exc:
+            log.exception("model_error", call=getattr(fn, "__qualname__", repr(fn)))
+            return exc
+
+    def _settle(self, from_clock: bool = False) -> None:
+        """After every event: answer what cannot be sent, wake the pump, the clock, the waiters."""
+        core = self.core
+        if self.peer is None:
+            rounds = 0
+            while (core.outbox or core.pending_calls()) and rounds < MAX_LOST_PEER_ROUNDS:
+                self._guard(core.peer_lost)
+                rounds += 1
+            if core.outbox or core.pending_calls():
+                log.error("peer_lost_not_quiet", queued=len(core.outbox), calls=core.pending_calls())
+        if not from_clock:
+            deadline = core.next_deadline()
+            if deadline is not None and (self._planned is None or deadline < self._planned):
+                self._clock_wake.set()
+        self._tick.set()
+        self._tick = trio.Event()
+
+    async def changed(self) -> None:
+        """Wait for the next event (a request, a peer message, a clock step)."""
+        await self._tick.wait()
+
+    def _mark(self) -> int:
+        return self._pumped + len(self.core.outbox)
+
+    def start(self, fn: Callable[..., Any], *args: Any) -> Op:
+        """Run ``fn(*args)`` on the core now; a generator becomes a core task. Errors (UserError,
+        or a bug logged as EIO) become the Op's result."""
+        op = Op(self, self._mark())
+        self._guard(self.core.advance, self.now_ms())
+        try:
+            value = self._guard(fn, *args)
+        except UserError as err:
+            value = err
+        if isinstance(value, Generator):
+            try:
+                self._guard(self.core.spawn, value, op.set, getattr(fn, "__name__", ""))
+            finally:
+                self._settle()
+            if isinstance(op._value, Exception) and not isinstance(op._value, UserError):
+                op.set(UserError("EIO", f"internal error: {op._value}"))
+            return op
+        if isinstance(value, Exception) and not isinstance(value, UserError):
+            value = UserError("EIO", f"internal error: {value}")
+        op.set(value)
+        self._settle()
+        return op
+
+    def done(self, value: Any) -> Op:
+        """An Op that has already finished with ``value``."""
+        op = Op(self, self._mark())
+        op.set(value)
+        return op
+
+    # -- the peer -----------------------------------------------------------------------------
+
+    async def barrier_after(self, mark: int) -> None:
+        if self.peer is not None and self._mark() != mark:
+            await self.barrier()
+
+    async def barrier(self, wait_for_peer: bool = False) -> bool:
+        """Round trip through the peer: True once it has processed everything sent before.
+        False if there is no peer (or it went away), unless ``wait_for_peer``: then wait for
+        one and try again."""
+        while True:
+            while self.peer is None:
+                if not wait_for_peer:
+                    return False
+                await self.changed()
+            bid = next(self._barrier_ids)
+            event = self._barriers[bid] = trio.Event()
+            self.core.send(m.Sync(bid))
+            self._settle()
+            await event.wait()
+            if self._barriers.pop(bid, None) is None:
+                return True
+            if not wait_for_peer:
+                return False
+
+    async def serve_peer(self, ch: Channel) -> None:
+        """Run the peer connection until it ends; the hello is done."""
+        if self.peer is not None:
+            raise ChannelError(f"a {self.peer_role} is already connected", "EBUSY")
+        self.peer = ch
+        log.info("peer_connected")
+        try:
+            if self.on_peer is not None:
+                self.on_peer()
+            self._guard(self.core.resync)
+            self._settle()
+            async for msg in ch:
+                self._from_peer(msg)
+        finally:
+            self.peer = None
+            log.warning("peer_lost")
+            self._guard(self.core.peer_lost)
+            # Barriers still waiting stay in the table: their waiters see the peer went away.
+            for event in self._barriers.values():
+                event.set()
+            self._settle()
+
+    def _from_peer(self, msg: Message) -> None:
+        if isinstance(msg, m.Sync):
+            self.core.send(m.Reply(msg.id, None))
+        elif isinstance(msg, m.Reply):
+            event = self._barriers.pop(msg.id, None)
+            if event is not None:
+                event.set()
+        elif isinstance(msg, m.ErrorReply):
+            raise ChannelError(f"{self.peer_role} refused: {msg.errno}: {msg.message}", msg.errno)
+        elif not msg.TAG.startswith("peer.") or isinstance(msg, m.PeerHello):
+            raise ChannelError(f"{msg.TAG} is not a peer message", reply_to=getattr(msg, "id", 0))
+        else:
+            self._guard(self.core.advance, self.now_ms())
+            self._guard(self.core.deliver, msg)
+        self._settle()
+
+    # -- clients ------------------------------------------------------------------------------
+
+    async def serve_client(self, ch: Channel, handlers: Mapping[type[Message], Handler]) -> None:
+        """Answer a client's requests until it closes; the hello is done."""
+        limiter = trio.Semaphore(MAX_PENDING_PER_CLIENT)
+        self.clients += 1
+        try:
+            async with trio.open_nursery() as nursery:
+                try:
+                    async for msg in ch:
+                        req = getattr(msg, "id", None)
+                        if type(req) is not int or isinstance(msg, (m.Reply, m.ErrorReply)):
+                            raise ChannelError(f"{msg.TAG} is not a client request")
+                        await limiter.acquire()
+                        handler = handlers.get(type(msg))
+                        if handler is None:
+                            work: Work = self.done(
+                                UserError("EOPNOTSUPP", f"{self.name} does not serve {msg.TAG}")
+                            )
+                        else:
+                            work = handler(msg)
+                        nursery.start_soon(self._answer, ch, req, work, limiter)
+                except ChannelError as err:
+                    log.warning("protocol_error", errno=err.errno, reason=err.reason)
+                    await _send_quietly(ch, err.reply())
+                # The client is gone or broke the protocol: nobody is left to answer.
+                nursery.cancel_scope.cancel()
+        finally:
+            self.clients -= 1
+
+    async def _answer(self, ch: Channel, req: int, work: Work, limiter: trio.Semaphore) -> None:
+        self.active_requests += 1
+        try:
+            try:
+                value = await (work.result() if isinstance(work, Op) else work())
+                reply: Message = m.Reply(req, value)
+            except UserError as err:
+                reply = m.ErrorReply(req, err.errno_name, err.message)
+            except Exception as exc:
+                log.exception("request_error", id=req)
+                reply = m.ErrorReply(req, "EIO", f"internal error: {exc}")
+            try:
+                await ch.send(reply)
+            except (ValueError, TypeError, OverflowError) as exc:
+                await ch.send(m.ErrorReply(req, "EOVERFLOW", f"reply cannot be sent: {exc}"))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            self.active_requests -= 1
+            limiter.release()
+            self._tick.set()
+            self._tick = trio.Event()
+
+    async def idle(self) -> None:
+        while self.active_requests:
+            await self.changed()
+
+    # -- the tasks ----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._clock)
+            nursery.start_soon(self._pump)
+
+    async def _clock(self) -> None:
+        while True:
+            deadline = self.core.next_deadline()
+            self._planned = deadline
+            self._clock_wake = trio.Event()
+            now = None
+            if deadline is None:
+                await self._clock_wake.wait()
+            else:
+                with trio.move_on_at(self._t0 + deadline / 1000.0) as scope:
+                    await self._clock_wake.wait()
+                if scope.cancelled_caught:
+                    # Float rounding must not leave the timer just short of due.
+                    now = max(self.now_ms(), deadline)
+            self._guard(self.core.advance, self.now_ms() if now is None else now)
+            self._settle(from_clock=True)
+
+    async def _pump(self) -> None:
+        while True:
+            peer = self.peer
+            if peer is None or not self.core.outbox:
+                await self.changed()
+                continue
+            msg = self.core.outbox.popleft()
+            self._pumped += 1
+            try:
+                await peer.send(msg)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass  # the peer's handler sees the end and calls peer_lost()
+            except (ValueError, TypeError, OverflowError):
+                log.exception("unsendable_peer_message", tag=msg.TAG)
+
+
+async def _send_quietly(ch: Channel, msg: Message) -> None:
+    try:
+        await ch.send(msg)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+
+
+# -- transports -------------------------------------------------------------------------------
+
+
+async def connect(address: Address) -> trio.abc.Stream:
+    if address.kind == "unix":
+        return await trio.open_unix_socket(address.path)
+    return await trio.open_tcp_stream(address.host, address.port)
+
+
+async def listen(address: Address) -> tuple[list[trio.SocketListener], Address]:
+    """Listeners on ``address`` and the address actually bound (the port chosen for port 0).
+
+    A Unix socket file left by a daemon that died is replaced; one a live daemon answers on is
+    EADDRINUSE.
+    """
+    if address.kind == "tcp":
+        listeners = await trio.open_tcp_listeners(address.port, host=address.host or None, backlog=LISTEN_BACKLOG)
+        port = listeners[0].socket.getsockname()[1]
+        return list(listeners), Address("tcp", host=address.host, port=port)
+    path = address.path
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, mode=0o700, exist_ok=True)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
+        try:
+            live = await trio.open_unix_socket(path)
+        except OSError:
+            os.unlink(path)
+        else:
+            await live.aclose()
+            raise OSError(errno.EADDRINUSE, f"a daemon already listens on {path}")
+    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    try:
+        await sock.bind(path)
+        sock.listen(LISTEN_BACKLOG)
+    except BaseException:
+        sock.close()
+        raise
+    return [trio.SocketListener(sock)], address
+
+
+def _write_ready_file(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text + "\n")
+    os.replace(tmp, path)
+
+
+class Server:
+    """Listener, connections, signals: what both daemons do around their :class:`Driver`."""
+
+    def __init__(self, driver: Driver, accept_roles: Collection[str], handlers: Mapping[type[Message], Handler]):
+        self.driver = driver
+        self.accept_roles = accept_roles
+        self.handlers = handlers
+        self._conn_ids = itertools.count(1)
+
+    async def serve(
+        self,
+        listen_addr: str,
+        ready_file: str | None = None,
+        background: Collection[Callable[[], Awaitable[None]]] = (),
+    ) -> None:
+        listeners, bound = await listen(parse_address(listen_addr))
+        log.info("listening", address=str(bound))
+        if ready_file:
+            _write_ready_file(ready_file, str(bound))
+        try:
+            async with trio.open_nursery() as root:
+                root.start_soon(self.driver.run)
+                for task in background:
+                    root.start_soon(task)
+                accepting = trio.CancelScope()
+                root.start_soon(self._accept, listeners, root, accepting)
+                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                    async for signum in signals:
+                        log.info("shutdown", signal=signal.Signals(signum).name)
+                        accepting.cancel()
+                        for listener in listeners:
+                            await listener.aclose()
+                        # A second signal during the grace period cuts it short.
+                        with trio.move_on_after(SHUTDOWN_GRACE_S) as grace:
+                            root.start_soon(_cancel_on_signal, signals, grace)
+                            await self.driver.idle()
+                        root.cancel_scope.cancel()
+                        break
+        finally:
+            if bound.kind == "unix":
+                try:
+                    os.unlink(bound.path)
+                except FileNotFoundError:
+                    pass
+
+    async def _accept(self, listeners: list[trio.SocketListener], root: trio.Nursery, scope: trio.CancelScope) -> None:
+        with scope:
+            await trio.serve_listeners(self._connection, listeners, handler_nursery=root)
+
+    async def _connection(self, stream: trio.abc.Stream) -> None:
+        conn = next(self._conn_ids)
+        with structlog.contextvars.bound_contextvars(daemon=self.driver.name, conn=conn):
+            async with open_channel(stream) as ch:
+                try:
+                    hello = await ch.handshake(self.driver.name, accept=self.accept_roles)
+                except ChannelError as err:
+                    log.warning("hello_failed", errno=err.errno, reason=err.reason)
+                    await _send_quietly(ch, err.reply())
+                    return
+                except trio.EndOfChannel:
+                    return
+                with structlog.contextvars.bound_contextvars(role=hello.role):
+                    try:
+                        if hello.role == "client":
+                            log.debug("client_connected")
+                            await self.driver.serve_client(ch, self.handlers)
+                            log.debug("client_closed")
+                        else:
+                            await self.driver.serve_peer(ch)
+                    except ChannelError as err:
+                        log.warning("protocol_error", errno=err.errno, reason=err.reason)
+                        await _send_quietly(ch, err.reply())
+
+
+async def _cancel_on_signal(signals: Any, scope: trio.CancelScope) -> None:
+    async for _ in signals:
+        scope.cancel()
+        return
+
+
+async def connect_peer(driver: Driver, address: str, backoff_min_s: float, backoff_max_s: float) -> None:
+    """The remapper's side of the peer channel: connect, and again after every loss, waiting
+    twice as long after each failed attempt (up to ``backoff_max_s``)."""
+    addr = parse_address(address)
+    delay = backoff_min_s
+    with structlog.contextvars.bound_contextvars(peer=str(addr)):
+        while True:
+            try:
+                stream = await connect(addr)
+            except OSError as err:
+                log.debug("connect_failed", error=err.strerror or str(err), retry_s=delay)
+                await trio.sleep(delay)
+                delay = min(delay * 2, backoff_max_s)
+                continue
+            started = trio.current_time()
+            async with open_channel(stream) as ch:
+                try:
+                    await ch.handshake(driver.name, accept={driver.peer_role})
+                    await driver.serve_peer(ch)
+                except ChannelError as err:
+                    log.warning("peer_protocol_error", errno=err.errno, reason=err.reason)
+                    await _send_quietly(ch, err.reply())
+                except trio.EndOfChannel:
+                    pass
+            if trio.current_time() - started > backoff_max_s:
+                delay = backoff_min_s
+            await trio.sleep(delay)
+            delay = min(delay * 2, backoff_max_s)
