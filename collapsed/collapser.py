@@ -477,6 +477,7 @@ class Collapser(Actor):
         for done, head in self._writeback:
             if done <= self.now:
                 self.mem.flags[head] &= ~PG_WRITEBACK
+                self.notify(("writeback", head))
                 self.put(head)
             else:
                 still.append((done, head))
@@ -515,6 +516,8 @@ class Collapser(Actor):
                 continue
             head = mem.head(value)
             yield from self.lock(head)
+            while mem.flags[head] & PG_WRITEBACK and f.get(index) == value:
+                yield Wait(("writeback", head))  # truncate waits for writeback to end
             if f.get(index) != value:
                 self.unlock(head)
                 continue

@@ -31,6 +31,22 @@ def _targets(r: Remapper, ino: int, index: int) -> list[tuple[Mm, Vma]]:
     ]
 
 
+def _lock_target(r: Remapper, mm: Mm, vma: Vma, index: int) -> Generator[Any, Any, Vma | None]:
+    """mmap_write_lock a target and look its VMA up again, as register_for_each_vma does: while
+    we waited the process may have exited, or unmapped or remapped the range. Returns the VMA
+    that now maps ``index`` at the same address, locked, or None (and nothing locked)."""
+    addr = vma.addr_of(index)
+    try:
+        yield from r.lock_write(mm)
+    except UserError:
+        return None  # exited while we waited
+    cur = mm.find_vma(addr)
+    if cur is None or cur.ino != vma.ino or not valid_vma(cur) or cur.addr_of(index) != addr:
+        r.unlock_write(mm)
+        return None
+    return cur
+
+
 def uprobe_add(r: Remapper, name: str, offset: int) -> Generator[Any, Any, dict[str, Any]]:
     f = r.file(name)
     if offset < 0 or offset >= max(f.size, 1):
@@ -41,7 +57,9 @@ def uprobe_add(r: Remapper, name: str, offset: int) -> Generator[Any, Any, dict[
     r.uprobes.add(key)
     done = 0
     for mm, vma in _targets(r, *key):
-        yield from r.lock_write(mm)
+        vma = yield from _lock_target(r, mm, vma, key[1])
+        if vma is None:
+            continue
         try:
             if (yield from install_breakpoint(r, mm, vma, key[1])):
                 done += 1
@@ -58,7 +76,9 @@ def uprobe_del(r: Remapper, name: str, offset: int) -> Generator[Any, Any, dict[
     r.uprobes.discard(key)
     results = []
     for mm, vma in _targets(r, *key):
-        yield from r.lock_write(mm)
+        vma = yield from _lock_target(r, mm, vma, key[1])
+        if vma is None:
+            continue
         try:
             result = yield from remove_breakpoint(r, mm, vma, key[1])
             if result is not None:

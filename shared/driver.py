@@ -59,6 +59,10 @@ class Op:
         self._done = trio.Event()
         self._value: Any = None
 
+    @property
+    def finished(self) -> bool:
+        return self._done.is_set()
+
     def set(self, value: Any) -> None:
         self._value = value
         self._done.set()
@@ -148,12 +152,10 @@ class Driver:
         except UserError as err:
             value = err
         if isinstance(value, Generator):
-            try:
-                self._guard(self.core.spawn, value, op.set, getattr(fn, "__name__", ""))
-            finally:
-                self._settle()
-            if isinstance(op._value, Exception) and not isinstance(op._value, UserError):
-                op.set(UserError("EIO", f"internal error: {op._value}"))
+            crash = self._guard(self.core.spawn, value, op.set, getattr(fn, "__name__", ""))
+            if isinstance(crash, Exception) and not op.finished:
+                op.set(UserError("EIO", f"internal error: {crash}"))
+            self._settle()
             return op
         if isinstance(value, Exception) and not isinstance(value, UserError):
             value = UserError("EIO", f"internal error: {value}")

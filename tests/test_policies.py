@@ -214,3 +214,28 @@ def test_a_busy_process_does_not_starve_other_marks(make_world):
     assert pmd_mapped(world, 2, b)
     assert len(world.remapper.marked) == 8
     assert smaps1(world, 1)["FilePmdMapped"] == 0
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="remapd/remapper.py _collapse_pte_mapped_request: lock_read raises ESRCH when the mm "
+    "exits while it waits, the task ends without sending CollapsePteMappedResult, and khugepaged "
+    "waits for that reply forever",
+)
+def test_lockless_khugepaged_survives_an_exit_during_collapse_pte_mapped_thp(make_world):
+    world = make_world(enabled="always", retry_policy="lockless", scan_sleep_millisecs=TICK)
+    world.file_create("f", HPAGE_PMD_SIZE)
+    world.file_create("g", HPAGE_PMD_SIZE)
+    world.spawn(1)
+    addr = world.mmap(1, None, HPAGE_PMD_SIZE, "f")
+    world.fault(1, addr)
+    world.advance(TICK)  # collapsed; every later scan of the range sends CollapsePteMapped
+    world.lock(1, 5 * TICK, write=True)
+    world.advance(TICK)  # the request waits for pid 1's mmap lock
+    world.exit(1)
+    world.advance(5 * TICK)
+    world.spawn(2)
+    b = world.mmap(2, None, HPAGE_PMD_SIZE, "g")
+    world.fault(2, b)
+    world.wait_scans(2, limit_ms=100 * TICK)
+    assert smaps1(world, 2)["FilePmdMapped"] == 2048

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from remapd.mm import PteTable
+from remapd.uprobes import uprobe_add
 from shared.errors import UserError
 from shared.units import HPAGE_PMD_SHIFT, HPAGE_PMD_SIZE, PAGE_SIZE
 
@@ -151,3 +152,33 @@ def test_uprobe_errors(make_world, action, offset, errno):
     with pytest.raises(UserError) as err:
         world.uprobe(action, "text", offset)
     assert err.value.errno_name == errno
+
+
+def test_a_mapping_unmapped_while_the_uprobe_waited_for_its_lock_is_skipped(make_world):
+    """register_for_each_vma looks the VMA up again under the lock: a munmap that got the lock
+    first must not leave a breakpoint page outside any VMA."""
+    world, a1 = text_world(make_world)
+    world.spawn(2)
+    world.mmap(2, None, HPAGE_PMD_SIZE, "text", prot="rx", shared=False)
+    r = world.remapper
+    world.lock(1, TICK)
+    unmap = world.start(r, r.munmap(1, a1, HPAGE_PMD_SIZE))
+    add = world.start(r, uprobe_add(r, "text", PROBE))
+    assert not unmap.done and not add.done
+    world.advance(TICK)
+    assert add.result()["mappings"] == 1
+    assert r.mms[1].pmds == {} and r.mms[1].nr_ptes == 0
+    assert smaps1(world, 2)["Anonymous"] == 4
+
+
+def test_a_process_that_exits_while_the_uprobe_waits_is_skipped(make_world):
+    world, _ = text_world(make_world)
+    world.spawn(2)
+    world.mmap(2, None, HPAGE_PMD_SIZE, "text", prot="rx", shared=False)
+    r = world.remapper
+    world.lock(1, TICK, write=True)
+    add = world.start(r, uprobe_add(r, "text", PROBE))
+    world.exit(1)
+    world.advance(TICK)
+    assert add.result()["mappings"] == 1
+    assert smaps1(world, 2)["Anonymous"] == 4
