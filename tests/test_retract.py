@@ -234,9 +234,10 @@ def test_a_fault_that_waited_out_a_lockless_retract_maps_the_pmd(make_world):
     world.fault(1, a1)
     world.fault(2, a2)  # pid 2 has a table, so its next lookup asks for a PTE
     r = world.remapper
-    out = []
-    r.spawn(r.madvise(1, a1, HPAGE_PMD_SIZE, "collapse"), out.append)
-    r.spawn(r.fault(2, a2 + QUARTER), out.append)
+    out = {}
+    r.spawn(r.madvise(1, a1, HPAGE_PMD_SIZE, "collapse"), lambda v: out.update(madv=v["result"]))
+    r.spawn(r.fault(2, a2 + QUARTER), lambda v: out.update(fault=v["result"]))
     world.settle()
-    assert out[0]["result"] == 0
-    assert smaps1(world, 2)["FilePmdMapped"] == 2048
+    assert out["madv"] == 0
+    assert world.remapper.stats["retracted"] == 2
+    assert (out["fault"], smaps1(world, 2)["FilePmdMapped"]) == ("pmd", 2048)
