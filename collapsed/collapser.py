@@ -81,7 +81,8 @@ class Collapser(Actor):
     def deliver(self, msg: Message) -> None:
         """Handle one message from the remapper."""
         if isinstance(msg, m.LookupPage):
-            self.spawn(self._lookup(msg), name="lookup")
+            if self.lookup_page(msg) is not None:
+                self.spawn(self._lookup(msg), name="lookup")
         elif isinstance(msg, m.RmapDelta):
             self.apply_rmap(msg.rows)
         elif isinstance(msg, m.MarkDirty):
@@ -298,37 +299,40 @@ class Collapser(Actor):
     # -- fault lookups (filemap_fault / shmem_fault) ------------------------------------------
 
     def _lookup(self, msg: m.LookupPage) -> Generator[Any, Any, None]:
-        mem = self.mem
+        """A lookup that met a locked page: the fault waits for the unlock, then looks again
+        (the page it waited for may be gone)."""
         epoch = self.peer_epoch
-        while True:
+        while (locked := self.lookup_page(msg)) is not None:
+            yield Wait(("page", locked))
             if self.peer_epoch != epoch:
                 return
-            f = self.files.get(msg.ino)
-            if f is None or msg.index >= f.nr_pages_size:
-                self.send(m.PageAnswer(msg.req, "sigbus"))
-                return
-            value = f.get(msg.index)
-            major = False
-            if value > 0:
-                head = mem.head(value)
-                if mem.flags[head] & PG_LOCKED:
-                    # The fault waits on the page lock (a collapse or truncate is in progress),
-                    # then looks again: the page it waited for may be gone.
-                    yield Wait(("page", head))
-                    continue
-                pfn = value
-            elif value < 0:
-                pfn = self.add_small_page(f, msg.index)
-                self.vm["pswpin"] += 1
-                major = True
-            elif f.shmem:
-                pfn = self._shmem_alloc(f, msg.index, msg.pmd_ok, msg.vm_hugepage)
-            else:
-                pfn = self.add_small_page(f, msg.index)
-                major = True
-            if major:
-                self.vm["pgmajfault"] += 1
-            break
+
+    def lookup_page(self, msg: m.LookupPage) -> int | None:
+        """One attempt at a fault lookup: answers and returns None, or returns the locked page
+        the fault has to wait for (the common case answers without a task: faults are hot)."""
+        mem = self.mem
+        f = self.files.get(msg.ino)
+        if f is None or msg.index >= f.nr_pages_size:
+            self.send(m.PageAnswer(msg.req, "sigbus"))
+            return None
+        value = f.get(msg.index)
+        major = False
+        if value > 0:
+            head = mem.head(value)
+            if mem.flags[head] & PG_LOCKED:
+                return head
+            pfn = value
+        elif value < 0:
+            pfn = self.add_small_page(f, msg.index)
+            self.vm["pswpin"] += 1
+            major = True
+        elif f.shmem:
+            pfn = self._shmem_alloc(f, msg.index, msg.pmd_ok, msg.vm_hugepage)
+        else:
+            pfn = self.add_small_page(f, msg.index)
+            major = True
+        if major:
+            self.vm["pgmajfault"] += 1
         head = mem.head(pfn)
         thp = bool(mem.flags[head] & PG_HEAD)
         pmd = False
@@ -343,6 +347,7 @@ class Collapser(Actor):
         elif msg.purpose == "pin":
             self.apply_rmap(((pfn, 0, 0, 1),))
         self.send(m.PageAnswer(msg.req, "ok", pfn, head, thp, pmd, major, f.shmem))
+        return None
 
     def _shmem_alloc(self, f: File, index: int, pmd_ok: bool, vm_hugepage: bool) -> int:
         """shmem_get_folio_gfp for a hole: a PMD-order folio when shmem_enabled allows it here."""
@@ -420,7 +425,7 @@ class Collapser(Actor):
             "nrpages": f.nrpages,
             "thps": f.nr_thps,
             "swap": f.nrswap,
-            "dirty": sum(1 for _, v in f.entries() if v > 0 and self.mem.flags[v] & PG_DIRTY),
+            "dirty": sum(1 for _, v in f.entries() if v > 0 and self.mem.flags[self.mem.head(v)] & PG_DIRTY),
             "open_for_write": f.writecount,
         }
 
@@ -496,6 +501,17 @@ class Collapser(Actor):
         self._set_size(f, size)
         if size < old:
             yield from self.punch(f, pages(size), pages(old))
+        return self.file_stat(f)
+
+    def file_punch(self, name: str, offset: int, length: int) -> Generator[Any, Any, dict[str, Any]]:
+        """fallocate(FALLOC_FL_PUNCH_HOLE): drop the whole pages in the range; i_size stays."""
+        f = self.file(name)
+        if offset < 0 or length <= 0:
+            raise UserError("EINVAL", "punch needs a non-negative offset and a positive length")
+        start = pages(offset)
+        end = min((offset + length) // PAGE_SIZE, f.nr_pages_size)
+        if start < end:
+            yield from self.punch(f, start, end)
         return self.file_stat(f)
 
     def punch(self, f: File, start: int, end: int) -> Generator[Any, Any, None]:

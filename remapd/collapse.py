@@ -242,8 +242,6 @@ def madvise_collapse(r: Remapper, mm: Mm, start: int, end: int) -> Generator[Any
     if not vmas:
         return "ENOMEM"
     covered = sum(min(v.end, end) - max(v.start, start) for v in vmas)
-    last_fail = R.SCAN_SUCCEED
-    thps = wanted = 0
     for vma in vmas:
         s, e = max(vma.start, start), min(vma.end, end)
         hstart = (s + HPAGE_PMD_SIZE - 1) & ~(HPAGE_PMD_SIZE - 1)
@@ -252,17 +250,15 @@ def madvise_collapse(r: Remapper, mm: Mm, start: int, end: int) -> Generator[Any
             return "EINVAL"
         if hstart > hend:
             return "EINVAL"  # the kernel's (hend - hstart) wraps: observed on 6.18
-        stop = False
+        last_fail = R.SCAN_FAIL
+        thps = 0
         for addr in range(hstart, hend, HPAGE_PMD_SIZE):
-            wanted += 1
             cur = mm.find_vma(addr)
             if cur is None or mm.exiting:
                 last_fail = R.SCAN_VMA_NULL
-                stop = True
                 break
             if not _vma_thp_allowed(r, cur) or not cur.pmd_suitable(addr):
                 last_fail = R.SCAN_ADDRESS_RANGE  # hugepage_vma_revalidate
-                stop = True
                 break
             reply = yield Call(m.MadvCollapse(r.new_req(), mm.pid, addr, cur.ino, cur.pgoff_at(addr)))
             result = R(reply.result)
@@ -277,11 +273,8 @@ def madvise_collapse(r: Remapper, mm: Mm, start: int, end: int) -> Generator[Any
                 continue
             last_fail = result
             if result not in _MADV_CONTINUE:
-                stop = True
                 break
-        if stop:
-            break
-    if thps == wanted:
-        return "ENOMEM" if covered != end - start else 0
-    return madvise_collapse_errno(last_fail)
-
+        if thps != (hend - hstart) >> HPAGE_PMD_SHIFT:
+            # madvise_walk_vmas returns the first VMA's error: later VMAs are left alone.
+            return madvise_collapse_errno(last_fail)
+    return "ENOMEM" if covered != end - start else 0

@@ -24,6 +24,7 @@ import itertools
 import os
 import signal
 import stat
+import sys
 from collections.abc import Awaitable, Callable, Collection, Generator, Mapping
 from typing import Any
 
@@ -35,6 +36,7 @@ from shared.actor import Actor
 from shared.channel import Channel, ChannelError, open_channel
 from shared.config import Address, parse_address
 from shared.errors import UserError
+from shared.knobs import SPECS, Knobs
 from shared.logs import get_logger
 from shared.message import Message
 
@@ -497,3 +499,40 @@ async def connect_peer(driver: Driver, address: str, backoff_min_s: float, backo
                 delay = backoff_min_s
             await trio.sleep(delay)
             delay = min(delay * 2, backoff_max_s)
+
+
+def sysfs_entries(knobs: Knobs, name: str | None, counters: Mapping[str, int] | None) -> dict[str, Any]:
+    """What reading sysfs shows: ``{knob: {"value": v, "text": file content}}`` for ``name`` or
+    every knob. ``counters`` holds the read-only khugepaged counters (None: not served here).
+
+    Raises:
+        UserError: ENOENT for an unknown knob, EOPNOTSUPP for a counter this daemon lacks.
+    """
+    names = [name] if name is not None else list(SPECS)
+    out: dict[str, Any] = {}
+    for knob in names:
+        spec = SPECS.get(knob)
+        if spec is None:
+            raise UserError("ENOENT", f"no such knob: {knob}")
+        if not spec.writable:
+            if counters is None:
+                if name is None:
+                    continue
+                raise UserError("EOPNOTSUPP", f"{knob} is served by collapsed")
+            out[knob] = {"value": counters[knob], "text": str(counters[knob])}
+        else:
+            out[knob] = {"value": knobs.get(knob), "text": knobs.render(knob)}
+    return out
+
+
+def main_wrapper(prog: str, run: Callable[[], Awaitable[None]]) -> int:
+    """trio.run(run) for a daemon's console entry point: exit 0 after a signal, 1 with one line
+    on stderr when it cannot start (address in use, ...)."""
+    try:
+        trio.run(run)
+    except OSError as err:
+        print(f"{prog}: {err.strerror or err}{': ' + err.filename if err.filename else ''}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0

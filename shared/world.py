@@ -147,6 +147,9 @@ class World:
     def file_truncate(self, name: str, size: int) -> dict[str, Any]:
         return self.call(self.collapser, self.collapser.file_truncate(name, size))
 
+    def file_punch(self, name: str, offset: int, length: int) -> dict[str, Any]:
+        return self.call(self.collapser, self.collapser.file_punch(name, offset, length))
+
     def drop_caches(self) -> dict[str, Any]:
         return self.call(self.collapser, self.collapser.drop_caches())
 

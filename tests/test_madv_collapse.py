@@ -163,6 +163,23 @@ def test_enomem_when_part_of_the_range_is_unmapped(make_world):
     assert smaps1(world, 1)["FilePmdMapped"] == 2048  # the mapped part was still collapsed
 
 
+@pytest.mark.parametrize("pinned", [0, 1])
+def test_the_walk_stops_at_the_first_vma_that_fails(make_world, pinned):
+    """Each VMA is collapsed on its own (madvise_walk_vmas): an EAGAIN in the first one leaves the
+    second alone; an EAGAIN in the second comes after the first was collapsed."""
+    world = make_world()
+    world.spawn(1)
+    base = 0x40000000
+    for i, name in enumerate("fg"):
+        world.file_create(name, HPAGE_PMD_SIZE)
+        world.mmap(1, base + i * HPAGE_PMD_SIZE, HPAGE_PMD_SIZE, name)
+        world.fault(1, base + i * HPAGE_PMD_SIZE)
+    world.pin(1, base + pinned * HPAGE_PMD_SIZE)
+    assert world.madvise(1, base, 2 * HPAGE_PMD_SIZE, "collapse") == "EAGAIN"
+    collapsed = [e["FilePmdMapped"] == 2048 for e in world.smaps(1)]
+    assert collapsed == ([False, False] if pinned == 0 else [True, False])
+
+
 def test_ebusy_is_not_reachable_without_uffd_or_memcg(make_world):
     """EBUSY needs SCAN_EXCEED_NONE_PTE (only via a userfaultfd_missing VMA, for MADV_COLLAPSE)
     or SCAN_CGROUP_CHARGE_FAIL; the model has neither, so holes never give EBUSY."""

@@ -24,7 +24,7 @@ def smaps1(world, pid):
     return entry
 
 
-def deferred(make_world, policy, nr=1, hold=HOLD, **knobs):
+def deferred(make_world, policy, nr=1, hold=HOLD, prot="r", shared=True, **knobs):
     """Collapse ``nr`` PMD ranges of file "f" while pid 1's mmap lock is read-held; re-fault 4
     pages of each range so every one is a pte-mapped THP. Returns (world, addr)."""
     world = make_world(
@@ -36,7 +36,7 @@ def deferred(make_world, policy, nr=1, hold=HOLD, **knobs):
     )
     world.file_create("f", nr * HPAGE_PMD_SIZE)
     world.spawn(1)
-    addr = world.mmap(1, None, nr * HPAGE_PMD_SIZE, "f")
+    addr = world.mmap(1, None, nr * HPAGE_PMD_SIZE, "f", prot=prot, shared=shared)
     world.touch(1, addr, nr * HPAGE_PMD_SIZE, stride=HPAGE_PMD_SIZE)
     world.lock(1, hold)
     world.advance(TICK)
@@ -97,6 +97,19 @@ def test_mm_slot_retries_on_the_next_visit_and_keeps_the_entry_on_ebusy(make_wor
     assert mm.pte_mapped_thp == []
     assert smaps1(world, 1)["FilePmdMapped"] == 2048
     assert world.vmstat()["thp_file_mapped"] == 1
+
+
+def test_mm_slot_retries_only_once(make_world):
+    """The array is emptied after one try, whatever collapse_pte_mapped_thp returned."""
+    world, addr = deferred(make_world, "mm-slot", prot="rw", shared=False)
+    assert world.fault(1, addr, write=True) == "minor"  # a CoW copy in the pte-mapped THP
+    world.advance(2 * TICK)
+    stats = world.remapper.stats
+    assert stats["pte_mapped_thp_SCAN_FAIL"] == 1
+    assert world.remapper.mms[1].pte_mapped_thp == []
+    world.wait_scans(3)
+    assert stats["pte_mapped_thp_SCAN_FAIL"] == 1
+    assert smaps1(world, 1)["FilePmdMapped"] == 0
 
 
 def test_mm_slot_drops_the_ninth_address(make_world):

@@ -83,6 +83,10 @@ class ModelMachine(RuleBasedStateMachine):
     def truncate(self, name, size):
         self._do("c", lambda: self.world.collapser.file_truncate(name, size))
 
+    @rule(name=st.sampled_from(FILES), offset=st.integers(0, 5 * MB), length=st.integers(1, 3 * MB))
+    def punch(self, name, offset, length):
+        self._do("c", lambda: self.world.collapser.file_punch(name, offset, length))
+
     @rule()
     def drop_caches(self):
         self._do("c", lambda: self.world.collapser.drop_caches())

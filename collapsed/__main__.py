@@ -1,0 +1,63 @@
+"""``collapsed`` / ``python -m collapsed``: run the collapser daemon."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from shared.config import (
+    ENV_SEED,
+    AddressError,
+    KnobError,
+    add_daemon_flags,
+    add_knob_flags,
+    default_address,
+    knobs_from,
+    log_json,
+    parse_address,
+)
+from shared.logs import configure
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="collapsed",
+        description="The collapser daemon: page cache, file operations and khugepaged's scan. "
+        "Listens for remapd's peer connection and for thpctl clients on one address. Knobs "
+        "given here apply until remapd connects and pushes its own (remapd owns them), except "
+        "thpsplit/free_huge_pages, the huge page pool, which stays as set here.",
+    )
+    add_daemon_flags(parser, "collapsed")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=int(os.environ.get(ENV_SEED, "0")),
+        help=f"seed for the modelled physical memory's fragmentation (${ENV_SEED}; default 0)",
+    )
+    add_knob_flags(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        knobs = knobs_from(args)
+        listen = args.listen or default_address("collapsed")
+        parse_address(listen)
+    except (KnobError, AddressError) as err:
+        print(f"collapsed: {err}", file=sys.stderr)
+        return 2
+    configure(args.log_level, log_json(args.log_format))
+
+    from collapsed.daemon import Collapsed
+    from shared.driver import main_wrapper
+
+    async def run() -> None:
+        await Collapsed(knobs, seed=args.seed).serve(listen, args.ready_file)
+
+    return main_wrapper("collapsed", run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
