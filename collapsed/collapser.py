@@ -97,6 +97,8 @@ class Collapser(Actor):
             f = self.files.get(msg.ino)
             if f is not None:
                 f.writecount += msg.delta
+                if msg.delta > 0 and f.writecount == msg.delta and f.nr_thps and not f.shmem:
+                    self.spawn(self._drop_for_write(f), name="drop_for_write")
         elif isinstance(msg, m.SetCollapsePmd):
             f = self.files.get(msg.ino)
             if f is not None:
@@ -469,9 +471,9 @@ class Collapser(Actor):
         done = self.now + self.knobs.writeback_millisecs
         for _, value in list(f.entries()):
             head = self.mem.head(value) if value > 0 else 0
-            if head and flags[head] & PG_DIRTY and not flags[head] & PG_WRITEBACK:
+            # A locked page is being truncated or collapsed: writeback leaves it to its owner.
+            if head and flags[head] & PG_DIRTY and not flags[head] & (PG_WRITEBACK | PG_LOCKED):
                 flags[head] = (flags[head] & ~PG_DIRTY) | PG_WRITEBACK
-                self.mem.ref[head] += 1  # writeback holds a reference until it ends
                 self._writeback.append((done, head))
         if self._writeback:
             self.spawn(self._end_writeback(done), name="writeback")
@@ -483,7 +485,6 @@ class Collapser(Actor):
             if done <= self.now:
                 self.mem.flags[head] &= ~PG_WRITEBACK
                 self.notify(("writeback", head))
-                self.put(head)
             else:
                 still.append((done, head))
         self._writeback = still
@@ -514,9 +515,15 @@ class Collapser(Actor):
             yield from self.punch(f, start, end)
         return self.file_stat(f)
 
-    def punch(self, f: File, start: int, end: int) -> Generator[Any, Any, None]:
+    def _drop_for_write(self, f: File) -> Generator[Any, Any, None]:
+        """do_dentry_open on a file with read-only THPs (filemap_nr_thps): unmap_mapping_range and
+        truncate_inode_pages of the whole cache, so no THP is ever written through."""
+        if f.chunks:
+            yield from self.punch(f, 0, (max(f.chunks) + 1) * HPAGE_PMD_NR, even_cows=False)
+
+    def punch(self, f: File, start: int, end: int, even_cows: bool = True) -> Generator[Any, Any, None]:
         """truncate_inode_pages_range on [start, end): unmap_mapping_range, then delete pages."""
-        yield from self.unmap_range(f, start, end, (), even_cows=True)
+        yield from self.unmap_range(f, start, end, (), even_cows=even_cows)
         mem = self.mem
         kept: set[int] = set()  # THPs that would not split: one attempt each, not one per subpage
         for index, value in list(f.entries(start, end)):
@@ -531,9 +538,13 @@ class Collapser(Actor):
                 self.nr_swap_entries -= 1
                 continue
             head = mem.head(value)
-            yield from self.lock(head)
+            # Truncate waits for writeback to end (outside the page lock, so the model is never
+            # quiet with a page locked), then locks the page.
             while mem.flags[head] & PG_WRITEBACK and f.get(index) == value:
-                yield Wait(("writeback", head))  # truncate waits for writeback to end
+                yield Wait(("writeback", head))
+            if f.get(index) != value:
+                continue
+            yield from self.lock(head)
             if f.get(index) != value:
                 self.unlock(head)
                 continue

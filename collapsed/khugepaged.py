@@ -272,9 +272,7 @@ class Khugepaged:
             if not mem.flags[head] & PG_LRU:
                 result = R.SCAN_PAGE_LRU
                 break
-            # The model's writeback reference has no kernel counterpart (folio_start_writeback
-            # takes none): such a page must reach collapse_file's writeback check.
-            if mem.ref[head] != 1 + mem.mapcount[head] + bool(mem.flags[head] & PG_WRITEBACK):
+            if mem.ref[head] != 1 + mem.mapcount[head]:
                 result = R.SCAN_PAGE_COUNT
                 break
             present += 1

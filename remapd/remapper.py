@@ -447,8 +447,6 @@ class Remapper(Actor):
         parent = self.mm(pid)
         yield from self.lock_write(parent)
         try:
-            if parent.exiting:
-                raise UserError("ESRCH", f"no process {pid}")
             self.spawn_process(child)
             self._dup_mmap(parent, self.mms[child])
         finally:
@@ -729,6 +727,12 @@ class Remapper(Actor):
             if isinstance(current, int) or (current is not None and current.ptes[slot]):
                 self._row(reply.pfn, pte=-1)
                 continue
+            if current is None and reply.thp and not vma.nohugepage and vma.pmd_suitable(haddr):
+                # finish_fault: the table went (retracted while we waited on the page lock), so
+                # do_set_pmd maps the THP rather than a PTE in a new table.
+                self._row(reply.pfn, pte=-1)
+                self._install_pmd(mm, pidx, reply.head, reply.shmem, accounted=False)
+                return "pmd"
             flags = (PTE_THP if reply.thp else 0) | (PTE_SHMEM if reply.shmem else 0)
             if write:
                 flags |= PTE_WRITE
@@ -847,7 +851,11 @@ class Remapper(Actor):
         if mm is None or mm.exiting:
             self.send(m.CollapsePteMappedResult(msg.req, int(R.SCAN_ANY_PROCESS)))
             return
-        yield from self.lock_read(mm)
+        try:
+            yield from self.lock_read(mm)
+        except UserError:  # the process exited while we waited: khugepaged still gets its answer
+            self.send(m.CollapsePteMappedResult(msg.req, int(R.SCAN_ANY_PROCESS)))
+            return
         try:
             result = yield from collapse_pte_mapped_thp(self, mm, msg.addr, bool(self.knobs.install_pmd))
         finally:

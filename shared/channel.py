@@ -14,8 +14,8 @@ and closes the stream.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Collection
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Collection, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import trio
@@ -191,6 +191,18 @@ class Channel:
             await trio.aclose_forcefully(self.stream)
 
 
+@contextmanager
+def unwrap_single() -> Iterator[None]:
+    """Re-raise a lone exception out of a nursery's group, so an ``async with`` that runs
+    background tasks around its body raises what the body raised."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
+
+
 @asynccontextmanager
 async def open_channel(
     stream: trio.abc.Stream,
@@ -200,14 +212,15 @@ async def open_channel(
     """Run a :class:`Channel` over ``stream`` for the duration of the block; the stream is closed
     when the block ends (after queued frames are flushed, within :data:`CLOSE_TIMEOUT_S`)."""
     channel = Channel(stream, max_frame_bytes, queue_depth)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(channel._reader)
-        nursery.start_soon(channel._writer)
-        try:
-            yield channel
-        finally:
-            await channel._close()
-            nursery.cancel_scope.cancel()
+    with unwrap_single():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(channel._reader)
+            nursery.start_soon(channel._writer)
+            try:
+                yield channel
+            finally:
+                await channel._close()
+                nursery.cancel_scope.cancel()
 
 
 __all__ = [
@@ -218,4 +231,5 @@ __all__ = [
     "Channel",
     "ChannelError",
     "open_channel",
+    "unwrap_single",
 ]

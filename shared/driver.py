@@ -69,6 +69,10 @@ class Op:
         self._value = value
         self._done.set()
 
+    async def finished_wait(self) -> None:
+        """Wait for the operation itself (not for the peer to have seen its effects)."""
+        await self._done.wait()
+
     async def result(self) -> Any:
         await self._done.wait()
         await self._driver.barrier_after(self._mark)
@@ -78,7 +82,7 @@ class Op:
 
 
 # What a request handler returns: an operation already started, or work to await in the
-# connection's task (created at once, so anything it captures reflects the arrival time).
+# connection's task before its next request starts.
 Work = Op | Callable[[], Awaitable[Any]]
 Handler = Callable[[Any], Work]
 
@@ -237,7 +241,12 @@ class Driver:
     # -- clients ------------------------------------------------------------------------------
 
     async def serve_client(self, ch: Channel, handlers: Mapping[type[Message], Handler]) -> None:
-        """Answer a client's requests until it closes; the hello is done."""
+        """Answer a client's requests until it closes; the hello is done.
+
+        One connection's requests run one after another, in the order sent, as syscalls from
+        one thread do; a reply goes out as soon as it is ready, and one that waits for the peer
+        round trip may be overtaken by the next. Concurrency comes from more connections.
+        """
         limiter = trio.Semaphore(MAX_PENDING_PER_CLIENT)
         self.clients += 1
         try:
@@ -248,14 +257,8 @@ class Driver:
                         if type(req) is not int or isinstance(msg, (m.Reply, m.ErrorReply)):
                             raise ChannelError(f"{msg.TAG} is not a client request")
                         await limiter.acquire()
-                        handler = handlers.get(type(msg))
-                        if handler is None:
-                            work: Work = self.done(
-                                UserError("EOPNOTSUPP", f"{self.name} does not serve {msg.TAG}")
-                            )
-                        else:
-                            work = handler(msg)
-                        nursery.start_soon(self._answer, ch, req, work, limiter)
+                        op = await self._run_request(handlers.get(type(msg)), msg)
+                        nursery.start_soon(self._answer, ch, req, op, limiter)
                 except ChannelError as err:
                     log.warning("protocol_error", errno=err.errno, reason=err.reason)
                     await _send_quietly(ch, err.reply())
@@ -264,17 +267,33 @@ class Driver:
         finally:
             self.clients -= 1
 
-    async def _answer(self, ch: Channel, req: int, work: Work, limiter: trio.Semaphore) -> None:
+    async def _run_request(self, handler: Handler | None, msg: Message) -> Op:
+        self.active_requests += 1
+        try:
+            if handler is None:
+                return self.done(UserError("EOPNOTSUPP", f"{self.name} does not serve {msg.TAG}"))
+            work = handler(msg)
+            if isinstance(work, Op):
+                await work.finished_wait()
+                return work
+            try:
+                value = await work()
+            except UserError as err:
+                value = err
+            except Exception as exc:
+                log.exception("request_error", tag=msg.TAG)
+                value = UserError("EIO", f"internal error: {exc}")
+            return self.done(value)
+        finally:
+            self.active_requests -= 1
+
+    async def _answer(self, ch: Channel, req: int, op: Op, limiter: trio.Semaphore) -> None:
         self.active_requests += 1
         try:
             try:
-                value = await (work.result() if isinstance(work, Op) else work())
-                reply: Message = m.Reply(req, value)
+                reply: Message = m.Reply(req, await op.result())
             except UserError as err:
                 reply = m.ErrorReply(req, err.errno_name, err.message)
-            except Exception as exc:
-                log.exception("request_error", id=req)
-                reply = m.ErrorReply(req, "EIO", f"internal error: {exc}")
             try:
                 await ch.send(reply)
             except (ValueError, TypeError, OverflowError) as exc:
@@ -406,35 +425,37 @@ class Server:
         ready_file: str | None = None,
         background: Collection[Callable[[], Awaitable[None]]] = (),
     ) -> None:
-        listeners, bound = await listen(parse_address(listen_addr))
-        log.info("listening", address=str(bound))
-        if ready_file:
-            _write_ready_file(ready_file, str(bound))
-        try:
-            async with trio.open_nursery() as root:
-                root.start_soon(self.driver.run)
-                for task in background:
-                    root.start_soon(task)
-                accepting = trio.CancelScope()
-                root.start_soon(self._accept, listeners, root, accepting)
-                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        # Signals are ours from before the ready file exists, so a supervisor may stop us at once.
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            listeners, bound = await listen(parse_address(listen_addr))
+            log.info("listening", address=str(bound))
+            try:
+                async with trio.open_nursery() as root:
+                    root.start_soon(self.driver.run)
+                    for task in background:
+                        root.start_soon(task)
+                    accepting = trio.CancelScope()
+                    root.start_soon(self._accept, listeners, root, accepting)
+                    if ready_file:
+                        _write_ready_file(ready_file, str(bound))
                     async for signum in signals:
                         log.info("shutdown", signal=signal.Signals(signum).name)
-                        accepting.cancel()
-                        for listener in listeners:
-                            await listener.aclose()
-                        # A second signal during the grace period cuts it short.
-                        with trio.move_on_after(SHUTDOWN_GRACE_S) as grace:
-                            root.start_soon(_cancel_on_signal, signals, grace)
-                            await self.driver.idle()
-                        root.cancel_scope.cancel()
                         break
-        finally:
-            if bound.kind == "unix":
-                try:
-                    os.unlink(bound.path)
-                except FileNotFoundError:
-                    pass
+                    accepting.cancel()
+                    for listener in listeners:
+                        await listener.aclose()
+                    with trio.move_on_after(SHUTDOWN_GRACE_S):
+                        async with trio.open_nursery() as grace:
+                            grace.start_soon(_then_cancel, self.driver.idle, grace.cancel_scope)
+                            # A second signal cuts the grace period short.
+                            grace.start_soon(_then_cancel, signals.__anext__, grace.cancel_scope)
+                    root.cancel_scope.cancel()
+            finally:
+                if bound.kind == "unix":
+                    try:
+                        os.unlink(bound.path)
+                    except FileNotFoundError:
+                        pass
 
     async def _accept(self, listeners: list[trio.SocketListener], root: trio.Nursery, scope: trio.CancelScope) -> None:
         with scope:
@@ -465,10 +486,9 @@ class Server:
                         await _send_quietly(ch, err.reply())
 
 
-async def _cancel_on_signal(signals: Any, scope: trio.CancelScope) -> None:
-    async for _ in signals:
-        scope.cancel()
-        return
+async def _then_cancel(wait: Callable[[], Awaitable[Any]], scope: trio.CancelScope) -> None:
+    await wait()
+    scope.cancel()
 
 
 async def connect_peer(driver: Driver, address: str, backoff_min_s: float, backoff_max_s: float) -> None:

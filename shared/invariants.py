@@ -5,8 +5,8 @@ operation. It raises ``AssertionError`` naming the first broken rule. It checks:
 
 * every page-cache slot points at a live page of that file at that index; counts (nrpages, swap
   entries, THPs) match the slots;
-* refcount = cache references (1, or 512 for a THP) + PTE mappings + PMD mappings + pins +
-  writeback, for every page; mapcount and entire_mapcount match the page tables exactly;
+* refcount = cache references (1, or 512 for a THP) + PTE mappings + PMD mappings + pins, for
+  every page; mapcount and entire_mapcount match the page tables exactly;
 * every PTE and PMD maps, at its address, the page the VMA's file offset says it should, and
   lies inside a VMA; a PMD maps only a PMD-order page whose index is 512-aligned;
 * mm counters and nr_ptes match the tables; each table's counts and mark agree with its
@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import TYPE_CHECKING
 
-from collapsed.pagecache import PG_HEAD, PG_LOCKED, PG_WRITEBACK
+from collapsed.pagecache import PG_HEAD, PG_LOCKED
 from remapd.mm import PTE_ANON, PTE_SHMEM, PteTable, pte_belongs, pte_pfn
 from shared.units import HPAGE_PMD_NR, HPAGE_PMD_SHIFT, HPAGE_PMD_SIZE, PAGE_SHIFT
 
@@ -146,7 +146,6 @@ def check(c: Collapser, r: Remapper) -> None:
             + sum(pte_maps[p] for p in subpages)
             + pmd_maps[head]
             + mem.pins.get(head, 0)
-            + bool(mem.flags[head] & PG_WRITEBACK)
         )
         assert mem.ref[head] == expected, f"pfn {head}: refcount {mem.ref[head]} != {expected}"
         assert not mem.flags[head] & PG_LOCKED, f"pfn {head} left locked"

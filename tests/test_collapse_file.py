@@ -17,13 +17,17 @@ from shared.world import Pending
 MiB = 1 << 20
 
 
-def mapped(world, name="f", size=HPAGE_PMD_SIZE, shmem=False, pid=1, prot="r", touch=HPAGE_PMD_NR, write=False):
-    """Create ``name``, map it whole in a new process ``pid``, fault its first ``touch`` pages."""
+def mapped(world, name="f", size=HPAGE_PMD_SIZE, shmem=False, pid=1, prot="r", touch=HPAGE_PMD_NR,
+           write=False, small=False):
+    """Create ``name``, map it whole in a new process ``pid``, fault its first ``touch`` pages.
+    ``small``: write those pages first, so that shmem holds small pages whatever shmem_enabled."""
     world.file_create(name, size, shmem=shmem)
     world.spawn(pid)
     addr = world.mmap(pid, None, size, name, prot=prot)
     assert addr % HPAGE_PMD_SIZE == 0
     if touch:
+        if small:
+            world.file_write(name, 0, touch * PAGE_SIZE)
         world.touch(pid, addr, touch * PAGE_SIZE, write=write)
     return addr
 
@@ -200,13 +204,13 @@ def test_scan_succeed(make_world, shmem):
 
 def test_scan_exceed_none_pte(make_world):
     world = make_world(enabled="always", max_ptes_none=10)
-    mapped(world, touch=HPAGE_PMD_NR - 11)
+    addr = mapped(world, touch=HPAGE_PMD_NR - 11)
     world.wait_scans(1)
     assert results(world) == {"SCAN_EXCEED_NONE_PTE": 2}  # the visit at mmap, and this one
     assert world.vmstat()["thp_scan_exceed_none_pte"] == 2
     assert world.collapser.by_name["f"].nrpages == HPAGE_PMD_NR - 11
     # Exactly max_ptes_none holes is allowed; collapse_file reads the holes in.
-    world.touch(1, world.smaps(1)[0]["start"], (HPAGE_PMD_NR - 10) * PAGE_SIZE)
+    world.touch(1, addr, (HPAGE_PMD_NR - 10) * PAGE_SIZE)
     world.wait_scans(1)
     assert results(world)["SCAN_SUCCEED"] == 1
     assert world.collapser.by_name["f"].nrpages == HPAGE_PMD_NR
@@ -292,9 +296,10 @@ def test_scan_page_compound_only_for_a_misaligned_start(make_world):
     assert scan(world, "s", start=0) == R.SCAN_PTE_MAPPED_HUGEPAGE
 
 
-def test_scan_page_count_for_a_gup_pin(make_world):
-    world = make_world(enabled="always")
-    addr = mapped(world)
+@pytest.mark.parametrize("shmem", [False, True])
+def test_scan_page_count_for_a_gup_pin(make_world, shmem):
+    world = make_world(enabled="always", shmem_enabled="always")
+    addr = mapped(world, shmem=shmem, small=shmem)
     world.pin(1, addr + 100 * PAGE_SIZE)
     world.wait_scans(1)
     assert results(world) == {"SCAN_EXCEED_NONE_PTE": 1, "SCAN_PAGE_COUNT": 1}
@@ -302,9 +307,10 @@ def test_scan_page_count_for_a_gup_pin(make_world):
     assert world.collapser.by_name["f"].nr_thps == 0
 
 
-def test_scan_page_lru_for_a_page_still_in_the_lru_batch(make_world):
-    world = make_world(enabled="always")
-    addr = mapped(world, touch=14)  # fewer than the 15 of a folio_batch
+@pytest.mark.parametrize("shmem", [False, True])
+def test_scan_page_lru_for_a_page_still_in_the_lru_batch(make_world, shmem):
+    world = make_world(enabled="always", shmem_enabled="always")
+    addr = mapped(world, shmem=shmem, touch=14, small=shmem)  # fewer than the 15 of a folio_batch
     pfn = cache(world)[0]
     assert not world.collapser.mem.flags[pfn] & PG_LRU
     assert scan(world, addr=addr) == R.SCAN_PAGE_LRU
@@ -365,10 +371,14 @@ def test_scan_fail_page_under_writeback(make_world):
     addr = mapped(world)
     world.file_write("f", 0, PAGE_SIZE)
     world.file_sync("f")
+    world.file_write("f", PAGE_SIZE, PAGE_SIZE)
     world.collapser.lru_add_drain()
-    pfn = cache(world)[0]
+    mem = world.collapser.mem
     assert scan(world, addr=addr) == R.SCAN_FAIL
-    assert world.collapser.mem.ref[pfn] == 1 + 1 + 1  # cache, PTE, writeback: no second writeback
+    # Page 0 stopped it before page 1: only a dirty page triggers filemap_flush.
+    assert mem.flags[cache(world)[0]] & (PG_DIRTY | PG_WRITEBACK) == PG_WRITEBACK
+    assert mem.flags[cache(world)[1]] & (PG_DIRTY | PG_WRITEBACK) == PG_DIRTY
+    world.file_sync("f")
     world.advance(1000)
     world.collapser.lru_add_drain()
     assert scan(world, addr=addr) == R.SCAN_SUCCEED
@@ -384,6 +394,17 @@ def test_scan_fail_file_open_for_write(make_world):
     assert scan(world, addr=addr) == R.SCAN_FAIL  # collapse_file's own check after locking
     assert world.collapser.by_name["f"].nr_thps == 0
     assert world.collapser.knobs.free_huge_pages == 1024
+
+
+def test_shmem_collapses_dirty_pages_under_a_writable_mapping(make_world):
+    # The SCAN_FAIL cases above are regular-file rules: shmem is always dirty and writable.
+    world = make_world(shmem_enabled="always")
+    addr = mapped(world, "s", shmem=True, prot="rw", touch=HPAGE_PMD_NR, write=True, small=True)
+    assert world.collapser.by_name["s"].writecount == 0  # shmem does not count i_writecount here
+    world.collapser.lru_add_drain()
+    assert scan(world, "s", addr=addr) == R.SCAN_SUCCEED
+    assert world.smaps(1)[0]["ShmemPmdMapped"] == 2048
+    assert world.vmstat()["pswpout"] == 0
 
 
 def test_scan_fail_regular_file_shorter_than_the_range(make_world):
@@ -409,9 +430,10 @@ def test_scan_truncated_shmem_range_with_no_page(make_world):
     assert world.collapser.by_name["s"].nrpages == 0 and world.collapser.knobs.free_huge_pages == 1024
 
 
-def test_scan_alloc_huge_page_fail(make_world):
-    world = make_world(enabled="always", free_huge_pages=0)
-    addr = mapped(world)
+@pytest.mark.parametrize("shmem", [False, True])
+def test_scan_alloc_huge_page_fail(make_world, shmem):
+    world = make_world(enabled="always", shmem_enabled="always", free_huge_pages=0)
+    addr = mapped(world, shmem=shmem, small=shmem)
     world.collapser.lru_add_drain()
     assert scan(world, addr=addr) == R.SCAN_ALLOC_HUGE_PAGE_FAIL
     assert world.vmstat()["thp_collapse_alloc_failed"] == 1
@@ -618,7 +640,7 @@ def test_success_shmem_zero_fills_holes(make_world):
 
 def test_success_retracts_every_mapping(make_world):
     world = make_world(enabled="always")
-    addr = mapped(world)
+    mapped(world)
     world.spawn(2)
     a2 = world.mmap(2, None, HPAGE_PMD_SIZE, "f")
     world.touch(2, a2, 10 * PAGE_SIZE)
@@ -627,7 +649,6 @@ def test_success_retracts_every_mapping(make_world):
     assert world.collapser.mem.entire == {head: 2}
     assert world.smaps(1)[0]["FilePmdMapped"] == 2048 and world.smaps(2)[0]["FilePmdMapped"] == 2048
     assert world.vmstat()["thp_file_mapped"] == 2 and world.meminfo()["FilePmdMapped"] == 2048
-    assert addr != 0
 
 
 @pytest.mark.parametrize("install_pmd", [0, 1])

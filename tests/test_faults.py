@@ -237,16 +237,28 @@ def test_write_to_a_shared_mapping_dirties_the_page(world):
     assert world.remapper.mms[1].rss == {"MM_FILEPAGES": 2, "MM_ANONPAGES": 0, "MM_SHMEMPAGES": 0}
 
 
-def test_write_through_a_shared_pmd_dirties_the_thp(world):
-    head = make_file_thp(world, "f", 2 * H)
+def test_write_through_a_shared_shmem_pmd_keeps_it(make_world):
+    world = make_world(shmem_enabled="always")
+    world.file_create("s", 2 * H, shmem=True)
     world.spawn(1)
-    # Mapped read-write but never written: MADV_COLLAPSE refuses files open for write, so the THP
-    # came first; a shared writable mapping can still PMD-map it.
-    a = world.mmap(1, FIXED, 2 * H, "f", prot="rw")
-    assert world.fault(1, a) == "pmd"
-    assert not world.collapser.mem.flags[head] & PG_DIRTY
+    a = world.mmap(1, FIXED, 2 * H, "s", prot="rw")
+    assert world.fault(1, a) == "pmd"  # a read fault allocates and maps the huge page
+    splits = world.vmstat()["thp_split_pmd"]
     assert world.fault(1, a + 9 * P, write=True) == "hit"
-    assert world.collapser.mem.flags[head] & PG_DIRTY
+    assert world.vmstat()["thp_split_pmd"] == splits
+    assert world.smaps(1)[0]["ShmemPmdMapped"] == 2048
+
+
+def test_opening_a_file_with_thps_for_write_drops_its_page_cache(world):
+    make_file_thp(world, "f", 2 * H)
+    world.spawn(1)
+    r = world.mmap(1, FIXED + 4 * H, 2 * H, "f")
+    assert world.fault(1, r) == "pmd"
+    world.mmap(1, FIXED, 2 * H, "f", prot="rw")  # the shared writable mapping opens it for write
+    f = world.collapser.by_name["f"]
+    assert (f.nr_thps, f.nrpages) == (0, 0)
+    assert [e["Rss"] for e in world.smaps(1)] == [0, 0]  # unmap_mapping_range
+    assert world.fault(1, FIXED) == "major"
 
 
 @pytest.mark.parametrize("addr", [FIXED - P, FIXED + 4 * P, 0, -P, 1 << 47, 1 << 60])

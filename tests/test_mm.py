@@ -722,8 +722,10 @@ def test_exit_while_a_fault_waits_for_the_lock(world):
     p = world.start(world.remapper, world.remapper.fault(1, a))
     world.exit(1)
     world.advance(10)
-    assert p.result() == {"result": "sigsegv"}
-    assert world.collapser.mem.nr_allocated == 0
+    with pytest.raises(UserError) as e:
+        p.result()
+    assert errno_of(e) == "ESRCH"
+    assert world.collapser.by_name["f"].nrpages == 0  # it never looked the page up
 
 
 def test_anon_pte_is_not_a_file_mapping(world):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from collapsed.pagecache import PG_DIRTY, PG_HEAD, PG_LRU, PG_SWAPBACKED, PG_UPTODATE, PG_WRITEBACK
+from collapsed.pagecache import PG_DIRTY, PG_HEAD, PG_SWAPBACKED, PG_UPTODATE, PG_WRITEBACK
 from shared.errors import UserError
 from shared.units import HPAGE_PMD_NR, HPAGE_PMD_SIZE, PAGE_SIZE
 
@@ -127,13 +127,12 @@ def test_sync_holds_pages_under_writeback_for_writeback_millisecs(make_world):
     pfns = list(slots(world, "f").values())
     for pfn in pfns:
         assert mem.flags[pfn] & (PG_DIRTY | PG_WRITEBACK) == PG_WRITEBACK
-        assert mem.ref[pfn] == 2  # the cache's, and writeback's until it ends
+        assert mem.ref[pfn] == 1  # folio_start_writeback takes no reference
     world.advance(249)
     assert all(mem.flags[p] & PG_WRITEBACK for p in pfns)
     world.advance(1)
     for pfn in pfns:
         assert not mem.flags[pfn] & (PG_DIRTY | PG_WRITEBACK)
-        assert mem.ref[pfn] == 1
     # A second sync of a clean file starts nothing.
     world.file_sync("f")
     assert not any(mem.flags[p] & PG_WRITEBACK for p in pfns)
@@ -282,14 +281,34 @@ def test_truncate_does_not_split_a_pinned_thp(world):
     assert mem.ref[head] == HPAGE_PMD_NR and not mem.pins
 
 
-def test_punch_removes_a_range_and_keeps_size(world):
+def test_truncate_waits_for_writeback(make_world):
+    world = make_world(writeback_millisecs=300)
+    world.file_create("f", 0)
+    world.file_write("f", 0, 4 * PAGE_SIZE)
+    world.file_sync("f")
+    c = world.collapser
+    pending = world.start(c, c.file_truncate("f", PAGE_SIZE))
+    assert not pending.done and world.remapper.by_name["f"].size == PAGE_SIZE
+    assert sorted(slots(world, "f")) == [0, 1, 2, 3]
+    world.advance(299)
+    assert not pending.done
+    world.advance(1)
+    assert pending.result()["nrpages"] == 1 and sorted(slots(world, "f")) == [0]
+
+
+def test_punch_removes_whole_pages_and_keeps_size(world):
     world.file_create("f", 0)
     world.file_write("f", 0, 8 * PAGE_SIZE)
-    c = world.collapser
-    f = c.by_name["f"]
-    world.start(c, c.punch(f, 2, 5)).result()
+    # Partial pages at either end are zeroed, not removed: pages 2, 3, 4 go.
+    st = world.file_punch("f", 2 * PAGE_SIZE - 1, 3 * PAGE_SIZE + 2)
     assert sorted(slots(world, "f")) == [0, 1, 5, 6, 7]
-    assert f.nrpages == 5 and f.size == 8 * PAGE_SIZE
+    assert st["nrpages"] == 5 and st["size"] == 8 * PAGE_SIZE
+    assert world.file_punch("f", 5 * PAGE_SIZE + 1, PAGE_SIZE)["nrpages"] == 5
+    assert world.file_punch("f", 6 * PAGE_SIZE, 100 * PAGE_SIZE)["nrpages"] == 3
+    for offset, length in ((-1, PAGE_SIZE), (0, 0)):
+        with pytest.raises(UserError) as err:
+            world.file_punch("f", offset, length)
+        assert err.value.errno_name == "EINVAL"
 
 
 def test_punch_drops_shmem_swap_entries(world):
@@ -301,7 +320,7 @@ def test_punch_drops_shmem_swap_entries(world):
     c = world.collapser
     f = c.by_name["s"]
     assert f.nrswap == 4 and c.nr_swap_entries == 4
-    world.start(c, c.punch(f, 1, 3)).result()
+    world.file_punch("s", PAGE_SIZE, 2 * PAGE_SIZE)
     assert sorted(slots(world, "s")) == [0, 3] and f.nrswap == 2 and c.nr_swap_entries == 2
     assert world.vmstat()["nr_swap_entries"] == 2
 
@@ -310,7 +329,7 @@ def test_punch_inside_a_thp_splits_it_and_keeps_the_rest(world):
     addr, head = shmem_thp(world)
     c = world.collapser
     f = c.by_name["s"]
-    world.start(c, c.punch(f, 100, 200)).result()
+    world.file_punch("s", 100 * PAGE_SIZE, 100 * PAGE_SIZE)
     assert world.vmstat()["thp_split_page"] == 1
     assert f.nrpages == HPAGE_PMD_NR - 100 and f.nr_thps == 0
     assert f.get(99) == head + 99 and f.get(100) == 0 and f.get(200) == head + 200

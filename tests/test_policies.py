@@ -229,12 +229,6 @@ def test_a_busy_process_does_not_starve_other_marks(make_world):
     assert smaps1(world, 1)["FilePmdMapped"] == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="remapd/remapper.py _collapse_pte_mapped_request: lock_read raises ESRCH when the mm "
-    "exits while it waits, the task ends without sending CollapsePteMappedResult, and khugepaged "
-    "waits for that reply forever",
-)
 def test_lockless_khugepaged_survives_an_exit_during_collapse_pte_mapped_thp(make_world):
     world = make_world(enabled="always", retry_policy="lockless", scan_sleep_millisecs=TICK)
     world.file_create("f", HPAGE_PMD_SIZE)

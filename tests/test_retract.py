@@ -221,12 +221,6 @@ def test_faults_during_a_khugepaged_collapse_under_seeds(make_world, seed):
     assert (first, s1, s2, vm) == run_faults_during_collapse(make_world, None)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="remapd/remapper.py _do_fault keeps the pmd_ok it computed before waiting for the page "
-    "lock: a lookup that comes back with a THP subpage after the table was retracted maps a PTE "
-    "into a new table, where finish_fault/filemap_map_pmd would do_set_pmd on the none PMD",
-)
 def test_a_fault_that_waited_out_a_lockless_retract_maps_the_pmd(make_world):
     world = new_world(make_world, retry_policy="lockless", install_pmd=0)
     a1 = map_file(world, 1)

@@ -1,0 +1,223 @@
+"""The async client library: what ``thpctl`` and the tests use to talk to the daemons.
+
+:func:`open_client` is one connection to one daemon; :class:`Session` holds a connection to each
+(opened on first use) and sends every request to the daemon that serves it::
+
+    async with Session(collapsed="unix:/run/user/1000/thpsplit/collapsed.sock") as s:
+        await s.call(m.FileCreate, name="libfoo.so", size=4 << 20)
+        addr = (await s.call(m.Mmap, pid=1, addr=None, length=4 << 20, name="libfoo.so"))["addr"]
+
+Requests are pipelined: :meth:`Client.start` sends at once and returns a :class:`Pending` to await
+later; a daemon runs one connection's requests in the order sent. A daemon's reply comes only
+after the other daemon has seen the request's effects, so awaiting a reply before talking to the
+other daemon is all the ordering a client needs.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
+
+import trio
+
+from shared import messages as m
+from shared.channel import Channel, ChannelError, open_channel, unwrap_single
+from shared.config import AddressError, default_address, parse_address
+from shared.driver import connect
+from shared.errors import UserError
+from shared.message import Message
+
+COLLAPSED = "collapsed"
+REMAPD = "remapd"
+
+# Which daemon serves each request that only one of them serves.
+ROUTES: dict[type[Message], str] = {
+    m.FileCreate: COLLAPSED,
+    m.FileWrite: COLLAPSED,
+    m.FileSync: COLLAPSED,
+    m.FileTruncate: COLLAPSED,
+    m.FileLs: COLLAPSED,
+    m.DropCaches: COLLAPSED,
+    m.Meminfo: COLLAPSED,
+    m.WaitScans: COLLAPSED,
+    m.SysfsGet: COLLAPSED,
+    m.ProcSpawn: REMAPD,
+    m.ProcExit: REMAPD,
+    m.ProcFork: REMAPD,
+    m.Mmap: REMAPD,
+    m.Munmap: REMAPD,
+    m.Madvise: REMAPD,
+    m.Fault: REMAPD,
+    m.Touch: REMAPD,
+    m.Lock: REMAPD,
+    m.Pin: REMAPD,
+    m.Unpin: REMAPD,
+    m.Uprobe: REMAPD,
+    m.Smaps: REMAPD,
+    m.SysfsSet: REMAPD,
+}
+
+
+class ConnectError(UserError):
+    """A daemon cannot be reached, refused the hello, or went away mid-request."""
+
+
+class Pending:
+    """A request on its way; :meth:`result` waits for the reply."""
+
+    def __init__(self, msg: Message):
+        self.msg = msg
+        self._event = trio.Event()
+        self._value: Any = None
+
+    def _resolve(self, value: Any) -> None:
+        if not self._event.is_set():
+            self._value = value
+            self._event.set()
+
+    async def result(self) -> Any:
+        """The reply's result.
+
+        Errors:
+            UserError: the daemon refused the request (its errno and message);
+            ConnectError: the connection ended first.
+        """
+        await self._event.wait()
+        if isinstance(self._value, UserError):
+            raise self._value
+        return self._value
+
+
+class Client:
+    """One connection to one daemon; make with :func:`open_client`."""
+
+    def __init__(self, ch: Channel, name: str):
+        self.name = name
+        self._ch = ch
+        self._ids = itertools.count(1)
+        self._pending: dict[int, Pending] = {}
+        self._gone: UserError | None = None
+
+    async def start(self, cls: type[Message], **fields: Any) -> Pending:
+        """Send ``cls(id=..., **fields)`` now; await the returned Pending for the result.
+
+        Errors:
+            UserError: EOVERFLOW when a value cannot be encoded (an int beyond 64 bits);
+            ConnectError: the connection is gone.
+        """
+        if self._gone is not None:
+            raise self._gone
+        msg = cls(id=next(self._ids), **fields)  # type: ignore[call-arg]
+        pending = self._pending[msg.id] = Pending(msg)  # type: ignore[attr-defined]
+        try:
+            await self._ch.send(msg)
+        except (ValueError, TypeError, OverflowError) as err:
+            del self._pending[msg.id]  # type: ignore[attr-defined]
+            raise UserError("EOVERFLOW", f"cannot send {cls.TAG}: {err}") from None
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._fail(ConnectError("ECONNRESET", f"{self.name} closed the connection"))
+        return pending
+
+    async def call(self, cls: type[Message], **fields: Any) -> Any:
+        return await (await self.start(cls, **fields)).result()
+
+    def _fail(self, err: UserError) -> None:
+        self._gone = err
+        for pending in self._pending.values():
+            pending._resolve(err)
+        self._pending.clear()
+
+    async def _reader(self) -> None:
+        try:
+            async for msg in self._ch:
+                if isinstance(msg, m.ErrorReply) and msg.id == 0:
+                    self._fail(UserError(msg.errno, f"{self.name}: {msg.message}"))
+                    return
+                if isinstance(msg, (m.Reply, m.ErrorReply)):
+                    pending = self._pending.pop(msg.id, None)
+                    if pending is not None:
+                        value = msg.result if isinstance(msg, m.Reply) else UserError(msg.errno, msg.message)
+                        pending._resolve(value)
+                    continue
+                self._fail(ConnectError("EPROTO", f"{self.name} sent {msg.TAG}, not a reply"))
+                return
+        except ChannelError as err:
+            self._fail(ConnectError(err.errno, f"{self.name}: {err.reason}"))
+            return
+        self._fail(ConnectError("ECONNRESET", f"{self.name} closed the connection"))
+
+
+@asynccontextmanager
+async def open_client(address: str, name: str = "daemon") -> AsyncIterator[Client]:
+    """Connect to the daemon at ``address`` and say hello.
+
+    Errors:
+        ConnectError: bad address, nothing listening, or the hello failed.
+    """
+    try:
+        addr = parse_address(address)
+    except AddressError as err:
+        raise ConnectError("EINVAL", str(err)) from None
+    try:
+        stream = await connect(addr)
+    except OSError as err:
+        raise ConnectError("ECONNREFUSED", f"cannot reach {name} at {addr}: {err.strerror or err}") from None
+    async with open_channel(stream) as ch:
+        try:
+            hello = await ch.handshake("client")
+        except ChannelError as err:
+            raise ConnectError(err.errno, f"{name} at {addr}: {err.reason}") from None
+        except trio.EndOfChannel:
+            raise ConnectError("ECONNRESET", f"{name} at {addr} closed the connection") from None
+        client = Client(ch, hello.role)
+        with unwrap_single():
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(client._reader)
+                try:
+                    yield client
+                finally:
+                    nursery.cancel_scope.cancel()
+
+
+class Session:
+    """Connections to both daemons, each opened when first needed (from the owning task)."""
+
+    def __init__(self, collapsed: str | None = None, remapd: str | None = None):
+        self.addresses = {
+            COLLAPSED: collapsed or default_address(COLLAPSED),
+            REMAPD: remapd or default_address(REMAPD),
+        }
+        self._clients: dict[str, Client] = {}
+        self._stack = AsyncExitStack()
+
+    async def __aenter__(self) -> Session:
+        await self._stack.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> bool | None:
+        return await self._stack.__aexit__(*exc)
+
+    async def client(self, daemon: str) -> Client:
+        client = self._clients.get(daemon)
+        if client is None:
+            client = await self._stack.enter_async_context(open_client(self.addresses[daemon], daemon))
+            self._clients[daemon] = client
+        return client
+
+    async def start(self, cls: type[Message], daemon: str | None = None, **fields: Any) -> Pending:
+        """Send a request to ``daemon`` (by default the one that serves ``cls``)."""
+        target = daemon or ROUTES.get(cls)
+        if target is None:
+            raise ValueError(f"{cls.TAG} is served by both daemons: name one")
+        return await (await self.client(target)).start(cls, **fields)
+
+    async def call(self, cls: type[Message], daemon: str | None = None, **fields: Any) -> Any:
+        return await (await self.start(cls, daemon, **fields)).result()
+
+    async def vmstat(self) -> dict[str, int]:
+        """/proc/vmstat: the union of both daemons' counters."""
+        out = dict(await self.call(m.Vmstat, COLLAPSED))
+        out.update(await self.call(m.Vmstat, REMAPD))
+        return out

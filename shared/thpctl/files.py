@@ -1,0 +1,100 @@
+"""thpctl file ...: files and the page cache (served by collapsed)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from shared import messages as m
+from shared.thpctl.cli import COLLAPSED, Outcome, command, lines, ok, req, size
+
+
+def _stat_line(f: dict[str, Any]) -> str:
+    return (
+        f"{f['name']} ino {f['ino']} size {f['size']} {'shmem' if f['shmem'] else 'file'} "
+        f"nrpages {f['nrpages']} thps {f['thps']} swap {f['swap']} dirty {f['dirty']} "
+        f"writers {f['open_for_write']}"
+    )
+
+
+def _render_stat(args: argparse.Namespace, results: list[Any]) -> Outcome:
+    return ok(results[0], lines(_stat_line(results[0])))
+
+
+def _render_ls(args: argparse.Namespace, results: list[Any]) -> Outcome:
+    files = results[0]
+    header = f"{'NAME':<24} {'INO':>5} {'SIZE':>12} {'KIND':<5} {'PAGES':>8} {'THPS':>5} {'SWAP':>6} {'DIRTY':>6} {'WRITERS':>7}"
+    rows = [
+        f"{f['name']:<24} {f['ino']:>5} {f['size']:>12} {'shmem' if f['shmem'] else 'file':<5} "
+        f"{f['nrpages']:>8} {f['thps']:>5} {f['swap']:>6} {f['dirty']:>6} {f['open_for_write']:>7}"
+        for f in files
+    ]
+    return ok(files, lines(header, *rows))
+
+
+def register(sub: Any) -> None:
+    group = sub.add_parser("file", help="files and the page cache (collapsed)")
+    gsub = group.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
+
+    p = command(
+        gsub,
+        "create",
+        "create a regular file (or a shmem file) of SIZE bytes, nothing cached yet",
+        lambda a: [req(COLLAPSED, m.FileCreate, name=a.name, size=a.size, shmem=a.shmem)],
+        _render_stat,
+        "file create libfoo.so --size 4M",
+    )
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--size", type=size, required=True, metavar="SIZE")
+    p.add_argument("--shmem", action="store_true", help="a shmem (tmpfs/memfd) file")
+
+    p = command(
+        gsub,
+        "write",
+        "write(2) LENGTH bytes at OFFSET: dirties the pages (and extends the file)",
+        lambda a: [req(COLLAPSED, m.FileWrite, name=a.name, offset=a.offset, length=a.length)],
+        _render_stat,
+        "file write libfoo.so 0 2M",
+    )
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("offset", type=size, metavar="OFFSET")
+    p.add_argument("length", type=size, metavar="LENGTH")
+
+    p = command(
+        gsub,
+        "sync",
+        "start writeback of the file's dirty pages (they are clean once it completes)",
+        lambda a: [req(COLLAPSED, m.FileSync, name=a.name)],
+        _render_stat,
+        "file sync libfoo.so",
+    )
+    p.add_argument("name", metavar="NAME")
+
+    p = command(
+        gsub,
+        "truncate",
+        "truncate(2) to SIZE: unmaps and drops pages past the new end",
+        lambda a: [req(COLLAPSED, m.FileTruncate, name=a.name, size=a.size)],
+        _render_stat,
+        "file truncate libfoo.so 1M",
+    )
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("size", type=size, metavar="SIZE")
+
+    command(
+        gsub,
+        "ls",
+        "list files with their page-cache state",
+        lambda a: [req(COLLAPSED, m.FileLs)],
+        _render_ls,
+        "file ls",
+    )
+
+    command(
+        gsub,
+        "drop-caches",
+        "echo 1 > /proc/sys/vm/drop_caches: drop clean, unmapped page-cache pages",
+        lambda a: [req(COLLAPSED, m.DropCaches)],
+        lambda a, r: ok(r[0], lines(f"dropped_pages {r[0]['dropped_pages']}")),
+        "file drop-caches",
+    )

@@ -1,0 +1,219 @@
+"""thpctl mmap/munmap/madvise/fault/touch/lock/pin/unpin/uprobe: address spaces (remapd)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from shared import messages as m
+from shared.errors import UserError
+from shared.thpctl.cli import (
+    EXIT_FAIL,
+    REMAPD,
+    Outcome,
+    address,
+    command,
+    failed,
+    lines,
+    milliseconds,
+    ok,
+    req,
+    size,
+)
+from shared.units import parse_size
+
+ADVICE = ("hugepage", "nohugepage", "collapse", "dontneed", "populate_read", "populate_write", "pageout")
+PROTS = ("r", "rw", "rx", "rwx")
+# touch prints its outcome counts in this order.
+OUTCOMES = ("hit", "minor", "major", "pmd", "sigsegv", "sigbus")
+SIGNALS = ("sigsegv", "sigbus")
+
+
+def address_or_auto(text: str) -> int | None:
+    return None if text == "auto" else parse_size(text)
+
+
+address_or_auto.__name__ = "address"
+
+
+def _render_mmap(args: argparse.Namespace, results: list[Any]) -> Outcome:
+    return ok(results[0], lines(f"{results[0]['addr']:#x}"))
+
+
+def _render_madvise(args: argparse.Namespace, results: list[Any]) -> Outcome:
+    result = results[0]["result"]
+    out = Outcome(data=results[0], text=lines(str(result)))
+    if result != 0:
+        out.status = EXIT_FAIL
+    return out
+
+
+def _madvise_error(args: argparse.Namespace, err: UserError) -> Outcome:
+    # madvise(2) answers bad arguments with an errno too: print it as the result.
+    return failed(err, {"result": err.errno_name}, lines(err.errno_name))
+
+
+def _render_fault(args: argparse.Namespace, results: list[Any]) -> Outcome:
+    result = results[0]["result"]
+    out = ok(results[0], lines(result))
+    if result in SIGNALS:
+        out.status = EXIT_FAIL
+        out.error = f"{result.upper()} at {args.addr:#x} in process {args.pid}"
+    return out
+
+
+def _render_touch(args: argparse.Namespace, results: list[Any]) -> Outcome:
+    counts = results[0]
+    order = [o for o in OUTCOMES if o in counts] + sorted(set(counts) - set(OUTCOMES))
+    out = ok(counts, lines(*(f"{o} {counts[o]}" for o in order)))
+    bad = {s: counts[s] for s in SIGNALS if counts.get(s)}
+    if bad:
+        out.status = EXIT_FAIL
+        out.error = ", ".join(f"{n} {s.upper()}" for s, n in bad.items()) + f" in process {args.pid}"
+    return out
+
+
+def _render_lock(args: argparse.Namespace, results: list[Any]) -> Outcome:
+    r = results[0]
+    return ok(r, lines(f"pid {r['pid']} mmap lock held for {r['mode']} until {r['until_ms']:.1f} ms"))
+
+
+def _render_pin(args: argparse.Namespace, results: list[Any]) -> Outcome:
+    r = results[0]
+    return ok(r, lines(f"pid {r['pid']} addr {r['addr']:#x} pfn {r['pfn']:#x}"))
+
+
+def _render_uprobe(args: argparse.Namespace, results: list[Any]) -> Outcome:
+    r = results[0]
+    rest = {k: v for k, v in r.items() if k not in ("file", "offset")}
+    detail = " ".join(f"{k} {','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in rest.items())
+    return ok(r, lines(f"{r['file']}+{r['offset']:#x} {detail}".rstrip()))
+
+
+def register(sub: Any) -> None:
+    p = command(
+        sub,
+        "mmap",
+        "map LENGTH bytes of file NAME into PID at ADDR (auto: the kernel picks, 2M-aligned "
+        "for 2M or more); prints the address",
+        lambda a: [
+            req(
+                REMAPD,
+                m.Mmap,
+                pid=a.pid,
+                addr=a.addr,
+                length=a.length,
+                name=a.file,
+                offset=a.offset,
+                prot=a.prot,
+                shared=not a.private,
+            )
+        ],
+        _render_mmap,
+        "mmap 1 auto 4M --file libfoo.so --prot rx --private",
+    )
+    p.add_argument("pid", type=int, metavar="PID")
+    p.add_argument("addr", type=address_or_auto, metavar="ADDR|auto")
+    p.add_argument("length", type=size, metavar="LENGTH")
+    p.add_argument("--file", required=True, metavar="NAME")
+    p.add_argument("--offset", type=size, default=0, metavar="OFF")
+    p.add_argument("--prot", choices=PROTS, default="r")
+    share = p.add_mutually_exclusive_group()
+    share.add_argument("--shared", action="store_false", dest="private", help="MAP_SHARED (default)")
+    share.add_argument("--private", action="store_true", dest="private", help="MAP_PRIVATE")
+    p.set_defaults(private=False)
+
+    p = command(
+        sub,
+        "munmap",
+        "unmap [ADDR, ADDR+LENGTH) in PID",
+        lambda a: [req(REMAPD, m.Munmap, pid=a.pid, addr=a.addr, length=a.length)],
+        lambda a, r: ok(r[0]),
+        "munmap 1 0x7effffc00000 2M",
+    )
+    p.add_argument("pid", type=int, metavar="PID")
+    p.add_argument("addr", type=address, metavar="ADDR")
+    p.add_argument("length", type=size, metavar="LENGTH")
+
+    p = command(
+        sub,
+        "madvise",
+        "madvise(2) on [ADDR, ADDR+LENGTH); prints 0 or the errno name (and exits 1)",
+        lambda a: [req(REMAPD, m.Madvise, pid=a.pid, addr=a.addr, length=a.length, advice=a.advice)],
+        _render_madvise,
+        "madvise 1 0x7effffc00000 4M collapse",
+    )
+    p.add_argument("pid", type=int, metavar="PID")
+    p.add_argument("addr", type=address, metavar="ADDR")
+    p.add_argument("length", type=size, metavar="LENGTH")
+    p.add_argument("advice", choices=ADVICE, metavar="|".join(ADVICE))
+    p.set_defaults(on_error=_madvise_error)
+
+    p = command(
+        sub,
+        "fault",
+        "access ADDR in PID; prints hit, minor, major, pmd, sigsegv or sigbus",
+        lambda a: [req(REMAPD, m.Fault, pid=a.pid, addr=a.addr, write=a.write)],
+        _render_fault,
+        "fault 1 0x7effffc00000 --write",
+    )
+    p.add_argument("pid", type=int, metavar="PID")
+    p.add_argument("addr", type=address, metavar="ADDR")
+    p.add_argument("--write", action="store_true")
+
+    p = command(
+        sub,
+        "touch",
+        "access every STRIDE bytes of [ADDR, ADDR+LENGTH); prints the count of each outcome",
+        lambda a: [
+            req(REMAPD, m.Touch, pid=a.pid, addr=a.addr, length=a.length, write=a.write, stride=a.stride)
+        ],
+        _render_touch,
+        "touch 1 0x7effffc00000 4M --stride 4K",
+    )
+    p.add_argument("pid", type=int, metavar="PID")
+    p.add_argument("addr", type=address, metavar="ADDR")
+    p.add_argument("length", type=size, metavar="LENGTH")
+    p.add_argument("--write", action="store_true")
+    p.add_argument("--stride", type=size, default=4096, metavar="SIZE")
+
+    p = command(
+        sub,
+        "lock",
+        "an application thread takes PID's mmap lock (read, or --write) and holds it MS "
+        "milliseconds; returns once it has the lock",
+        lambda a: [req(REMAPD, m.Lock, pid=a.pid, hold_ms=a.hold, write=a.write)],
+        _render_lock,
+        "lock 1 --hold 500 --write",
+    )
+    p.add_argument("pid", type=int, metavar="PID")
+    p.add_argument("--hold", type=milliseconds, required=True, metavar="MS")
+    p.add_argument("--write", action="store_true")
+
+    for name, cls, help in (
+        ("pin", m.Pin, "pin_user_pages on the page at ADDR (faulting it in first)"),
+        ("unpin", m.Unpin, "drop a pin taken by 'pin' at ADDR"),
+    ):
+        p = command(
+            sub,
+            name,
+            help,
+            lambda a, cls=cls: [req(REMAPD, cls, pid=a.pid, addr=a.addr)],
+            _render_pin,
+            f"{name} 1 0x7effffc01000",
+        )
+        p.add_argument("pid", type=int, metavar="PID")
+        p.add_argument("addr", type=address, metavar="ADDR")
+
+    p = command(
+        sub,
+        "uprobe",
+        "add or delete a uprobe at OFFSET in file NAME (a breakpoint in every executable "
+        "private mapping of it)",
+        lambda a: [req(REMAPD, m.Uprobe, action=a.action, name=a.name, offset=a.offset)],
+        _render_uprobe,
+        "uprobe add libfoo.so 0x1234",
+    )
+    p.add_argument("action", choices=("add", "del"))
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("offset", type=size, metavar="OFFSET")

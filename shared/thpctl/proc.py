@@ -1,0 +1,44 @@
+"""thpctl proc ...: modelled processes (served by remapd)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from shared import messages as m
+from shared.thpctl.cli import REMAPD, command, ok, req
+
+
+def register(sub: Any) -> None:
+    group = sub.add_parser("proc", help="processes (remapd)")
+    gsub = group.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
+
+    p = command(
+        gsub,
+        "spawn",
+        "create process PID with an empty address space",
+        lambda a: [req(REMAPD, m.ProcSpawn, pid=a.pid)],
+        lambda a, r: ok(r[0]),
+        "proc spawn 1",
+    )
+    p.add_argument("pid", type=int, metavar="PID")
+
+    p = command(
+        gsub,
+        "exit",
+        "exit process PID: unmap everything, drop its pins and its khugepaged slot",
+        lambda a: [req(REMAPD, m.ProcExit, pid=a.pid)],
+        lambda a, r: ok(r[0]),
+        "proc exit 1",
+    )
+    p.add_argument("pid", type=int, metavar="PID")
+
+    p = command(
+        gsub,
+        "fork",
+        "fork PID into CHILD (dup_mmap: VMAs copied, file page tables left to refault)",
+        lambda a: [req(REMAPD, m.ProcFork, pid=a.pid, child=a.child)],
+        lambda a, r: ok(r[0]),
+        "proc fork 1 2",
+    )
+    p.add_argument("pid", type=int, metavar="PID")
+    p.add_argument("child", type=int, metavar="CHILD")

@@ -1,0 +1,128 @@
+"""thpctl smaps/vmstat/meminfo/sysfs/wait-scans/sync/status: what the kernel would report."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from shared import messages as m
+from shared.knobs import SPECS
+from shared.render import render_meminfo, render_smaps, render_sysfs, render_vmstat
+from shared.thpctl.cli import COLLAPSED, REMAPD, Outcome, Request, command, ok, pairs, req, seconds
+
+
+def _render_vmstat(args: argparse.Namespace, results: list[Any]) -> Outcome:
+    counters = dict(results[0])
+    counters.update(results[1])
+    return ok(counters, render_vmstat(counters))
+
+
+def _render_sysfs_get(args: argparse.Namespace, results: list[Any]) -> Outcome:
+    entries = results[0]
+    data = {name: e["value"] for name, e in entries.items()}
+    return ok(data, render_sysfs(entries, single=args.knob is not None))
+
+
+def _plan_wait_scans(args: argparse.Namespace) -> list[Request]:
+    request = req(COLLAPSED, m.WaitScans, n=args.n)
+    request.timeout = args.timeout
+    if args.timeout is not None:
+        request.timeout_message = f"khugepaged did not finish {args.n} full scans within {args.timeout:g} s"
+    return [request]
+
+
+def _render_status(args: argparse.Namespace, results: list[Any]) -> Outcome:
+    text = ""
+    for status in results:
+        text += f"{status['daemon']}:\n" + "".join(f"  {k} {v}\n" for k, v in status.items() if k != "daemon")
+    return ok(results if len(results) > 1 else results[0], text)
+
+
+def _daemons(which: str) -> list[str]:
+    return [COLLAPSED, REMAPD] if which == "both" else [which]
+
+
+def register(sub: Any) -> None:
+    p = command(
+        sub,
+        "smaps",
+        "/proc/PID/smaps: every VMA with Rss, FilePmdMapped, THPeligible ...",
+        lambda a: [req(REMAPD, m.Smaps, pid=a.pid)],
+        lambda a, r: ok(r[0], render_smaps(r[0])),
+        "smaps 1",
+    )
+    p.add_argument("pid", type=int, metavar="PID")
+
+    command(
+        sub,
+        "vmstat",
+        "/proc/vmstat: the THP and fault counters of both daemons",
+        lambda a: [req(COLLAPSED, m.Vmstat), req(REMAPD, m.Vmstat)],
+        _render_vmstat,
+        "vmstat",
+    )
+
+    command(
+        sub,
+        "meminfo",
+        "/proc/meminfo: page cache and FileHugePages, FilePmdMapped, ShmemHugePages ...",
+        lambda a: [req(COLLAPSED, m.Meminfo)],
+        lambda a, r: ok(r[0], render_meminfo(r[0])),
+        "meminfo",
+    )
+
+    group = sub.add_parser("sysfs", help="the knobs under /sys/kernel/mm/transparent_hugepage")
+    gsub = group.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
+    p = command(
+        gsub,
+        "get",
+        "print KNOB (or every knob) as reading its sysfs file would",
+        lambda a: [req(COLLAPSED, m.SysfsGet, name=a.knob)],
+        _render_sysfs_get,
+        "sysfs get khugepaged/full_scans",
+    )
+    p.add_argument("knob", nargs="?", metavar="KNOB", help=", ".join(SPECS))
+    p = command(
+        gsub,
+        "set",
+        "write VALUE to KNOB (both daemons); refused with EINVAL as sysfs would",
+        lambda a: [req(REMAPD, m.SysfsSet, name=a.knob, value=a.value)],
+        lambda a, r: ok(r[0]),
+        "sysfs set khugepaged/scan_sleep_millisecs 100",
+    )
+    p.add_argument("knob", metavar="KNOB")
+    p.add_argument("value", metavar="VALUE")
+
+    p = command(
+        sub,
+        "wait-scans",
+        "return once khugepaged's full_scans has grown by N",
+        _plan_wait_scans,
+        lambda a, r: ok(r[0], pairs(r[0])),
+        "wait-scans 2 --timeout 10",
+        barrier=True,
+    )
+    p.add_argument("n", type=int, metavar="N")
+    p.add_argument("--timeout", type=seconds, metavar="SECONDS", help="give up (exit 1) after SECONDS")
+
+    p = command(
+        sub,
+        "sync",
+        "return once each daemon's peer has processed everything sent to it (waits for the "
+        "daemons to be connected)",
+        lambda a: [req(d, m.Sync) for d in _daemons(a.daemon)],
+        lambda a, r: ok(None),
+        "sync",
+        barrier=True,
+    )
+    p.add_argument("daemon", nargs="?", choices=(COLLAPSED, REMAPD, "both"), default="both")
+
+    p = command(
+        sub,
+        "status",
+        "each daemon's peer connection, clients, uptime and size",
+        lambda a: [req(d, m.Status) for d in _daemons(a.daemon)],
+        _render_status,
+        "status",
+    )
+    p.add_argument("daemon", nargs="?", choices=(COLLAPSED, REMAPD, "both"), default="both")
