@@ -9,7 +9,6 @@ import sys
 from shared.config import (
     ENV_SEED,
     AddressError,
-    KnobError,
     add_daemon_flags,
     add_knob_flags,
     default_address,
@@ -17,6 +16,7 @@ from shared.config import (
     log_json,
     parse_address,
 )
+from shared.knobs import KnobError
 from shared.logs import configure
 
 

@@ -548,6 +548,12 @@ class Collapser(Actor):
             if f.get(index) != value:
                 self.unlock(head)
                 continue
+            if mem.total_mapcount(head):
+                # truncate_cleanup_folio: a fault mapped it again after the first unmap; with the
+                # page locked no new mapping can appear, so this unmap is the last.
+                lo = mem.index[head]
+                hi = lo + (HPAGE_PMD_NR if mem.flags[head] & PG_HEAD else 1)
+                yield from self.unmap_range(f, lo, hi, (), even_cows=False)
             if mem.flags[head] & PG_HEAD:
                 hstart = mem.index[head]
                 if hstart >= start and hstart + HPAGE_PMD_NR <= end:

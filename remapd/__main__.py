@@ -8,7 +8,6 @@ import sys
 from shared.config import (
     ENV_COLLAPSED,
     AddressError,
-    KnobError,
     add_daemon_flags,
     add_knob_flags,
     default_address,
@@ -16,6 +15,7 @@ from shared.config import (
     log_json,
     parse_address,
 )
+from shared.knobs import KnobError
 from shared.logs import configure
 
 

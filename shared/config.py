@@ -13,7 +13,7 @@ import dataclasses
 import os
 from typing import Any
 
-from shared.knobs import SPECS, Knobs, KnobError
+from shared.knobs import SPECS, Knobs
 
 ENV_COLLAPSED = "THPSPLIT_COLLAPSED"
 ENV_REMAPD = "THPSPLIT_REMAPD"
@@ -154,7 +154,6 @@ def log_json(fmt: str) -> bool | None:
 __all__ = [
     "Address",
     "AddressError",
-    "KnobError",
     "add_daemon_flags",
     "add_knob_flags",
     "default_address",

@@ -42,7 +42,8 @@ from shared.message import Message
 
 log = get_logger("thpsplit.driver")
 
-# Requests one client may have in flight; the next one is not read until one is answered.
+# Requests one client may have queued, and replies waiting to go out; beyond that the
+# connection is not read until one is answered.
 MAX_PENDING_PER_CLIENT = 64
 # Rounds of peer_lost() per event while disconnected: answering a call may queue another.
 MAX_LOST_PEER_ROUNDS = 64
@@ -245,27 +246,39 @@ class Driver:
 
         One connection's requests run one after another, in the order sent, as syscalls from
         one thread do; a reply goes out as soon as it is ready, and one that waits for the peer
-        round trip may be overtaken by the next. Concurrency comes from more connections.
+        round trip may be overtaken by the next. Concurrency comes from more connections. When
+        the client closes, whatever it still waits for is abandoned at once.
         """
-        limiter = trio.Semaphore(MAX_PENDING_PER_CLIENT)
+        queue_send, queue_recv = trio.open_memory_channel[Message](MAX_PENDING_PER_CLIENT)
         self.clients += 1
         try:
             async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._execute, ch, handlers, queue_recv, nursery)
                 try:
                     async for msg in ch:
-                        req = getattr(msg, "id", None)
-                        if type(req) is not int or isinstance(msg, (m.Reply, m.ErrorReply)):
+                        if type(getattr(msg, "id", None)) is not int or isinstance(msg, (m.Reply, m.ErrorReply)):
                             raise ChannelError(f"{msg.TAG} is not a client request")
-                        await limiter.acquire()
-                        op = await self._run_request(handlers.get(type(msg)), msg)
-                        nursery.start_soon(self._answer, ch, req, op, limiter)
+                        await queue_send.send(msg)
                 except ChannelError as err:
                     log.warning("protocol_error", errno=err.errno, reason=err.reason)
                     await _send_quietly(ch, err.reply())
-                # The client is gone or broke the protocol: nobody is left to answer.
                 nursery.cancel_scope.cancel()
         finally:
             self.clients -= 1
+
+    async def _execute(
+        self,
+        ch: Channel,
+        handlers: Mapping[type[Message], Handler],
+        requests: trio.MemoryReceiveChannel[Message],
+        nursery: trio.Nursery,
+    ) -> None:
+        # Replies still waiting for the peer round trip count against the same limit.
+        limiter = trio.Semaphore(MAX_PENDING_PER_CLIENT)
+        async for msg in requests:
+            await limiter.acquire()
+            op = await self._run_request(handlers.get(type(msg)), msg)
+            nursery.start_soon(self._answer, ch, msg.id, op, limiter)  # type: ignore[attr-defined]
 
     async def _run_request(self, handler: Handler | None, msg: Message) -> Op:
         self.active_requests += 1

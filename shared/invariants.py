@@ -89,7 +89,8 @@ def check(c: Collapser, r: Remapper) -> None:
                     continue
                 assert mem.allocated(pfn), f"pid {pid}: PTE at {addr:#x} maps freed pfn {pfn}"
                 assert mem.ino[mem.head(pfn)] == vma.ino and mem.index[pfn] == vma.pgoff_at(addr), (
-                    f"pid {pid}: PTE at {addr:#x} maps pfn {pfn}, not the file page for its offset"
+                    f"pid {pid}: PTE at {addr:#x} maps pfn {pfn} (ino {mem.ino[mem.head(pfn)]} index "
+                    f"{mem.index[pfn]}), not the file page for its offset ({vma})"
                 )
                 pte_maps[pfn] += 1
                 rss["MM_SHMEMPAGES" if pte & PTE_SHMEM else "MM_FILEPAGES"] += 1
