@@ -50,6 +50,19 @@ MAX_LOST_PEER_ROUNDS = 64
 # After SIGTERM/SIGINT, how long requests in flight get to finish before everything is cancelled.
 SHUTDOWN_GRACE_S = 2.0
 LISTEN_BACKLOG = 128
+# Rows per RmapDelta (pfns per Reclaim) in one frame: unmapping or paging out gigabytes at once
+# must not make a frame the peer refuses. Rows are additive, so a split changes nothing.
+MAX_ROWS_PER_FRAME = 65536
+
+
+def split_for_frames(msg: Message) -> list[Message]:
+    if isinstance(msg, m.RmapDelta) and len(msg.rows) > MAX_ROWS_PER_FRAME:
+        rows = msg.rows
+        return [m.RmapDelta(rows[i : i + MAX_ROWS_PER_FRAME]) for i in range(0, len(rows), MAX_ROWS_PER_FRAME)]
+    if isinstance(msg, m.Reclaim) and len(msg.pfns) > MAX_ROWS_PER_FRAME:
+        pfns = msg.pfns
+        return [m.Reclaim(pfns[i : i + MAX_ROWS_PER_FRAME]) for i in range(0, len(pfns), MAX_ROWS_PER_FRAME)]
+    return [msg]
 
 
 class Op:
@@ -356,7 +369,8 @@ class Driver:
             msg = self.core.outbox.popleft()
             self._pumped += 1
             try:
-                await peer.send(msg)
+                for part in split_for_frames(msg):
+                    await peer.send(part)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass  # the peer's handler sees the end and calls peer_lost()
             except (ValueError, TypeError, OverflowError):

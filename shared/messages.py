@@ -272,8 +272,10 @@ class KnobsChanged(Message):
 #
 # A client opens with PeerHello(role="client") and the daemon answers with its own PeerHello.
 # Every request carries ``id`` (unique per connection, chosen by the client); the daemon answers
-# each with Reply(id, result) or ErrorReply(id, errno, message), in whatever order they finish.
-# Requests a daemon does not serve are refused with EOPNOTSUPP. The daemons also send Sync to
+# each with Reply(id, result) or ErrorReply(id, errno, message). A daemon runs one connection's
+# requests in the order sent, as one thread's syscalls; replies go out when ready, not
+# necessarily in that order, so clients match them by id. Requests a daemon does not serve are
+# refused with EOPNOTSUPP. The daemons also send Sync to
 # each other over the peer channel, as the barrier that makes a reply wait until the peer has
 # seen everything the operation sent it.
 # ===============================================================================================

@@ -20,7 +20,7 @@ from typing import Any, NoReturn, TextIO
 import trio
 
 from shared.client import COLLAPSED, REMAPD, Pending, Session
-from shared.config import ENV_COLLAPSED, ENV_REMAPD, ENV_TIMEOUT, default_address
+from shared.config import ENV_COLLAPSED, ENV_DEADLINE, ENV_REMAPD, default_address
 from shared.errors import UserError
 from shared.message import Message
 from shared.units import parse_size
@@ -89,13 +89,6 @@ def address(text: str) -> int:
     return parse_size(text)
 
 
-def number(text: str) -> int:
-    value = int(text, 0)
-    if value < 0:
-        raise ValueError(text)
-    return value
-
-
 def milliseconds(text: str) -> float:
     value = float(text)
     if not math.isfinite(value) or value < 0:
@@ -154,8 +147,8 @@ def build_parser() -> Parser:
         "--deadline",
         metavar="SECONDS",
         type=seconds,
-        default=_env_timeout(),
-        help=f"give up on any reply after SECONDS (${ENV_TIMEOUT}; default: wait)",
+        default=_env_deadline(),
+        help=f"give up on any reply after SECONDS (${ENV_DEADLINE}; default: wait)",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in (files, proc, mm, reports, run):
@@ -163,8 +156,8 @@ def build_parser() -> Parser:
     return parser
 
 
-def _env_timeout() -> float | None:
-    text = os.environ.get(ENV_TIMEOUT)
+def _env_deadline() -> float | None:
+    text = os.environ.get(ENV_DEADLINE)
     try:
         return seconds(text) if text else None
     except ValueError:
