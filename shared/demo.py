@@ -1,71 +1,117 @@
-"""The demo workload, in-process: Kirill's scenario step by step, then the policies side by side.
+"""The main job: both daemons as real processes, a demo workload through the client, what was won.
 
-Run it with ``bash .ci/demo`` (or ``python -m shared.demo``).
+Run it with ``bash .ci/demo`` (or ``python -m shared.demo``). It starts ``collapsed`` and
+``remapd`` on Unix sockets in a temporary directory, plays Kirill's scenario against them in real
+time (two processes map a text file; a thread of one holds its mmap_lock while khugepaged
+collapses the file; the remapper recovers the pte-mapped THP), prints smaps/vmstat/meminfo
+excerpts, stops the daemons, and then runs the same busy-lock workload under every retry policy
+in-process on the virtual clock and prints them side by side.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
+import tempfile
 
-from remapd.report import render_smaps
+import trio
+
+from shared import messages as m
+from shared.client import COLLAPSED, REMAPD, Session
 from shared.experiment import Workload, compare, render
-from shared.knobs import Knobs
-from shared.world import World
+from shared.render import render_smaps
+from shared.thpctl.launch import running_daemons
 
 MB = 1 << 20
+SIZE = 8 * MB
+# Long enough to cover khugepaged's first pass (scan_sleep_millisecs below) with room to spare.
+HOLD_MS = 1500
+SCAN_MS = 100
+IDLE_MS = 600_000
 
 
-def _pmd(world: World, pid: int) -> int:
-    return sum(e["FilePmdMapped"] for e in world.smaps(pid))
+def _pmd_kb(smaps: list[dict]) -> int:
+    return sum(e["FilePmdMapped"] for e in smaps)
 
 
-def scenario(out=sys.stdout) -> None:
-    w = World(Knobs(scan_sleep_millisecs=100, remap_sleep_millisecs=100))
-    w.file_create("libbig.so", 4 * MB)
+async def _wait_for(what, deadline_s: float = 10.0, poll_s: float = 0.05) -> None:
+    """Poll ``what()`` until true: the daemons run in real time."""
+    with trio.fail_after(deadline_s):
+        while not await what():
+            await trio.sleep(poll_s)
+
+
+async def scenario(s: Session, say) -> None:
+    # khugepaged stays asleep while the processes set up; it is woken once pid 1's lock is held.
+    await s.call(m.SysfsSet, name="khugepaged/scan_sleep_millisecs", value=str(IDLE_MS))
+    await s.call(m.SysfsSet, name="thpsplit/remap_sleep_millisecs", value=str(SCAN_MS))
+    await s.call(m.FileCreate, name="libbig.so", size=SIZE)
+    addrs = {}
     for pid in (1, 2):
-        w.spawn(pid)
-    a = w.mmap(1, None, 4 * MB, "libbig.so", prot="rx", shared=False)
-    b = w.mmap(2, None, 4 * MB, "libbig.so", prot="rx", shared=False)
-    for pid, addr in ((1, a), (2, b)):
-        w.madvise(pid, addr, 4 * MB, "hugepage")
-        w.touch(pid, addr, 4 * MB)
-    print("1. Two processes map a 4 MiB text file (MADV_HUGEPAGE) and fault it in with PTEs.", file=out)
-    w.lock(1, 150)
-    print("2. A thread of process 1 holds its mmap_lock while khugepaged collapses the file:", file=out)
-    w.advance(150)
-    print(f"   collapse_file built {w.vmstat()['thp_collapse_alloc']} THPs; retract_page_tables'"
-          f" trylock failed for process 1 ({w.remapper.stats['retract_deferred']} PMDs deferred),"
-          f" process 2 got PMDs: FilePmdMapped {_pmd(w, 2)} kB.", file=out)
-    w.touch(1, a, 4 * MB)
-    print(f"3. Process 1 faults the new THPs back in with PTEs (pte-mapped THP): FilePmdMapped {_pmd(w, 1)} kB,"
-          f" {len([k for k in w.remapper.marked if k[0] == 1])} PTE tables marked for retry.", file=out)
-    w.advance(200)
-    print(f"4. The remapper's pass over marked tables (policy per-pmd) maps them with PMDs:"
-          f" FilePmdMapped {_pmd(w, 1)} kB.", file=out)
-    w.spawn(3)
-    c = w.mmap(3, None, 4 * MB, "libbig.so", prot="rx", shared=False)
-    w.touch(3, c, 4 * MB)
-    print(f"5. A new mapping gets PMDs at its first faults: FilePmdMapped {_pmd(w, 3)} kB.\n", file=out)
-    print("smaps of process 1:", file=out)
-    print(render_smaps(w.smaps(1)), file=out)
-    vm = w.vmstat()
-    print("vmstat:", file=out)
-    for key in ("thp_collapse_alloc", "thp_file_mapped", "nr_file_hugepages", "nr_file_pmdmapped"):
-        print(f"{key} {vm[key]}", file=out)
-    mi = w.meminfo()
-    print("meminfo:", file=out)
+        await s.call(m.ProcSpawn, pid=pid)
+        addrs[pid] = (await s.call(m.Mmap, pid=pid, addr=None, length=SIZE, name="libbig.so", prot="rx", shared=False))["addr"]
+        await s.call(m.Madvise, pid=pid, addr=addrs[pid], length=SIZE, advice="hugepage")
+        counts = await s.call(m.Touch, pid=pid, addr=addrs[pid], length=SIZE)
+        say(f"   pid {pid}: mmap {SIZE // MB} MiB of libbig.so r-x at {addrs[pid]:#x}, MADV_HUGEPAGE, touch: {counts}")
+    say(f"2. A thread of pid 1 holds its mmap_lock for {HOLD_MS} ms while khugepaged collapses the file.")
+    await s.call(m.Lock, pid=1, hold_ms=HOLD_MS)
+    await s.call(m.SysfsSet, name="khugepaged/scan_sleep_millisecs", value=str(SCAN_MS))  # wakes it
+    await s.call(m.WaitScans, n=1)
+    vm = await s.vmstat()
+    st1 = await s.call(m.Smaps, pid=1)
+    st2 = await s.call(m.Smaps, pid=2)
+    say(f"   collapse_file built {vm['thp_collapse_alloc']} THPs; pid 2 got PMDs right away "
+        f"(FilePmdMapped {_pmd_kb(st2)} kB); pid 1's retract waits (FilePmdMapped {_pmd_kb(st1)} kB).")
+    # The lock is held for read: pid 1's other threads keep faulting meanwhile.
+    counts = await s.call(m.Touch, pid=1, addr=addrs[1], length=SIZE)
+    status = await s.call(m.Status, REMAPD)
+    say(f"3. pid 1 runs its text meanwhile: {counts} -- the THPs come back PTE-mapped (pte-mapped THP);")
+    say(f"   its PTE tables carry the per-PMD mark (remapd status: {status['marked_tables']} marked).")
+
+    async def pid1_recovered() -> bool:
+        return _pmd_kb(await s.call(m.Smaps, pid=1)) == SIZE // 1024
+
+    await _wait_for(pid1_recovered)
+    say(f"4. The remapper's pass over marked tables maps them with PMDs: pid 1 FilePmdMapped {SIZE // 1024} kB.")
+    await s.call(m.ProcSpawn, pid=3)
+    a3 = (await s.call(m.Mmap, pid=3, addr=None, length=SIZE, name="libbig.so", prot="rx", shared=False))["addr"]
+    counts = await s.call(m.Touch, pid=3, addr=a3, length=SIZE)
+    say(f"5. A new mapping (pid 3) gets PMDs at its first faults: {counts}.\n")
+    say("smaps of pid 1 (thpctl smaps 1):")
+    say(render_smaps(await s.call(m.Smaps, pid=1)).rstrip())
+    vm = await s.vmstat()
+    say("\nvmstat excerpt (thpctl vmstat):")
+    for key in ("thp_collapse_alloc", "thp_file_mapped", "thp_split_pmd", "nr_file_hugepages", "nr_file_pmdmapped"):
+        say(f"{key} {vm[key]}")
+    mi = await s.call(m.Meminfo)
+    say("\nmeminfo excerpt (thpctl meminfo):")
     for key in ("FileHugePages", "FilePmdMapped"):
-        print(f"{key + ':':<16}{mi[key]:>8} kB", file=out)
-    w.check()
+        say(f"{key + ':':<16}{mi[key]:>8} kB")
 
 
-def main() -> int:
-    print("== thpsplit: Kirill's split, step by step ==\n")
-    scenario()
+async def run_daemons(transport: str, say) -> None:
+    with tempfile.TemporaryDirectory(prefix="thpsplit-demo-") as workdir:
+        async with running_daemons(workdir, transport=transport) as d:
+            say(f"== Both daemons up: collapsed on {d.collapsed.address}, remapd on {d.remapd.address} ==\n")
+            say("1. Two processes map a text file and fault it in with PTEs.")
+            async with Session(d.collapsed.address, d.remapd.address) as s:
+                await scenario(s, say)
+        say(f"\n== Daemons stopped (collapsed exit {d.collapsed.proc.returncode}, remapd exit {d.remapd.proc.returncode}) ==")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m shared.demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--transport", choices=("unix", "tcp"), default="unix")
+    args = parser.parse_args(argv)
+
+    def say(line: str = "") -> None:
+        print(line, flush=True)
+
+    trio.run(run_daemons, args.transport, say)
     work = Workload()
-    print(f"\n== Retry policies side by side: {work.procs} processes map a {work.size // MB} MiB text file;"
-          f" {work.busy} keep mmap_lock busy while khugepaged collapses it ==\n")
-    print(render(compare(work)))
+    say(f"\n== Retry policies side by side (in-process, virtual clock): {work.procs} processes map a "
+        f"{work.size // MB} MiB text file; {work.busy} keep mmap_lock busy while khugepaged collapses it ==\n")
+    say(render(compare(work)))
     return 0
 
 
