@@ -28,6 +28,7 @@ class Collapsed:
             m.FileWrite: lambda q: d.start(c.file_write, q.name, q.offset, q.length),
             m.FileSync: lambda q: d.start(c.file_sync, q.name),
             m.FileTruncate: lambda q: d.start(c.file_truncate, q.name, q.size),
+            m.FilePunch: lambda q: d.start(c.file_punch, q.name, q.offset, q.length),
             m.FileLs: lambda q: d.start(c.file_ls),
             m.DropCaches: lambda q: d.start(c.drop_caches),
             m.Vmstat: lambda q: d.start(c.vmstat),

@@ -38,6 +38,7 @@ ROUTES: dict[type[Message], str] = {
     m.FileWrite: COLLAPSED,
     m.FileSync: COLLAPSED,
     m.FileTruncate: COLLAPSED,
+    m.FilePunch: COLLAPSED,
     m.FileLs: COLLAPSED,
     m.DropCaches: COLLAPSED,
     m.Meminfo: COLLAPSED,

@@ -339,6 +339,16 @@ class FileTruncate(Message):
     size: int
 
 
+@message("client.file_punch")
+class FilePunch(Message):
+    """fallocate(FALLOC_FL_PUNCH_HOLE) on [offset, offset+length)."""
+
+    id: int
+    name: str
+    offset: int
+    length: int
+
+
 @message("client.file_ls")
 class FileLs(Message):
     id: int

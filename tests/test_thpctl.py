@@ -273,3 +273,12 @@ async def test_run_reads_stdin_through_the_entry_point(d):
     assert p.returncode == 0, p.stderr
     assert p.stdout.startswith("s ino 1 size 8192 shmem nrpages 0 ")
     assert "always [madvise] never\n" in p.stdout and "\nthp_file_alloc 0\n" in p.stdout
+
+
+
+async def test_file_punch_drops_whole_pages_and_keeps_the_size(d):
+    await ok(d, "file", "create", "p", "--size", "64K")
+    await ok(d, "file", "write", "p", "0", "64K")
+    stat = json.loads(await ok(d, "--json", "file", "punch", "p", "4K", "10K"))
+    # [4K, 14K) holds two whole pages (4K..12K); the page at 12K..16K is only partly covered.
+    assert (stat["nrpages"], stat["size"]) == (14, 65536)

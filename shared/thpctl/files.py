@@ -81,6 +81,18 @@ def register(sub: Any) -> None:
     p.add_argument("name", metavar="NAME")
     p.add_argument("size", type=size, metavar="SIZE")
 
+    p = command(
+        gsub,
+        "punch",
+        "fallocate(PUNCH_HOLE) on [OFFSET, OFFSET+LENGTH): unmaps and drops the whole pages in it",
+        lambda a: [req(COLLAPSED, m.FilePunch, name=a.name, offset=a.offset, length=a.length)],
+        _render_stat,
+        "file punch libfoo.so 1M 64K",
+    )
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("offset", type=size, metavar="OFFSET")
+    p.add_argument("length", type=size, metavar="LENGTH")
+
     command(
         gsub,
         "ls",
