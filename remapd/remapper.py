@@ -700,15 +700,23 @@ class Remapper(Actor):
                 and vma.pmd_suitable(haddr)
             )
             purpose = "copy" if cow else "map"
+            # The page-cache lookup is the collapser's: mmap_lock is not held across it (it stands
+            # for microseconds of filemap_fault, or for I/O that drops the lock), so a fault in
+            # flight does not fail khugepaged's trylock. Everything is revalidated after.
+            self.unlock_read(mm)
             reply = yield Call(
                 m.LookupPage(self.new_req(), vma.ino, vma.pgoff_at(addr), purpose, write, pmd_ok, vma.hugepage)
             )
+            while not mm.lock.try_read():
+                yield Wait(("mmap", mm.pid))
             if reply.status != "ok":
                 return reply.status
-            if mm.exiting:
+            if mm.exiting or mm.find_vma(addr) is not vma:
                 if purpose == "map":
                     self._row(reply.head if reply.pmd else reply.pfn, pte=0 if reply.pmd else -1, pmd=-1 if reply.pmd else 0)
-                return "sigsegv"
+                if mm.exiting:
+                    return "sigsegv"
+                continue  # the VMA changed while we looked: fault again
             if cow:
                 # do_cow_fault: a private anon copy of the file page.
                 new = self._anon_new()
