@@ -18,7 +18,6 @@ from remapd.mm import (
     PROT_READ,
     PROT_WRITE,
     PTE_ANON,
-    PTE_SHIFT,
     PTE_SHMEM,
     PTE_THP,
     PTE_WRITE,

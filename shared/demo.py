@@ -17,7 +17,7 @@ import tempfile
 import trio
 
 from shared import messages as m
-from shared.client import COLLAPSED, REMAPD, Session
+from shared.client import REMAPD, Session
 from shared.experiment import Workload, compare, render
 from shared.render import render_smaps
 from shared.thpctl.launch import running_daemons

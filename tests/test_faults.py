@@ -8,22 +8,8 @@ import pytest
 from collapsed.pagecache import PG_DIRTY, PG_HEAD
 from remapd.mm import PTE_ANON, PTE_SHMEM, PTE_THP, PTE_WRITE, PteTable, pte_pfn
 from shared.errors import UserError
-from shared.units import HPAGE_PMD_NR, HPAGE_PMD_SHIFT, HPAGE_PMD_SIZE, PAGE_SHIFT, PAGE_SIZE
-
-P = PAGE_SIZE
-H = HPAGE_PMD_SIZE
-FIXED = 0x40000000
-
-
-def pte_at(world, pid: int, addr: int) -> int:
-    entry = world.remapper.mms[pid].pmds.get(addr >> HPAGE_PMD_SHIFT)
-    if entry is None or isinstance(entry, int):
-        return entry or 0
-    return entry.ptes[(addr >> PAGE_SHIFT) & (HPAGE_PMD_NR - 1)]
-
-
-def cache_pfn(world, name: str, index: int) -> int:
-    return world.collapser.by_name[name].get(index)
+from shared.units import HPAGE_PMD_NR, HPAGE_PMD_SHIFT
+from helpers import FIXED, H, P, cache_pfn, pte_at
 
 
 def make_file_thp(world, name: str, size: int = 2 * H) -> int:

@@ -11,14 +11,9 @@ import pytest
 from collapsed.khugepaged import madvise_collapse_errno
 from shared.scan_result import ScanResult as R
 from shared.units import HPAGE_PMD_SHIFT, HPAGE_PMD_SIZE, PAGE_SIZE
+from helpers import QUARTER, smaps1
 
-QUARTER = HPAGE_PMD_SIZE // 4
 KINDS = pytest.mark.parametrize("shmem", [False, True], ids=["file", "shmem"])
-
-
-def smaps1(world, pid):
-    (entry,) = world.smaps(pid)
-    return entry
 
 
 def pmd_kb(world, pid, shmem):

@@ -9,24 +9,8 @@ from collapsed.pagecache import PG_HEAD
 from remapd.mm import PTE_ANON, PTE_THP, PTE_WRITE, PteTable, pte_pfn
 from remapd.remapper import MMAP_BASE
 from shared.errors import UserError
-from shared.units import HPAGE_PMD_NR, HPAGE_PMD_SHIFT, HPAGE_PMD_SIZE, PAGE_SHIFT, PAGE_SIZE
-
-P = PAGE_SIZE
-H = HPAGE_PMD_SIZE
-# A 2 MiB-aligned address well below where mmap(NULL) places things.
-FIXED = 0x40000000
-
-
-def pte_at(world, pid: int, addr: int) -> int:
-    """The PTE (or PMD entry) mapping ``addr`` in ``pid``, 0 if none."""
-    entry = world.remapper.mms[pid].pmds.get(addr >> HPAGE_PMD_SHIFT)
-    if entry is None or isinstance(entry, int):
-        return entry or 0
-    return entry.ptes[(addr >> PAGE_SHIFT) & (HPAGE_PMD_NR - 1)]
-
-
-def cache_pfn(world, name: str, index: int) -> int:
-    return world.collapser.by_name[name].get(index)
+from shared.units import HPAGE_PMD_NR, HPAGE_PMD_SHIFT
+from helpers import FIXED, H, P, cache_pfn, pte_at
 
 
 def errno_of(excinfo) -> str:

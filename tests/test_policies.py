@@ -12,16 +12,7 @@ import pytest
 
 from remapd.mm import PteTable
 from shared.units import HPAGE_PMD_SHIFT, HPAGE_PMD_SIZE, PAGE_SIZE
-
-# khugepaged and the remapper both wake every second; the lock is released between passes.
-TICK = 1000
-HOLD = 2500
-QUARTER = HPAGE_PMD_SIZE // 4
-
-
-def smaps1(world, pid):
-    (entry,) = world.smaps(pid)
-    return entry
+from helpers import HOLD, QUARTER, TICK, smaps1
 
 
 def deferred(make_world, policy, nr=1, hold=HOLD, prot="r", shared=True, **knobs):

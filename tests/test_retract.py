@@ -10,15 +10,7 @@ import pytest
 
 from remapd.mm import PteTable
 from shared.units import HPAGE_PMD_SHIFT, HPAGE_PMD_SIZE, PAGE_SIZE
-
-TICK = 1000
-HOLD = 2500
-QUARTER = HPAGE_PMD_SIZE // 4
-
-
-def smaps1(world, pid):
-    (entry,) = world.smaps(pid)
-    return entry
+from helpers import HOLD, QUARTER, TICK, smaps1
 
 
 def new_world(make_world, **knobs):

@@ -10,15 +10,10 @@ from remapd.mm import PteTable
 from remapd.uprobes import uprobe_add
 from shared.errors import UserError
 from shared.units import HPAGE_PMD_SHIFT, HPAGE_PMD_SIZE, PAGE_SIZE
+from helpers import QUARTER, smaps1
 
 TICK = 1000
-QUARTER = HPAGE_PMD_SIZE // 4
 PROBE = 5 * PAGE_SIZE
-
-
-def smaps1(world, pid):
-    (entry,) = world.smaps(pid)
-    return entry
 
 
 def text_world(make_world, **knobs):
