@@ -28,30 +28,14 @@ PG_LRU = 1 << 4
 PG_HEAD = 1 << 5
 PG_TAIL = 1 << 6
 PG_SWAPBACKED = 1 << 7
-PG_PRIVATE = 1 << 8
 # The page is in use (allocated); cleared on free so a stale pfn is detectable.
 PG_ALLOCATED = 1 << 9
 
-_FLAG_NAMES = {
-    PG_LOCKED: "locked",
-    PG_UPTODATE: "uptodate",
-    PG_DIRTY: "dirty",
-    PG_WRITEBACK: "writeback",
-    PG_LRU: "lru",
-    PG_HEAD: "head",
-    PG_TAIL: "tail",
-    PG_SWAPBACKED: "swapbacked",
-    PG_PRIVATE: "private",
-}
 
 # Block 0 is never handed out, so pfn 0 can mean "no page" in xarray slots and messages.
 _FIRST_BLOCK = 1
 _NR = HPAGE_PMD_NR
 _MASK = _NR - 1
-
-
-def flag_names(flags: int) -> list[str]:
-    return [name for bit, name in _FLAG_NAMES.items() if flags & bit]
 
 
 class PhysMem:

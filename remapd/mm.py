@@ -214,9 +214,3 @@ class Mm:
         assert self.vmas[i] is vma
         del self.starts[i]
         del self.vmas[i]
-
-    def neighbours(self, vma: Vma) -> tuple[Vma | None, Vma | None]:
-        i = bisect.bisect_left(self.starts, vma.start)
-        prev = self.vmas[i - 1] if i > 0 else None
-        nxt = self.vmas[i + 1] if i + 1 < len(self.vmas) else None
-        return prev, nxt

@@ -125,9 +125,6 @@ class Actor:
             self._ready.extend((t, None, epoch) for t, epoch in waiters if t.epoch == epoch)
             self._run_ready()
 
-    def has_waiters(self, key: Any) -> bool:
-        return key in self._waits
-
     def pending_calls(self) -> int:
         return len(self._calls)
 
@@ -186,12 +183,3 @@ class Actor:
             self._waits[effect.key].append((task, task.epoch))
         else:
             raise TypeError(f"task {task.name or task.gen!r} yielded {effect!r}, not an effect")
-
-
-def run_now(actor: Actor, gen: Task) -> Any:
-    """Run ``gen`` and return its result if it finishes without waiting (else raise RuntimeError)."""
-    box: list[Any] = []
-    actor.spawn(gen, box.append)
-    if not box:
-        raise RuntimeError("task did not complete synchronously")
-    return box[0]

@@ -12,8 +12,6 @@ import sys
 
 import structlog
 
-LEVELS = ("debug", "info", "warning", "error")
-
 
 def configure(level: str = "warning", json: bool | None = None, stream=None) -> None:
     """Set the level and renderer: JSON lines when not on a TTY (or ``json=True``), else console."""

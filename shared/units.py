@@ -10,7 +10,6 @@ HPAGE_PMD_ORDER = 9
 HPAGE_PMD_NR = 1 << HPAGE_PMD_ORDER
 HPAGE_PMD_SHIFT = PAGE_SHIFT + HPAGE_PMD_ORDER
 HPAGE_PMD_SIZE = 1 << HPAGE_PMD_SHIFT
-HPAGE_PMD_MASK = ~(HPAGE_PMD_SIZE - 1)
 
 # Largest address a modelled process may map: 47-bit user address space, as x86-64 4-level paging.
 TASK_SIZE = 1 << 47

@@ -48,7 +48,6 @@ class World:
         self.remapper = Remapper(dataclasses.replace(base))
         self.now = 0.0
         self._rng = random.Random(seed) if seed is not None else None
-        self.delivered = 0
         self.settle()
 
     # -- driving ------------------------------------------------------------------------------
@@ -65,7 +64,6 @@ class World:
                 r.deliver(c.outbox.popleft())
             else:
                 c.deliver(r.outbox.popleft())
-            self.delivered += 1
 
     def start(self, actor: Collapser | Remapper, op: Generator[Any, Any, Any] | Any) -> Pending:
         """Run ``op`` (a generator, or a plain call's result) on ``actor``; settle; return it."""
