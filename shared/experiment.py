@@ -78,9 +78,11 @@ def run_policy(policy: str, w: Workload, install_pmd: int = 1) -> dict[str, Any]
     }
 
 
-def compare(w: Workload | None = None, policies: tuple[str, ...] = RETRY_POLICIES) -> list[dict[str, Any]]:
+def compare(
+    w: Workload | None = None, policies: tuple[str, ...] = RETRY_POLICIES, install_pmd: int = 1
+) -> list[dict[str, Any]]:
     w = w or Workload()
-    return [run_policy(p, w) for p in policies]
+    return [run_policy(p, w, install_pmd) for p in policies]
 
 
 def render(rows: list[dict[str, Any]]) -> str:

@@ -282,3 +282,17 @@ async def test_file_punch_drops_whole_pages_and_keeps_the_size(d):
     stat = json.loads(await ok(d, "--json", "file", "punch", "p", "4K", "10K"))
     # [4K, 14K) holds two whole pages (4K..12K); the page at 12K..16K is only partly covered.
     assert (stat["nrpages"], stat["size"]) == (14, 65536)
+
+
+async def test_experiment_runs_in_process_and_shows_kirills_objection():
+    # No daemon is needed: the policies run on the model's virtual clock.
+    out, err = io.StringIO(), io.StringIO()
+    argv = ["--json", "experiment", "--procs", "2", "--size", "8M", "--busy", "1", "--policies", "per-pmd,per-mapping,none"]
+    assert await amain(argv, out, err) == 0, err.getvalue()
+    rows = {row["policy"]: row for row in json.loads(out.getvalue())}
+    assert rows["per-pmd"]["pmd_mapped_total"] == rows["per-pmd"]["possible"] == 8
+    # The busy process's 4 ranges: per-mapping's one bit recovers fewer, none recovers nothing.
+    assert rows["none"]["pmd_mapped_total"] == 4
+    assert 4 < rows["per-mapping"]["pmd_mapped_total"] < 8
+    assert await amain(["experiment", "--busy", "3", "--procs", "2"], out, err) == 2
+    assert err.getvalue().count("\n") == 1
