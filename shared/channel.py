@@ -1,13 +1,14 @@
 """A framed message stream over a trio Stream: the one transport of the peer and client protocols.
 
-:func:`open_channel` runs two tasks around a stream: a reader that splits bytes into frames and
-messages (:mod:`shared.framing`, whose limits bound every frame an untrusted peer sends) and a
-writer that puts queued frames on the wire. Both queues are bounded trio memory channels, so a
-slow reader or a flooding writer exerts backpressure instead of growing memory.
+:meth:`Channel.receive` reads the stream in the receiving task and splits the bytes into frames
+and messages (:mod:`shared.framing`, whose limits bound every frame an untrusted peer sends); a
+writer task puts queued frames on the wire from a bounded trio memory channel. A slow receiver
+stops reading (TCP backpressure) and a flooding sender waits on the bounded queue: neither grows
+memory.
 
 A protocol error (a bad frame, an unknown message, a wrong first message) is delivered in stream
 order, after every good message before it, as a :class:`ChannelError` raised from
-:meth:`Channel.receive`; the reader stops there. The owner answers with an ``ErrorReply`` and
+:meth:`Channel.receive`; nothing more is read. The owner answers with an ``ErrorReply`` and
 closes: leaving the ``async with`` flushes what is queued (for at most :data:`CLOSE_TIMEOUT_S`)
 and closes the stream.
 """
@@ -69,7 +70,7 @@ class Channel:
         self.stream = stream
         self.hello: PeerHello | None = None
         self._decoder = FrameDecoder(max_frame_bytes)
-        self._in_send, self._in_recv = trio.open_memory_channel[Any](queue_depth)
+        self._failed = False
         self._out_send, self._out_recv = trio.open_memory_channel[bytes](queue_depth)
         self._writer_done = trio.Event()
 
@@ -94,11 +95,26 @@ class Channel:
             trio.EndOfChannel: the other side closed the stream.
             ChannelError: the next frame broke the protocol; nothing more will be received.
         """
-        item = await self._in_recv.receive()
-        if isinstance(item, ChannelError):
-            self._in_recv.close()
-            raise item
-        return item
+        # Read in the receiving task itself: a task switch per message saved on the hot path.
+        # The decoder's frame limit bounds what is buffered.
+        if self._failed:
+            raise trio.ClosedResourceError("the channel stopped at a protocol error")
+        while True:
+            obj = None
+            try:
+                obj = self._decoder.next_object()
+                if obj is not None:
+                    return from_wire(obj)
+            except ProtocolError as err:
+                self._failed = True
+                raise ChannelError(str(err), reply_to=_request_id(obj)) from None
+            try:
+                data = await self.stream.receive_some(RECV_CHUNK)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                data = b""
+            if not data:
+                raise trio.EndOfChannel
+            self._decoder.feed(data)
 
     def __aiter__(self) -> Channel:
         return self
@@ -139,30 +155,6 @@ class Channel:
         raise ChannelError(f"no hello within {timeout:g} s", "ETIMEDOUT")
 
     # -- the two tasks -------------------------------------------------------------------------
-
-    async def _reader(self) -> None:
-        try:
-            while True:
-                try:
-                    data = await self.stream.receive_some(RECV_CHUNK)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    return
-                if not data:
-                    return
-                self._decoder.feed(data)
-                while True:
-                    obj = None
-                    try:
-                        obj = self._decoder.next_object()
-                        if obj is None:
-                            break
-                        msg = from_wire(obj)
-                    except ProtocolError as err:
-                        await self._in_send.send(ChannelError(str(err), reply_to=_request_id(obj)))
-                        return
-                    await self._in_send.send(msg)
-        finally:
-            self._in_send.close()
 
     async def _writer(self) -> None:
         try:
@@ -214,7 +206,6 @@ async def open_channel(
     channel = Channel(stream, max_frame_bytes, queue_depth)
     with unwrap_single():
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(channel._reader)
             nursery.start_soon(channel._writer)
             try:
                 yield channel
