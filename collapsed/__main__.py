@@ -6,18 +6,8 @@ import argparse
 import os
 import sys
 
-from shared.config import (
-    ENV_SEED,
-    AddressError,
-    add_daemon_flags,
-    add_knob_flags,
-    default_address,
-    knobs_from,
-    log_json,
-    parse_address,
-)
-from shared.knobs import KnobError
-from shared.logs import configure
+from shared.config import ENV_SEED, add_daemon_flags, add_knob_flags, daemon_main, default_address
+from shared.knobs import Knobs
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,22 +31,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        knobs = knobs_from(args)
-        listen = args.listen or default_address("collapsed")
-        parse_address(listen)
-    except (KnobError, AddressError) as err:
-        print(f"collapsed: {err}", file=sys.stderr)
-        return 2
-    configure(args.log_level, log_json(args.log_format))
+    listen = args.listen or default_address("collapsed")
 
-    from collapsed.daemon import Collapsed
-    from shared.driver import main_wrapper
+    async def start(knobs: Knobs) -> None:
+        from collapsed.daemon import Collapsed
 
-    async def run() -> None:
         await Collapsed(knobs, seed=args.seed).serve(listen, args.ready_file)
 
-    return main_wrapper("collapsed", run)
+    return daemon_main("collapsed", args, (listen,), start)
 
 
 if __name__ == "__main__":

@@ -60,13 +60,9 @@ class Collapsed:
         await self.driver.barrier(wait_for_peer=True)
 
     def status(self) -> dict[str, Any]:
-        d, c = self.driver, self.core
+        c = self.core
         return {
-            "daemon": "collapsed",
-            "peer": d.peer is not None,
-            "clients": d.clients,
-            "uptime_s": round(d.uptime_s(), 3),
-            "model_ms": c.now,
+            **self.driver.status("collapsed"),
             "files": len(c.files),
             "mm_slots": len(c.khugepaged.slots),
             **self.counters(),

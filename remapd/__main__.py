@@ -5,18 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from shared.config import (
-    ENV_COLLAPSED,
-    AddressError,
-    add_daemon_flags,
-    add_knob_flags,
-    default_address,
-    knobs_from,
-    log_json,
-    parse_address,
-)
-from shared.knobs import KnobError
-from shared.logs import configure
+from shared.config import ENV_COLLAPSED, add_daemon_flags, add_knob_flags, daemon_main, default_address
+from shared.knobs import Knobs
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,24 +30,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        knobs = knobs_from(args)
-        listen = args.listen or default_address("remapd")
-        collapsed = args.collapsed or default_address("collapsed")
-        parse_address(listen)
-        parse_address(collapsed)
-    except (KnobError, AddressError) as err:
-        print(f"remapd: {err}", file=sys.stderr)
-        return 2
-    configure(args.log_level, log_json(args.log_format))
+    listen = args.listen or default_address("remapd")
+    collapsed = args.collapsed or default_address("collapsed")
 
-    from remapd.daemon import Remapd
-    from shared.driver import main_wrapper
+    async def start(knobs: Knobs) -> None:
+        from remapd.daemon import Remapd
 
-    async def run() -> None:
         await Remapd(knobs).serve(listen, args.ready_file, collapsed)
 
-    return main_wrapper("remapd", run)
+    return daemon_main("remapd", args, (listen, collapsed), start)
 
 
 if __name__ == "__main__":

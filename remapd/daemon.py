@@ -85,13 +85,9 @@ class Remapd:
         await self.driver.barrier(wait_for_peer=True)
 
     def status(self) -> dict[str, Any]:
-        d, r = self.driver, self.core
+        r = self.core
         return {
-            "daemon": "remapd",
-            "peer": d.peer is not None,
-            "clients": d.clients,
-            "uptime_s": round(d.uptime_s(), 3),
-            "model_ms": r.now,
+            **self.driver.status("remapd"),
             "processes": sorted(r.mms),
             "files": len(r.files),
             "marked_tables": len(r.marked),

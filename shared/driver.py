@@ -126,6 +126,16 @@ class Driver:
     def uptime_s(self) -> float:
         return trio.current_time() - self._t0
 
+    def status(self, daemon: str) -> dict[str, Any]:
+        """What ``thpctl status`` shows of any daemon; each adds its own model's figures."""
+        return {
+            "daemon": daemon,
+            "peer": self.peer is not None,
+            "clients": self.clients,
+            "uptime_s": round(self.uptime_s(), 3),
+            "model_ms": self.core.now,
+        }
+
     # -- events -------------------------------------------------------------------------------
 
     def _guard(self, fn: Callable[..., Any], *args: Any) -> Any:
