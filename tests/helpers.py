@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
-from shared.units import HPAGE_PMD_NR, HPAGE_PMD_SHIFT, HPAGE_PMD_SIZE, PAGE_SHIFT, PAGE_SIZE
+import io
+
+from collapsed.pagecache import PG_HEAD
+from shared.thpctl.cli import amain
+from shared.units import (
+    HPAGE_PMD_NR,
+    HPAGE_PMD_SHIFT,
+    HPAGE_PMD_SIZE,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+)
 
 P = PAGE_SIZE
 H = HPAGE_PMD_SIZE
@@ -30,3 +40,32 @@ def smaps1(world, pid: int) -> dict:
     """The smaps entry of a process with exactly one VMA."""
     (entry,) = world.smaps(pid)
     return entry
+
+
+def make_file_thp(world, name: str, size: int = 2 * H) -> int:
+    """A regular file whose first 2 MiB is one PMD-order page in the page cache (MADV_COLLAPSE in a
+    helper process that then exits); returns the THP's head pfn."""
+    world.file_create(name, size)
+    world.spawn(999)
+    a = world.mmap(999, FIXED, H, name)
+    world.touch(999, a, H, stride=64 * P)
+    assert world.madvise(999, a, H, "collapse") == 0
+    world.exit(999)
+    head = cache_pfn(world, name, 0)
+    assert world.collapser.mem.flags[head] & PG_HEAD
+    assert world.collapser.mem.ref[head] == HPAGE_PMD_NR  # the cache's references only
+    return head
+
+
+async def thpctl(d, *argv: str) -> tuple[int, str, str]:
+    """thpctl in-process against the daemons ``d`` (from running_daemons): status, stdout, stderr."""
+    out, err = io.StringIO(), io.StringIO()
+    # A reply that never comes fails the test instead of hanging it.
+    status = await amain([*d.thpctl_args, "--deadline", "30", *argv], out, err)
+    return status, out.getvalue(), err.getvalue()
+
+
+async def ok(d, *argv: str) -> str:
+    status, out, err = await thpctl(d, *argv)
+    assert (status, err) == (0, ""), (argv, out, err)
+    return out

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import shutil
 import signal
 import struct
@@ -21,23 +20,10 @@ from shared.config import parse_address
 from shared.driver import MAX_ROWS_PER_FRAME, connect, split_for_frames
 from shared.errors import UserError
 from shared.framing import MAX_FRAME_BYTES, FrameDecoder, encode_frame, encode_message
-from shared.thpctl.cli import amain
 from shared.thpctl.launch import DaemonProcess, running_daemons
+from helpers import ok, thpctl
 
 MB = 1 << 20
-
-
-async def thpctl(d, *argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    # A reply that never comes fails the test instead of hanging it.
-    status = await amain([*d.thpctl_args, "--deadline", "30", *argv], out, err)
-    return status, out.getvalue(), err.getvalue()
-
-
-async def ok(d, *argv: str) -> str:
-    status, out, err = await thpctl(d, *argv)
-    assert (status, err) == (0, ""), (argv, out, err)
-    return out
 
 
 def smaps_fields(text: str) -> dict[str, int]:

@@ -5,24 +5,12 @@ from __future__ import annotations
 
 import pytest
 
-from collapsed.pagecache import PG_DIRTY, PG_HEAD
+from collapsed.pagecache import PG_DIRTY
 from remapd.mm import PTE_ANON, PTE_SHMEM, PTE_THP, PTE_WRITE, PteTable, pte_pfn
 from shared.errors import UserError
 from shared.units import HPAGE_PMD_NR, HPAGE_PMD_SHIFT
-from helpers import FIXED, H, P, cache_pfn, pte_at
+from helpers import make_file_thp, FIXED, H, P, cache_pfn, pte_at
 
-
-def make_file_thp(world, name: str, size: int = 2 * H) -> int:
-    """A regular file whose first 2 MiB is a PMD-order page in the page cache, mapped by no one."""
-    world.file_create(name, size)
-    world.spawn(999)
-    a = world.mmap(999, FIXED, H, name)
-    world.touch(999, a, H, stride=64 * P)
-    assert world.madvise(999, a, H, "collapse") == 0
-    world.exit(999)
-    head = cache_pfn(world, name, 0)
-    assert world.collapser.mem.flags[head] & PG_HEAD
-    return head
 
 
 def rss(world, pid: int = 1) -> list[int]:

@@ -10,26 +10,12 @@ from remapd.mm import PTE_ANON, PTE_THP, PTE_WRITE, PteTable, pte_pfn
 from remapd.remapper import MMAP_BASE
 from shared.errors import UserError
 from shared.units import HPAGE_PMD_NR, HPAGE_PMD_SHIFT
-from helpers import FIXED, H, P, cache_pfn, pte_at
+from helpers import make_file_thp, FIXED, H, P, cache_pfn, pte_at
 
 
 def errno_of(excinfo) -> str:
     return excinfo.value.errno_name
 
-
-def make_file_thp(world, name: str, size: int = 2 * H) -> int:
-    """A regular file whose first 2 MiB is one PMD-order page in the page cache (MADV_COLLAPSE in a
-    helper process that then exits); returns the THP's head pfn."""
-    world.file_create(name, size)
-    world.spawn(999)
-    a = world.mmap(999, FIXED, H, name)
-    world.touch(999, a, H, stride=64 * P)
-    assert world.madvise(999, a, H, "collapse") == 0
-    world.exit(999)
-    head = cache_pfn(world, name, 0)
-    assert world.collapser.mem.flags[head] & PG_HEAD
-    assert world.collapser.mem.ref[head] == HPAGE_PMD_NR  # the cache's references only
-    return head
 
 
 def vmas(world, pid: int) -> list[tuple[int, int, int]]:

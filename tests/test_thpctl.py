@@ -15,6 +15,7 @@ import trio
 
 from shared.thpctl.cli import amain
 from shared.thpctl.launch import running_daemons
+from helpers import ok, thpctl
 
 MB = 1 << 20
 
@@ -28,19 +29,6 @@ async def d(tmp_path: Path):
         yield daemons
     if not short:
         shutil.rmtree(workdir, ignore_errors=True)
-
-
-async def thpctl(d, *argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    # A reply that never comes fails the test instead of hanging it.
-    status = await amain([*d.thpctl_args, "--deadline", "30", *argv], out, err)
-    return status, out.getvalue(), err.getvalue()
-
-
-async def ok(d, *argv: str) -> str:
-    status, out, err = await thpctl(d, *argv)
-    assert (status, err) == (0, ""), (argv, out, err)
-    return out
 
 
 async def fails(d, *argv: str, status: int = 1) -> tuple[str, str]:
@@ -273,7 +261,6 @@ async def test_run_reads_stdin_through_the_entry_point(d):
     assert p.returncode == 0, p.stderr
     assert p.stdout.startswith("s ino 1 size 8192 shmem nrpages 0 ")
     assert "always [madvise] never\n" in p.stdout and "\nthp_file_alloc 0\n" in p.stdout
-
 
 
 async def test_file_punch_drops_whole_pages_and_keeps_the_size(d):
