@@ -318,11 +318,12 @@ class Collapser(Actor):
             self.send(m.PageAnswer(msg.req, "sigbus"))
             return None
         value = f.get(msg.index)
+        if value > 0 and mem.flags[mem.head(value)] & PG_LOCKED:
+            return mem.head(value)
+        # do_fault_around runs first: it maps what the cache holds around the fault.
+        around = self._fault_around(f, msg.around) if msg.around and msg.purpose == "map" else ()
         major = False
         if value > 0:
-            head = mem.head(value)
-            if mem.flags[head] & PG_LOCKED:
-                return head
             pfn = value
         elif value < 0:
             pfn = self.add_small_page(f, msg.index)
@@ -332,6 +333,7 @@ class Collapser(Actor):
             pfn = self._shmem_alloc(f, msg.index, msg.pmd_ok, msg.vm_hugepage)
         else:
             pfn = self.add_small_page(f, msg.index)
+            self._read_around(f, msg.index, msg.vm_hugepage)
             major = True
         if major:
             self.vm["pgmajfault"] += 1
@@ -348,8 +350,40 @@ class Collapser(Actor):
                 self._set_dirty(head)
         elif msg.purpose == "pin":
             self.apply_rmap(((pfn, 0, 0, 1),))
-        self.send(m.PageAnswer(msg.req, "ok", pfn, head, thp, pmd, major, f.shmem))
+        self.send(m.PageAnswer(msg.req, "ok", pfn, head, thp, pmd, major, f.shmem, around))
         return None
+
+    def _fault_around(self, f: File, indices: tuple[int, ...]) -> tuple[tuple[int, int, bool], ...]:
+        """filemap_map_pages: map the cached, uptodate, unlocked pages among ``indices``."""
+        mem = self.mem
+        out = []
+        for index in indices:
+            value = f.get(index)
+            if value <= 0:
+                continue
+            head = mem.head(value)
+            if mem.flags[head] & PG_LOCKED or not mem.flags[head] & PG_UPTODATE:
+                continue
+            self.apply_rmap(((value, 1, 0, 0),))
+            out.append((index, value, bool(mem.flags[head] & PG_HEAD)))
+        return tuple(out)
+
+    def _read_around(self, f: File, index: int, vm_hugepage: bool) -> None:
+        """do_sync_mmap_readahead for a major fault on a regular file: with VM_HUGEPAGE two PMD
+        ranges from the aligned index ("even if readahead is disabled"), else read-around of
+        read_ahead_kb centred on the fault. Pages arrive uptodate; the mmap_miss heuristic is
+        not modelled."""
+        if vm_hugepage:
+            start = index & ~(HPAGE_PMD_NR - 1)
+            size = 2 * HPAGE_PMD_NR
+        else:
+            size = self.knobs.read_ahead_kb * 1024 // PAGE_SIZE
+            if size <= 1:
+                return
+            start = max(0, index - size // 2)
+        for i in range(start, min(start + size, f.nr_pages_size)):
+            if f.get(i) == 0:
+                self.add_small_page(f, i)
 
     def _shmem_alloc(self, f: File, index: int, pmd_ok: bool, vm_hugepage: bool) -> int:
         """shmem_get_folio_gfp for a hole: a PMD-order folio when shmem_enabled allows it here."""

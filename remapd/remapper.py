@@ -699,12 +699,15 @@ class Remapper(Actor):
                 and vma.pmd_suitable(haddr)
             )
             purpose = "copy" if cow else "map"
+            around = () if write else self._around(mm, vma, addr, entry)
             # The page-cache lookup is the collapser's: mmap_lock is not held across it (it stands
             # for microseconds of filemap_fault, or for I/O that drops the lock), so a fault in
             # flight does not fail khugepaged's trylock. Everything is revalidated after.
             self.unlock_read(mm)
             reply = yield Call(
-                m.LookupPage(self.new_req(), vma.ino, vma.pgoff_at(addr), purpose, write, pmd_ok, vma.hugepage)
+                m.LookupPage(
+                    self.new_req(), vma.ino, vma.pgoff_at(addr), purpose, write, pmd_ok, vma.hugepage, around
+                )
             )
             while not mm.lock.try_read():
                 yield Wait(("mmap", mm.pid))
@@ -713,6 +716,7 @@ class Remapper(Actor):
             if mm.exiting or mm.find_vma(addr) is not vma:
                 if purpose == "map":
                     self._row(reply.head if reply.pmd else reply.pfn, pte=0 if reply.pmd else -1, pmd=-1 if reply.pmd else 0)
+                    self._map_around(mm, vma, reply, install=False)
                 if mm.exiting:
                     return "sigsegv"
                 continue  # the VMA changed while we looked: fault again
@@ -728,23 +732,56 @@ class Remapper(Actor):
             if reply.pmd:
                 if current is None:
                     self._install_pmd(mm, pidx, reply.head, reply.shmem, accounted=True)
+                    self._map_around(mm, vma, reply, install=False)
                     return "pmd"
                 self._row(reply.head, pmd=-1)  # lost a race with another fault: look again
+                self._map_around(mm, vma, reply, install=False)
                 continue
             if isinstance(current, int) or (current is not None and current.ptes[slot]):
                 self._row(reply.pfn, pte=-1)
+                self._map_around(mm, vma, reply, install=False)
                 continue
             if current is None and reply.thp and not vma.nohugepage and vma.pmd_suitable(haddr):
                 # finish_fault: the table went (retracted while we waited on the page lock), so
                 # do_set_pmd maps the THP rather than a PTE in a new table.
                 self._row(reply.pfn, pte=-1)
                 self._install_pmd(mm, pidx, reply.head, reply.shmem, accounted=False)
+                self._map_around(mm, vma, reply, install=False)
                 return "pmd"
             flags = (PTE_THP if reply.thp else 0) | (PTE_SHMEM if reply.shmem else 0)
             if write:
                 flags |= PTE_WRITE
             self._set_pte(mm, pidx, slot, pte_make(reply.pfn, flags))
+            self._map_around(mm, vma, reply, install=True)
             return "major" if reply.major else "minor"
+
+    def _around(self, mm: Mm, vma: Vma, addr: int, entry: PteTable | None) -> tuple[int, ...]:
+        """do_fault_around's window: the fault_around_bytes-aligned block holding ``addr``, inside
+        the VMA and the PMD, minus the fault itself and the PTEs already present."""
+        nr = self.knobs.fault_around_pages()
+        if nr <= 1:
+            return ()
+        size = nr << PAGE_SHIFT
+        haddr = addr & ~(HPAGE_PMD_SIZE - 1)
+        lo = max(addr & ~(size - 1), vma.start, haddr)
+        hi = min((addr & ~(size - 1)) + size, vma.end, haddr + HPAGE_PMD_SIZE)
+        ptes = entry.ptes if entry is not None else None
+        return tuple(
+            vma.pgoff_at(a)
+            for a in range(lo, hi, PAGE_SIZE)
+            if a != addr and (ptes is None or not ptes[(a >> PAGE_SHIFT) & (HPAGE_PMD_NR - 1)])
+        )
+
+    def _map_around(self, mm: Mm, vma: Vma, reply: m.PageAnswer, install: bool) -> None:
+        """Map the fault-around pages the collapser accounted; hand back those that lost a race."""
+        for index, pfn, thp in reply.around:
+            addr = vma.addr_of(index)
+            pidx, slot = addr >> HPAGE_PMD_SHIFT, (addr >> PAGE_SHIFT) & (HPAGE_PMD_NR - 1)
+            entry = mm.pmds.get(pidx)
+            if not install or isinstance(entry, int) or (entry is not None and entry.ptes[slot]):
+                self._row(pfn, pte=-1)
+                continue
+            self._set_pte(mm, pidx, slot, pte_make(pfn, (PTE_THP if thp else 0) | (PTE_SHMEM if reply.shmem else 0)))
 
     def _cow(self, mm: Mm, vma: Vma, pidx: int, slot: int, pte: int) -> str:
         """wp_page_copy (or reuse of an exclusive anon page)."""

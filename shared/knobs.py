@@ -54,6 +54,9 @@ SPECS: dict[str, _Spec] = {
     "thpsplit/fragmentation": _Spec("int", lo=0, hi=100),
     "thpsplit/remap_sleep_millisecs": _Spec("int", lo=0, hi=(1 << 32) - 1),
     "thpsplit/writeback_millisecs": _Spec("int", lo=0, hi=(1 << 32) - 1),
+    # /sys/block/<dev>/queue/read_ahead_kb (regular files) and debugfs fault_around_bytes.
+    "thpsplit/read_ahead_kb": _Spec("int", lo=0, hi=1 << 20),
+    "thpsplit/fault_around_bytes": _Spec("int", lo=0, hi=2 << 20),
 }
 
 
@@ -81,6 +84,15 @@ class Knobs:
     remap_sleep_millisecs: int = 10000
     # How long a page stays under writeback after sync or pageout before it is clean.
     writeback_millisecs: int = 100
+    # A major fault on a regular file reads this much around the page (mmap read-around).
+    read_ahead_kb: int = 128
+    # A read fault maps the cached pages of this aligned window too (do_fault_around).
+    fault_around_bytes: int = 65536
+
+    def fault_around_pages(self) -> int:
+        """fault_around_bytes as the kernel uses it: a power of two of pages, at least 1."""
+        pages = max(self.fault_around_bytes // 4096, 1)
+        return 1 << (pages.bit_length() - 1)
 
     def get(self, name: str) -> Any:
         return getattr(self, _attr(name))

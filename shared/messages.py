@@ -35,6 +35,8 @@ class LookupPage(Message):
     original: a transient reference only, dropped when answered) or ``"pin"`` (GUP: a pin).
     ``pmd_ok``: the remapper could map a PMD here (PMD none, VMA covers the aligned range with
     matching alignment, not VM_NOHUGEPAGE). ``vm_hugepage``: the VMA has VM_HUGEPAGE (shmem advise).
+    ``around``: other indices whose PTEs are empty in the fault-around window (do_fault_around):
+    those the cache holds, uptodate and unlocked, are mapped too and come back in the answer.
     """
 
     req: int
@@ -44,6 +46,7 @@ class LookupPage(Message):
     write: bool
     pmd_ok: bool
     vm_hugepage: bool
+    around: tuple[int, ...] = ()
 
 
 @message("peer.rmap_delta")
@@ -154,7 +157,8 @@ class PageAnswer(Message):
     ``status``: ``"ok"``, ``"sigbus"`` (index at or beyond EOF), ``"nomem"``.
     ``pfn`` is the (sub)page for the index; ``head`` its compound head (== pfn for a small page);
     ``thp`` whether it is PMD-order; ``pmd`` whether the mapping was accounted as a PMD mapping;
-    ``major`` whether it had to be read in (or allocated).
+    ``major`` whether it had to be read in (or allocated); ``around``: (index, pfn, thp) of the
+    fault-around pages, each already accounted as a PTE mapping.
     """
 
     req: int
@@ -165,6 +169,7 @@ class PageAnswer(Message):
     pmd: bool = False
     major: bool = False
     shmem: bool = False
+    around: tuple[tuple[int, int, bool], ...] = ()
 
 
 @message("peer.folio")

@@ -17,14 +17,19 @@ class CheckedWorld(World):
             self.check()
 
 
+# Unit tests count faults and pages one by one: readahead and fault-around off unless a test
+# turns them on (tests/test_readahead.py does).
+ONE_PAGE_AT_A_TIME = {"read_ahead_kb": 0, "fault_around_bytes": 4096}
+
+
 @pytest.fixture
 def world() -> CheckedWorld:
-    return CheckedWorld()
+    return CheckedWorld(Knobs(**ONE_PAGE_AT_A_TIME))
 
 
 @pytest.fixture
 def make_world():
     def make(seed: int | None = None, **knobs) -> CheckedWorld:
-        return CheckedWorld(Knobs(**knobs), seed=seed)
+        return CheckedWorld(Knobs(**{**ONE_PAGE_AT_A_TIME, **knobs}), seed=seed)
 
     return make

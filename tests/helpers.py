@@ -19,6 +19,9 @@ H = HPAGE_PMD_SIZE
 QUARTER = HPAGE_PMD_SIZE // 4
 # A 2 MiB-aligned address well below where mmap(NULL) places things.
 FIXED = 0x40000000
+# Daemon tests count faults and pages one by one: readahead and fault-around off (remapd owns the
+# knobs and pushes them to collapsed).
+ONE_PAGE_FLAGS = ("--read-ahead-kb", "0", "--fault-around-bytes", "4096")
 # khugepaged and the remapper both wake every TICK ms in the policy tests; HOLD spans two passes.
 TICK = 1000
 HOLD = 2500

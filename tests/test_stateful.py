@@ -182,6 +182,8 @@ class ModelMachine(RuleBasedStateMachine):
                 ("shmem_enabled", ("always", "within_size", "advise", "never")),
                 ("enabled", ("always", "madvise", "never")),
                 ("thpsplit/free_huge_pages", (0, 4)),
+                ("thpsplit/read_ahead_kb", (0, 16, 128)),
+                ("thpsplit/fault_around_bytes", (4096, 16384, 65536)),
             )
         ),
         data=st.data(),

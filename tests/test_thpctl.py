@@ -15,7 +15,7 @@ import trio
 
 from shared.thpctl.cli import amain
 from shared.thpctl.launch import running_daemons
-from helpers import ok, thpctl
+from helpers import ONE_PAGE_FLAGS, ok, thpctl
 
 MB = 1 << 20
 
@@ -25,7 +25,7 @@ async def d(tmp_path: Path):
     # sun_path holds 108 bytes: a long test name in tmp_path could overflow it.
     short = len(str(tmp_path / "collapsed.sock")) < 100
     workdir = tmp_path if short else Path(tempfile.mkdtemp(prefix="thp-"))
-    async with running_daemons(workdir, "unix") as daemons:
+    async with running_daemons(workdir, "unix", remapd_args=ONE_PAGE_FLAGS) as daemons:
         yield daemons
     if not short:
         shutil.rmtree(workdir, ignore_errors=True)
