@@ -709,17 +709,23 @@ class Remapper(Actor):
                     self.new_req(), vma.ino, vma.pgoff_at(addr), purpose, write, pmd_ok, vma.hugepage, around
                 )
             )
-            while not mm.lock.try_read():
-                yield Wait(("mmap", mm.pid))
             if reply.status != "ok":
+                while not mm.lock.try_read():
+                    yield Wait(("mmap", mm.pid))
                 return reply.status
-            if mm.exiting or mm.find_vma(addr) is not vma:
+            relocked = mm.lock.try_read()
+            if not relocked or mm.exiting or mm.find_vma(addr) is not vma:
+                # Hand the accounting back rather than hold it while we wait (a writer has the
+                # lock, or the VMA changed): the fault starts again, as after VM_FAULT_RETRY.
                 if purpose == "map":
                     self._row(reply.head if reply.pmd else reply.pfn, pte=0 if reply.pmd else -1, pmd=-1 if reply.pmd else 0)
                     self._map_around(mm, vma, reply, install=False)
+                while not relocked:
+                    yield Wait(("mmap", mm.pid))
+                    relocked = mm.lock.try_read()
                 if mm.exiting:
                     return "sigsegv"
-                continue  # the VMA changed while we looked: fault again
+                continue
             if cow:
                 # do_cow_fault: a private anon copy of the file page.
                 new = self._anon_new()
