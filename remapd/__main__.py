@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from shared.config import ENV_COLLAPSED, add_daemon_flags, add_knob_flags, daemon_main, default_address
+from shared.config import (
+    ENV_COLLAPSED,
+    add_daemon_flags,
+    add_knob_flags,
+    daemon_main,
+    default_address,
+)
 from shared.knobs import Knobs
 
 

@@ -4,8 +4,24 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from remapd.mm import PROT_EXEC, PROT_READ, PROT_WRITE, PTE_ANON, PTE_SHMEM, Mm, PteTable, Vma
-from shared.units import HPAGE_PMD_NR, HPAGE_PMD_SHIFT, HPAGE_PMD_SIZE, PAGE_SHIFT, PAGE_SIZE, pages
+from remapd.mm import (
+    PROT_EXEC,
+    PROT_READ,
+    PROT_WRITE,
+    PTE_ANON,
+    PTE_SHMEM,
+    Mm,
+    PteTable,
+    Vma,
+)
+from shared.units import (
+    HPAGE_PMD_NR,
+    HPAGE_PMD_SHIFT,
+    HPAGE_PMD_SIZE,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    pages,
+)
 
 if TYPE_CHECKING:
     from remapd.remapper import Remapper

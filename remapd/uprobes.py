@@ -8,7 +8,16 @@ from collections.abc import Generator
 from typing import TYPE_CHECKING, Any
 
 from remapd.collapse import collapse_pte_mapped_thp
-from remapd.mm import PROT_EXEC, PROT_WRITE, PTE_ANON, PTE_SHMEM, PTE_THP, Mm, Vma, pte_make
+from remapd.mm import (
+    PROT_EXEC,
+    PROT_WRITE,
+    PTE_ANON,
+    PTE_SHMEM,
+    PTE_THP,
+    Mm,
+    Vma,
+    pte_make,
+)
 from shared import messages as m
 from shared.actor import Call
 from shared.errors import UserError

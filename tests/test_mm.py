@@ -4,13 +4,13 @@ splits at VMA boundaries, mm counters, smaps, THPeligible and the mmap lock."""
 from __future__ import annotations
 
 import pytest
+from helpers import FIXED, H, P, cache_pfn, make_file_thp, pte_at
 
 from collapsed.pagecache import PG_HEAD
+from remapd.address_space import MMAP_BASE
 from remapd.mm import PTE_ANON, PTE_THP, PTE_WRITE, PteTable, pte_pfn
-from remapd.remapper import MMAP_BASE
 from shared.errors import UserError
 from shared.units import HPAGE_PMD_NR, HPAGE_PMD_SHIFT
-from helpers import make_file_thp, FIXED, H, P, cache_pfn, pte_at
 
 
 def errno_of(excinfo) -> str:

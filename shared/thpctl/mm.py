@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from remapd.address_space import PROTS
 from shared import messages as m
 from shared.errors import UserError
 from shared.thpctl.cli import (
@@ -23,7 +24,6 @@ from shared.thpctl.cli import (
 from shared.units import parse_size
 
 ADVICE = ("hugepage", "nohugepage", "collapse", "dontneed", "populate_read", "populate_write", "pageout")
-PROTS = ("r", "rw", "rx", "rwx")
 # touch prints its outcome counts in this order.
 OUTCOMES = ("hit", "minor", "major", "pmd", "sigsegv", "sigbus")
 SIGNALS = ("sigsegv", "sigbus")
@@ -117,7 +117,7 @@ def register(sub: Any) -> None:
     p.add_argument("length", type=size, metavar="LENGTH")
     p.add_argument("--file", required=True, metavar="NAME")
     p.add_argument("--offset", type=size, default=0, metavar="OFF")
-    p.add_argument("--prot", choices=PROTS, default="r")
+    p.add_argument("--prot", choices=tuple(PROTS), default="r")
     share = p.add_mutually_exclusive_group()
     share.add_argument("--shared", action="store_false", dest="private", help="MAP_SHARED (default)")
     share.add_argument("--private", action="store_true", dest="private", help="MAP_PRIVATE")

@@ -8,7 +8,17 @@ from typing import Any
 from shared import messages as m
 from shared.knobs import SPECS
 from shared.render import render_meminfo, render_smaps, render_sysfs, render_vmstat
-from shared.thpctl.cli import COLLAPSED, REMAPD, Outcome, Request, command, ok, pairs, req, seconds
+from shared.thpctl.cli import (
+    COLLAPSED,
+    REMAPD,
+    Outcome,
+    Request,
+    command,
+    ok,
+    pairs,
+    req,
+    seconds,
+)
 
 
 def _render_vmstat(args: argparse.Namespace, results: list[Any]) -> Outcome:
