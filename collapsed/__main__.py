@@ -6,7 +6,13 @@ import argparse
 import os
 import sys
 
-from shared.config import ENV_SEED, add_daemon_flags, add_knob_flags, daemon_main, default_address
+from shared.config import (
+    ENV_SEED,
+    add_daemon_flags,
+    add_knob_flags,
+    daemon_main,
+    default_address,
+)
 from shared.knobs import Knobs
 
 

@@ -1,0 +1,301 @@
+"""The collapser's file operations: create, write, sync/writeback, truncate and punch-hole (with
+the unmap they need), drop_caches, and reclaim for MADV_PAGEOUT. Mixed into
+:class:`collapsed.collapser.Collapser`."""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from typing import Any
+
+from collapsed.pagecache import (
+    PG_DIRTY,
+    PG_HEAD,
+    PG_LOCKED,
+    PG_LRU,
+    PG_WRITEBACK,
+    File,
+)
+from shared import messages as m
+from shared.actor import Call, Sleep, Wait
+from shared.errors import UserError
+from shared.units import HPAGE_PMD_NR, PAGE_SIZE, pages
+
+# NAME_MAX.
+_MAX_NAME = 255
+
+
+class FileOps:
+    """write(2), truncate(2), fallocate(PUNCH_HOLE), writeback, drop_caches, reclaim."""
+
+    # -- file operations (client requests) ----------------------------------------------------
+
+    def file_create(self, name: str, size: int, shmem: bool) -> dict[str, Any]:
+        if not name or len(name) > _MAX_NAME or "/" in name or "\0" in name:
+            raise UserError("EINVAL", f"bad file name {name!r}")
+        if name in self.by_name:
+            raise UserError("EEXIST", f"file {name!r} exists")
+        if size < 0:
+            raise UserError("EINVAL", "size must not be negative")
+        f = File(self._next_ino, name, size, shmem)
+        self._next_ino += 1
+        self.files[f.ino] = f
+        self.by_name[name] = f
+        self.send(m.FileInfo(f.ino, name, size, shmem))
+        return self.file_stat(f)
+
+    def file(self, name: str) -> File:
+        f = self.by_name.get(name)
+        if f is None:
+            raise UserError("ENOENT", f"no file {name!r}")
+        return f
+
+    def file_stat(self, f: File) -> dict[str, Any]:
+        return {
+            "name": f.name,
+            "ino": f.ino,
+            "size": f.size,
+            "shmem": f.shmem,
+            "nrpages": f.nrpages,
+            "thps": f.nr_thps,
+            "swap": f.nrswap,
+            "dirty": sum(1 for _, v in f.entries() if v > 0 and self.mem.flags[self.mem.head(v)] & PG_DIRTY),
+            "open_for_write": f.writecount,
+        }
+
+    def file_ls(self) -> list[dict[str, Any]]:
+        return [self.file_stat(f) for f in sorted(self.files.values(), key=lambda f: f.name)]
+
+    def file_write(self, name: str, offset: int, length: int) -> Generator[Any, Any, dict[str, Any]]:
+        """write(2): dirty the pages, reading in (or allocating) missing ones; extends i_size."""
+        f = self.file(name)
+        if offset < 0 or length < 0:
+            raise UserError("EINVAL", "offset and length must not be negative")
+        if length == 0:
+            return self.file_stat(f)
+        end = offset + length
+        if end > f.size:
+            self._set_size(f, end)
+        for index in range(offset // PAGE_SIZE, pages(end)):
+            while True:
+                value = f.get(index)
+                if value > 0:
+                    head = self.mem.head(value)
+                    if self.mem.flags[head] & PG_LOCKED:
+                        yield Wait(("page", head))
+                        continue
+                    self._set_dirty(head)
+                else:
+                    self.add_small_page(f, index, dirty=True)
+                break
+        return self.file_stat(f)
+
+    def file_sync(self, name: str) -> dict[str, Any]:
+        f = self.file(name)
+        self.start_writeback(f)
+        return self.file_stat(f)
+
+    def start_writeback(self, f: File) -> None:
+        """filemap_flush: dirty pages of a regular file go under writeback (clean when it ends)."""
+        if f.shmem:
+            return
+        flags = self.mem.flags
+        done = self.now + self.knobs.writeback_millisecs
+        for _, value in list(f.entries()):
+            head = self.mem.head(value) if value > 0 else 0
+            # A locked page is being truncated or collapsed: writeback leaves it to its owner.
+            if head and flags[head] & PG_DIRTY and not flags[head] & (PG_WRITEBACK | PG_LOCKED):
+                flags[head] = (flags[head] & ~PG_DIRTY) | PG_WRITEBACK
+                self._writeback.append((done, head))
+        if self._writeback:
+            self.spawn(self._end_writeback(done), name="writeback")
+
+    def _end_writeback(self, until: float) -> Generator[Any, Any, None]:
+        yield Sleep(until)
+        still = []
+        for done, head in self._writeback:
+            if done <= self.now:
+                self.mem.flags[head] &= ~PG_WRITEBACK
+                self.notify(("writeback", head))
+            else:
+                still.append((done, head))
+        self._writeback = still
+
+    def _set_size(self, f: File, size: int) -> None:
+        f.size = size
+        self.send(m.FileInfo(f.ino, f.name, size, f.shmem))
+
+    def file_truncate(self, name: str, size: int) -> Generator[Any, Any, dict[str, Any]]:
+        """truncate(2): unmap, then drop every page at or past the new EOF (split a THP it cuts)."""
+        f = self.file(name)
+        if size < 0:
+            raise UserError("EINVAL", "size must not be negative")
+        old = f.size
+        self._set_size(f, size)
+        if size < old:
+            yield from self.punch(f, pages(size), pages(old))
+        return self.file_stat(f)
+
+    def file_punch(self, name: str, offset: int, length: int) -> Generator[Any, Any, dict[str, Any]]:
+        """fallocate(FALLOC_FL_PUNCH_HOLE): drop the whole pages in the range; i_size stays."""
+        f = self.file(name)
+        if offset < 0 or length <= 0:
+            raise UserError("EINVAL", "punch needs a non-negative offset and a positive length")
+        start = pages(offset)
+        end = min((offset + length) // PAGE_SIZE, f.nr_pages_size)
+        if start < end:
+            yield from self.punch(f, start, end)
+        return self.file_stat(f)
+
+    def _drop_for_write(self, f: File) -> Generator[Any, Any, None]:
+        """do_dentry_open on a file with read-only THPs (filemap_nr_thps): unmap_mapping_range and
+        truncate_inode_pages of the whole cache, so no THP is ever written through."""
+        if f.chunks:
+            yield from self.punch(f, 0, (max(f.chunks) + 1) * HPAGE_PMD_NR, even_cows=False)
+
+    def punch(self, f: File, start: int, end: int, even_cows: bool = True) -> Generator[Any, Any, None]:
+        """truncate_inode_pages_range on [start, end): unmap_mapping_range, then delete pages."""
+        yield from self.unmap_range(f, start, end, (), even_cows=even_cows)
+        mem = self.mem
+        kept: set[int] = set()  # THPs that would not split: one attempt each, not one per subpage
+        for index, value in list(f.entries(start, end)):
+            if f.get(index) != value:
+                continue  # went with a THP removed earlier in this loop
+            if value > 0 and mem.head(value) in kept:
+                continue
+            if value < 0:
+                f.set(index, 0)
+                f.drop_empty_chunk(index)
+                f.nrswap -= 1
+                self.nr_swap_entries -= 1
+                continue
+            head = mem.head(value)
+            # Truncate waits for writeback to end (outside the page lock, so the model is never
+            # quiet with a page locked), then locks the page.
+            while mem.flags[head] & PG_WRITEBACK and f.get(index) == value:
+                yield Wait(("writeback", head))
+            if f.get(index) != value:
+                continue
+            yield from self.lock(head)
+            if f.get(index) != value:
+                self.unlock(head)
+                continue
+            if mem.total_mapcount(head):
+                # truncate_cleanup_folio: a fault mapped it again after the first unmap; with the
+                # page locked no new mapping can appear, so this unmap is the last.
+                lo = mem.index[head]
+                hi = lo + (HPAGE_PMD_NR if mem.flags[head] & PG_HEAD else 1)
+                yield from self.unmap_range(f, lo, hi, (), even_cows=False)
+            if mem.flags[head] & PG_HEAD:
+                hstart = mem.index[head]
+                if hstart >= start and hstart + HPAGE_PMD_NR <= end:
+                    self.remove_page(f, head)
+                    self.unlock(head)
+                    continue
+                if not self.split_thp(f, head):
+                    self.unlock(head)
+                    kept.add(head)
+                    continue  # pinned: the folio stays whole, as truncate_inode_partial_folio
+                self.unlock_split(head)
+                for sub in range(head, head + HPAGE_PMD_NR):
+                    if start <= mem.index[sub] < end and f.get(mem.index[sub]) == sub:
+                        self.remove_page(f, sub)
+                continue
+            self.remove_page(f, head)
+            self.unlock(head)
+
+    def unlock_split(self, head: int) -> None:
+        for pfn in range(head, head + HPAGE_PMD_NR):
+            self.unlock(pfn)
+
+    def split_thp(self, f: File, head: int) -> bool:
+        """split_huge_page on an unmapped THP: 512 small pages, each with its own cache reference.
+
+        Fails (thp_split_page_failed) while anything but the cache holds a reference, as
+        can_split_folio does.
+        """
+        mem = self.mem
+        if mem.ref[head] != HPAGE_PMD_NR or mem.entire.get(head) or any(
+            mem.mapcount[head : head + HPAGE_PMD_NR]
+        ):
+            self.vm["thp_split_page_failed"] += 1
+            return False
+        was_lru = mem.flags[head] & PG_LRU
+        mem.split_huge(head)
+        for sub in range(head, head + HPAGE_PMD_NR):
+            mem.ref[sub] = 1
+            mem.flags[sub] |= PG_LOCKED | was_lru
+        f.nr_thps -= 1
+        self.vm["thp_split_page"] += 1
+        return True
+
+    def unmap_range(
+        self, f: File, start: int, end: int, pfns: tuple[int, ...], even_cows: bool
+    ) -> Generator[Any, Any, None]:
+        """Ask the remapper to zap mappings of [start, end) and wait until it has."""
+        yield Call(m.UnmapMapping(self.new_req(), f.ino, start, end, pfns, even_cows))
+
+    def drop_caches(self) -> Generator[Any, Any, dict[str, int]]:
+        """echo 1 > drop_caches: evict clean, unmapped, unlocked, unpinned page-cache pages."""
+        self.lru_add_drain()
+        mem = self.mem
+        dropped = 0
+        for f in list(self.files.values()):
+            for _, value in list(f.entries()):
+                if value <= 0:
+                    continue
+                head = mem.head(value)
+                if not mem.allocated(head) or mem.ino[head] != f.ino:
+                    continue
+                cache_refs = HPAGE_PMD_NR if mem.flags[head] & PG_HEAD else 1
+                if f.shmem or mem.flags[head] & (PG_DIRTY | PG_WRITEBACK | PG_LOCKED):
+                    continue
+                if mem.ref[head] != cache_refs:
+                    continue  # mapped or pinned: invalidate_mapping_pages leaves it
+                dropped += cache_refs
+                self.remove_page(f, head)
+        yield from ()
+        return {"dropped_pages": dropped}
+
+    def _reclaim(self, pfns: tuple[int, ...]) -> None:
+        """shrink_folio_list for MADV_PAGEOUT: unmapped pages leave memory (shmem to swap)."""
+        mem = self.mem
+        for pfn in pfns:
+            if not mem.allocated(pfn):
+                continue
+            head = mem.head(pfn)
+            f = self.files.get(mem.ino[head])
+            if f is None or mem.flags[head] & (PG_LOCKED | PG_WRITEBACK):
+                continue
+            cache_refs = HPAGE_PMD_NR if mem.flags[head] & PG_HEAD else 1
+            if mem.ref[head] != cache_refs:
+                continue
+            if mem.flags[head] & PG_HEAD:
+                if not f.shmem:
+                    continue  # a read-only file THP is dropped whole by drop_caches, not pageout
+                self.trylock(head)
+                if not self.split_thp(f, head):
+                    self.unlock(head)
+                    continue
+                subs = list(range(head, head + HPAGE_PMD_NR))
+                self.unlock_split(head)
+            else:
+                subs = [head]
+            for sub in subs:
+                self._reclaim_small(f, sub)
+
+    def _reclaim_small(self, f: File, pfn: int) -> None:
+        mem = self.mem
+        index = mem.index[pfn]
+        if f.shmem:
+            self.remove_page(f, pfn)
+            swap = self._next_swap
+            self._next_swap += 1
+            f.set(index, -swap)
+            f.nrswap += 1
+            self.nr_swap_entries += 1
+            self.vm["pswpout"] += 1
+        elif mem.flags[pfn] & PG_DIRTY:
+            self.start_writeback(f)
+        else:
+            self.remove_page(f, pfn)
+
