@@ -249,3 +249,20 @@ def test_faults_during_madv_collapse_shmem(make_world, seed):
     assert out["meminfo"]["ShmemHugePages"] == 0
     assert [s["ShmemPmdMapped"] for s in out["smaps"]] == [0, 0, 0]
     assert out == run_concurrent(make_world, None, shmem=True)
+
+
+def test_shmem_madv_collapse_matches_the_real_kernel(make_world):
+    # Observed on this machine's 6.18 kernel (shmem_enabled never): a 4 MiB memfd with one page
+    # written, mapped shared at a 2 MiB-aligned address and never touched; MADV_COLLAPSE of the
+    # first 2 MiB returns 0 and smaps shows Rss = ShmemPmdMapped = 2048 kB; of the second (no page
+    # present) EINVAL; of the first again 0.
+    world = make_world(shmem_enabled="never")
+    world.file_create("c", 2 * HPAGE_PMD_SIZE, shmem=True)
+    world.file_write("c", 0, PAGE_SIZE)
+    world.spawn(1)
+    a = world.mmap(1, 0x40000000, 2 * HPAGE_PMD_SIZE, "c", prot="rw", shared=True)
+    assert world.madvise(1, a, HPAGE_PMD_SIZE, "collapse") == 0
+    entry = smaps1(world, 1)
+    assert (entry["Rss"], entry["ShmemPmdMapped"]) == (2048, 2048)
+    assert world.madvise(1, a + HPAGE_PMD_SIZE, HPAGE_PMD_SIZE, "collapse") == "EINVAL"
+    assert world.madvise(1, a, HPAGE_PMD_SIZE, "collapse") == 0
