@@ -12,6 +12,7 @@ from collections.abc import Generator
 from typing import Any
 
 from collapsed.fileops import FileOps
+from collapsed.khugepaged import Khugepaged
 from collapsed.pagecache import (
     PG_DIRTY,
     PG_HEAD,
@@ -67,8 +68,6 @@ class Collapser(FileOps, Actor):
         self._writeback: list[tuple[float, int]] = []  # (done at, pfn)
         # Bumped when the remapper is lost: a lookup begun for the old one must not account.
         self.peer_epoch = 0
-        from collapsed.khugepaged import Khugepaged
-
         self.khugepaged = Khugepaged(self)
         if start_khugepaged:
             self.spawn(self.khugepaged.thread(), name="khugepaged")

@@ -8,6 +8,7 @@ import bisect
 from collections.abc import Generator
 from typing import Any
 
+from remapd.collapse import madvise_collapse
 from remapd.mm import (
     PROT_EXEC,
     PROT_READ,
@@ -17,6 +18,7 @@ from remapd.mm import (
     Vma,
     pte_pfn,
 )
+from remapd.uprobes import uprobe_mmap
 from shared import messages as m
 from shared.errors import UserError
 from shared.units import (
@@ -133,7 +135,7 @@ class AddressSpaceOps:
             vma = Vma(addr, addr + length, offset >> PAGE_SHIFT, f.ino, PROTS[prot], shared)
             self._link(mm, vma)
             self._merge_around(mm, addr, addr + length)
-            yield from self._uprobe_mmap(mm, vma)
+            yield from uprobe_mmap(self, mm, vma)
         finally:
             self.unlock_write(mm)
         return {"addr": addr, "length": length}
@@ -195,8 +197,6 @@ class AddressSpaceOps:
         if end == addr:
             return {"result": 0}
         if advice == "collapse":
-            from remapd.collapse import madvise_collapse
-
             result = yield from madvise_collapse(self, mm, addr, end)
             return {"result": result}
         covered = mm.overlapping(addr, end)

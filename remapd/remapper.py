@@ -12,6 +12,12 @@ from collections.abc import Generator
 from typing import Any
 
 from remapd.address_space import AddressSpaceOps
+from remapd.collapse import (
+    collapse_pte_mapped_thp,
+    khugepaged_collapse_pte_mapped_thps,
+    remap_marked_tables,
+    retract_page_tables,
+)
 from remapd.fault import FaultPath
 from remapd.mm import (
     ANON_PFN_BASE,
@@ -25,6 +31,7 @@ from remapd.mm import (
     pte_pfn,
 )
 from remapd.pagetable import PageTableOps
+from remapd.report import smaps
 from shared import messages as m
 from shared.actor import Actor, Sleep, Wait
 from shared.errors import UserError
@@ -100,7 +107,7 @@ class Remapper(PageTableOps, AddressSpaceOps, FaultPath, Actor):
             self._unmap_mapping(msg)
             self.send(m.Unmapped(msg.req))
         elif isinstance(msg, m.Retract):
-            self.send(self.retract_page_tables(msg))
+            self.send(retract_page_tables(self, msg))
         elif isinstance(msg, m.CollapsePteMapped):
             self.spawn(self._collapse_pte_mapped_request(msg), name="collapse_pte_mapped")
         elif isinstance(msg, m.VisitMm):
@@ -303,14 +310,7 @@ class Remapper(PageTableOps, AddressSpaceOps, FaultPath, Actor):
                 continue
             self.zap_range(mm, vma.addr_of(lo), vma.addr_of(hi), anon=msg.even_cows, pfns=pfns)
 
-    def retract_page_tables(self, msg: m.Retract) -> m.Retracted:
-        from remapd.collapse import retract_page_tables
-
-        return retract_page_tables(self, msg)
-
     def _collapse_pte_mapped_request(self, msg: m.CollapsePteMapped) -> Generator[Any, Any, None]:
-        from remapd.collapse import collapse_pte_mapped_thp
-
         mm = self.mms.get(msg.pid)
         if mm is None or mm.exiting:
             self.send(m.CollapsePteMappedResult(msg.req, int(R.SCAN_ANY_PROCESS)))
@@ -327,32 +327,21 @@ class Remapper(PageTableOps, AddressSpaceOps, FaultPath, Actor):
         self.send(m.CollapsePteMappedResult(msg.req, int(result)))
 
     def _visit_mm(self, msg: m.VisitMm) -> Generator[Any, Any, None]:
-        from remapd.collapse import khugepaged_collapse_pte_mapped_thps
-
         mm = self.mms.get(msg.pid)
         if mm is not None:
             yield from khugepaged_collapse_pte_mapped_thps(self, mm)
         self.send(m.VisitMmDone(msg.req))
 
     def _remap_thread(self) -> Generator[Any, Any, None]:
-        from remapd.collapse import remap_marked_tables
-
         while True:
             yield Sleep(self.now + self.knobs.remap_sleep_millisecs, wake="remap_wake")
             if self.knobs.retry_policy == "per-pmd" and self.marked:
                 yield from remap_marked_tables(self)
 
-    def _uprobe_mmap(self, mm: Mm, vma: Vma) -> Generator[Any, Any, None]:
-        from remapd.uprobes import uprobe_mmap
-
-        yield from uprobe_mmap(self, mm, vma)
-
     # -- reports ------------------------------------------------------------------------------
 
     def smaps(self, pid: int) -> list[dict[str, Any]]:
         """Per-VMA /proc/PID/smaps fields (kB), as task_mmu.c computes them."""
-        from remapd.report import smaps
-
         return smaps(self, self.mm(pid))
 
     def vmstat(self) -> dict[str, int]:
