@@ -35,21 +35,6 @@ if TYPE_CHECKING:
 
 log = get_logger("collapsed.khugepaged")
 
-# The madvise_collapse_errno() table (6.x).
-_EAGAIN = {R.SCAN_PAGE_COUNT, R.SCAN_PAGE_LOCK, R.SCAN_PAGE_LRU, R.SCAN_DEL_PAGE_LRU, R.SCAN_PAGE_FILLED}
-_EBUSY = {R.SCAN_CGROUP_CHARGE_FAIL, R.SCAN_EXCEED_NONE_PTE}
-
-
-def madvise_collapse_errno(result: R) -> str:
-    if result == R.SCAN_ALLOC_HUGE_PAGE_FAIL:
-        return "ENOMEM"
-    if result in _EBUSY:
-        return "EBUSY"
-    if result in _EAGAIN:
-        return "EAGAIN"
-    return "EINVAL"
-
-
 @dataclasses.dataclass
 class Range:
     """A registered file VMA (khugepaged_enter_vma): [start, end) maps ``ino`` from ``pgoff``."""

@@ -25,6 +25,7 @@ from shared import messages as m
 from shared.actor import Call
 from shared.logs import get_logger
 from shared.scan_result import ScanResult as R
+from shared.scan_result import madvise_collapse_errno
 from shared.units import HPAGE_PMD_NR, HPAGE_PMD_SHIFT, HPAGE_PMD_SIZE
 
 if TYPE_CHECKING:
@@ -236,8 +237,6 @@ def madvise_collapse(r: Remapper, mm: Mm, start: int, end: int) -> Generator[Any
     then ``collapse_pte_mapped_thp(install_pmd=true)`` here, in the caller's mm only.
 
     Returns 0 or the errno name."""
-    from collapsed.khugepaged import madvise_collapse_errno
-
     vmas = mm.overlapping(start, end)
     if not vmas:
         return "ENOMEM"

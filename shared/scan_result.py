@@ -81,3 +81,24 @@ _TRACE = {
     ScanResult.SCAN_COPY_MC: "copy_poisoned_page",
     ScanResult.SCAN_PAGE_FILLED: "page_filled",
 }
+
+
+# The madvise_collapse_errno() table (6.x): what MADV_COLLAPSE returns for a failed range.
+_EAGAIN = {
+    ScanResult.SCAN_PAGE_COUNT,
+    ScanResult.SCAN_PAGE_LOCK,
+    ScanResult.SCAN_PAGE_LRU,
+    ScanResult.SCAN_DEL_PAGE_LRU,
+    ScanResult.SCAN_PAGE_FILLED,
+}
+_EBUSY = {ScanResult.SCAN_CGROUP_CHARGE_FAIL, ScanResult.SCAN_EXCEED_NONE_PTE}
+
+
+def madvise_collapse_errno(result: ScanResult) -> str:
+    if result == ScanResult.SCAN_ALLOC_HUGE_PAGE_FAIL:
+        return "ENOMEM"
+    if result in _EBUSY:
+        return "EBUSY"
+    if result in _EAGAIN:
+        return "EAGAIN"
+    return "EINVAL"

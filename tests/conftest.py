@@ -10,7 +10,6 @@ from hypothesis import settings
 from shared.knobs import Knobs
 from shared.world import World
 
-
 # CI runs a fixed set of examples (derandomized): a submission lands on what was tested here.
 # Locally every run explores new ones.
 settings.register_profile("ci", derandomize=True, print_blob=True)

@@ -8,7 +8,15 @@ from array import array
 import pytest
 
 from collapsed.khugepaged import CollapseControl
-from collapsed.pagecache import PG_DIRTY, PG_HEAD, PG_LOCKED, PG_LRU, PG_SWAPBACKED, PG_UPTODATE, PG_WRITEBACK
+from collapsed.pagecache import (
+    PG_DIRTY,
+    PG_HEAD,
+    PG_LOCKED,
+    PG_LRU,
+    PG_SWAPBACKED,
+    PG_UPTODATE,
+    PG_WRITEBACK,
+)
 from shared import messages as m
 from shared.scan_result import ScanResult as R
 from shared.units import HPAGE_PMD_NR, HPAGE_PMD_SIZE, PAGE_SIZE

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from helpers import ONE_PAGE_FLAGS, ok, thpctl
 
 from shared import messages as m
 from shared.channel import PROTOCOL_VERSION
@@ -21,7 +22,6 @@ from shared.driver import MAX_ROWS_PER_FRAME, connect, split_for_frames
 from shared.errors import UserError
 from shared.framing import MAX_FRAME_BYTES, FrameDecoder, encode_frame, encode_message
 from shared.thpctl.launch import DaemonProcess, running_daemons
-from helpers import ONE_PAGE_FLAGS, ok, thpctl
 
 MB = 1 << 20
 

@@ -4,13 +4,12 @@ MADV_POPULATE_*, MADV_DONTNEED, and GUP pins."""
 from __future__ import annotations
 
 import pytest
+from helpers import FIXED, H, P, cache_pfn, make_file_thp, pte_at
 
 from collapsed.pagecache import PG_DIRTY
 from remapd.mm import PTE_ANON, PTE_SHMEM, PTE_THP, PTE_WRITE, PteTable, pte_pfn
 from shared.errors import UserError
 from shared.units import HPAGE_PMD_NR, HPAGE_PMD_SHIFT
-from helpers import make_file_thp, FIXED, H, P, cache_pfn, pte_at
-
 
 
 def rss(world, pid: int = 1) -> list[int]:

@@ -7,11 +7,11 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
-
-from collapsed.khugepaged import madvise_collapse_errno
-from shared.scan_result import ScanResult as R
-from shared.units import HPAGE_PMD_SHIFT, HPAGE_PMD_SIZE, PAGE_SIZE
 from helpers import QUARTER, smaps1
+
+from shared.scan_result import ScanResult as R
+from shared.scan_result import madvise_collapse_errno
+from shared.units import HPAGE_PMD_SHIFT, HPAGE_PMD_SIZE, PAGE_SIZE
 
 KINDS = pytest.mark.parametrize("shmem", [False, True], ids=["file", "shmem"])
 

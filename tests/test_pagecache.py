@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from collapsed.pagecache import PG_DIRTY, PG_HEAD, PG_SWAPBACKED, PG_UPTODATE, PG_WRITEBACK
+from collapsed.pagecache import (
+    PG_DIRTY,
+    PG_HEAD,
+    PG_SWAPBACKED,
+    PG_UPTODATE,
+    PG_WRITEBACK,
+)
 from shared.errors import UserError
 from shared.units import HPAGE_PMD_NR, HPAGE_PMD_SIZE, PAGE_SIZE
 

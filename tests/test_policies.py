@@ -9,10 +9,10 @@ and the THP is pte-mapped (smaps FilePmdMapped 0). Then each policy shows its ow
 from __future__ import annotations
 
 import pytest
+from helpers import HOLD, QUARTER, TICK, smaps1
 
 from remapd.mm import PteTable
 from shared.units import HPAGE_PMD_SHIFT, HPAGE_PMD_SIZE, PAGE_SIZE
-from helpers import HOLD, QUARTER, TICK, smaps1
 
 
 def deferred(make_world, policy, nr=1, hold=HOLD, prot="r", shared=True, **knobs):

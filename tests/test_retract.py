@@ -7,10 +7,10 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
+from helpers import HOLD, QUARTER, TICK, smaps1
 
 from remapd.mm import PteTable
 from shared.units import HPAGE_PMD_SHIFT, HPAGE_PMD_SIZE, PAGE_SIZE
-from helpers import HOLD, QUARTER, TICK, smaps1
 
 
 def new_world(make_world, **knobs):

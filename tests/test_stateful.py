@@ -8,10 +8,16 @@ or mappings disagreeing fails here with hypothesis' shrunk reproduction.
 from __future__ import annotations
 
 import hypothesis.strategies as st
-from hypothesis import HealthCheck, settings
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
-
 from conftest import CheckedWorld
+from hypothesis import HealthCheck, settings
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
+
 from shared.errors import UserError
 from shared.knobs import RETRY_POLICIES, Knobs
 from shared.units import HPAGE_PMD_SIZE, PAGE_SIZE

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import trio
+from helpers import ONE_PAGE_FLAGS, ok, thpctl
 
 from shared.thpctl.cli import amain
 from shared.thpctl.launch import running_daemons
-from helpers import ONE_PAGE_FLAGS, ok, thpctl
 
 MB = 1 << 20
 

@@ -5,12 +5,12 @@ mapping and blocks collapse; removing it restores the page and calls collapse_pt
 from __future__ import annotations
 
 import pytest
+from helpers import QUARTER, smaps1
 
 from remapd.mm import PteTable
 from remapd.uprobes import uprobe_add
 from shared.errors import UserError
 from shared.units import HPAGE_PMD_SHIFT, HPAGE_PMD_SIZE, PAGE_SIZE
-from helpers import QUARTER, smaps1
 
 TICK = 1000
 PROBE = 5 * PAGE_SIZE
