@@ -100,13 +100,15 @@ class FileOps:
             return
         flags = self.mem.flags
         done = self.now + self.knobs.writeback_millisecs
+        queued = len(self._writeback)
         for _, value in list(f.entries()):
             head = self.mem.head(value) if value > 0 else 0
             # A locked page is being truncated or collapsed: writeback leaves it to its owner.
             if head and flags[head] & PG_DIRTY and not flags[head] & (PG_WRITEBACK | PG_LOCKED):
                 flags[head] = (flags[head] & ~PG_DIRTY) | PG_WRITEBACK
                 self._writeback.append((done, head))
-        if self._writeback:
+        # One task per batch that started now; a sync with nothing dirty starts none.
+        if len(self._writeback) > queued:
             self.spawn(self._end_writeback(done), name="writeback")
 
     def _end_writeback(self, until: float) -> Generator[Any, Any, None]:
