@@ -6,14 +6,14 @@ import argparse
 import os
 import sys
 
-from shared.config import (
+from shared.knobs import Knobs
+from shared.shell.config import (
     ENV_SEED,
     add_daemon_flags,
     add_knob_flags,
-    daemon_main,
     default_address,
 )
-from shared.knobs import Knobs
+from shared.shell.server import daemon_main
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,10 +12,11 @@ from typing import Any
 
 from collapsed.collapser import Collapser
 from shared import messages as m
-from shared.driver import Driver, Handler, Op, Server, sysfs_entries
 from shared.errors import UserError
-from shared.knobs import Knobs
+from shared.knobs import Knobs, sysfs_entries
 from shared.message import Message
+from shared.shell.driver import Driver, Handler, Op
+from shared.shell.server import Server
 
 
 class Collapsed:

@@ -10,9 +10,6 @@ from typing import Any
 
 from remapd.collapse import madvise_collapse
 from remapd.mm import (
-    PROT_EXEC,
-    PROT_READ,
-    PROT_WRITE,
     PTE_ANON,
     Mm,
     Vma,
@@ -28,20 +25,11 @@ from shared.units import (
     PAGE_SIZE,
     TASK_SIZE,
 )
+from shared.vm import ADVICE, PROT_READ, PROT_WRITE, PROTS
 
 # Where mmap(NULL, ...) starts looking for room, top-down (x86-64 mmap_base, roughly).
 MMAP_BASE = 0x7F0000000000
 MMAP_MIN_ADDR = 0x10000
-PROTS = {"r": PROT_READ, "rw": PROT_READ | PROT_WRITE, "rx": PROT_READ | PROT_EXEC, "rwx": 7}
-_ADVICE = (
-    "hugepage",
-    "nohugepage",
-    "collapse",
-    "dontneed",
-    "populate_read",
-    "populate_write",
-    "pageout",
-)
 
 
 class AddressSpaceOps:
@@ -189,7 +177,7 @@ class AddressSpaceOps:
 
     def madvise(self, pid: int, addr: int, length: int, advice: str) -> Generator[Any, Any, dict[str, Any]]:
         mm = self.mm(pid)
-        if advice not in _ADVICE:
+        if advice not in ADVICE:
             raise UserError("EINVAL", f"unknown advice {advice!r}")
         if addr % PAGE_SIZE or length < 0:
             raise UserError("EINVAL", "madvise needs a page-aligned address")

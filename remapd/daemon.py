@@ -15,10 +15,12 @@ from typing import Any
 from remapd.remapper import Remapper
 from remapd.uprobes import uprobe_add, uprobe_del
 from shared import messages as m
-from shared.driver import Driver, Handler, Op, Server, connect_peer, sysfs_entries
 from shared.errors import UserError
-from shared.knobs import KnobError, Knobs
+from shared.knobs import KnobError, Knobs, sysfs_entries
 from shared.message import Message
+from shared.shell.driver import Driver, Handler, Op
+from shared.shell.peer import connect_peer
+from shared.shell.server import Server
 
 # The first retry after a failed connect; each failure doubles the wait up to the maximum.
 BACKOFF_MIN_S = 0.05

@@ -9,8 +9,6 @@ from typing import Any
 
 from remapd.mm import (
     ANON_PFN_BASE,
-    PROT_READ,
-    PROT_WRITE,
     PTE_ANON,
     PTE_SHMEM,
     PTE_THP,
@@ -32,6 +30,7 @@ from shared.units import (
     PAGE_SIZE,
     TASK_SIZE,
 )
+from shared.vm import PROT_READ, PROT_WRITE
 
 
 class FaultPath:

@@ -16,6 +16,7 @@ from array import array
 from collections.abc import Iterator
 
 from shared.units import HPAGE_PMD_NR, HPAGE_PMD_SHIFT, PAGE_SHIFT
+from shared.vm import PROT_WRITE
 
 PTE_PRESENT = 1 << 0
 PTE_WRITE = 1 << 1
@@ -23,11 +24,6 @@ PTE_ANON = 1 << 2
 PTE_THP = 1 << 3
 PTE_SHMEM = 1 << 4
 PTE_SHIFT = 5
-
-# VMA protection bits.
-PROT_READ = 1
-PROT_WRITE = 2
-PROT_EXEC = 4
 
 # Anonymous pages live in a pfn space of their own (the remapper allocates them without asking
 # the collapser): pfns at or above this are anon.

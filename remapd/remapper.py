@@ -21,7 +21,6 @@ from remapd.collapse import (
 from remapd.fault import FaultPath
 from remapd.mm import (
     ANON_PFN_BASE,
-    PROT_WRITE,
     PTE_ANON,
     PTE_WRITE,
     Mm,
@@ -43,6 +42,7 @@ from shared.units import (
     HPAGE_PMD_SHIFT,
     PAGE_SHIFT,
 )
+from shared.vm import PROT_WRITE
 
 log = get_logger("remapd")
 

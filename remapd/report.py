@@ -5,9 +5,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from remapd.mm import (
-    PROT_EXEC,
-    PROT_READ,
-    PROT_WRITE,
     PTE_ANON,
     PTE_SHMEM,
     Mm,
@@ -22,26 +19,10 @@ from shared.units import (
     PAGE_SIZE,
     pages,
 )
+from shared.vm import PROT_EXEC, PROT_READ, PROT_WRITE
 
 if TYPE_CHECKING:
     from remapd.remapper import Remapper
-
-# The smaps fields we print, in the kernel's order (kB unless said otherwise).
-SMAPS_FIELDS = (
-    "Size",
-    "KernelPageSize",
-    "MMUPageSize",
-    "Rss",
-    "Anonymous",
-    "AnonHugePages",
-    "ShmemPmdMapped",
-    "FilePmdMapped",
-    "Shared_Hugetlb",
-    "Private_Hugetlb",
-    "Swap",
-    "Locked",
-)
-
 
 def thp_eligible(r: Remapper, vma: Vma) -> bool:
     """THPeligible: thp_vma_allowable_order with TVA_SMAPS | TVA_ENFORCE_SYSFS, for a file VMA."""
@@ -144,18 +125,3 @@ def smaps(r: Remapper, mm: Mm) -> list[dict[str, Any]]:
             }
         )
     return out
-
-
-def render_smaps(entries: list[dict[str, Any]]) -> str:
-    """The text of /proc/PID/smaps for these entries."""
-    lines = []
-    for e in entries:
-        lines.append(
-            f"{e['start']:08x}-{e['end']:08x} {e['perms']} {e['offset']:08x} 00:00 {e['ino']:<10d} "
-            f"{'/' + e['name'] if e['name'] else ''}".rstrip()
-        )
-        for name in SMAPS_FIELDS:
-            lines.append(f"{name + ':':<16}{e[name]:>8} kB")
-        lines.append(f"{'THPeligible:':<16}{e['THPeligible']:>8}")
-        lines.append(f"VmFlags: {e['VmFlags']}")
-    return "\n".join(lines) + ("\n" if lines else "")

@@ -9,8 +9,6 @@ from typing import TYPE_CHECKING, Any
 
 from remapd.collapse import collapse_pte_mapped_thp
 from remapd.mm import (
-    PROT_EXEC,
-    PROT_WRITE,
     PTE_ANON,
     PTE_SHMEM,
     PTE_THP,
@@ -22,6 +20,7 @@ from shared import messages as m
 from shared.actor import Call
 from shared.errors import UserError
 from shared.units import HPAGE_PMD_NR, HPAGE_PMD_SHIFT, PAGE_SHIFT
+from shared.vm import PROT_EXEC, PROT_WRITE
 
 if TYPE_CHECKING:
     from remapd.remapper import Remapper

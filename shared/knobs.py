@@ -7,7 +7,10 @@ and then applied to both. Defaults are the kernel's (6.x, ``enabled=madvise`` as
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
+
+from shared.errors import UserError
 
 ENABLED_CHOICES = ("always", "madvise", "never")
 DEFRAG_CHOICES = ("always", "defer", "defer+madvise", "madvise", "never")
@@ -145,3 +148,27 @@ def _attr(name: str) -> str:
     if name not in SPECS:
         raise KnobError(f"no such knob: {name}", "ENOENT")
     return name.rsplit("/", 1)[-1]
+
+
+def sysfs_entries(knobs: Knobs, name: str | None, counters: Mapping[str, int] | None) -> dict[str, Any]:
+    """What reading sysfs shows: ``{knob: {"value": v, "text": file content}}`` for ``name`` or
+    every knob. ``counters`` holds the read-only khugepaged counters (None: not served here).
+
+    Raises:
+        UserError: ENOENT for an unknown knob, EOPNOTSUPP for a counter this daemon lacks.
+    """
+    names = [name] if name is not None else list(SPECS)
+    out: dict[str, Any] = {}
+    for knob in names:
+        spec = SPECS.get(knob)
+        if spec is None:
+            raise UserError("ENOENT", f"no such knob: {knob}")
+        if not spec.writable:
+            if counters is None:
+                if name is None:
+                    continue
+                raise UserError("EOPNOTSUPP", f"{knob} is served by collapsed")
+            out[knob] = {"value": counters[knob], "text": str(counters[knob])}
+        else:
+            out[knob] = {"value": knobs.get(knob), "text": knobs.render(knob)}
+    return out

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import settings
 
 from shared.knobs import Knobs
-from shared.world import World
+from shared.sim.world import World
 
 # CI runs a fixed set of examples (derandomized): a submission lands on what was tested here.
 # Locally every run explores new ones.

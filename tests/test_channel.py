@@ -1,4 +1,4 @@
-"""shared.channel over in-memory streams: ordering, hello, limits, errors, backpressure, close."""
+"""shared.shell.channel over in-memory streams: ordering, hello, limits, errors, backpressure, close."""
 
 from __future__ import annotations
 
@@ -10,8 +10,13 @@ import trio
 import trio.testing
 
 from shared import messages as m
-from shared.channel import HELLO_TIMEOUT_S, PROTOCOL_VERSION, ChannelError, open_channel
 from shared.framing import MAX_FRAME_BYTES, FrameDecoder, encode_frame, encode_message
+from shared.shell.channel import (
+    HELLO_TIMEOUT_S,
+    PROTOCOL_VERSION,
+    ChannelError,
+    open_channel,
+)
 
 
 async def test_messages_arrive_in_order_both_ways_after_hello():

@@ -19,8 +19,8 @@ from collapsed.pagecache import (
 )
 from shared import messages as m
 from shared.scan_result import ScanResult as R
+from shared.sim.world import Pending
 from shared.units import HPAGE_PMD_NR, HPAGE_PMD_SIZE, PAGE_SIZE
-from shared.world import Pending
 
 MiB = 1 << 20
 

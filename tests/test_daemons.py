@@ -15,12 +15,13 @@ import trio
 from helpers import ONE_PAGE_FLAGS, ok, thpctl
 
 from shared import messages as m
-from shared.channel import PROTOCOL_VERSION
-from shared.client import COLLAPSED, REMAPD, Session, open_client
-from shared.config import parse_address
-from shared.driver import MAX_ROWS_PER_FRAME, connect, split_for_frames
 from shared.errors import UserError
 from shared.framing import MAX_FRAME_BYTES, FrameDecoder, encode_frame, encode_message
+from shared.shell.channel import PROTOCOL_VERSION
+from shared.shell.config import parse_address
+from shared.shell.driver import MAX_ROWS_PER_FRAME, split_for_frames
+from shared.shell.transport import connect
+from shared.thpctl.client import COLLAPSED, REMAPD, Session, open_client
 from shared.thpctl.launch import DaemonProcess, running_daemons
 
 MB = 1 << 20

@@ -19,10 +19,10 @@ from typing import Any, NoReturn, TextIO
 
 import trio
 
-from shared.client import COLLAPSED, REMAPD, Pending, Session
-from shared.config import ENV_COLLAPSED, ENV_DEADLINE, ENV_REMAPD, default_address
 from shared.errors import UserError
 from shared.message import Message
+from shared.shell.config import ENV_COLLAPSED, ENV_DEADLINE, ENV_REMAPD, default_address
+from shared.thpctl.client import COLLAPSED, REMAPD, Pending, Session
 from shared.units import parse_size
 
 EXIT_OK = 0

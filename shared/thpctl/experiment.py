@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from shared.experiment import Workload, compare, render
 from shared.knobs import RETRY_POLICIES
+from shared.sim.experiment import Workload, compare, render
 from shared.thpctl.cli import EXIT_USAGE, Outcome, command, milliseconds, ok, size
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from remapd.address_space import PROTS
 from shared import messages as m
 from shared.errors import UserError
 from shared.thpctl.cli import (
@@ -22,6 +21,7 @@ from shared.thpctl.cli import (
     size,
 )
 from shared.units import parse_size
+from shared.vm import PROTS
 
 ADVICE = ("hugepage", "nohugepage", "collapse", "dontneed", "populate_read", "populate_write", "pageout")
 # touch prints its outcome counts in this order.

@@ -7,7 +7,6 @@ from typing import Any
 
 from shared import messages as m
 from shared.knobs import SPECS
-from shared.render import render_meminfo, render_smaps, render_sysfs, render_vmstat
 from shared.thpctl.cli import (
     COLLAPSED,
     REMAPD,
@@ -18,6 +17,12 @@ from shared.thpctl.cli import (
     pairs,
     req,
     seconds,
+)
+from shared.thpctl.render import (
+    render_meminfo,
+    render_smaps,
+    render_sysfs,
+    render_vmstat,
 )
 
 

@@ -16,7 +16,6 @@ import shlex
 import sys
 from typing import Any, TextIO
 
-from shared.client import Pending, Session
 from shared.errors import UserError
 from shared.thpctl.cli import (
     EXIT_FAIL,
@@ -31,6 +30,7 @@ from shared.thpctl.cli import (
     finish,
     send,
 )
+from shared.thpctl.client import Pending, Session
 
 
 def _parse_script(text: str) -> list[tuple[int, argparse.Namespace]]:

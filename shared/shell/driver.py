@@ -1,4 +1,4 @@
-"""The trio shell around a sans-IO actor core; both daemons are this plus a table of requests.
+"""The trio driver around a sans-IO actor core; both daemons are this plus a table of requests.
 
 The core (a :class:`~shared.actor.Actor`) is only ever touched from the trio thread, between
 checkpoints, so it needs no locks. Every event is synchronous: a client request starts its core
@@ -19,26 +19,18 @@ daemons between two requests without racing the peer traffic.
 
 from __future__ import annotations
 
-import errno
 import itertools
-import os
-import signal
-import stat
-import sys
-from collections.abc import Awaitable, Callable, Collection, Generator, Mapping
+from collections.abc import Awaitable, Callable, Generator, Mapping
 from typing import Any
 
-import structlog
 import trio
 
 from shared import messages as m
 from shared.actor import Actor
-from shared.channel import Channel, ChannelError, open_channel
-from shared.config import Address, parse_address
 from shared.errors import UserError
-from shared.knobs import SPECS, Knobs
 from shared.logs import get_logger
 from shared.message import Message
+from shared.shell.channel import Channel, ChannelError, send_quietly
 
 log = get_logger("thpsplit.driver")
 
@@ -47,9 +39,6 @@ log = get_logger("thpsplit.driver")
 MAX_PENDING_PER_CLIENT = 64
 # Rounds of peer_lost() per event while disconnected: answering a call may queue another.
 MAX_LOST_PEER_ROUNDS = 64
-# After SIGTERM/SIGINT, how long requests in flight get to finish before everything is cancelled.
-SHUTDOWN_GRACE_S = 2.0
-LISTEN_BACKLOG = 128
 # Rows per RmapDelta (pfns per Reclaim) in one frame: unmapping or paging out gigabytes at once
 # must not make a frame the peer refuses. Rows are additive, so a split changes nothing.
 MAX_ROWS_PER_FRAME = 65536
@@ -284,7 +273,7 @@ class Driver:
                         await queue_send.send(msg)
                 except ChannelError as err:
                     log.warning("protocol_error", errno=err.errno, reason=err.reason)
-                    await _send_quietly(ch, err.reply())
+                    await send_quietly(ch, err.reply())
                 nursery.cancel_scope.cancel()
         finally:
             self.clients -= 1
@@ -385,211 +374,3 @@ class Driver:
                 pass  # the peer's handler sees the end and calls peer_lost()
             except (ValueError, TypeError, OverflowError):
                 log.exception("unsendable_peer_message", tag=msg.TAG)
-
-
-async def _send_quietly(ch: Channel, msg: Message) -> None:
-    try:
-        await ch.send(msg)
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        pass
-
-
-# -- transports -------------------------------------------------------------------------------
-
-
-async def connect(address: Address) -> trio.abc.Stream:
-    if address.kind == "unix":
-        return await trio.open_unix_socket(address.path)
-    return await trio.open_tcp_stream(address.host, address.port)
-
-
-async def listen(address: Address) -> tuple[list[trio.SocketListener], Address]:
-    """Listeners on ``address`` and the address actually bound (the port chosen for port 0).
-
-    A Unix socket file left by a daemon that died is replaced; one a live daemon answers on is
-    EADDRINUSE.
-    """
-    if address.kind == "tcp":
-        listeners = await trio.open_tcp_listeners(address.port, host=address.host or None, backlog=LISTEN_BACKLOG)
-        port = listeners[0].socket.getsockname()[1]
-        return list(listeners), Address("tcp", host=address.host, port=port)
-    path = address.path
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, mode=0o700, exist_ok=True)
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        pass
-    else:
-        if not stat.S_ISSOCK(st.st_mode):
-            raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
-        try:
-            live = await trio.open_unix_socket(path)
-        except OSError:
-            os.unlink(path)
-        else:
-            await live.aclose()
-            raise OSError(errno.EADDRINUSE, f"a daemon already listens on {path}")
-    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
-    try:
-        await sock.bind(path)
-        sock.listen(LISTEN_BACKLOG)
-    except BaseException:
-        sock.close()
-        raise
-    return [trio.SocketListener(sock)], address
-
-
-def _write_ready_file(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text + "\n")
-    os.replace(tmp, path)
-
-
-class Server:
-    """Listener, connections, signals: what both daemons do around their :class:`Driver`."""
-
-    def __init__(self, driver: Driver, accept_roles: Collection[str], handlers: Mapping[type[Message], Handler]):
-        self.driver = driver
-        self.accept_roles = accept_roles
-        self.handlers = handlers
-        self._conn_ids = itertools.count(1)
-
-    async def serve(
-        self,
-        listen_addr: str,
-        ready_file: str | None = None,
-        background: Collection[Callable[[], Awaitable[None]]] = (),
-    ) -> None:
-        # Signals are ours from before the ready file exists, so a supervisor may stop us at once.
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            listeners, bound = await listen(parse_address(listen_addr))
-            log.info("listening", address=str(bound))
-            try:
-                async with trio.open_nursery() as root:
-                    root.start_soon(self.driver.run)
-                    for task in background:
-                        root.start_soon(task)
-                    accepting = trio.CancelScope()
-                    root.start_soon(self._accept, listeners, root, accepting)
-                    if ready_file:
-                        _write_ready_file(ready_file, str(bound))
-                    async for signum in signals:
-                        log.info("shutdown", signal=signal.Signals(signum).name)
-                        break
-                    accepting.cancel()
-                    for listener in listeners:
-                        await listener.aclose()
-                    with trio.move_on_after(SHUTDOWN_GRACE_S):
-                        async with trio.open_nursery() as grace:
-                            grace.start_soon(_then_cancel, self.driver.idle, grace.cancel_scope)
-                            # A second signal cuts the grace period short.
-                            grace.start_soon(_then_cancel, signals.__anext__, grace.cancel_scope)
-                    root.cancel_scope.cancel()
-            finally:
-                if bound.kind == "unix":
-                    try:
-                        os.unlink(bound.path)
-                    except FileNotFoundError:
-                        pass
-
-    async def _accept(self, listeners: list[trio.SocketListener], root: trio.Nursery, scope: trio.CancelScope) -> None:
-        with scope:
-            await trio.serve_listeners(self._connection, listeners, handler_nursery=root)
-
-    async def _connection(self, stream: trio.abc.Stream) -> None:
-        conn = next(self._conn_ids)
-        with structlog.contextvars.bound_contextvars(daemon=self.driver.name, conn=conn):
-            async with open_channel(stream) as ch:
-                try:
-                    hello = await ch.handshake(self.driver.name, accept=self.accept_roles)
-                except ChannelError as err:
-                    log.warning("hello_failed", errno=err.errno, reason=err.reason)
-                    await _send_quietly(ch, err.reply())
-                    return
-                except trio.EndOfChannel:
-                    return
-                with structlog.contextvars.bound_contextvars(role=hello.role):
-                    try:
-                        if hello.role == "client":
-                            log.debug("client_connected")
-                            await self.driver.serve_client(ch, self.handlers)
-                            log.debug("client_closed")
-                        else:
-                            await self.driver.serve_peer(ch)
-                    except ChannelError as err:
-                        log.warning("protocol_error", errno=err.errno, reason=err.reason)
-                        await _send_quietly(ch, err.reply())
-
-
-async def _then_cancel(wait: Callable[[], Awaitable[Any]], scope: trio.CancelScope) -> None:
-    await wait()
-    scope.cancel()
-
-
-async def connect_peer(driver: Driver, address: str, backoff_min_s: float, backoff_max_s: float) -> None:
-    """The remapper's side of the peer channel: connect, and again after every loss, waiting
-    twice as long after each failed attempt (up to ``backoff_max_s``)."""
-    addr = parse_address(address)
-    delay = backoff_min_s
-    with structlog.contextvars.bound_contextvars(peer=str(addr)):
-        while True:
-            try:
-                stream = await connect(addr)
-            except OSError as err:
-                log.debug("connect_failed", error=err.strerror or str(err), retry_s=delay)
-                await trio.sleep(delay)
-                delay = min(delay * 2, backoff_max_s)
-                continue
-            started = trio.current_time()
-            async with open_channel(stream) as ch:
-                try:
-                    await ch.handshake(driver.name, accept={driver.peer_role})
-                    await driver.serve_peer(ch)
-                except ChannelError as err:
-                    log.warning("peer_protocol_error", errno=err.errno, reason=err.reason)
-                    await _send_quietly(ch, err.reply())
-                except trio.EndOfChannel:
-                    pass
-            if trio.current_time() - started > backoff_max_s:
-                delay = backoff_min_s
-            await trio.sleep(delay)
-            delay = min(delay * 2, backoff_max_s)
-
-
-def sysfs_entries(knobs: Knobs, name: str | None, counters: Mapping[str, int] | None) -> dict[str, Any]:
-    """What reading sysfs shows: ``{knob: {"value": v, "text": file content}}`` for ``name`` or
-    every knob. ``counters`` holds the read-only khugepaged counters (None: not served here).
-
-    Raises:
-        UserError: ENOENT for an unknown knob, EOPNOTSUPP for a counter this daemon lacks.
-    """
-    names = [name] if name is not None else list(SPECS)
-    out: dict[str, Any] = {}
-    for knob in names:
-        spec = SPECS.get(knob)
-        if spec is None:
-            raise UserError("ENOENT", f"no such knob: {knob}")
-        if not spec.writable:
-            if counters is None:
-                if name is None:
-                    continue
-                raise UserError("EOPNOTSUPP", f"{knob} is served by collapsed")
-            out[knob] = {"value": counters[knob], "text": str(counters[knob])}
-        else:
-            out[knob] = {"value": knobs.get(knob), "text": knobs.render(knob)}
-    return out
-
-
-def main_wrapper(prog: str, run: Callable[[], Awaitable[None]]) -> int:
-    """trio.run(run) for a daemon's console entry point: exit 0 after a signal, 1 with one line
-    on stderr when it cannot start (address in use, ...)."""
-    try:
-        trio.run(run)
-    except OSError as err:
-        print(f"{prog}: {err.strerror or err}{': ' + err.filename if err.filename else ''}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    return 0

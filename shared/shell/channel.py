@@ -224,3 +224,11 @@ __all__ = [
     "open_channel",
     "unwrap_single",
 ]
+
+
+async def send_quietly(ch: Channel, msg: Message) -> None:
+    """Send ``msg`` unless the other side has already gone (a last error reply, a refusal)."""
+    try:
+        await ch.send(msg)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass

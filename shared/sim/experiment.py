@@ -12,8 +12,8 @@ import dataclasses
 from typing import Any
 
 from shared.knobs import RETRY_POLICIES, Knobs
+from shared.sim.world import World
 from shared.units import HPAGE_PMD_SIZE
-from shared.world import World
 
 MB = 1 << 20
 

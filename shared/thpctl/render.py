@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from remapd.report import SMAPS_FIELDS
+from shared.vm import SMAPS_FIELDS
 
 # show_map_vma pads the header to this column before the name (25 + 6 * sizeof(void *) - 1).
 _SMAPS_NAME_COLUMN = 25 + 6 * 8 - 1

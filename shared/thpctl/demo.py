@@ -1,6 +1,6 @@
 """The main job: both daemons as real processes, a demo workload through the client, what was won.
 
-Run it with ``bash .ci/demo`` (or ``python -m shared.demo``). It starts ``collapsed`` and
+Run it with ``bash .ci/demo`` (or ``python -m shared.thpctl.demo``). It starts ``collapsed`` and
 ``remapd`` on Unix sockets in a temporary directory, plays Kirill's scenario against them in real
 time (two processes map a text file; a thread of one holds its mmap_lock while khugepaged
 collapses the file; the remapper recovers the pte-mapped THP), prints smaps/vmstat/meminfo
@@ -17,10 +17,10 @@ import tempfile
 import trio
 
 from shared import messages as m
-from shared.client import REMAPD, Session
-from shared.experiment import Workload, compare, render
-from shared.render import render_smaps
+from shared.sim.experiment import Workload, compare, render
+from shared.thpctl.client import REMAPD, Session
 from shared.thpctl.launch import running_daemons
+from shared.thpctl.render import render_smaps
 
 MB = 1 << 20
 SIZE = 8 * MB
@@ -100,7 +100,7 @@ async def run_daemons(transport: str, say) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m shared.demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m shared.thpctl.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--transport", choices=("unix", "tcp"), default="unix")
     args = parser.parse_args(argv)
 

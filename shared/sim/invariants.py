@@ -1,6 +1,6 @@
 """The invariant checker: everything the two halves hold must agree.
 
-Run it on a quiet model (no message in flight), e.g. after every :class:`shared.world.World`
+Run it on a quiet model (no message in flight), e.g. after every :class:`shared.sim.world.World`
 operation. It raises ``AssertionError`` naming the first broken rule. It checks:
 
 * every page-cache slot points at a live page of that file at that index; counts (nrpages, swap

@@ -213,6 +213,6 @@ class World:
 
     def check(self) -> None:
         """Run the invariant checker (the model must be quiet: call after an operation)."""
-        from shared.invariants import check
+        from shared.sim.invariants import check
 
         check(self.collapser, self.remapper)

@@ -11,11 +11,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import sys
-from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from shared.knobs import SPECS, KnobError, Knobs
+from shared.knobs import SPECS, Knobs
 
 ENV_COLLAPSED = "THPSPLIT_COLLAPSED"
 ENV_REMAPD = "THPSPLIT_REMAPD"
@@ -153,31 +151,7 @@ def log_json(fmt: str) -> bool | None:
     return None if fmt == "auto" else fmt == "json"
 
 
-
-
-def daemon_main(
-    prog: str,
-    args: argparse.Namespace,
-    addresses: Sequence[str],
-    start: Callable[[Knobs], Awaitable[None]],
-) -> int:
-    """What both daemons' ``main`` does once flags are parsed: refuse bad knobs or addresses with
-    one line and exit status 2, configure logging, then run ``start(knobs)`` under trio."""
-    try:
-        knobs = knobs_from(args)
-        for address in addresses:
-            parse_address(address)
-    except (KnobError, AddressError) as err:
-        print(f"{prog}: {err}", file=sys.stderr)
-        return 2
-    from shared.driver import main_wrapper
-    from shared.logs import configure
-
-    configure(args.log_level, log_json(args.log_format))
-    return main_wrapper(prog, lambda: start(knobs))
-
 __all__ = [
-    "daemon_main",
     "Address",
     "AddressError",
     "add_daemon_flags",

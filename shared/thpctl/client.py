@@ -23,11 +23,11 @@ from typing import Any
 import trio
 
 from shared import messages as m
-from shared.channel import Channel, ChannelError, open_channel, unwrap_single
-from shared.config import AddressError, default_address, parse_address
-from shared.driver import connect
 from shared.errors import UserError
 from shared.message import Message
+from shared.shell.channel import Channel, ChannelError, open_channel, unwrap_single
+from shared.shell.config import AddressError, default_address, parse_address
+from shared.shell.transport import connect
 
 COLLAPSED = "collapsed"
 REMAPD = "remapd"

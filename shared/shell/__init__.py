@@ -1,0 +1,1 @@
+"""The trio shell: channels, transports, the driver around an actor core, the server, configuration."""
