@@ -28,6 +28,7 @@ from shared.actor import Actor, Wait
 from shared.knobs import Knobs
 from shared.message import Message
 from shared.scan_result import ScanResult
+from shared.thp import shmem_huge_global_enabled
 from shared.units import HPAGE_PMD_NR, PAGE_SIZE
 
 # Pages wait in a per-CPU batch before they reach the LRU (folio_batch: PAGEVEC_SIZE in 6.x).
@@ -384,7 +385,7 @@ class Collapser(FileOps, Actor):
     def _shmem_alloc(self, f: File, index: int, pmd_ok: bool, vm_hugepage: bool) -> int:
         """shmem_get_folio_gfp for a hole: a PMD-order folio when shmem_enabled allows it here."""
         start = index & ~(HPAGE_PMD_NR - 1)
-        if pmd_ok and self.shmem_huge_allowed(f, start, vm_hugepage):
+        if pmd_ok and shmem_huge_global_enabled(self.knobs, f.size, start, vm_hugepage):
             chunk = f.chunk(start)
             if chunk is None or not any(chunk):
                 k = self.knobs
@@ -397,17 +398,6 @@ class Collapser(FileOps, Actor):
                     return head + (index - start)
                 self.vm["thp_file_fallback"] += 1
         return self.add_small_page(f, index)
-
-    def shmem_huge_allowed(self, f: File, start: int, vm_hugepage: bool) -> bool:
-        """shmem_huge_global_enabled for this file range (the sysfs shmem_enabled policy)."""
-        policy = self.knobs.shmem_enabled
-        if policy in ("always", "force"):
-            return True
-        if policy == "within_size":
-            return (start + HPAGE_PMD_NR) * PAGE_SIZE <= f.size
-        if policy == "advise":
-            return vm_hugepage
-        return False
 
     def _lock_folio(self, msg: m.LockFolio) -> Generator[Any, Any, None]:
         mem = self.mem

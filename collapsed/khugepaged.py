@@ -28,6 +28,7 @@ from shared import messages as m
 from shared.actor import Call, Sleep, Wait
 from shared.logs import get_logger
 from shared.scan_result import ScanResult as R
+from shared.thp import thp_vma_allowable_order
 from shared.units import HPAGE_PMD_NR, HPAGE_PMD_SIZE, PAGE_SHIFT
 
 if TYPE_CHECKING:
@@ -145,19 +146,16 @@ class Khugepaged:
                 yield Sleep(c.now + c.knobs.alloc_sleep_millisecs, wake="khugepaged_wake")
 
     def _eligible(self, r: Range, f: File) -> bool:
-        """hugepage_vma_check / thp_vma_allowable_order with TVA_ENFORCE_SYSFS, for a file VMA."""
-        if r.vm_nohugepage:
-            return False
-        k = self.c.knobs
-        if f.shmem:
-            policy = k.shmem_enabled
-            if policy == "within_size":
-                return f.size >= HPAGE_PMD_SIZE
-            return policy in ("always", "force") or (policy == "advise" and r.vm_hugepage)
-        # CONFIG_READ_ONLY_THP_FOR_FS: a regular file, not open for write, and THP enabled for it.
-        if f.writecount > 0:
-            return False
-        return k.enabled == "always" or (k.enabled == "madvise" and r.vm_hugepage)
+        """hugepage_vma_check: thp_vma_allowable_order with TVA_ENFORCE_SYSFS for the range's VMA."""
+        return thp_vma_allowable_order(
+            self.c.knobs,
+            shmem=f.shmem,
+            i_size=f.size,
+            pgoff=r.pgoff,
+            vm_hugepage=r.vm_hugepage,
+            vm_nohugepage=r.vm_nohugepage,
+            open_for_write=f.writecount > 0,
+        )
 
     def scan_mm_slot(self, pages: int) -> Generator[Any, Any, tuple[int, R]]:
         """khugepaged_scan_mm_slot: continue at the cursor; a scanned file range ends the visit."""

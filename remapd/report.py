@@ -11,13 +11,12 @@ from remapd.mm import (
     PteTable,
     Vma,
 )
+from shared.thp import thp_vma_allowable_order
 from shared.units import (
-    HPAGE_PMD_NR,
     HPAGE_PMD_SHIFT,
     HPAGE_PMD_SIZE,
     PAGE_SHIFT,
     PAGE_SIZE,
-    pages,
 )
 from shared.vm import PROT_EXEC, PROT_READ, PROT_WRITE
 
@@ -34,17 +33,15 @@ def thp_eligible(r: Remapper, vma: Vma) -> bool:
     f = r.files.get(vma.ino)
     if f is None:
         return False
-    k = r.knobs
-    if f.shmem:
-        policy = k.shmem_enabled
-        if policy == "within_size":
-            # shmem_huge_global_enabled at the VMA's vm_pgoff: i_size must reach the end of the
-            # huge page holding it.
-            return pages(f.size) >= (vma.pgoff // HPAGE_PMD_NR + 1) * HPAGE_PMD_NR
-        return policy in ("always", "force") or (policy == "advise" and vma.hugepage)
-    if any(v.writes_file for _, v in r._vmas_of(vma.ino)):
-        return False
-    return k.enabled == "always" or (k.enabled == "madvise" and vma.hugepage)
+    return thp_vma_allowable_order(
+        r.knobs,
+        shmem=f.shmem,
+        i_size=f.size,
+        pgoff=vma.pgoff,
+        vm_hugepage=vma.hugepage,
+        vm_nohugepage=vma.nohugepage,
+        open_for_write=any(v.writes_file for _, v in r._vmas_of(vma.ino)),
+    )
 
 
 def vm_flags(vma: Vma) -> str:
