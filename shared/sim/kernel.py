@@ -1,0 +1,1141 @@
+"""The real kernel as a backend of the differential conformance harness (issue 9).
+
+A *scenario* is a list of steps in the ``thpctl run`` line syntax (a subset: files, processes,
+mmap/munmap/madvise/mprotect/mremap/mlock/munlock, fault/touch, truncate/punch/write).
+:class:`KernelBackend` performs them on the running Linux kernel, one step at a time, and
+:meth:`KernelBackend.observe` reads back what the model reports too: per process and per VMA the
+``/proc/PID/smaps`` fields, and ``/proc/vmstat`` deltas.
+
+How it is built (plain synchronous Python: os, socket, subprocess, ctypes; nothing from the
+model):
+
+* **Files** live in a private tmpfs the backend mounts itself,
+  ``mount -t tmpfs -o huge=advise,size=... tmpfs DIR`` (:data:`DEFAULT_HUGE`). For a tmpfs mount
+  the ``huge=`` option is the policy ``shmem_huge_global_enabled()`` applies (the sysfs
+  ``shmem_enabled`` only governs the internal shm_mnt behind memfd/SysV/anon shared memory), so
+  no global knob has to change: ``huge=advise`` is the model's ``shmem_enabled=advise``
+  (a PMD-order folio at fault time only in a VM_HUGEPAGE VMA), ``huge=never`` its ``never``
+  (fault-time THP off, MADV_COLLAPSE still allowed: ``shmem_huge_force``).
+* **Processes.** Each model PID is a real worker process running a command loop on a
+  ``SOCK_SEQPACKET`` socket (pickled requests and replies). Workers descend from a *zygote*, a
+  fresh ``python -I -S`` running this file, so they carry nothing of the caller (no threads, no
+  pytest). ``proc spawn`` asks the zygote to fork; ``proc fork P C`` asks P's worker to
+  ``os.fork()`` (so C really is P's child: dup_mmap, CoW, page tables copied where the kernel
+  copies them), and the new worker's socket comes back over SCM_RIGHTS. ``proc exit`` ends the
+  worker; the backend waits for the socket's EOF, which the kernel delivers from
+  ``exit_files()``, after ``exit_mm()`` tore the address space down.
+* **Accesses** (``fault``/``touch``) are real CPU loads and stores. A 14-byte x86-64 probe
+  (``mov cl,[rdi]`` for a read, ``lock add byte [rdi],0`` for a write: a write fault that keeps
+  the data) and a SIGSEGV/SIGBUS handler, both machine code in an executable page made by the
+  zygote, turn a signal at the probe's instruction into a return value: the handler writes the
+  signal number into RAX and moves RIP to the probe's ``ret`` (a signal anywhere else resets the
+  handler to SIG_DFL and lets the worker die as it should). So sigsegv and sigbus are what the
+  CPU and the kernel really decided, not a prediction from /proc/PID/maps and the file size, and
+  no access goes through GUP (``/proc/self/mem`` would FOLL_FORCE-write read-only mappings).
+  Per access, ``getrusage(RUSAGE_THREAD)`` minor/major fault deltas and, when a fault happened,
+  the ``thp_file_mapped`` vmstat event (did this fault map a PMD: do_set_pmd) tell ``hit`` /
+  ``minor`` / ``major`` / ``pmd`` apart: best effort (``thp_file_mapped`` is system-wide; a
+  stray fault of the interpreter between the two getrusage calls would count). ``sigsegv`` /
+  ``sigbus`` versus the rest is exact.
+* **Fixed addresses.** ``mmap PID ADDR`` means MAP_FIXED in the model. The worker first tries
+  MAP_FIXED_NOREPLACE; on EEXIST it reads its own maps and uses MAP_FIXED only if every mapping
+  in the way is one of the backend's tmpfs files, else the step fails with EEXIST (the worker
+  never maps over the interpreter).
+
+Outcomes (:meth:`KernelBackend.step`) are dicts with ``"result"``: ``0`` or an errno name for
+syscalls (``mmap`` and ``mremap`` add ``"addr"``), one of ``hit minor major pmd sigsegv sigbus``
+for ``fault``, a ``{outcome: count}`` dict for ``touch`` (as the model's), and pids for process
+steps. :func:`coarse` folds ``hit/minor/major/pmd`` into ``ok`` for exact comparison.
+
+khugepaged: it only scans mms registered with it (MADV_HUGEPAGE, or a VMA khugepaged_enter_vma
+finds eligible) and wakes every ``khugepaged/scan_sleep_millisecs`` (10 s by default, so a
+sequence longer than that may see a pass). :func:`quiet_khugepaged` sets the sleep to a day
+through a :class:`SysfsGuard`; the write itself wakes khugepaged for one pass at once
+(``scan_sleep_millisecs_store`` resets ``khugepaged_sleep_expire`` and wakes the thread), so it
+is done before any worker exists, and afterwards ``khugepaged_should_wakeup()`` keeps it asleep
+even when ``__khugepaged_enter`` wakes the wait queue for a newly registered mm.
+:meth:`KernelBackend.observe` reports ``khugepaged/full_scans`` and ``pages_collapsed`` deltas
+so a harness can tell if it ran anyway.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import dataclasses
+import errno
+import os
+import pickle
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from typing import Any
+
+PAGE_SIZE = 4096
+HPAGE_PMD_SIZE = 2 << 20
+
+THP = "/sys/kernel/mm/transparent_hugepage"
+DEFAULT_HUGE = "advise"
+
+# vmstat fields the backend reports (deltas since the backend started or was reset). The thp_*
+# events are per-cpu event counters summed on read (exact); nr_*_hugepages/pmdmapped are node
+# stats in THP units that move by HPAGE_PMD_NR pages, more than any per-cpu threshold, so they
+# are folded into the global value at once (exact too). Page-sized node stats (nr_shmem,
+# nr_file_pages, ...) are not: their per-cpu diffs fold up to a second later, so they are left out.
+VMSTAT_PREFIXES = ("thp_",)
+VMSTAT_FIELDS = (
+    "nr_shmem_hugepages",
+    "nr_shmem_pmdmapped",
+    "nr_file_hugepages",
+    "nr_file_pmdmapped",
+    "nr_anon_transparent_hugepages",
+)
+
+SMAPS_KB_FIELDS = (
+    "Size",
+    "Rss",
+    "Pss",
+    "Shared_Clean",
+    "Shared_Dirty",
+    "Private_Clean",
+    "Private_Dirty",
+    "Referenced",
+    "Anonymous",
+    "AnonHugePages",
+    "ShmemPmdMapped",
+    "FilePmdMapped",
+    "Swap",
+    "SwapPss",
+    "Locked",
+)
+
+# ---------------------------------------------------------------------------------------------
+# Sizes and the scenario language
+# ---------------------------------------------------------------------------------------------
+
+_SUFFIX = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_NUMBER = re.compile(r"^(0[xX][0-9a-fA-F]+|[0-9]+)([KkMmGgTt]?)(?:[iI]?[bB])?$")
+
+
+def parse_size(text: str) -> int:
+    """``4096``, ``0x1000``, ``2M``, ``1G``, ``64KiB`` → bytes (as shared.units.parse_size)."""
+    m = _NUMBER.match(str(text).strip())
+    if not m:
+        raise ValueError(f"not a size: {text!r} (use decimal, 0x-hex, with an optional K/M/G suffix)")
+    return int(m.group(1), 0) * _SUFFIX[m.group(2).upper()]
+
+
+PROTS = {"none": 0, "r": 1, "rw": 3, "rx": 5, "rwx": 7, "w": 2, "x": 4, "wx": 6}
+
+# madvise advice names → MADV_* values (include/uapi/asm-generic/mman-common.h).
+ADVICE = {
+    "normal": 0,
+    "random": 1,
+    "sequential": 2,
+    "willneed": 3,
+    "dontneed": 4,
+    "free": 8,
+    "remove": 9,
+    "dontfork": 10,
+    "dofork": 11,
+    "hugepage": 14,
+    "nohugepage": 15,
+    "cold": 20,
+    "pageout": 21,
+    "populate_read": 22,
+    "populate_write": 23,
+    "collapse": 25,
+}
+
+# op → (positional argument kinds, {flag: kind or None for a boolean}). Kinds: "name", "pid",
+# "size", "addr" (a size or "auto"), "prot", "advice".
+_GRAMMAR: dict[str, tuple[tuple[str, ...], dict[str, str | None]]] = {
+    "file create": (("name",), {"--size": "size", "--shmem": None}),
+    "file write": (("name", "size", "size"), {}),
+    "file truncate": (("name", "size"), {}),
+    "file punch": (("name", "size", "size"), {}),
+    "proc spawn": (("pid",), {}),
+    "proc fork": (("pid", "pid"), {}),
+    "proc exit": (("pid",), {}),
+    "mmap": (
+        ("pid", "addr", "size"),
+        {"--file": "name", "--offset": "size", "--prot": "prot", "--shared": None, "--private": None},
+    ),
+    "munmap": (("pid", "size", "size"), {}),
+    "madvise": (("pid", "size", "size", "advice"), {}),
+    "mprotect": (("pid", "size", "size", "prot"), {}),
+    "mlock": (("pid", "size", "size"), {"--onfault": None}),
+    "munlock": (("pid", "size", "size"), {}),
+    "mremap": (("pid", "size", "size", "size"), {"--to": "size", "--maymove": None, "--dontunmap": None}),
+    "fault": (("pid", "size"), {"--write": None}),
+    "touch": (("pid", "size", "size"), {"--write": None, "--stride": "size"}),
+}
+
+# Positional names per op, in order, as Step.args keys.
+_NAMES: dict[str, tuple[str, ...]] = {
+    "file create": ("name",),
+    "file write": ("name", "offset", "length"),
+    "file truncate": ("name", "size"),
+    "file punch": ("name", "offset", "length"),
+    "proc spawn": ("pid",),
+    "proc fork": ("pid", "child"),
+    "proc exit": ("pid",),
+    "mmap": ("pid", "addr", "length"),
+    "munmap": ("pid", "addr", "length"),
+    "madvise": ("pid", "addr", "length", "advice"),
+    "mprotect": ("pid", "addr", "length", "prot"),
+    "mlock": ("pid", "addr", "length"),
+    "munlock": ("pid", "addr", "length"),
+    "mremap": ("pid", "addr", "old_length", "new_length"),
+    "fault": ("pid", "addr"),
+    "touch": ("pid", "addr", "length"),
+}
+
+
+class ScenarioError(ValueError):
+    """A line the scenario language does not accept."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One parsed line: ``op`` is e.g. ``"madvise"`` or ``"file create"``; ``args`` its values."""
+
+    op: str
+    args: dict[str, Any]
+
+    def line(self) -> str:
+        """The step back in ``thpctl run`` syntax (hex addresses)."""
+        return format_step(self)
+
+
+def _convert(kind: str, text: str) -> Any:
+    if kind == "name":
+        if not re.fullmatch(r"[A-Za-z0-9._+-]+", text) or text in (".", ".."):
+            raise ScenarioError(f"bad file name {text!r}")
+        return text
+    if kind == "pid":
+        if not text.isdigit():
+            raise ScenarioError(f"bad pid {text!r}")
+        return int(text)
+    if kind == "addr" and text == "auto":
+        return None
+    if kind in ("size", "addr"):
+        try:
+            return parse_size(text)
+        except ValueError as err:
+            raise ScenarioError(str(err)) from None
+    if kind == "prot":
+        if text not in PROTS:
+            raise ScenarioError(f"prot must be one of {', '.join(PROTS)}")
+        return text
+    if kind == "advice":
+        if text not in ADVICE:
+            raise ScenarioError(f"unknown advice {text!r}")
+        return text
+    raise AssertionError(kind)
+
+
+def parse_step(line: str) -> Step | None:
+    """Parse one line; ``None`` for a blank or comment line.
+
+    Raises:
+        ScenarioError: a line outside the subset, with the reason.
+    """
+    try:
+        tokens = shlex.split(line, comments=True)
+    except ValueError as err:
+        raise ScenarioError(str(err)) from None
+    if not tokens:
+        return None
+    if tokens[0] in ("file", "proc"):
+        if len(tokens) < 2:
+            raise ScenarioError(f"{tokens[0]} needs a subcommand")
+        op, rest = f"{tokens[0]} {tokens[1]}", tokens[2:]
+    else:
+        op, rest = tokens[0], tokens[1:]
+    if op not in _GRAMMAR:
+        raise ScenarioError(f"unsupported step {op!r}")
+    kinds, flags = _GRAMMAR[op]
+    positional: list[str] = []
+    args: dict[str, Any] = {}
+    i = 0
+    while i < len(rest):
+        tok = rest[i]
+        if tok.startswith("--"):
+            key, _, inline = tok.partition("=")
+            if key not in flags:
+                raise ScenarioError(f"{op}: unknown flag {key}")
+            kind = flags[key]
+            name = key[2:]
+            if kind is None:
+                if inline:
+                    raise ScenarioError(f"{op}: {key} takes no value")
+                args[name] = True
+            else:
+                if not inline:
+                    i += 1
+                    if i >= len(rest):
+                        raise ScenarioError(f"{op}: {key} needs a value")
+                    inline = rest[i]
+                args[name] = _convert(kind, inline)
+        else:
+            positional.append(tok)
+        i += 1
+    if len(positional) != len(kinds):
+        raise ScenarioError(f"{op}: expected {len(kinds)} arguments, got {len(positional)}")
+    for name, kind, text in zip(_NAMES[op], kinds, positional):
+        args[name] = _convert(kind, text)
+    # Defaults, as thpctl's.
+    if op == "file create":
+        if "size" not in args:
+            raise ScenarioError("file create needs --size")
+        args.setdefault("shmem", False)
+    elif op == "mmap":
+        if "file" not in args:
+            raise ScenarioError("mmap needs --file")
+        if args.get("shared") and args.get("private"):
+            raise ScenarioError("mmap: --shared and --private exclude each other")
+        args["shared"] = not args.pop("private", False)
+        args.setdefault("offset", 0)
+        args.setdefault("prot", "r")
+    elif op in ("fault", "touch"):
+        args.setdefault("write", False)
+        if op == "touch":
+            args.setdefault("stride", PAGE_SIZE)
+    elif op == "mlock":
+        args.setdefault("onfault", False)
+    elif op == "mremap":
+        args.setdefault("to", None)
+        args.setdefault("maymove", False)
+        args.setdefault("dontunmap", False)
+    return Step(op, args)
+
+
+def parse_scenario(text: str | list[str]) -> list[Step]:
+    """Every step of ``text`` (a string of lines, or a list of lines)."""
+    lines = text.splitlines() if isinstance(text, str) else list(text)
+    steps = []
+    for n, line in enumerate(lines, 1):
+        try:
+            step = parse_step(line)
+        except ScenarioError as err:
+            raise ScenarioError(f"line {n}: {err}") from None
+        if step is not None:
+            steps.append(step)
+    return steps
+
+
+def _hex(v: int) -> str:
+    return f"{v:#x}"
+
+
+def _sz(v: int) -> str:
+    for suffix, unit in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if v and v % unit == 0:
+            return f"{v // unit}{suffix}"
+    return str(v)
+
+
+def format_step(step: Step) -> str:
+    a, op = step.args, step.op
+    if op == "file create":
+        return f"file create {a['name']} --size {_sz(a['size'])}" + (" --shmem" if a["shmem"] else "")
+    if op in ("file write", "file punch"):
+        return f"{op} {a['name']} {_sz(a['offset'])} {_sz(a['length'])}"
+    if op == "file truncate":
+        return f"file truncate {a['name']} {_sz(a['size'])}"
+    if op == "proc fork":
+        return f"proc fork {a['pid']} {a['child']}"
+    if op in ("proc spawn", "proc exit"):
+        return f"{op} {a['pid']}"
+    if op == "mmap":
+        addr = "auto" if a["addr"] is None else _hex(a["addr"])
+        s = f"mmap {a['pid']} {addr} {_sz(a['length'])} --file {a['file']}"
+        if a["offset"]:
+            s += f" --offset {_sz(a['offset'])}"
+        return s + f" --prot {a['prot']} " + ("--shared" if a["shared"] else "--private")
+    if op in ("munmap", "munlock"):
+        return f"{op} {a['pid']} {_hex(a['addr'])} {_sz(a['length'])}"
+    if op == "mlock":
+        return f"mlock {a['pid']} {_hex(a['addr'])} {_sz(a['length'])}" + (" --onfault" if a["onfault"] else "")
+    if op == "madvise":
+        return f"madvise {a['pid']} {_hex(a['addr'])} {_sz(a['length'])} {a['advice']}"
+    if op == "mprotect":
+        return f"mprotect {a['pid']} {_hex(a['addr'])} {_sz(a['length'])} {a['prot']}"
+    if op == "mremap":
+        s = f"mremap {a['pid']} {_hex(a['addr'])} {_sz(a['old_length'])} {_sz(a['new_length'])}"
+        if a["to"] is not None:
+            s += f" --to {_hex(a['to'])}"
+        return s + (" --maymove" if a["maymove"] else "") + (" --dontunmap" if a["dontunmap"] else "")
+    if op == "fault":
+        return f"fault {a['pid']} {_hex(a['addr'])}" + (" --write" if a["write"] else "")
+    if op == "touch":
+        s = f"touch {a['pid']} {_hex(a['addr'])} {_sz(a['length'])}"
+        if a["write"]:
+            s += " --write"
+        if a["stride"] != PAGE_SIZE:
+            s += f" --stride {_sz(a['stride'])}"
+        return s
+    raise AssertionError(op)
+
+
+def coarse(outcome: Any) -> Any:
+    """An outcome with ``hit/minor/major/pmd`` folded into ``ok`` (what is exactly comparable)."""
+    if isinstance(outcome, dict) and "result" in outcome:
+        return {**outcome, "result": coarse(outcome["result"])}
+    if isinstance(outcome, str) and outcome in ("hit", "minor", "major", "pmd"):
+        return "ok"
+    if isinstance(outcome, dict):
+        out: Counter[str] = Counter()
+        for k, v in outcome.items():
+            out[coarse(k) if isinstance(k, str) else k] += v
+        return dict(out)
+    return outcome
+
+
+# ---------------------------------------------------------------------------------------------
+# sysfs knobs
+# ---------------------------------------------------------------------------------------------
+
+
+def thp_available() -> str | None:
+    """``None`` when the backend can run here, else the reason it cannot (one line)."""
+    if sys.platform != "linux":
+        return "not Linux"
+    if os.uname().machine != "x86_64":
+        return f"the access probe is x86-64 machine code; this is {os.uname().machine}"
+    if os.geteuid() != 0:
+        return "needs root (mount -t tmpfs, sysfs knobs)"
+    if not os.path.isdir(THP):
+        return f"no {THP}: kernel without transparent huge pages"
+    return None
+
+
+def read_knob(name: str) -> str:
+    """A knob's current value: the bracketed choice for choice knobs, else the text."""
+    with open(os.path.join(THP, name)) as f:
+        text = f.read().strip()
+    m = re.search(r"\[([^\]]+)\]", text)
+    return m.group(1) if m else text
+
+
+class SysfsGuard:
+    """Changes /sys/kernel/mm/transparent_hugepage knobs and puts every one back.
+
+    ``set(name, value)`` remembers a knob's value the first time it changes it, writes, and
+    verifies the write. Leaving the ``with`` block (normally or by an exception) writes back
+    every saved value in reverse order and reads each back; a knob that does not come back
+    raises :class:`RuntimeError` (chained to the block's own exception, if any), after every
+    other knob was tried.
+    """
+
+    def __init__(self) -> None:
+        self.saved: dict[str, str] = {}
+
+    def __enter__(self) -> SysfsGuard:
+        return self
+
+    def set(self, name: str, value: Any) -> None:
+        value = str(value)
+        if name not in self.saved:
+            self.saved[name] = read_knob(name)
+        self._write(name, value)
+
+    @staticmethod
+    def _write(name: str, value: str) -> None:
+        path = os.path.join(THP, name)
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            os.write(fd, value.encode())
+        finally:
+            os.close(fd)
+        now = read_knob(name)
+        if now != value:
+            raise RuntimeError(f"{path}: wrote {value!r}, reads {now!r}")
+
+    def restore(self) -> None:
+        failures = []
+        for name, value in reversed(list(self.saved.items())):
+            try:
+                self._write(name, value)
+            except (OSError, RuntimeError) as err:
+                failures.append(f"{name}: {err}")
+        if failures:
+            raise RuntimeError("sysfs knobs not restored: " + "; ".join(failures))
+        self.saved.clear()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.restore()
+
+
+QUIET_SCAN_SLEEP_MS = 24 * 3600 * 1000
+
+
+def quiet_khugepaged(guard: SysfsGuard, sleep_ms: int = QUIET_SCAN_SLEEP_MS) -> None:
+    """Keep khugepaged asleep for ``sleep_ms`` (see the module docstring). Call it before any
+    worker registers an mm: the write wakes khugepaged for one pass at once."""
+    guard.set("khugepaged/scan_sleep_millisecs", sleep_ms)
+    # Let the pass the write triggered run (it finds nothing of ours, there is nothing yet).
+    time.sleep(0.05)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading /proc
+# ---------------------------------------------------------------------------------------------
+
+
+def read_vmstat() -> dict[str, int]:
+    out = {}
+    with open("/proc/vmstat") as f:
+        for line in f:
+            name, _, value = line.partition(" ")
+            if name.startswith(VMSTAT_PREFIXES) or name in VMSTAT_FIELDS:
+                out[name] = int(value)
+    return out
+
+
+def read_khugepaged() -> dict[str, int]:
+    return {n: int(read_knob(f"khugepaged/{n}")) for n in ("full_scans", "pages_collapsed")}
+
+
+_SMAPS_HEADER = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S{4}) ([0-9a-f]+) \S+ \d+\s*(.*)$")
+
+
+def parse_smaps(text: str, under: str | None = None) -> list[dict[str, Any]]:
+    """Parse smaps text; keep only VMAs whose path is inside ``under`` (when given). Each entry:
+    start, end, perms, offset, path, name (basename), the kB fields, THPeligible, VmFlags (a
+    string, as the model's), hg/nh booleans."""
+    out: list[dict[str, Any]] = []
+    cur: dict[str, Any] | None = None
+    for line in text.splitlines():
+        m = _SMAPS_HEADER.match(line)
+        if m:
+            cur = {
+                "start": int(m.group(1), 16),
+                "end": int(m.group(2), 16),
+                "perms": m.group(3),
+                "offset": int(m.group(4), 16),
+                "path": m.group(5),
+            }
+            cur["name"] = os.path.basename(cur["path"].removesuffix(" (deleted)"))
+            out.append(cur)
+            continue
+        if cur is None:
+            continue
+        key, _, rest = line.partition(":")
+        rest = rest.strip()
+        if key == "VmFlags":
+            cur["VmFlags"] = rest
+            flags = rest.split()
+            cur["hg"] = "hg" in flags
+            cur["nh"] = "nh" in flags
+        elif key == "THPeligible":
+            cur["THPeligible"] = int(rest)
+        elif rest.endswith(" kB"):
+            cur[key] = int(rest[:-3])
+    if under is not None:
+        prefix = under.rstrip("/") + "/"
+        out = [e for e in out if e["path"].startswith(prefix)]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The worker side (runs in the zygote and its descendants)
+# ---------------------------------------------------------------------------------------------
+
+MAP_SHARED = 0x01
+MAP_PRIVATE = 0x02
+MAP_FIXED = 0x10
+MAP_ANONYMOUS = 0x20
+MAP_FIXED_NOREPLACE = 0x100000
+MREMAP_MAYMOVE = 1
+MREMAP_FIXED = 2
+MREMAP_DONTUNMAP = 4
+MLOCK_ONFAULT = 1
+MAP_FAILED = ctypes.c_void_p(-1).value
+SA_SIGINFO = 4
+RUSAGE_THREAD = 1
+
+_libc: Any = None
+
+
+def _lib() -> Any:
+    global _libc
+    if _libc is None:
+        lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        lib.mmap.restype = ctypes.c_void_p
+        lib.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
+        lib.mremap.restype = ctypes.c_void_p
+        lib.mremap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p)
+        for fn in ("munmap", "madvise", "mprotect", "mlock", "munlock"):
+            getattr(lib, fn).restype = ctypes.c_int
+        lib.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+        lib.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        lib.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        lib.mlock.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+        lib.munlock.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+        lib.mlock2.restype = ctypes.c_int
+        lib.mlock2.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint)
+        lib.fallocate.restype = ctypes.c_int
+        lib.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long)
+        lib.getrusage.argtypes = (ctypes.c_int, ctypes.c_void_p)
+        lib.sigaction.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
+        _libc = lib
+    return _libc
+
+
+def _errno_name(err: int) -> str:
+    return errno.errorcode.get(err, f"E{err}")
+
+
+def _rc(ret: int) -> int | str:
+    if ret == 0:
+        return 0
+    return _errno_name(ctypes.get_errno())
+
+
+class _Probe:
+    """The access probe and its signal handler, as machine code (x86-64 SysV, glibc ucontext).
+
+    ``probe(addr, write)`` returns 0 after a load (``mov cl,[rdi]``) or a store
+    (``lock add byte [rdi],0``) of one byte, or the number of the signal the access raised.
+    """
+
+    # offsetof(ucontext_t, uc_mcontext.gregs[REG_RAX / REG_RIP]) on x86-64 glibc.
+    _RAX, _RIP = 40 + 13 * 8, 40 + 16 * 8
+
+    def __init__(self) -> None:
+        lib = _lib()
+        size = PAGE_SIZE
+        base = lib.mmap(None, size, 3, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+        if base in (None, MAP_FAILED):
+            raise OSError(ctypes.get_errno(), "mmap for the probe")
+        probe = bytes.fromhex(
+            "31c0"  # 0: xor eax, eax
+            "85f6"  # 2: test esi, esi
+            "7503"  # 4: jne 9
+            "8a0f"  # 6: mov cl, [rdi]          (read access)
+            "c3"  # 8: ret                      (recovery point)
+            "f0800700"  # 9: lock add byte [rdi], 0  (write access)
+            "c3"  # 13: ret
+        )
+        lo, hi, recover = base + 6, base + 13, base + 8
+        zero_area = base + 0x800  # a zeroed struct k_sigaction: SIG_DFL
+        q = lambda v: v.to_bytes(8, "little")  # noqa: E731
+        d32 = lambda v: v.to_bytes(4, "little")  # noqa: E731
+        # handler(rdi=sig, rsi=info, rdx=uctx)
+        head = (
+            b"\x48\x8b\x82" + d32(self._RIP)  # mov rax, [rdx+RIP]
+            + b"\x48\xb9" + q(lo)  # movabs rcx, lo
+            + b"\x48\x39\xc8"  # cmp rax, rcx
+        )
+        mid = (
+            b"\x48\xb9" + q(hi)  # movabs rcx, hi
+            + b"\x48\x39\xc8"  # cmp rax, rcx
+        )
+        recover_code = (
+            b"\x48\x89\xba" + d32(self._RAX)  # mov [rdx+RAX], rdi
+            + b"\x48\xb9" + q(recover)  # movabs rcx, recover
+            + b"\x48\x89\x8a" + d32(self._RIP)  # mov [rdx+RIP], rcx
+            + b"\xc3"  # ret
+        )
+        default = (
+            b"\x48\xbe" + q(zero_area)  # movabs rsi, zero_area
+            + b"\x31\xd2"  # xor edx, edx
+            + b"\x41\xba\x08\x00\x00\x00"  # mov r10d, 8
+            + b"\xb8\x0d\x00\x00\x00"  # mov eax, 13 (rt_sigaction)
+            + b"\x0f\x05"  # syscall
+            + b"\xc3"  # ret: the access faults again, now fatally
+        )
+        # jb default (after mid and its jae, and recover_code); jae default (after recover_code).
+        jae = b"\x73" + bytes([len(recover_code)])
+        jb = b"\x72" + bytes([len(mid) + len(jae) + len(recover_code)])
+        handler = head + jb + mid + jae + recover_code + default
+        hoff = 0x40
+        ctypes.memmove(base, probe, len(probe))
+        ctypes.memmove(base + hoff, handler, len(handler))
+        if lib.mprotect(base, size, 5) != 0:
+            raise OSError(ctypes.get_errno(), "mprotect for the probe")
+        self.fn = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_int)(base)
+        # struct sigaction (glibc x86-64): handler 8, sa_mask 128, sa_flags 4 (+4), restorer 8.
+        act = ctypes.create_string_buffer(152)
+        ctypes.memmove(act, q(base + hoff), 8)
+        ctypes.memmove(ctypes.addressof(act) + 136, SA_SIGINFO.to_bytes(4, "little"), 4)
+        for sig in (signal.SIGSEGV, signal.SIGBUS):
+            if lib.sigaction(int(sig), act, None) != 0:
+                raise OSError(ctypes.get_errno(), "sigaction")
+        self.rusage = ctypes.create_string_buffer(144)
+        self.thp_file_mapped: int | None = None
+
+    def faults(self) -> tuple[int, int]:
+        _lib().getrusage(RUSAGE_THREAD, self.rusage)
+        raw = self.rusage.raw
+        return int.from_bytes(raw[64:72], "little"), int.from_bytes(raw[72:80], "little")
+
+    def access(self, addr: int, write: bool) -> str:
+        if self.thp_file_mapped is None:
+            self.thp_file_mapped = _thp_file_mapped()
+        mn0, mj0 = self.faults()
+        sig = self.fn(addr, 1 if write else 0)
+        mn1, mj1 = self.faults()
+        if sig == signal.SIGSEGV:
+            return "sigsegv"
+        if sig == signal.SIGBUS:
+            return "sigbus"
+        if sig:
+            return f"signal{sig}"
+        if mj1 == mj0 and mn1 == mn0:
+            return "hit"
+        # Only our faults move thp_file_mapped on this quiet machine: compare with the value
+        # after our previous fault (re-read at each step's start), not re-read per access.
+        before, self.thp_file_mapped = self.thp_file_mapped, _thp_file_mapped()
+        if mj1 > mj0:
+            return "major"
+        return "pmd" if self.thp_file_mapped > before else "minor"
+
+
+def _thp_file_mapped() -> int:
+    with open("/proc/vmstat", "rb") as f:
+        data = f.read()
+    i = data.find(b"\nthp_file_mapped ")
+    if i < 0:
+        return 0
+    j = data.find(b"\n", i + 1)
+    return int(data[i + 17 : j])
+
+
+class _Worker:
+    """The command loop of one modelled process."""
+
+    def __init__(self, sock: socket.socket, root: str, probe: _Probe):
+        self.sock = sock
+        self.root = root
+        self.probe = probe
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.root, name)
+
+    def _ours(self, start: int, end: int) -> bool:
+        """Every mapping overlapping [start, end) is one of the backend's files."""
+        prefix = self.root.rstrip("/") + "/"
+        with open("/proc/self/maps") as f:
+            for line in f:
+                fields = line.split(maxsplit=5)
+                lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                if hi <= start or lo >= end:
+                    continue
+                path = fields[5].strip() if len(fields) > 5 else ""
+                if not path.startswith(prefix):
+                    return False
+        return True
+
+    def op_mmap(self, addr: int | None, length: int, file: str, offset: int, prot: str, shared: bool) -> dict:
+        lib = _lib()
+        try:
+            fd = os.open(self._path(file), os.O_RDWR)
+        except OSError as err:
+            return {"result": _errno_name(err.errno), "addr": None}
+        try:
+            flags = MAP_SHARED if shared else MAP_PRIVATE
+            if addr is None:
+                ret = lib.mmap(None, length, PROTS[prot], flags, fd, offset)
+            else:
+                ret = lib.mmap(addr, length, PROTS[prot], flags | MAP_FIXED_NOREPLACE, fd, offset)
+                if ret == MAP_FAILED and ctypes.get_errno() == errno.EEXIST:
+                    plen = (length + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+                    if self._ours(addr, addr + plen):
+                        ret = lib.mmap(addr, length, PROTS[prot], flags | MAP_FIXED, fd, offset)
+                    else:
+                        ctypes.set_errno(errno.EEXIST)
+            if ret == MAP_FAILED or ret is None:
+                return {"result": _errno_name(ctypes.get_errno()), "addr": None}
+            return {"result": 0, "addr": ret}
+        finally:
+            os.close(fd)
+
+    def op_munmap(self, addr: int, length: int) -> dict:
+        if length and not self._ours(addr, addr + length):
+            return {"result": "EPERM"}  # never unmap the interpreter
+        return {"result": _rc(_lib().munmap(addr, length))}
+
+    def op_madvise(self, addr: int, length: int, advice: str) -> dict:
+        return {"result": _rc(_lib().madvise(addr, length, ADVICE[advice]))}
+
+    def op_mprotect(self, addr: int, length: int, prot: str) -> dict:
+        if length and not self._ours(addr, addr + length):
+            return {"result": "EPERM"}
+        return {"result": _rc(_lib().mprotect(addr, length, PROTS[prot]))}
+
+    def op_mlock(self, addr: int, length: int, onfault: bool) -> dict:
+        return {"result": _rc(_lib().mlock2(addr, length, MLOCK_ONFAULT if onfault else 0))}
+
+    def op_munlock(self, addr: int, length: int) -> dict:
+        return {"result": _rc(_lib().munlock(addr, length))}
+
+    def op_mremap(self, addr: int, old_length: int, new_length: int, to: int | None, maymove: bool, dontunmap: bool) -> dict:
+        flags = (MREMAP_MAYMOVE if maymove or to is not None or dontunmap else 0)
+        flags |= (MREMAP_FIXED if to is not None else 0) | (MREMAP_DONTUNMAP if dontunmap else 0)
+        if old_length and not self._ours(addr, addr + old_length):
+            return {"result": "EPERM", "addr": None}
+        if to is not None and not self._ours(to, to + new_length):
+            return {"result": "EEXIST", "addr": None}
+        ret = _lib().mremap(addr, old_length, new_length, flags, to)
+        if ret == MAP_FAILED or ret is None:
+            return {"result": _errno_name(ctypes.get_errno()), "addr": None}
+        return {"result": 0, "addr": ret}
+
+    def op_fault(self, addr: int, write: bool) -> dict:
+        self.probe.thp_file_mapped = None
+        return {"result": self.probe.access(addr, write)}
+
+    def op_touch(self, addr: int, length: int, write: bool, stride: int) -> dict:
+        if stride <= 0 or length < 0:
+            return {"result": "EINVAL"}
+        counts: Counter[str] = Counter()
+        self.probe.thp_file_mapped = None
+        for a in range(addr, addr + length, stride):
+            counts[self.probe.access(a, write)] += 1
+        return {"result": dict(counts)}
+
+    def op_fork(self) -> dict:
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pid = os.fork()
+        if pid == 0:
+            mine.close()
+            self.sock.close()
+            self.sock = theirs
+            raise _BecomeChild()
+        theirs.close()
+        self._pending_fd = mine
+        return {"result": 0, "real_pid": pid}
+
+    def serve(self) -> None:
+        while True:
+            data = self.sock.recv(1 << 16)
+            if not data:
+                os._exit(0)
+            op, kwargs = pickle.loads(data)
+            self._pending_fd = None
+            if op == "exit":
+                self.sock.sendall(pickle.dumps(("ok", {"result": 0})))
+                os._exit(0)
+            try:
+                reply = ("ok", getattr(self, "op_" + op)(**kwargs))
+            except _BecomeChild:
+                continue  # the forked child: now serving its own socket, silently
+            except Exception as err:  # noqa: BLE001 - reported to the backend, which raises
+                reply = ("error", f"{type(err).__name__}: {err}")
+            msg = pickle.dumps(reply)
+            if self._pending_fd is not None:
+                socket.send_fds(self.sock, [msg], [self._pending_fd.fileno()])
+                self._pending_fd.close()
+                self._pending_fd = None
+            else:
+                self.sock.sendall(msg)
+
+
+class _BecomeChild(Exception):
+    """Unwinds the forked child out of op_fork into the same serve loop, as the new worker."""
+
+
+def _zygote_main(fd: int, root: str) -> None:
+    """Fork a fresh worker per ``spawn`` request; send its socket back over SCM_RIGHTS."""
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # exited workers are reaped by the kernel
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    probe = _Probe()
+    sock = socket.socket(fileno=fd)
+    while True:
+        data = sock.recv(1 << 16)
+        if not data:
+            os._exit(0)
+        op, _ = pickle.loads(data)
+        if op != "spawn":
+            sock.sendall(pickle.dumps(("error", f"zygote: unknown op {op}")))
+            continue
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pid = os.fork()
+        if pid == 0:
+            sock.close()
+            mine.close()
+            _Worker(theirs, root, probe).serve()
+        theirs.close()
+        socket.send_fds(sock, [pickle.dumps(("ok", {"real_pid": pid}))], [mine.fileno()])
+        mine.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The backend
+# ---------------------------------------------------------------------------------------------
+
+
+class BackendError(RuntimeError):
+    """The backend itself failed (a worker died, mount failed, a step it cannot run)."""
+
+
+class _Channel:
+    def __init__(self, sock: socket.socket, real_pid: int):
+        self.sock = sock
+        self.real_pid = real_pid
+
+    def call(self, op: str, **kwargs: Any) -> tuple[Any, socket.socket | None]:
+        self.sock.sendall(pickle.dumps((op, kwargs)))
+        msg, fds, _, _ = socket.recv_fds(self.sock, 1 << 16, 1)
+        if not msg:
+            raise BackendError(f"worker {self.real_pid} died during {op}")
+        status, value = pickle.loads(msg)
+        if status != "ok":
+            raise BackendError(f"worker {self.real_pid}: {op}: {value}")
+        return value, (socket.socket(fileno=fds[0]) if fds else None)
+
+    def wait_eof(self, timeout: float = 10.0) -> None:
+        self.sock.settimeout(timeout)
+        try:
+            while self.sock.recv(1 << 16):
+                pass
+        except TimeoutError:
+            raise BackendError(f"worker {self.real_pid} did not exit") from None
+        finally:
+            self.sock.close()
+
+
+class KernelBackend:
+    """Scenario steps on the real kernel. Use as a context manager (or call :meth:`close`).
+
+    Args:
+        huge: the tmpfs ``huge=`` option (``advise`` ≙ the model's ``shmem_enabled=advise``,
+            ``never`` ≙ ``never``, ``always``, ``within_size``).
+        size: the tmpfs ``size=`` limit.
+    """
+
+    def __init__(self, huge: str = DEFAULT_HUGE, size: str = "256M"):
+        reason = thp_available()
+        if reason:
+            raise BackendError(reason)
+        self.huge = huge
+        self.root = tempfile.mkdtemp(prefix="thpsplit-kernel-")
+        self.mounted = False
+        self.zygote: subprocess.Popen[bytes] | None = None
+        self.procs: dict[int, _Channel] = {}
+        self.files: set[str] = set()
+        try:
+            proc = subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", f"huge={huge},size={size},mode=0700", "tmpfs", self.root],
+                capture_output=True,
+                text=True,
+            )
+            if proc.returncode != 0:
+                raise BackendError(f"mount -t tmpfs -o huge={huge}: {proc.stderr.strip() or proc.returncode}")
+            self.mounted = True
+            zsock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            self.zygote = subprocess.Popen(
+                [sys.executable, "-I", "-S", os.path.abspath(__file__), "--zygote", str(theirs.fileno()), self.root],
+                pass_fds=(theirs.fileno(),),
+                env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+            )
+            theirs.close()
+            self._zygote = _Channel(zsock, self.zygote.pid)
+            self.reset_counters()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- life cycle ---------------------------------------------------------------------------
+
+    def __enter__(self) -> KernelBackend:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def reset_counters(self) -> None:
+        """vmstat and khugepaged deltas count from now."""
+        self.vmstat0 = read_vmstat()
+        self.khugepaged0 = read_khugepaged()
+
+    def reset(self) -> None:
+        """End every process, remove every file, and count from zero again (the mount stays)."""
+        for pid in list(self.procs):
+            self._exit(pid)
+        for name in list(self.files):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(self.root, name))
+        self.files.clear()
+        self.reset_counters()
+
+    def close(self) -> None:
+        for pid in list(self.procs):
+            try:
+                self._exit(pid)
+            except Exception:  # noqa: BLE001 - fall back to SIGKILL of the pid we started
+                chan = self.procs.pop(pid)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(chan.real_pid, signal.SIGKILL)
+                chan.sock.close()
+        if self.zygote is not None:
+            self._zygote.sock.close()  # EOF: the zygote exits
+            try:
+                self.zygote.wait(5)
+            except subprocess.TimeoutExpired:
+                self.zygote.kill()
+                self.zygote.wait()
+            self.zygote = None
+        if self.mounted:
+            for _ in range(50):
+                if subprocess.run(["umount", self.root], capture_output=True).returncode == 0:
+                    self.mounted = False
+                    break
+                time.sleep(0.1)  # a worker's exit is still tearing its mm down
+            else:
+                subprocess.run(["umount", "-l", self.root], capture_output=True)
+                self.mounted = False
+        with contextlib.suppress(OSError):
+            os.rmdir(self.root)
+
+    # -- steps ----------------------------------------------------------------------------------
+
+    def run(self, scenario: str | list[str] | list[Step]) -> list[dict[str, Any]]:
+        steps = scenario if scenario and isinstance(scenario[0], Step) else parse_scenario(scenario)  # type: ignore[arg-type]
+        return [self.step(s) for s in steps]  # type: ignore[arg-type]
+
+    def step(self, step: Step | str) -> dict[str, Any]:
+        """Run one step; its outcome (see the module docstring)."""
+        if isinstance(step, str):
+            parsed = parse_step(step)
+            if parsed is None:
+                raise ScenarioError("empty step")
+            step = parsed
+        a = dict(step.args)
+        op = step.op
+        if op == "file create":
+            return self._file_create(a["name"], a["size"], a["shmem"])
+        if op == "file write":
+            return self._file_io(a["name"], lambda fd: os.pwrite(fd, b"\x5a" * a["length"], a["offset"]))
+        if op == "file truncate":
+            return self._file_io(a["name"], lambda fd: os.ftruncate(fd, a["size"]))
+        if op == "file punch":
+            return self._file_punch(a["name"], a["offset"], a["length"])
+        if op == "proc spawn":
+            return self._spawn(a["pid"])
+        if op == "proc fork":
+            return self._fork(a["pid"], a["child"])
+        if op == "proc exit":
+            return self._exit(a["pid"])
+        pid = a.pop("pid")
+        chan = self._chan(pid)
+        name = op
+        value, _ = chan.call(name, **a)
+        return value
+
+    def _chan(self, pid: int) -> _Channel:
+        chan = self.procs.get(pid)
+        if chan is None:
+            raise BackendError(f"no process {pid}")
+        return chan
+
+    def _file_create(self, name: str, size: int, shmem: bool) -> dict[str, Any]:
+        if not shmem:
+            raise BackendError("regular files are not supported by the kernel backend (yet): use --shmem")
+        path = os.path.join(self.root, name)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, size)
+        finally:
+            os.close(fd)
+        self.files.add(name)
+        return {"result": 0}
+
+    def _file_io(self, name: str, fn: Any) -> dict[str, Any]:
+        try:
+            fd = os.open(os.path.join(self.root, name), os.O_RDWR)
+        except OSError as err:
+            return {"result": _errno_name(err.errno)}
+        try:
+            fn(fd)
+        except OSError as err:
+            return {"result": _errno_name(err.errno)}
+        finally:
+            os.close(fd)
+        return {"result": 0}
+
+    def _file_punch(self, name: str, offset: int, length: int) -> dict[str, Any]:
+        lib = _lib()
+
+        def punch(fd: int) -> None:
+            if lib.fallocate(fd, 3, offset, length) != 0:  # PUNCH_HOLE | KEEP_SIZE
+                e = ctypes.get_errno()
+                raise OSError(e, os.strerror(e))
+
+        return self._file_io(name, punch)
+
+    def _spawn(self, pid: int) -> dict[str, Any]:
+        if pid in self.procs:
+            return {"result": "EEXIST"}
+        value, sock = self._zygote.call("spawn")
+        assert sock is not None
+        self.procs[pid] = _Channel(sock, value["real_pid"])
+        return {"result": 0, "pid": pid, "real_pid": value["real_pid"]}
+
+    def _fork(self, pid: int, child: int) -> dict[str, Any]:
+        if child in self.procs:
+            return {"result": "EEXIST"}
+        value, sock = self._chan(pid).call("fork")
+        assert sock is not None
+        self.procs[child] = _Channel(sock, value["real_pid"])
+        return {"result": 0, "pid": child, "parent": pid, "real_pid": value["real_pid"]}
+
+    def _exit(self, pid: int) -> dict[str, Any]:
+        chan = self._chan(pid)
+        chan.sock.sendall(pickle.dumps(("exit", {})))
+        chan.wait_eof()  # EOF comes from exit_files(), after exit_mm() dropped the mm
+        del self.procs[pid]
+        # exit_mm() ran, but if the mm had other users (none here) __mmput would come later;
+        # wait for /proc/PID to lose its mm (the zombie is reaped by SIGCHLD=SIG_IGN).
+        for _ in range(200):
+            try:
+                with open(f"/proc/{chan.real_pid}/statm") as f:
+                    if f.read().split()[0] == "0":
+                        break
+            except (FileNotFoundError, ProcessLookupError):
+                break
+            time.sleep(0.005)
+        return {"result": 0}
+
+    # -- observing -------------------------------------------------------------------------------
+
+    def real_pid(self, pid: int) -> int:
+        return self._chan(pid).real_pid
+
+    def smaps(self, pid: int) -> list[dict[str, Any]]:
+        """The backend's VMAs of model process ``pid``, parsed from /proc/PID/smaps."""
+        with open(f"/proc/{self.real_pid(pid)}/smaps") as f:
+            return parse_smaps(f.read(), under=self.root)
+
+    def vmstat(self) -> dict[str, int]:
+        """vmstat deltas since the backend started (or :meth:`reset`)."""
+        now = read_vmstat()
+        return {k: v - self.vmstat0.get(k, 0) for k, v in now.items()}
+
+    def observe(self) -> dict[str, Any]:
+        """``{"smaps": {pid: [vma, ...]}, "vmstat": {field: delta}, "khugepaged": {...}}``."""
+        now = read_khugepaged()
+        return {
+            "smaps": {pid: self.smaps(pid) for pid in sorted(self.procs)},
+            "vmstat": self.vmstat(),
+            "khugepaged": {k: v - self.khugepaged0[k] for k, v in now.items()},
+        }
+
+
+def project_vma(e: dict[str, Any], fields: tuple[str, ...] = ("Rss", "Anonymous", "ShmemPmdMapped")) -> tuple:
+    """(start, end, *fields) of one smaps entry: the default comparison key."""
+    return (e["start"], e["end"], *(e.get(f, 0) for f in fields))
+
+
+if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "--zygote":
+    _zygote_main(int(sys.argv[2]), sys.argv[3])
