@@ -28,6 +28,12 @@ from shared.message import Message
 Task = Generator[Any, Any, Any]
 Done = Callable[[Any], None]
 
+# A task that yields a sleep which is already due resumes at once the first time in a burst of
+# steps; the second time in the same burst it gives the CPU away for this long (one jiffy at
+# HZ=1000). Without it, a loop with a zero sleep knob (khugepaged's scan_sleep_millisecs = 0, as
+# the kernel accepts) would spin inside one burst and never hand control back to the owner.
+RESCHED_MS = 1.0
+
 
 class Call:
     """Effect: send ``msg`` (whose ``req`` field is already set) to the peer and wait for the reply."""
@@ -59,7 +65,7 @@ class Wait:
 
 
 class _Running:
-    __slots__ = ("gen", "done", "name", "epoch")
+    __slots__ = ("gen", "done", "name", "epoch", "due_burst")
 
     def __init__(self, gen: Task, done: Done | None, name: str):
         self.gen = gen
@@ -67,6 +73,8 @@ class _Running:
         self.name = name
         # Bumped at every resume; a timer or wait registered in an older epoch is stale.
         self.epoch = 0
+        # The burst in which this task last went on past an already-due sleep (see RESCHED_MS).
+        self.due_burst = -1
 
 
 class Actor:
@@ -82,6 +90,7 @@ class Actor:
         self._waits: defaultdict[Any, list[tuple[_Running, int]]] = defaultdict(list)
         self._ready: deque[tuple[_Running, Any, int]] = deque()
         self._stepping = False
+        self._burst = 0
 
     # -- what the owner calls -----------------------------------------------------------------
 
@@ -145,6 +154,7 @@ class Actor:
         if self._stepping:
             return
         self._stepping = True
+        self._burst += 1
         try:
             while self._ready:
                 task, value, epoch = self._ready.popleft()
@@ -173,10 +183,14 @@ class Actor:
             self._calls[effect.msg.req] = (task, effect.msg)  # type: ignore[attr-defined]
             self.send(effect.msg)
         elif isinstance(effect, Sleep):
-            if effect.until <= self.now:
-                self._ready.append((task, None, task.epoch))
-                return
-            heapq.heappush(self._timers, (effect.until, next(self._timer_seq), task, task.epoch))
+            until = effect.until
+            if until <= self.now:
+                if task.due_burst != self._burst:
+                    task.due_burst = self._burst
+                    self._ready.append((task, None, task.epoch))
+                    return
+                until = self.now + RESCHED_MS
+            heapq.heappush(self._timers, (until, next(self._timer_seq), task, task.epoch))
             if effect.wake is not None:
                 self._waits[effect.wake].append((task, task.epoch))
         elif isinstance(effect, Wait):

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 from hypothesis import settings
@@ -42,3 +45,15 @@ def make_world():
         return CheckedWorld(Knobs(**{**ONE_PAGE_AT_A_TIME, **knobs}), seed=seed)
 
     return make
+
+
+@pytest.fixture
+def workdir(tmp_path: Path):
+    """A directory for daemon sockets and logs. sun_path holds 108 bytes: a long test name in
+    tmp_path could overflow it, so long paths are swapped for a short temporary one."""
+    if len(str(tmp_path / "collapsed.sock")) < 100:
+        yield tmp_path
+        return
+    short = Path(tempfile.mkdtemp(prefix="thp-"))
+    yield short
+    shutil.rmtree(short, ignore_errors=True)
