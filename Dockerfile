@@ -9,6 +9,8 @@
 # venv module works: the project lives in its own venv at /opt/venv, first on PATH.
 ARG BASE_IMAGE=python:3.11-slim
 FROM ${BASE_IMAGE}
+LABEL org.opencontainers.image.title="thpsplit" \
+      org.opencontainers.image.description="collapsed, remapd and thpctl: file THP collapse split in two actors"
 
 # A CA bundle for pip where HTTPS to the package index is intercepted (optional; empty: pip's own).
 ARG PIP_CERT=
@@ -37,7 +39,8 @@ RUN set -eu; \
     if [ -z "${PIP_CERT}" ]; then unset PIP_CERT; fi; \
     python -m pip install --no-build-isolation /src; \
     rm -rf /src; \
-    useradd --system --create-home --home-dir /home/thpsplit --uid 10001 --user-group thpsplit
+    groupadd --system --gid 10001 thpsplit; \
+    useradd --system --create-home --home-dir /home/thpsplit --uid 10001 --gid thpsplit thpsplit
 
 USER thpsplit
 WORKDIR /home/thpsplit
