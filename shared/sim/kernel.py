@@ -24,19 +24,19 @@ model):
   copies them), and the new worker's socket comes back over SCM_RIGHTS. ``proc exit`` ends the
   worker; the backend waits for the socket's EOF, which the kernel delivers from
   ``exit_files()``, after ``exit_mm()`` tore the address space down.
-* **Accesses** (``fault``/``touch``) are real CPU loads and stores. A 14-byte x86-64 probe
-  (``mov cl,[rdi]`` for a read, ``lock add byte [rdi],0`` for a write: a write fault that keeps
+* **Accesses** (``fault``/``touch``) are real CPU loads and stores. A small x86-64 probe
+  (``mov cl,[r8]`` for a read, ``lock add byte [r8],0`` for a write: a write fault that keeps
   the data) and a SIGSEGV/SIGBUS handler, both machine code in an executable page made by the
   zygote, turn a signal at the probe's instruction into a return value: the handler writes the
-  signal number into RAX and moves RIP to the probe's ``ret`` (a signal anywhere else resets the
-  handler to SIG_DFL and lets the worker die as it should). So sigsegv and sigbus are what the
+  signal number into RAX and moves RIP to the probe's final ``ret`` (a signal anywhere else
+  resets the handler to SIG_DFL and lets the worker die as it should). So sigsegv and sigbus are what the
   CPU and the kernel really decided, not a prediction from /proc/PID/maps and the file size, and
   no access goes through GUP (``/proc/self/mem`` would FOLL_FORCE-write read-only mappings).
-  Per access, ``getrusage(RUSAGE_THREAD)`` minor/major fault deltas and, when a fault happened,
-  the ``thp_file_mapped`` vmstat event (did this fault map a PMD: do_set_pmd) tell ``hit`` /
-  ``minor`` / ``major`` / ``pmd`` apart: best effort (``thp_file_mapped`` is system-wide; a
-  stray fault of the interpreter between the two getrusage calls would count). ``sigsegv`` /
-  ``sigbus`` versus the rest is exact.
+  Per access, ``getrusage(RUSAGE_THREAD)`` minor/major fault deltas (two raw syscalls in the
+  probe right before and after the access, so only the access's own faults count) and, when a
+  fault happened, the ``thp_file_mapped`` vmstat event (did this fault map a PMD: do_set_pmd)
+  tell ``hit`` / ``minor`` / ``major`` / ``pmd`` apart. hit/minor/major are exact; ``pmd`` reads
+  a system-wide counter (exact on a quiet machine). ``sigsegv`` / ``sigbus`` are exact.
 * **Fixed addresses.** ``mmap PID ADDR`` means MAP_FIXED in the model. The worker first tries
   MAP_FIXED_NOREPLACE; on EEXIST it reads its own maps and uses MAP_FIXED only if every mapping
   in the way is one of the backend's tmpfs files, else the step fails with EEXIST (the worker
@@ -65,9 +65,11 @@ import ctypes
 import ctypes.util
 import dataclasses
 import errno
+import fcntl
 import os
 import pickle
 import re
+import select
 import shlex
 import signal
 import socket
@@ -82,6 +84,7 @@ PAGE_SIZE = 4096
 HPAGE_PMD_SIZE = 2 << 20
 
 THP = "/sys/kernel/mm/transparent_hugepage"
+LOCK_PATH = "/tmp/thpsplit-kernel-backend.lock"
 DEFAULT_HUGE = "advise"
 
 # vmstat fields the backend reports (deltas since the backend started or was reset). The thp_*
@@ -586,6 +589,8 @@ def _lib() -> Any:
         lib.fallocate.restype = ctypes.c_int
         lib.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long)
         lib.getrusage.argtypes = (ctypes.c_int, ctypes.c_void_p)
+        lib.mincore.restype = ctypes.c_int
+        lib.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p)
         lib.sigaction.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
         _libc = lib
     return _libc
@@ -604,8 +609,12 @@ def _rc(ret: int) -> int | str:
 class _Probe:
     """The access probe and its signal handler, as machine code (x86-64 SysV, glibc ucontext).
 
-    ``probe(addr, write)`` returns 0 after a load (``mov cl,[rdi]``) or a store
-    (``lock add byte [rdi],0``) of one byte, or the number of the signal the access raised.
+    ``fn(addr, write, before, after)`` calls getrusage(RUSAGE_THREAD, before), makes a one-byte
+    load (``mov cl,[r8]``) or a store that keeps the data (``lock add byte [r8],0``: a write
+    fault), calls getrusage(RUSAGE_THREAD, after) and returns 0; or, if the access raised
+    SIGSEGV/SIGBUS, returns the signal number (``after`` is then not written). The two
+    getrusage calls are raw syscalls next to the access, so no fault of the interpreter can
+    fall between them.
     """
 
     # offsetof(ucontext_t, uc_mcontext.gregs[REG_RAX / REG_RIP]) on x86-64 glibc.
@@ -617,20 +626,41 @@ class _Probe:
         base = lib.mmap(None, size, 3, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
         if base in (None, MAP_FAILED):
             raise OSError(ctypes.get_errno(), "mmap for the probe")
-        probe = bytes.fromhex(
-            "31c0"  # 0: xor eax, eax
-            "85f6"  # 2: test esi, esi
-            "7503"  # 4: jne 9
-            "8a0f"  # 6: mov cl, [rdi]          (read access)
-            "c3"  # 8: ret                      (recovery point)
-            "f0800700"  # 9: lock add byte [rdi], 0  (write access)
-            "c3"  # 13: ret
+        getrusage_before = bytes.fromhex(
+            "4989f8"  # mov r8, rdi     (addr)
+            "4989f1"  # mov r9, rsi     (write)
+            "4989ca"  # mov r10, rcx    (after)
+            "b862000000"  # mov eax, 98 (getrusage)
+            "bf01000000"  # mov edi, 1  (RUSAGE_THREAD)
+            "4889d6"  # mov rsi, rdx    (before)
+            "0f05"  # syscall
+            "31c0"  # xor eax, eax
+            "4585c9"  # test r9d, r9d
         )
-        lo, hi, recover = base + 6, base + 13, base + 8
+        read = bytes.fromhex("418a08")  # mov cl, [r8]
+        write = bytes.fromhex("f041800000")  # lock add byte [r8], 0
+        after = bytes.fromhex(
+            "b862000000"  # mov eax, 98
+            "bf01000000"  # mov edi, 1
+            "4c89d6"  # mov rsi, r10
+            "0f05"  # syscall
+            "31c0"  # xor eax, eax
+            "c3"  # ret
+        )
+        # layout: before; jne W; read; jmp A; W: write; A: after; R: ret (recovery point)
+        jmp_over_write = b"\xeb" + bytes([len(write)])
+        jne_to_write = b"\x75" + bytes([len(read) + len(jmp_over_write)])
+        code = getrusage_before + jne_to_write
+        lo = base + len(code)
+        code += read + jmp_over_write + write
+        hi = base + len(code)
+        code += after
+        recover = base + len(code)
+        code += b"\xc3"
         zero_area = base + 0x800  # a zeroed struct k_sigaction: SIG_DFL
         q = lambda v: v.to_bytes(8, "little")  # noqa: E731
         d32 = lambda v: v.to_bytes(4, "little")  # noqa: E731
-        # handler(rdi=sig, rsi=info, rdx=uctx)
+        # handler(rdi=sig, rsi=info, rdx=uctx): a fault at RIP in [lo, hi) returns sig from fn.
         head = (
             b"\x48\x8b\x82" + d32(self._RIP)  # mov rax, [rdx+RIP]
             + b"\x48\xb9" + q(lo)  # movabs rcx, lo
@@ -658,12 +688,13 @@ class _Probe:
         jae = b"\x73" + bytes([len(recover_code)])
         jb = b"\x72" + bytes([len(mid) + len(jae) + len(recover_code)])
         handler = head + jb + mid + jae + recover_code + default
-        hoff = 0x40
-        ctypes.memmove(base, probe, len(probe))
+        hoff = 0x100
+        assert len(code) < hoff and hoff + len(handler) < 0x800
+        ctypes.memmove(base, code, len(code))
         ctypes.memmove(base + hoff, handler, len(handler))
         if lib.mprotect(base, size, 5) != 0:
             raise OSError(ctypes.get_errno(), "mprotect for the probe")
-        self.fn = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_int)(base)
+        self.fn = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)(base)
         # struct sigaction (glibc x86-64): handler 8, sa_mask 128, sa_flags 4 (+4), restorer 8.
         act = ctypes.create_string_buffer(152)
         ctypes.memmove(act, q(base + hoff), 8)
@@ -671,26 +702,34 @@ class _Probe:
         for sig in (signal.SIGSEGV, signal.SIGBUS):
             if lib.sigaction(int(sig), act, None) != 0:
                 raise OSError(ctypes.get_errno(), "sigaction")
-        self.rusage = ctypes.create_string_buffer(144)
+        self.before = ctypes.create_string_buffer(144)
+        self.after = ctypes.create_string_buffer(144)
         self.thp_file_mapped: int | None = None
+        self._scratch = ctypes.create_string_buffer(64)
+        self.scratch = ctypes.addressof(self._scratch)
 
-    def faults(self) -> tuple[int, int]:
-        _lib().getrusage(RUSAGE_THREAD, self.rusage)
-        raw = self.rusage.raw
+    @staticmethod
+    def _faults(buf: Any) -> tuple[int, int]:
+        raw = buf.raw
         return int.from_bytes(raw[64:72], "little"), int.from_bytes(raw[72:80], "little")
+
+    def warm_up(self) -> None:
+        """Fault in the rusage buffers (copy-on-write after a fork) before measuring."""
+        self.thp_file_mapped = None
+        for _ in range(2):
+            self.fn(self.scratch, 1, self.before, self.after)
 
     def access(self, addr: int, write: bool) -> str:
         if self.thp_file_mapped is None:
             self.thp_file_mapped = _thp_file_mapped()
-        mn0, mj0 = self.faults()
-        sig = self.fn(addr, 1 if write else 0)
-        mn1, mj1 = self.faults()
+        sig = self.fn(addr, 1 if write else 0, self.before, self.after)
         if sig == signal.SIGSEGV:
             return "sigsegv"
         if sig == signal.SIGBUS:
             return "sigbus"
         if sig:
             return f"signal{sig}"
+        (mn0, mj0), (mn1, mj1) = self._faults(self.before), self._faults(self.after)
         if mj1 == mj0 and mn1 == mn0:
             return "hit"
         # Only our faults move thp_file_mapped on this quiet machine: compare with the value
@@ -718,6 +757,7 @@ class _Worker:
         self.sock = sock
         self.root = root
         self.probe = probe
+        self.fds: dict[str, int] = {}
 
     def _path(self, name: str) -> str:
         return os.path.join(self.root, name)
@@ -738,27 +778,29 @@ class _Worker:
 
     def op_mmap(self, addr: int | None, length: int, file: str, offset: int, prot: str, shared: bool) -> dict:
         lib = _lib()
-        try:
-            fd = os.open(self._path(file), os.O_RDWR)
-        except OSError as err:
-            return {"result": _errno_name(err.errno), "addr": None}
-        try:
-            flags = MAP_SHARED if shared else MAP_PRIVATE
-            if addr is None:
-                ret = lib.mmap(None, length, PROTS[prot], flags, fd, offset)
-            else:
-                ret = lib.mmap(addr, length, PROTS[prot], flags | MAP_FIXED_NOREPLACE, fd, offset)
-                if ret == MAP_FAILED and ctypes.get_errno() == errno.EEXIST:
-                    plen = (length + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
-                    if self._ours(addr, addr + plen):
-                        ret = lib.mmap(addr, length, PROTS[prot], flags | MAP_FIXED, fd, offset)
-                    else:
-                        ctypes.set_errno(errno.EEXIST)
-            if ret == MAP_FAILED or ret is None:
-                return {"result": _errno_name(ctypes.get_errno()), "addr": None}
-            return {"result": 0, "addr": ret}
-        finally:
-            os.close(fd)
+        # One open file per name and process (inherited across fork), as a program mapping one
+        # fd several times: vma_merge needs the same struct file (is_mergeable_vma compares
+        # vm_file), so an open per mmap would keep neighbouring mappings apart.
+        fd = self.fds.get(file)
+        if fd is None:
+            try:
+                fd = self.fds[file] = os.open(self._path(file), os.O_RDWR)
+            except OSError as err:
+                return {"result": _errno_name(err.errno), "addr": None}
+        flags = MAP_SHARED if shared else MAP_PRIVATE
+        if addr is None:
+            ret = lib.mmap(None, length, PROTS[prot], flags, fd, offset)
+        else:
+            ret = lib.mmap(addr, length, PROTS[prot], flags | MAP_FIXED_NOREPLACE, fd, offset)
+            if ret == MAP_FAILED and ctypes.get_errno() == errno.EEXIST:
+                plen = (length + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+                if self._ours(addr, addr + plen):
+                    ret = lib.mmap(addr, length, PROTS[prot], flags | MAP_FIXED, fd, offset)
+                else:
+                    ctypes.set_errno(errno.EEXIST)
+        if ret == MAP_FAILED or ret is None:
+            return {"result": _errno_name(ctypes.get_errno()), "addr": None}
+        return {"result": 0, "addr": ret}
 
     def op_munmap(self, addr: int, length: int) -> dict:
         if length and not self._ours(addr, addr + length):
@@ -792,14 +834,14 @@ class _Worker:
         return {"result": 0, "addr": ret}
 
     def op_fault(self, addr: int, write: bool) -> dict:
-        self.probe.thp_file_mapped = None
+        self.probe.warm_up()
         return {"result": self.probe.access(addr, write)}
 
     def op_touch(self, addr: int, length: int, write: bool, stride: int) -> dict:
         if stride <= 0 or length < 0:
             return {"result": "EINVAL"}
         counts: Counter[str] = Counter()
-        self.probe.thp_file_mapped = None
+        self.probe.warm_up()
         for a in range(addr, addr + length, stride):
             counts[self.probe.access(a, write)] += 1
         return {"result": dict(counts)}
@@ -883,6 +925,10 @@ class _Channel:
     def __init__(self, sock: socket.socket, real_pid: int):
         self.sock = sock
         self.real_pid = real_pid
+        try:
+            self.pidfd: int | None = os.pidfd_open(real_pid)
+        except OSError:
+            self.pidfd = None
 
     def call(self, op: str, **kwargs: Any) -> tuple[Any, socket.socket | None]:
         self.sock.sendall(pickle.dumps((op, kwargs)))
@@ -912,13 +958,28 @@ class KernelBackend:
         huge: the tmpfs ``huge=`` option (``advise`` ≙ the model's ``shmem_enabled=advise``,
             ``never`` ≙ ``never``, ``always``, ``within_size``).
         size: the tmpfs ``size=`` limit.
+        lock_timeout: how long to wait for another backend on this machine to finish (vmstat
+            deltas are system-wide, so backends take an flock on :data:`LOCK_PATH`).
     """
 
-    def __init__(self, huge: str = DEFAULT_HUGE, size: str = "256M"):
+    def __init__(self, huge: str = DEFAULT_HUGE, size: str = "256M", lock_timeout: float = 300.0):
         reason = thp_available()
         if reason:
             raise BackendError(reason)
         self.huge = huge
+        # vmstat is system-wide: two backends at once (the harness and this test suite, say)
+        # would count each other's THPs. One at a time per machine.
+        self._lock_fd = os.open(LOCK_PATH, os.O_RDWR | os.O_CREAT, 0o600)
+        deadline = time.monotonic() + lock_timeout
+        while True:
+            try:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    os.close(self._lock_fd)
+                    raise BackendError(f"another kernel backend holds {LOCK_PATH}") from None
+                time.sleep(0.05)
         self.root = tempfile.mkdtemp(prefix="thpsplit-kernel-")
         self.mounted = False
         self.zygote: subprocess.Popen[bytes] | None = None
@@ -975,8 +1036,10 @@ class KernelBackend:
                 self._exit(pid)
             except Exception:  # noqa: BLE001 - fall back to SIGKILL of the pid we started
                 chan = self.procs.pop(pid)
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(chan.real_pid, signal.SIGKILL)
+                if chan.pidfd is not None:
+                    with contextlib.suppress(OSError):
+                        signal.pidfd_send_signal(chan.pidfd, signal.SIGKILL)
+                    os.close(chan.pidfd)
                 chan.sock.close()
         if self.zygote is not None:
             self._zygote.sock.close()  # EOF: the zygote exits
@@ -997,6 +1060,9 @@ class KernelBackend:
                 self.mounted = False
         with contextlib.suppress(OSError):
             os.rmdir(self.root)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
 
     # -- steps ----------------------------------------------------------------------------------
 
@@ -1095,16 +1161,15 @@ class KernelBackend:
         chan.sock.sendall(pickle.dumps(("exit", {})))
         chan.wait_eof()  # EOF comes from exit_files(), after exit_mm() dropped the mm
         del self.procs[pid]
-        # exit_mm() ran, but if the mm had other users (none here) __mmput would come later;
-        # wait for /proc/PID to lose its mm (the zombie is reaped by SIGCHLD=SIG_IGN).
-        for _ in range(200):
+        # The mm's last fput()s are task work, run after exit_files() (exit_task_work): wait
+        # until the pidfd says the process is gone, so that an unlink or a vmstat read after
+        # this step sees every file reference dropped.
+        if chan.pidfd is not None:
             try:
-                with open(f"/proc/{chan.real_pid}/statm") as f:
-                    if f.read().split()[0] == "0":
-                        break
-            except (FileNotFoundError, ProcessLookupError):
-                break
-            time.sleep(0.005)
+                select.select([chan.pidfd], [], [], 10.0)
+            finally:
+                os.close(chan.pidfd)
+                chan.pidfd = None
         return {"result": 0}
 
     # -- observing -------------------------------------------------------------------------------
@@ -1122,11 +1187,38 @@ class KernelBackend:
         now = read_vmstat()
         return {k: v - self.vmstat0.get(k, 0) for k, v in now.items()}
 
+    def file_stat(self, name: str) -> dict[str, Any]:
+        """``{"size": bytes, "nrpages": pages in the page cache}``: mincore(2) over a read-only
+        shared mapping the backend makes for the call (mincore faults nothing in; for shmem it
+        reports the page cache, as ``file ls`` in the model)."""
+        path = os.path.join(self.root, name)
+        size = os.stat(path).st_size
+        if size == 0:
+            return {"size": 0, "nrpages": 0}
+        lib = _lib()
+        npages = (size + PAGE_SIZE - 1) // PAGE_SIZE
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            addr = lib.mmap(None, size, 1, MAP_SHARED, fd, 0)
+        finally:
+            os.close(fd)
+        if addr in (None, MAP_FAILED):
+            raise OSError(ctypes.get_errno(), f"mmap {path}")
+        try:
+            vec = ctypes.create_string_buffer(npages)
+            if lib.mincore(ctypes.c_void_p(addr), ctypes.c_size_t(size), vec) != 0:
+                raise OSError(ctypes.get_errno(), f"mincore {path}")
+            return {"size": size, "nrpages": sum(b & 1 for b in vec.raw)}
+        finally:
+            lib.munmap(addr, size)
+
     def observe(self) -> dict[str, Any]:
-        """``{"smaps": {pid: [vma, ...]}, "vmstat": {field: delta}, "khugepaged": {...}}``."""
+        """``{"smaps": {pid: [vma, ...]}, "files": {name: file_stat}, "vmstat": {field: delta},
+        "khugepaged": {"full_scans": delta, "pages_collapsed": delta}}``."""
         now = read_khugepaged()
         return {
             "smaps": {pid: self.smaps(pid) for pid in sorted(self.procs)},
+            "files": {name: self.file_stat(name) for name in sorted(self.files)},
             "vmstat": self.vmstat(),
             "khugepaged": {k: v - self.khugepaged0[k] for k, v in now.items()},
         }
