@@ -6,6 +6,8 @@ mount refused). The parser tests run everywhere.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from shared.sim.kernel import (
@@ -16,6 +18,7 @@ from shared.sim.kernel import (
     coarse,
     parse_scenario,
     parse_step,
+    quiet_khugepaged,
     read_knob,
     thp_available,
 )
@@ -208,3 +211,24 @@ def test_sysfs_guard_restores_even_on_error():
         with pytest.raises(OSError):
             guard.set("defrag", "bogus")  # sysfs refuses: EINVAL, nothing changed
     assert read_knob("defrag") in ("always", "defer", "defer+madvise", "madvise", "never")
+
+
+def test_quiet_khugepaged_keeps_a_registered_mm_unscanned(make_backend):
+    # Without the sentinel, the first MADV_HUGEPAGE wakes an idle khugepaged at once
+    # (khugepaged_wait_work waits without a timeout while no mm is registered).
+    guard_value_before = read_knob("khugepaged/scan_sleep_millisecs")
+    with SysfsGuard() as guard:
+        quiet_khugepaged(guard)
+        kb = make_backend("never")  # counts from here: after the pass the sysfs write started
+        run(kb, f"""
+            file create c --size 4M --shmem
+            file write c 0 4K
+            proc spawn 1
+            mmap 1 {A:#x} 4M --file c --prot rw --shared
+            madvise 1 {A:#x} 4M hugepage
+        """)
+        time.sleep(0.3)
+        obs = kb.observe()
+        assert obs["khugepaged"] == {"full_scans": 0, "pages_collapsed": 0}
+        assert obs["vmstat"]["thp_collapse_alloc"] == 0
+    assert read_knob("khugepaged/scan_sleep_millisecs") == guard_value_before

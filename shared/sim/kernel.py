@@ -48,14 +48,13 @@ for ``fault``, a ``{outcome: count}`` dict for ``touch`` (as the model's), and p
 steps. :func:`coarse` folds ``hit/minor/major/pmd`` into ``ok`` for exact comparison.
 
 khugepaged: it only scans mms registered with it (MADV_HUGEPAGE, or a VMA khugepaged_enter_vma
-finds eligible) and wakes every ``khugepaged/scan_sleep_millisecs`` (10 s by default, so a
-sequence longer than that may see a pass). :func:`quiet_khugepaged` sets the sleep to a day
-through a :class:`SysfsGuard`; the write itself wakes khugepaged for one pass at once
-(``scan_sleep_millisecs_store`` resets ``khugepaged_sleep_expire`` and wakes the thread), so it
-is done before any worker exists, and afterwards ``khugepaged_should_wakeup()`` keeps it asleep
-even when ``__khugepaged_enter`` wakes the wait queue for a newly registered mm.
-:meth:`KernelBackend.observe` reports ``khugepaged/full_scans`` and ``pages_collapsed`` deltas
-so a harness can tell if it ran anyway.
+finds eligible). With some mm registered it sleeps ``khugepaged/scan_sleep_millisecs`` between
+passes (10 s by default); with none it sleeps until the first registration and then scans at
+once, so the first MADV_HUGEPAGE of a scenario would start a pass racing its next steps
+(observed: a collapse right after ``madvise hugepage``). :func:`quiet_khugepaged` registers a
+sentinel mm, sets the sleep to a day through a :class:`SysfsGuard` and waits for the one pass
+that write triggers; see its docstring. :meth:`KernelBackend.observe` reports
+``khugepaged/full_scans`` and ``pages_collapsed`` deltas so a harness can tell if it ran anyway.
 """
 
 from __future__ import annotations
@@ -441,6 +440,7 @@ class SysfsGuard:
 
     def __init__(self) -> None:
         self.saved: dict[str, str] = {}
+        self.cleanups: list[Any] = []  # run after the knobs are restored
 
     def __enter__(self) -> SysfsGuard:
         return self
@@ -470,6 +470,8 @@ class SysfsGuard:
                 self._write(name, value)
             except (OSError, RuntimeError) as err:
                 failures.append(f"{name}: {err}")
+        while self.cleanups:
+            self.cleanups.pop()()
         if failures:
             raise RuntimeError("sysfs knobs not restored: " + "; ".join(failures))
         self.saved.clear()
@@ -481,12 +483,56 @@ class SysfsGuard:
 QUIET_SCAN_SLEEP_MS = 24 * 3600 * 1000
 
 
-def quiet_khugepaged(guard: SysfsGuard, sleep_ms: int = QUIET_SCAN_SLEEP_MS) -> None:
-    """Keep khugepaged asleep for ``sleep_ms`` (see the module docstring). Call it before any
-    worker registers an mm: the write wakes khugepaged for one pass at once."""
+class _Sentinel:
+    """An anonymous MADV_HUGEPAGE region of the calling process, one anon THP faulted in: keeps
+    an mm on khugepaged's list (see :func:`quiet_khugepaged`), with nothing to collapse."""
+
+    def __init__(self) -> None:
+        lib = _lib()
+        size = 2 * HPAGE_PMD_SIZE
+        addr = lib.mmap(None, size, 3, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+        if addr in (None, MAP_FAILED):
+            raise OSError(ctypes.get_errno(), "mmap for the khugepaged sentinel")
+        self.addr, self.size = addr, size
+        aligned = (addr + HPAGE_PMD_SIZE - 1) & ~(HPAGE_PMD_SIZE - 1)
+        if lib.madvise(aligned, HPAGE_PMD_SIZE, ADVICE["hugepage"]) != 0:
+            self.close()
+            raise OSError(ctypes.get_errno(), "MADV_HUGEPAGE for the khugepaged sentinel")
+        # An anonymous VMA without an anon_vma is not khugepaged-eligible
+        # (__thp_vma_allowable_orders), so MADV_HUGEPAGE alone registers nothing: fault it in.
+        # The fault maps an anon THP (do_huge_pmd_anonymous_page, which also calls
+        # khugepaged_enter_vma), so khugepaged's passes find nothing to collapse here.
+        ctypes.memset(aligned, 0, 1)
+
+    def close(self) -> None:
+        if self.addr is not None:
+            _lib().munmap(self.addr, self.size)
+            self.addr = None
+
+
+def quiet_khugepaged(guard: SysfsGuard, sleep_ms: int = QUIET_SCAN_SLEEP_MS, timeout: float = 10.0) -> None:
+    """Keep khugepaged from running a pass for ``sleep_ms``; call before any worker exists.
+
+    A long ``scan_sleep_millisecs`` is not enough by itself. khugepaged_wait_work() sleeps
+    ``scan_sleep_millisecs`` only while khugepaged_has_work(); with no mm on its list it waits
+    with no timeout for khugepaged_wait_event(), and __khugepaged_enter() wakes it the moment
+    the first mm is added (MADV_HUGEPAGE): it would scan that scenario's mm at once, racing
+    the next steps. So a *sentinel* mm (this process: an anonymous MADV_HUGEPAGE region with
+    one anon THP faulted in, 2 MiB) is registered first; the sysfs write then wakes khugepaged for one pass (over the
+    sentinel: nothing to do), this waits for that pass (``full_scans`` moves), and from then on
+    khugepaged sleeps ``sleep_ms``: later registrations find the list non-empty and do not wake
+    it, and khugepaged_should_wakeup() stays false. The sentinel lives until the guard exits
+    (after the knobs are restored).
+    """
+    sentinel = _Sentinel()
+    guard.cleanups.append(sentinel.close)
+    scans = read_khugepaged()["full_scans"]
     guard.set("khugepaged/scan_sleep_millisecs", sleep_ms)
-    # Let the pass the write triggered run (it finds nothing of ours, there is nothing yet).
-    time.sleep(0.05)
+    deadline = time.monotonic() + timeout
+    while read_khugepaged()["full_scans"] == scans:
+        if time.monotonic() > deadline:
+            raise RuntimeError("khugepaged did not finish a pass after the scan_sleep_millisecs write")
+        time.sleep(0.01)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1189,28 +1235,29 @@ class KernelBackend:
 
     def file_stat(self, name: str) -> dict[str, Any]:
         """``{"size": bytes, "nrpages": pages in the page cache}``: mincore(2) over a read-only
-        shared mapping the backend makes for the call (mincore faults nothing in; for shmem it
-        reports the page cache, as ``file ls`` in the model)."""
+        shared mapping the backend makes for the call, up to i_size rounded up to 2 MiB
+        (mincore faults nothing in; for shmem it reports the page cache, beyond i_size too, as
+        ``file ls`` in the model)."""
         path = os.path.join(self.root, name)
         size = os.stat(path).st_size
-        if size == 0:
-            return {"size": 0, "nrpages": 0}
+        # A shmem THP may reach past i_size (huge=advise/always): look up to the next 2 MiB.
+        span = max((size + HPAGE_PMD_SIZE - 1) & ~(HPAGE_PMD_SIZE - 1), HPAGE_PMD_SIZE)
         lib = _lib()
-        npages = (size + PAGE_SIZE - 1) // PAGE_SIZE
+        npages = span // PAGE_SIZE
         fd = os.open(path, os.O_RDONLY)
         try:
-            addr = lib.mmap(None, size, 1, MAP_SHARED, fd, 0)
+            addr = lib.mmap(None, span, 1, MAP_SHARED, fd, 0)
         finally:
             os.close(fd)
         if addr in (None, MAP_FAILED):
             raise OSError(ctypes.get_errno(), f"mmap {path}")
         try:
             vec = ctypes.create_string_buffer(npages)
-            if lib.mincore(ctypes.c_void_p(addr), ctypes.c_size_t(size), vec) != 0:
+            if lib.mincore(ctypes.c_void_p(addr), ctypes.c_size_t(span), vec) != 0:
                 raise OSError(ctypes.get_errno(), f"mincore {path}")
             return {"size": size, "nrpages": sum(b & 1 for b in vec.raw)}
         finally:
-            lib.munmap(addr, size)
+            lib.munmap(addr, span)
 
     def observe(self) -> dict[str, Any]:
         """``{"smaps": {pid: [vma, ...]}, "files": {name: file_stat}, "vmstat": {field: delta},
