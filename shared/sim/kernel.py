@@ -420,6 +420,41 @@ def thp_available() -> str | None:
     return None
 
 
+class _MachineLock:
+    """One flock on :data:`LOCK_PATH` per process, re-entrant within it (flock locks belong to
+    an open file description, so a second open in the same process would wait for itself).
+    Held by every :class:`KernelBackend` and :class:`SysfsGuard`: vmstat deltas and the THP
+    knobs are machine-wide, and a concurrent run (the test suite and a harness run, say) would
+    see each other's THPs or wake khugepaged by restoring a knob."""
+
+    fd: int | None = None
+    depth = 0
+
+    @classmethod
+    def acquire(cls, timeout: float) -> None:
+        if cls.depth == 0:
+            fd = os.open(LOCK_PATH, os.O_RDWR | os.O_CREAT, 0o600)
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        os.close(fd)
+                        raise BackendError(f"another kernel backend or knob guard holds {LOCK_PATH}") from None
+                    time.sleep(0.05)
+            cls.fd = fd
+        cls.depth += 1
+
+    @classmethod
+    def release(cls) -> None:
+        cls.depth -= 1
+        if cls.depth == 0 and cls.fd is not None:
+            os.close(cls.fd)  # releases the flock
+            cls.fd = None
+
+
 def read_knob(name: str) -> str:
     """A knob's current value: the bracketed choice for choice knobs, else the text."""
     with open(os.path.join(THP, name)) as f:
@@ -438,11 +473,15 @@ class SysfsGuard:
     other knob was tried.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, lock_timeout: float = 300.0) -> None:
         self.saved: dict[str, str] = {}
         self.cleanups: list[Any] = []  # run after the knobs are restored
+        self.lock_timeout = lock_timeout
+        self._locked = False
 
     def __enter__(self) -> SysfsGuard:
+        _MachineLock.acquire(self.lock_timeout)
+        self._locked = True
         return self
 
     def set(self, name: str, value: Any) -> None:
@@ -477,7 +516,12 @@ class SysfsGuard:
         self.saved.clear()
 
     def __exit__(self, *exc: Any) -> None:
-        self.restore()
+        try:
+            self.restore()
+        finally:
+            if self._locked:
+                self._locked = False
+                _MachineLock.release()
 
 
 QUIET_SCAN_SLEEP_MS = 24 * 3600 * 1000
@@ -1013,19 +1057,9 @@ class KernelBackend:
         if reason:
             raise BackendError(reason)
         self.huge = huge
-        # vmstat is system-wide: two backends at once (the harness and this test suite, say)
-        # would count each other's THPs. One at a time per machine.
-        self._lock_fd = os.open(LOCK_PATH, os.O_RDWR | os.O_CREAT, 0o600)
-        deadline = time.monotonic() + lock_timeout
-        while True:
-            try:
-                fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    os.close(self._lock_fd)
-                    raise BackendError(f"another kernel backend holds {LOCK_PATH}") from None
-                time.sleep(0.05)
+        # vmstat is system-wide: one backend (or knob guard) at a time per machine.
+        _MachineLock.acquire(lock_timeout)
+        self._locked = True
         self.root = tempfile.mkdtemp(prefix="thpsplit-kernel-")
         self.mounted = False
         self.zygote: subprocess.Popen[bytes] | None = None
@@ -1106,9 +1140,9 @@ class KernelBackend:
                 self.mounted = False
         with contextlib.suppress(OSError):
             os.rmdir(self.root)
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)  # releases the flock
-            self._lock_fd = None
+        if self._locked:
+            self._locked = False
+            _MachineLock.release()
 
     # -- steps ----------------------------------------------------------------------------------
 
