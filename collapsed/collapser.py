@@ -135,7 +135,7 @@ class Collapser(Actor):
         elif isinstance(msg, m.UnlockFolio):
             self.cache.unlock(msg.pfn)
         elif isinstance(msg, m.MadvCollapse):
-            self.spawn(self.khugepaged.madvise_collapse(msg), name="madv_collapse")
+            self.spawn(self.khugepaged.madvise_collapse_file(msg), name="madv_collapse")
         elif isinstance(msg, m.KnobsChanged):
             for name, value in msg.values.items():
                 self.knobs.set(name, str(value))

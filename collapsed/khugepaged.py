@@ -1,5 +1,5 @@
 """khugepaged's first half: the scan of registered file ranges, ``hpage_collapse_scan_file`` and
-``collapse_file`` (6.x semantics, kernel-notes §2.4–2.6), and MADV_COLLAPSE's page-cache half.
+``collapse_file`` (mm/khugepaged.c, 6.x semantics), and MADV_COLLAPSE's page-cache half.
 
 Where the kernel would touch page tables (``try_to_unmap`` of the old pages, ``retract_page_tables``,
 ``collapse_pte_mapped_thp``) the collapser sends a request to the remapper and waits for the answer:
@@ -193,7 +193,7 @@ class Khugepaged:
             addr = hstart
             pgoff = r.pgoff_at(addr)
             cc = CollapseControl(True, slot.pid, addr)
-            result = yield from self.scan_file(f, pgoff, cc)
+            result = yield from self.hpage_collapse_scan_file(f, pgoff, cc)
             if result == R.SCAN_PTE_MAPPED_HUGEPAGE:
                 result = yield from self._pte_mapped(f, pgoff, cc)
             if result == R.SCAN_SUCCEED:
@@ -236,7 +236,9 @@ class Khugepaged:
 
     # -- hpage_collapse_scan_file -------------------------------------------------------------
 
-    def scan_file(self, f: File, start: int, cc: CollapseControl) -> Generator[Any, Any, R]:
+    def hpage_collapse_scan_file(self, f: File, start: int, cc: CollapseControl) -> Generator[Any, Any, R]:
+        """Look at the 512 slots from ``start`` without locking anything; if they qualify (the
+        ``max_ptes_*`` limits apply to khugepaged only), ``collapse_file`` them."""
         mem = self.cache.mem
         k = self.knobs
         present = swap = 0
@@ -432,11 +434,20 @@ class Khugepaged:
 
     # -- MADV_COLLAPSE, page-cache half -------------------------------------------------------
 
-    def madvise_collapse(self, msg: m.MadvCollapse) -> Generator[Any, Any, None]:
+    def madvise_collapse_file(self, msg: m.MadvCollapse) -> Generator[Any, Any, None]:
+        """The page-cache half of mm/khugepaged.c ``madvise_collapse`` for one aligned 2 MiB of a
+        file VMA: ``lru_add_drain_all``, then ``hpage_collapse_scan_file`` + ``collapse_file`` under
+        a non-khugepaged collapse_control (no ``max_ptes_*`` limits, direct compaction).
+
+        The syscall's entry point is the remapper's ``madvise_collapse``: it walks the VMAs, sends
+        one :class:`~shared.messages.MadvCollapse` per aligned range, and on
+        ``SCAN_PTE_MAPPED_HUGEPAGE`` (the kernel's collapse_file result for MADV_COLLAPSE) maps the
+        new THP with ``collapse_pte_mapped_thp``."""
         f = self.cache.files.get(msg.ino)
         if f is None:
             result = R.SCAN_TRUNCATED
         else:
             self.cache.lru_add_drain()  # lru_add_drain_all()
-            result = yield from self.scan_file(f, msg.pgoff, CollapseControl(False, msg.pid, msg.addr))
+            cc = CollapseControl(False, msg.pid, msg.addr)
+            result = yield from self.hpage_collapse_scan_file(f, msg.pgoff, cc)
         self.actor.send(m.CollapseResult(msg.req, int(result)))

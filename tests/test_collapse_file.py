@@ -44,7 +44,7 @@ def scan(world, name="f", start=0, khugepaged=True, pid=1, addr=0) -> R:
     """hpage_collapse_scan_file on [start, start+512), run to completion."""
     c = world.collapser
     cc = CollapseControl(khugepaged, pid, addr)
-    return world.start(c, c.khugepaged.scan_file(c.by_name[name], start, cc)).result()
+    return world.start(c, c.khugepaged.hpage_collapse_scan_file(c.by_name[name], start, cc)).result()
 
 
 def results(world) -> dict[str, int]:
@@ -291,7 +291,8 @@ def test_lockless_policy_counts_an_already_pmd_mapped_thp_as_collapsed(make_worl
     before = k.pages_collapsed
     world.wait_scans(1)
     assert k.pages_collapsed == before + 1
-    assert results(world) == {"SCAN_EXCEED_NONE_PTE": 1, "SCAN_PTE_MAPPED_HUGEPAGE": 1}  # scan_file's own
+    # hpage_collapse_scan_file's own results:
+    assert results(world) == {"SCAN_EXCEED_NONE_PTE": 1, "SCAN_PTE_MAPPED_HUGEPAGE": 1}
     assert world.vmstat()["thp_collapse_alloc"] == 0
 
 
@@ -450,8 +451,9 @@ def test_scan_alloc_huge_page_fail(make_world, shmem):
 
 
 def test_scan_del_page_lru_needs_a_direct_collapse_file(make_world):
-    # scan_file checks PG_LRU itself and nothing yields between that and collapse_file's
-    # isolation, so khugepaged never sees SCAN_DEL_PAGE_LRU; call collapse_file directly.
+    # hpage_collapse_scan_file checks PG_LRU itself and nothing yields between that and
+    # collapse_file's isolation, so khugepaged never sees SCAN_DEL_PAGE_LRU; call collapse_file
+    # directly.
     world = make_world(shmem_enabled="always")
     world.file_create("s", HPAGE_PMD_SIZE, shmem=True)
     world.file_write("s", 0, 3 * PAGE_SIZE)
@@ -464,10 +466,11 @@ def test_scan_del_page_lru_needs_a_direct_collapse_file(make_world):
 
 
 def _start_collapse_and_hold_the_unmap(world, name, addr):
-    """Start scan_file; stop when collapse_file has asked the remapper to unmap its pages."""
+    """Start hpage_collapse_scan_file; stop when collapse_file has asked the remapper to unmap its pages."""
     c = world.collapser
     pending = Pending()
-    c.spawn(c.khugepaged.scan_file(c.by_name[name], 0, CollapseControl(True, 1, addr)), pending.set)
+    scan = c.khugepaged.hpage_collapse_scan_file(c.by_name[name], 0, CollapseControl(True, 1, addr))
+    c.spawn(scan, pending.set)
     assert [type(msg) for msg in c.outbox] == [m.UnmapMapping]
     return pending
 
