@@ -324,6 +324,9 @@ class Collapser(Actor):
         }
 
     def vmstat(self) -> dict[str, int]:
+        """This side's /proc/vmstat lines under the kernel's names (mm/vmstat.c vmstat_text), plus
+        one of ours under ``thpsplit_``: the shmem swap entries of every file, which the kernel
+        counts per inode (``shmem_inode_info.swapped``) but not in vmstat."""
         stats = self.meminfo()
         out = {
             "nr_file_pages": stats["Cached"] // 4,
@@ -332,7 +335,7 @@ class Collapser(Actor):
             "nr_shmem_pmdmapped": stats["ShmemPmdMapped"] // 2048,
             "nr_file_hugepages": stats["FileHugePages"] // 2048,
             "nr_file_pmdmapped": stats["FilePmdMapped"] // 2048,
-            "nr_swap_entries": self.cache.nr_swap_entries,
+            "thpsplit_nr_swap_entries": self.cache.nr_swap_entries,
         }
         out.update(self.vm)
         return out

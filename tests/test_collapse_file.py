@@ -254,7 +254,7 @@ def test_scan_exceed_swap_pte_shmem(make_world, nswap, result):
     f = world.collapser.by_name["s"]
     vm = world.vmstat()
     if result == "SCAN_SUCCEED":
-        assert vm["pswpin"] == 64 and f.nrswap == 0 and f.nr_thps == 1 and vm["nr_swap_entries"] == 0
+        assert vm["pswpin"] == 64 and f.nrswap == 0 and f.nr_thps == 1 and vm["thpsplit_nr_swap_entries"] == 0
         assert vm["thp_scan_exceed_swap_pte"] == 0
     else:
         assert vm["thp_scan_exceed_swap_pte"] == 1 and vm["pswpin"] == 0 and f.nrswap == 65

@@ -328,7 +328,7 @@ def test_punch_drops_shmem_swap_entries(world):
     assert f.nrswap == 4 and c.cache.nr_swap_entries == 4
     world.file_punch("s", PAGE_SIZE, 2 * PAGE_SIZE)
     assert sorted(slots(world, "s")) == [0, 3] and f.nrswap == 2 and c.cache.nr_swap_entries == 2
-    assert world.vmstat()["nr_swap_entries"] == 2
+    assert world.vmstat()["thpsplit_nr_swap_entries"] == 2
 
 
 def test_punch_inside_a_thp_splits_it_and_keeps_the_rest(world):
@@ -412,13 +412,13 @@ def test_pageout_shmem_goes_to_swap_and_faults_back_in(world):
     assert all(values[i] < 0 for i in range(3)) and values[3] > 0
     assert f.nrswap == 3 and f.nrpages == 1
     vm = world.vmstat()
-    assert vm["pswpout"] == 3 and vm["nr_swap_entries"] == 3 and vm["pswpin"] == 0
+    assert vm["pswpout"] == 3 and vm["thpsplit_nr_swap_entries"] == 3 and vm["pswpin"] == 0
     assert world.meminfo()["Shmem"] == 4
     assert world.smaps(1)[0]["Rss"] == 4
     majors = vm["pgmajfault"]
     assert world.fault(1, addr + PAGE_SIZE) == "major"
     vm = world.vmstat()
-    assert vm["pswpin"] == 1 and vm["pgmajfault"] == majors + 1 and vm["nr_swap_entries"] == 2
+    assert vm["pswpin"] == 1 and vm["pgmajfault"] == majors + 1 and vm["thpsplit_nr_swap_entries"] == 2
     assert f.nrswap == 2 and f.nrpages == 2 and slots(world, "s")[1] > 0
 
 
