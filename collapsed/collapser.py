@@ -82,7 +82,7 @@ class Collapser(Actor):
         """Every file, by name."""
         return self.cache.by_name
 
-    # -- client operations --------------------------------------------------------------------
+    # -- client operations (what the daemon and the in-process world call; FileOps does them) -
 
     def file_create(self, name: str, size: int, shmem: bool) -> dict[str, Any]:
         return self.fileops.create(name, size, shmem)
@@ -142,8 +142,8 @@ class Collapser(Actor):
             self.notify("khugepaged_wake")
         elif isinstance(msg, m.FileInfo):
             self._adopt_file(msg)
-        elif hasattr(msg, "req"):
-            self.deliver_reply(msg.req, msg)  # type: ignore[attr-defined]
+        elif (req := getattr(msg, "req", None)) is not None:
+            self.deliver_reply(req, msg)  # a reply to one of our requests
         self.flush()
 
     # -- losing and regaining the peer --------------------------------------------------------
@@ -276,6 +276,8 @@ class Collapser(Actor):
         return self.cache.add_small_page(f, index)
 
     def _lock_folio(self, msg: m.LockFolio) -> Generator[Any, Any, None]:
+        """folio_lock for the remapper's collapse_pte_mapped_thp: sleep until the folio at the
+        index is ours, answer its head and order (0, 0 when the index holds no page any more)."""
         mem = self.mem
         epoch = self.peer_epoch
         while True:

@@ -37,6 +37,7 @@ from shared.units import HPAGE_PMD_NR, HPAGE_PMD_SIZE, PAGE_SHIFT
 
 log = get_logger("collapsed.khugepaged")
 
+
 @dataclasses.dataclass
 class Range:
     """A registered file VMA (khugepaged_enter_vma): [start, end) maps ``ino`` from ``pgoff``."""

@@ -249,6 +249,8 @@ class PageCache:
     # -- page locks ---------------------------------------------------------------------------
 
     def trylock(self, pfn: int) -> bool:
+        """folio_trylock: False if the page is locked; collapse_file and reclaim give up there
+        rather than sleep as :meth:`lock` does."""
         flags = self.mem.flags
         if flags[pfn] & PG_LOCKED:
             return False
@@ -261,6 +263,7 @@ class PageCache:
             yield Wait(("page", pfn))
 
     def unlock(self, pfn: int) -> None:
+        """folio_unlock: wake whoever sleeps on the page (faults, truncate, writers)."""
         self.mem.flags[pfn] &= ~PG_LOCKED
         self.wake(("page", pfn))
 
@@ -328,6 +331,8 @@ class PageCache:
     # -- LRU (per-CPU add batch, as folio_add_lru) --------------------------------------------
 
     def lru_add(self, pfn: int) -> None:
+        """folio_add_lru: the page reaches the LRU when the batch fills or is drained, so a page
+        just added is not yet PG_LRU (and khugepaged's scan sees SCAN_PAGE_LRU) until then."""
         self._lru_batch.append(pfn)
         if len(self._lru_batch) >= LRU_BATCH:
             self.lru_add_drain()
@@ -422,6 +427,7 @@ class PageCache:
         self.nr_swap_entries += 1
 
     def free_swap_entry(self, f: File, index: int) -> None:
+        """Truncate or punch-hole drops a swap entry with the rest of the range."""
         f.set(index, 0)
         f.drop_empty_chunk(index)
         f.nrswap -= 1
