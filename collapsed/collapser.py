@@ -1,6 +1,6 @@
-"""The collapser actor's core: the page cache, its file operations, and the peer protocol's
-page-cache side (fault lookups, rmap accounting, folio locks). khugepaged itself is in
-:mod:`collapsed.khugepaged`.
+"""The collapser actor: composes the page cache, the file operations and khugepaged's first half,
+and answers the remapper's side of the peer protocol itself (fault lookups, folio locks, losing
+and regaining the peer) plus the page-cache half of vmstat and meminfo.
 
 Sans-IO: no sockets, no clock of its own. See :mod:`shared.actor` for how it is driven.
 """
@@ -14,13 +14,12 @@ from typing import Any
 from collapsed.fileops import FileOps
 from collapsed.khugepaged import Khugepaged
 from collapsed.pagecache import (
-    PG_DIRTY,
     PG_HEAD,
     PG_LOCKED,
-    PG_LRU,
     PG_SWAPBACKED,
     PG_UPTODATE,
     File,
+    PageCache,
     PhysMem,
 )
 from shared import messages as m
@@ -31,10 +30,7 @@ from shared.scan_result import ScanResult
 from shared.thp import shmem_huge_global_enabled
 from shared.units import HPAGE_PMD_NR, PAGE_SIZE
 
-# Pages wait in a per-CPU batch before they reach the LRU (folio_batch: PAGEVEC_SIZE in 6.x).
-LRU_BATCH = 15
-
-# The vmstat event counters this side owns, in /proc/vmstat order.
+# The vmstat event counters this side owns, in /proc/vmstat order (mm/vmstat.c vmstat_text).
 VM_EVENTS = (
     "pgmajfault",
     "pswpin",
@@ -52,26 +48,62 @@ VM_EVENTS = (
 )
 
 
-class Collapser(FileOps, Actor):
-    """Owns files, pages and khugepaged's scan. Peer messages go in through :meth:`deliver`."""
+class Collapser(Actor):
+    """Owns files, pages and khugepaged's scan. Peer messages go in through :meth:`deliver`;
+    client operations are the ``file_*`` methods, :meth:`drop_caches`, :meth:`vmstat` and
+    :meth:`meminfo`.
+
+    The parts, each given what it works on: ``mem`` (``struct page`` arrays and the allocator),
+    ``cache`` (files, slots and page operations over ``mem``), ``fileops`` (file operations over
+    ``cache``) and ``khugepaged`` (the scan and collapse over both). ``vm`` is the vmstat event
+    counters all of them count into.
+    """
 
     def __init__(self, knobs: Knobs | None = None, seed: int = 0, start_khugepaged: bool = True):
         super().__init__()
         self.knobs = knobs or Knobs()
-        self.mem = PhysMem(seed)
-        self.files: dict[int, File] = {}
-        self.by_name: dict[str, File] = {}
-        self._next_ino = 1
         self.vm: Counter[str] = Counter({name: 0 for name in VM_EVENTS})
-        self.nr_swap_entries = 0
-        self._next_swap = 1
-        self._lru_batch: list[int] = []
-        self._writeback: list[tuple[float, int]] = []  # (done at, pfn)
+        self.mem = PhysMem(seed)
+        self.cache = PageCache(self.mem, self.knobs, self.notify)
+        self.fileops = FileOps(self, self.cache, self.knobs, self.vm)
+        self.khugepaged = Khugepaged(self, self.cache, self.fileops, self.knobs, self.vm)
         # Bumped when the remapper is lost: a lookup begun for the old one must not account.
         self.peer_epoch = 0
-        self.khugepaged = Khugepaged(self)
         if start_khugepaged:
             self.spawn(self.khugepaged.thread(), name="khugepaged")
+
+    @property
+    def files(self) -> dict[int, File]:
+        """Every file, by inode number."""
+        return self.cache.files
+
+    @property
+    def by_name(self) -> dict[str, File]:
+        """Every file, by name."""
+        return self.cache.by_name
+
+    # -- client operations (what the daemon and the in-process world call; FileOps does them) -
+
+    def file_create(self, name: str, size: int, shmem: bool) -> dict[str, Any]:
+        return self.fileops.create(name, size, shmem)
+
+    def file_write(self, name: str, offset: int, length: int) -> Generator[Any, Any, dict[str, Any]]:
+        return self.fileops.write(name, offset, length)
+
+    def file_sync(self, name: str) -> dict[str, Any]:
+        return self.fileops.sync(name)
+
+    def file_truncate(self, name: str, size: int) -> Generator[Any, Any, dict[str, Any]]:
+        return self.fileops.truncate(name, size)
+
+    def file_punch(self, name: str, offset: int, length: int) -> Generator[Any, Any, dict[str, Any]]:
+        return self.fileops.punch_hole(name, offset, length)
+
+    def file_ls(self) -> list[dict[str, Any]]:
+        return self.fileops.ls()
+
+    def drop_caches(self) -> Generator[Any, Any, dict[str, int]]:
+        return self.fileops.drop_caches()
 
     # -- peer messages ------------------------------------------------------------------------
 
@@ -81,9 +113,9 @@ class Collapser(FileOps, Actor):
             if self.lookup_page(msg) is not None:
                 self.spawn(self._lookup(msg), name="lookup")
         elif isinstance(msg, m.RmapDelta):
-            self.apply_rmap(msg.rows)
+            self.cache.apply_rmap(msg.rows)
         elif isinstance(msg, m.MarkDirty):
-            self._set_dirty(self.mem.head(msg.pfn))
+            self.cache.set_dirty(self.mem.head(msg.pfn))
         elif isinstance(msg, m.RegisterRange):
             self.khugepaged.register(msg)
         elif isinstance(msg, m.UnregisterRange):
@@ -91,31 +123,27 @@ class Collapser(FileOps, Actor):
         elif isinstance(msg, m.MmExit):
             self.khugepaged.mm_exit(msg.pid)
         elif isinstance(msg, m.WriteOpen):
-            f = self.files.get(msg.ino)
-            if f is not None:
-                f.writecount += msg.delta
-                if msg.delta > 0 and f.writecount == msg.delta and f.nr_thps and not f.shmem:
-                    self.spawn(self._drop_for_write(f), name="drop_for_write")
+            self.fileops.write_open(msg.ino, msg.delta)
         elif isinstance(msg, m.SetCollapsePmd):
-            f = self.files.get(msg.ino)
+            f = self.cache.files.get(msg.ino)
             if f is not None:
                 f.collapse_pmd = True
         elif isinstance(msg, m.Reclaim):
-            self._reclaim(msg.pfns)
+            self.fileops.reclaim(msg.pfns)
         elif isinstance(msg, m.LockFolio):
             self.spawn(self._lock_folio(msg), name="lock_folio")
         elif isinstance(msg, m.UnlockFolio):
-            self.unlock(msg.pfn)
+            self.cache.unlock(msg.pfn)
         elif isinstance(msg, m.MadvCollapse):
-            self.spawn(self.khugepaged.madvise_collapse(msg), name="madv_collapse")
+            self.spawn(self.khugepaged.madvise_collapse_file(msg), name="madv_collapse")
         elif isinstance(msg, m.KnobsChanged):
             for name, value in msg.values.items():
                 self.knobs.set(name, str(value))
             self.notify("khugepaged_wake")
         elif isinstance(msg, m.FileInfo):
             self._adopt_file(msg)
-        elif hasattr(msg, "req"):
-            self.deliver_reply(msg.req, msg)  # type: ignore[attr-defined]
+        elif (req := getattr(msg, "req", None)) is not None:
+            self.deliver_reply(req, msg)  # a reply to one of our requests
         self.flush()
 
     # -- losing and regaining the peer --------------------------------------------------------
@@ -124,20 +152,7 @@ class Collapser(FileOps, Actor):
         """The remapper is gone, and every mapping and pin it held with it: drop their
         accounting, answer whatever waited on it, forget its mm slots and write opens."""
         self.peer_epoch += 1
-        mem = self.mem
-        heads = set(mem.pins) | set(mem.entire)
-        for f in self.files.values():
-            f.writecount = 0
-            for _, value in f.entries():
-                if value > 0 and mem.mapcount[value]:
-                    heads.add(mem.head(value))
-        for head in heads:
-            subs = range(head, head + HPAGE_PMD_NR) if mem.flags[head] & PG_HEAD else (head,)
-            drop = sum(mem.mapcount[p] for p in subs) + mem.entire.pop(head, 0) + mem.pins.pop(head, 0)
-            for p in subs:
-                mem.mapcount[p] = 0
-            if drop:
-                self.put(head, drop)
+        self.cache.forget_mappings()
         for pid in list(self.khugepaged.slots):
             self.khugepaged.mm_exit(pid)
         self.fail_calls(_answer_for_lost_peer)
@@ -145,155 +160,14 @@ class Collapser(FileOps, Actor):
 
     def resync(self) -> None:
         """A remapper (new or back) is connected: tell it every file."""
-        for f in self.files.values():
+        for f in self.cache.files.values():
             self.send(m.FileInfo(f.ino, f.name, f.size, f.shmem))
 
     def _adopt_file(self, msg: m.FileInfo) -> None:
         """A remapper that outlived us names a file it maps: recreate it (empty page cache)."""
-        if msg.ino in self.files or msg.name in self.by_name or msg.size < 0:
+        if msg.ino in self.cache.files or msg.name in self.cache.by_name or msg.size < 0:
             return
-        f = File(msg.ino, msg.name, msg.size, msg.shmem)
-        self.files[f.ino] = f
-        self.by_name[f.name] = f
-        self._next_ino = max(self._next_ino, f.ino + 1)
-
-    # -- struct page helpers ------------------------------------------------------------------
-
-    def trylock(self, pfn: int) -> bool:
-        flags = self.mem.flags
-        if flags[pfn] & PG_LOCKED:
-            return False
-        flags[pfn] |= PG_LOCKED
-        return True
-
-    def lock(self, pfn: int) -> Generator[Any, Any, None]:
-        """lock_page: sleep until the page lock is ours."""
-        while not self.trylock(pfn):
-            yield Wait(("page", pfn))
-
-    def unlock(self, pfn: int) -> None:
-        self.mem.flags[pfn] &= ~PG_LOCKED
-        self.notify(("page", pfn))
-
-    def put(self, head: int, n: int = 1) -> None:
-        """put_page: drop references; the last one frees the page (a THP's block goes back to the
-        huge pool)."""
-        mem = self.mem
-        mem.ref[head] -= n
-        if mem.ref[head] < 0:
-            raise AssertionError(f"refcount underflow on pfn {head}")
-        if mem.ref[head] == 0:
-            huge = mem.flags[head] & PG_HEAD
-            self._lru_del(head)
-            mem.free(head)
-            if huge:
-                self.knobs.free_huge_pages += 1
-
-    def apply_rmap(self, rows: tuple[tuple[int, int, int, int], ...]) -> None:
-        mem = self.mem
-        for pfn, pte, pmd, pin in rows:
-            head = mem.head(pfn)
-            if pte:
-                mem.mapcount[pfn] += pte
-            if pmd:
-                mem.entire[head] = mem.entire.get(head, 0) + pmd
-                if not mem.entire[head]:
-                    del mem.entire[head]
-            if pin:
-                mem.pins[head] = mem.pins.get(head, 0) + pin
-                if not mem.pins[head]:
-                    del mem.pins[head]
-            delta = pte + pmd + pin
-            if delta > 0:
-                mem.ref[head] += delta
-            elif delta < 0:
-                self.put(head, -delta)
-
-    # -- LRU (per-CPU add batch, as folio_add_lru) --------------------------------------------
-
-    def lru_add(self, pfn: int) -> None:
-        self._lru_batch.append(pfn)
-        if len(self._lru_batch) >= LRU_BATCH:
-            self.lru_add_drain()
-
-    def lru_add_drain(self) -> None:
-        flags = self.mem.flags
-        for pfn in self._lru_batch:
-            if self.mem.allocated(pfn):
-                flags[pfn] |= PG_LRU
-        self._lru_batch.clear()
-
-    def _lru_del(self, pfn: int) -> None:
-        self.mem.flags[pfn] &= ~PG_LRU
-        if pfn in self._lru_batch:
-            self._lru_batch.remove(pfn)
-
-    # -- page cache insertion/removal ---------------------------------------------------------
-
-    def add_small_page(self, f: File, index: int, dirty: bool = False) -> int:
-        """Allocate a small page, insert it at ``index`` (ref 1 for the cache), uptodate, on LRU."""
-        mem = self.mem
-        pfn = mem.alloc_small()
-        mem.flags[pfn] |= PG_UPTODATE | (PG_SWAPBACKED | PG_DIRTY if f.shmem else 0)
-        if dirty:
-            mem.flags[pfn] |= PG_DIRTY
-        mem.index[pfn] = index
-        mem.ino[pfn] = f.ino
-        old = f.get(index)
-        if old < 0:
-            f.nrswap -= 1
-            self.nr_swap_entries -= 1
-        f.set(index, pfn)
-        f.nrpages += 1
-        self.lru_add(pfn)
-        return pfn
-
-    def alloc_huge(self, direct_compaction: bool) -> int:
-        k = self.knobs
-        head = self.mem.alloc_huge(k.free_huge_pages, direct_compaction, k.fragmentation)
-        if head:
-            k.free_huge_pages -= 1
-        return head
-
-    def add_huge_page(self, f: File, start: int, head: int) -> None:
-        """Publish a PMD-order folio at ``start`` (one multi-index entry: 512 slots)."""
-        mem = self.mem
-        mem.index[head] = start
-        mem.ino[head] = f.ino
-        mem.flags[head] |= PG_UPTODATE | (PG_SWAPBACKED | PG_DIRTY if f.shmem else 0)
-        for i in range(HPAGE_PMD_NR):
-            mem.index[head + i] = start + i
-            mem.ino[head + i] = f.ino
-            f.set(start + i, head + i)
-        mem.ref[head] += HPAGE_PMD_NR - 1  # the cache holds one reference per subpage
-        f.nrpages += HPAGE_PMD_NR
-        f.nr_thps += 1
-        self.lru_add(head)
-
-    def remove_page(self, f: File, pfn: int) -> None:
-        """Delete a small page or a whole THP from the cache and drop the cache's references."""
-        mem = self.mem
-        head = mem.head(pfn)
-        if mem.flags[head] & PG_HEAD:
-            start = mem.index[head]
-            for i in range(HPAGE_PMD_NR):
-                f.set(start + i, 0)
-            f.drop_empty_chunk(start)
-            f.nrpages -= HPAGE_PMD_NR
-            f.nr_thps -= 1
-            mem.ino[head] = 0
-            self.put(head, HPAGE_PMD_NR)
-        else:
-            index = mem.index[head]
-            f.set(index, 0)
-            f.drop_empty_chunk(index)
-            f.nrpages -= 1
-            mem.ino[head] = 0
-            self.put(head)
-
-    def _set_dirty(self, head: int) -> None:
-        if self.mem.allocated(head):
-            self.mem.flags[head] |= PG_DIRTY
+        self.cache.add_file(File(msg.ino, msg.name, msg.size, msg.shmem))
 
     # -- fault lookups (filemap_fault / shmem_fault) ------------------------------------------
 
@@ -310,7 +184,8 @@ class Collapser(FileOps, Actor):
         """One attempt at a fault lookup: answers and returns None, or returns the locked page
         the fault has to wait for (the common case answers without a task: faults are hot)."""
         mem = self.mem
-        f = self.files.get(msg.ino)
+        cache = self.cache
+        f = cache.files.get(msg.ino)
         if f is None or msg.index >= f.nr_pages_size:
             self.send(m.PageAnswer(msg.req, "sigbus"))
             return None
@@ -323,13 +198,13 @@ class Collapser(FileOps, Actor):
         if value > 0:
             pfn = value
         elif value < 0:
-            pfn = self.add_small_page(f, msg.index)
+            pfn = cache.add_small_page(f, msg.index)
             self.vm["pswpin"] += 1
             major = True
         elif f.shmem:
             pfn = self._shmem_alloc(f, msg.index, msg.pmd_ok, msg.vm_hugepage)
         else:
-            pfn = self.add_small_page(f, msg.index)
+            pfn = cache.add_small_page(f, msg.index)
             self._read_around(f, msg.index, msg.vm_hugepage)
             major = True
         if major:
@@ -340,19 +215,20 @@ class Collapser(FileOps, Actor):
         if msg.purpose == "map":
             if thp and msg.pmd_ok:
                 pmd = True
-                self.apply_rmap(((head, 0, 1, 0),))
+                cache.apply_rmap(((head, 0, 1, 0),))
             else:
-                self.apply_rmap(((pfn, 1, 0, 0),))
+                cache.apply_rmap(((pfn, 1, 0, 0),))
             if msg.write:
-                self._set_dirty(head)
+                cache.set_dirty(head)
         elif msg.purpose == "pin":
-            self.apply_rmap(((pfn, 0, 0, 1),))
+            cache.apply_rmap(((pfn, 0, 0, 1),))
         self.send(m.PageAnswer(msg.req, "ok", pfn, head, thp, pmd, major, f.shmem, around))
         return None
 
     def _fault_around(self, f: File, indices: tuple[int, ...]) -> tuple[tuple[int, int, bool], ...]:
         """filemap_map_pages: map the cached, uptodate, unlocked pages among ``indices``."""
         mem = self.mem
+        apply_rmap = self.cache.apply_rmap
         out = []
         for index in indices:
             value = f.get(index)
@@ -361,7 +237,7 @@ class Collapser(FileOps, Actor):
             head = mem.head(value)
             if mem.flags[head] & PG_LOCKED or not mem.flags[head] & PG_UPTODATE:
                 continue
-            self.apply_rmap(((value, 1, 0, 0),))
+            apply_rmap(((value, 1, 0, 0),))
             out.append((index, value, bool(mem.flags[head] & PG_HEAD)))
         return tuple(out)
 
@@ -380,7 +256,7 @@ class Collapser(FileOps, Actor):
             start = max(0, index - size // 2)
         for i in range(start, min(start + size, f.nr_pages_size)):
             if f.get(i) == 0:
-                self.add_small_page(f, i)
+                self.cache.add_small_page(f, i)
 
     def _shmem_alloc(self, f: File, index: int, pmd_ok: bool, vm_hugepage: bool) -> int:
         """shmem_get_folio_gfp for a hole: a PMD-order folio when shmem_enabled allows it here."""
@@ -390,26 +266,28 @@ class Collapser(FileOps, Actor):
             if chunk is None or not any(chunk):
                 k = self.knobs
                 direct = k.defrag == "always" or (k.defrag in ("madvise", "defer+madvise") and vm_hugepage)
-                head = self.alloc_huge(direct)
+                head = self.cache.alloc_huge(direct)
                 if head:
                     self.mem.flags[head] |= PG_UPTODATE
-                    self.add_huge_page(f, start, head)
+                    self.cache.add_huge_page(f, start, head)
                     self.vm["thp_file_alloc"] += 1
                     return head + (index - start)
                 self.vm["thp_file_fallback"] += 1
-        return self.add_small_page(f, index)
+        return self.cache.add_small_page(f, index)
 
     def _lock_folio(self, msg: m.LockFolio) -> Generator[Any, Any, None]:
+        """folio_lock for the remapper's collapse_pte_mapped_thp: sleep until the folio at the
+        index is ours, answer its head and order (0, 0 when the index holds no page any more)."""
         mem = self.mem
         epoch = self.peer_epoch
         while True:
-            f = self.files.get(msg.ino)
+            f = self.cache.files.get(msg.ino)
             value = f.get(msg.index) if f is not None else 0
             if value <= 0:
                 self.send(m.FolioAnswer(msg.req, 0, 0))
                 return
             head = mem.head(value)
-            if self.trylock(head):
+            if self.cache.trylock(head):
                 break
             yield Wait(("page", head))
             if self.peer_epoch != epoch:
@@ -422,7 +300,7 @@ class Collapser(FileOps, Actor):
         """The THP lines of /proc/meminfo, in kB, plus the page-cache totals they sit beside."""
         mem = self.mem
         file_pages = shmem_pages = file_thp = shmem_thp = file_pmd = shmem_pmd = 0
-        for f in self.files.values():
+        for f in self.cache.files.values():
             if f.shmem:
                 shmem_pages += f.nrpages
                 shmem_thp += f.nr_thps
@@ -448,6 +326,9 @@ class Collapser(FileOps, Actor):
         }
 
     def vmstat(self) -> dict[str, int]:
+        """This side's /proc/vmstat lines under the kernel's names (mm/vmstat.c vmstat_text), plus
+        one of ours under ``thpsplit_``: the shmem swap entries of every file, which the kernel
+        counts per inode (``shmem_inode_info.swapped``) but not in vmstat."""
         stats = self.meminfo()
         out = {
             "nr_file_pages": stats["Cached"] // 4,
@@ -456,7 +337,7 @@ class Collapser(FileOps, Actor):
             "nr_shmem_pmdmapped": stats["ShmemPmdMapped"] // 2048,
             "nr_file_hugepages": stats["FileHugePages"] // 2048,
             "nr_file_pmdmapped": stats["FilePmdMapped"] // 2048,
-            "nr_swap_entries": self.nr_swap_entries,
+            "thpsplit_nr_swap_entries": self.cache.nr_swap_entries,
         }
         out.update(self.vm)
         return out

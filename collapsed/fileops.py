@@ -1,9 +1,10 @@
 """The collapser's file operations: create, write, sync/writeback, truncate and punch-hole (with
-the unmap they need), drop_caches, and reclaim for MADV_PAGEOUT. Mixed into
-:class:`collapsed.collapser.Collapser`."""
+the unmap they need), the read-only-THP drop of an open for write, drop_caches, and reclaim for
+MADV_PAGEOUT."""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Generator
 from typing import Any
 
@@ -14,10 +15,12 @@ from collapsed.pagecache import (
     PG_LRU,
     PG_WRITEBACK,
     File,
+    PageCache,
 )
 from shared import messages as m
-from shared.actor import Call, Sleep, Wait
+from shared.actor import Actor, Call, Sleep, Wait
 from shared.errors import UserError
+from shared.knobs import Knobs
 from shared.units import HPAGE_PMD_NR, PAGE_SIZE, pages
 
 # NAME_MAX.
@@ -25,31 +28,43 @@ _MAX_NAME = 255
 
 
 class FileOps:
-    """write(2), truncate(2), fallocate(PUNCH_HOLE), writeback, drop_caches, reclaim."""
+    """write(2), truncate(2), fallocate(PUNCH_HOLE), writeback, drop_caches, reclaim.
+
+    Works on ``cache`` and owns the writeback queue. ``actor`` is the runtime it runs in: its clock
+    (writeback ends ``writeback_millisecs`` later, in a task), its outbox (a file's size goes to the
+    remapper) and its request ids (unmapping is a request to the remapper). ``vm`` is the actor's
+    vmstat event counters (splits, swap-outs).
+    """
+
+    def __init__(self, actor: Actor, cache: PageCache, knobs: Knobs, vm: Counter[str]) -> None:
+        self.actor = actor
+        self.cache = cache
+        self.knobs = knobs
+        self.vm = vm
+        self.writeback: list[tuple[float, int]] = []  # (done at, head pfn)
 
     # -- file operations (client requests) ----------------------------------------------------
 
-    def file_create(self, name: str, size: int, shmem: bool) -> dict[str, Any]:
+    def create(self, name: str, size: int, shmem: bool) -> dict[str, Any]:
         if not name or len(name) > _MAX_NAME or "/" in name or "\0" in name:
             raise UserError("EINVAL", f"bad file name {name!r}")
-        if name in self.by_name:
+        if name in self.cache.by_name:
             raise UserError("EEXIST", f"file {name!r} exists")
         if size < 0:
             raise UserError("EINVAL", "size must not be negative")
-        f = File(self._next_ino, name, size, shmem)
-        self._next_ino += 1
-        self.files[f.ino] = f
-        self.by_name[name] = f
-        self.send(m.FileInfo(f.ino, name, size, shmem))
-        return self.file_stat(f)
+        f = File(self.cache.next_ino, name, size, shmem)
+        self.cache.add_file(f)
+        self.actor.send(m.FileInfo(f.ino, name, size, shmem))
+        return self.stat(f)
 
-    def file(self, name: str) -> File:
-        f = self.by_name.get(name)
+    def lookup(self, name: str) -> File:
+        f = self.cache.by_name.get(name)
         if f is None:
             raise UserError("ENOENT", f"no file {name!r}")
         return f
 
-    def file_stat(self, f: File) -> dict[str, Any]:
+    def stat(self, f: File) -> dict[str, Any]:
+        mem = self.cache.mem
         return {
             "name": f.name,
             "ino": f.ino,
@@ -58,20 +73,22 @@ class FileOps:
             "nrpages": f.nrpages,
             "thps": f.nr_thps,
             "swap": f.nrswap,
-            "dirty": sum(1 for _, v in f.entries() if v > 0 and self.mem.flags[self.mem.head(v)] & PG_DIRTY),
+            "dirty": sum(1 for _, v in f.entries() if v > 0 and mem.flags[mem.head(v)] & PG_DIRTY),
             "open_for_write": f.writecount,
         }
 
-    def file_ls(self) -> list[dict[str, Any]]:
-        return [self.file_stat(f) for f in sorted(self.files.values(), key=lambda f: f.name)]
+    def ls(self) -> list[dict[str, Any]]:
+        return [self.stat(f) for f in sorted(self.cache.files.values(), key=lambda f: f.name)]
 
-    def file_write(self, name: str, offset: int, length: int) -> Generator[Any, Any, dict[str, Any]]:
+    def write(self, name: str, offset: int, length: int) -> Generator[Any, Any, dict[str, Any]]:
         """write(2): dirty the pages, reading in (or allocating) missing ones; extends i_size."""
-        f = self.file(name)
+        f = self.lookup(name)
         if offset < 0 or length < 0:
             raise UserError("EINVAL", "offset and length must not be negative")
         if length == 0:
-            return self.file_stat(f)
+            return self.stat(f)
+        cache = self.cache
+        mem = cache.mem
         end = offset + length
         if end > f.size:
             self._set_size(f, end)
@@ -79,85 +96,104 @@ class FileOps:
             while True:
                 value = f.get(index)
                 if value > 0:
-                    head = self.mem.head(value)
-                    if self.mem.flags[head] & PG_LOCKED:
+                    head = mem.head(value)
+                    if mem.flags[head] & PG_LOCKED:
                         yield Wait(("page", head))
                         continue
-                    self._set_dirty(head)
+                    cache.set_dirty(head)
                 else:
-                    self.add_small_page(f, index, dirty=True)
+                    cache.add_small_page(f, index, dirty=True)
                 break
-        return self.file_stat(f)
+        return self.stat(f)
 
-    def file_sync(self, name: str) -> dict[str, Any]:
-        f = self.file(name)
+    def sync(self, name: str) -> dict[str, Any]:
+        f = self.lookup(name)
         self.start_writeback(f)
-        return self.file_stat(f)
+        return self.stat(f)
 
-    def start_writeback(self, f: File) -> None:
-        """filemap_flush: dirty pages of a regular file go under writeback (clean when it ends)."""
-        if f.shmem:
-            return
-        flags = self.mem.flags
-        done = self.now + self.knobs.writeback_millisecs
-        queued = len(self._writeback)
-        for _, value in list(f.entries()):
-            head = self.mem.head(value) if value > 0 else 0
-            # A locked page is being truncated or collapsed: writeback leaves it to its owner.
-            if head and flags[head] & PG_DIRTY and not flags[head] & (PG_WRITEBACK | PG_LOCKED):
-                flags[head] = (flags[head] & ~PG_DIRTY) | PG_WRITEBACK
-                self._writeback.append((done, head))
-        # One task per batch that started now; a sync with nothing dirty starts none.
-        if len(self._writeback) > queued:
-            self.spawn(self._end_writeback(done), name="writeback")
-
-    def _end_writeback(self, until: float) -> Generator[Any, Any, None]:
-        yield Sleep(until)
-        still = []
-        for done, head in self._writeback:
-            if done <= self.now:
-                self.mem.flags[head] &= ~PG_WRITEBACK
-                self.notify(("writeback", head))
-            else:
-                still.append((done, head))
-        self._writeback = still
-
-    def _set_size(self, f: File, size: int) -> None:
-        f.size = size
-        self.send(m.FileInfo(f.ino, f.name, size, f.shmem))
-
-    def file_truncate(self, name: str, size: int) -> Generator[Any, Any, dict[str, Any]]:
+    def truncate(self, name: str, size: int) -> Generator[Any, Any, dict[str, Any]]:
         """truncate(2): unmap, then drop every page at or past the new EOF (split a THP it cuts)."""
-        f = self.file(name)
+        f = self.lookup(name)
         if size < 0:
             raise UserError("EINVAL", "size must not be negative")
         old = f.size
         self._set_size(f, size)
         if size < old:
-            yield from self.punch(f, pages(size), pages(old))
-        return self.file_stat(f)
+            yield from self.truncate_range(f, pages(size), pages(old))
+        return self.stat(f)
 
-    def file_punch(self, name: str, offset: int, length: int) -> Generator[Any, Any, dict[str, Any]]:
+    def punch_hole(self, name: str, offset: int, length: int) -> Generator[Any, Any, dict[str, Any]]:
         """fallocate(FALLOC_FL_PUNCH_HOLE): drop the whole pages in the range; i_size stays."""
-        f = self.file(name)
+        f = self.lookup(name)
         if offset < 0 or length <= 0:
             raise UserError("EINVAL", "punch needs a non-negative offset and a positive length")
         start = pages(offset)
         end = min((offset + length) // PAGE_SIZE, f.nr_pages_size)
         if start < end:
-            yield from self.punch(f, start, end)
-        return self.file_stat(f)
+            yield from self.truncate_range(f, start, end)
+        return self.stat(f)
+
+    def _set_size(self, f: File, size: int) -> None:
+        f.size = size
+        self.actor.send(m.FileInfo(f.ino, f.name, size, f.shmem))
+
+    # -- writeback ----------------------------------------------------------------------------
+
+    def start_writeback(self, f: File) -> None:
+        """filemap_flush: dirty pages of a regular file go under writeback (clean when it ends)."""
+        if f.shmem:
+            return
+        mem = self.cache.mem
+        flags = mem.flags
+        done = self.actor.now + self.knobs.writeback_millisecs
+        queued = len(self.writeback)
+        for _, value in list(f.entries()):
+            head = mem.head(value) if value > 0 else 0
+            # A locked page is being truncated or collapsed: writeback leaves it to its owner.
+            if head and flags[head] & PG_DIRTY and not flags[head] & (PG_WRITEBACK | PG_LOCKED):
+                flags[head] = (flags[head] & ~PG_DIRTY) | PG_WRITEBACK
+                self.writeback.append((done, head))
+        # One task per batch that started now; a sync with nothing dirty starts none.
+        if len(self.writeback) > queued:
+            self.actor.spawn(self._end_writeback(done), name="writeback")
+
+    def _end_writeback(self, until: float) -> Generator[Any, Any, None]:
+        yield Sleep(until)
+        actor = self.actor
+        flags = self.cache.mem.flags
+        still = []
+        for done, head in self.writeback:
+            if done <= actor.now:
+                flags[head] &= ~PG_WRITEBACK
+                actor.notify(("writeback", head))
+            else:
+                still.append((done, head))
+        self.writeback = still
+
+    # -- opens for write ----------------------------------------------------------------------
+
+    def write_open(self, ino: int, delta: int) -> None:
+        """i_writecount moves by ``delta``. The first open for write of a regular file holding
+        read-only THPs drops its whole cache (do_dentry_open on filemap_nr_thps: unmap_mapping_range
+        and truncate_inode_pages), so no THP is ever written through."""
+        f = self.cache.files.get(ino)
+        if f is None:
+            return
+        f.writecount += delta
+        if delta > 0 and f.writecount == delta and f.nr_thps and not f.shmem:
+            self.actor.spawn(self._drop_for_write(f), name="drop_for_write")
 
     def _drop_for_write(self, f: File) -> Generator[Any, Any, None]:
-        """do_dentry_open on a file with read-only THPs (filemap_nr_thps): unmap_mapping_range and
-        truncate_inode_pages of the whole cache, so no THP is ever written through."""
         if f.chunks:
-            yield from self.punch(f, 0, (max(f.chunks) + 1) * HPAGE_PMD_NR, even_cows=False)
+            yield from self.truncate_range(f, 0, (max(f.chunks) + 1) * HPAGE_PMD_NR, even_cows=False)
 
-    def punch(self, f: File, start: int, end: int, even_cows: bool = True) -> Generator[Any, Any, None]:
+    # -- truncate_inode_pages_range -----------------------------------------------------------
+
+    def truncate_range(self, f: File, start: int, end: int, even_cows: bool = True) -> Generator[Any, Any, None]:
         """truncate_inode_pages_range on [start, end): unmap_mapping_range, then delete pages."""
         yield from self.unmap_range(f, start, end, (), even_cows=even_cows)
-        mem = self.mem
+        cache = self.cache
+        mem = cache.mem
         kept: set[int] = set()  # THPs that would not split: one attempt each, not one per subpage
         for index, value in list(f.entries(start, end)):
             if f.get(index) != value:
@@ -165,10 +201,7 @@ class FileOps:
             if value > 0 and mem.head(value) in kept:
                 continue
             if value < 0:
-                f.set(index, 0)
-                f.drop_empty_chunk(index)
-                f.nrswap -= 1
-                self.nr_swap_entries -= 1
+                cache.free_swap_entry(f, index)
                 continue
             head = mem.head(value)
             # Truncate waits for writeback to end (outside the page lock, so the model is never
@@ -177,9 +210,9 @@ class FileOps:
                 yield Wait(("writeback", head))
             if f.get(index) != value:
                 continue
-            yield from self.lock(head)
+            yield from cache.lock(head)
             if f.get(index) != value:
-                self.unlock(head)
+                cache.unlock(head)
                 continue
             if mem.total_mapcount(head):
                 # truncate_cleanup_folio: a fault mapped it again after the first unmap; with the
@@ -190,32 +223,29 @@ class FileOps:
             if mem.flags[head] & PG_HEAD:
                 hstart = mem.index[head]
                 if hstart >= start and hstart + HPAGE_PMD_NR <= end:
-                    self.remove_page(f, head)
-                    self.unlock(head)
+                    cache.remove_page(f, head)
+                    cache.unlock(head)
                     continue
                 if not self.split_thp(f, head):
-                    self.unlock(head)
+                    cache.unlock(head)
                     kept.add(head)
                     continue  # pinned: the folio stays whole, as truncate_inode_partial_folio
-                self.unlock_split(head)
+                self._unlock_split(head)
                 for sub in range(head, head + HPAGE_PMD_NR):
                     if start <= mem.index[sub] < end and f.get(mem.index[sub]) == sub:
-                        self.remove_page(f, sub)
+                        cache.remove_page(f, sub)
                 continue
-            self.remove_page(f, head)
-            self.unlock(head)
-
-    def unlock_split(self, head: int) -> None:
-        for pfn in range(head, head + HPAGE_PMD_NR):
-            self.unlock(pfn)
+            cache.remove_page(f, head)
+            cache.unlock(head)
 
     def split_thp(self, f: File, head: int) -> bool:
-        """split_huge_page on an unmapped THP: 512 small pages, each with its own cache reference.
+        """split_huge_page on an unmapped THP: 512 small pages, each with its own cache reference,
+        each locked (the caller held the head's lock).
 
         Fails (thp_split_page_failed) while anything but the cache holds a reference, as
         can_split_folio does.
         """
-        mem = self.mem
+        mem = self.cache.mem
         if mem.ref[head] != HPAGE_PMD_NR or mem.entire.get(head) or any(
             mem.mapcount[head : head + HPAGE_PMD_NR]
         ):
@@ -230,18 +260,26 @@ class FileOps:
         self.vm["thp_split_page"] += 1
         return True
 
+    def _unlock_split(self, head: int) -> None:
+        for pfn in range(head, head + HPAGE_PMD_NR):
+            self.cache.unlock(pfn)
+
     def unmap_range(
         self, f: File, start: int, end: int, pfns: tuple[int, ...], even_cows: bool
     ) -> Generator[Any, Any, None]:
-        """Ask the remapper to zap mappings of [start, end) and wait until it has."""
-        yield Call(m.UnmapMapping(self.new_req(), f.ino, start, end, pfns, even_cows))
+        """Ask the remapper to zap mappings of [start, end) (``unmap_mapping_range``), or only
+        those of ``pfns`` (``try_to_unmap``), and wait until it has."""
+        yield Call(m.UnmapMapping(self.actor.new_req(), f.ino, start, end, pfns, even_cows))
+
+    # -- reclaim ------------------------------------------------------------------------------
 
     def drop_caches(self) -> Generator[Any, Any, dict[str, int]]:
         """echo 1 > drop_caches: evict clean, unmapped, unlocked, unpinned page-cache pages."""
-        self.lru_add_drain()
-        mem = self.mem
+        cache = self.cache
+        cache.lru_add_drain()
+        mem = cache.mem
         dropped = 0
-        for f in list(self.files.values()):
+        for f in list(cache.files.values()):
             for _, value in list(f.entries()):
                 if value <= 0:
                     continue
@@ -254,18 +292,19 @@ class FileOps:
                 if mem.ref[head] != cache_refs:
                     continue  # mapped or pinned: invalidate_mapping_pages leaves it
                 dropped += cache_refs
-                self.remove_page(f, head)
+                cache.remove_page(f, head)
         yield from ()
         return {"dropped_pages": dropped}
 
-    def _reclaim(self, pfns: tuple[int, ...]) -> None:
+    def reclaim(self, pfns: tuple[int, ...]) -> None:
         """shrink_folio_list for MADV_PAGEOUT: unmapped pages leave memory (shmem to swap)."""
-        mem = self.mem
+        cache = self.cache
+        mem = cache.mem
         for pfn in pfns:
             if not mem.allocated(pfn):
                 continue
             head = mem.head(pfn)
-            f = self.files.get(mem.ino[head])
+            f = cache.files.get(mem.ino[head])
             if f is None or mem.flags[head] & (PG_LOCKED | PG_WRITEBACK):
                 continue
             cache_refs = HPAGE_PMD_NR if mem.flags[head] & PG_HEAD else 1
@@ -274,30 +313,22 @@ class FileOps:
             if mem.flags[head] & PG_HEAD:
                 if not f.shmem:
                     continue  # a read-only file THP is dropped whole by drop_caches, not pageout
-                self.trylock(head)
+                cache.trylock(head)
                 if not self.split_thp(f, head):
-                    self.unlock(head)
+                    cache.unlock(head)
                     continue
                 subs = list(range(head, head + HPAGE_PMD_NR))
-                self.unlock_split(head)
+                self._unlock_split(head)
             else:
                 subs = [head]
             for sub in subs:
                 self._reclaim_small(f, sub)
 
     def _reclaim_small(self, f: File, pfn: int) -> None:
-        mem = self.mem
-        index = mem.index[pfn]
         if f.shmem:
-            self.remove_page(f, pfn)
-            swap = self._next_swap
-            self._next_swap += 1
-            f.set(index, -swap)
-            f.nrswap += 1
-            self.nr_swap_entries += 1
+            self.cache.swap_out(f, pfn)
             self.vm["pswpout"] += 1
-        elif mem.flags[pfn] & PG_DIRTY:
+        elif self.cache.mem.flags[pfn] & PG_DIRTY:
             self.start_writeback(f)
         else:
-            self.remove_page(f, pfn)
-
+            self.cache.remove_page(f, pfn)

@@ -1,5 +1,5 @@
 """khugepaged's first half: the scan of registered file ranges, ``hpage_collapse_scan_file`` and
-``collapse_file`` (6.x semantics, kernel-notes §2.4–2.6), and MADV_COLLAPSE's page-cache half.
+``collapse_file`` (mm/khugepaged.c, 6.x semantics), and MADV_COLLAPSE's page-cache half.
 
 Where the kernel would touch page tables (``try_to_unmap`` of the old pages, ``retract_page_tables``,
 ``collapse_pte_mapped_thp``) the collapser sends a request to the remapper and waits for the answer:
@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+from collections import Counter
 from collections.abc import Generator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from collapsed.fileops import FileOps
 from collapsed.pagecache import (
     PG_DIRTY,
     PG_HEAD,
@@ -23,18 +25,18 @@ from collapsed.pagecache import (
     PG_UPTODATE,
     PG_WRITEBACK,
     File,
+    PageCache,
 )
 from shared import messages as m
-from shared.actor import Call, Sleep, Wait
+from shared.actor import Actor, Call, Sleep, Wait
+from shared.knobs import Knobs
 from shared.logs import get_logger
 from shared.scan_result import ScanResult as R
 from shared.thp import thp_vma_allowable_order
 from shared.units import HPAGE_PMD_NR, HPAGE_PMD_SIZE, PAGE_SHIFT
 
-if TYPE_CHECKING:
-    from collapsed.collapser import Collapser
-
 log = get_logger("collapsed.khugepaged")
+
 
 @dataclasses.dataclass
 class Range:
@@ -68,10 +70,19 @@ class CollapseControl:
 
 
 class Khugepaged:
-    """The scan state (mm slots, cursor, pages_collapsed, full_scans) and the kthread."""
+    """The scan state (mm slots, cursor, pages_collapsed, full_scans) and the kthread.
 
-    def __init__(self, c: Collapser):
-        self.c = c
+    Collapses pages of ``cache``; ``fileops`` flushes a dirty page it meets and unmaps the pages
+    it collapses. ``actor`` is the runtime it runs in: its clock paces the scan, its requests to
+    the remapper unmap, retract and visit mms. ``vm`` is the actor's vmstat event counters.
+    """
+
+    def __init__(self, actor: Actor, cache: PageCache, fileops: FileOps, knobs: Knobs, vm: Counter[str]) -> None:
+        self.actor = actor
+        self.cache = cache
+        self.fileops = fileops
+        self.knobs = knobs
+        self.vm = vm
         self.slots: dict[int, MmSlot] = {}
         self.order: list[int] = []  # mm slot list, in registration order
         self.cursor_pid: int | None = None
@@ -95,7 +106,7 @@ class Khugepaged:
         if wakeup:
             # The wakeup runs the kthread at once: the VMA must be in the slot by then, as
             # khugepaged_enter_vma comes after the VMA is linked.
-            self.c.notify("khugepaged_work")
+            self.actor.notify("khugepaged_work")
 
     def unregister(self, pid: int, start: int) -> None:
         slot = self.slots.get(pid)
@@ -112,23 +123,21 @@ class Khugepaged:
 
     def thread(self) -> Generator[Any, Any, None]:
         """khugepaged(): scan a pass, sleep scan_sleep_millisecs (a knob write wakes it early)."""
-        c = self.c
         while True:
             if not self.slots:
                 yield Wait("khugepaged_work")
                 continue
             yield from self.do_scan()
-            yield Sleep(c.now + c.knobs.scan_sleep_millisecs, wake="khugepaged_wake")
+            yield Sleep(self.actor.now + self.knobs.scan_sleep_millisecs, wake="khugepaged_wake")
 
     def do_scan(self) -> Generator[Any, Any, None]:
         """khugepaged_do_scan: spend ``pages_to_scan`` progress; one alloc-failure sleep per pass."""
-        c = self.c
-        pages = c.knobs.pages_to_scan
+        pages = self.knobs.pages_to_scan
         progress = 0
         wait = True
         pass_through_head = 0
         self.passes += 1
-        c.lru_add_drain()  # lru_add_drain_all() at the start of every pass
+        self.cache.lru_add_drain()  # lru_add_drain_all() at the start of every pass
         while True:
             if self.cursor_pid is None:
                 pass_through_head += 1
@@ -143,12 +152,12 @@ class Khugepaged:
                 if not wait:
                     return
                 wait = False
-                yield Sleep(c.now + c.knobs.alloc_sleep_millisecs, wake="khugepaged_wake")
+                yield Sleep(self.actor.now + self.knobs.alloc_sleep_millisecs, wake="khugepaged_wake")
 
     def _eligible(self, r: Range, f: File) -> bool:
         """hugepage_vma_check: thp_vma_allowable_order with TVA_ENFORCE_SYSFS for the range's VMA."""
         return thp_vma_allowable_order(
-            self.c.knobs,
+            self.knobs,
             shmem=f.shmem,
             i_size=f.size,
             pgoff=r.pgoff,
@@ -159,22 +168,21 @@ class Khugepaged:
 
     def scan_mm_slot(self, pages: int) -> Generator[Any, Any, tuple[int, R]]:
         """khugepaged_scan_mm_slot: continue at the cursor; a scanned file range ends the visit."""
-        c = self.c
         result = R.SCAN_FAIL
         if self.cursor_pid is None or self.cursor_pid not in self.slots:
             self.cursor_pid = self.order[0]
             self.cursor_addr = 0
         slot = self.slots[self.cursor_pid]
         progress = 1
-        if c.knobs.retry_policy == "mm-slot":
-            yield Call(m.VisitMm(c.new_req(), slot.pid))
+        if self.knobs.retry_policy == "mm-slot":
+            yield Call(m.VisitMm(self.actor.new_req(), slot.pid))
             if slot.pid not in self.slots:
                 self._next_slot(slot.pid)
                 return progress, result
         i = bisect.bisect_right(slot.starts, self.cursor_addr) - 1
         for start in slot.starts[max(i, 0) :]:
             r = slot.ranges[start]
-            f = c.files.get(r.ino)
+            f = self.cache.files.get(r.ino)
             if f is None or not self._eligible(r, f):
                 progress += 1
                 continue
@@ -186,7 +194,7 @@ class Khugepaged:
             addr = hstart
             pgoff = r.pgoff_at(addr)
             cc = CollapseControl(True, slot.pid, addr)
-            result = yield from self.scan_file(f, pgoff, cc)
+            result = yield from self.hpage_collapse_scan_file(f, pgoff, cc)
             if result == R.SCAN_PTE_MAPPED_HUGEPAGE:
                 result = yield from self._pte_mapped(f, pgoff, cc)
             if result == R.SCAN_SUCCEED:
@@ -208,30 +216,32 @@ class Khugepaged:
 
     def _pte_mapped(self, f: File, pgoff: int, cc: CollapseControl) -> Generator[Any, Any, R]:
         """What each retry policy does when the scan finds the THP already in the page cache."""
-        c = self.c
-        policy = c.knobs.retry_policy
+        cache = self.cache
+        new_req = self.actor.new_req
+        policy = self.knobs.retry_policy
         if policy == "lockless":
             # 6.6+: collapse_pte_mapped_thp(mm, addr, false) right away, under mmap_read_lock.
-            reply = yield Call(m.CollapsePteMapped(c.new_req(), cc.pid, cc.addr))
+            reply = yield Call(m.CollapsePteMapped(new_req(), cc.pid, cc.addr))
             result = R(reply.result)
             return R.SCAN_SUCCEED if result == R.SCAN_PMD_MAPPED else result
         if policy == "per-mapping" and f.collapse_pmd:
             # The seed's v6: test_and_clear_bit(AS_COLLAPSE_PMD) by the first THP the scan meets.
             f.collapse_pmd = False
-            head = c.mem.head(f.get(pgoff))
-            if c.trylock(head):
-                reply = yield Call(m.Retract(c.new_req(), f.ino, pgoff, head))
-                c.unlock(head)
+            head = cache.mem.head(f.get(pgoff))
+            if cache.trylock(head):
+                reply = yield Call(m.Retract(new_req(), f.ino, pgoff, head))
+                cache.unlock(head)
                 if reply.retracted:
                     return R.SCAN_SUCCEED
         return R.SCAN_PTE_MAPPED_HUGEPAGE
 
     # -- hpage_collapse_scan_file -------------------------------------------------------------
 
-    def scan_file(self, f: File, start: int, cc: CollapseControl) -> Generator[Any, Any, R]:
-        c = self.c
-        mem = c.mem
-        k = c.knobs
+    def hpage_collapse_scan_file(self, f: File, start: int, cc: CollapseControl) -> Generator[Any, Any, R]:
+        """Look at the 512 slots from ``start`` without locking anything; if they qualify (the
+        ``max_ptes_*`` limits apply to khugepaged only), ``collapse_file`` them."""
+        mem = self.cache.mem
+        k = self.knobs
         present = swap = 0
         result = R.SCAN_SUCCEED
         scan_pfn = -1
@@ -243,7 +253,7 @@ class Khugepaged:
                 swap += 1
                 if cc.is_khugepaged and swap > k.max_ptes_swap:
                     result = R.SCAN_EXCEED_SWAP_PTE
-                    c.vm["thp_scan_exceed_swap_pte"] += 1
+                    self.vm["thp_scan_exceed_swap_pte"] += 1
                     break
                 continue
             head = mem.head(value)
@@ -262,7 +272,7 @@ class Khugepaged:
         if result == R.SCAN_SUCCEED:
             if cc.is_khugepaged and present < HPAGE_PMD_NR - k.max_ptes_none:
                 result = R.SCAN_EXCEED_NONE_PTE
-                c.vm["thp_scan_exceed_none_pte"] += 1
+                self.vm["thp_scan_exceed_none_pte"] += 1
             else:
                 result = yield from self.collapse_file(f, start, cc)
         log.debug(
@@ -283,17 +293,17 @@ class Khugepaged:
     # -- collapse_file ------------------------------------------------------------------------
 
     def collapse_file(self, f: File, start: int, cc: CollapseControl) -> Generator[Any, Any, R]:
-        c = self.c
-        mem = c.mem
+        cache = self.cache
+        mem = cache.mem
         end = start + HPAGE_PMD_NR
-        direct = (not cc.is_khugepaged) or bool(c.knobs.khugepaged_defrag)
-        new = c.alloc_huge(direct)
+        direct = (not cc.is_khugepaged) or bool(self.knobs.khugepaged_defrag)
+        new = cache.alloc_huge(direct)
         if not new:
-            c.vm["thp_collapse_alloc_failed"] += 1
+            self.vm["thp_collapse_alloc_failed"] += 1
             result = R.SCAN_ALLOC_HUGE_PAGE_FAIL
             self._trace_collapse(f, 0, start, cc, result)
             return result
-        c.vm["thp_collapse_alloc"] += 1
+        self.vm["thp_collapse_alloc"] += 1
         mem.flags[new] |= PG_LOCKED | (PG_SWAPBACKED if f.shmem else 0)
         mem.index[new] = start
         mem.ino[new] = f.ino
@@ -312,13 +322,13 @@ class Khugepaged:
                     continue
                 if value < 0:
                     # shmem_get_folio(SGP_NOALLOC): swap it in; the new page comes back locked.
-                    pfn = c.add_small_page(f, index)
-                    c.vm["pswpin"] += 1
-                    c.lru_add_drain()
-                    c.trylock(pfn)
+                    pfn = cache.add_small_page(f, index)
+                    self.vm["pswpin"] += 1
+                    cache.lru_add_drain()
+                    cache.trylock(pfn)
                 else:
                     pfn = value
-                    if not c.trylock(mem.head(pfn)):
+                    if not cache.trylock(mem.head(pfn)):
                         result = R.SCAN_PAGE_LOCK
                         break
             else:
@@ -328,20 +338,20 @@ class Khugepaged:
                         # Readahead stops at EOF, so filemap_lock_folio finds nothing.
                         result = R.SCAN_FAIL
                         break
-                    pfn = c.add_small_page(f, index)
-                    c.lru_add_drain()
-                    c.trylock(pfn)
+                    pfn = cache.add_small_page(f, index)
+                    cache.lru_add_drain()
+                    cache.trylock(pfn)
                 else:
                     pfn = value
                     head = mem.head(pfn)
                     if mem.flags[head] & PG_DIRTY:
-                        c.start_writeback(f)  # filemap_flush: a one-off async writeback
+                        self.fileops.start_writeback(f)  # filemap_flush: a one-off async writeback
                         result = R.SCAN_FAIL
                         break
                     if mem.flags[head] & PG_WRITEBACK:
                         result = R.SCAN_FAIL
                         break
-                    if not c.trylock(head):
+                    if not cache.trylock(head):
                         result = R.SCAN_PAGE_LOCK
                         break
             head = mem.head(pfn)
@@ -357,7 +367,7 @@ class Khugepaged:
             elif not mem.flags[head] & PG_LRU:
                 result = R.SCAN_DEL_PAGE_LRU
             if result != R.SCAN_SUCCEED:
-                c.unlock(head)
+                cache.unlock(head)
                 break
             # folio_isolate_lru + the collapse's own get: the "3" of the refcount check below.
             mem.flags[head] &= ~PG_LRU
@@ -368,7 +378,7 @@ class Khugepaged:
             mapped = tuple(p for p in pagelist if mem.mapcount[p])
             if mapped:
                 # try_to_unmap(folio) for every mapped page, as one request to the remapper.
-                yield from c.unmap_range(f, start, end, mapped, even_cows=False)
+                yield from self.fileops.unmap_range(f, start, end, mapped, even_cows=False)
             for p in pagelist:
                 if mem.ref[p] != 3:
                     result = R.SCAN_PAGE_COUNT
@@ -384,11 +394,11 @@ class Khugepaged:
         if result != R.SCAN_SUCCEED:
             for p in pagelist:
                 mem.ref[p] -= 2
-                c.lru_add(p)
-                c.unlock(p)
+                cache.lru_add(p)
+                cache.unlock(p)
             mem.flags[new] &= ~PG_LOCKED
             mem.ino[new] = 0
-            c.put(new)
+            cache.put(new)
             self._trace_collapse(f, 0, start, cc, result)
             return result
 
@@ -398,15 +408,15 @@ class Khugepaged:
             f.nrpages -= 1
             mem.ino[p] = 0
         mem.ref[new] = 1
-        c.add_huge_page(f, start, new)
+        cache.add_huge_page(f, start, new)
         for p in pagelist:
-            c.unlock(p)
-            c.put(p, 3)
-        reply = yield Call(m.Retract(c.new_req(), f.ino, start, new))
+            cache.unlock(p)
+            cache.put(p, 3)
+        reply = yield Call(m.Retract(self.actor.new_req(), f.ino, start, new))
         log.debug("retract_page_tables", ino=f.ino, pgoff=start, retracted=reply.retracted,
                   installed=reply.installed, deferred=reply.deferred, skipped=reply.skipped)
         result = R.SCAN_SUCCEED if cc.is_khugepaged else R.SCAN_PTE_MAPPED_HUGEPAGE
-        c.unlock(new)
+        cache.unlock(new)
         self._trace_collapse(f, new, start, cc, result)
         return result
 
@@ -425,12 +435,20 @@ class Khugepaged:
 
     # -- MADV_COLLAPSE, page-cache half -------------------------------------------------------
 
-    def madvise_collapse(self, msg: m.MadvCollapse) -> Generator[Any, Any, None]:
-        c = self.c
-        f = c.files.get(msg.ino)
+    def madvise_collapse_file(self, msg: m.MadvCollapse) -> Generator[Any, Any, None]:
+        """The page-cache half of mm/khugepaged.c ``madvise_collapse`` for one aligned 2 MiB of a
+        file VMA: ``lru_add_drain_all``, then ``hpage_collapse_scan_file`` + ``collapse_file`` under
+        a non-khugepaged collapse_control (no ``max_ptes_*`` limits, direct compaction).
+
+        The syscall's entry point is the remapper's ``madvise_collapse``: it walks the VMAs, sends
+        one :class:`~shared.messages.MadvCollapse` per aligned range, and on
+        ``SCAN_PTE_MAPPED_HUGEPAGE`` (the kernel's collapse_file result for MADV_COLLAPSE) maps the
+        new THP with ``collapse_pte_mapped_thp``."""
+        f = self.cache.files.get(msg.ino)
         if f is None:
             result = R.SCAN_TRUNCATED
         else:
-            c.lru_add_drain()  # lru_add_drain_all()
-            result = yield from self.scan_file(f, msg.pgoff, CollapseControl(False, msg.pid, msg.addr))
-        c.send(m.CollapseResult(msg.req, int(result)))
+            self.cache.lru_add_drain()  # lru_add_drain_all()
+            cc = CollapseControl(False, msg.pid, msg.addr)
+            result = yield from self.hpage_collapse_scan_file(f, msg.pgoff, cc)
+        self.actor.send(m.CollapseResult(msg.req, int(result)))

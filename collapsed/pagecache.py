@@ -1,10 +1,11 @@
-"""The page cache and the physical memory under it: ``struct page`` state, files, xarray slots.
+"""The page cache and the physical memory under it: ``struct page`` state, files, xarray slots,
+and :class:`PageCache`, the part that owns them and the page operations every other part uses.
 
-Per-page state is kept as parallel arrays indexed by pfn (a ``mem_map``), about 30 bytes a page
-instead of a Python object per page. Physical memory comes in 2 MiB blocks: a PMD-order compound
-page is one whole block, so its head is ``pfn & ~511`` and subpage ``i`` is ``head + i``, as in the
-kernel. Small pages are carved from blocks of their own. Huge allocations draw on
-``free_huge_pages`` (a knob) and may fail to fragmentation; small allocations never fail.
+Per-page state is kept as parallel arrays indexed by pfn (a ``mem_map``), 34 bytes a page (8 more
+for its xarray slot) instead of a Python object per page. Physical memory comes in 2 MiB blocks: a
+PMD-order compound page is one whole block, so its head is ``pfn & ~511`` and subpage ``i`` is
+``head + i``, as in the kernel. Small pages are carved from blocks of their own. Huge allocations
+draw on ``free_huge_pages`` (a knob) and may fail to fragmentation; small allocations never fail.
 
 A file's page cache is a dict of 512-slot ``array('q')`` chunks (an xarray node per 2 MiB that has
 ever held a page): slot value 0 is a hole, > 0 a pfn, < 0 a shmem swap entry. A compound page
@@ -15,9 +16,11 @@ from __future__ import annotations
 
 import random
 from array import array
-from collections.abc import Iterator
+from collections.abc import Callable, Generator, Hashable, Iterator
 from dataclasses import dataclass, field
 
+from shared.actor import Wait
+from shared.knobs import Knobs
 from shared.units import HPAGE_PMD_NR
 
 PG_LOCKED = 1 << 0
@@ -31,6 +34,9 @@ PG_SWAPBACKED = 1 << 7
 # The page is in use (allocated); cleared on free so a stale pfn is detectable.
 PG_ALLOCATED = 1 << 9
 
+
+# Pages wait in a per-CPU batch before they reach the LRU (folio_batch: PAGEVEC_SIZE in 6.x).
+LRU_BATCH = 15
 
 # Block 0 is never handed out, so pfn 0 can mean "no page" in xarray slots and messages.
 _FIRST_BLOCK = 1
@@ -207,3 +213,222 @@ class File:
     def nr_pages_size(self) -> int:
         """Pages covered by i_size (the first index at or beyond EOF)."""
         return (self.size + 4095) >> 12
+
+
+class PageCache:
+    """The files, their cached pages and the ``struct page`` operations on them: insertion and
+    removal, refcounts and rmap accounting, page locks, the LRU add batch, shmem swap entries.
+
+    One part owns all of this so a page's refcount, its slot and its file's counts always change
+    together, whichever part (file operations, khugepaged, fault lookups) asks. It receives the
+    memory it carves pages from, the knobs that hold the huge-page pool (``free_huge_pages``,
+    ``fragmentation``) and ``wake``, the actor's notify: unlocking a page wakes whoever sleeps in
+    :meth:`lock` on it (key ``("page", pfn)``).
+    """
+
+    def __init__(self, mem: PhysMem, knobs: Knobs, wake: Callable[[Hashable], None]) -> None:
+        self.mem = mem
+        self.knobs = knobs
+        self.wake = wake
+        self.files: dict[int, File] = {}
+        self.by_name: dict[str, File] = {}
+        self.next_ino = 1
+        # Shmem swap entries in every file (the sum of their nrswap); swap slots are never reused.
+        self.nr_swap_entries = 0
+        self._next_swap = 1
+        self._lru_batch: list[int] = []
+
+    # -- files --------------------------------------------------------------------------------
+
+    def add_file(self, f: File) -> None:
+        """Link a new inode (its number is taken, even if it came from elsewhere)."""
+        self.files[f.ino] = f
+        self.by_name[f.name] = f
+        self.next_ino = max(self.next_ino, f.ino + 1)
+
+    # -- page locks ---------------------------------------------------------------------------
+
+    def trylock(self, pfn: int) -> bool:
+        """folio_trylock: False if the page is locked; collapse_file and reclaim give up there
+        rather than sleep as :meth:`lock` does."""
+        flags = self.mem.flags
+        if flags[pfn] & PG_LOCKED:
+            return False
+        flags[pfn] |= PG_LOCKED
+        return True
+
+    def lock(self, pfn: int) -> Generator[Wait, None, None]:
+        """lock_page: sleep until the page lock is ours."""
+        while not self.trylock(pfn):
+            yield Wait(("page", pfn))
+
+    def unlock(self, pfn: int) -> None:
+        """folio_unlock: wake whoever sleeps on the page (faults, truncate, writers)."""
+        self.mem.flags[pfn] &= ~PG_LOCKED
+        self.wake(("page", pfn))
+
+    # -- references and mappings --------------------------------------------------------------
+
+    def put(self, head: int, n: int = 1) -> None:
+        """put_page: drop references; the last one frees the page (a THP's block goes back to the
+        huge pool)."""
+        mem = self.mem
+        mem.ref[head] -= n
+        if mem.ref[head] < 0:
+            raise AssertionError(f"refcount underflow on pfn {head}")
+        if mem.ref[head] == 0:
+            huge = mem.flags[head] & PG_HEAD
+            self._lru_del(head)
+            mem.free(head)
+            if huge:
+                self.knobs.free_huge_pages += 1
+
+    def apply_rmap(self, rows: tuple[tuple[int, int, int, int], ...]) -> None:
+        """Account mapping changes, rows of (pfn, PTE maps, PMD maps, pins): each unit of mapping or
+        pin holds one reference on the head, as the kernel's rmap does."""
+        mem = self.mem
+        for pfn, pte, pmd, pin in rows:
+            head = mem.head(pfn)
+            if pte:
+                mem.mapcount[pfn] += pte
+            if pmd:
+                mem.entire[head] = mem.entire.get(head, 0) + pmd
+                if not mem.entire[head]:
+                    del mem.entire[head]
+            if pin:
+                mem.pins[head] = mem.pins.get(head, 0) + pin
+                if not mem.pins[head]:
+                    del mem.pins[head]
+            delta = pte + pmd + pin
+            if delta > 0:
+                mem.ref[head] += delta
+            elif delta < 0:
+                self.put(head, -delta)
+
+    def forget_mappings(self) -> None:
+        """Whoever mapped and pinned pages is gone: drop every mapping's and pin's count and
+        reference, and every file's write opens (they were its writable mappings)."""
+        mem = self.mem
+        heads = set(mem.pins) | set(mem.entire)
+        for f in self.files.values():
+            f.writecount = 0
+            for _, value in f.entries():
+                if value > 0 and mem.mapcount[value]:
+                    heads.add(mem.head(value))
+        for head in heads:
+            subs = range(head, head + _NR) if mem.flags[head] & PG_HEAD else (head,)
+            drop = sum(mem.mapcount[p] for p in subs) + mem.entire.pop(head, 0) + mem.pins.pop(head, 0)
+            for p in subs:
+                mem.mapcount[p] = 0
+            if drop:
+                self.put(head, drop)
+
+    def set_dirty(self, head: int) -> None:
+        """folio_mark_dirty; a page freed meanwhile (the notice raced its removal) is left alone."""
+        if self.mem.allocated(head):
+            self.mem.flags[head] |= PG_DIRTY
+
+    # -- LRU (per-CPU add batch, as folio_add_lru) --------------------------------------------
+
+    def lru_add(self, pfn: int) -> None:
+        """folio_add_lru: the page reaches the LRU when the batch fills or is drained, so a page
+        just added is not yet PG_LRU (and khugepaged's scan sees SCAN_PAGE_LRU) until then."""
+        self._lru_batch.append(pfn)
+        if len(self._lru_batch) >= LRU_BATCH:
+            self.lru_add_drain()
+
+    def lru_add_drain(self) -> None:
+        flags = self.mem.flags
+        for pfn in self._lru_batch:
+            if self.mem.allocated(pfn):
+                flags[pfn] |= PG_LRU
+        self._lru_batch.clear()
+
+    def _lru_del(self, pfn: int) -> None:
+        self.mem.flags[pfn] &= ~PG_LRU
+        if pfn in self._lru_batch:
+            self._lru_batch.remove(pfn)
+
+    # -- insertion and removal ----------------------------------------------------------------
+
+    def add_small_page(self, f: File, index: int, dirty: bool = False) -> int:
+        """Allocate a small page, insert it at ``index`` (ref 1 for the cache), uptodate, on LRU.
+        A shmem swap entry there is replaced (swapin)."""
+        mem = self.mem
+        pfn = mem.alloc_small()
+        mem.flags[pfn] |= PG_UPTODATE | (PG_SWAPBACKED | PG_DIRTY if f.shmem else 0)
+        if dirty:
+            mem.flags[pfn] |= PG_DIRTY
+        mem.index[pfn] = index
+        mem.ino[pfn] = f.ino
+        old = f.get(index)
+        if old < 0:
+            f.nrswap -= 1
+            self.nr_swap_entries -= 1
+        f.set(index, pfn)
+        f.nrpages += 1
+        self.lru_add(pfn)
+        return pfn
+
+    def alloc_huge(self, direct_compaction: bool) -> int:
+        """A PMD-order page from the ``free_huge_pages`` pool (charged here, returned by
+        :meth:`put`); 0 on failure."""
+        k = self.knobs
+        head = self.mem.alloc_huge(k.free_huge_pages, direct_compaction, k.fragmentation)
+        if head:
+            k.free_huge_pages -= 1
+        return head
+
+    def add_huge_page(self, f: File, start: int, head: int) -> None:
+        """Publish a PMD-order folio at ``start`` (one multi-index entry: 512 slots)."""
+        mem = self.mem
+        mem.index[head] = start
+        mem.ino[head] = f.ino
+        mem.flags[head] |= PG_UPTODATE | (PG_SWAPBACKED | PG_DIRTY if f.shmem else 0)
+        for i in range(_NR):
+            mem.index[head + i] = start + i
+            mem.ino[head + i] = f.ino
+            f.set(start + i, head + i)
+        mem.ref[head] += _NR - 1  # the cache holds one reference per subpage
+        f.nrpages += _NR
+        f.nr_thps += 1
+        self.lru_add(head)
+
+    def remove_page(self, f: File, pfn: int) -> None:
+        """Delete a small page or a whole THP from the cache and drop the cache's references."""
+        mem = self.mem
+        head = mem.head(pfn)
+        if mem.flags[head] & PG_HEAD:
+            start = mem.index[head]
+            for i in range(_NR):
+                f.set(start + i, 0)
+            f.drop_empty_chunk(start)
+            f.nrpages -= _NR
+            f.nr_thps -= 1
+            mem.ino[head] = 0
+            self.put(head, _NR)
+        else:
+            index = mem.index[head]
+            f.set(index, 0)
+            f.drop_empty_chunk(index)
+            f.nrpages -= 1
+            mem.ino[head] = 0
+            self.put(head)
+
+    # -- shmem swap entries -------------------------------------------------------------------
+
+    def swap_out(self, f: File, pfn: int) -> None:
+        """A reclaimed shmem page leaves the cache; a swap entry takes its slot."""
+        index = self.mem.index[pfn]
+        self.remove_page(f, pfn)
+        f.set(index, -self._next_swap)
+        self._next_swap += 1
+        f.nrswap += 1
+        self.nr_swap_entries += 1
+
+    def free_swap_entry(self, f: File, index: int) -> None:
+        """Truncate or punch-hole drops a swap entry with the rest of the range."""
+        f.set(index, 0)
+        f.drop_empty_chunk(index)
+        f.nrswap -= 1
+        self.nr_swap_entries -= 1

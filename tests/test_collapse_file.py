@@ -44,7 +44,7 @@ def scan(world, name="f", start=0, khugepaged=True, pid=1, addr=0) -> R:
     """hpage_collapse_scan_file on [start, start+512), run to completion."""
     c = world.collapser
     cc = CollapseControl(khugepaged, pid, addr)
-    return world.start(c, c.khugepaged.scan_file(c.by_name[name], start, cc)).result()
+    return world.start(c, c.khugepaged.hpage_collapse_scan_file(c.by_name[name], start, cc)).result()
 
 
 def results(world) -> dict[str, int]:
@@ -227,7 +227,7 @@ def test_scan_exceed_none_pte(make_world):
 def test_madv_collapse_ignores_max_ptes_none(make_world):
     world = make_world(max_ptes_none=0)
     mapped(world, touch=1)
-    world.collapser.lru_add_drain()
+    world.collapser.cache.lru_add_drain()
     assert scan(world, khugepaged=True) == R.SCAN_EXCEED_NONE_PTE
     # MADV_COLLAPSE's success is SCAN_PTE_MAPPED_HUGEPAGE: the caller installs the PMD.
     assert scan(world, khugepaged=False) == R.SCAN_PTE_MAPPED_HUGEPAGE
@@ -254,7 +254,7 @@ def test_scan_exceed_swap_pte_shmem(make_world, nswap, result):
     f = world.collapser.by_name["s"]
     vm = world.vmstat()
     if result == "SCAN_SUCCEED":
-        assert vm["pswpin"] == 64 and f.nrswap == 0 and f.nr_thps == 1 and vm["nr_swap_entries"] == 0
+        assert vm["pswpin"] == 64 and f.nrswap == 0 and f.nr_thps == 1 and vm["thpsplit_nr_swap_entries"] == 0
         assert vm["thp_scan_exceed_swap_pte"] == 0
     else:
         assert vm["thp_scan_exceed_swap_pte"] == 1 and vm["pswpin"] == 0 and f.nrswap == 65
@@ -291,7 +291,8 @@ def test_lockless_policy_counts_an_already_pmd_mapped_thp_as_collapsed(make_worl
     before = k.pages_collapsed
     world.wait_scans(1)
     assert k.pages_collapsed == before + 1
-    assert results(world) == {"SCAN_EXCEED_NONE_PTE": 1, "SCAN_PTE_MAPPED_HUGEPAGE": 1}  # scan_file's own
+    # hpage_collapse_scan_file's own results:
+    assert results(world) == {"SCAN_EXCEED_NONE_PTE": 1, "SCAN_PTE_MAPPED_HUGEPAGE": 1}
     assert world.vmstat()["thp_collapse_alloc"] == 0
 
 
@@ -339,20 +340,20 @@ def test_scan_page_lock(make_world, shmem):
     world = make_world(enabled="always")
     addr = mapped(world, shmem=shmem, touch=HPAGE_PMD_NR)
     c = world.collapser
-    c.lru_add_drain()
+    c.cache.lru_add_drain()
     pfn = cache(world)[300]
     world._checking = False  # the invariant checker rightly objects to a page left locked
-    assert c.trylock(pfn)
+    assert c.cache.trylock(pfn)
     try:
         assert scan(world, addr=addr) == R.SCAN_PAGE_LOCK
     finally:
-        c.unlock(pfn)
+        c.cache.unlock(pfn)
         world._checking = True
     world.check()
     # The pages locked before the locked one were unlocked and put back.
     assert not any(c.mem.flags[p] & PG_LOCKED for p in cache(world).values())
     assert world.vmstat()["thp_collapse_alloc"] == 1 and c.knobs.free_huge_pages == 1024
-    c.lru_add_drain()
+    c.cache.lru_add_drain()
     assert scan(world, addr=addr) == R.SCAN_SUCCEED
 
 
@@ -380,7 +381,7 @@ def test_scan_fail_page_under_writeback(make_world):
     world.file_write("f", 0, PAGE_SIZE)
     world.file_sync("f")
     world.file_write("f", PAGE_SIZE, PAGE_SIZE)
-    world.collapser.lru_add_drain()
+    world.collapser.cache.lru_add_drain()
     mem = world.collapser.mem
     assert scan(world, addr=addr) == R.SCAN_FAIL
     # Page 0 stopped it before page 1: only a dirty page triggers filemap_flush.
@@ -388,7 +389,7 @@ def test_scan_fail_page_under_writeback(make_world):
     assert mem.flags[cache(world)[1]] & (PG_DIRTY | PG_WRITEBACK) == PG_DIRTY
     world.file_sync("f")
     world.advance(1000)
-    world.collapser.lru_add_drain()
+    world.collapser.cache.lru_add_drain()
     assert scan(world, addr=addr) == R.SCAN_SUCCEED
 
 
@@ -398,7 +399,7 @@ def test_scan_fail_file_open_for_write(make_world):
     assert world.collapser.by_name["f"].writecount == 1
     world.wait_scans(1)
     assert results(world) == {}  # hugepage_vma_check refuses the VMA: no scan at all
-    world.collapser.lru_add_drain()
+    world.collapser.cache.lru_add_drain()
     assert scan(world, addr=addr) == R.SCAN_FAIL  # collapse_file's own check after locking
     assert world.collapser.by_name["f"].nr_thps == 0
     assert world.collapser.knobs.free_huge_pages == 1024
@@ -409,7 +410,7 @@ def test_shmem_collapses_dirty_pages_under_a_writable_mapping(make_world):
     world = make_world(shmem_enabled="always")
     addr = mapped(world, "s", shmem=True, prot="rw", touch=HPAGE_PMD_NR, write=True, small=True)
     assert world.collapser.by_name["s"].writecount == 0  # shmem does not count i_writecount here
-    world.collapser.lru_add_drain()
+    world.collapser.cache.lru_add_drain()
     assert scan(world, "s", addr=addr) == R.SCAN_SUCCEED
     assert world.smaps(1)[0]["ShmemPmdMapped"] == 2048
     assert world.vmstat()["pswpout"] == 0
@@ -442,7 +443,7 @@ def test_scan_truncated_shmem_range_with_no_page(make_world):
 def test_scan_alloc_huge_page_fail(make_world, shmem):
     world = make_world(enabled="always", shmem_enabled="always", free_huge_pages=0)
     addr = mapped(world, shmem=shmem, small=shmem)
-    world.collapser.lru_add_drain()
+    world.collapser.cache.lru_add_drain()
     assert scan(world, addr=addr) == R.SCAN_ALLOC_HUGE_PAGE_FAIL
     assert world.vmstat()["thp_collapse_alloc_failed"] == 1
     assert scan(world, addr=addr, khugepaged=False) == R.SCAN_ALLOC_HUGE_PAGE_FAIL
@@ -450,8 +451,9 @@ def test_scan_alloc_huge_page_fail(make_world, shmem):
 
 
 def test_scan_del_page_lru_needs_a_direct_collapse_file(make_world):
-    # scan_file checks PG_LRU itself and nothing yields between that and collapse_file's
-    # isolation, so khugepaged never sees SCAN_DEL_PAGE_LRU; call collapse_file directly.
+    # hpage_collapse_scan_file checks PG_LRU itself and nothing yields between that and
+    # collapse_file's isolation, so khugepaged never sees SCAN_DEL_PAGE_LRU; call collapse_file
+    # directly.
     world = make_world(shmem_enabled="always")
     world.file_create("s", HPAGE_PMD_SIZE, shmem=True)
     world.file_write("s", 0, 3 * PAGE_SIZE)
@@ -464,10 +466,11 @@ def test_scan_del_page_lru_needs_a_direct_collapse_file(make_world):
 
 
 def _start_collapse_and_hold_the_unmap(world, name, addr):
-    """Start scan_file; stop when collapse_file has asked the remapper to unmap its pages."""
+    """Start hpage_collapse_scan_file; stop when collapse_file has asked the remapper to unmap its pages."""
     c = world.collapser
     pending = Pending()
-    c.spawn(c.khugepaged.scan_file(c.by_name[name], 0, CollapseControl(True, 1, addr)), pending.set)
+    scan = c.khugepaged.hpage_collapse_scan_file(c.by_name[name], 0, CollapseControl(True, 1, addr))
+    c.spawn(scan, pending.set)
     assert [type(msg) for msg in c.outbox] == [m.UnmapMapping]
     return pending
 
@@ -480,7 +483,7 @@ def test_scan_page_filled_when_a_fault_fills_a_shmem_hole(make_world):
     addr = world.mmap(1, None, HPAGE_PMD_SIZE, "s", prot="rw")
     world.touch(1, addr, 10 * PAGE_SIZE)
     c, r = world.collapser, world.remapper
-    c.lru_add_drain()
+    c.cache.lru_add_drain()
     pending = _start_collapse_and_hold_the_unmap(world, "s", addr)
     fault = Pending()
     r.spawn(r.fault(1, addr + 100 * PAGE_SIZE), fault.set)
@@ -499,7 +502,7 @@ def test_scan_fail_when_the_file_is_opened_for_write_during_the_unmap(make_world
     world = make_world(enabled="always")
     addr = mapped(world)
     c, r = world.collapser, world.remapper
-    c.lru_add_drain()
+    c.cache.lru_add_drain()
     world.spawn(2)
     pending = _start_collapse_and_hold_the_unmap(world, "f", addr)
     mmap = Pending()
@@ -514,7 +517,7 @@ def test_scan_page_count_when_pinned_during_the_unmap(make_world):
     world = make_world(enabled="always")
     addr = mapped(world)
     c, r = world.collapser, world.remapper
-    c.lru_add_drain()
+    c.cache.lru_add_drain()
     pending = _start_collapse_and_hold_the_unmap(world, "f", addr)
     pin = Pending()
     r.spawn(r.pin(1, addr + 5 * PAGE_SIZE), pin.set)  # GUP-fast on the still-present PTE
@@ -560,13 +563,13 @@ def test_rollback_leaves_the_page_cache_exactly_as_before(make_world, shmem):
     world.pin(1, addr + 150 * PAGE_SIZE)
     world.madvise(1, addr, HPAGE_PMD_SIZE, "dontneed")  # unmapped, so try_to_unmap has nothing to undo
     c = world.collapser
-    c.lru_add_drain()
+    c.cache.lru_add_drain()
     before = _snapshot(c, name)
     f = c.by_name[name]
     got = world.start(c, c.khugepaged.collapse_file(f, 0, CollapseControl(True, 1, addr))).result()
     assert got == R.SCAN_PAGE_COUNT
     assert world.vmstat()["thp_collapse_alloc"] == 1
-    c.lru_add_drain()  # folio_putback_lru goes through the per-CPU batch, as the kernel's
+    c.cache.lru_add_drain()  # folio_putback_lru goes through the per-CPU batch, as the kernel's
     after = _snapshot(c, name)
     n = before["n"]
     # A block allocated for the new page may have grown mem_map; it must be all free now.

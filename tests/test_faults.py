@@ -205,7 +205,7 @@ def test_write_to_a_shared_mapping_dirties_the_page(world):
     assert not mem.flags[cache_pfn(world, "f", 1)] & PG_DIRTY
     assert world.fault(1, a + P, write=True) == "minor"
     assert mem.flags[cache_pfn(world, "f", 1)] & PG_DIRTY
-    assert world.collapser.file_stat(f)["dirty"] == 2
+    assert world.collapser.fileops.stat(f)["dirty"] == 2
     assert world.vmstat()["cow_fault"] == 0
     assert world.remapper.mms[1].rss == {"MM_FILEPAGES": 2, "MM_ANONPAGES": 0, "MM_SHMEMPAGES": 0}
 
@@ -292,10 +292,10 @@ def test_populate_read_and_write(world):
     a = world.mmap(1, FIXED, 8 * P, "f", prot="rw")
     assert world.madvise(1, a, 4 * P, "populate_read") == 0
     assert rss(world) == [16]
-    assert world.collapser.file_stat(world.collapser.by_name["f"])["dirty"] == 0
+    assert world.collapser.fileops.stat(world.collapser.by_name["f"])["dirty"] == 0
     assert world.madvise(1, a + 2 * P, 6 * P, "populate_write") == 0
     assert rss(world) == [32]
-    assert world.collapser.file_stat(world.collapser.by_name["f"])["dirty"] == 6
+    assert world.collapser.fileops.stat(world.collapser.by_name["f"])["dirty"] == 6
     assert all(pte_at(world, 1, a + i * P) & PTE_WRITE for i in range(2, 8))
 
 

@@ -315,7 +315,7 @@ def test_shared_writable_mapping_counts_as_open_for_write(world):
     assert f.writecount == 0
     a = world.mmap(1, FIXED, 2 * H, "f", prot="rw")
     assert f.writecount == 1
-    assert world.collapser.file_stat(f)["open_for_write"] == 1
+    assert world.collapser.fileops.stat(f)["open_for_write"] == 1
     world.munmap(1, a + H, H)
     assert f.writecount == 1
     world.munmap(1, a, H)

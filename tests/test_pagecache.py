@@ -325,10 +325,10 @@ def test_punch_drops_shmem_swap_entries(world):
     world.madvise(1, addr, 4 * PAGE_SIZE, "pageout")
     c = world.collapser
     f = c.by_name["s"]
-    assert f.nrswap == 4 and c.nr_swap_entries == 4
+    assert f.nrswap == 4 and c.cache.nr_swap_entries == 4
     world.file_punch("s", PAGE_SIZE, 2 * PAGE_SIZE)
-    assert sorted(slots(world, "s")) == [0, 3] and f.nrswap == 2 and c.nr_swap_entries == 2
-    assert world.vmstat()["nr_swap_entries"] == 2
+    assert sorted(slots(world, "s")) == [0, 3] and f.nrswap == 2 and c.cache.nr_swap_entries == 2
+    assert world.vmstat()["thpsplit_nr_swap_entries"] == 2
 
 
 def test_punch_inside_a_thp_splits_it_and_keeps_the_rest(world):
@@ -412,13 +412,13 @@ def test_pageout_shmem_goes_to_swap_and_faults_back_in(world):
     assert all(values[i] < 0 for i in range(3)) and values[3] > 0
     assert f.nrswap == 3 and f.nrpages == 1
     vm = world.vmstat()
-    assert vm["pswpout"] == 3 and vm["nr_swap_entries"] == 3 and vm["pswpin"] == 0
+    assert vm["pswpout"] == 3 and vm["thpsplit_nr_swap_entries"] == 3 and vm["pswpin"] == 0
     assert world.meminfo()["Shmem"] == 4
     assert world.smaps(1)[0]["Rss"] == 4
     majors = vm["pgmajfault"]
     assert world.fault(1, addr + PAGE_SIZE) == "major"
     vm = world.vmstat()
-    assert vm["pswpin"] == 1 and vm["pgmajfault"] == majors + 1 and vm["nr_swap_entries"] == 2
+    assert vm["pswpin"] == 1 and vm["pgmajfault"] == majors + 1 and vm["thpsplit_nr_swap_entries"] == 2
     assert f.nrswap == 2 and f.nrpages == 2 and slots(world, "s")[1] > 0
 
 
@@ -466,27 +466,27 @@ def test_pageout_regular_file_drops_clean_and_writes_back_dirty(world):
 def test_huge_allocation_charges_and_returns_free_huge_pages(make_world):
     world = make_world(free_huge_pages=2)
     c = world.collapser
-    a = c.alloc_huge(direct_compaction=False)
-    b = c.alloc_huge(direct_compaction=False)
+    a = c.cache.alloc_huge(direct_compaction=False)
+    b = c.cache.alloc_huge(direct_compaction=False)
     assert a and b and a % HPAGE_PMD_NR == 0 and b % HPAGE_PMD_NR == 0 and a != b
     assert c.knobs.free_huge_pages == 0
-    assert c.alloc_huge(direct_compaction=True) == 0
-    c.put(a)
+    assert c.cache.alloc_huge(direct_compaction=True) == 0
+    c.cache.put(a)
     assert c.knobs.free_huge_pages == 1 and not c.mem.allocated(a)
-    assert c.alloc_huge(direct_compaction=False) == a  # the freed block is reused
-    c.put(a)
-    c.put(b)
+    assert c.cache.alloc_huge(direct_compaction=False) == a  # the freed block is reused
+    c.cache.put(a)
+    c.cache.put(b)
     assert c.mem.nr_allocated == 0
 
 
 def test_huge_allocation_fails_to_fragmentation_without_direct_compaction(make_world):
     world = make_world(fragmentation=100)
     c = world.collapser
-    assert c.alloc_huge(direct_compaction=False) == 0
+    assert c.cache.alloc_huge(direct_compaction=False) == 0
     assert c.knobs.free_huge_pages == 1024
-    head = c.alloc_huge(direct_compaction=True)
+    head = c.cache.alloc_huge(direct_compaction=True)
     assert head and c.knobs.free_huge_pages == 1023
-    c.put(head)
+    c.cache.put(head)
 
 
 def test_collapse_alloc_fails_with_no_free_huge_pages(make_world):

@@ -103,12 +103,12 @@ def test_fault_around_skips_a_locked_page(make_world):
     a = world.mmap(1, FIXED, H, "f")
     c = world.collapser
     locked = c.by_name["f"].get(5)
-    assert c.trylock(locked)
+    assert c.cache.trylock(locked)
     world._checking = False  # the checker rightly objects to a page left locked
     world.fault(1, a)
     assert not pte_at(world, 1, a + 5 * P)
     assert smaps1(world, 1)["Rss"] == 15 * 4
-    c.unlock(locked)
+    c.cache.unlock(locked)
     world._checking = True
     world.check()
 

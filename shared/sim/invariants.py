@@ -4,7 +4,7 @@ Run it on a quiet model (no message in flight), e.g. after every :class:`shared.
 operation. It raises ``AssertionError`` naming the first broken rule. It checks:
 
 * every page-cache slot points at a live page of that file at that index; counts (nrpages, swap
-  entries, THPs) match the slots;
+  entries per file and in all, THPs) match the slots;
 * refcount = cache references (1, or 512 for a THP) + PTE mappings + PMD mappings + pins, for
   every page; mapcount and entire_mapcount match the page tables exactly;
 * every PTE and PMD maps, at its address, the page the VMA's file offset says it should, and
@@ -113,6 +113,7 @@ def check(c: Collapser, r: Remapper) -> None:
 
     # -- the page cache -----------------------------------------------------------------------
     cached: set[int] = set()
+    swap_entries = 0
     for f in c.files.values():
         nrpages = nrswap = thps = 0
         for index, value in f.entries():
@@ -129,10 +130,12 @@ def check(c: Collapser, r: Remapper) -> None:
             cached.add(head)
         assert nrpages == f.nrpages, f"{f.name}: nrpages {f.nrpages} != {nrpages}"
         assert nrswap == f.nrswap, f"{f.name}: swap entries {f.nrswap} != {nrswap}"
+        swap_entries += nrswap
         assert thps == f.nr_thps, f"{f.name}: nr_thps {f.nr_thps} != {thps}"
         if not f.shmem:
             assert f.writecount == writers[f.ino], f"{f.name}: i_writecount {f.writecount} != {writers[f.ino]}"
         assert r.files.get(f.ino) is not None and r.files[f.ino].size == f.size, f"{f.name}: remapper's size disagrees"
+    assert c.cache.nr_swap_entries == swap_entries, f"{c.cache.nr_swap_entries} swap entries counted, {swap_entries} held"
 
     heads = set(cached) | {mem.head(p) for p in pte_maps} | set(pmd_maps) | set(mem.pins) | set(mem.entire)
     for head in heads:
