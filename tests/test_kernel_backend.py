@@ -200,16 +200,14 @@ def test_sysfs_guard_restores_even_on_error():
     knob = "khugepaged/scan_sleep_millisecs"
     before = read_knob(knob)
     other = "12345" if before != "12345" else "23456"
-    with pytest.raises(ZeroDivisionError):
-        with SysfsGuard() as guard:
-            guard.set(knob, other)
-            assert read_knob(knob) == other
-            guard.set(knob, "54321")
-            1 / 0
+    with pytest.raises(ZeroDivisionError), SysfsGuard() as guard:
+        guard.set(knob, other)
+        assert read_knob(knob) == other
+        guard.set(knob, "54321")
+        raise ZeroDivisionError
     assert read_knob(knob) == before
-    with SysfsGuard() as guard:
-        with pytest.raises(OSError):
-            guard.set("defrag", "bogus")  # sysfs refuses: EINVAL, nothing changed
+    with SysfsGuard() as guard, pytest.raises(OSError):
+        guard.set("defrag", "bogus")  # sysfs refuses: EINVAL, nothing changed
     assert read_knob("defrag") in ("always", "defer", "defer+madvise", "madvise", "never")
 
 

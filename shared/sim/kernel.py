@@ -47,6 +47,15 @@ syscalls (``mmap`` and ``mremap`` add ``"addr"``), one of ``hit minor major pmd 
 for ``fault``, a ``{outcome: count}`` dict for ``touch`` (as the model's), and pids for process
 steps. :func:`coarse` folds ``hit/minor/major/pmd`` into ``ok`` for exact comparison.
 
+What compares exactly with the model (checked over ~1600 random sequences on 6.18): return
+codes; per VMA start/end, Rss, Anonymous, ShmemPmdMapped, FilePmdMapped, Locked, VmFlags
+(hg/nh), THPeligible; per file the page-cache page count (mincore); the vmstat deltas
+thp_file_alloc, thp_file_mapped, thp_collapse_alloc, thp_split_pmd, nr_shmem_hugepages,
+nr_shmem_pmdmapped (machine-wide: exact only while nothing else on the machine makes THPs, hence
+the flock). Per-access sigsegv/sigbus exactly; hit/minor/major exactly; pmd on a quiet machine.
+Not comparable: addresses of ``mmap auto`` (the model's MMAP_BASE is not the kernel's),
+Pss/Referenced/Shared_* (the model does not report them), page-sized vmstat counters.
+
 khugepaged: it only scans mms registered with it (MADV_HUGEPAGE, or a VMA khugepaged_enter_vma
 finds eligible). With some mm registered it sleeps ``khugepaged/scan_sleep_millisecs`` between
 passes (10 s by default); with none it sleeps until the first registration and then scans at
@@ -77,7 +86,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from typing import Any
+from typing import Any, Self
 
 PAGE_SIZE = 4096
 HPAGE_PMD_SIZE = 2 << 20
@@ -479,7 +488,7 @@ class SysfsGuard:
         self.lock_timeout = lock_timeout
         self._locked = False
 
-    def __enter__(self) -> SysfsGuard:
+    def __enter__(self) -> Self:
         _MachineLock.acquire(self.lock_timeout)
         self._locked = True
         return self
@@ -515,7 +524,7 @@ class SysfsGuard:
             raise RuntimeError("sysfs knobs not restored: " + "; ".join(failures))
         self.saved.clear()
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         try:
             self.restore()
         finally:
@@ -748,8 +757,8 @@ class _Probe:
         recover = base + len(code)
         code += b"\xc3"
         zero_area = base + 0x800  # a zeroed struct k_sigaction: SIG_DFL
-        q = lambda v: v.to_bytes(8, "little")  # noqa: E731
-        d32 = lambda v: v.to_bytes(4, "little")  # noqa: E731
+        q = lambda v: v.to_bytes(8, "little")
+        d32 = lambda v: v.to_bytes(4, "little")
         # handler(rdi=sig, rsi=info, rdx=uctx): a fault at RIP in [lo, hi) returns sig from fn.
         head = (
             b"\x48\x8b\x82" + d32(self._RIP)  # mov rax, [rdx+RIP]
@@ -1070,6 +1079,7 @@ class KernelBackend:
                 ["mount", "-t", "tmpfs", "-o", f"huge={huge},size={size},mode=0700", "tmpfs", self.root],
                 capture_output=True,
                 text=True,
+                check=False,
             )
             if proc.returncode != 0:
                 raise BackendError(f"mount -t tmpfs -o huge={huge}: {proc.stderr.strip() or proc.returncode}")
@@ -1089,10 +1099,10 @@ class KernelBackend:
 
     # -- life cycle ---------------------------------------------------------------------------
 
-    def __enter__(self) -> KernelBackend:
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def reset_counters(self) -> None:
@@ -1131,12 +1141,12 @@ class KernelBackend:
             self.zygote = None
         if self.mounted:
             for _ in range(50):
-                if subprocess.run(["umount", self.root], capture_output=True).returncode == 0:
+                if subprocess.run(["umount", self.root], capture_output=True, check=False).returncode == 0:
                     self.mounted = False
                     break
                 time.sleep(0.1)  # a worker's exit is still tearing its mm down
             else:
-                subprocess.run(["umount", "-l", self.root], capture_output=True)
+                subprocess.run(["umount", "-l", self.root], capture_output=True, check=False)
                 self.mounted = False
         with contextlib.suppress(OSError):
             os.rmdir(self.root)
