@@ -226,6 +226,7 @@ def _k_knob_value(v: Any) -> str | int:
 
 
 _REQUIRED = object()
+_KNOBS = Knobs()  # only its validate() is used: sysfs's parsing of a value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -356,6 +357,11 @@ def validate_event(obj: Any, *, line: int | None = None, source: str | None = No
             out[f.name] = f.check(obj[f.name])
         except ValueError as err:
             raise fail(str(err), f.name) from None
+    if op == "sysfs_set":
+        try:
+            _KNOBS.validate(out["name"], str(out["value"]))
+        except KnobError as err:
+            raise fail(str(err), "value") from None
     return out
 
 
