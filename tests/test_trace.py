@@ -357,7 +357,7 @@ def test_replay_streams_from_a_file(tmp_path) -> None:
     with open(path, "a") as f:
         f.write('{"t_ms":200,"op":"fault","pid":1}\n')
     with pytest.raises(TraceError, match=r"t.jsonl:105: field 'addr'"):
-        replay(path, checked(), "fast")
+        replay(path, World(), "fast")
 
 
 def test_the_cli_validates_and_replays(tmp_path, capsys) -> None:
