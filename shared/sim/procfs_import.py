@@ -311,7 +311,7 @@ def _prot(perms: str) -> str:
     return "r" + ("w" if w else "") + ("x" if x else "")
 
 
-def _model_name(path: str, taken: set[str]) -> str:
+def model_name(path: str, taken: set[str]) -> str:
     base = path.rstrip("/").rsplit("/", 1)[-1] if path.startswith("/") else path.strip("[]")
     base = base.replace("/", "_").replace("\0", "_") or "file"
     base = base[: MAX_NAME - 8]
@@ -357,7 +357,7 @@ def build_trace(layout: Layout, residency: str = "start") -> Trace:
         key = (e.major, e.minor, e.inode, e.path)
         f = files.get(key)
         if f is None:
-            f = files[key] = {"name": _model_name(e.path, taken), "path": e.path, "dev": e.dev, "inode": e.inode,
+            f = files[key] = {"name": model_name(e.path, taken), "path": e.path, "dev": e.dev, "inode": e.inode,
                               "shmem": kind == "shmem", "deleted": e.deleted, "size": 0}
         f["size"] = max(f["size"], e.offset + e.length)
         kept.append((e, f))
