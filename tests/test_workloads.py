@@ -10,7 +10,7 @@ import pytest
 
 from shared.knobs import Knobs
 from shared.sim import workloads as wl
-from shared.sim.trace import Trace, dumps_trace, loads_trace, replay
+from shared.sim.trace import dumps_trace, loads_trace, replay
 from shared.units import HPAGE_PMD_SIZE
 from tests.conftest import CheckedWorld
 
@@ -64,7 +64,8 @@ def test_each_workload_is_a_valid_trace_with_its_parameters_in_the_header(name: 
 def test_each_workload_runs_on_a_checked_world_without_a_refusal(name: str) -> None:
     w = small(name)
     world = CheckedWorld(Knobs())
-    res = replay(Trace(w.header, list(w.events())), world)
+    res = replay(w, world)  # streams the generator; applies the header's knobs first
+    assert world.remapper.knobs.scan_sleep_millisecs == SMALL[name]["scan_sleep_ms"]
     assert res.counts["errors"] == {} and res.counts["pending"] == 0
     assert res.end_ms == SMALL[name]["duration_ms"]
     assert "sigsegv" not in res.counts["faults"] and "sigbus" not in res.counts["faults"]

@@ -714,6 +714,31 @@ def _lock_mode(ev: dict[str, Any]) -> str | None:
     return None
 
 
+@dataclasses.dataclass
+class _Hold:
+    """One ``lock`` event: the World's Pending, its mode, when it was issued and for how long."""
+
+    pending: Any
+    write: bool
+    issued: float
+    hold_ms: float
+
+    def end(self) -> float | None:
+        """When it releases the lock (None: still waiting to take it)."""
+        if not self.pending.done:
+            return None
+        v = self.pending.value
+        if isinstance(v, dict) and isinstance(v.get("until_ms"), (int, float)):
+            return float(v["until_ms"])
+        return self.issued + self.hold_ms  # taken at once (the model said no more)
+
+    def active(self, now: float) -> bool:
+        if self.pending.done and isinstance(self.pending.value, BaseException):
+            return False  # it failed (e.g. ESRCH): no hold
+        end = self.end()
+        return end is None or end > now
+
+
 class _Holds:
     """The ``lock`` events replay has started, to wait for them as a real caller would.
 
@@ -723,29 +748,26 @@ class _Holds:
     """
 
     def __init__(self) -> None:
-        self.holds: dict[int, list[tuple[Any, bool]]] = {}  # pid -> [(Pending, write)]
+        self.holds: dict[int, list[_Hold]] = {}
         self.files: dict[int, set[str]] = {}  # pid -> names it mapped (for uprobe's targets)
 
-    def add(self, pid: int, pending: Any, write: bool) -> None:
-        self.holds.setdefault(pid, []).append((pending, write))
+    def add(self, pid: int, hold: _Hold) -> None:
+        self.holds.setdefault(pid, []).append(hold)
 
     def _prune(self, now: float) -> None:
         for pid in list(self.holds):
-            keep = [(p, w) for p, w in self.holds[pid]
-                    if not (p.done and (not isinstance(p.value, dict) or p.value.get("until_ms", 0) <= now))]
+            keep = [h for h in self.holds[pid] if h.active(now)]
             if keep:
                 self.holds[pid] = keep
             else:
                 del self.holds[pid]
 
-    def conflicts(self, pids: Iterable[int], mode: str, now: float) -> list[tuple[Any, bool]]:
+    def conflicts(self, pids: Iterable[int], mode: str, now: float) -> list[_Hold]:
         self._prune(now)
-        out = []
-        for pid in pids:
-            for p, w in self.holds.get(pid, ()):
-                if mode == "write" or w:
-                    out.append((p, w))
-        return out
+        return [h for pid in pids for h in self.holds.get(pid, ()) if mode == "write" or h.write]
+
+    def all_ends(self, now: float) -> list[float]:
+        return [e for hs in self.holds.values() for h in hs if (e := h.end()) is not None and e > now]
 
     def targets(self, ev: dict[str, Any]) -> list[int]:
         if ev["op"] == "uprobe":
@@ -804,6 +826,8 @@ def _events_of(trace: Any) -> tuple[dict[str, Any] | None, Iterable[dict[str, An
         return trace.header, trace.events, lambda: None
     if isinstance(trace, tuple) and len(trace) == 2 and isinstance(trace[0], dict):
         return validate_header(trace[0]), trace[1], lambda: None
+    if isinstance(getattr(trace, "header", None), dict) and callable(getattr(trace, "events", None)):
+        return validate_header(trace.header), trace.events(), lambda: None  # a generated workload
     return None, trace, lambda: None
 
 
@@ -838,8 +862,9 @@ def replay(trace: Any, world: Any, timing: str | float = "original", *, apply_sy
            progress: Callable[[int, dict[str, Any]], None] | None = None) -> ReplayResult:
     """Apply a trace's events to ``world`` (a :class:`~shared.sim.world.World`), in order.
 
-    ``trace``: a path, a :class:`TraceReader` (events stream through, memory stays bounded), a
-    :class:`Trace`, a ``(header, events)`` pair, or an iterable of events (validated here).
+    ``trace``: a path, a :class:`TraceReader` (events stream through; with ``keep_outcomes=False``
+    memory stays bounded), a :class:`Trace`, a ``(header, events)`` pair, a generated workload
+    (:class:`shared.sim.workloads.Workload`), or an iterable of events (validated here).
     ``timing``: ``"original"`` moves the world's clock to ``start + t_ms`` before each event;
     a number ``s`` to ``start + t_ms * s`` (0.5: twice as fast; 2: half as fast); ``"fast"``
     applies the events back to back without moving the clock (khugepaged only runs when an
@@ -902,7 +927,7 @@ def replay(trace: Any, world: Any, timing: str | float = "original", *, apply_sy
             else:
                 holds.note(ev, True)
                 if ev["op"] == "lock":
-                    holds.add(ev["pid"], value, ev["write"])
+                    holds.add(ev["pid"], _Hold(value, ev["write"], world.now, ev["hold_ms"]))
                     if value.done and isinstance(value.value, UserError):
                         errors[value.value.errno_name] += 1
                         out["error"] = str(value.value)
@@ -934,18 +959,16 @@ def replay(trace: Any, world: Any, timing: str | float = "original", *, apply_sy
 
 def _wait_for_holds(world: Any, holds: _Holds, ev: dict[str, Any], mode: str) -> None:
     """Advance the clock until no ``lock`` hold conflicts with ``ev``'s mmap_lock mode."""
-    for _ in range(10_000):
+    for _ in range(100_000):
         conflicts = holds.conflicts(holds.targets(ev), mode, world.now)
         if not conflicts:
             return
-        ends = [p.value["until_ms"] for p, _ in conflicts if p.done and isinstance(p.value, dict)]
+        ends = [e for h in conflicts if (e := h.end()) is not None]
         if not ends:
-            # Every conflicting hold is still waiting for the lock: let the holders before it go.
-            others = [p.value["until_ms"] for hs in holds.holds.values() for p, _ in hs
-                      if p.done and isinstance(p.value, dict) and p.value.get("until_ms", 0) > world.now]
-            if not others:
+            # Every conflicting hold still waits for the lock: let the holders before it go.
+            ends = holds.all_ends(world.now)
+            if not ends:
                 return  # nothing we know of will release it; let the model report it
-            ends = others
         world.advance(max(min(ends) - world.now, 0.0))
     raise RuntimeError("replay: lock holds never end")
 
