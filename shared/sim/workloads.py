@@ -294,6 +294,11 @@ def _merge(streams: Iterable[Iterator[tuple[int, Event]]]) -> Iterator[Event]:
         yield ev
 
 
+def _spread(p: Any) -> float:
+    """Processes start within the first ``start_spread_ms`` (at most half the run)."""
+    return min(p.start_spread_ms, p.duration_ms / 2)
+
+
 def _hugepage_knobs(scan_sleep_ms: int) -> dict[str, Any]:
     return {"khugepaged/scan_sleep_millisecs": scan_sleep_ms, "thpsplit/remap_sleep_millisecs": scan_sleep_ms}
 
@@ -304,7 +309,7 @@ def _text_process(p: Any, seed: int, slot: int, end_us: int, zipf: _Zipf, size: 
                   lock: bool) -> Iterator[tuple[int, Event]]:
     """Successive processes in one slot: spawn, map, start up, run, (hold mmap_lock), exit."""
     rng = _rng(seed, f"proc{slot}")
-    t = _us(rng.uniform(0, p.start_spread_ms))
+    t = _us(rng.uniform(0, _spread(p)))
     startup = min(size, _scaled(p.startup_bytes, p.scale, PAGE_SIZE))
     seq_bytes = max(PAGE_SIZE, min(p.seq_bytes, HPAGE_PMD_SIZE) // PAGE_SIZE * PAGE_SIZE)
     lifetime = getattr(p, "lifetime_ms", 0.0)
@@ -411,7 +416,7 @@ def _uprobe_events(p: UprobeParams, seed: int) -> Iterator[Event]:
 def _shmem_process(p: ShmemParams, seed: int, slot: int, end: int, zipf: _Zipf, size: int) -> Iterator[tuple[int, Event]]:
     rng = _rng(seed, f"proc{slot}")
     pid = slot + 1
-    t = _us(rng.uniform(0, p.start_spread_ms))
+    t = _us(rng.uniform(0, _spread(p)))
     buf = max(PAGE_SIZE, min(p.buffer_bytes, HPAGE_PMD_SIZE) // PAGE_SIZE * PAGE_SIZE)
     per_range = HPAGE_PMD_SIZE // buf
     yield t, _ev(t, "spawn", pid=pid)
@@ -430,7 +435,7 @@ def _pageout(p: ShmemParams, seed: int, end: int, zipf: _Zipf) -> Iterator[tuple
     """Reclaim pressure: MADV_PAGEOUT on a range drawn from the cold end of the distribution."""
     rng = _rng(seed, "pageout")
     cold = _Zipf(len(zipf.order), p.zipf_s, list(reversed(zipf.order)))
-    t = _us(p.start_spread_ms)
+    t = _us(_spread(p))
     while True:
         t += _exp(rng, p.pageout_interval_ms)
         if t >= end:
