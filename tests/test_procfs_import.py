@@ -12,7 +12,14 @@ import pytest
 
 from shared.knobs import Knobs
 from shared.sim import procfs_import as pi
-from shared.sim.procfs_import import ProcfsError, build_trace, compare_rss, parse_maps, parse_smaps, read_procfs
+from shared.sim.procfs_import import (
+    ProcfsError,
+    build_trace,
+    compare_rss,
+    parse_maps,
+    parse_smaps,
+    read_procfs,
+)
 from shared.sim.trace import dumps_trace, loads_trace, replay
 from tests.conftest import ONE_PAGE_AT_A_TIME, CheckedWorld
 

@@ -16,7 +16,14 @@ import pytest
 from shared.knobs import Knobs
 from shared.sim import record as rec
 from shared.sim.procfs_import import parse_smaps
-from shared.sim.record import FdInfo, Raw, RecordError, Snapshot, parse_trace_line, translate
+from shared.sim.record import (
+    FdInfo,
+    Raw,
+    RecordError,
+    Snapshot,
+    parse_trace_line,
+    translate,
+)
 from shared.sim.trace import dumps_trace, loads_trace, replay
 from tests.conftest import CheckedWorld
 
@@ -123,20 +130,20 @@ def test_translation_of_a_recorded_run() -> None:
         (0, "file_create", {"name": "app", "size": 0x3000, "shmem": False}),
         (0, "file_create", {"name": "libx.so", "size": 0x9000, "shmem": False}),
         (0.0, "spawn", {"pid": 100}),
-        (0.0, "mmap", dict(pid=100, addr=0x400000, length=0x1000, name="app", offset=0, prot="r", shared=False)),
-        (0.0, "mmap", dict(pid=100, addr=0x401000, length=0x2000, name="app", offset=0x1000, prot="rx", shared=False)),
-        (0.0, "madvise", dict(pid=100, addr=0x401000, length=0x2000, advice="hugepage")),
-        (0.5, "fault", dict(pid=100, addr=0x401000, write=False)),
-        (1.01, "mmap", dict(pid=100, addr=LIB, length=0x4000, name="libx.so", offset=0x2000, prot="rwx", shared=False)),
-        (1.1, "fault", dict(pid=100, addr=LIB + 0x1000, write=True)),
-        (1.3, "madvise", dict(pid=100, addr=LIB, length=0x2000, advice="hugepage")),  # clipped to the mapping
-        (1.41, "munmap", dict(pid=100, addr=0x402000, length=0x1000)),
-        (2.0, "fork", dict(pid=100, child=101)),
-        (2.1, "fault", dict(pid=101, addr=0x401000, write=False)),
-        (2.2, "fault", dict(pid=100, addr=0x400000, write=False)),  # a thread's fault is its process's
-        (2.3, "munmap", dict(pid=101, addr=LIB, length=0x4000)),
-        (3.1, "exit", dict(pid=101)),
-        (4.0, "exit", dict(pid=100)),
+        (0.0, "mmap", {"pid": 100, "addr": 0x400000, "length": 0x1000, "name": "app", "offset": 0, "prot": "r", "shared": False}),
+        (0.0, "mmap", {"pid": 100, "addr": 0x401000, "length": 0x2000, "name": "app", "offset": 0x1000, "prot": "rx", "shared": False}),
+        (0.0, "madvise", {"pid": 100, "addr": 0x401000, "length": 0x2000, "advice": "hugepage"}),
+        (0.5, "fault", {"pid": 100, "addr": 0x401000, "write": False}),
+        (1.01, "mmap", {"pid": 100, "addr": LIB, "length": 0x4000, "name": "libx.so", "offset": 0x2000, "prot": "rwx", "shared": False}),
+        (1.1, "fault", {"pid": 100, "addr": LIB + 0x1000, "write": True}),
+        (1.3, "madvise", {"pid": 100, "addr": LIB, "length": 0x2000, "advice": "hugepage"}),  # clipped to the mapping
+        (1.41, "munmap", {"pid": 100, "addr": 0x402000, "length": 0x1000}),
+        (2.0, "fork", {"pid": 100, "child": 101}),
+        (2.1, "fault", {"pid": 101, "addr": 0x401000, "write": False}),
+        (2.2, "fault", {"pid": 100, "addr": 0x400000, "write": False}),  # a thread's fault is its process's
+        (2.3, "munmap", {"pid": 101, "addr": LIB, "length": 0x4000}),
+        (3.1, "exit", {"pid": 101}),
+        (4.0, "exit", {"pid": 100}),
     ]
     assert files["libx.so"] == {"path": "/lib/libx.so", "dev": "fe:00", "inode": 20, "shmem": False,
                                 "deleted": False, "size": 0x9000}

@@ -11,7 +11,6 @@ import shlex
 import pytest
 
 from shared.knobs import Knobs
-from shared.sim.world import World
 from shared.sim import trace as tr
 from shared.sim.trace import (
     MAX_LINE_BYTES,
@@ -28,6 +27,7 @@ from shared.sim.trace import (
     validate_event,
     write_trace,
 )
+from shared.sim.world import World
 from tests.conftest import ONE_PAGE_AT_A_TIME, CheckedWorld
 
 MB = 1 << 20
@@ -68,27 +68,27 @@ def test_writer_output_is_canonical_and_reads_back_identically() -> None:
 
 def test_every_op_round_trips_and_has_a_run_line() -> None:
     examples = {
-        "file_create": dict(name="f", size=8192, shmem=True),
-        "file_write": dict(name="f", offset=0, length=4096),
-        "file_sync": dict(name="f"),
-        "file_truncate": dict(name="f", size=4096),
-        "file_punch": dict(name="f", offset=0, length=4096),
+        "file_create": {'name': "f", 'size': 8192, 'shmem': True},
+        "file_write": {'name': "f", 'offset': 0, 'length': 4096},
+        "file_sync": {'name': "f"},
+        "file_truncate": {'name': "f", 'size': 4096},
+        "file_punch": {'name': "f", 'offset': 0, 'length': 4096},
         "drop_caches": {},
-        "spawn": dict(pid=1),
-        "exit": dict(pid=1),
-        "fork": dict(pid=1, child=2),
-        "mmap": dict(pid=1, addr=None, length=4096, name="my lib.so", offset=4096, prot="rw", shared=False),
-        "munmap": dict(pid=1, addr=FIXED, length=4096),
-        "madvise": dict(pid=1, addr=FIXED, length=4096, advice="pageout"),
-        "fault": dict(pid=1, addr=FIXED, write=True),
-        "touch": dict(pid=1, addr=FIXED, length=8192, write=True, stride=8192),
-        "lock": dict(pid=1, hold_ms=2.5, write=True),
-        "pin": dict(pid=1, addr=FIXED),
-        "unpin": dict(pid=1, addr=FIXED),
-        "uprobe": dict(action="add", name="f", offset=100),
-        "sysfs_set": dict(name="khugepaged/max_ptes_none", value=0),
-        "wait_scans": dict(n=2),
-        "mark": dict(label="phase 2"),
+        "spawn": {'pid': 1},
+        "exit": {'pid': 1},
+        "fork": {'pid': 1, 'child': 2},
+        "mmap": {'pid': 1, 'addr': None, 'length': 4096, 'name': "my lib.so", 'offset': 4096, 'prot': "rw", 'shared': False},
+        "munmap": {'pid': 1, 'addr': FIXED, 'length': 4096},
+        "madvise": {'pid': 1, 'addr': FIXED, 'length': 4096, 'advice': "pageout"},
+        "fault": {'pid': 1, 'addr': FIXED, 'write': True},
+        "touch": {'pid': 1, 'addr': FIXED, 'length': 8192, 'write': True, 'stride': 8192},
+        "lock": {'pid': 1, 'hold_ms': 2.5, 'write': True},
+        "pin": {'pid': 1, 'addr': FIXED},
+        "unpin": {'pid': 1, 'addr': FIXED},
+        "uprobe": {'action': "add", 'name': "f", 'offset': 100},
+        "sysfs_set": {'name': "khugepaged/max_ptes_none", 'value': 0},
+        "wait_scans": {'n': 2},
+        "mark": {'label': "phase 2"},
     }
     assert set(examples) == set(tr.OPS)
     evs = [event(op, i, **fields) for i, (op, fields) in enumerate(examples.items())]

@@ -19,13 +19,13 @@ MB = 1 << 20
 # Small enough for the checker after every step: a few MiB, two or three processes, ~1-2 s of
 # virtual time, khugepaged every 100 ms.
 SMALL = {
-    "text": dict(scale=1 / 64, procs=2, duration_ms=1500, access_interval_ms=25, lifetime_ms=700,
-                 restart_delay_ms=50, lock_fraction=0.3, lock_hold_ms=60, startup_bytes=MB, scan_sleep_ms=100),
-    "shmem": dict(scale=1 / 64, procs=2, duration_ms=1200, access_interval_ms=25, pageout_interval_ms=100,
-                  scan_sleep_ms=100),
-    "uprobe": dict(scale=1 / 16, procs=2, duration_ms=1500, access_interval_ms=40, startup_bytes=MB,
-                   probe_start_ms=300, probe_interval_ms=60, probe_lifetime_ms=200, scan_sleep_ms=100),
-    "churn": dict(scale=1 / 4, files=2, procs=3, max_procs=6, duration_ms=150, op_interval_ms=1.5, scan_sleep_ms=50),
+    "text": {"scale": 1 / 64, "procs": 2, "duration_ms": 1500, "access_interval_ms": 25, "lifetime_ms": 700,
+                 "restart_delay_ms": 50, "lock_fraction": 0.3, "lock_hold_ms": 60, "startup_bytes": MB, "scan_sleep_ms": 100},
+    "shmem": {"scale": 1 / 64, "procs": 2, "duration_ms": 1200, "access_interval_ms": 25, "pageout_interval_ms": 100,
+                  "scan_sleep_ms": 100},
+    "uprobe": {"scale": 1 / 16, "procs": 2, "duration_ms": 1500, "access_interval_ms": 40, "startup_bytes": MB,
+                   "probe_start_ms": 300, "probe_interval_ms": 60, "probe_lifetime_ms": 200, "scan_sleep_ms": 100},
+    "churn": {"scale": 1 / 4, "files": 2, "procs": 3, "max_procs": 6, "duration_ms": 150, "op_interval_ms": 1.5, "scan_sleep_ms": 50},
 }
 
 
@@ -107,7 +107,7 @@ def accesses_per_range(w: wl.Workload, base: int) -> Counter[int]:
 
 
 def test_text_accesses_follow_the_hot_cold_law() -> None:
-    kw = dict(scale=1 / 4, procs=2, duration_ms=20_000, lock_fraction=0, lifetime_ms=0)
+    kw = {"scale": 1 / 4, "procs": 2, "duration_ms": 20_000, "lock_fraction": 0, "lifetime_ms": 0}
     front = accesses_per_range(wl.generate("text", 3, hot_layout="front", **kw), wl.TEXT_ADDR)
     total = sum(front.values())
     ranges = 32

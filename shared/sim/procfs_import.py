@@ -50,7 +50,14 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from shared.sim.trace import MAX_NAME, PID_MAX, Trace, make_header, validate_event, write_trace
+from shared.sim.trace import (
+    MAX_NAME,
+    PID_MAX,
+    Trace,
+    make_header,
+    validate_event,
+    write_trace,
+)
 from shared.units import PAGE_SIZE
 
 KB = 1024
@@ -221,9 +228,7 @@ def classify(e: MapEntry, fstypes: dict[tuple[int, int], str] | None = None) -> 
         return "hugetlb"
     if "io" in e.vmflags or "pf" in e.vmflags:
         return "device"
-    if p.startswith("[anon_shmem:"):
-        kind = "shmem"
-    elif p.startswith(("/memfd:", "/SYSV", "/dev/shm/")) or (p == "/dev/zero" and e.deleted):
+    if p.startswith("[anon_shmem:") or p.startswith(("/memfd:", "/SYSV", "/dev/shm/")) or (p == "/dev/zero" and e.deleted):
         kind = "shmem"
     elif p.startswith("/dev/"):
         return "device"
@@ -334,10 +339,10 @@ def _touches(pid: int, e: MapEntry, residency: str) -> list[dict[str, Any]]:
     stride = step * PAGE_SIZE
     out = []
     if anon:
-        out.append(dict(op="touch", pid=pid, addr=e.start, length=anon * stride, write=True, stride=stride))
+        out.append({"op": "touch", "pid": pid, "addr": e.start, "length": anon * stride, "write": True, "stride": stride})
     if rss > anon:
-        out.append(dict(op="touch", pid=pid, addr=e.start + anon * stride, length=(rss - anon) * stride,
-                        write=False, stride=stride))
+        out.append({"op": "touch", "pid": pid, "addr": e.start + anon * stride, "length": (rss - anon) * stride,
+                        "write": False, "stride": stride})
     return out
 
 
@@ -365,15 +370,15 @@ def build_trace(layout: Layout, residency: str = "start") -> Trace:
     raw: list[dict[str, Any]] = []
     for f in files.values():
         f["size"] = -(-f["size"] // PAGE_SIZE) * PAGE_SIZE
-        raw.append(dict(op="file_create", name=f["name"], size=f["size"], shmem=f["shmem"]))
-    raw.append(dict(op="spawn", pid=pid))
+        raw.append({"op": "file_create", "name": f["name"], "size": f["size"], "shmem": f["shmem"]})
+    raw.append({"op": "spawn", "pid": pid})
     for e, f in kept:
-        raw.append(dict(op="mmap", pid=pid, addr=e.start, length=e.length, name=f["name"], offset=e.offset,
-                        prot=_prot(e.perms), shared=e.perms[3] == "s"))
+        raw.append({"op": "mmap", "pid": pid, "addr": e.start, "length": e.length, "name": f["name"], "offset": e.offset,
+                        "prot": _prot(e.perms), "shared": e.perms[3] == "s"})
     for e, _ in kept:
         for flag, advice in (("hg", "hugepage"), ("nh", "nohugepage")):
             if flag in e.vmflags:
-                raw.append(dict(op="madvise", pid=pid, addr=e.start, length=e.length, advice=advice))
+                raw.append({"op": "madvise", "pid": pid, "addr": e.start, "length": e.length, "advice": advice})
     for e, _ in kept:
         raw.extend(_touches(pid, e, residency))
     events = [validate_event({"t_ms": 0, **r}) for r in raw]

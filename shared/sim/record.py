@@ -75,11 +75,17 @@ import tempfile
 import threading
 import time
 from collections import defaultdict, deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import IO, Any
 
-from shared.sim.procfs_import import MapEntry, classify, model_name, parse_mountinfo, parse_smaps
+from shared.sim.procfs_import import (
+    MapEntry,
+    classify,
+    model_name,
+    parse_mountinfo,
+    parse_smaps,
+)
 from shared.sim.trace import Trace, make_header, validate_event, write_trace
 from shared.units import PAGE_SIZE, TASK_SIZE
 
@@ -703,7 +709,7 @@ class _Instance:
                 continue
         return n
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         if self.path is not None:
             try:
                 with open(self.path / "tracing_on", "w") as f:
