@@ -182,3 +182,29 @@ def test_the_cli_writes_a_trace(tmp_path, capsys) -> None:
     assert "unknown parameter 'colour'" in capsys.readouterr().err
     assert wl.main(["--list"]) == 0
     assert '"text"' in capsys.readouterr().out
+
+
+def test_the_stream_does_not_depend_on_the_interpreter_run() -> None:
+    """Same bytes in another interpreter with another hash seed (no set or dict order leaks in)."""
+    import hashlib
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import hashlib, sys\n"
+        "from shared.sim import workloads as wl\n"
+        "from shared.sim.trace import dumps_trace\n"
+        "for n in wl.WORKLOADS:\n"
+        "    w = wl.generate(n, 5, scale=1/16, duration_ms=500)\n"
+        "    print(n, hashlib.sha256(dumps_trace(w.events(), w.header).encode()).hexdigest())\n"
+    )
+    here = {}
+    for n in wl.WORKLOADS:
+        w = wl.generate(n, 5, scale=1 / 16, duration_ms=500)
+        here[n] = hashlib.sha256(dumps_trace(w.events(), w.header).encode()).hexdigest()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for hashseed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": hashseed, "PYTHONPATH": root}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, cwd=root)
+        assert dict(line.split() for line in out.stdout.splitlines()) == here
