@@ -17,7 +17,7 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from shared import messages as m  # noqa: E402
+from shared.protocol import messages as m  # noqa: E402
 from shared.thpctl.client import Session  # noqa: E402
 from shared.thpctl.launch import running_daemons  # noqa: E402
 

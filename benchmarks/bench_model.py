@@ -15,9 +15,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from shared.framing import FrameDecoder, encode_message  # noqa: E402
+from shared.protocol.framing import FrameDecoder, encode_message  # noqa: E402
 from shared.knobs import Knobs  # noqa: E402
-from shared.messages import LookupPage  # noqa: E402
+from shared.protocol.messages import LookupPage  # noqa: E402
 from shared.sim.world import World  # noqa: E402
 from shared.units import HPAGE_PMD_SIZE, PAGE_SIZE  # noqa: E402
 

@@ -3,23 +3,44 @@ madvise advice, and the /proc/PID/smaps fields we print."""
 
 from __future__ import annotations
 
+import enum
+
 PROT_READ = 0x1
 PROT_WRITE = 0x2
 PROT_EXEC = 0x4
 
-# mmap's protections by their thpctl names.
-PROTS = {"r": PROT_READ, "rw": PROT_READ | PROT_WRITE, "rx": PROT_READ | PROT_EXEC, "rwx": PROT_READ | PROT_WRITE | PROT_EXEC}
 
-# The madvise advice the model implements (MADV_* without the prefix, lower case).
-ADVICE = (
-    "hugepage",
-    "nohugepage",
-    "collapse",
-    "dontneed",
-    "populate_read",
-    "populate_write",
-    "pageout",
-)
+class Prot(enum.StrEnum):
+    """mmap's protections by their thpctl names."""
+
+    R = "r"
+    RW = "rw"
+    RX = "rx"
+    RWX = "rwx"
+
+
+# Each protection's PROT_* bits (keys are Prot members, which equal their plain strings).
+PROTS = {
+    Prot.R: PROT_READ,
+    Prot.RW: PROT_READ | PROT_WRITE,
+    Prot.RX: PROT_READ | PROT_EXEC,
+    Prot.RWX: PROT_READ | PROT_WRITE | PROT_EXEC,
+}
+
+
+class Advice(enum.StrEnum):
+    """The madvise advice the model implements (MADV_* without the prefix, lower case)."""
+
+    HUGEPAGE = "hugepage"
+    NOHUGEPAGE = "nohugepage"
+    COLLAPSE = "collapse"
+    DONTNEED = "dontneed"
+    POPULATE_READ = "populate_read"
+    POPULATE_WRITE = "populate_write"
+    PAGEOUT = "pageout"
+
+
+ADVICE = tuple(Advice)
 
 # The smaps fields we print, in the kernel's order (kB unless said otherwise).
 SMAPS_FIELDS = (

@@ -9,8 +9,8 @@ import pytest
 import trio
 import trio.testing
 
-from shared import messages as m
-from shared.framing import MAX_FRAME_BYTES, FrameDecoder, encode_frame, encode_message
+from shared.protocol import messages as m
+from shared.protocol.framing import MAX_FRAME_BYTES, FrameDecoder, encode_frame, encode_message
 from shared.shell.channel import (
     HELLO_TIMEOUT_S,
     PROTOCOL_VERSION,
@@ -32,8 +32,8 @@ async def test_messages_arrive_in_order_both_ways_after_hello():
             await a.send(msg)
         got = [await b.receive() for _ in sent]
         assert got == sent
-        await b.send(m.Reply(7, {"addr": 0x7F0000000000, "pages": [1, 2]}))
-        assert await a.receive() == m.Reply(7, {"addr": 0x7F0000000000, "pages": [1, 2]})
+        await b.send(m.Mmap.REPLY(7, {"addr": 0x7F0000000000, "length": 4096}))
+        assert await a.receive() == m.Mmap.REPLY(7, {"addr": 0x7F0000000000, "length": 4096})
 
 
 async def test_hello_times_out_when_the_other_side_is_silent(autojump_clock):
@@ -80,8 +80,8 @@ async def test_oversized_frame_is_an_error_after_the_good_messages_before_it():
 async def test_an_invalid_message_names_the_request_it_came_in():
     left, raw = trio.testing.memory_stream_pair()
     async with open_channel(left) as a:
-        await raw.send_all(encode_frame(["client.no_such_thing", 1, {"id": 42}]))
-        await raw.send_all(encode_frame(["client.fault", 1, {"id": 43, "pid": "one", "addr": 0}]))
+        await raw.send_all(encode_frame(["client.no_such_thing", {"id": 42}]))
+        await raw.send_all(encode_frame(["client.fault", {"id": 43, "pid": "one", "addr": 0}]))
         with pytest.raises(ChannelError) as info:
             await a.receive()
     assert info.value.reply_to == 42

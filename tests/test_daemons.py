@@ -14,12 +14,12 @@ import pytest
 import trio
 from helpers import ONE_PAGE_FLAGS, ok, thpctl
 
-from shared import messages as m
+from shared.protocol import PROTOCOL_VERSION
+from shared.protocol import messages as m
 from shared.errors import UserError
-from shared.framing import MAX_FRAME_BYTES, FrameDecoder, encode_frame, encode_message
-from shared.shell.channel import PROTOCOL_VERSION
+from shared.protocol.framing import MAX_FRAME_BYTES, FrameDecoder, encode_frame, encode_message
 from shared.shell.config import parse_address
-from shared.shell.driver import MAX_ROWS_PER_FRAME, split_for_frames
+from shared.shell.peer import MAX_ROWS_PER_FRAME, split_for_frames
 from shared.shell.transport import connect
 from shared.thpctl.client import COLLAPSED, REMAPD, Session, open_client
 from shared.thpctl.launch import DaemonProcess, running_daemons
@@ -148,7 +148,7 @@ async def test_bad_frames_get_an_error_and_the_daemon_carries_on(workdir):
             await good.call(m.FileCreate, name="f", size=MB)
             cases = [
                 # a message that does not exist, with a readable id
-                (encode_frame(["client.no_such_thing", 1, {"id": 7}]), 7),
+                (encode_frame(["client.no_such_thing", {"id": 7}]), 7),
                 # a header announcing a frame beyond MAX_FRAME_BYTES
                 (struct.pack(">I", 0xFFFFFFF0) + b"\x00" * 16, 0),
                 # a valid frame that is not msgpack

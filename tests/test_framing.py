@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shared.framing import (
+from shared.protocol.framing import (
     MAX_DEPTH,
     MAX_FRAME_BYTES,
     MAX_ITEMS,
@@ -19,11 +19,12 @@ from shared.framing import (
     FrameDecoder,
     FrameDecoderStatistics,
     FrameError,
+    decode_message,
     encode_frame,
     encode_message,
 )
-from shared.message import Message, message
-from shared.wire import ProtocolError
+from shared.protocol.codec import ProtocolError
+from shared.protocol.schema import Message, message
 
 
 @message("test.framing.ping")
@@ -34,11 +35,11 @@ class Ping(Message):
 
 @message("test.framing.blob")
 class Blob(Message):
-    data: bytes
+    data: str
     parts: tuple[int, ...]
 
 
-MESSAGES = [Ping(1), Blob(b"\x00\xff" * 50, (1, 2, 3)), Ping(2, "two"), Blob(b"", ()), Ping(3)]
+MESSAGES = [Ping(1), Blob("\x00\xff" * 50, (1, 2, 3)), Ping(2, "two"), Blob("", ()), Ping(3)]
 
 
 def raw_frame(body: bytes) -> bytes:
@@ -78,8 +79,19 @@ def test_frame_layout_is_big_endian_length_then_msgpack() -> None:
 
 def test_encode_message_frames_the_wire_form() -> None:
     frame = encode_message(Ping(7, "x"))
-    wire = ["test.framing.ping", 1, {"seq": 7, "note": "x"}]
+    wire = ["test.framing.ping", {"seq": 7, "note": "x"}]
     assert msgpack.unpackb(frame[4:], raw=False) == wire
+
+
+def test_decode_message_reads_back_one_whole_frame() -> None:
+    for msg in MESSAGES:
+        assert decode_message(encode_message(msg)) == msg
+    with pytest.raises(FrameError, match="exactly one whole frame"):
+        decode_message(encode_message(Ping(1)) + encode_message(Ping(2)))
+    with pytest.raises(FrameError, match="exactly one whole frame"):
+        decode_message(encode_message(Ping(1))[:-1])
+    with pytest.raises(ProtocolError, match="unknown message tag"):
+        decode_message(encode_frame(["test.framing.nope", {}]))
 
 
 def test_encode_frame_refuses_what_the_peer_would_reject() -> None:
@@ -149,7 +161,7 @@ def test_next_object_returns_plain_values() -> None:
 
 
 def test_consumed_bytes_are_reclaimed_when_draining_one_frame_per_feed() -> None:
-    frame = encode_message(Blob(b"x" * 200, ()))
+    frame = encode_message(Blob("x" * 200, ()))
     count = 5000
     decoder = FrameDecoder()
     tracemalloc.start()
@@ -266,7 +278,7 @@ def test_frame_error_poisons_the_decoder() -> None:
 
 def test_invalid_message_in_a_valid_frame_does_not_poison() -> None:
     decoder = FrameDecoder()
-    decoder.feed(encode_frame(["test.framing.nope", 1, {}]) + encode_message(Ping(9)))
+    decoder.feed(encode_frame(["test.framing.nope", {}]) + encode_message(Ping(9)))
     with pytest.raises(ProtocolError, match="unknown message tag") as info:
         decoder.next_message()
     assert not isinstance(info.value, FrameError)

@@ -1,7 +1,7 @@
 """A framed message stream over a trio Stream: the one transport of the peer and client protocols.
 
 :meth:`Channel.receive` reads the stream in the receiving task and splits the bytes into frames
-and messages (:mod:`shared.framing`, whose limits bound every frame an untrusted peer sends); a
+and messages (:mod:`shared.protocol.framing`, whose limits bound every frame an untrusted peer sends); a
 writer task puts queued frames on the wire from a bounded trio memory channel. A slow receiver
 stops reading (TCP backpressure) and a flooding sender waits on the bounded queue: neither grows
 memory.
@@ -21,12 +21,11 @@ from typing import Any
 
 import trio
 
-from shared.framing import MAX_FRAME_BYTES, FrameDecoder, encode_message
-from shared.message import Message
-from shared.messages import ErrorReply, PeerHello
-from shared.wire import ProtocolError, from_wire
+from shared.protocol.codec import ProtocolError, from_wire
+from shared.protocol.framing import MAX_FRAME_BYTES, FrameDecoder, encode_message
+from shared.protocol.messages import ErrorReply, PeerHello
+from shared.protocol.schema import PROTOCOL_VERSION, Message
 
-PROTOCOL_VERSION = 1
 # Bytes asked of the stream per read.
 RECV_CHUNK = 64 * 1024
 # Messages buffered in each direction before the other side waits.
@@ -55,9 +54,9 @@ class ChannelError(Exception):
 
 def _request_id(obj: Any) -> int:
     """The ``id`` (client request) or ``req`` (peer request) of a decoded but invalid message."""
-    if type(obj) is list and len(obj) == 3 and type(obj[2]) is dict:
+    if type(obj) is list and len(obj) == 2 and type(obj[1]) is dict:
         for key in ("id", "req"):
-            value = obj[2].get(key)
+            value = obj[1].get(key)
             if type(value) is int and 0 < value < 1 << 63:
                 return value
     return 0
@@ -80,8 +79,9 @@ class Channel:
         """Queue ``msg``; waits while the queue is full.
 
         Errors:
-            ValueError/TypeError/OverflowError: ``msg`` cannot be encoded (too big for a frame,
-            a value msgpack cannot hold); nothing was queued.
+            ProtocolError: a value the receiver would refuse (a float out of range, an
+            unknown enum value); ValueError/TypeError/OverflowError: ``msg`` cannot be encoded
+            (too big for a frame, a value msgpack cannot hold); nothing was queued.
             trio.BrokenResourceError: the stream failed; trio.ClosedResourceError: closed.
         """
         await self._out_send.send(encode_message(msg))
@@ -141,7 +141,7 @@ class Channel:
             msg = await self.receive()
             if not isinstance(msg, PeerHello):
                 raise ChannelError(
-                    f"expected peer.hello first, got {msg.TAG}", reply_to=_request_id([0, 0, msg.fields()])
+                    f"expected peer.hello first, got {msg.TAG}", reply_to=_request_id([msg.TAG, msg.fields()])
                 )
             if msg.protocol != PROTOCOL_VERSION:
                 raise ChannelError(

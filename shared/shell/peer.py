@@ -1,20 +1,151 @@
-"""The remapper's side of the peer link: connect to collapsed, and again after every loss."""
+"""The peer link: the one channel between the two daemons, the pump that moves the core's outbox
+onto it, the barrier a reply waits on, and the remapper's connect loop.
+
+A new peer gets ``core.resync()``, which describes the whole state again; a lost one
+``core.peer_lost()``. A reply to a client that made the core send something to the peer waits
+for a round trip (a :class:`~shared.protocol.messages.Sync` over the peer channel) before it goes
+out: once the client sees the reply, the other daemon has seen the operation's effects too, so a
+client may switch daemons between two requests without racing the peer traffic.
+"""
 
 from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
 
 import structlog
 import trio
 
 from shared.logs import get_logger
-from shared.shell.channel import ChannelError, open_channel, send_quietly
+from shared.protocol import messages as m
+from shared.protocol.codec import ProtocolError
+from shared.protocol.schema import Message
+from shared.shell.channel import Channel, ChannelError, open_channel, send_quietly
 from shared.shell.config import parse_address
 from shared.shell.driver import Driver
 from shared.shell.transport import connect
 
 log = get_logger("thpsplit.peer")
 
+# Rows per RmapDelta (pfns per Reclaim) in one frame: unmapping or paging out gigabytes at once
+# must not make a frame the peer refuses. Rows are additive, so a split changes nothing.
+MAX_ROWS_PER_FRAME = 65536
 
-async def connect_peer(driver: Driver, address: str, backoff_min_s: float, backoff_max_s: float) -> None:
+
+def split_for_frames(msg: Message) -> list[Message]:
+    if isinstance(msg, m.RmapDelta) and len(msg.rows) > MAX_ROWS_PER_FRAME:
+        rows = msg.rows
+        return [m.RmapDelta(rows[i : i + MAX_ROWS_PER_FRAME]) for i in range(0, len(rows), MAX_ROWS_PER_FRAME)]
+    if isinstance(msg, m.Reclaim) and len(msg.pfns) > MAX_ROWS_PER_FRAME:
+        pfns = msg.pfns
+        return [m.Reclaim(pfns[i : i + MAX_ROWS_PER_FRAME]) for i in range(0, len(pfns), MAX_ROWS_PER_FRAME)]
+    return [msg]
+
+
+class PeerLink:
+    """The driver's connection to the other daemon (at most one at a time)."""
+
+    def __init__(self, driver: Driver, peer_role: str, on_connect: Callable[[], None] | None = None):
+        self.driver = driver
+        self.peer_role = peer_role
+        self.on_connect = on_connect
+        self.channel: Channel | None = None
+        self._barriers: dict[int, trio.Event] = {}
+        self._barrier_ids = itertools.count(1)
+        driver.barrier_after = self.barrier_after
+
+    # -- the barrier --------------------------------------------------------------------------
+
+    async def barrier_after(self, mark: int) -> None:
+        """Round trip through the peer if the core has sent anything since ``mark``."""
+        if self.channel is not None and self.driver.mark() != mark:
+            await self.barrier()
+
+    async def barrier(self, wait_for_peer: bool = False) -> bool:
+        """Round trip through the peer: True once it has processed everything sent before.
+        False if there is no peer (or it went away), unless ``wait_for_peer``: then wait for
+        one and try again."""
+        driver = self.driver
+        while True:
+            while self.channel is None:
+                if not wait_for_peer:
+                    return False
+                await driver.changed()
+            bid = next(self._barrier_ids)
+            event = self._barriers[bid] = trio.Event()
+            driver.core.send(m.Sync(bid))
+            driver.settle()
+            await event.wait()
+            if self._barriers.pop(bid, None) is None:
+                return True
+            if not wait_for_peer:
+                return False
+
+    # -- the connection -----------------------------------------------------------------------
+
+    async def serve(self, ch: Channel) -> None:
+        """Run the peer connection until it ends; the hello is done."""
+        driver = self.driver
+        if self.channel is not None:
+            raise ChannelError(f"a {self.peer_role} is already connected", "EBUSY")
+        self.channel = ch
+        driver.connected = True
+        log.info("peer_connected")
+        try:
+            if self.on_connect is not None:
+                self.on_connect()
+            driver.guard(driver.core.resync)
+            driver.settle()
+            async for msg in ch:
+                self._receive(msg)
+        finally:
+            self.channel = None
+            driver.connected = False
+            log.warning("peer_lost")
+            driver.guard(driver.core.peer_lost)
+            # Barriers still waiting stay in the table: their waiters see the peer went away.
+            for event in self._barriers.values():
+                event.set()
+            driver.settle()
+
+    def _receive(self, msg: Message) -> None:
+        driver = self.driver
+        if isinstance(msg, m.Sync):
+            driver.core.send(m.Sync.REPLY(msg.id, None))
+        elif isinstance(msg, m.Sync.REPLY):
+            event = self._barriers.pop(msg.id, None)
+            if event is not None:
+                event.set()
+        elif isinstance(msg, m.ErrorReply):
+            raise ChannelError(f"{self.peer_role} refused: {msg.errno}: {msg.message}", msg.errno)
+        elif not msg.TAG.startswith("peer.") or isinstance(msg, m.PeerHello):
+            raise ChannelError(f"{msg.TAG} is not a peer message", reply_to=getattr(msg, "id", 0))
+        else:
+            driver.guard(driver.core.advance, driver.now_ms())
+            driver.guard(driver.core.deliver, msg)
+        driver.settle()
+
+    async def pump(self) -> None:
+        """Move the core's outbox onto the peer channel, as fast as the channel takes it."""
+        driver = self.driver
+        outbox = driver.core.outbox
+        while True:
+            peer = self.channel
+            if peer is None or not outbox:
+                await driver.changed()
+                continue
+            msg = outbox.popleft()
+            driver.sent += 1
+            try:
+                for part in split_for_frames(msg):
+                    await peer.send(part)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass  # serve() sees the end and calls peer_lost()
+            except (ProtocolError, ValueError, TypeError, OverflowError):
+                log.exception("unsendable_peer_message", tag=msg.TAG)
+
+
+async def connect_peer(link: PeerLink, address: str, backoff_min_s: float, backoff_max_s: float) -> None:
     """The remapper's side of the peer channel: connect, and again after every loss, waiting
     twice as long after each failed attempt (up to ``backoff_max_s``)."""
     addr = parse_address(address)
@@ -31,8 +162,8 @@ async def connect_peer(driver: Driver, address: str, backoff_min_s: float, backo
             started = trio.current_time()
             async with open_channel(stream) as ch:
                 try:
-                    await ch.handshake(driver.name, accept={driver.peer_role})
-                    await driver.serve_peer(ch)
+                    await ch.handshake(link.driver.name, accept={link.peer_role})
+                    await link.serve(ch)
                 except ChannelError as err:
                     log.warning("peer_protocol_error", errno=err.errno, reason=err.reason)
                     await send_quietly(ch, err.reply())
@@ -42,3 +173,6 @@ async def connect_peer(driver: Driver, address: str, backoff_min_s: float, backo
                 delay = backoff_min_s
             await trio.sleep(delay)
             delay = min(delay * 2, backoff_max_s)
+
+
+__all__ = ["MAX_ROWS_PER_FRAME", "PeerLink", "connect_peer", "split_for_frames"]

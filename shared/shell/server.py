@@ -8,7 +8,7 @@ import itertools
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Any
 
 import structlog
@@ -16,10 +16,12 @@ import trio
 
 from shared.knobs import KnobError, Knobs
 from shared.logs import configure, get_logger
-from shared.message import Message
+from shared.protocol.schema import CLIENT
 from shared.shell.channel import ChannelError, open_channel, send_quietly
 from shared.shell.config import AddressError, knobs_from, log_json, parse_address
-from shared.shell.driver import Driver, Handler
+from shared.shell.driver import Driver
+from shared.shell.peer import PeerLink
+from shared.shell.requests import Handlers, serve_client
 from shared.shell.transport import listen, write_ready_file
 
 log = get_logger("thpsplit.server")
@@ -29,10 +31,12 @@ SHUTDOWN_GRACE_S = 2.0
 
 
 class Server:
-    """Listener, connections, signals: what both daemons do around their :class:`Driver`."""
+    """Listener, connections, signals: what both daemons do around their :class:`Driver`: clients
+    get ``handlers``, the peer (a hello with a role in ``accept_roles`` other than client) the link."""
 
-    def __init__(self, driver: Driver, accept_roles: Collection[str], handlers: Mapping[type[Message], Handler]):
+    def __init__(self, driver: Driver, link: PeerLink, accept_roles: Collection[str], handlers: Handlers):
         self.driver = driver
+        self.link = link
         self.accept_roles = accept_roles
         self.handlers = handlers
         self._conn_ids = itertools.count(1)
@@ -49,7 +53,8 @@ class Server:
             log.info("listening", address=str(bound))
             try:
                 async with trio.open_nursery() as root:
-                    root.start_soon(self.driver.run)
+                    root.start_soon(self.driver.run_clock)
+                    root.start_soon(self.link.pump)
                     for task in background:
                         root.start_soon(task)
                     accepting = trio.CancelScope()
@@ -93,12 +98,12 @@ class Server:
                     return
                 with structlog.contextvars.bound_contextvars(role=hello.role):
                     try:
-                        if hello.role == "client":
+                        if hello.role == CLIENT:
                             log.debug("client_connected")
-                            await self.driver.serve_client(ch, self.handlers)
+                            await serve_client(self.driver, ch, self.handlers)
                             log.debug("client_closed")
                         else:
-                            await self.driver.serve_peer(ch)
+                            await self.link.serve(ch)
                     except ChannelError as err:
                         log.warning("protocol_error", errno=err.errno, reason=err.reason)
                         await send_quietly(ch, err.reply())

@@ -20,7 +20,7 @@ from typing import Any, NoReturn, TextIO
 import trio
 
 from shared.errors import UserError
-from shared.message import Message
+from shared.protocol import schema
 from shared.shell.config import ENV_COLLAPSED, ENV_DEADLINE, ENV_REMAPD, default_address
 from shared.thpctl.client import COLLAPSED, REMAPD, Pending, Session
 from shared.units import parse_size
@@ -45,7 +45,7 @@ class Parser(argparse.ArgumentParser):
 @dataclasses.dataclass
 class Request:
     daemon: str
-    cls: type[Message]
+    cls: type[schema.Request[Any]]
     fields: dict[str, Any]
     # Seconds to wait for the reply (None: as long as it takes) and what to say when it expires.
     timeout: float | None = None
@@ -74,7 +74,7 @@ def command(
     return parser
 
 
-def req(daemon: str, cls: type[Message], **fields: Any) -> Request:
+def req(daemon: str, cls: type[schema.Request[Any]], **fields: Any) -> Request:
     return Request(daemon, cls, fields)
 
 

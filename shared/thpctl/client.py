@@ -18,47 +18,22 @@ from __future__ import annotations
 import itertools
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
-from shared import messages as m
 from shared.errors import UserError
-from shared.message import Message
+from shared.protocol import messages as m
+from shared.protocol.codec import ProtocolError
+from shared.protocol.schema import CLIENT, COLLAPSED, REMAPD, Reply, Request, routes
 from shared.shell.channel import Channel, ChannelError, open_channel, unwrap_single
 from shared.shell.config import AddressError, default_address, parse_address
 from shared.shell.transport import connect
 
-COLLAPSED = "collapsed"
-REMAPD = "remapd"
+R = TypeVar("R")
 
-# Which daemon serves each request that only one of them serves.
-ROUTES: dict[type[Message], str] = {
-    m.FileCreate: COLLAPSED,
-    m.FileWrite: COLLAPSED,
-    m.FileSync: COLLAPSED,
-    m.FileTruncate: COLLAPSED,
-    m.FilePunch: COLLAPSED,
-    m.FileLs: COLLAPSED,
-    m.DropCaches: COLLAPSED,
-    m.Meminfo: COLLAPSED,
-    m.WaitScans: COLLAPSED,
-    m.SysfsGet: COLLAPSED,
-    m.ProcSpawn: REMAPD,
-    m.ProcExit: REMAPD,
-    m.ProcFork: REMAPD,
-    m.Mmap: REMAPD,
-    m.Munmap: REMAPD,
-    m.Madvise: REMAPD,
-    m.Fault: REMAPD,
-    m.Touch: REMAPD,
-    m.Lock: REMAPD,
-    m.Pin: REMAPD,
-    m.Unpin: REMAPD,
-    m.Uprobe: REMAPD,
-    m.Smaps: REMAPD,
-    m.SysfsSet: REMAPD,
-}
+# Which daemon serves each request that names none: from the operation tables.
+ROUTES: dict[type[Request[Any]], str] = routes()
 
 
 class ConnectError(UserError):
@@ -68,7 +43,7 @@ class ConnectError(UserError):
 class Pending:
     """A request on its way; :meth:`result` waits for the reply."""
 
-    def __init__(self, msg: Message):
+    def __init__(self, msg: Request[Any]):
         self.msg = msg
         self._event = trio.Event()
         self._value: Any = None
@@ -101,28 +76,34 @@ class Client:
         self._pending: dict[int, Pending] = {}
         self._gone: UserError | None = None
 
-    async def start(self, cls: type[Message], **fields: Any) -> Pending:
+    async def start(self, cls: type[Request[Any]], **fields: Any) -> Pending:
         """Send ``cls(id=..., **fields)`` now; await the returned Pending for the result.
 
         Errors:
-            UserError: EOVERFLOW when a value cannot be encoded (an int beyond 64 bits);
-            ConnectError: the connection is gone.
+            UserError: EINVAL for a value the protocol refuses (a float out of range, an
+            unknown enum value), EOVERFLOW when a value cannot be encoded (an int beyond 64
+            bits); ConnectError: the connection is gone.
         """
         if self._gone is not None:
             raise self._gone
-        msg = cls(id=next(self._ids), **fields)  # type: ignore[call-arg]
-        pending = self._pending[msg.id] = Pending(msg)  # type: ignore[attr-defined]
+        msg = cls(next(self._ids), **fields)
+        pending = self._pending[msg.id] = Pending(msg)
         try:
             await self._ch.send(msg)
+        except ProtocolError as err:
+            del self._pending[msg.id]
+            raise UserError("EINVAL", f"cannot send {cls.TAG}: {err}") from None
         except (ValueError, TypeError, OverflowError) as err:
-            del self._pending[msg.id]  # type: ignore[attr-defined]
+            del self._pending[msg.id]
             raise UserError("EOVERFLOW", f"cannot send {cls.TAG}: {err}") from None
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self._fail(ConnectError("ECONNRESET", f"{self.name} closed the connection"))
         return pending
 
-    async def call(self, cls: type[Message], **fields: Any) -> Any:
-        return await (await self.start(cls, **fields)).result()
+    async def call(self, cls: type[Request[R]], **fields: Any) -> R:
+        """Send a request and wait for its result (of the request's result type)."""
+        result: R = await (await self.start(cls, **fields)).result()
+        return result
 
     def _fail(self, err: UserError) -> None:
         self._gone = err
@@ -136,11 +117,19 @@ class Client:
                 if isinstance(msg, m.ErrorReply) and msg.id == 0:
                     self._fail(UserError(msg.errno, f"{self.name}: {msg.message}"))
                     return
-                if isinstance(msg, (m.Reply, m.ErrorReply)):
+                if isinstance(msg, m.ErrorReply):
                     pending = self._pending.pop(msg.id, None)
                     if pending is not None:
-                        value = msg.result if isinstance(msg, m.Reply) else UserError(msg.errno, msg.message)
-                        pending._resolve(value)
+                        pending._resolve(UserError(msg.errno, msg.message))
+                    continue
+                if isinstance(msg, Reply):
+                    pending = self._pending.get(msg.id)
+                    if pending is not None and not isinstance(msg, pending.msg.REPLY):
+                        self._fail(ConnectError("EPROTO", f"{self.name} answered {pending.msg.TAG} with {msg.TAG}"))
+                        return
+                    if pending is not None:
+                        del self._pending[msg.id]
+                        pending._resolve(msg.result)
                     continue
                 self._fail(ConnectError("EPROTO", f"{self.name} sent {msg.TAG}, not a reply"))
                 return
@@ -167,7 +156,7 @@ async def open_client(address: str, name: str = "daemon") -> AsyncIterator[Clien
         raise ConnectError("ECONNREFUSED", f"cannot reach {name} at {addr}: {err.strerror or err}") from None
     async with open_channel(stream) as ch:
         try:
-            hello = await ch.handshake("client")
+            hello = await ch.handshake(CLIENT)
         except ChannelError as err:
             raise ConnectError(err.errno, f"{name} at {addr}: {err.reason}") from None
         except trio.EndOfChannel:
@@ -207,15 +196,16 @@ class Session:
             self._clients[daemon] = client
         return client
 
-    async def start(self, cls: type[Message], daemon: str | None = None, **fields: Any) -> Pending:
+    async def start(self, cls: type[Request[Any]], daemon: str | None = None, **fields: Any) -> Pending:
         """Send a request to ``daemon`` (by default the one that serves ``cls``)."""
         target = daemon or ROUTES.get(cls)
         if target is None:
             raise ValueError(f"{cls.TAG} is served by both daemons: name one")
         return await (await self.client(target)).start(cls, **fields)
 
-    async def call(self, cls: type[Message], daemon: str | None = None, **fields: Any) -> Any:
-        return await (await self.start(cls, daemon, **fields)).result()
+    async def call(self, cls: type[Request[R]], daemon: str | None = None, **fields: Any) -> R:
+        result: R = await (await self.start(cls, daemon, **fields)).result()
+        return result
 
     async def vmstat(self) -> dict[str, int]:
         """/proc/vmstat: the union of both daemons' counters."""

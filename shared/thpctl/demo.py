@@ -16,7 +16,7 @@ import tempfile
 
 import trio
 
-from shared import messages as m
+from shared.protocol import messages as m
 from shared.sim.experiment import Workload, compare, render
 from shared.thpctl.client import REMAPD, Session
 from shared.thpctl.launch import running_daemons

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from shared import messages as m
+from shared.protocol import messages as m
 from shared.errors import UserError
 from shared.thpctl.cli import (
     EXIT_FAIL,
@@ -21,9 +21,11 @@ from shared.thpctl.cli import (
     size,
 )
 from shared.units import parse_size
-from shared.vm import PROTS
+from shared.vm import Advice, Prot
 
-ADVICE = ("hugepage", "nohugepage", "collapse", "dontneed", "populate_read", "populate_write", "pageout")
+# Plain strings: argparse quotes the choices with repr() in its errors.
+ADVICE = tuple(a.value for a in Advice)
+PROTS = tuple(p.value for p in Prot)
 # touch prints its outcome counts in this order.
 OUTCOMES = ("hit", "minor", "major", "pmd", "sigsegv", "sigbus")
 SIGNALS = ("sigsegv", "sigbus")
@@ -117,7 +119,7 @@ def register(sub: Any) -> None:
     p.add_argument("length", type=size, metavar="LENGTH")
     p.add_argument("--file", required=True, metavar="NAME")
     p.add_argument("--offset", type=size, default=0, metavar="OFF")
-    p.add_argument("--prot", choices=tuple(PROTS), default="r")
+    p.add_argument("--prot", choices=PROTS, default="r")
     share = p.add_mutually_exclusive_group()
     share.add_argument("--shared", action="store_false", dest="private", help="MAP_SHARED (default)")
     share.add_argument("--private", action="store_true", dest="private", help="MAP_PRIVATE")

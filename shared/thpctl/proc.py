@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from shared import messages as m
+from shared.protocol import messages as m
 from shared.thpctl.cli import REMAPD, command, ok, req
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from shared import messages as m
+from shared.protocol import messages as m
 from shared.knobs import SPECS
 from shared.thpctl.cli import (
     COLLAPSED,

@@ -14,8 +14,8 @@ from typing import Any
 
 import msgpack
 
-from shared.message import Message
-from shared.wire import ProtocolError, from_wire, to_wire
+from shared.protocol.codec import MAX_DEPTH, ProtocolError, from_wire, to_wire
+from shared.protocol.schema import Message
 
 __all__ = [
     "MAX_DEPTH",
@@ -26,13 +26,14 @@ __all__ = [
     "FrameDecoderStatistics",
     "FrameError",
     "encode_frame",
+    "decode_message",
     "encode_message",
 ]
 
 # Largest frame body either side accepts; bounds the memory one frame can claim.
 MAX_FRAME_BYTES = 4 * 1024 * 1024
-# Deepest nesting of arrays and maps in a frame; bounds recursion when walking decoded values.
-MAX_DEPTH = 16
+# MAX_DEPTH (from the codec, which checks message annotations against it): deepest nesting of
+# arrays and maps in a frame; bounds recursion when walking decoded values.
 # Longest array or map in a frame, so a tiny header cannot make msgpack preallocate millions.
 MAX_ITEMS = 1_000_000
 # Longest str or bin value in a frame, in bytes.
@@ -83,6 +84,22 @@ def encode_frame(obj: Any) -> bytes:
 def encode_message(msg: Message) -> bytes:
     """Encode ``msg`` as one frame: ``encode_frame(to_wire(msg))``; raises what those raise."""
     return encode_frame(to_wire(msg))
+
+
+def decode_message(frame: bytes) -> Message:
+    """Decode one whole frame (as :func:`encode_message` made it) back into its message, with
+    every limit a stream decoder applies.
+
+    Errors:
+        FrameError, ProtocolError: as :meth:`FrameDecoder.next_message`, or the bytes are not
+        exactly one frame.
+    """
+    decoder = FrameDecoder()
+    decoder.feed(frame)
+    msg = decoder.next_message()
+    if msg is None or decoder.statistics().bytes_buffered:
+        raise FrameError("expected exactly one whole frame")
+    return msg
 
 
 def _within_depth(obj: Any, budget: int) -> bool:
@@ -210,7 +227,7 @@ class FrameDecoder:
             The message, or None if the next frame has not fully arrived yet.
         Errors:
             FrameError: as :meth:`next_object`; the decoder is poisoned.
-            ProtocolError: the frame is not a valid message (see :func:`shared.wire.from_wire`);
+            ProtocolError: the frame is not a valid message (see :func:`shared.protocol.codec.from_wire`);
             the frame is consumed and the stream stays usable.
         """
         obj = self.next_object()

@@ -1,0 +1,219 @@
+"""How a message is declared: the base classes, the decorators that register them, float ranges,
+and the operation spec a client request carries.
+
+A message is a frozen, slotted dataclass with a wire ``TAG``, registered by :func:`message` (a
+peer message) or :func:`request` (a client request, which also gets its reply class and its
+:class:`Op`). The set of messages is closed: only registered classes are sent or received.
+Field annotations say what travels (:mod:`shared.protocol.codec` lists what it supports); a float
+is always ``Annotated[float, Range(lo, hi)]``, so every float on the wire has a documented range.
+
+There is one protocol version, :data:`PROTOCOL_VERSION`, exchanged in the hello; messages carry
+none of their own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Callable
+from typing import Any, ClassVar, Generic, TypeVar, dataclass_transform
+
+# Version 2: frames are [tag, fields] (version 1 sent [tag, 1, fields]), replies are typed.
+PROTOCOL_VERSION = 2
+
+# The roles a connection says it has in its hello: the two actors and their clients.
+COLLAPSED = "collapsed"
+REMAPD = "remapd"
+CLIENT = "client"
+ACTORS = (COLLAPSED, REMAPD)
+
+REGISTRY: dict[str, type[Message]] = {}
+
+R = TypeVar("R")
+M = TypeVar("M", bound="type[Message]")
+
+
+class Message:
+    """Base of every message. Subclasses are frozen, slotted dataclasses made by :func:`message`
+    or :func:`request`."""
+
+    TAG: ClassVar[str]
+    __slots__ = ()
+
+    def fields(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}  # type: ignore[attr-defined]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Range:
+    """Bounds of a float field: ``Annotated[float, Range(lo, hi)]`` accepts finite ``lo <= x <= hi``."""
+
+    lo: float
+    hi: float
+
+
+@dataclass_transform(frozen_default=True)
+def message(tag: str) -> Callable[[M], M]:
+    """Class decorator: make ``cls`` a frozen slotted dataclass and register it under ``tag``."""
+
+    def wrap(cls: M) -> M:
+        return _register(tag, cls)
+
+    return wrap
+
+
+def _register(tag: str, cls: M) -> M:
+    if tag in REGISTRY:
+        raise ValueError(f"duplicate message tag {tag!r}")
+    if not issubclass(cls, Message):
+        raise TypeError(f"{cls.__name__} must subclass Message")
+    made: Any = dataclasses.dataclass(frozen=True, slots=True)(cls)
+    made.TAG = tag
+    REGISTRY[tag] = made
+    return typing.cast(M, made)
+
+
+# -- client requests and their replies -----------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Op:
+    """Who serves a client request and what runs it: one row of an actor's operation table.
+
+    Attributes:
+        name: the request's name (its tag without ``client.``).
+        served_by: the actors that serve it.
+        route: where a client sends it when it names no daemon (None: it must name one).
+        run: the actor core's method, by name (dotted for an attribute's method), called with the
+            request's fields after ``id`` in order; None: a special request, which each daemon
+            serving it handles with its own ``handle_<name>`` method.
+        world: the in-process world's method for it (None: none). Derived from ``run`` when one
+            actor serves it; otherwise the world writes it by hand.
+        unwrap: the world method returns ``result[unwrap]`` instead of the whole result.
+        waits: the world method returns the operation's ``Pending`` (it waits for model time).
+    """
+
+    name: str
+    served_by: tuple[str, ...]
+    route: str | None
+    run: str | None
+    world: str | None
+    unwrap: str | None
+    waits: bool
+
+    @property
+    def derived_in_world(self) -> bool:
+        return self.world is not None and self.run is not None and len(self.served_by) == 1
+
+
+class Reply(Message, Generic[R]):
+    """The answer to a request: the request's ``id`` and its typed ``result``. Each request class
+    has its own reply class (``Request.REPLY``), tagged ``<request tag>.reply``."""
+
+    __slots__ = ()
+    id: int
+    result: R
+
+
+class Request(Message, Generic[R]):
+    """A client request; ``R`` is the type of its result. Subclasses declare ``id: int`` first,
+    then the arguments of the operation."""
+
+    __slots__ = ()
+    OP: ClassVar[Op]
+    REPLY: ClassVar[type[Reply[Any]]]
+    # The fields after ``id``: the operation's arguments, in order.
+    ARGS: ClassVar[tuple[str, ...]]
+
+    def args(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, name) for name in self.ARGS)
+
+
+_UNSET: Any = object()
+
+
+@dataclass_transform(frozen_default=True)
+def request(
+    tag: str,
+    served_by: str | tuple[str, ...],
+    *,
+    run: str | None = None,
+    route: str | None = _UNSET,
+    world: str | None = _UNSET,
+    unwrap: str | None = None,
+    waits: bool = False,
+) -> Callable[[M], M]:
+    """Class decorator for a client request ``class X(Request[Result])``: register it under
+    ``tag``, declare its operation (see :class:`Op`; ``route`` defaults to the one actor serving
+    it, ``world`` to ``run``) and make its reply class ``X.REPLY``."""
+    actors = (served_by,) if isinstance(served_by, str) else tuple(served_by)
+    for actor in actors:
+        if actor not in ACTORS:
+            raise ValueError(f"{tag}: unknown actor {actor!r}")
+
+    def wrap(cls: M) -> M:
+        made: Any = _register(tag, cls)
+        if not issubclass(made, Request):
+            raise TypeError(f"{cls.__name__} must subclass Request")
+        names = tuple(made.__dataclass_fields__)
+        if names[:1] != ("id",):
+            raise TypeError(f"{cls.__name__}: a request's first field is its id")
+        made.ARGS = names[1:]
+        name = tag.removeprefix("client.")
+        made.OP = Op(
+            name=name,
+            served_by=actors,
+            route=(actors[0] if len(actors) == 1 else None) if route is _UNSET else route,
+            run=run,
+            world=run if world is _UNSET else world,
+            unwrap=unwrap,
+            waits=waits,
+        )
+        made.REPLY = _reply_class(made, tag, _result_type(made))
+        return typing.cast(M, made)
+
+    return wrap
+
+
+def _result_type(cls: type) -> Any:
+    for base in getattr(cls, "__orig_bases__", ()):
+        if typing.get_origin(base) is Request:
+            (result,) = typing.get_args(base)
+            return result
+    raise TypeError(f"{cls.__name__} must subclass Request[ResultType]")
+
+
+def _reply_class(cls: type, tag: str, result: Any) -> type[Reply[Any]]:
+    namespace: dict[str, Any] = {
+        "__annotations__": {"id": int, "result": result},
+        "__module__": cls.__module__,
+        "__qualname__": f"{cls.__qualname__}Reply",
+        "__doc__": f"The reply to :class:`{cls.__name__}`.",
+    }
+    if result is type(None):
+        namespace["result"] = None
+    reply = type(f"{cls.__name__}Reply", (Reply,), namespace)
+    return _register(f"{tag}.reply", reply)
+
+
+def requests() -> list[type[Request[Any]]]:
+    """Every registered request class, in declaration order."""
+    return [cls for cls in REGISTRY.values() if issubclass(cls, Request)]
+
+
+def ops_of(actor: str) -> list[type[Request[Any]]]:
+    """The operation table of ``actor``: the request classes it serves (each with its ``OP``)."""
+    return [cls for cls in requests() if actor in cls.OP.served_by]
+
+
+def routes() -> dict[type[Request[Any]], str]:
+    """Where a client sends each request that names no daemon."""
+    return {cls: cls.OP.route for cls in requests() if cls.OP.route is not None}
+
+
+def resolve(core: Any, run: str) -> Callable[..., Any]:
+    """The core's method named ``run`` (``a.b`` is ``core.a.b``)."""
+    target = core
+    for part in run.split("."):
+        target = getattr(target, part)
+    return typing.cast(Callable[..., Any], target)

@@ -1,0 +1,48 @@
+"""What a client request becomes in a daemon: a :class:`Job` (an operation started on the actor
+core, awaited for its result) or work the connection's task awaits itself."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+
+
+class Job:
+    """An operation started on the core; :meth:`result` waits for it and then, through
+    ``barrier_after(mark)``, for the peer to have seen what it sent."""
+
+    def __init__(self, mark: int, barrier_after: Callable[[int], Awaitable[None]]):
+        self._mark = mark
+        self._barrier_after = barrier_after
+        self._done = trio.Event()
+        self._value: Any = None
+
+    @property
+    def finished(self) -> bool:
+        return self._done.is_set()
+
+    def set(self, value: Any) -> None:
+        self._value = value
+        self._done.set()
+
+    async def finished_wait(self) -> None:
+        """Wait for the operation itself (not for the peer to have seen its effects)."""
+        await self._done.wait()
+
+    async def result(self) -> Any:
+        """The operation's value; raises the error (a UserError) it ended with."""
+        await self._done.wait()
+        await self._barrier_after(self._mark)
+        if isinstance(self._value, BaseException):
+            raise self._value
+        return self._value
+
+
+# What a request handler returns: a job already started, or work to await in the connection's
+# task before its next request starts.
+Work = Job | Callable[[], Awaitable[Any]]
+Handler = Callable[[Any], Work]
+
+__all__ = ["Handler", "Job", "Work"]

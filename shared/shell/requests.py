@@ -1,0 +1,146 @@
+"""Client connections: a daemon's handlers, derived from its operation table, and the loop that
+runs one connection's requests in order and sends their typed replies."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import trio
+
+from shared.errors import UserError
+from shared.logs import get_logger
+from shared.protocol import messages as m
+from shared.protocol.codec import ProtocolError
+from shared.protocol.schema import Message, Request, ops_of, resolve
+from shared.shell.channel import Channel, ChannelError, send_quietly
+from shared.shell.driver import Driver
+from shared.shell.job import Handler, Job
+
+log = get_logger("thpsplit.requests")
+
+# Requests one client may have queued, and replies waiting to go out; beyond that the
+# connection is not read until one is answered.
+MAX_PENDING_PER_CLIENT = 64
+
+Handlers = Mapping[type[Request[Any]], Handler]
+
+
+def operation_handlers(actor: str, driver: Driver, daemon: object) -> dict[type[Request[Any]], Handler]:
+    """The handler of every request in ``actor``'s operation table: the core method its ``run``
+    names, started with the request's arguments, or, for a special request, the daemon's own
+    ``handle_<name>``.
+
+    Errors:
+        TypeError: the core lacks a method the table names, or the daemon a special handler
+        (found at start-up, not at the first request).
+    """
+    handlers: dict[type[Request[Any]], Handler] = {}
+    for cls in ops_of(actor):
+        op = cls.OP
+        if op.run is None:
+            special = getattr(daemon, f"handle_{op.name}", None)
+            if special is None:
+                raise TypeError(f"{type(daemon).__name__} lacks handle_{op.name} for {cls.TAG}")
+            handlers[cls] = special
+            continue
+        try:
+            fn = resolve(driver.core, op.run)
+        except AttributeError:
+            raise TypeError(f"{actor}'s core has no {op.run} for {cls.TAG}") from None
+        handlers[cls] = _starter(driver, fn)
+    return handlers
+
+
+def _starter(driver: Driver, fn: Any) -> Handler:
+    def start(q: Request[Any]) -> Job:
+        return driver.start(fn, *q.args())
+
+    return start
+
+
+async def serve_client(driver: Driver, ch: Channel, handlers: Handlers) -> None:
+    """Answer a client's requests until it closes; the hello is done.
+
+    One connection's requests run one after another, in the order sent, as syscalls from
+    one thread do; a reply goes out as soon as it is ready, and one that waits for the peer
+    round trip may be overtaken by the next. Concurrency comes from more connections. When
+    the client closes, whatever it still waits for is abandoned at once.
+    """
+    queue_send, queue_recv = trio.open_memory_channel[Request[Any]](MAX_PENDING_PER_CLIENT)
+    driver.clients += 1
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_execute, driver, ch, handlers, queue_recv, nursery)
+            try:
+                async for msg in ch:
+                    if not isinstance(msg, Request):
+                        raise ChannelError(f"{msg.TAG} is not a client request")
+                    await queue_send.send(msg)
+            except ChannelError as err:
+                log.warning("protocol_error", errno=err.errno, reason=err.reason)
+                await send_quietly(ch, err.reply())
+            nursery.cancel_scope.cancel()
+    finally:
+        driver.clients -= 1
+
+
+async def _execute(
+    driver: Driver,
+    ch: Channel,
+    handlers: Handlers,
+    requests: trio.MemoryReceiveChannel[Request[Any]],
+    nursery: trio.Nursery,
+) -> None:
+    # Replies still waiting for the peer round trip count against the same limit.
+    limiter = trio.Semaphore(MAX_PENDING_PER_CLIENT)
+    async for msg in requests:
+        await limiter.acquire()
+        job = await _run_request(driver, handlers.get(type(msg)), msg)
+        nursery.start_soon(_answer, driver, ch, msg, job, limiter)
+
+
+async def _run_request(driver: Driver, handler: Handler | None, msg: Request[Any]) -> Job:
+    driver.active_requests += 1
+    try:
+        if handler is None:
+            return driver.done(UserError("EOPNOTSUPP", f"{driver.name} does not serve {msg.TAG}"))
+        work = handler(msg)
+        if isinstance(work, Job):
+            await work.finished_wait()
+            return work
+        try:
+            value = await work()
+        except UserError as err:
+            value = err
+        except Exception as exc:
+            log.exception("request_error", tag=msg.TAG)
+            value = UserError("EIO", f"internal error: {exc}")
+        return driver.done(value)
+    finally:
+        driver.active_requests -= 1
+
+
+async def _answer(driver: Driver, ch: Channel, msg: Request[Any], job: Job, limiter: trio.Semaphore) -> None:
+    driver.active_requests += 1
+    try:
+        try:
+            reply: Message = msg.REPLY(msg.id, await job.result())
+        except UserError as err:
+            reply = m.ErrorReply(msg.id, err.errno_name, err.message)
+        try:
+            await ch.send(reply)
+        except ProtocolError as exc:
+            log.error("reply_does_not_match_its_type", tag=msg.TAG, reason=str(exc))
+            await ch.send(m.ErrorReply(msg.id, "EIO", f"internal error: {exc}"))
+        except (ValueError, TypeError, OverflowError) as exc:
+            await ch.send(m.ErrorReply(msg.id, "EOVERFLOW", f"reply cannot be sent: {exc}"))
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    finally:
+        driver.active_requests -= 1
+        limiter.release()
+        driver.wake()
+
+
+__all__ = ["MAX_PENDING_PER_CLIENT", "Handlers", "operation_handlers", "serve_client"]
