@@ -7,31 +7,51 @@ and runs whatever falls due (khugepaged passes, lock releases, writeback). With 
 the two directions interleave in a seeded random order (each stays FIFO), so tests can show
 the protocol holds with replies arriving among other traffic. Tests, the demo and the benchmarks
 drive the model through this class; the daemons replace it with sockets.
+
+The operations (``file_create``, ``mmap``, ``fault``, ...) are the actors' operation tables
+(``shared/protocol/messages.py``): each request served by one actor gets a method here, named by
+its ``world`` entry, taking the request's fields after ``id``. With ``codec`` on (the default),
+every message goes through the real codec and framing on its way: both peer directions, each
+operation's request and its reply (or error), so every model test tests the protocol too. A
+request the codec refuses (an unknown enum value, a float out of range) fails as EINVAL, as the
+kernel refuses a bad argument. Benchmarks turn ``codec`` off.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import itertools
 import random
-from collections.abc import Generator
-from typing import Any
+from collections.abc import Callable, Generator
+from typing import TYPE_CHECKING, Any
 
 from collapsed.collapser import Collapser
 from remapd.remapper import Remapper
+from remapd.uprobes import uprobe_add, uprobe_del
 from shared.errors import UserError
 from shared.knobs import Knobs
+from shared.protocol import messages as m
+from shared.protocol.codec import ProtocolError
+from shared.protocol.framing import decode_message, encode_message
+from shared.protocol.schema import COLLAPSED, Message, Request, requests, resolve
+
+Actor = Collapser | Remapper
+# What an operation's result becomes on its way back (its reply through the codec).
+Answer = Callable[[Any], Any]
 
 
 class Pending:
     """An operation that has not finished yet (it waits for model time to pass)."""
 
-    def __init__(self) -> None:
+    def __init__(self, answer: Answer | None = None) -> None:
         self.done = False
         self.value: Any = None
+        self._answer = answer
 
     def set(self, value: Any) -> None:
         self.done = True
-        self.value = value
+        self.value = value if self._answer is None else self._answer(value)
 
     def result(self) -> Any:
         if not self.done:
@@ -42,13 +62,21 @@ class Pending:
 
 
 class World:
-    def __init__(self, knobs: Knobs | None = None, seed: int | None = None, mem_seed: int = 0):
+    def __init__(
+        self, knobs: Knobs | None = None, seed: int | None = None, mem_seed: int = 0, codec: bool = True
+    ):
         base = knobs or Knobs()
+        self.codec = codec
+        self._ids = itertools.count(1)
         self.collapser = Collapser(dataclasses.replace(base), seed=mem_seed)
         self.remapper = Remapper(dataclasses.replace(base))
         self.now = 0.0
         self._rng = random.Random(seed) if seed is not None else None
         self.settle()
+
+    if TYPE_CHECKING:
+        # The operations derived from the tables are set on the class below.
+        def __getattr__(self, name: str) -> Any: ...
 
     # -- driving ------------------------------------------------------------------------------
 
@@ -61,13 +89,18 @@ class World:
             else:
                 to_remapper = bool(c.outbox)
             if to_remapper:
-                r.deliver(c.outbox.popleft())
+                r.deliver(self.wire(c.outbox.popleft()))
             else:
-                c.deliver(r.outbox.popleft())
+                c.deliver(self.wire(r.outbox.popleft()))
 
-    def start(self, actor: Collapser | Remapper, op: Generator[Any, Any, Any] | Any) -> Pending:
-        """Run ``op`` (a generator, or a plain call's result) on ``actor``; settle; return it."""
-        pending = Pending()
+    def wire(self, msg: Message) -> Message:
+        """``msg`` as the receiver gets it: through the codec and a frame (with ``codec`` on)."""
+        return decode_message(encode_message(msg)) if self.codec else msg
+
+    def start(self, actor: Actor, op: Generator[Any, Any, Any] | Any, answer: Answer | None = None) -> Pending:
+        """Run ``op`` (a generator, or a plain call's result) on ``actor``; settle; return it.
+        ``answer`` turns the result (or the UserError) into what the caller gets."""
+        pending = Pending(answer)
         if isinstance(op, Generator):
             actor.spawn(op, pending.set)
         else:
@@ -75,8 +108,8 @@ class World:
         self.settle()
         return pending
 
-    def call(self, actor: Collapser | Remapper, op: Any) -> Any:
-        pending = self.start(actor, op)
+    def call(self, actor: Actor, op: Any, answer: Answer | None = None) -> Any:
+        pending = self.start(actor, op, answer)
         if not pending.done:
             raise RuntimeError("operation waits for model time; use start() and advance()")
         return pending.result()
@@ -131,88 +164,115 @@ class World:
         self.remapper.resync()
         self.settle()
 
-    # -- the operations, by actor -------------------------------------------------------------
+    # -- the operations ------------------------------------------------------------------------
 
-    def file_create(self, name: str, size: int, shmem: bool = False) -> dict[str, Any]:
-        return self.call(self.collapser, self.collapser.file_create(name, size, shmem))
+    def actor(self, name: str) -> Actor:
+        return self.collapser if name == COLLAPSED else self.remapper
 
-    def file_write(self, name: str, offset: int, length: int) -> dict[str, Any]:
-        return self.call(self.collapser, self.collapser.file_write(name, offset, length))
+    def request(self, cls: type[Request[Any]], *args: Any, **kwargs: Any) -> Request[Any]:
+        """A request as the serving actor's daemon would receive it (through the codec).
 
-    def file_sync(self, name: str) -> dict[str, Any]:
-        return self.call(self.collapser, self.collapser.file_sync(name))
+        Errors:
+            UserError: EINVAL for a value the protocol refuses, EOVERFLOW for an int beyond
+            64 bits.
+        """
+        msg = cls(next(self._ids), *args, **kwargs)
+        if not self.codec:
+            return msg
+        try:
+            return self.wire(msg)  # type: ignore[return-value]
+        except ProtocolError as err:
+            raise UserError("EINVAL", str(err)) from None
+        except OverflowError as err:
+            raise UserError("EOVERFLOW", f"cannot send {cls.TAG}: {err}") from None
 
-    def file_truncate(self, name: str, size: int) -> dict[str, Any]:
-        return self.call(self.collapser, self.collapser.file_truncate(name, size))
+    def perform(
+        self, msg: Request[Any], actor: Actor, fn: Callable[..., Any] | None = None, waits: bool = False
+    ) -> Any:
+        """Run request ``msg`` on ``actor`` (its core method, or ``fn``) as a daemon would, and
+        return its result as the client gets it (the Pending, if ``waits``)."""
+        run = fn if fn is not None else resolve(actor, msg.OP.run or "")
 
-    def file_punch(self, name: str, offset: int, length: int) -> dict[str, Any]:
-        return self.call(self.collapser, self.collapser.file_punch(name, offset, length))
+        def answer(value: Any) -> Any:
+            if not self.codec:
+                return value
+            if isinstance(value, UserError):
+                self.wire(m.ErrorReply(msg.id, value.errno_name, value.message))
+                return value
+            return self.wire(msg.REPLY(msg.id, value)).result  # type: ignore[attr-defined]
 
-    def drop_caches(self) -> dict[str, Any]:
-        return self.call(self.collapser, self.collapser.drop_caches())
+        try:
+            op = run(*msg.args())
+        except UserError as err:
+            answer(err)
+            raise
+        if waits:
+            return self.start(actor, op, answer)
+        return self.call(actor, op, answer)
 
-    def spawn(self, pid: int) -> dict[str, Any]:
-        return self.call(self.remapper, self.remapper.spawn_process(pid))
+    def _operate(self, cls: type[Request[Any]], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        op = cls.OP
+        result = self.perform(self.request(cls, *args, **kwargs), self.actor(op.served_by[0]), waits=op.waits)
+        return result[op.unwrap] if op.unwrap is not None else result
 
-    def exit(self, pid: int) -> dict[str, Any]:
-        return self.call(self.remapper, self.remapper.exit_process(pid))
-
-    def fork(self, pid: int, child: int) -> dict[str, Any]:
-        return self.call(self.remapper, self.remapper.fork(pid, child))
-
-    def mmap(self, pid: int, addr: int | None, length: int, name: str, offset: int = 0,
-             prot: str = "r", shared: bool = True) -> int:
-        return self.call(self.remapper, self.remapper.mmap(pid, addr, length, name, offset, prot, shared))["addr"]
-
-    def munmap(self, pid: int, addr: int, length: int) -> dict[str, Any]:
-        return self.call(self.remapper, self.remapper.munmap(pid, addr, length))
-
-    def madvise(self, pid: int, addr: int, length: int, advice: str) -> int | str:
-        return self.call(self.remapper, self.remapper.madvise(pid, addr, length, advice))["result"]
-
-    def fault(self, pid: int, addr: int, write: bool = False) -> str:
-        return self.call(self.remapper, self.remapper.fault(pid, addr, write))["result"]
-
-    def touch(self, pid: int, addr: int, length: int, write: bool = False, stride: int = 4096) -> dict[str, int]:
-        return self.call(self.remapper, self.remapper.touch(pid, addr, length, write, stride))
-
-    def lock(self, pid: int, hold_ms: float, write: bool = False) -> Pending:
-        return self.start(self.remapper, self.remapper.hold_lock(pid, hold_ms, write))
-
-    def pin(self, pid: int, addr: int) -> dict[str, Any]:
-        return self.call(self.remapper, self.remapper.pin(pid, addr))
-
-    def unpin(self, pid: int, addr: int) -> dict[str, Any]:
-        return self.call(self.remapper, self.remapper.unpin(pid, addr))
+    # -- the operations the tables cannot derive ------------------------------------------------
 
     def uprobe(self, action: str, name: str, offset: int) -> dict[str, Any]:
-        from remapd.uprobes import uprobe_add, uprobe_del
-
-        fn = uprobe_add if action == "add" else uprobe_del
-        return self.call(self.remapper, fn(self.remapper, name, offset))
+        msg = self.request(m.Uprobe, action, name, offset)
+        fn = uprobe_add if msg.action == m.UprobeAction.ADD else uprobe_del  # type: ignore[attr-defined]
+        return self.perform(msg, self.remapper, lambda action, name, offset: fn(self.remapper, name, offset))  # type: ignore[no-any-return]
 
     def sysfs_set(self, name: str, value: Any) -> None:
         """Validate once, then apply to both actors (as the daemons do through KnobsChanged)."""
-        from shared.messages import KnobsChanged
-
-        parsed = self.remapper.knobs.validate(name, str(value))
+        msg = self.request(m.SysfsSet, name, str(value))
+        parsed = self.remapper.knobs.validate(msg.name, msg.value)  # type: ignore[attr-defined]
+        change = m.KnobsChanged({name: parsed})
         for actor in (self.collapser, self.remapper):
-            actor.deliver(KnobsChanged({name: parsed}))
+            actor.deliver(self.wire(change))
         self.settle()
 
-    def smaps(self, pid: int) -> list[dict[str, Any]]:
-        return self.remapper.smaps(pid)
-
     def vmstat(self) -> dict[str, int]:
-        out = self.collapser.vmstat()
-        out.update(self.remapper.vmstat())
+        """/proc/vmstat: both actors' shares, as a client shows them."""
+        out: dict[str, int] = {}
+        for actor in (self.collapser, self.remapper):
+            out.update(self.perform(self.request(m.Vmstat), actor))
         return out
-
-    def meminfo(self) -> dict[str, int]:
-        return self.collapser.meminfo()
 
     def check(self) -> None:
         """Run the invariant checker (the model must be quiet: call after an operation)."""
         from shared.sim.invariants import check
 
         check(self.collapser, self.remapper)
+
+
+def _operation(cls: type[Request[Any]]) -> Callable[..., Any]:
+    """The World method of an operation served by one actor: the request's fields are its
+    parameters."""
+
+    def operation(self: World, *args: Any, **kwargs: Any) -> Any:
+        return self._operate(cls, args, kwargs)
+
+    op = cls.OP
+    fields = dataclasses.fields(cls)[1:]
+    params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)] + [
+        inspect.Parameter(
+            f.name,
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+            default=inspect.Parameter.empty if f.default is dataclasses.MISSING else f.default,
+        )
+        for f in fields
+    ]
+    operation.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    operation.__name__ = operation.__qualname__ = str(op.world)
+    operation.__doc__ = f"{cls.TAG} on the {op.served_by[0]} core ({op.run})" + (
+        f", returning its {op.unwrap!r}" if op.unwrap else ""
+    ) + (" as a Pending" if op.waits else "") + "."
+    return operation
+
+
+for _cls in requests():
+    _op = _cls.OP
+    if _op.derived_in_world:
+        setattr(World, str(_op.world), _operation(_cls))
+    elif _op.world is not None and not hasattr(World, _op.world):
+        raise TypeError(f"World lacks {_op.world} for {_cls.TAG}")
