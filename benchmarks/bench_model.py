@@ -1,7 +1,9 @@
 """Model benchmarks: fault rate, page-cache memory per page, collapse rate, framing rate.
 
 Run: ``.venv/bin/python benchmarks/bench_model.py [--gib N]``. Prints one line per figure;
-docs/benchmarks.md records results with the machine they came from.
+docs/benchmarks.md records results with the machine they came from. The worlds here skip the
+codec round trip the tests put every message through (``World(codec=False)``): the model's own
+cost is measured here, the codec's by the framing figures.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ GIB = 1 << 30
 
 def bench_faults(size: int) -> None:
     # One page per fault: the cost of the fault path itself.
-    w = World(Knobs(scan_sleep_millisecs=1 << 30, read_ahead_kb=0, fault_around_bytes=PAGE_SIZE))
+    w = World(Knobs(scan_sleep_millisecs=1 << 30, read_ahead_kb=0, fault_around_bytes=PAGE_SIZE), codec=False)
     w.file_create("data", size)
     w.spawn(1)
     addr = w.mmap(1, None, size, "data")
@@ -45,7 +47,7 @@ def bench_faults(size: int) -> None:
     w.touch(2, addr2, size)
     dt = time.perf_counter() - t
     print(f"faults (minor, cached page):      {n / dt:>12,.0f} /s")
-    w = World(Knobs(scan_sleep_millisecs=1 << 30))
+    w = World(Knobs(scan_sleep_millisecs=1 << 30), codec=False)
     w.file_create("data", size)
     w.spawn(1)
     addr = w.mmap(1, None, size, "data")
@@ -58,7 +60,7 @@ def bench_faults(size: int) -> None:
 def bench_memory(size: int) -> None:
     gc.collect()
     tracemalloc.start()
-    w = World(Knobs(scan_sleep_millisecs=1 << 30, fault_around_bytes=PAGE_SIZE))
+    w = World(Knobs(scan_sleep_millisecs=1 << 30, fault_around_bytes=PAGE_SIZE), codec=False)
     w.file_create("data", size)
     w.file_write("data", 0, size)
     current, _ = tracemalloc.get_traced_memory()
@@ -77,7 +79,7 @@ def bench_memory(size: int) -> None:
 
 
 def bench_collapse(size: int) -> None:
-    w = World(Knobs(scan_sleep_millisecs=10, pages_to_scan=1 << 20, free_huge_pages=1 << 20, enabled="always"))
+    w = World(Knobs(scan_sleep_millisecs=10, pages_to_scan=1 << 20, free_huge_pages=1 << 20, enabled="always"), codec=False)
     w.file_create("data", size)
     w.spawn(1)
     addr = w.mmap(1, None, size, "data", prot="rx", shared=False)

@@ -190,6 +190,34 @@ async def test_bad_frames_get_an_error_and_the_daemon_carries_on(workdir):
         assert await ok(d, "fault", "1", addr) == "major\n"
 
 
+@pytest.mark.parametrize("hold_ms", [float("nan"), float("inf"), -1.0, 1e300])
+async def test_a_lock_hold_time_that_is_not_a_finite_bounded_float_is_refused(workdir, hold_ms):
+    """Issue 14, item 1: a NaN hold time used to kill remapd (and inf held the lock for good)."""
+    async with running_daemons(workdir, "unix", remapd_args=ONE_PAGE_FLAGS) as d:
+        stream = await connect(parse_address(d.remapd.address))
+        await stream.send_all(encode_message(m.PeerHello("client", PROTOCOL_VERSION)))
+        decoder = FrameDecoder()
+        assert await next_message(stream, decoder) == m.PeerHello("remapd", PROTOCOL_VERSION)
+        await stream.send_all(encode_frame(["client.proc_spawn", {"id": 1, "pid": 5}]))
+        assert await next_message(stream, decoder) == m.ProcSpawn.REPLY(1, {"pid": 5})
+        await stream.send_all(encode_frame(["client.lock", {"id": 2, "pid": 5, "hold_ms": hold_ms}]))
+        reply = await next_message(stream, decoder)
+        assert isinstance(reply, m.ErrorReply) and (reply.id, reply.errno) == (2, "EPROTO"), reply
+        assert reply.message.startswith("client.lock: field 'hold_ms': ")
+        assert ("finite" in reply.message) == (hold_ms != hold_ms or abs(hold_ms) == float("inf"))
+        assert await next_message(stream, decoder) is None  # and the connection is closed
+        await stream.aclose()
+        # The client library refuses to send it in the first place.
+        async with open_client(d.remapd.address, REMAPD) as c:
+            with pytest.raises(UserError) as info:
+                await c.call(m.Lock, pid=5, hold_ms=hold_ms)
+            assert info.value.errno_name == "EINVAL" and "hold_ms" in info.value.message
+        # remapd is still up and the process still has its mmap lock free.
+        assert (await ok(d, "lock", "5", "--hold", "1", "--write")).startswith("pid 5 mmap lock held for write")
+        assert '"processes": [5]' in await ok(d, "--json", "status", "remapd")
+    assert (d.collapsed.proc.returncode, d.remapd.proc.returncode) == (0, 0)
+
+
 async def test_requests_pipeline_on_a_connection_and_run_concurrently_across_connections(workdir):
     async with running_daemons(workdir, "unix", remapd_args=ONE_PAGE_FLAGS) as d:
         async with Session(d.collapsed.address, d.remapd.address) as s:
