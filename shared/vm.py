@@ -20,7 +20,7 @@ class Prot(enum.StrEnum):
 
 
 # Each protection's PROT_* bits (keys are Prot members, which equal their plain strings).
-PROTS = {
+PROTS: dict[str, int] = {
     Prot.R: PROT_READ,
     Prot.RW: PROT_READ | PROT_WRITE,
     Prot.RX: PROT_READ | PROT_EXEC,

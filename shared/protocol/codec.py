@@ -402,7 +402,7 @@ def _build_schema(cls: type) -> _Schema:
     if REGISTRY.get(getattr(cls, "TAG", None)) is not cls:  # type: ignore[arg-type]
         raise TypeError(f"{cls!r} is not a registered message class")
     hints = typing.get_type_hints(cls, include_extras=True)
-    fields = dataclasses.fields(cls)
+    fields = dataclasses.fields(typing.cast(Any, cls))
     codecs: dict[str, _Codec] = {}
     for f in fields:
         try:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 from collections.abc import Callable
-from typing import Any, ClassVar, Generic, TypeVar, dataclass_transform
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar, dataclass_transform
 
 # Version 2: frames are [tag, fields] (version 1 sent [tag, 1, fields]), replies are typed.
 PROTOCOL_VERSION = 2
@@ -30,6 +30,8 @@ ACTORS = (COLLAPSED, REMAPD)
 REGISTRY: dict[str, type[Message]] = {}
 
 R = TypeVar("R")
+# A request's result type (a request only ever produces one).
+R_co = TypeVar("R_co", covariant=True)
 M = TypeVar("M", bound="type[Message]")
 
 
@@ -114,8 +116,12 @@ class Reply(Message, Generic[R]):
     id: int
     result: R
 
+    if TYPE_CHECKING:
 
-class Request(Message, Generic[R]):
+        def __init__(self, id: int, result: R = ...) -> None: ...
+
+
+class Request(Message, Generic[R_co]):
     """A client request; ``R`` is the type of its result. Subclasses declare ``id: int`` first,
     then the arguments of the operation."""
 
@@ -124,6 +130,11 @@ class Request(Message, Generic[R]):
     REPLY: ClassVar[type[Reply[Any]]]
     # The fields after ``id``: the operation's arguments, in order.
     ARGS: ClassVar[tuple[str, ...]]
+    id: int
+
+    if TYPE_CHECKING:
+
+        def __init__(self, id: int, *args: Any, **kwargs: Any) -> None: ...
 
     def args(self) -> tuple[Any, ...]:
         return tuple(getattr(self, name) for name in self.ARGS)

@@ -23,6 +23,7 @@ import dataclasses
 import inspect
 import itertools
 import random
+import typing
 from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any
 
@@ -34,7 +35,7 @@ from shared.knobs import Knobs
 from shared.protocol import messages as m
 from shared.protocol.codec import ProtocolError
 from shared.protocol.framing import decode_message, encode_message
-from shared.protocol.schema import COLLAPSED, Message, Request, requests, resolve
+from shared.protocol.schema import COLLAPSED, Message, Reply, Request, requests, resolve
 
 Actor = Collapser | Remapper
 # What an operation's result becomes on its way back (its reply through the codec).
@@ -199,7 +200,7 @@ class World:
             if isinstance(value, UserError):
                 self.wire(m.ErrorReply(msg.id, value.errno_name, value.message))
                 return value
-            return self.wire(msg.REPLY(msg.id, value)).result  # type: ignore[attr-defined]
+            return typing.cast(Reply[Any], self.wire(msg.REPLY(msg.id, value))).result
 
         try:
             op = run(*msg.args())
@@ -253,7 +254,7 @@ def _operation(cls: type[Request[Any]]) -> Callable[..., Any]:
         return self._operate(cls, args, kwargs)
 
     op = cls.OP
-    fields = dataclasses.fields(cls)[1:]
+    fields = dataclasses.fields(typing.cast(Any, cls))[1:]
     params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)] + [
         inspect.Parameter(
             f.name,

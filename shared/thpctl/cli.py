@@ -235,6 +235,7 @@ __all__ = [
     "EXIT_USAGE",
     "REMAPD",
     "Outcome",
+    "Plan",
     "Parser",
     "Request",
     "UsageError",

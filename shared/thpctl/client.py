@@ -209,6 +209,6 @@ class Session:
 
     async def vmstat(self) -> dict[str, int]:
         """/proc/vmstat: the union of both daemons' counters."""
-        out = dict(await self.call(m.Vmstat, COLLAPSED))
-        out.update(await self.call(m.Vmstat, REMAPD))
-        return out
+        out: dict[str, int] = await self.call(m.Vmstat, COLLAPSED)
+        share: dict[str, int] = await self.call(m.Vmstat, REMAPD)
+        return {**out, **share}

@@ -30,7 +30,7 @@ SCAN_MS = 100
 IDLE_MS = 600_000
 
 
-def _pmd_kb(smaps: list[dict]) -> int:
+def _pmd_kb(smaps: list[m.SmapsEntry]) -> int:
     return sum(e["FilePmdMapped"] for e in smaps)
 
 
@@ -96,7 +96,8 @@ async def run_daemons(transport: str, say) -> None:
             say("1. Two processes map a text file and fault it in with PTEs.")
             async with Session(d.collapsed.address, d.remapd.address) as s:
                 await scenario(s, say)
-        say(f"\n== Daemons stopped (collapsed exit {d.collapsed.proc.returncode}, remapd exit {d.remapd.proc.returncode}) ==")
+        codes = [p.proc.returncode if p.proc is not None else None for p in (d.collapsed, d.remapd)]
+        say(f"\n== Daemons stopped (collapsed exit {codes[0]}, remapd exit {codes[1]}) ==")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,7 @@ from shared.thpctl.cli import (
     EXIT_FAIL,
     REMAPD,
     Outcome,
+    Plan,
     address,
     command,
     failed,
@@ -90,6 +91,10 @@ def _render_uprobe(args: argparse.Namespace, results: list[Any]) -> Outcome:
     rest = {k: v for k, v in r.items() if k not in ("file", "offset")}
     detail = " ".join(f"{k} {','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in rest.items())
     return ok(r, lines(f"{r['file']}+{r['offset']:#x} {detail}".rstrip()))
+
+
+def _plan_pin(cls: type[m.Pin | m.Unpin]) -> Plan:
+    return lambda a: [req(REMAPD, cls, pid=a.pid, addr=a.addr)]
 
 
 def register(sub: Any) -> None:
@@ -192,15 +197,16 @@ def register(sub: Any) -> None:
     p.add_argument("--hold", type=milliseconds, required=True, metavar="MS")
     p.add_argument("--write", action="store_true")
 
-    for name, cls, help in (
+    pins: tuple[tuple[str, type[m.Pin | m.Unpin], str], ...] = (
         ("pin", m.Pin, "pin_user_pages on the page at ADDR (faulting it in first)"),
         ("unpin", m.Unpin, "drop a pin taken by 'pin' at ADDR"),
-    ):
+    )
+    for name, cls, help in pins:
         p = command(
             sub,
             name,
             help,
-            lambda a, cls=cls: [req(REMAPD, cls, pid=a.pid, addr=a.addr)],
+            _plan_pin(cls),
             _render_pin,
             f"{name} 1 0x7effffc01000",
         )

@@ -4,7 +4,7 @@ renders without the model's classes."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from shared.vm import SMAPS_FIELDS
@@ -75,7 +75,7 @@ def _ordered(names: Iterable[str], order: tuple[str, ...], sort_rest: bool) -> l
     return known + (sorted(rest) if sort_rest else rest)
 
 
-def render_smaps(entries: list[dict[str, Any]]) -> str:
+def render_smaps(entries: Sequence[Mapping[str, Any]]) -> str:
     """/proc/PID/smaps for these VMAs (the fields of :func:`remapd.report.smaps`)."""
     lines = []
     for e in entries:
