@@ -154,8 +154,13 @@ def _exact_check(tp: type) -> _Check:
     return check
 
 
+def _number(x: float) -> str:
+    return str(int(x)) if x.is_integer() and abs(x) < 1e16 else repr(x)
+
+
 def _float_codec(bounds: Range) -> _Codec:
     lo, hi = bounds.lo, bounds.hi
+    span = f"{_number(lo)}..{_number(hi)}"
 
     def check(value: Any) -> float:
         kind = type(value)
@@ -165,7 +170,7 @@ def _float_codec(bounds: Range) -> _Codec:
         if not math.isfinite(value):
             raise _Invalid(f"expected a finite float, got {value!r}")
         if not lo <= value <= hi:
-            raise _Invalid(f"{_quote(value)} is outside {lo:g}..{hi:g}")
+            raise _Invalid(f"{_quote(value)} is outside {span}")
         return float(value)
 
     # No exact type: every float is checked (a NaN is a float too).

@@ -92,7 +92,7 @@ class Client:
             await self._ch.send(msg)
         except ProtocolError as err:
             del self._pending[msg.id]
-            raise UserError("EINVAL", f"cannot send {cls.TAG}: {err}") from None
+            raise UserError("EINVAL", str(err)) from None
         except (ValueError, TypeError, OverflowError) as err:
             del self._pending[msg.id]
             raise UserError("EOVERFLOW", f"cannot send {cls.TAG}: {err}") from None
