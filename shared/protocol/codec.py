@@ -221,10 +221,14 @@ def _optional_codec(inner: _Codec) -> _Codec:
     def optional(value: Any) -> Any:
         return None if value is None else check(value)
 
-    def optional_encode(value: Any) -> Any:
-        return None if value is None else encode(value)  # type: ignore[misc]
+    if encode is None:
+        return _Codec(inner.exact, optional, None, inner.depth)
+    encode_inner = encode
 
-    return _Codec(inner.exact, optional, None if encode is None else optional_encode, inner.depth)
+    def optional_encode(value: Any) -> Any:
+        return None if value is None else encode_inner(value)
+
+    return _Codec(inner.exact, optional, optional_encode, inner.depth)
 
 
 def _sequence_codec(element: _Codec, result: type) -> _Codec:
@@ -339,7 +343,7 @@ def _dict_codec(element: _Codec) -> _Codec:
 def _typeddict_codec(cls: type) -> _Codec:
     hints = typing.get_type_hints(cls, include_extras=True)
     items = {name: _compile(tp) for name, tp in hints.items()}
-    required = frozenset(cls.__required_keys__)  # type: ignore[attr-defined]
+    required: frozenset[str] = getattr(cls, "__required_keys__")
     encoders = {name: c.encode for name, c in items.items() if c.encode is not None}
     expected = f"{cls.__name__} map"
 
@@ -404,7 +408,7 @@ def _schema(cls: type) -> _Schema:
 
 
 def _build_schema(cls: type) -> _Schema:
-    if REGISTRY.get(getattr(cls, "TAG", None)) is not cls:  # type: ignore[arg-type]
+    if REGISTRY.get(getattr(cls, "TAG", "")) is not cls:
         raise TypeError(f"{cls!r} is not a registered message class")
     hints = typing.get_type_hints(cls, include_extras=True)
     fields = dataclasses.fields(typing.cast(Any, cls))

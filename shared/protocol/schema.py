@@ -43,7 +43,7 @@ class Message:
     __slots__ = ()
 
     def fields(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in self.__dataclass_fields__}  # type: ignore[attr-defined]
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(typing.cast(Any, self))}
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -32,14 +32,16 @@ class Workload:
     remap_sleep_ms: int = 100
 
 
-def run_policy(policy: str, w: Workload, install_pmd: int = 1) -> dict[str, Any]:
+def run_policy(policy: str, w: Workload, install_pmd: int = 1, codec: bool = False) -> dict[str, Any]:
+    """Run ``w`` under ``policy``. Like the benchmarks, an experiment measures the model and skips
+    the codec round trip the tests put every message through (``codec`` turns it on)."""
     knobs = Knobs(
         retry_policy=policy,
         install_pmd=install_pmd,
         scan_sleep_millisecs=w.scan_sleep_ms,
         remap_sleep_millisecs=w.remap_sleep_ms,
     )
-    world = World(knobs)
+    world = World(knobs, codec=codec)
     world.file_create("libbig.so", w.size)
     addrs = {}
     for pid in range(1, w.procs + 1):
@@ -79,10 +81,13 @@ def run_policy(policy: str, w: Workload, install_pmd: int = 1) -> dict[str, Any]
 
 
 def compare(
-    w: Workload | None = None, policies: tuple[str, ...] = RETRY_POLICIES, install_pmd: int = 1
+    w: Workload | None = None,
+    policies: tuple[str, ...] = RETRY_POLICIES,
+    install_pmd: int = 1,
+    codec: bool = False,
 ) -> list[dict[str, Any]]:
     w = w or Workload()
-    return [run_policy(p, w, install_pmd) for p in policies]
+    return [run_policy(p, w, install_pmd, codec) for p in policies]
 
 
 def render(rows: list[dict[str, Any]]) -> str:

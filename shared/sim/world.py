@@ -38,6 +38,7 @@ from shared.protocol.framing import decode_message, encode_message
 from shared.protocol.schema import COLLAPSED, Message, Reply, Request, requests, resolve
 
 Actor = Collapser | Remapper
+Q = typing.TypeVar("Q", bound=Request[Any])
 # What an operation's result becomes on its way back (its reply through the codec).
 Answer = Callable[[Any], Any]
 
@@ -170,7 +171,7 @@ class World:
     def actor(self, name: str) -> Actor:
         return self.collapser if name == COLLAPSED else self.remapper
 
-    def request(self, cls: type[Request[Any]], *args: Any, **kwargs: Any) -> Request[Any]:
+    def request(self, cls: type[Q], *args: Any, **kwargs: Any) -> Q:
         """A request as the serving actor's daemon would receive it (through the codec).
 
         Errors:
@@ -181,7 +182,7 @@ class World:
         if not self.codec:
             return msg
         try:
-            return self.wire(msg)  # type: ignore[return-value]
+            return typing.cast(Q, self.wire(msg))
         except ProtocolError as err:
             raise UserError("EINVAL", str(err)) from None
         except OverflowError as err:
@@ -220,13 +221,14 @@ class World:
 
     def uprobe(self, action: str, name: str, offset: int) -> dict[str, Any]:
         msg = self.request(m.Uprobe, action, name, offset)
-        fn = uprobe_add if msg.action == m.UprobeAction.ADD else uprobe_del  # type: ignore[attr-defined]
-        return self.perform(msg, self.remapper, lambda action, name, offset: fn(self.remapper, name, offset))  # type: ignore[no-any-return]
+        fn = uprobe_add if msg.action == m.UprobeAction.ADD else uprobe_del
+        result: dict[str, Any] = self.perform(msg, self.remapper, lambda action, name, offset: fn(self.remapper, name, offset))
+        return result
 
     def sysfs_set(self, name: str, value: Any) -> None:
         """Validate once, then apply to both actors (as the daemons do through KnobsChanged)."""
         msg = self.request(m.SysfsSet, name, str(value))
-        parsed = self.remapper.knobs.validate(msg.name, msg.value)  # type: ignore[attr-defined]
+        parsed = self.remapper.knobs.validate(msg.name, msg.value)
         change = m.KnobsChanged({name: parsed})
         for actor in (self.collapser, self.remapper):
             actor.deliver(self.wire(change))
@@ -263,7 +265,7 @@ def _operation(cls: type[Request[Any]]) -> Callable[..., Any]:
         )
         for f in fields
     ]
-    operation.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    setattr(operation, "__signature__", inspect.Signature(params))
     operation.__name__ = operation.__qualname__ = str(op.world)
     operation.__doc__ = f"{cls.TAG} on the {op.served_by[0]} core ({op.run})" + (
         f", returning its {op.unwrap!r}" if op.unwrap else ""
