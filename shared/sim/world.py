@@ -266,7 +266,8 @@ def _operation(cls: type[Request[Any]]) -> Callable[..., Any]:
         for f in fields
     ]
     setattr(operation, "__signature__", inspect.Signature(params))
-    operation.__name__ = operation.__qualname__ = str(op.world)
+    operation.__name__ = str(op.world)
+    operation.__qualname__ = f"World.{op.world}"
     operation.__doc__ = f"{cls.TAG} on the {op.served_by[0]} core ({op.run})" + (
         f", returning its {op.unwrap!r}" if op.unwrap else ""
     ) + (" as a Pending" if op.waits else "") + "."
