@@ -695,7 +695,9 @@ def _lib() -> Any:
     return _libc
 
 
-def _errno_name(err: int) -> str:
+def _errno_name(err: int | None) -> str:
+    if err is None:
+        return "EIO"
     return errno.errorcode.get(err, f"E{err}")
 
 
@@ -857,6 +859,8 @@ class _Worker:
         self.root = root
         self.probe = probe
         self.fds: dict[str, int] = {}
+        # The forked child's end of its socket, handed back with the reply to "fork".
+        self._pending_fd: socket.socket | None = None
 
     def _path(self, name: str) -> str:
         return os.path.join(self.root, name)
