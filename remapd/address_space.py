@@ -8,7 +8,7 @@ import bisect
 from collections.abc import Generator
 from typing import Any
 
-from remapd.collapse import madvise_collapse
+from remapd.khugepaged import madvise_collapse
 from remapd.mm import (
     PTE_ANON,
     Mm,

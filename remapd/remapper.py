@@ -12,7 +12,7 @@ from collections.abc import Generator
 from typing import Any
 
 from remapd.address_space import AddressSpaceOps
-from remapd.collapse import (
+from remapd.khugepaged import (
     collapse_pte_mapped_thp,
     khugepaged_collapse_pte_mapped_thps,
     remap_marked_tables,

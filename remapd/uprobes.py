@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Generator
 from typing import TYPE_CHECKING, Any
 
-from remapd.collapse import collapse_pte_mapped_thp
+from remapd.khugepaged import collapse_pte_mapped_thp
 from remapd.mm import (
     PTE_ANON,
     PTE_SHMEM,

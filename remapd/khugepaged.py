@@ -31,7 +31,7 @@ from shared.units import HPAGE_PMD_NR, HPAGE_PMD_SHIFT, HPAGE_PMD_SIZE
 if TYPE_CHECKING:
     from remapd.remapper import Remapper
 
-log = get_logger("remapd.collapse")
+log = get_logger("remapd.khugepaged")
 
 MAX_PTE_MAPPED_THP = 8
 
