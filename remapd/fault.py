@@ -121,7 +121,7 @@ class FaultPath:
                 self._anon_map(new)
                 self._ensure_anon_vma(mm, vma)
                 self._set_pte(mm, pidx, slot, pte_make(new, PTE_ANON | PTE_WRITE))
-                self.vm["cow_fault"] += 1
+                self.vm["thpsplit_cow_fault"] += 1
                 return "major" if reply.major else "minor"
             current = mm.pmds.get(pidx)
             if reply.pmd:
@@ -190,7 +190,7 @@ class FaultPath:
         self._anon_map(new)
         self._ensure_anon_vma(mm, vma)
         self._set_pte(mm, pidx, slot, pte_make(new, PTE_ANON | PTE_WRITE))
-        self.vm["cow_fault"] += 1
+        self.vm["thpsplit_cow_fault"] += 1
         return "minor"
 
     def _ensure_anon_vma(self, mm: Mm, vma: Vma) -> None:

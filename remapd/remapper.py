@@ -48,7 +48,10 @@ log = get_logger("remapd")
 
 PID_MAX = 4194304
 
-VM_EVENTS = ("pgfault", "thp_file_mapped", "thp_split_pmd", "cow_fault")
+# The kernel's vmstat events the remapper counts, and ours under a prefix the kernel never uses:
+# thpsplit_cow_fault counts copy-on-write copies (do_cow_fault, wp_page_copy), which the kernel
+# does not count apart from pgfault.
+VM_EVENTS = ("pgfault", "thp_file_mapped", "thp_split_pmd", "thpsplit_cow_fault")
 
 
 class FileMirror:

@@ -151,9 +151,9 @@ def test_write_to_a_private_mapping_copies_to_anon(world):
     a = world.mmap(1, FIXED, 4 * P, "f", prot="rw", shared=False)
     mm = world.remapper.mms[1]
     assert not mm.vmas[0].anon_vma
-    cows = world.vmstat()["cow_fault"]
+    cows = world.vmstat()["thpsplit_cow_fault"]
     assert world.fault(1, a, write=True) == "major"  # read in, then copied
-    assert world.vmstat()["cow_fault"] == cows + 1
+    assert world.vmstat()["thpsplit_cow_fault"] == cows + 1
     pte = pte_at(world, 1, a)
     assert pte & PTE_ANON and pte & PTE_WRITE
     assert mm.vmas[0].anon_vma
@@ -166,7 +166,7 @@ def test_write_to_a_private_mapping_copies_to_anon(world):
     # Read first, then write: the file PTE is replaced by a copy.
     assert world.fault(1, a + P) == "major"
     assert world.fault(1, a + P, write=True) == "minor"
-    assert world.vmstat()["cow_fault"] == cows + 2
+    assert world.vmstat()["thpsplit_cow_fault"] == cows + 2
     assert mem.mapcount[cache_pfn(world, "f", 1)] == 0
     assert mm.rss["MM_ANONPAGES"] == 2 and mm.rss["MM_FILEPAGES"] == 0
     assert world.fault(1, a + P, write=True) == "hit"  # writable already
@@ -206,7 +206,7 @@ def test_write_to_a_shared_mapping_dirties_the_page(world):
     assert world.fault(1, a + P, write=True) == "minor"
     assert mem.flags[cache_pfn(world, "f", 1)] & PG_DIRTY
     assert world.collapser.fileops.stat(f)["dirty"] == 2
-    assert world.vmstat()["cow_fault"] == 0
+    assert world.vmstat()["thpsplit_cow_fault"] == 0
     assert world.remapper.mms[1].rss == {"MM_FILEPAGES": 2, "MM_ANONPAGES": 0, "MM_SHMEMPAGES": 0}
 
 

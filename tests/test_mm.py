@@ -169,12 +169,12 @@ def test_fork_makes_anon_pages_copy_on_write(world):
     assert r.anon[anon] == 2
     assert pte_pfn(pte_at(world, 2, a)) == anon
     assert not pte_at(world, 1, a) & PTE_WRITE and not pte_at(world, 2, a) & PTE_WRITE
-    cows = world.vmstat()["cow_fault"]
+    cows = world.vmstat()["thpsplit_cow_fault"]
     assert world.fault(2, a, write=True) == "minor"  # the child copies
-    assert world.vmstat()["cow_fault"] == cows + 1
+    assert world.vmstat()["thpsplit_cow_fault"] == cows + 1
     assert pte_pfn(pte_at(world, 2, a)) != anon and r.anon[anon] == 1
     assert world.fault(1, a, write=True) == "minor"  # the parent is alone now: reuse
-    assert world.vmstat()["cow_fault"] == cows + 1
+    assert world.vmstat()["thpsplit_cow_fault"] == cows + 1
     assert pte_pfn(pte_at(world, 1, a)) == anon and pte_at(world, 1, a) & PTE_WRITE
     world.exit(1)
     assert anon not in r.anon and len(r.anon) == 1
@@ -190,9 +190,9 @@ def test_fork_copies_a_pinned_anon_page_for_the_child(world):
     # copy_present_page: the parent keeps its writable page; the child has its own.
     assert pte_at(world, 1, a) & PTE_WRITE and pte_pfn(pte_at(world, 1, a)) == anon
     assert pte_pfn(pte_at(world, 2, a)) != anon and pte_at(world, 2, a) & PTE_WRITE
-    cows = world.vmstat()["cow_fault"]
+    cows = world.vmstat()["thpsplit_cow_fault"]
     assert world.fault(1, a, write=True) == "hit"
-    assert world.vmstat()["cow_fault"] == cows
+    assert world.vmstat()["thpsplit_cow_fault"] == cows
 
 
 def test_fork_never_copies_file_pmds(world):
