@@ -200,8 +200,8 @@ class AddressSpace:
                     return {"result": "ENOMEM"}
                 if (write and not cur.prot & PROT_WRITE) or not cur.prot & PROT_READ:
                     return {"result": "EINVAL"}
-                outcome = yield from self.faults.fault(pid, page, write)
-                if outcome["result"] in ("sigsegv", "sigbus"):
+                result = yield from self.faults.do_user_addr_fault(pid, page, write)
+                if result in ("sigsegv", "sigbus"):
                     return {"result": "EFAULT"}
                 if isinstance(mm.pmds.get(page >> HPAGE_PMD_SHIFT), int):
                     page = (page | (HPAGE_PMD_SIZE - 1)) + 1  # the PMD mapped the rest

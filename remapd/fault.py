@@ -2,7 +2,7 @@
 
 A fault looks the page up in the collapser's page cache (a message round trip) without holding
 mmap_lock, then retakes the lock and revalidates before mapping anything
-(:meth:`FaultPath.fault`).
+(:meth:`FaultPath.do_user_addr_fault`).
 """
 
 from __future__ import annotations
@@ -70,19 +70,22 @@ class FaultPath:
     # -- page faults --------------------------------------------------------------------------
 
     def fault(self, pid: int, addr: int, write: bool = False) -> Generator[Any, Any, dict[str, Any]]:
-        """handle_mm_fault under mmap_read_lock. Returns ``{"result": ...}``: ``hit`` (already
-        mapped, no fault), ``minor``, ``major``, ``pmd`` (mapped with a PMD), ``sigsegv``,
+        """One access, as an operation: ``{"result": ...}`` of :meth:`do_user_addr_fault`."""
+        return {"result": (yield from self.do_user_addr_fault(pid, addr, write))}
+
+    def do_user_addr_fault(self, pid: int, addr: int, write: bool) -> Generator[Any, Any, str]:
+        """An access by ``pid``: handle_mm_fault under mmap_read_lock. Returns ``hit`` (already
+        mapped, no fault), ``minor``, ``major``, ``pmd`` (mapped with a PMD), ``sigsegv`` or
         ``sigbus``."""
         mm = find_mm(self.mms, pid)
         self.vm["pgfault"] += 1
         if not 0 <= addr < TASK_SIZE:
-            return {"result": "sigsegv"}
+            return "sigsegv"
         yield from self.locks.mmap_read_lock(mm)
         try:
-            result = yield from self._handle_mm_fault(mm, addr & ~(PAGE_SIZE - 1), write)
+            return (yield from self._handle_mm_fault(mm, addr & ~(PAGE_SIZE - 1), write))
         finally:
             self.locks.mmap_read_unlock(mm)
-        return {"result": result}
 
     def _handle_mm_fault(self, mm: Mm, addr: int, write: bool) -> Generator[Any, Any, str]:
         while True:
@@ -232,8 +235,8 @@ class FaultPath:
         find_mm(self.mms, pid)
         counts: Counter[str] = Counter()
         for a in range(addr, addr + length, stride):
-            outcome = yield from self.fault(pid, a, write)
-            counts[outcome["result"]] += 1
+            result = yield from self.do_user_addr_fault(pid, a, write)
+            counts[result] += 1
         return dict(counts)
 
     # -- GUP pins -----------------------------------------------------------------------------
@@ -242,9 +245,9 @@ class FaultPath:
         """pin_user_pages_fast on one page: fault it in if needed, then take a pin."""
         mm = find_mm(self.mms, pid)
         page = addr & ~(PAGE_SIZE - 1)
-        outcome = yield from self.fault(pid, page, False)
-        if outcome["result"] in ("sigsegv", "sigbus"):
-            raise UserError("EFAULT", f"cannot pin {addr:#x}: {outcome['result']}")
+        result = yield from self.do_user_addr_fault(pid, page, False)
+        if result in ("sigsegv", "sigbus"):
+            raise UserError("EFAULT", f"cannot pin {addr:#x}: {result}")
         pfn = self.pagetables.follow_page(mm, page)
         if pfn >= ANON_PFN_BASE:
             self.anon.pin(pfn)

@@ -88,11 +88,14 @@ class PageTables:
         """Install a PTE, allocating its table. The page's reference and mapcount are the
         caller's to account (a file page's by the collapser's lookup, an anon page's by
         :class:`AnonPages`). A subpage that belongs marks the table; anything foreign unmarks it."""
-        table = self.pte_alloc(mm, pidx)
+        table = mm.pmds.get(pidx)
+        if not isinstance(table, PteTable):  # every fault comes here: no call when it exists
+            table = self.pte_alloc(mm, pidx)
         table.set(slot, pte)
         mm.rss[mm_counter(pte)] += 1
         if pte_belongs(pte, slot):
-            self.set_mark(mm, pidx, table, "fault")
+            if not table.mark:
+                self.set_mark(mm, pidx, table, "fault")
         elif table.mark:
             self.clear_mark(mm, pidx, table, "foreign")
 
