@@ -18,7 +18,7 @@ from shared.errors import UserError
 class FileMirror:
     """One file as the collapser's FileInfo notices describe it."""
 
-    __slots__ = ("ino", "name", "size", "shmem")
+    __slots__ = ("ino", "name", "shmem", "size")
 
     def __init__(self, ino: int, name: str, size: int, shmem: bool):
         self.ino = ino

@@ -48,7 +48,7 @@ def pte_belongs(pte: int, slot: int) -> bool:
 class PteTable:
     """A page of 512 PTEs plus the per-PMD "try collapse" mark Kirill proposed for its struct page."""
 
-    __slots__ = ("ptes", "nr", "nr_foreign", "mark")
+    __slots__ = ("mark", "nr", "nr_foreign", "ptes")
 
     def __init__(self) -> None:
         self.ptes = array("Q", bytes(8 * HPAGE_PMD_NR))
@@ -78,7 +78,7 @@ class PteTable:
 
 
 class Vma:
-    __slots__ = ("start", "end", "pgoff", "ino", "prot", "shared", "hugepage", "nohugepage", "anon_vma")
+    __slots__ = ("anon_vma", "end", "hugepage", "ino", "nohugepage", "pgoff", "prot", "shared", "start")
 
     def __init__(
         self,
