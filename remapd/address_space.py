@@ -23,9 +23,9 @@ from remapd.mm import (
 )
 from remapd.pagetable import PageTables
 from remapd.uprobes import Uprobes
-from shared import messages as m
 from shared.actor import Actor
 from shared.errors import UserError
+from shared.protocol import messages as m
 from shared.units import (
     HPAGE_PMD_SHIFT,
     HPAGE_PMD_SIZE,

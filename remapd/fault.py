@@ -27,10 +27,10 @@ from remapd.mm import (
 )
 from remapd.pagetable import PageTables
 from remapd.rmap import AnonPages, RmapBatch
-from shared import messages as m
 from shared.actor import Actor, Call
 from shared.errors import UserError
 from shared.knobs import Knobs
+from shared.protocol import messages as m
 from shared.units import (
     HPAGE_PMD_NR,
     HPAGE_PMD_SHIFT,
@@ -120,7 +120,7 @@ class FaultPath:
                 and not vma.nohugepage
                 and vma.pmd_suitable(haddr)
             )
-            purpose = "copy" if cow else "map"
+            purpose = m.Purpose.COPY if cow else m.Purpose.MAP
             around = () if write else self._around(mm, vma, addr, entry)
             # The page-cache lookup is the collapser's: mmap_lock is not held across it (it stands
             # for microseconds of filemap_fault, or for I/O that drops the lock), so a fault in
@@ -131,7 +131,7 @@ class FaultPath:
                     self.actor.new_req(), vma.ino, vma.pgoff_at(addr), purpose, write, pmd_ok, vma.hugepage, around
                 )
             )
-            if reply.status != "ok":
+            if reply.status != m.PageStatus.OK:
                 while not mm.lock.try_read():
                     yield self.locks.wait(mm)
                 return reply.status
@@ -139,7 +139,7 @@ class FaultPath:
             if not relocked or mm.exiting or mm.find_vma(addr) is not vma:
                 # Hand the accounting back rather than hold it while we wait (a writer has the
                 # lock, or the VMA changed): the fault starts again, as after VM_FAULT_RETRY.
-                if purpose == "map":
+                if purpose == m.Purpose.MAP:
                     if reply.pmd:
                         self.rmap.add(reply.head, pmd=-1)
                     else:

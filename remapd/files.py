@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 
 from remapd.mm import Mm, Vma
-from shared import messages as m
 from shared.errors import UserError
+from shared.protocol import messages as m
 
 
 class FileMirror:

@@ -29,11 +29,11 @@ from typing import Any
 from remapd.files import Files
 from remapd.mm import PTE_ANON, Mm, MmapLocks, PteTable, Vma, pte_pfn
 from remapd.pagetable import PageTables
-from shared import messages as m
 from shared.actor import Actor, Call, Sleep
 from shared.errors import UserError
 from shared.knobs import Knobs
 from shared.logs import get_logger
+from shared.protocol import messages as m
 from shared.scan_result import ScanResult as R
 from shared.scan_result import madvise_collapse_errno
 from shared.units import HPAGE_PMD_NR, HPAGE_PMD_SHIFT, HPAGE_PMD_SIZE
@@ -89,18 +89,18 @@ class Khugepaged:
         PMD under the mmap read lock, and answer even if the process exits meanwhile."""
         mm = self.mms.get(msg.pid)
         if mm is None or mm.exiting:
-            self.actor.send(m.CollapsePteMappedResult(msg.req, int(R.SCAN_ANY_PROCESS)))
+            self.actor.send(m.CollapsePteMappedResult(msg.req, R.SCAN_ANY_PROCESS))
             return
         try:
             yield from self.locks.mmap_read_lock(mm)
         except UserError:
-            self.actor.send(m.CollapsePteMappedResult(msg.req, int(R.SCAN_ANY_PROCESS)))
+            self.actor.send(m.CollapsePteMappedResult(msg.req, R.SCAN_ANY_PROCESS))
             return
         try:
             result = yield from self.collapse_pte_mapped_thp(mm, msg.addr, bool(self.knobs.install_pmd))
         finally:
             self.locks.mmap_read_unlock(mm)
-        self.actor.send(m.CollapsePteMappedResult(msg.req, int(result)))
+        self.actor.send(m.CollapsePteMappedResult(msg.req, result))
 
     def handle_visit_mm(self, msg: m.VisitMm) -> Generator[Any, Any, None]:
         """khugepaged visits the mm's slot: the mm-slot policy retries its queued addresses."""

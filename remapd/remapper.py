@@ -30,11 +30,11 @@ from remapd.pagetable import PageTables
 from remapd.report import smaps
 from remapd.rmap import AnonPages, RmapBatch
 from remapd.uprobes import Uprobes
-from shared import messages as m
 from shared.actor import Actor, Sleep
 from shared.errors import UserError
 from shared.knobs import Knobs
-from shared.message import Message
+from shared.protocol import Message
+from shared.protocol import messages as m
 from shared.scan_result import ScanResult as R
 from shared.units import PAGE_SIZE
 
@@ -263,9 +263,9 @@ class Remapper(Actor):
 def _answer_for_lost_peer(request: Message) -> Message:
     """What a request to a collapser that is gone resolves to."""
     if isinstance(request, m.LookupPage):
-        return m.PageAnswer(request.req, "sigbus")
+        return m.PageAnswer(request.req, m.PageStatus.SIGBUS)
     if isinstance(request, m.LockFolio):
         return m.FolioAnswer(request.req, 0, 0)
     if isinstance(request, m.MadvCollapse):
-        return m.CollapseResult(request.req, int(R.SCAN_FAIL))
+        return m.CollapseResult(request.req, R.SCAN_FAIL)
     raise TypeError(f"no answer for {request!r}")

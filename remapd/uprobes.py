@@ -20,10 +20,10 @@ from remapd.mm import (
 )
 from remapd.pagetable import PageTables
 from remapd.rmap import AnonPages
-from shared import messages as m
 from shared.actor import Actor, Call
 from shared.errors import UserError
 from shared.knobs import Knobs
+from shared.protocol import messages as m
 from shared.scan_result import ScanResult
 from shared.units import HPAGE_PMD_NR, HPAGE_PMD_SHIFT, PAGE_SHIFT
 from shared.vm import PROT_EXEC, PROT_WRITE
@@ -120,8 +120,8 @@ class Uprobes:
         if pte & PTE_ANON:
             return False
         if not pte:
-            reply = yield Call(m.LookupPage(self.actor.new_req(), vma.ino, index, "copy", False, False, False))
-            if reply.status != "ok":
+            reply = yield Call(m.LookupPage(self.actor.new_req(), vma.ino, index, m.Purpose.COPY, False, False, False))
+            if reply.status != m.PageStatus.OK:
                 return False
         else:
             self.pagetables.zap_pte(mm, table, slot)
@@ -136,9 +136,9 @@ class Uprobes:
         table = mm.pmds.get(pidx)
         if isinstance(table, int) or table is None or not table.ptes[slot] & PTE_ANON:
             return None
-        reply = yield Call(m.LookupPage(self.actor.new_req(), vma.ino, index, "map", False, False, False))
+        reply = yield Call(m.LookupPage(self.actor.new_req(), vma.ino, index, m.Purpose.MAP, False, False, False))
         self.pagetables.zap_pte(mm, table, slot)
-        if reply.status != "ok":
+        if reply.status != m.PageStatus.OK:
             return None
         flags = (PTE_THP if reply.thp else 0) | (PTE_SHMEM if reply.shmem else 0)
         self.pagetables.set_pte_at(mm, pidx, slot, pte_make(reply.pfn, flags))
