@@ -41,6 +41,10 @@ from shared.units import (
 )
 from shared.vm import PROT_READ, PROT_WRITE
 
+# Bound once: reading an Enum member through its class runs a descriptor (Python 3.11), which
+# the fault path would pay on every fault.
+MAP, COPY, OK = m.Purpose.MAP, m.Purpose.COPY, m.PageStatus.OK
+
 
 class FaultPath:
     """Page faults and GUP pins of every process. ``actor`` runs the tasks and carries the
@@ -120,7 +124,7 @@ class FaultPath:
                 and not vma.nohugepage
                 and vma.pmd_suitable(haddr)
             )
-            purpose = m.Purpose.COPY if cow else m.Purpose.MAP
+            purpose = COPY if cow else MAP
             around = () if write else self._around(mm, vma, addr, entry)
             # The page-cache lookup is the collapser's: mmap_lock is not held across it (it stands
             # for microseconds of filemap_fault, or for I/O that drops the lock), so a fault in
@@ -131,7 +135,7 @@ class FaultPath:
                     self.actor.new_req(), vma.ino, vma.pgoff_at(addr), purpose, write, pmd_ok, vma.hugepage, around
                 )
             )
-            if reply.status != m.PageStatus.OK:
+            if reply.status != OK:
                 while not mm.lock.try_read():
                     yield self.locks.wait(mm)
                 return reply.status
@@ -139,7 +143,7 @@ class FaultPath:
             if not relocked or mm.exiting or mm.find_vma(addr) is not vma:
                 # Hand the accounting back rather than hold it while we wait (a writer has the
                 # lock, or the VMA changed): the fault starts again, as after VM_FAULT_RETRY.
-                if purpose == m.Purpose.MAP:
+                if purpose is MAP:
                     if reply.pmd:
                         self.rmap.add(reply.head, pmd=-1)
                     else:
