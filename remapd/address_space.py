@@ -1,6 +1,8 @@
-"""The remapper's address-space syscalls: mmap, munmap, madvise, and the VMA bookkeeping under
-them (link/unlink with the file rmap and khugepaged registration, split, vma_merge). Mixed into
-:class:`remapd.remapper.Remapper`."""
+"""A process's address space as its syscalls change it: mmap, munmap, madvise, fork's copy and
+exit's teardown, and the VMA bookkeeping under them (split, vma_merge, the file rmap, i_writecount
+and khugepaged registration). Not the kernel's ``struct address_space`` (a file's page cache),
+though the file rmap that lives there (:class:`remapd.files.Files`) is kept up to date here.
+"""
 
 from __future__ import annotations
 
@@ -8,16 +10,22 @@ import bisect
 from collections.abc import Generator
 from typing import Any
 
-from remapd.collapse import madvise_collapse
+from remapd.fault import FaultPath
+from remapd.files import Files
+from remapd.khugepaged import Khugepaged
 from remapd.mm import (
     PTE_ANON,
     Mm,
+    MmapLocks,
     Vma,
+    find_mm,
     pte_pfn,
 )
-from remapd.uprobes import uprobe_mmap
-from shared import messages as m
+from remapd.pagetable import PageTables
+from remapd.uprobes import Uprobes
+from shared.actor import Actor
 from shared.errors import UserError
+from shared.protocol import messages as m
 from shared.units import (
     HPAGE_PMD_SHIFT,
     HPAGE_PMD_SIZE,
@@ -32,64 +40,29 @@ MMAP_BASE = 0x7F0000000000
 MMAP_MIN_ADDR = 0x10000
 
 
-class AddressSpaceOps:
-    """mmap/munmap/madvise and VMA split/merge."""
+class AddressSpace:
+    """mmap/munmap/madvise for every process, and VMA link/unlink/split/merge. ``actor`` carries
+    the notices the collapser needs about mappings (write opens, khugepaged ranges, reclaim)."""
 
-    # -- VMA bookkeeping (link/unlink/split/merge) --------------------------------------------
-
-    def _link(self, mm: Mm, vma: Vma) -> None:
-        mm.insert_vma(vma)
-        self.i_mmap.setdefault(vma.ino, {})[id(vma)] = (mm, vma)
-        f = self.files.get(vma.ino)
-        if vma.writes_file and f is not None and not f.shmem:
-            self.send(m.WriteOpen(vma.ino, 1))
-        if self._khugepaged_suitable(vma):
-            self.send(m.RegisterRange(mm.pid, vma.start, vma.end, vma.ino, vma.pgoff, vma.hugepage, vma.nohugepage))
-
-    def _unlink(self, mm: Mm, vma: Vma) -> None:
-        mm.remove_vma(vma)
-        del self.i_mmap[vma.ino][id(vma)]
-        f = self.files.get(vma.ino)
-        if vma.writes_file and f is not None and not f.shmem:
-            self.send(m.WriteOpen(vma.ino, -1))
-        if self._khugepaged_suitable(vma):
-            self.send(m.UnregisterRange(mm.pid, vma.start))
-
-    def _khugepaged_suitable(self, vma: Vma) -> bool:
-        """What khugepaged_enter_vma needs on this side: not VM_NOHUGEPAGE, an aligned 2 MiB."""
-        if vma.nohugepage:
-            return False
-        haddr = (vma.start + HPAGE_PMD_SIZE - 1) & ~(HPAGE_PMD_SIZE - 1)
-        return vma.pmd_suitable(haddr)
-
-    def _split_at(self, mm: Mm, addr: int) -> None:
-        """Split the VMA containing ``addr`` so that a VMA starts there (__split_vma). A PMD
-        mapping across the new boundary is split first (vma_adjust_trans_huge)."""
-        vma = mm.find_vma(addr)
-        if vma is None or vma.start == addr:
-            return
-        entry = mm.pmds.get(addr >> HPAGE_PMD_SHIFT)
-        if isinstance(entry, int) and addr & (HPAGE_PMD_SIZE - 1):
-            self._zap_pmd(mm, addr >> HPAGE_PMD_SHIFT, split=True)
-        self._unlink(mm, vma)
-        self._link(mm, vma.copy(vma.start, addr))
-        self._link(mm, vma.copy(addr, vma.end))
-
-    def _merge_around(self, mm: Mm, start: int, end: int) -> None:
-        """vma_merge: fold VMAs in [start, end] with identical, contiguous neighbours."""
-        i = max(0, bisect.bisect_left(mm.starts, start) - 1)
-        while i + 1 < len(mm.vmas):
-            a, b = mm.vmas[i], mm.vmas[i + 1]
-            if a.start > end:
-                break
-            if a.end == b.start and a.same_flags(b) and a.pgoff_at(a.end) == b.pgoff:
-                merged = a.copy(a.start, b.end)
-                merged.anon_vma = a.anon_vma or b.anon_vma
-                self._unlink(mm, a)
-                self._unlink(mm, b)
-                self._link(mm, merged)
-                continue
-            i += 1
+    def __init__(
+        self,
+        actor: Actor,
+        mms: dict[int, Mm],
+        files: Files,
+        locks: MmapLocks,
+        pagetables: PageTables,
+        faults: FaultPath,
+        khugepaged: Khugepaged,
+        uprobes: Uprobes,
+    ):
+        self.actor = actor
+        self.mms = mms
+        self.files = files
+        self.locks = locks
+        self.pagetables = pagetables
+        self.faults = faults
+        self.khugepaged = khugepaged
+        self.uprobes = uprobes
 
     # -- mmap / munmap / madvise --------------------------------------------------------------
 
@@ -103,8 +76,8 @@ class AddressSpaceOps:
         prot: str = "r",
         shared: bool = True,
     ) -> Generator[Any, Any, dict[str, Any]]:
-        mm = self.mm(pid)
-        f = self.file(name)
+        mm = find_mm(self.mms, pid)
+        f = self.files.lookup(name)
         if prot not in PROTS:
             raise UserError("EINVAL", f"prot must be one of {', '.join(PROTS)}")
         if length <= 0:
@@ -116,16 +89,16 @@ class AddressSpaceOps:
             addr = self._get_unmapped_area(mm, length, offset >> PAGE_SHIFT)
         elif addr % PAGE_SIZE or addr < MMAP_MIN_ADDR or addr + length > TASK_SIZE:
             raise UserError("EINVAL", f"address {addr:#x} is not a page-aligned user address")
-        yield from self.lock_write(mm)
+        yield from self.locks.mmap_write_lock(mm)
         try:
             if mm.overlapping(addr, addr + length):
                 self._do_munmap(mm, addr, addr + length)  # MAP_FIXED replaces what was there
             vma = Vma(addr, addr + length, offset >> PAGE_SHIFT, f.ino, PROTS[prot], shared)
-            self._link(mm, vma)
-            self._merge_around(mm, addr, addr + length)
-            yield from uprobe_mmap(self, mm, vma)
+            self.vma_link(mm, vma)
+            self._vma_merge(mm, addr, addr + length)
+            yield from self.uprobes.uprobe_mmap(mm, vma)
         finally:
-            self.unlock_write(mm)
+            self.locks.mmap_write_unlock(mm)
         return {"addr": addr, "length": length}
 
     def _get_unmapped_area(self, mm: Mm, length: int, pgoff: int) -> int:
@@ -155,28 +128,28 @@ class AddressSpaceOps:
         return addr
 
     def munmap(self, pid: int, addr: int, length: int) -> Generator[Any, Any, dict[str, Any]]:
-        mm = self.mm(pid)
+        mm = find_mm(self.mms, pid)
         if addr % PAGE_SIZE or length <= 0 or addr + length > TASK_SIZE:
             raise UserError("EINVAL", "munmap needs a page-aligned address and a positive length")
         end = addr + ((length + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1))
-        yield from self.lock_write(mm)
+        yield from self.locks.mmap_write_lock(mm)
         try:
             self._do_munmap(mm, addr, end)
         finally:
-            self.unlock_write(mm)
+            self.locks.mmap_write_unlock(mm)
         return {"addr": addr, "length": end - addr}
 
     def _do_munmap(self, mm: Mm, start: int, end: int) -> None:
-        self._split_at(mm, start)
-        self._split_at(mm, end)
+        self._split_vma(mm, start)
+        self._split_vma(mm, end)
         for vma in mm.overlapping(start, end):
-            self._unpin_range(mm, vma.start, vma.end)
-            self.zap_range(mm, vma.start, vma.end)
-            self._unlink(mm, vma)
-        self.free_pgtables(mm, start, end)
+            self.faults.unpin_range(mm, vma.start, vma.end)
+            self.pagetables.zap_page_range(mm, vma.start, vma.end)
+            self.vma_unlink(mm, vma)
+        self.pagetables.free_pgtables(mm, start, end)
 
     def madvise(self, pid: int, addr: int, length: int, advice: str) -> Generator[Any, Any, dict[str, Any]]:
-        mm = self.mm(pid)
+        mm = find_mm(self.mms, pid)
         if advice not in ADVICE:
             raise UserError("EINVAL", f"unknown advice {advice!r}")
         if addr % PAGE_SIZE or length < 0:
@@ -185,50 +158,50 @@ class AddressSpaceOps:
         if end == addr:
             return {"result": 0}
         if advice == "collapse":
-            result = yield from madvise_collapse(self, mm, addr, end)
+            result = yield from self.khugepaged.madvise_collapse(mm, addr, end)
             return {"result": result}
         covered = mm.overlapping(addr, end)
         unmapped = sum(min(v.end, end) - max(v.start, addr) for v in covered) != end - addr
         if advice in ("hugepage", "nohugepage"):
-            yield from self.lock_write(mm)
+            yield from self.locks.mmap_write_lock(mm)
             try:
-                self._split_at(mm, addr)
-                self._split_at(mm, end)
+                self._split_vma(mm, addr)
+                self._split_vma(mm, end)
                 for vma in mm.overlapping(addr, end):
                     new = vma.copy(vma.start, vma.end)
                     new.hugepage = advice == "hugepage"
                     new.nohugepage = advice == "nohugepage"
-                    self._unlink(mm, vma)
-                    self._link(mm, new)
-                self._merge_around(mm, addr, end)
+                    self.vma_unlink(mm, vma)
+                    self.vma_link(mm, new)
+                self._vma_merge(mm, addr, end)
             finally:
-                self.unlock_write(mm)
+                self.locks.mmap_write_unlock(mm)
         elif advice == "dontneed":
-            yield from self.lock_read(mm)
+            yield from self.locks.mmap_read_lock(mm)
             try:
                 for vma in covered:
-                    self.zap_range(mm, max(vma.start, addr), min(vma.end, end))
+                    self.pagetables.zap_page_range(mm, max(vma.start, addr), min(vma.end, end))
             finally:
-                self.unlock_read(mm)
+                self.locks.mmap_read_unlock(mm)
         elif advice == "pageout":
-            yield from self.lock_read(mm)
+            yield from self.locks.mmap_read_lock(mm)
             try:
                 self._pageout(mm, addr, end)
             finally:
-                self.unlock_read(mm)
+                self.locks.mmap_read_unlock(mm)
         else:
             # madvise_populate, as observed on 6.18: it stops at the first hole (ENOMEM) or VMA
             # whose protection refuses the access (EINVAL), keeping what it populated before.
             write = advice == "populate_write"
             page = addr
             while page < end:
-                vma = mm.find_vma(page)
-                if vma is None:
+                cur = mm.find_vma(page)
+                if cur is None:
                     return {"result": "ENOMEM"}
-                if (write and not vma.prot & PROT_WRITE) or not vma.prot & PROT_READ:
+                if (write and not cur.prot & PROT_WRITE) or not cur.prot & PROT_READ:
                     return {"result": "EINVAL"}
-                outcome = yield from self.fault(pid, page, write)
-                if outcome["result"] in ("sigsegv", "sigbus"):
+                result = yield from self.faults.do_user_addr_fault(pid, page, write)
+                if result in ("sigsegv", "sigbus"):
                     return {"result": "EFAULT"}
                 if isinstance(mm.pmds.get(page >> HPAGE_PMD_SHIFT), int):
                     page = (page | (HPAGE_PMD_SIZE - 1)) + 1  # the PMD mapped the rest
@@ -239,19 +212,123 @@ class AddressSpaceOps:
     def _pageout(self, mm: Mm, start: int, end: int) -> None:
         """MADV_PAGEOUT: unmap this process's file pages in the range and ask for reclaim."""
         pfns: list[int] = []
-        for pidx in self._pidx_range(mm, start, end):
+        for pidx in mm.pmd_indices(start, end):
             entry = mm.pmds[pidx]
             base = pidx << HPAGE_PMD_SHIFT
             if isinstance(entry, int):
                 pfns.append(pte_pfn(entry))
-                self._zap_pmd(mm, pidx, split=not (start <= base and base + HPAGE_PMD_SIZE <= end))
+                self.pagetables.zap_huge_pmd(mm, pidx, split=not (start <= base and base + HPAGE_PMD_SIZE <= end))
                 continue
             lo, hi = max(start, base), min(end, base + HPAGE_PMD_SIZE)
             for slot in range((lo - base) >> PAGE_SHIFT, (hi - base) >> PAGE_SHIFT):
                 pte = entry.ptes[slot]
                 if pte and not pte & PTE_ANON:
                     pfns.append(pte_pfn(pte))
-                    self._zap_pte(mm, entry, slot)
+                    self.pagetables.zap_pte(mm, entry, slot)
         if pfns:
-            self.send(m.Reclaim(tuple(pfns)))
+            self.actor.send(m.Reclaim(tuple(pfns)))
 
+    # -- fork, exit, and the collapser's requests ---------------------------------------------
+
+    def dup_mmap(self, parent: Mm, mm: Mm) -> None:
+        """fork, under the parent's mmap write lock: copy every VMA; page tables only where the
+        VMA has an anon_vma (vma_needs_copy), since file pages simply refault in the child."""
+        for vma in parent.vmas:
+            self.vma_link(mm, vma.copy(vma.start, vma.end))
+            if vma.anon_vma:
+                self.pagetables.copy_page_range(mm, parent, vma)
+
+    def exit_mmap(self, mm: Mm) -> None:
+        """Release pins, zap every VMA, unlink it and free the page tables."""
+        self.faults.unpin_all(mm)
+        for vma in list(mm.vmas):
+            self.pagetables.zap_page_range(mm, vma.start, vma.end)
+            self.vma_unlink(mm, vma)
+        self.pagetables.free_all_pgtables(mm)
+
+    def unmap_mapping_range(self, msg: m.UnmapMapping) -> None:
+        """unmap_mapping_range / try_to_unmap over every VMA mapping [start, end) of the file."""
+        pfns = set(msg.pfns) if msg.pfns else None
+        for mm, vma in self.files.mappings(msg.ino):
+            lo = max(msg.start, vma.pgoff)
+            hi = min(msg.end, vma.pgoff_at(vma.end))
+            if lo >= hi:
+                continue
+            self.pagetables.zap_page_range(mm, vma.addr_of(lo), vma.addr_of(hi), anon=msg.even_cows, pfns=pfns)
+
+    def resync(self) -> None:
+        """A collapser (new or back) is connected: tell it again about every mapping's write open
+        and khugepaged range."""
+        for mm in self.mms.values():
+            for vma in mm.vmas:
+                if self._holds_write_open(vma):
+                    self.actor.send(m.WriteOpen(vma.ino, 1))
+                if self._khugepaged_suitable(vma):
+                    self.actor.send(self._register_range(mm, vma))
+
+    # -- VMA bookkeeping (link/unlink/split/merge) --------------------------------------------
+
+    def vma_link(self, mm: Mm, vma: Vma) -> None:
+        """Insert ``vma`` in the mm and the file rmap, and tell the collapser what it implies."""
+        mm.insert_vma(vma)
+        self.files.i_mmap_insert(mm, vma)
+        if self._holds_write_open(vma):
+            self.actor.send(m.WriteOpen(vma.ino, 1))
+        if self._khugepaged_suitable(vma):
+            self.actor.send(self._register_range(mm, vma))
+
+    def vma_unlink(self, mm: Mm, vma: Vma) -> None:
+        """The reverse of :meth:`vma_link`. The caller has zapped what the VMA mapped, or links
+        VMAs in its place that take over its page tables (split, merge, a flags change)."""
+        mm.remove_vma(vma)
+        self.files.i_mmap_remove(vma)
+        if self._holds_write_open(vma):
+            self.actor.send(m.WriteOpen(vma.ino, -1))
+        if self._khugepaged_suitable(vma):
+            self.actor.send(m.UnregisterRange(mm.pid, vma.start))
+
+    def _holds_write_open(self, vma: Vma) -> bool:
+        """A shared writable mapping of a regular file counts in its i_writecount, which the
+        collapser keeps (shmem is not subject to the open-for-write rule)."""
+        f = self.files.get(vma.ino)
+        return vma.writes_file and f is not None and not f.shmem
+
+    @staticmethod
+    def _register_range(mm: Mm, vma: Vma) -> m.RegisterRange:
+        return m.RegisterRange(mm.pid, vma.start, vma.end, vma.ino, vma.pgoff, vma.hugepage, vma.nohugepage)
+
+    def _khugepaged_suitable(self, vma: Vma) -> bool:
+        """What khugepaged_enter_vma needs on this side: not VM_NOHUGEPAGE, an aligned 2 MiB."""
+        if vma.nohugepage:
+            return False
+        haddr = (vma.start + HPAGE_PMD_SIZE - 1) & ~(HPAGE_PMD_SIZE - 1)
+        return vma.pmd_suitable(haddr)
+
+    def _split_vma(self, mm: Mm, addr: int) -> None:
+        """Split the VMA containing ``addr`` so that a VMA starts there (__split_vma). A PMD
+        mapping across the new boundary is split first (vma_adjust_trans_huge)."""
+        vma = mm.find_vma(addr)
+        if vma is None or vma.start == addr:
+            return
+        entry = mm.pmds.get(addr >> HPAGE_PMD_SHIFT)
+        if isinstance(entry, int) and addr & (HPAGE_PMD_SIZE - 1):
+            self.pagetables.zap_huge_pmd(mm, addr >> HPAGE_PMD_SHIFT, split=True)
+        self.vma_unlink(mm, vma)
+        self.vma_link(mm, vma.copy(vma.start, addr))
+        self.vma_link(mm, vma.copy(addr, vma.end))
+
+    def _vma_merge(self, mm: Mm, start: int, end: int) -> None:
+        """vma_merge: fold VMAs in [start, end] with identical, contiguous neighbours."""
+        i = max(0, bisect.bisect_left(mm.starts, start) - 1)
+        while i + 1 < len(mm.vmas):
+            a, b = mm.vmas[i], mm.vmas[i + 1]
+            if a.start > end:
+                break
+            if a.end == b.start and a.same_flags(b) and a.pgoff_at(a.end) == b.pgoff:
+                merged = a.copy(a.start, b.end)
+                merged.anon_vma = a.anon_vma or b.anon_vma
+                self.vma_unlink(mm, a)
+                self.vma_unlink(mm, b)
+                self.vma_link(mm, merged)
+                continue
+            i += 1

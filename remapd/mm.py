@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import bisect
 from array import array
-from collections.abc import Iterator
+from collections.abc import Callable, Generator, Iterator
+from typing import Any
 
+from shared.actor import Wait
+from shared.errors import UserError
 from shared.units import HPAGE_PMD_NR, HPAGE_PMD_SHIFT, PAGE_SHIFT
 from shared.vm import PROT_WRITE
 
@@ -45,7 +48,7 @@ def pte_belongs(pte: int, slot: int) -> bool:
 class PteTable:
     """A page of 512 PTEs plus the per-PMD "try collapse" mark Kirill proposed for its struct page."""
 
-    __slots__ = ("ptes", "nr", "nr_foreign", "mark")
+    __slots__ = ("mark", "nr", "nr_foreign", "ptes")
 
     def __init__(self) -> None:
         self.ptes = array("Q", bytes(8 * HPAGE_PMD_NR))
@@ -75,7 +78,7 @@ class PteTable:
 
 
 class Vma:
-    __slots__ = ("start", "end", "pgoff", "ino", "prot", "shared", "hugepage", "nohugepage", "anon_vma")
+    __slots__ = ("anon_vma", "end", "hugepage", "ino", "nohugepage", "pgoff", "prot", "shared", "start")
 
     def __init__(
         self,
@@ -134,6 +137,11 @@ class Vma:
             self.anon_vma,
         )
 
+    def anon_vma_prepare(self) -> None:
+        """The VMA now holds private anon pages (a CoW copy, a uprobe breakpoint): from here on
+        retract_page_tables leaves its page tables alone."""
+        self.anon_vma = True
+
     def pmd_suitable(self, haddr: int) -> bool:
         """thp_vma_suitable_order: the VMA covers [haddr, haddr+2M) with matching alignment."""
         if haddr < self.start or haddr + (1 << HPAGE_PMD_SHIFT) > self.end:
@@ -169,6 +177,52 @@ class MmapLock:
         return self.writer or self.readers > 0
 
 
+class MmapLocks:
+    """mmap_read_lock and mmap_write_lock for tasks: a task that cannot take an mm's lock waits
+    until an unlock of that mm notifies it (through the actor's ``notify``). Trylocks
+    (khugepaged's) call :meth:`MmapLock.try_write` directly and unlock here."""
+
+    # Waiters sleep on ("mmap", pid). Written out at each use rather than built by a helper:
+    # every fault unlocks twice, and a call per unlock shows in the fault rate.
+
+    def __init__(self, notify: Callable[[Any], None]):
+        self._notify = notify
+
+    @staticmethod
+    def wait(mm: Mm) -> Wait:
+        """The effect that sleeps until ``mm``'s lock is released or the mm exits."""
+        return Wait(("mmap", mm.pid))
+
+    def mmap_read_lock(self, mm: Mm) -> Generator[Any, Any, None]:
+        """Fails with ESRCH if the process exits while we wait."""
+        while not mm.lock.try_read():
+            yield self.wait(mm)
+        if mm.exiting:
+            self.mmap_read_unlock(mm)
+            raise UserError("ESRCH", f"process {mm.pid} exited")
+
+    def mmap_write_lock(self, mm: Mm) -> Generator[Any, Any, None]:
+        """Fails with ESRCH if the process exits while we wait."""
+        while not mm.lock.try_write():
+            yield self.wait(mm)
+        if mm.exiting:
+            self.mmap_write_unlock(mm)
+            raise UserError("ESRCH", f"process {mm.pid} exited")
+
+    def mmap_read_unlock(self, mm: Mm) -> None:
+        mm.lock.readers -= 1
+        if not mm.lock.readers:
+            self._notify(("mmap", mm.pid))
+
+    def mmap_write_unlock(self, mm: Mm) -> None:
+        mm.lock.writer = False
+        self._notify(("mmap", mm.pid))
+
+    def wake_all(self, mm: Mm) -> None:
+        """The mm is gone: every task waiting for its lock wakes and sees it exiting."""
+        self._notify(("mmap", mm.pid))
+
+
 class Mm:
     """mm_struct: VMAs sorted by start, PMD slots, rss counters, nr_ptes, the mmap lock."""
 
@@ -183,6 +237,14 @@ class Mm:
         self.exiting = False
         self.pte_mapped_thp: list[int] = []  # mm-slot policy: v5.4's mm_slot array
         self.pins: dict[int, list[int]] = {}  # page-aligned addr -> pinned pfns (GUP)
+
+    def pmd_indices(self, start: int, end: int) -> list[int]:
+        """The PMD slots in [start, end) that hold a PTE table or a PMD mapping, in order: the
+        page-table walk of every range operation, cheaper from whichever side is smaller."""
+        lo, hi = start >> HPAGE_PMD_SHIFT, (end - 1) >> HPAGE_PMD_SHIFT
+        if hi - lo + 1 > len(self.pmds):
+            return sorted(p for p in self.pmds if lo <= p <= hi)
+        return [p for p in range(lo, hi + 1) if p in self.pmds]
 
     def find_vma(self, addr: int) -> Vma | None:
         """The VMA containing ``addr`` (vma_lookup), in O(log n)."""
@@ -210,3 +272,11 @@ class Mm:
         assert self.vmas[i] is vma
         del self.starts[i]
         del self.vmas[i]
+
+
+def find_mm(mms: dict[int, Mm], pid: int) -> Mm:
+    """The live mm of ``pid``, or ESRCH: what every operation on a process looks up first."""
+    mm = mms.get(pid)
+    if mm is None or mm.exiting:
+        raise UserError("ESRCH", f"no process {pid}")
+    return mm

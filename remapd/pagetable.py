@@ -1,17 +1,29 @@
-"""The remapper's page-table primitives: installing and zapping PTEs and PMDs with their rmap
-rows, mm counters and the per-PMD mark, and anon pages. Mixed into :class:`remapd.remapper.Remapper`."""
+"""Page tables: every change to a PTE or a PMD goes through :class:`PageTables`, which keeps what
+the kernel keeps beside them (the rmap, the mm counters, nr_ptes) and Kirill's per-PMD mark.
+
+The mark says "this PTE table maps only subpages of one THP, each at its own slot: try to map it
+with a PMD". It is set when a PTE that belongs is installed in a table with nothing foreign, or
+when retract_page_tables' trylock fails (retry policy ``per-pmd``), and cleared by anything
+foreign, by freeing the table, or by the remapper's pass once it has tried. :attr:`marked`
+indexes the marked tables so that pass need not walk every page table.
+"""
 
 from __future__ import annotations
+
+from collections import Counter
 
 from remapd.mm import (
     PTE_ANON,
     PTE_SHMEM,
+    PTE_WRITE,
     Mm,
     PteTable,
+    Vma,
     pte_belongs,
     pte_make,
     pte_pfn,
 )
+from remapd.rmap import AnonPages, RmapBatch
 from shared.logs import get_logger
 from shared.units import (
     HPAGE_PMD_NR,
@@ -19,22 +31,32 @@ from shared.units import (
     HPAGE_PMD_SIZE,
     PAGE_SHIFT,
 )
+from shared.vm import PROT_WRITE
 
 log = get_logger("remapd")
 
 
-class PageTableOps:
-    """PTE/PMD install and zap, accounted as the kernel's rmap does."""
+def mm_counter(pte: int) -> str:
+    """The rss counter a page mapped by ``pte`` counts in (mm_counter)."""
+    if pte & PTE_ANON:
+        return "MM_ANONPAGES"
+    return "MM_SHMEMPAGES" if pte & PTE_SHMEM else "MM_FILEPAGES"
 
-    # -- rmap and page-table primitives -------------------------------------------------------
 
-    def _rss_key(self, pte: int) -> str:
-        if pte & PTE_ANON:
-            return "MM_ANONPAGES"
-        return "MM_SHMEMPAGES" if pte & PTE_SHMEM else "MM_FILEPAGES"
+class PageTables:
+    """PTE/PMD install and zap for every mm, with rmap rows (file pages), anon mapcounts, mm
+    counters, ``thp_file_mapped``/``thp_split_pmd`` and the per-PMD mark."""
 
-    def _table(self, mm: Mm, pidx: int) -> PteTable:
-        """pte_alloc: the PTE table at ``pidx``, allocated if the PMD is none."""
+    def __init__(self, rmap: RmapBatch, anon: AnonPages, vm: Counter[str]):
+        self.rmap = rmap
+        self.anon = anon
+        self.vm = vm
+        self.marked: set[tuple[int, int]] = set()  # (pid, pmd index) of every marked PTE table
+
+    # -- PTE tables and the mark --------------------------------------------------------------
+
+    def pte_alloc(self, mm: Mm, pidx: int) -> PteTable:
+        """The PTE table at ``pidx``, allocated if the PMD is none."""
         entry = mm.pmds.get(pidx)
         if entry is None:
             entry = mm.pmds[pidx] = PteTable()
@@ -42,89 +64,97 @@ class PageTableOps:
         assert isinstance(entry, PteTable)
         return entry
 
-    def _free_table(self, mm: Mm, pidx: int) -> None:
+    def pte_free(self, mm: Mm, pidx: int) -> None:
+        """Free the (empty) PTE table at ``pidx``; the PMD is none afterwards."""
         del mm.pmds[pidx]
         mm.nr_ptes -= 1
         self.marked.discard((mm.pid, pidx))
 
-    def _set_pte(self, mm: Mm, pidx: int, slot: int, pte: int) -> None:
-        """Install a PTE (the page's reference and mapcount are already accounted) and keep the
-        per-PMD mark: set by a subpage that belongs, cleared by anything foreign."""
-        table = self._table(mm, pidx)
-        table.set(slot, pte)
-        mm.rss[self._rss_key(pte)] += 1
-        if pte_belongs(pte, slot):
-            if not table.nr_foreign and not table.mark:
-                table.mark = True
-                self.marked.add((mm.pid, pidx))
-                log.debug("mark_set", pid=mm.pid, addr=hex(pidx << HPAGE_PMD_SHIFT), why="fault")
-        elif table.mark:
-            self._unmark(mm, pidx, table, "foreign")
+    def set_mark(self, mm: Mm, pidx: int, table: PteTable, why: str) -> None:
+        """Mark the table for a collapse try, unless something foreign is mapped there."""
+        if not table.nr_foreign and not table.mark:
+            table.mark = True
+            self.marked.add((mm.pid, pidx))
+            log.debug("mark_set", pid=mm.pid, addr=hex(pidx << HPAGE_PMD_SHIFT), why=why)
 
-    def _unmark(self, mm: Mm, pidx: int, table: PteTable, why: str) -> None:
+    def clear_mark(self, mm: Mm, pidx: int, table: PteTable, why: str) -> None:
         table.mark = False
         self.marked.discard((mm.pid, pidx))
         log.debug("mark_cleared", pid=mm.pid, addr=hex(pidx << HPAGE_PMD_SHIFT), why=why)
 
-    def _zap_pte(self, mm: Mm, table: PteTable, slot: int) -> None:
+    # -- PTEs ---------------------------------------------------------------------------------
+
+    def set_pte_at(self, mm: Mm, pidx: int, slot: int, pte: int) -> None:
+        """Install a PTE, allocating its table. The page's reference and mapcount are the
+        caller's to account (a file page's by the collapser's lookup, an anon page's by
+        :class:`AnonPages`). A subpage that belongs marks the table; anything foreign unmarks it."""
+        table = mm.pmds.get(pidx)
+        if not isinstance(table, PteTable):  # every fault comes here: no call when it exists
+            table = self.pte_alloc(mm, pidx)
+        table.set(slot, pte)
+        mm.rss[mm_counter(pte)] += 1
+        if pte_belongs(pte, slot):
+            if not table.mark:
+                self.set_mark(mm, pidx, table, "fault")
+        elif table.mark:
+            self.clear_mark(mm, pidx, table, "foreign")
+
+    def zap_pte(self, mm: Mm, table: PteTable, slot: int) -> None:
+        """Clear one present PTE and drop the mapping it held (zap_present_ptes)."""
         pte = table.ptes[slot]
         table.set(slot, 0)
-        mm.rss[self._rss_key(pte)] -= 1
+        mm.rss[mm_counter(pte)] -= 1
         pfn = pte_pfn(pte)
         if pte & PTE_ANON:
-            self._anon_put(pfn)
+            self.anon.remove(pfn)
         else:
-            self._row(pfn, pte=-1)
+            self.rmap.add(pfn, pte=-1)
 
-    def _zap_pmd(self, mm: Mm, pidx: int, split: bool) -> None:
+    def follow_page(self, mm: Mm, addr: int) -> int:
+        """The pfn mapped at ``addr``, which must be mapped (follow_page_mask)."""
+        entry = mm.pmds.get(addr >> HPAGE_PMD_SHIFT)
+        if isinstance(entry, int):
+            return pte_pfn(entry) + ((addr >> PAGE_SHIFT) & (HPAGE_PMD_NR - 1))
+        assert entry is not None
+        return pte_pfn(entry.ptes[(addr >> PAGE_SHIFT) & (HPAGE_PMD_NR - 1)])
+
+    # -- PMDs ---------------------------------------------------------------------------------
+
+    def do_set_pmd(self, mm: Mm, pidx: int, head: int, shmem: bool, accounted: bool) -> None:
+        """Map the PMD-order folio ``head`` with one PMD entry (do_set_pmd; khugepaged's
+        set_huge_pmd does the same). ``accounted``: the collapser already counted the PMD
+        mapping (a fault's lookup does; a retract's install does not)."""
+        mm.pmds[pidx] = pte_make(head, PTE_SHMEM if shmem else 0)
+        mm.rss["MM_SHMEMPAGES" if shmem else "MM_FILEPAGES"] += HPAGE_PMD_NR
+        if not accounted:
+            self.rmap.add(head, pmd=1)
+        self.vm["thp_file_mapped"] += 1
+        log.debug("pmd_install", pid=mm.pid, addr=hex(pidx << HPAGE_PMD_SHIFT), pfn=head)
+
+    def zap_huge_pmd(self, mm: Mm, pidx: int, split: bool) -> None:
+        """Clear a PMD mapping. ``split``: the PMD is being split rather than unmapped whole
+        (__split_huge_pmd), which for a file THP also just clears it: the range refaults as PTEs."""
         entry = mm.pmds.pop(pidx)
         assert isinstance(entry, int)
         rss = "MM_SHMEMPAGES" if entry & PTE_SHMEM else "MM_FILEPAGES"
         mm.rss[rss] -= HPAGE_PMD_NR
-        self._row(pte_pfn(entry), pmd=-1)
+        self.rmap.add(pte_pfn(entry), pmd=-1)
         if split:
-            # __split_huge_pmd on a file THP just clears the PMD; the range refaults as PTEs.
             self.vm["thp_split_pmd"] += 1
 
-    def _install_pmd(self, mm: Mm, pidx: int, head: int, shmem: bool, accounted: bool) -> None:
-        """do_set_pmd: map the PMD-order folio ``head`` with one PMD entry."""
-        mm.pmds[pidx] = pte_make(head, PTE_SHMEM if shmem else 0)
-        mm.rss["MM_SHMEMPAGES" if shmem else "MM_FILEPAGES"] += HPAGE_PMD_NR
-        if not accounted:
-            self._row(head, pmd=1)
-        self.vm["thp_file_mapped"] += 1
-        log.debug("pmd_install", pid=mm.pid, addr=hex(pidx << HPAGE_PMD_SHIFT), pfn=head)
+    # -- ranges -------------------------------------------------------------------------------
 
-    def _anon_new(self) -> int:
-        pfn = self._next_anon
-        self._next_anon += 1
-        self.anon[pfn] = 0
-        return pfn
-
-    def _anon_map(self, pfn: int) -> None:
-        self.anon[pfn] += 1
-
-    def _anon_put(self, pfn: int) -> None:
-        self.anon[pfn] -= 1
-        if self.anon[pfn] == 0 and not self.anon_pins.get(pfn):
-            del self.anon[pfn]
-
-    def _pidx_range(self, mm: Mm, start: int, end: int) -> list[int]:
-        lo, hi = start >> HPAGE_PMD_SHIFT, (end - 1) >> HPAGE_PMD_SHIFT
-        if hi - lo + 1 > len(mm.pmds):
-            return sorted(p for p in mm.pmds if lo <= p <= hi)
-        return [p for p in range(lo, hi + 1) if p in mm.pmds]
-
-    def zap_range(
+    def zap_page_range(
         self, mm: Mm, start: int, end: int, anon: bool = True, pfns: set[int] | None = None
     ) -> None:
-        """zap_page_range: clear PTEs and PMDs in [start, end). A PMD cut by the range is split."""
-        for pidx in self._pidx_range(mm, start, end):
+        """Clear PTEs and PMDs in [start, end); a PMD the range cuts is split. ``anon=False``
+        keeps private CoW copies; ``pfns`` limits the zap to mappings of those pages (try_to_unmap)."""
+        for pidx in mm.pmd_indices(start, end):
             entry = mm.pmds[pidx]
             base = pidx << HPAGE_PMD_SHIFT
             if isinstance(entry, int):
                 if pfns is None:
-                    self._zap_pmd(mm, pidx, split=not (start <= base and base + HPAGE_PMD_SIZE <= end))
+                    self.zap_huge_pmd(mm, pidx, split=not (start <= base and base + HPAGE_PMD_SIZE <= end))
                 continue
             lo = max(start, base)
             hi = min(end, base + HPAGE_PMD_SIZE)
@@ -134,18 +164,57 @@ class PageTableOps:
                     continue
                 if pfns is not None and pte_pfn(pte) not in pfns:
                     continue
-                self._zap_pte(mm, entry, slot)
+                self.zap_pte(mm, entry, slot)
+
+    def zap_file_pages(self, mm: Mm) -> None:
+        """Clear every mapping of a file page, keeping anon pages (the page cache is gone)."""
+        for pidx, entry in list(mm.pmds.items()):
+            if isinstance(entry, int):
+                self.zap_huge_pmd(mm, pidx, split=False)
+                continue
+            for slot, pte in list(entry.present()):
+                if not pte & PTE_ANON:
+                    self.zap_pte(mm, entry, slot)
 
     def free_pgtables(self, mm: Mm, start: int, end: int) -> None:
-        """Free PTE tables no VMA overlaps any more (after munmap)."""
-        for pidx in self._pidx_range(mm, start, end):
+        """Free the PTE tables in [start, end) that no VMA overlaps any more (after munmap)."""
+        for pidx in mm.pmd_indices(start, end):
             base = pidx << HPAGE_PMD_SHIFT
             if not mm.overlapping(base, base + HPAGE_PMD_SIZE):
                 entry = mm.pmds[pidx]
                 if isinstance(entry, PteTable):
                     for slot, _ in list(entry.present()):
-                        self._zap_pte(mm, entry, slot)
-                    self._free_table(mm, pidx)
+                        self.zap_pte(mm, entry, slot)
+                    self.pte_free(mm, pidx)
                 else:
-                    self._zap_pmd(mm, pidx, split=False)
+                    self.zap_huge_pmd(mm, pidx, split=False)
 
+    def free_all_pgtables(self, mm: Mm) -> None:
+        """Free every PTE table left once everything is zapped (exit_mmap)."""
+        for pidx, entry in list(mm.pmds.items()):
+            if isinstance(entry, PteTable):
+                self.pte_free(mm, pidx)
+
+    def copy_page_range(self, dst: Mm, src: Mm, vma: Vma) -> None:
+        """fork's copy of ``vma``'s PTEs from ``src`` into ``dst``. Anon pages become shared
+        copy-on-write, except a pinned one: the child gets its own copy at once
+        (copy_present_page), so a later CoW cannot move the parent off the page the pin holds.
+        File PMDs are not copied (copy_huge_pmd leaves them to refault)."""
+        for pidx in src.pmd_indices(vma.start, vma.end):
+            entry = src.pmds[pidx]
+            if not isinstance(entry, PteTable):
+                continue
+            base = pidx << HPAGE_PMD_SHIFT
+            for slot, pte in list(entry.present()):
+                addr = base + (slot << PAGE_SHIFT)
+                if not vma.start <= addr < vma.end:
+                    continue
+                if pte & PTE_ANON and self.anon.pinned(pte_pfn(pte)):
+                    pte = pte_make(self.anon.alloc(), PTE_ANON | (PTE_WRITE if vma.prot & PROT_WRITE else 0))
+                elif pte & PTE_ANON:
+                    pte &= ~PTE_WRITE
+                    entry.ptes[slot] = pte
+                    self.anon.dup(pte_pfn(pte))
+                else:
+                    self.rmap.add(pte_pfn(pte), pte=1)
+                self.set_pte_at(dst, pidx, slot, pte)

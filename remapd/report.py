@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from remapd.files import Files
 from remapd.mm import (
     PTE_ANON,
     PTE_SHMEM,
@@ -11,6 +12,7 @@ from remapd.mm import (
     PteTable,
     Vma,
 )
+from shared.knobs import Knobs
 from shared.thp import thp_vma_allowable_order
 from shared.units import (
     HPAGE_PMD_SHIFT,
@@ -20,27 +22,25 @@ from shared.units import (
 )
 from shared.vm import PROT_EXEC, PROT_READ, PROT_WRITE
 
-if TYPE_CHECKING:
-    from remapd.remapper import Remapper
 
-def thp_eligible(r: Remapper, vma: Vma) -> bool:
+def thp_eligible(vma: Vma, files: Files, knobs: Knobs) -> bool:
     """THPeligible: thp_vma_allowable_order with TVA_SMAPS | TVA_ENFORCE_SYSFS, for a file VMA."""
     if vma.nohugepage:
         return False
     haddr = (vma.start + HPAGE_PMD_SIZE - 1) & ~(HPAGE_PMD_SIZE - 1)
     if not vma.pmd_suitable(haddr):
         return False
-    f = r.files.get(vma.ino)
+    f = files.get(vma.ino)
     if f is None:
         return False
     return thp_vma_allowable_order(
-        r.knobs,
+        knobs,
         shmem=f.shmem,
         i_size=f.size,
         pgoff=vma.pgoff,
         vm_hugepage=vma.hugepage,
         vm_nohugepage=vma.nohugepage,
-        open_for_write=any(v.writes_file for _, v in r._vmas_of(vma.ino)),
+        open_for_write=files.open_for_write(vma.ino),
     )
 
 
@@ -64,11 +64,11 @@ def vm_flags(vma: Vma) -> str:
     return " ".join(flags)
 
 
-def smaps(r: Remapper, mm: Mm) -> list[dict[str, Any]]:
+def smaps(mm: Mm, files: Files, knobs: Knobs) -> list[dict[str, Any]]:
     out = []
     for vma in mm.vmas:
         rss = anon = file_pmd = shmem_pmd = 0
-        for pidx in r._pidx_range(mm, vma.start, vma.end):
+        for pidx in mm.pmd_indices(vma.start, vma.end):
             entry = mm.pmds[pidx]
             base = pidx << HPAGE_PMD_SHIFT
             if isinstance(entry, int):
@@ -88,7 +88,7 @@ def smaps(r: Remapper, mm: Mm) -> list[dict[str, Any]]:
                     rss += PAGE_SIZE
                     if pte & PTE_ANON:
                         anon += PAGE_SIZE
-        f = r.files.get(vma.ino)
+        f = files.get(vma.ino)
         prot = vma.prot
         perms = (
             ("r" if prot & PROT_READ else "-")
@@ -117,7 +117,7 @@ def smaps(r: Remapper, mm: Mm) -> list[dict[str, Any]]:
                 "Private_Hugetlb": 0,
                 "Swap": 0,
                 "Locked": 0,
-                "THPeligible": int(thp_eligible(r, vma)),
+                "THPeligible": int(thp_eligible(vma, files, knobs)),
                 "VmFlags": vm_flags(vma),
             }
         )

@@ -151,9 +151,9 @@ def test_write_to_a_private_mapping_copies_to_anon(world):
     a = world.mmap(1, FIXED, 4 * P, "f", prot="rw", shared=False)
     mm = world.remapper.mms[1]
     assert not mm.vmas[0].anon_vma
-    cows = world.vmstat()["cow_fault"]
+    cows = world.vmstat()["thpsplit_cow_fault"]
     assert world.fault(1, a, write=True) == "major"  # read in, then copied
-    assert world.vmstat()["cow_fault"] == cows + 1
+    assert world.vmstat()["thpsplit_cow_fault"] == cows + 1
     pte = pte_at(world, 1, a)
     assert pte & PTE_ANON and pte & PTE_WRITE
     assert mm.vmas[0].anon_vma
@@ -166,7 +166,7 @@ def test_write_to_a_private_mapping_copies_to_anon(world):
     # Read first, then write: the file PTE is replaced by a copy.
     assert world.fault(1, a + P) == "major"
     assert world.fault(1, a + P, write=True) == "minor"
-    assert world.vmstat()["cow_fault"] == cows + 2
+    assert world.vmstat()["thpsplit_cow_fault"] == cows + 2
     assert mem.mapcount[cache_pfn(world, "f", 1)] == 0
     assert mm.rss["MM_ANONPAGES"] == 2 and mm.rss["MM_FILEPAGES"] == 0
     assert world.fault(1, a + P, write=True) == "hit"  # writable already
@@ -206,7 +206,7 @@ def test_write_to_a_shared_mapping_dirties_the_page(world):
     assert world.fault(1, a + P, write=True) == "minor"
     assert mem.flags[cache_pfn(world, "f", 1)] & PG_DIRTY
     assert world.collapser.fileops.stat(f)["dirty"] == 2
-    assert world.vmstat()["cow_fault"] == 0
+    assert world.vmstat()["thpsplit_cow_fault"] == 0
     assert world.remapper.mms[1].rss == {"MM_FILEPAGES": 2, "MM_ANONPAGES": 0, "MM_SHMEMPAGES": 0}
 
 
@@ -348,12 +348,12 @@ def test_dontneed_zaps_and_drops_references(world):
     mem = world.collapser.mem
     pfns = [cache_pfn(world, "f", i) for i in range(8)]
     assert [mem.ref[p] for p in pfns] == [2] * 6 + [1] * 2
-    assert len(world.remapper.anon) == 2
+    assert len(world.remapper.anon.mapcount) == 2
     assert world.madvise(1, a + 2 * P, 6 * P, "dontneed") == 0
     assert rss(world) == [8]
     assert [mem.ref[p] for p in pfns] == [2] * 2 + [1] * 6
     assert all(mem.mapcount[p] == 0 for p in pfns[2:])
-    assert not world.remapper.anon
+    assert not world.remapper.anon.mapcount
     mm = world.remapper.mms[1]
     assert mm.rss == {"MM_FILEPAGES": 2, "MM_ANONPAGES": 0, "MM_SHMEMPAGES": 0}
     # The anon copies are gone: the file's contents show through again.
@@ -424,13 +424,13 @@ def test_pin_an_anon_page(world):
     world.fault(1, a, write=True)
     anon = world.pin(1, a)["pfn"]
     r = world.remapper
-    assert pte_at(world, 1, a) & PTE_ANON and r.anon_pins == {anon: 1}
+    assert pte_at(world, 1, a) & PTE_ANON and r.anon.pins == {anon: 1}
     assert not world.collapser.mem.pins
     # Unmapped but pinned: the page lives on until the pin goes.
     world.madvise(1, a, P, "dontneed")
-    assert r.anon == {anon: 0}
+    assert r.anon.mapcount == {anon: 0}
     world.unpin(1, a)
-    assert r.anon == {} and r.anon_pins == {}
+    assert r.anon.mapcount == {} and r.anon.pins == {}
 
 
 def test_pin_unmapped_or_beyond_eof_is_efault(world):

@@ -123,7 +123,7 @@ def test_the_layers_are_all_populated() -> None:
         ("shared.units", "from remapd.mm import PTE_ANON", "the shared leaf imports a layer above it"),
         ("shared.knobs", "def f():\n    from shared.sim.world import World", "the shared leaf imports"),
         ("shared.actor", "import trio", "trio in a sans-IO module"),
-        ("remapd.collapse", "import trio", "trio in a sans-IO module"),
+        ("remapd.khugepaged", "import trio", "trio in a sans-IO module"),
         ("shared.sim.world", "import trio", "trio in a sans-IO module"),
         ("remapd.fault", "from shared.shell.driver import Driver", "a model module imports the shell"),
         ("collapsed.collapser", "from shared.sim import invariants", "a model module imports"),

@@ -93,13 +93,13 @@ def test_exit_releases_every_mapping_and_pin(make_world):
     world.pin(1, small)
     world.pin(1, small + 4 * P)  # an anon page
     mem = world.collapser.mem
-    assert mem.pins and world.remapper.anon and world.remapper.anon_pins
+    assert mem.pins and world.remapper.anon.mapcount and world.remapper.anon.pins
 
     world.exit(1)
 
     assert 1 not in world.remapper.mms
     assert not mem.entire and not mem.pins
-    assert not world.remapper.anon and not world.remapper.anon_pins
+    assert not world.remapper.anon.mapcount and not world.remapper.anon.pins
     assert mem.ref[thp] == HPAGE_PMD_NR
     assert not any(mem.mapcount[thp : thp + HPAGE_PMD_NR])
     for name in ("big", "small", "shm"):
@@ -166,18 +166,18 @@ def test_fork_makes_anon_pages_copy_on_write(world):
     world.fork(1, 2)
 
     r = world.remapper
-    assert r.anon[anon] == 2
+    assert r.anon.mapcount[anon] == 2
     assert pte_pfn(pte_at(world, 2, a)) == anon
     assert not pte_at(world, 1, a) & PTE_WRITE and not pte_at(world, 2, a) & PTE_WRITE
-    cows = world.vmstat()["cow_fault"]
+    cows = world.vmstat()["thpsplit_cow_fault"]
     assert world.fault(2, a, write=True) == "minor"  # the child copies
-    assert world.vmstat()["cow_fault"] == cows + 1
-    assert pte_pfn(pte_at(world, 2, a)) != anon and r.anon[anon] == 1
+    assert world.vmstat()["thpsplit_cow_fault"] == cows + 1
+    assert pte_pfn(pte_at(world, 2, a)) != anon and r.anon.mapcount[anon] == 1
     assert world.fault(1, a, write=True) == "minor"  # the parent is alone now: reuse
-    assert world.vmstat()["cow_fault"] == cows + 1
+    assert world.vmstat()["thpsplit_cow_fault"] == cows + 1
     assert pte_pfn(pte_at(world, 1, a)) == anon and pte_at(world, 1, a) & PTE_WRITE
     world.exit(1)
-    assert anon not in r.anon and len(r.anon) == 1
+    assert anon not in r.anon.mapcount and len(r.anon.mapcount) == 1
 
 
 def test_fork_copies_a_pinned_anon_page_for_the_child(world):
@@ -190,9 +190,9 @@ def test_fork_copies_a_pinned_anon_page_for_the_child(world):
     # copy_present_page: the parent keeps its writable page; the child has its own.
     assert pte_at(world, 1, a) & PTE_WRITE and pte_pfn(pte_at(world, 1, a)) == anon
     assert pte_pfn(pte_at(world, 2, a)) != anon and pte_at(world, 2, a) & PTE_WRITE
-    cows = world.vmstat()["cow_fault"]
+    cows = world.vmstat()["thpsplit_cow_fault"]
     assert world.fault(1, a, write=True) == "hit"
-    assert world.vmstat()["cow_fault"] == cows
+    assert world.vmstat()["thpsplit_cow_fault"] == cows
 
 
 def test_fork_never_copies_file_pmds(world):

@@ -48,8 +48,8 @@ def test_file_create_returns_stat_and_tells_remapper(world):
         "thps": 0, "swap": 0, "dirty": 0, "open_for_write": 0,
     }
     assert world.file_create("g", 0, shmem=True)["ino"] == 2
-    assert world.remapper.by_name["f"].size == 5 * PAGE_SIZE + 1
-    assert world.remapper.by_name["g"].shmem
+    assert world.remapper.files.by_name["f"].size == 5 * PAGE_SIZE + 1
+    assert world.remapper.files.by_name["g"].shmem
     assert world.collapser.by_name["f"].nr_pages_size == 6
 
 
@@ -86,7 +86,7 @@ def test_write_dirties_pages_and_extends_size(world):
     assert st["size"] == 4 * PAGE_SIZE + 100
     assert st["nrpages"] == 2 and st["dirty"] == 2
     assert sorted(slots(world, "f")) == [3, 4]
-    assert world.remapper.by_name["f"].size == 4 * PAGE_SIZE + 100
+    assert world.remapper.files.by_name["f"].size == 4 * PAGE_SIZE + 100
     for i in (3, 4):
         assert flags_of(world, "f", i) & (PG_DIRTY | PG_UPTODATE) == PG_DIRTY | PG_UPTODATE
         assert world.collapser.mem.ref[slots(world, "f")[i]] == 1
@@ -176,7 +176,7 @@ def test_truncate_drops_pages_past_eof(world):
     assert st["size"] == 3 * PAGE_SIZE + 1 and st["nrpages"] == 4
     assert sorted(slots(world, "f")) == [0, 1, 2, 3]
     assert world.collapser.mem.nr_allocated == allocated - 4
-    assert world.remapper.by_name["f"].size == 3 * PAGE_SIZE + 1
+    assert world.remapper.files.by_name["f"].size == 3 * PAGE_SIZE + 1
 
 
 def test_truncate_up_adds_no_pages(world):
@@ -215,7 +215,7 @@ def test_truncate_removes_private_cow_copies_too(world):
     assert world.smaps(1)[0]["Anonymous"] == 4
     world.file_truncate("f", PAGE_SIZE)
     assert world.smaps(1)[0]["Rss"] == 0
-    assert not world.remapper.anon
+    assert not world.remapper.anon.mapcount
 
 
 def test_truncate_cutting_a_thp_splits_it(world):
@@ -294,7 +294,7 @@ def test_truncate_waits_for_writeback(make_world):
     world.file_sync("f")
     c = world.collapser
     pending = world.start(c, c.file_truncate("f", PAGE_SIZE))
-    assert not pending.done and world.remapper.by_name["f"].size == PAGE_SIZE
+    assert not pending.done and world.remapper.files.by_name["f"].size == PAGE_SIZE
     assert sorted(slots(world, "f")) == [0, 1, 2, 3]
     world.advance(299)
     assert not pending.done

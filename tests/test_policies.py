@@ -1,5 +1,5 @@
 """Retry policies: what a failed mmap_lock trylock in retract_page_tables leaves behind, and who
-comes back for it (remapd/collapse.py's policy table; kernel-notes §1, §3.2, §8.2).
+comes back for it (remapd/khugepaged.py's policy table; kernel-notes §1, §3.2, §8.2).
 
 Every scenario starts the same way: khugepaged collapses the page cache while an application
 thread holds the process's mmap lock for read, so the retract is deferred; the process re-faults

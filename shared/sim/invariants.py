@@ -50,7 +50,7 @@ def check(c: Collapser, r: Remapper) -> None:
                 mergeable = prev.end == vma.start and prev.same_flags(vma) and prev.pgoff_at(prev.end) == vma.pgoff
                 assert not mergeable, f"pid {pid}: {prev} and {vma} should have merged"
             prev = vma
-            assert r.i_mmap.get(vma.ino, {}).get(id(vma)) == (mm, vma), f"pid {pid}: {vma} not in i_mmap"
+            assert r.files.i_mmap.get(vma.ino, {}).get(id(vma)) == (mm, vma), f"pid {pid}: {vma} not in i_mmap"
             seen_vmas.add(id(vma))
             f = r.files.get(vma.ino)
             if vma.writes_file and f is not None and not f.shmem:
@@ -83,7 +83,7 @@ def check(c: Collapser, r: Remapper) -> None:
                 assert vma is not None, f"pid {pid}: PTE at {addr:#x} outside any VMA"
                 pfn = pte_pfn(pte)
                 if pte & PTE_ANON:
-                    assert pfn in r.anon, f"pid {pid}: PTE at {addr:#x} maps freed anon page"
+                    assert pfn in r.anon.mapcount, f"pid {pid}: PTE at {addr:#x} maps freed anon page"
                     anon_maps[pfn] += 1
                     rss["MM_ANONPAGES"] += 1
                     continue
@@ -104,12 +104,12 @@ def check(c: Collapser, r: Remapper) -> None:
     for pid, pidx in r.marked:
         mm = r.mms.get(pid)
         assert mm is not None and isinstance(mm.pmds.get(pidx), PteTable), f"marked ({pid}, {pidx:#x}) has no table"
-    for ino, vmas in r.i_mmap.items():
+    for ino, vmas in r.files.i_mmap.items():
         for key in vmas:
             assert key in seen_vmas, f"i_mmap of {ino} holds an unlinked VMA"
-    assert dict(anon_maps) == {p: n for p, n in r.anon.items() if n}, "anon mapcounts disagree"
-    for pfn, n in r.anon.items():
-        assert n or r.anon_pins.get(pfn), f"anon page {pfn} unmapped, unpinned, not freed"
+    assert dict(anon_maps) == {p: n for p, n in r.anon.mapcount.items() if n}, "anon mapcounts disagree"
+    for pfn, n in r.anon.mapcount.items():
+        assert n or r.anon.pins.get(pfn), f"anon page {pfn} unmapped, unpinned, not freed"
 
     # -- the page cache -----------------------------------------------------------------------
     cached: set[int] = set()
