@@ -123,7 +123,7 @@ def pairs(mapping: dict[str, Any]) -> str:
 
 
 def build_parser() -> Parser:
-    from shared.thpctl import experiment, files, mm, proc, reports, run
+    from shared.thpctl import conformance, experiment, files, mm, proc, reports, run
 
     parser = Parser(
         prog="thpctl",
@@ -151,7 +151,7 @@ def build_parser() -> Parser:
         help=f"give up on any reply after SECONDS (${ENV_DEADLINE}; default: wait)",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (files, proc, mm, reports, run, experiment):
+    for module in (files, proc, mm, reports, run, experiment, conformance):
         module.register(sub)
     return parser
 
