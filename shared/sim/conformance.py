@@ -14,9 +14,12 @@ processes, a private tmpfs, real faults) and the model (:class:`ModelBackend`: a
 * per file the size and the page-cache page count;
 * the step's deltas of the deterministic vmstat counters (:data:`VMSTAT_EXACT`) unless ``vmstat``
   is off. They are machine-wide on the kernel: exact while nothing else on the machine makes or
-  splits shmem THPs. Kernel backends and knob guards serialize on a machine-wide flock; against
-  anything else a divergence that is only in vmstat is run a second time, and one that does not
-  come back is counted as ``noise``, not reported.
+  splits shmem THPs. Kernel backends and knob guards serialize on a machine-wide flock.
+
+A divergence outside the table (or only in vmstat) is run a second time from scratch; one that
+does not come back is counted as ``noise`` (with its report), not reported: the kernel side is not
+deterministic to the page (other processes' THPs in vmstat; now and then a page of a CoW-faulted
+private shmem mapping missing from the page cache).
 
 The first difference ends the sequence (the two states are apart from then on). A difference is
 looked up in :data:`KNOWN`, the table of differences the model keeps on purpose ("deliberate",
@@ -1106,7 +1109,8 @@ class SequenceResult:
     unsupported: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (family, reason)
     divergence: Divergence | None = None
     inconclusive: str = ""  # why the comparison stopped without a verdict (#14)
-    noise: bool = False  # a vmstat-only divergence that did not come back on a second run
+    noise: bool = False  # a divergence that did not come back on a second run
+    noise_report: str = ""
     diverging_family: str = ""
 
     @property
@@ -1136,9 +1140,6 @@ class Harness:
         self.model_factory: Callable[[Settings], Backend] = model or ModelBackend
         self.known = tuple(known)
         self._models: dict[Settings, Backend] = {}
-
-    def with_settings(self, settings: Settings) -> Harness:
-        return Harness(self.kernel, settings, self.model_factory, self.known)
 
     def _model(self) -> Backend:
         model = self._models.get(self.settings)
@@ -1184,10 +1185,14 @@ class Harness:
             if diffs:
                 div = Divergence(i, steps[: i + 1], diffs, ko, mo, kb, ka, mb, ma, self.settings, seed)
                 div.known = self.classify(div)
-                if confirm and self.settings.vmstat and all(d.what == "vmstat" for d in diffs):
+                vmstat_only = all(d.what == "vmstat" for d in diffs)
+                if confirm and (div.known is None or vmstat_only):
+                    # Reported only if it comes back: the kernel side is not deterministic to
+                    # the page (see docs/CONFORMANCE.md, "Noise").
                     again = self.run(steps[: i + 1], seed, confirm=False).divergence
                     if again is None or again.index != i or again.signature() != div.signature():
                         result.noise = True
+                        result.noise_report = div.report()
                         result.diverging_family = fam
                         return result
                 result.divergence = div
@@ -1237,18 +1242,28 @@ class KnownCheck:
         return self.verdict.startswith(("now agrees", "diverges differently"))
 
 
-def check_known(harness: Harness, table: Sequence[Known] | None = None, ids: Iterable[str] | None = None) -> list[KnownCheck]:
-    """Run every entry's reproducer: an entry that no longer diverges (or diverges otherwise than
-    its matcher recognises) is stale."""
+def check_known(
+    harness_for: Callable[[Settings], Harness | None],
+    base: Settings | None = None,
+    table: Sequence[Known] = KNOWN,
+    ids: Iterable[str] | None = None,
+) -> list[KnownCheck]:
+    """Run every entry's reproducer (on the harness ``harness_for`` gives for the entry's settings,
+    None: no kernel backend for them): an entry that no longer diverges (or diverges otherwise
+    than its matcher recognises) is stale."""
     out = []
+    base = base or Settings()
     wanted = set(ids) if ids is not None else None
-    for k in table if table is not None else harness.known:
+    for k in table:
         if wanted is not None and k.id not in wanted:
             continue
         if not k.reproducer:
             out.append(KnownCheck(k, "not checkable", k.unreachable))
             continue
-        h = harness.with_settings(k.settings(harness.settings))
+        h = harness_for(k.settings(base))
+        if h is None:
+            out.append(KnownCheck(k, "not checkable", f"no kernel backend for huge={k.huge} in this run"))
+            continue
         res = h.run(parse_steps_text(k.reproducer))
         div = res.divergence
         if div is None:
@@ -1576,8 +1591,12 @@ class KernelSession:
     def settings(self, base: Settings) -> Settings:
         return base.replace(kernel_knobs=self.kernel_knobs)
 
-    def harness(self, base: Settings) -> Harness:
-        return Harness(KernelSide(self.backends[base.huge]), self.settings(base))
+    def harness(self, base: Settings, known: Sequence[Known] = KNOWN) -> Harness:
+        """A harness on the backend for ``base.huge`` (KeyError: the session has none)."""
+        return Harness(KernelSide(self.backends[base.huge]), self.settings(base), known=known)
+
+    def harness_for(self, base: Settings) -> Harness | None:
+        return self.harness(base) if base.huge in self.backends else None
 
 
 FAMILY_COLUMNS = ("agreed", "known", "unexpected", "noise", "inconclusive", "unsupported")
@@ -1596,6 +1615,7 @@ class Figures:
     families: dict[str, Counter[str]] = dataclasses.field(default_factory=dict)
     known: Counter[str] = dataclasses.field(default_factory=Counter)
     unexpected: list[Divergence] = dataclasses.field(default_factory=list)
+    noise_reports: list[str] = dataclasses.field(default_factory=list)
     steps_compared: int = 0
     seconds: float = 0.0
 
@@ -1619,6 +1639,7 @@ class Figures:
                 self._fam(r.diverging_family)["unexpected"] += 1
         elif r.noise:
             self.noise += 1
+            self.noise_reports.append(r.noise_report)
             self._fam(r.diverging_family)["noise"] += 1
         elif r.inconclusive:
             self.inconclusive += 1
@@ -1661,6 +1682,7 @@ class Figures:
             "known": dict(self.known),
             "families": {k: dict(v) for k, v in sorted(self.families.items())},
             "unexpected": [d.to_json() for d in self.unexpected],
+            "noise_reports": self.noise_reports,
             "seconds": round(self.seconds, 1),
         }
 
@@ -1797,24 +1819,41 @@ def run_cli(args: argparse.Namespace, stdout: TextIO, stderr: TextIO, program: s
     modes = ("step", "khugepaged") if args.mode == "both" else (args.mode,)
     base = Settings(vmstat=args.vmstat, fine=args.fine, model_knobs=knobs)
     try:
-        session = KernelSession(huges).__enter__()
+        # The known-difference reproducers need both tmpfs huge= settings.
+        session = KernelSession(HUGE_CHOICES if args.check_known and replay_steps is None else huges).__enter__()
     except BackendError as err:
         stderr.write(f"{program}: the kernel side cannot run here: {err}\n")
         return EXIT_OK if args.skip_unavailable else EXIT_UNAVAILABLE
     status = EXIT_OK
     try:
         if replay_steps is not None:
+            replays = []
             for huge in huges:
                 h = session.harness(base.replace(huge=huge))
-                if len(huges) > 1:
-                    stdout.write(f"== huge={huge}\n")
-                r = trace(h, replay_steps, stdout)
+                if as_json:
+                    r = h.run(replay_steps, confirm=False)
+                    replays.append(
+                        {
+                            "huge": huge,
+                            "steps": [s.line() for s in replay_steps],
+                            "agreed": len(r.agreed),
+                            "unsupported": [{"family": f, "reason": why} for f, why in r.unsupported],
+                            "inconclusive": r.inconclusive or None,
+                            "divergence": r.divergence.to_json() if r.divergence else None,
+                        }
+                    )
+                else:
+                    if len(huges) > 1:
+                        stdout.write(f"== huge={huge}\n")
+                    r = trace(h, replay_steps, stdout)
                 if r.unexpected:
                     status = EXIT_DIVERGED
+            if as_json:
+                stdout.write(json.dumps({"replays": replays, "status": status}) + "\n")
             return status
         document: dict[str, Any] = {"runs": [], "known": []}
         if args.check_known:
-            checks = check_known(session.harness(base))
+            checks = check_known(session.harness_for, base)
             stale = [c for c in checks if c.stale]
             document["known"] = [
                 {"id": c.known.id, "status": c.known.status, "verdict": c.verdict, "detail": c.detail} for c in checks
