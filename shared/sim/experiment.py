@@ -1019,7 +1019,8 @@ def render_table(summary: Sequence[dict[str, Any]], cost: Sequence[dict[str, Any
             f = e["figures"]
             row = [e["policy"], *[_cell(f[key], digits, spread, unit) for _, key, digits, unit in TABLE]]
             if cost is not None:
-                row += [_cell(c["wall_s"], 2, False) if c else "-", _cell(c["events_per_s"], 0, False) if c else "-"]
+                row += [f"{c['wall_s']['mean']:.2f}" if c else "-",
+                        f"{c['events_per_s']['mean']:.0f}" if c and c["events_per_s"]["mean"] is not None else "-"]
             table.append(row)
         widths = [max(len(r[i]) for r in table) for i in range(len(headers))]
         for n, r in enumerate(table):
