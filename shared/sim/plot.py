@@ -25,6 +25,8 @@ POLICY_COLOURS = {
     "lockless": "#2ca02c",
     "none": "#7f7f7f",
 }
+# Lines of different policies often coincide: the style tells them apart where they do.
+POLICY_STYLES = {"per-pmd": "-", "mm-slot": "--", "per-mapping": "-.", "lockless": ":", "none": (0, (5, 2, 1, 2, 1, 2))}
 WORK = (
     ("retract_attempts", "retract attempts"),
     ("retract_deferred", "trylock failures"),
@@ -67,7 +69,8 @@ def _coverage(ax: Any, entries: list[dict[str, Any]], title: str) -> None:
     for e in entries:
         pts = e["coverage"]
         t = [p[0] / 1000 for p in pts]
-        ax.plot(t, [p[1] for p in pts], label=e["policy"], color=_colour(e["policy"]), linewidth=1.6)
+        ax.plot(t, [p[1] for p in pts], label=e["policy"], color=_colour(e["policy"]),
+                linestyle=POLICY_STYLES.get(e["policy"], "-"), linewidth=1.6)
         if len(e["seeds"]) > 1:
             ax.fill_between(t, [p[2] for p in pts], [p[3] for p in pts], color=_colour(e["policy"]), alpha=0.15,
                             linewidth=0)
@@ -85,11 +88,15 @@ def _final(ax: Any, entries: list[dict[str, Any]]) -> None:
     sds = [e["figures"]["pmd_mapped_pct"]["sd"] or 0.0 for e in entries]
     x = range(len(names))
     bars = ax.bar(x, means, yerr=sds if any(sds) else None, color=[_colour(n) for n in names], capsize=3)
-    for b, v in zip(bars, means):
-        ax.annotate(f"{v:.0f}%", (b.get_x() + b.get_width() / 2, v), ha="center", va="bottom", fontsize="small")
+    for b, v, sd in zip(bars, means, sds):
+        ax.annotate(f"{v:.1f}%", (b.get_x() + b.get_width() / 2, v + sd), xytext=(0, 2), textcoords="offset points",
+                    ha="center", va="bottom", fontsize="small")
     ax.set_xticks(list(x), names, rotation=20)
-    ax.set_ylim(0, 110)
-    ax.set_title("PMD-mapped at the end")
+    # When every policy ends high, the axis starts near the lowest so that the differences show.
+    low = min(means, default=0.0)
+    bottom = 0.0 if low < 50 else max(0.0, 10 * ((low - 5) // 10))
+    ax.set_ylim(bottom, 100 + (100 - bottom) * 0.1)
+    ax.set_title("PMD-mapped at the end" + (f" (axis from {bottom:.0f}%)" if bottom else ""))
     ax.set_ylabel("% of eligible ranges")
 
 
@@ -102,5 +109,6 @@ def _work(ax: Any, entries: list[dict[str, Any]]) -> None:
                width, label=label, color=WORK_COLOURS[k])
     ax.set_yscale("symlog", linthresh=1)
     ax.set_xticks(range(len(names)), names, rotation=20)
-    ax.set_title("work done (counts, symlog)")
-    ax.legend(fontsize="x-small", ncols=2)
+    ax.set_title("work done and what was left (symlog)")
+    ax.set_ylabel("count")
+    ax.legend(fontsize="x-small", ncols=3, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)
