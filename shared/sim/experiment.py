@@ -817,7 +817,9 @@ def _execute_dask(
     if scheduler:
         client = Client(scheduler)
     else:
-        cluster = LocalCluster(n_workers=jobs, threads_per_worker=1, processes=True, dashboard_address=None)
+        # On the loopback only, without the dashboard: a cluster of this machine's cores for this run.
+        cluster = LocalCluster(n_workers=jobs, threads_per_worker=1, processes=True, host="127.0.0.1",
+                               dashboard_address=None)
         client = Client(cluster)
     try:
         futures = client.map(run_one, list(runs), pure=False)

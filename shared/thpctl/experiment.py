@@ -3,16 +3,16 @@
     thpctl experiment WORKLOAD|TRACE ... [--policies P,P] [--seeds N] [--duration D]
                       [-p K=V] [--sweep K=V,V,...] [--out DIR] [--jobs N] [--engine local|dask]
 
-Each policy replays the identical event stream — a named workload (``busy-lock``, ``text``,
-``shmem``, ``uprobe``, ``churn``) or a trace file (recorded, imported or generated) — on the
+Each policy replays the identical event stream — a named workload (busy-lock, text,
+shmem, uprobe, churn) or a trace file (recorded, imported or generated) — on the
 model's virtual clock (shared/sim/experiment.py), so a sweep takes seconds to minutes whatever
 model time it covers, and every run is deterministic. The table shows, per policy: eligible
 2 MiB ranges, PMD-mapped at the end, time to PMD (p50/p99), pte-mapped THPs left, retract
 attempts, trylock failures, retries, wasted scans, huge page allocations and the model's cost;
-``--out DIR`` writes results.json, runs.csv, summary.csv, cost.json and experiment.png.
+--out DIR writes results.json, runs.csv, summary.csv, cost.json and experiment.png.
 
 Without a workload and without any of the options above, it prints the README's policy table
-for the busy-lock scenario, shaped by ``--procs --size --busy --busy-ms --run-ms --install-pmd``
+for the busy-lock scenario, shaped by --procs --size --busy --busy-ms --run-ms --install-pmd
 (which are busy-lock's parameters in either form).
 """
 
@@ -170,7 +170,7 @@ def run_experiment(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> 
         if bar is not None:
             bar.close()
     wall = time.perf_counter() - t0
-    info = {"jobs": jobs, "engine": args.engine or "local", "runs": len(results), "total_wall_s": round(wall, 3)}
+    info = {"jobs": jobs, "engine": args.engine or "local", "n_runs": len(results), "total_wall_s": round(wall, 3)}
     doc = ex.results_document(plan, results)
     cost = ex.cost_summary(results)
     text = ex.render_table(doc["summary"], cost)
