@@ -23,6 +23,7 @@ from shared.errors import UserError
 from shared.protocol import schema
 from shared.shell.config import ENV_COLLAPSED, ENV_DEADLINE, ENV_REMAPD, default_address
 from shared.thpctl.client import COLLAPSED, REMAPD, Pending, Session
+from shared.thpctl.recording import record_path, session_for
 from shared.units import parse_size
 
 EXIT_OK = 0
@@ -123,7 +124,7 @@ def pairs(mapping: dict[str, Any]) -> str:
 
 
 def build_parser() -> Parser:
-    from shared.thpctl import experiment, files, mm, proc, reports, run
+    from shared.thpctl import experiment, files, mm, proc, reports, run, traces
 
     parser = Parser(
         prog="thpctl",
@@ -150,8 +151,9 @@ def build_parser() -> Parser:
         default=_env_deadline(),
         help=f"give up on any reply after SECONDS (${ENV_DEADLINE}; default: wait)",
     )
+    parser.add_argument("--record", metavar="FILE", type=record_path, help="write every request sent as a trace")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (files, proc, mm, reports, run, experiment):
+    for module in (files, proc, mm, reports, run, experiment, traces):
         module.register(sub)
     return parser
 
@@ -220,7 +222,7 @@ async def amain(argv: list[str], stdout: TextIO = sys.stdout, stderr: TextIO = s
         return EXIT_USAGE
     except SystemExit as exit_:  # --help
         return exit_.code if isinstance(exit_.code, int) else EXIT_OK
-    async with Session(args.collapsed, args.remapd) as session:
+    async with session_for(args) as session:
         if getattr(args, "runner", None) is not None:
             return await args.runner(session, args, stdout, stderr)
         outcome = await execute(session, args)
