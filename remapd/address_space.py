@@ -129,7 +129,8 @@ class AddressSpace:
 
     def munmap(self, pid: int, addr: int, length: int) -> Generator[Any, Any, dict[str, Any]]:
         mm = find_mm(self.mms, pid)
-        if addr % PAGE_SIZE or length <= 0 or addr + length > TASK_SIZE:
+        # __do_munmap: start beyond TASK_SIZE (a negative address is a huge unsigned one) is EINVAL.
+        if addr % PAGE_SIZE or not 0 <= addr < TASK_SIZE or length <= 0 or addr + length > TASK_SIZE:
             raise UserError("EINVAL", "munmap needs a page-aligned address and a positive length")
         end = addr + ((length + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1))
         yield from self.locks.mmap_write_lock(mm)

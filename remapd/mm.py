@@ -18,7 +18,7 @@ from typing import Any
 
 from shared.actor import Wait
 from shared.errors import UserError
-from shared.units import HPAGE_PMD_NR, HPAGE_PMD_SHIFT, PAGE_SHIFT
+from shared.units import HPAGE_PMD_NR, HPAGE_PMD_SHIFT, PAGE_SHIFT, TASK_SIZE
 from shared.vm import PROT_WRITE
 
 PTE_PRESENT = 1 << 0
@@ -252,6 +252,19 @@ class Mm:
         if i >= 0 and addr < self.vmas[i].end:
             return self.vmas[i]
         return None
+
+    def sigsegv_end(self, addr: int) -> int:
+        """Where the run of addresses that fault like ``addr`` (a SIGSEGV: no VMA, or one whose
+        protection refuses the access) ends: the next VMA's start, or the refusing VMA's end."""
+        if addr < 0:
+            return 0
+        if addr >= TASK_SIZE:
+            return 1 << 64
+        vma = self.find_vma(addr)
+        if vma is not None:
+            return vma.end
+        i = bisect.bisect_right(self.starts, addr)
+        return self.vmas[i].start if i < len(self.vmas) else TASK_SIZE
 
     def overlapping(self, start: int, end: int) -> list[Vma]:
         i = max(bisect.bisect_right(self.starts, start) - 1, 0)

@@ -32,3 +32,35 @@ async def test_zero_sleep_knobs_leave_the_daemons_responsive(workdir):
     # the stop timeout, so exit status 0 means neither was wedged.
     assert d.remapd.proc is not None and d.collapsed.proc is not None
     assert (d.remapd.proc.returncode, d.collapsed.proc.returncode) == (0, 0)
+
+
+def test_a_touch_over_a_huge_hole_costs_what_is_mapped(world):
+    # thpctl touch 1 0x10000 100T used to fault 2.7e10 times, one by one (hours, inline).
+    from helpers import FIXED, H
+
+    world.file_create("lib", 2 * H)
+    world.spawn(1)
+    a = world.mmap(1, FIXED, 2 * H, "lib", prot="r")
+    before = world.vmstat()["pgfault"]
+    counts = world.touch(1, 0x10000, 100 << 40)
+    pages = (100 << 40) // 4096
+    assert counts["sigsegv"] + counts["major"] == pages
+    assert counts["major"] == 2 * H // 4096  # readahead off in tests: every mapped page faults
+    assert world.vmstat()["pgfault"] - before == pages
+    # A write to a read-only VMA refuses the whole VMA the same way, and beyond TASK_SIZE too.
+    assert world.touch(1, a, 2 * H, write=True, stride=4096) == {"sigsegv": 2 * H // 4096}
+    assert world.touch(1, -(1 << 40), 1 << 40, stride=1 << 20) == {"sigsegv": 1 << 20}
+    assert world.touch(1, 1 << 47, 1 << 40, stride=1 << 20) == {"sigsegv": 1 << 20}
+
+
+def test_munmap_of_a_negative_address_is_einval(world):
+    # __do_munmap: a start beyond TASK_SIZE (here -4096 as unsigned) is -EINVAL.
+    from shared.errors import UserError
+
+    world.spawn(1)
+    try:
+        world.munmap(1, -4096, 4096)
+    except UserError as err:
+        assert err.errno_name == "EINVAL"
+    else:
+        raise AssertionError("munmap(-4096) succeeded")
