@@ -11,6 +11,7 @@ from collections import Counter
 from collections.abc import Generator
 from typing import Any
 
+from collapsed import peer_checks
 from collapsed.fileops import FileOps
 from collapsed.khugepaged import Khugepaged
 from collapsed.pagecache import (
@@ -116,7 +117,13 @@ class Collapser(Actor):
     # -- peer messages ------------------------------------------------------------------------
 
     def deliver(self, msg: Message) -> None:
-        """Handle one message from the remapper."""
+        """Handle one message from the remapper.
+
+        Raises:
+            PeerError: the message does not fit the model (:mod:`collapsed.peer_checks`); it
+            changed nothing, and the connection to that remapper must be closed.
+        """
+        peer_checks.check(self, msg)
         if isinstance(msg, m.LookupPage):
             if self.lookup_page(msg) is not None:
                 self.spawn(self._lookup(msg), name="lookup")
@@ -141,19 +148,24 @@ class Collapser(Actor):
         elif isinstance(msg, m.LockFolio):
             self.spawn(self._lock_folio(msg), name="lock_folio")
         elif isinstance(msg, m.UnlockFolio):
-            self.peer_locked.discard(msg.pfn)
+            self.peer_locked.remove(msg.pfn)
             self.cache.unlock(msg.pfn)
         elif isinstance(msg, m.MadvCollapse):
             self.spawn(self.khugepaged.madvise_collapse_file(msg), name="madv_collapse")
         elif isinstance(msg, m.KnobsChanged):
             for name, value in msg.values.items():
-                self.knobs.set(name, str(value))
+                self.knobs.set(name, str(value))  # every value was validated first
             self.notify("khugepaged_wake")
         elif isinstance(msg, m.FileInfo):
             self._adopt_file(msg)
         elif (req := getattr(msg, "req", None)) is not None:
             self.deliver_reply(req, msg)  # a reply to one of our requests
         self.flush()
+
+    def pending_request(self, req: int) -> Message | None:
+        """Our request ``req`` to the remapper, while it waits for the reply."""
+        entry = self._calls.get(req)
+        return entry[1] if entry is not None else None
 
     # -- losing and regaining the peer --------------------------------------------------------
 

@@ -27,6 +27,21 @@ from shared.units import HPAGE_PMD_NR, PAGE_SIZE, pages
 _MAX_NAME = 255
 
 
+def file_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name a file here, or None. One rule for the names clients create and
+    the names a remapper reports back after a restart (which must have passed it)."""
+    if not name:
+        return "empty"
+    if len(name) > _MAX_NAME:
+        return f"longer than {_MAX_NAME} characters"
+    if name in (".", ".."):
+        return "a directory entry"
+    for bad in ("/", "\0", "\n"):
+        if bad in name:
+            return f"contains {bad!r}"
+    return None
+
+
 class FileOps:
     """write(2), truncate(2), fallocate(PUNCH_HOLE), writeback, drop_caches, reclaim.
 
@@ -46,8 +61,10 @@ class FileOps:
     # -- file operations (client requests) ----------------------------------------------------
 
     def create(self, name: str, size: int, shmem: bool) -> dict[str, Any]:
-        if not name or len(name) > _MAX_NAME or "/" in name or "\0" in name:
-            raise UserError("EINVAL", f"bad file name {name!r}")
+        problem = file_name_problem(name)
+        if problem is not None:
+            shown = name if len(name) <= 64 else name[:61] + "..."
+            raise UserError("EINVAL", f"bad file name {shown!r}: {problem}")
         if name in self.cache.by_name:
             raise UserError("EEXIST", f"file {name!r} exists")
         if size < 0:
