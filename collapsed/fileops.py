@@ -21,7 +21,7 @@ from shared import messages as m
 from shared.actor import Actor, Call, Sleep, Wait
 from shared.errors import UserError
 from shared.knobs import Knobs
-from shared.units import HPAGE_PMD_NR, PAGE_SIZE, pages
+from shared.units import HPAGE_PMD_NR, MAX_LFS_FILESIZE, PAGE_SIZE, pages
 
 # NAME_MAX.
 _MAX_NAME = 255
@@ -40,6 +40,15 @@ def file_name_problem(name: str) -> str | None:
         if bad in name:
             return f"contains {bad!r}"
     return None
+
+
+def _check_new_size(size: int) -> None:
+    """inode_newsize_ok for truncate(2) (and the size a new file is created with): EINVAL for a
+    negative size, EFBIG past s_maxbytes (MAX_LFS_FILESIZE)."""
+    if size < 0:
+        raise UserError("EINVAL", "size must not be negative")
+    if size > MAX_LFS_FILESIZE:
+        raise UserError("EFBIG", f"size {size} is larger than {MAX_LFS_FILESIZE}")
 
 
 class FileOps:
@@ -67,8 +76,7 @@ class FileOps:
             raise UserError("EINVAL", f"bad file name {shown!r}: {problem}")
         if name in self.cache.by_name:
             raise UserError("EEXIST", f"file {name!r} exists")
-        if size < 0:
-            raise UserError("EINVAL", "size must not be negative")
+        _check_new_size(size)  # creat(2) then ftruncate(2) to the size
         f = File(self.cache.next_ino, name, size, shmem)
         self.cache.add_file(f)
         self.actor.send(m.FileInfo(f.ino, name, size, shmem))
@@ -102,6 +110,10 @@ class FileOps:
         f = self.lookup(name)
         if offset < 0 or length < 0:
             raise UserError("EINVAL", "offset and length must not be negative")
+        if offset + length > MAX_LFS_FILESIZE:
+            # rw_verify_area: pos + count overflows loff_t. (generic_write_check_limits' EFBIG
+            # for pos >= s_maxbytes is never reached first: s_maxbytes is MAX_LFS_FILESIZE here.)
+            raise UserError("EINVAL", f"the range [{offset}, {offset + length}) passes {MAX_LFS_FILESIZE}")
         if length == 0:
             return self.stat(f)
         cache = self.cache
@@ -131,8 +143,7 @@ class FileOps:
     def truncate(self, name: str, size: int) -> Generator[Any, Any, dict[str, Any]]:
         """truncate(2): unmap, then drop every page at or past the new EOF (split a THP it cuts)."""
         f = self.lookup(name)
-        if size < 0:
-            raise UserError("EINVAL", "size must not be negative")
+        _check_new_size(size)
         old = f.size
         self._set_size(f, size)
         if size < old:
@@ -144,6 +155,9 @@ class FileOps:
         f = self.lookup(name)
         if offset < 0 or length <= 0:
             raise UserError("EINVAL", "punch needs a non-negative offset and a positive length")
+        if offset + length > MAX_LFS_FILESIZE:
+            # vfs_fallocate: offset + len past s_maxbytes (or wrapping through zero).
+            raise UserError("EFBIG", f"the range [{offset}, {offset + length}) passes {MAX_LFS_FILESIZE}")
         start = pages(offset)
         end = min((offset + length) // PAGE_SIZE, f.nr_pages_size)
         if start < end:
