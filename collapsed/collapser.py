@@ -29,7 +29,7 @@ from shared.knobs import Knobs
 from shared.message import Message
 from shared.scan_result import ScanResult
 from shared.thp import shmem_huge_global_enabled
-from shared.units import HPAGE_PMD_NR, PAGE_SIZE
+from shared.units import HPAGE_PMD_NR, PAGE_SHIFT, PAGE_SIZE
 
 # peer_lost() answers the calls waiting on the remapper at most this many rounds (each answer may
 # lead a task to its next call; none loops on them, so a few rounds always suffice).
@@ -68,7 +68,7 @@ class Collapser(Actor):
         super().__init__()
         self.knobs = knobs or Knobs()
         self.vm: Counter[str] = Counter({name: 0 for name in VM_EVENTS})
-        self.mem = PhysMem(seed)
+        self.mem = PhysMem(seed, lambda: self.knobs.mem_total_mb << (20 - PAGE_SHIFT))
         self.cache = PageCache(self.mem, self.knobs, self.notify)
         self.fileops = FileOps(self, self.cache, self.knobs, self.vm)
         self.khugepaged = Khugepaged(self, self.cache, self.fileops, self.knobs, self.vm)
@@ -230,14 +230,23 @@ class Collapser(Actor):
             pfn = value
         elif value < 0:
             pfn = cache.add_small_page(f, msg.index)
-            self.vm["pswpin"] += 1
+            if pfn:
+                self.vm["pswpin"] += 1
             major = True
         elif f.shmem:
             pfn = self._shmem_alloc(f, msg.index, msg.pmd_ok, msg.vm_hugepage)
         else:
             pfn = cache.add_small_page(f, msg.index)
-            self._read_around(f, msg.index, msg.vm_hugepage)
+            if pfn:
+                self._read_around(f, msg.index, msg.vm_hugepage)
             major = True
+        if not pfn:
+            # Memory is full: VM_FAULT_OOM. The fault-around mappings go back with the answer
+            # (the remapper maps nothing for a failed lookup).
+            for _, around_pfn, _ in around:
+                cache.apply_rmap(((around_pfn, -1, 0, 0),))
+            self.send(m.PageAnswer(msg.req, "nomem"))
+            return None
         if major:
             self.vm["pgmajfault"] += 1
         head = mem.head(pfn)
@@ -286,11 +295,12 @@ class Collapser(Actor):
                 return
             start = max(0, index - size // 2)
         for i in range(start, min(start + size, f.nr_pages_size)):
-            if f.get(i) == 0:
-                self.cache.add_small_page(f, i)
+            if f.get(i) == 0 and not self.cache.add_small_page(f, i):
+                return  # memory is full: readahead is best effort
 
     def _shmem_alloc(self, f: File, index: int, pmd_ok: bool, vm_hugepage: bool) -> int:
-        """shmem_get_folio_gfp for a hole: a PMD-order folio when shmem_enabled allows it here."""
+        """shmem_get_folio_gfp for a hole: a PMD-order folio when shmem_enabled allows it here.
+        0 when memory is full."""
         start = index & ~(HPAGE_PMD_NR - 1)
         if pmd_ok and shmem_huge_global_enabled(self.knobs, f.size, start, vm_hugepage):
             chunk = f.chunk(start)

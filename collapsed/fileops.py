@@ -21,7 +21,7 @@ from shared import messages as m
 from shared.actor import Actor, Call, Sleep, Wait
 from shared.errors import UserError
 from shared.knobs import Knobs
-from shared.units import HPAGE_PMD_NR, MAX_LFS_FILESIZE, PAGE_SIZE, pages
+from shared.units import HPAGE_PMD_NR, MAX_LFS_FILESIZE, PAGE_SHIFT, PAGE_SIZE, pages
 
 # NAME_MAX.
 _MAX_NAME = 255
@@ -106,7 +106,13 @@ class FileOps:
         return [self.stat(f) for f in sorted(self.cache.files.values(), key=lambda f: f.name)]
 
     def write(self, name: str, offset: int, length: int) -> Generator[Any, Any, dict[str, Any]]:
-        """write(2): dirty the pages, reading in (or allocating) missing ones; extends i_size."""
+        """write(2), as generic_perform_write: page by page, dirty the page, allocating a missing
+        one (a shmem swap entry is read back in); i_size grows with what has been written.
+
+        When memory runs out the write ends short, as the kernel's does, keeping what it wrote:
+        the result then carries ``written`` (the bytes that went in), and the write fails with
+        ENOMEM only if nothing did.
+        """
         f = self.lookup(name)
         if offset < 0 or length < 0:
             raise UserError("EINVAL", "offset and length must not be negative")
@@ -119,21 +125,35 @@ class FileOps:
         cache = self.cache
         mem = cache.mem
         end = offset + length
-        if end > f.size:
-            self._set_size(f, end)
-        for index in range(offset // PAGE_SIZE, pages(end)):
-            while True:
-                value = f.get(index)
-                if value > 0:
-                    head = mem.head(value)
-                    if mem.flags[head] & PG_LOCKED:
-                        yield Wait(("page", head))
-                        continue
-                    cache.set_dirty(head)
-                else:
-                    cache.add_small_page(f, index, dirty=True)
-                break
-        return self.stat(f)
+        index = offset >> PAGE_SHIFT
+        last = pages(end)
+        while index < last:
+            value = f.get(index)
+            if value > 0:
+                head = mem.head(value)
+                if mem.flags[head] & PG_LOCKED:
+                    # i_size covers what is written before anyone else runs (generic_write_end
+                    # moves it page by page).
+                    self._grow(f, offset, min(end, index << PAGE_SHIFT))
+                    yield Wait(("page", head))
+                    continue
+                cache.set_dirty(head)
+            elif not cache.add_small_page(f, index, dirty=True):
+                break  # memory is full
+            index += 1
+        done = min(end, index << PAGE_SHIFT)
+        if done <= offset:
+            raise UserError("ENOMEM", f"no memory for the page at {offset // PAGE_SIZE * PAGE_SIZE}")
+        self._grow(f, offset, done)
+        result = self.stat(f)
+        if done < end:
+            result["written"] = done - offset
+        return result
+
+    def _grow(self, f: File, offset: int, done: int) -> None:
+        """i_size_write when the write from ``offset`` has written up to ``done``, past the end."""
+        if done > offset and done > f.size:
+            self._set_size(f, done)
 
     def sync(self, name: str) -> dict[str, Any]:
         f = self.lookup(name)
