@@ -31,6 +31,9 @@ from shared.scan_result import ScanResult
 from shared.thp import shmem_huge_global_enabled
 from shared.units import HPAGE_PMD_NR, PAGE_SHIFT, PAGE_SIZE
 
+# What a daemon passes as ``resched_pages``: ~10 ms of a write's work between two yields.
+RESCHED_PAGES = 4096
+
 # peer_lost() answers the calls waiting on the remapper at most this many rounds (each answer may
 # lead a task to its next call; none loops on them, so a few rounds always suffice).
 _MAX_LOST_PEER_ROUNDS = 100
@@ -64,13 +67,24 @@ class Collapser(Actor):
     counters all of them count into.
     """
 
-    def __init__(self, knobs: Knobs | None = None, seed: int = 0, start_khugepaged: bool = True):
+    def __init__(
+        self,
+        knobs: Knobs | None = None,
+        seed: int = 0,
+        start_khugepaged: bool = True,
+        resched_pages: int | None = None,
+    ):
+        """``resched_pages``: the long loops of file operations, drop_caches and reclaim give the
+        CPU away (cond_resched) after this many pages, so a daemon serves others between the
+        chunks of one huge request; each yield lets a jiffy (RESCHED_MS) of model time pass from
+        the second in a burst on. None (in-process worlds on a virtual clock): a request runs to
+        its end at once, as every World operation expects. Daemons pass :data:`RESCHED_PAGES`."""
         super().__init__()
         self.knobs = knobs or Knobs()
         self.vm: Counter[str] = Counter({name: 0 for name in VM_EVENTS})
         self.mem = PhysMem(seed, lambda: self.knobs.mem_total_mb << (20 - PAGE_SHIFT))
         self.cache = PageCache(self.mem, self.knobs, self.notify)
-        self.fileops = FileOps(self, self.cache, self.knobs, self.vm)
+        self.fileops = FileOps(self, self.cache, self.knobs, self.vm, resched_pages)
         self.khugepaged = Khugepaged(self, self.cache, self.fileops, self.knobs, self.vm)
         # Bumped when the remapper is lost: a lookup begun for the old one must not account.
         self.peer_epoch = 0
@@ -144,7 +158,7 @@ class Collapser(Actor):
             if f is not None:
                 f.collapse_pmd = True
         elif isinstance(msg, m.Reclaim):
-            self.fileops.reclaim(msg.pfns)
+            self.spawn(self.fileops.reclaim(msg.pfns), name="reclaim")
         elif isinstance(msg, m.LockFolio):
             self.spawn(self._lock_folio(msg), name="lock_folio")
         elif isinstance(msg, m.UnlockFolio):

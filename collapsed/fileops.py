@@ -60,12 +60,17 @@ class FileOps:
     vmstat event counters (splits, swap-outs).
     """
 
-    def __init__(self, actor: Actor, cache: PageCache, knobs: Knobs, vm: Counter[str]) -> None:
+    def __init__(
+        self, actor: Actor, cache: PageCache, knobs: Knobs, vm: Counter[str], resched_pages: int | None = None
+    ) -> None:
         self.actor = actor
         self.cache = cache
         self.knobs = knobs
         self.vm = vm
         self.writeback: list[tuple[float, int]] = []  # (done at, head pfn)
+        # cond_resched: the long loops (write, truncate, punch, drop_caches, reclaim) give the CPU
+        # away after this many pages (None: never, a request runs to its end in one go).
+        self.resched_pages = resched_pages
 
     # -- file operations (client requests) ----------------------------------------------------
 
@@ -106,8 +111,9 @@ class FileOps:
         return [self.stat(f) for f in sorted(self.cache.files.values(), key=lambda f: f.name)]
 
     def write(self, name: str, offset: int, length: int) -> Generator[Any, Any, dict[str, Any]]:
-        """write(2), as generic_perform_write: page by page, dirty the page, allocating a missing
-        one (a shmem swap entry is read back in); i_size grows with what has been written.
+        """write(2), as generic_perform_write under the inode lock: page by page, dirty the page,
+        allocating a missing one (a shmem swap entry is read back in); i_size grows with what
+        has been written.
 
         When memory runs out the write ends short, as the kernel's does, keeping what it wrote:
         the result then carries ``written`` (the bytes that went in), and the write fails with
@@ -123,11 +129,38 @@ class FileOps:
         if length == 0:
             return self.stat(f)
         cache = self.cache
+        yield from cache.inode_lock(f)
+        try:
+            done = yield from self._perform_write(f, offset, offset + length)
+        except Exception:
+            cache.inode_unlock(f)
+            raise
+        cache.inode_unlock(f)
+        if done <= offset:
+            raise UserError("ENOMEM", f"no memory for the page at {offset // PAGE_SIZE * PAGE_SIZE}")
+        result = self.stat(f)
+        if done < offset + length:
+            result["written"] = done - offset
+        return result
+
+    def _perform_write(self, f: File, offset: int, end: int) -> Generator[Any, Any, int]:
+        """The page loop of generic_perform_write; returns where the written bytes end."""
+        cache = self.cache
         mem = cache.mem
-        end = offset + length
         index = offset >> PAGE_SHIFT
         last = pages(end)
+        resched = self.resched_pages or -1
+        left = resched  # pages to go before the next cond_resched (never, counting down from -1)
         while index < last:
+            if not left:
+                left = resched
+                # cond_resched(), between two pages: no page lock is held and i_size covers
+                # what is written, so whatever runs now sees the file as if the write were
+                # sleeping on a page lock here (faults, khugepaged, the remapper may; another
+                # write, truncate or punch of this file waits for the inode lock).
+                self._grow(f, offset, min(end, index << PAGE_SHIFT))
+                yield Sleep(self.actor.now)
+            left -= 1
             value = f.get(index)
             if value > 0:
                 head = mem.head(value)
@@ -142,13 +175,8 @@ class FileOps:
                 break  # memory is full
             index += 1
         done = min(end, index << PAGE_SHIFT)
-        if done <= offset:
-            raise UserError("ENOMEM", f"no memory for the page at {offset // PAGE_SIZE * PAGE_SIZE}")
         self._grow(f, offset, done)
-        result = self.stat(f)
-        if done < end:
-            result["written"] = done - offset
-        return result
+        return done
 
     def _grow(self, f: File, offset: int, done: int) -> None:
         """i_size_write when the write from ``offset`` has written up to ``done``, past the end."""
@@ -164,10 +192,16 @@ class FileOps:
         """truncate(2): unmap, then drop every page at or past the new EOF (split a THP it cuts)."""
         f = self.lookup(name)
         _check_new_size(size)
-        old = f.size
-        self._set_size(f, size)
-        if size < old:
-            yield from self.truncate_range(f, pages(size), pages(old))
+        yield from self.cache.inode_lock(f)
+        try:
+            old = f.size
+            self._set_size(f, size)
+            if size < old:
+                yield from self.truncate_range(f, pages(size), pages(old))
+        except Exception:
+            self.cache.inode_unlock(f)
+            raise
+        self.cache.inode_unlock(f)
         return self.stat(f)
 
     def punch_hole(self, name: str, offset: int, length: int) -> Generator[Any, Any, dict[str, Any]]:
@@ -178,10 +212,16 @@ class FileOps:
         if offset + length > MAX_LFS_FILESIZE:
             # vfs_fallocate: offset + len past s_maxbytes (or wrapping through zero).
             raise UserError("EFBIG", f"the range [{offset}, {offset + length}) passes {MAX_LFS_FILESIZE}")
-        start = pages(offset)
-        end = min((offset + length) // PAGE_SIZE, f.nr_pages_size)
-        if start < end:
-            yield from self.truncate_range(f, start, end)
+        yield from self.cache.inode_lock(f)
+        try:
+            start = pages(offset)
+            end = min((offset + length) // PAGE_SIZE, f.nr_pages_size)
+            if start < end:
+                yield from self.truncate_range(f, start, end)
+        except Exception:
+            self.cache.inode_unlock(f)
+            raise
+        self.cache.inode_unlock(f)
         return self.stat(f)
 
     def _set_size(self, f: File, size: int) -> None:
@@ -246,9 +286,17 @@ class FileOps:
         cache = self.cache
         mem = cache.mem
         kept: set[int] = set()  # THPs that would not split: one attempt each, not one per subpage
+        resched = self.resched_pages or -1
+        left = resched
         for index, value in list(f.entries(start, end)):
+            if not left:
+                left = resched
+                # cond_resched(), between two entries and outside every page lock: each entry is
+                # looked at afresh below, as after the writeback and page-lock sleeps of this loop.
+                yield Sleep(self.actor.now)
+            left -= 1
             if f.get(index) != value:
-                continue  # went with a THP removed earlier in this loop
+                continue  # went with a THP removed earlier in this loop, or changed meanwhile
             if value > 0 and mem.head(value) in kept:
                 continue
             if value < 0:
@@ -330,9 +378,16 @@ class FileOps:
         cache.lru_add_drain()
         mem = cache.mem
         dropped = 0
+        resched = self.resched_pages or -1
+        left = resched
         for f in list(cache.files.values()):
-            for _, value in list(f.entries()):
-                if value <= 0:
+            for index, value in list(f.entries()):
+                if not left:
+                    left = resched
+                    # cond_resched(): nothing is held; the entry is looked at afresh below.
+                    yield Sleep(self.actor.now)
+                left -= 1
+                if value <= 0 or f.get(index) != value:
                     continue
                 head = mem.head(value)
                 if not mem.allocated(head) or mem.ino[head] != f.ino:
@@ -344,14 +399,20 @@ class FileOps:
                     continue  # mapped or pinned: invalidate_mapping_pages leaves it
                 dropped += cache_refs
                 cache.remove_page(f, head)
-        yield from ()
         return {"dropped_pages": dropped}
 
-    def reclaim(self, pfns: tuple[int, ...]) -> None:
+    def reclaim(self, pfns: tuple[int, ...]) -> Generator[Any, Any, None]:
         """shrink_folio_list for MADV_PAGEOUT: unmapped pages leave memory (shmem to swap)."""
         cache = self.cache
         mem = cache.mem
+        resched = self.resched_pages or -1
+        left = resched
         for pfn in pfns:
+            if not left:
+                left = resched
+                # cond_resched(): nothing is held; each page is looked at afresh below.
+                yield Sleep(self.actor.now)
+            left -= 1
             if not mem.allocated(pfn):
                 continue
             head = mem.head(pfn)

@@ -190,6 +190,7 @@ class File:
     writecount: int = 0  # i_writecount: open for write (shared writable mappings, writers)
     collapse_pmd: bool = False  # AS_COLLAPSE_PMD, per-mapping policy only
     nr_thps: int = 0
+    i_rwsem: bool = False  # the inode lock, held by a write, truncate or punch-hole
 
     def get(self, index: int) -> int:
         chunk = self.chunks.get(index >> 9)
@@ -281,6 +282,20 @@ class PageCache:
         """folio_unlock: wake whoever sleeps on the page (faults, truncate, writers)."""
         self.mem.flags[pfn] &= ~PG_LOCKED
         self.wake(("page", pfn))
+
+    # -- the inode lock -----------------------------------------------------------------------
+
+    def inode_lock(self, f: File) -> Generator[Wait, None, None]:
+        """inode_lock (i_rwsem for write): write(2), truncate(2) and fallocate(2) of one file run
+        one at a time, whatever they sleep on. Taken before any page lock; faults, khugepaged and
+        reclaim do not take it."""
+        while f.i_rwsem:
+            yield Wait(("inode", f.ino))
+        f.i_rwsem = True
+
+    def inode_unlock(self, f: File) -> None:
+        f.i_rwsem = False
+        self.wake(("inode", f.ino))
 
     # -- references and mappings --------------------------------------------------------------
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 from helpers import FIXED, H, P
 
+from shared import messages as m
 from shared.errors import UserError
 from shared.knobs import Knobs
 
@@ -142,4 +143,128 @@ def test_collapse_file_that_cannot_read_a_missing_page_fails(make_world):
     assert world.vmstat()["thp_collapse_alloc"] == 1
     f = world.collapser.by_name["f"]
     assert f.nr_thps == 0 and f.nrpages == 256
+    world.check()
+
+
+# -- long loops give the CPU away between chunks (cond_resched) ---------------------------------
+
+CHUNK = 64
+
+
+def resched_world(make_world, **knobs):
+    """A world whose collapser yields every CHUNK pages, as a daemon's does (RESCHED_PAGES): in
+    one burst a loop does a chunk, goes on past the sleep that is already due, does a second,
+    and then waits a jiffy of model time (shared.actor.RESCHED_MS)."""
+    world = make_world(**knobs)
+    world.collapser.fileops.resched_pages = CHUNK
+    return world
+
+
+def test_daemons_pass_a_bounded_chunk():
+    from collapsed.collapser import RESCHED_PAGES, Collapser
+
+    assert 0 < RESCHED_PAGES <= 4096
+    assert Collapser(resched_pages=RESCHED_PAGES).fileops.resched_pages == RESCHED_PAGES
+    assert Collapser().fileops.resched_pages is None
+
+
+def test_a_long_write_spans_several_bursts(make_world):
+    world = resched_world(make_world)
+    c = world.collapser
+    world.file_create("f", 0)
+    f = c.by_name["f"]
+    write = world.start(c, c.file_write("f", 0, 1000 * P))
+    assert not write.done
+    # Two chunks in the first burst; i_size (and the remapper's) covers what is written.
+    assert f.nrpages == 2 * CHUNK and f.size == 2 * CHUNK * P
+    assert world.remapper.files[f.ino].size == 2 * CHUNK * P
+    world.advance(1)
+    assert not write.done and f.nrpages == 4 * CHUNK
+    world.advance(10)
+    assert write.done and write.result()["nrpages"] == 1000 and f.size == 1000 * P
+
+
+def test_a_fault_during_a_long_write_sees_what_is_written_so_far(make_world):
+    world = resched_world(make_world)
+    c = world.collapser
+    world.file_create("f", 0)
+    world.spawn(1)
+    a = world.mmap(1, FIXED, 1000 * P, "f")
+    write = world.start(c, c.file_write("f", 0, 1000 * P))
+    assert world.fault(1, a + 10 * P) == "minor"  # written and cached
+    assert world.fault(1, a + 900 * P) == "sigbus"  # past i_size until the write gets there
+    world.advance(10)
+    assert write.done and world.fault(1, a + 900 * P) == "minor"
+
+
+def test_a_truncate_waits_for_a_long_write_to_finish(make_world):
+    """The inode lock: a truncate arriving between the write's chunks runs after it, as in the
+    kernel, rather than in its middle (which would leave the write's later pages past EOF)."""
+    world = resched_world(make_world)
+    c = world.collapser
+    world.file_create("f", 0)
+    f = c.by_name["f"]
+    write = world.start(c, c.file_write("f", 0, 1000 * P))
+    truncate = world.start(c, c.file_truncate("f", 0))
+    punch = world.start(c, c.file_punch("f", 0, 8 * P))
+    assert not truncate.done and not punch.done
+    world.advance(10)
+    assert write.result()["size"] == 1000 * P and write.result()["nrpages"] == 1000
+    world.advance(10)
+    assert truncate.done and punch.done
+    assert (f.size, f.nrpages, f.chunks) == (0, 0, {})
+    world.check()
+
+
+def test_a_long_write_still_sleeps_on_a_locked_page(make_world):
+    world = resched_world(make_world)
+    c = world.collapser
+    world.file_create("f", 1000 * P)
+    world.file_write("f", 300 * P, P)
+    world._checking = False  # page 300 stays locked (for the remapper) a while
+    c.deliver(m.LockFolio(1, c.by_name["f"].ino, 300))
+    (answer,) = [msg for msg in c.outbox if isinstance(msg, m.FolioAnswer)]
+    c.outbox.remove(answer)
+    write = world.start(c, c.file_write("f", 0, 1000 * P))
+    world.advance(100)
+    f = c.by_name["f"]
+    assert not write.done and f.nrpages == 301  # pages 0..299, and the locked one
+    c.deliver(m.UnlockFolio(answer.pfn))
+    world._checking = True
+    world.advance(10)
+    assert write.done and f.nrpages == 1000
+    world.check()
+
+
+def test_a_long_truncate_and_drop_caches_span_several_bursts(make_world):
+    world = resched_world(make_world)
+    c = world.collapser
+    world.file_create("f", 0)
+    world.start(c, c.file_write("f", 0, 1000 * P))
+    world.advance(10)
+    world.file_sync("f")
+    world.advance(1000)  # clean now
+    truncate = world.start(c, c.file_truncate("f", 500 * P))
+    assert not truncate.done
+    world.advance(10)
+    assert truncate.done and c.by_name["f"].nrpages == 500
+    drop = world.start(c, c.drop_caches())
+    assert not drop.done
+    world.advance(10)
+    assert drop.result() == {"dropped_pages": 500}
+    world.check()
+
+
+def test_reclaim_of_many_pages_spans_several_bursts(make_world):
+    world = resched_world(make_world)
+    c = world.collapser
+    world.file_create("f", 1000 * P)
+    world.spawn(1)
+    a = world.mmap(1, FIXED, 1000 * P, "f")
+    world.touch(1, a, 1000 * P)  # read in: clean pages
+    assert world.madvise(1, a, 1000 * P, "pageout") == 0
+    f = c.by_name["f"]
+    assert 0 < f.nrpages < 1000
+    world.advance(10)
+    assert f.nrpages == 0
     world.check()
