@@ -31,6 +31,9 @@ from shared.scan_result import ScanResult
 from shared.thp import shmem_huge_global_enabled
 from shared.units import HPAGE_PMD_NR, PAGE_SHIFT, PAGE_SIZE
 
+# A fault lookup's answers (looked up once: faults are hot).
+_OK, _SIGBUS, _NOMEM = m.PageStatus.OK, m.PageStatus.SIGBUS, m.PageStatus.NOMEM
+
 # What a daemon passes as ``resched_pages``: ~10 ms of a write's work between two yields.
 RESCHED_PAGES = 4096
 
@@ -232,7 +235,7 @@ class Collapser(Actor):
         cache = self.cache
         f = cache.files.get(msg.ino)
         if f is None or msg.index >= f.nr_pages_size:
-            self.send(m.PageAnswer(msg.req, "sigbus"))
+            self.send(m.PageAnswer(msg.req, _SIGBUS))
             return None
         value = f.get(msg.index)
         if value > 0 and mem.flags[mem.head(value)] & PG_LOCKED:
@@ -259,7 +262,7 @@ class Collapser(Actor):
             # (the remapper maps nothing for a failed lookup).
             for _, around_pfn, _ in around:
                 cache.apply_rmap(((around_pfn, -1, 0, 0),))
-            self.send(m.PageAnswer(msg.req, "nomem"))
+            self.send(m.PageAnswer(msg.req, _NOMEM))
             return None
         if major:
             self.vm["pgmajfault"] += 1
@@ -276,7 +279,7 @@ class Collapser(Actor):
                 cache.set_dirty(head)
         elif msg.purpose == "pin":
             cache.apply_rmap(((pfn, 0, 0, 1),))
-        self.send(m.PageAnswer(msg.req, "ok", pfn, head, thp, pmd, major, f.shmem, around))
+        self.send(m.PageAnswer(msg.req, _OK, pfn, head, thp, pmd, major, f.shmem, around))
         return None
 
     def _fault_around(self, f: File, indices: tuple[int, ...]) -> tuple[tuple[int, int, bool], ...]:
@@ -406,7 +409,7 @@ def _answer_for_lost_peer(request: Message) -> Message:
     if isinstance(request, m.Retract):
         return m.Retracted(request.req, 0, 0, 0, 0)
     if isinstance(request, m.CollapsePteMapped):
-        return m.CollapsePteMappedResult(request.req, int(ScanResult.SCAN_ANY_PROCESS))
+        return m.CollapsePteMappedResult(request.req, ScanResult.SCAN_ANY_PROCESS)
     if isinstance(request, m.VisitMm):
         return m.VisitMmDone(request.req)
     raise TypeError(f"no answer for {request!r}")
