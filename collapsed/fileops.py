@@ -149,31 +149,32 @@ class FileOps:
         mem = cache.mem
         index = offset >> PAGE_SHIFT
         last = pages(end)
-        resched = self.resched_pages or -1
-        left = resched  # pages to go before the next cond_resched (never, counting down from -1)
-        while index < last:
-            if not left:
-                left = resched
-                # cond_resched(), between two pages: no page lock is held and i_size covers
-                # what is written, so whatever runs now sees the file as if the write were
-                # sleeping on a page lock here (faults, khugepaged, the remapper may; another
-                # write, truncate or punch of this file waits for the inode lock).
-                self._grow(f, offset, min(end, index << PAGE_SHIFT))
-                yield Sleep(self.actor.now)
-            left -= 1
-            value = f.get(index)
-            if value > 0:
-                head = mem.head(value)
-                if mem.flags[head] & PG_LOCKED:
-                    # i_size covers what is written before anyone else runs (generic_write_end
-                    # moves it page by page).
-                    self._grow(f, offset, min(end, index << PAGE_SHIFT))
-                    yield Wait(("page", head))
-                    continue
-                cache.set_dirty(head)
-            elif not cache.add_small_page(f, index, dirty=True):
-                break  # memory is full
-            index += 1
+        chunk = self.resched_pages or last
+        while True:
+            stop = min(last, index + chunk)
+            while index < stop:
+                value = f.get(index)
+                if value > 0:
+                    head = mem.head(value)
+                    if mem.flags[head] & PG_LOCKED:
+                        # i_size covers what is written before anyone else runs (generic_write_end
+                        # moves it page by page).
+                        self._grow(f, offset, min(end, index << PAGE_SHIFT))
+                        yield Wait(("page", head))
+                        continue
+                    cache.set_dirty(head)
+                elif not cache.add_small_page(f, index, dirty=True):
+                    last = index  # memory is full: the write ends here
+                    break
+                index += 1
+            if index >= last:
+                break
+            # cond_resched(), between two pages: no page lock is held and i_size covers what is
+            # written, so whatever runs now sees the file as if the write were sleeping on a
+            # page lock here (faults, khugepaged, the remapper may; another write, truncate or
+            # punch of this file waits for the inode lock).
+            self._grow(f, offset, min(end, index << PAGE_SHIFT))
+            yield Sleep(self.actor.now)
         done = min(end, index << PAGE_SHIFT)
         self._grow(f, offset, done)
         return done
