@@ -31,7 +31,6 @@ from shared.units import (
     HPAGE_PMD_NR,
     MAX_LFS_FILESIZE,
     MAX_PAGE_INDEX,
-    PAGE_SHIFT,
     PAGE_SIZE,
     TASK_SIZE,
 )
@@ -192,9 +191,11 @@ def _register_range(c: Collapser, msg: m.RegisterRange) -> None:
         raise PeerError(f"register_range: [{start:#x}, {end:#x}) is not a page-aligned user range")
     if msg.ino <= 0:
         raise PeerError(f"register_range: inode {msg.ino}")
-    # file_mmap_ok: the mapping's last page must lie within MAX_LFS_FILESIZE.
-    if not 0 <= msg.pgoff <= (MAX_LFS_FILESIZE - (end - start)) >> PAGE_SHIFT:
-        raise PeerError(f"register_range: pgoff {msg.pgoff} is outside what a file may map")
+    # Only the sign: a range past MAX_LFS_FILESIZE (which mmap's file_mmap_ok would refuse) is
+    # harmless to the scan, which finds nothing there, and the remapper registers its ranges
+    # again on every reconnection, so refusing one would drop the link for good.
+    if msg.pgoff < 0:
+        raise PeerError(f"register_range: pgoff {msg.pgoff} is negative")
 
 
 def _nothing(c: Collapser, msg: Message) -> None:

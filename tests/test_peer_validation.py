@@ -272,7 +272,6 @@ def test_reclaim_of_a_page_freed_meanwhile_is_no_error(world, state):
         pytest.param({"start": -H, "end": H}, "user range", id="negative"),
         pytest.param({"start": TASK_SIZE - H, "end": TASK_SIZE + H}, "user range", id="past-task-size"),
         pytest.param({"pgoff": -1}, "pgoff", id="negative-pgoff"),
-        pytest.param({"pgoff": MAX_PAGE_INDEX}, "pgoff", id="pgoff-past-max-file-size"),
         pytest.param({"ino": 0}, "inode", id="inode-0"),
     ],
 )
@@ -280,6 +279,17 @@ def test_forged_register_range_is_refused(world, state, fields, match):
     base = {"pid": 1, "start": DATA, "end": DATA + H, "ino": state.data, "pgoff": 0,
             "vm_hugepage": True, "vm_nohugepage": False}
     refused(world, m.RegisterRange(**{**base, **fields}), match)
+
+
+def test_a_range_past_the_largest_file_is_registered_and_finds_nothing(world, state):
+    """Not refused (the remapper registers its ranges again at every reconnection): the scan
+    visits it and finds no page there."""
+    c = world.collapser
+    c.deliver(m.RegisterRange(1, DATA + 2 * H, DATA + 3 * H, state.lib, 1 << 60, True, False))
+    before = c.khugepaged.results.get("SCAN_EXCEED_NONE_PTE", 0)
+    world.advance(30_000)
+    assert c.khugepaged.results.get("SCAN_EXCEED_NONE_PTE", 0) > before
+    world.check()
 
 
 @pytest.mark.parametrize(
