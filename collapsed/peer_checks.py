@@ -122,10 +122,9 @@ def _lookup_page(c: Collapser, msg: m.LookupPage) -> None:
     if around:
         if len(around) > MAX_AROUND:
             raise PeerError(f"lookup_page: {len(around)} fault-around indices (at most {MAX_AROUND})")
+        # (A repeated index would only give the remapper two mappings of a page to hand back.)
         if min(around) < 0 or max(around) > MAX_PAGE_INDEX:
             raise PeerError(f"lookup_page: a fault-around page index is outside 0..{MAX_PAGE_INDEX}")
-        if len(set(around)) != len(around) or msg.index in around:
-            raise PeerError("lookup_page: fault-around indices repeat (or repeat the fault's own)")
 
 
 def _rmap_delta(c: Collapser, msg: m.RmapDelta) -> None:
