@@ -11,6 +11,7 @@ from collections import Counter
 from collections.abc import Generator
 from typing import Any
 
+from collapsed import peer_checks
 from collapsed.fileops import FileOps
 from collapsed.khugepaged import Khugepaged
 from collapsed.pagecache import (
@@ -28,7 +29,17 @@ from shared.knobs import Knobs
 from shared.message import Message
 from shared.scan_result import ScanResult
 from shared.thp import shmem_huge_global_enabled
-from shared.units import HPAGE_PMD_NR, PAGE_SIZE
+from shared.units import HPAGE_PMD_NR, PAGE_SHIFT, PAGE_SIZE
+
+# A fault lookup's answers (looked up once: faults are hot).
+_OK, _SIGBUS, _NOMEM = m.PageStatus.OK, m.PageStatus.SIGBUS, m.PageStatus.NOMEM
+
+# What a daemon passes as ``resched_pages``: ~10 ms of a write's work between two yields.
+RESCHED_PAGES = 4096
+
+# peer_lost() answers the calls waiting on the remapper at most this many rounds (each answer may
+# lead a task to its next call; none loops on them, so a few rounds always suffice).
+_MAX_LOST_PEER_ROUNDS = 100
 
 # The vmstat event counters this side owns, in /proc/vmstat order (mm/vmstat.c vmstat_text).
 VM_EVENTS = (
@@ -59,16 +70,31 @@ class Collapser(Actor):
     counters all of them count into.
     """
 
-    def __init__(self, knobs: Knobs | None = None, seed: int = 0, start_khugepaged: bool = True):
+    def __init__(
+        self,
+        knobs: Knobs | None = None,
+        seed: int = 0,
+        start_khugepaged: bool = True,
+        resched_pages: int | None = None,
+    ):
+        """``resched_pages``: the long loops of file operations, drop_caches and reclaim give the
+        CPU away (cond_resched) after this many pages, so a daemon serves others between the
+        chunks of one huge request; each yield lets a jiffy (RESCHED_MS) of model time pass from
+        the second in a burst on. None (in-process worlds on a virtual clock): a request runs to
+        its end at once, as every World operation expects. Daemons pass :data:`RESCHED_PAGES`."""
         super().__init__()
         self.knobs = knobs or Knobs()
         self.vm: Counter[str] = Counter({name: 0 for name in VM_EVENTS})
-        self.mem = PhysMem(seed)
+        self.mem = PhysMem(seed, lambda: self.knobs.mem_total_mb << (20 - PAGE_SHIFT))
         self.cache = PageCache(self.mem, self.knobs, self.notify)
-        self.fileops = FileOps(self, self.cache, self.knobs, self.vm)
+        self.fileops = FileOps(self, self.cache, self.knobs, self.vm, resched_pages)
         self.khugepaged = Khugepaged(self, self.cache, self.fileops, self.knobs, self.vm)
         # Bumped when the remapper is lost: a lookup begun for the old one must not account.
         self.peer_epoch = 0
+        # Folios locked on the remapper's behalf (LockFolio answered, UnlockFolio not yet seen):
+        # their heads. The remapper's collapse_pte_mapped_thp holds them; if it dies holding
+        # one, peer_lost() unlocks it, as a dying task's locks would be released.
+        self.peer_locked: set[int] = set()
         if start_khugepaged:
             self.spawn(self.khugepaged.thread(), name="khugepaged")
 
@@ -108,7 +134,13 @@ class Collapser(Actor):
     # -- peer messages ------------------------------------------------------------------------
 
     def deliver(self, msg: Message) -> None:
-        """Handle one message from the remapper."""
+        """Handle one message from the remapper.
+
+        Raises:
+            PeerError: the message does not fit the model (:mod:`collapsed.peer_checks`); it
+            changed nothing, and the connection to that remapper must be closed.
+        """
+        peer_checks.check(self, msg)
         if isinstance(msg, m.LookupPage):
             if self.lookup_page(msg) is not None:
                 self.spawn(self._lookup(msg), name="lookup")
@@ -129,16 +161,17 @@ class Collapser(Actor):
             if f is not None:
                 f.collapse_pmd = True
         elif isinstance(msg, m.Reclaim):
-            self.fileops.reclaim(msg.pfns)
+            self.spawn(self.fileops.reclaim(msg.pfns), name="reclaim")
         elif isinstance(msg, m.LockFolio):
             self.spawn(self._lock_folio(msg), name="lock_folio")
         elif isinstance(msg, m.UnlockFolio):
+            self.peer_locked.remove(msg.pfn)
             self.cache.unlock(msg.pfn)
         elif isinstance(msg, m.MadvCollapse):
             self.spawn(self.khugepaged.madvise_collapse_file(msg), name="madv_collapse")
         elif isinstance(msg, m.KnobsChanged):
             for name, value in msg.values.items():
-                self.knobs.set(name, str(value))
+                self.knobs.set(name, str(value))  # every value was validated first
             self.notify("khugepaged_wake")
         elif isinstance(msg, m.FileInfo):
             self._adopt_file(msg)
@@ -146,16 +179,31 @@ class Collapser(Actor):
             self.deliver_reply(req, msg)  # a reply to one of our requests
         self.flush()
 
+    def pending_request(self, req: int) -> Message | None:
+        """Our request ``req`` to the remapper, while it waits for the reply."""
+        entry = self._calls.get(req)
+        return entry[1] if entry is not None else None
+
     # -- losing and regaining the peer --------------------------------------------------------
 
     def peer_lost(self) -> None:
         """The remapper is gone, and every mapping and pin it held with it: drop their
-        accounting, answer whatever waited on it, forget its mm slots and write opens."""
+        accounting, release the folio locks it held (waking whoever sleeps on them), answer
+        whatever waited on it, forget its mm slots and write opens."""
         self.peer_epoch += 1
         self.cache.forget_mappings()
         for pid in list(self.khugepaged.slots):
             self.khugepaged.mm_exit(pid)
-        self.fail_calls(_answer_for_lost_peer)
+        locked, self.peer_locked = self.peer_locked, set()
+        for head in sorted(locked):
+            self.cache.unlock(head)
+        # An answered call may lead its task to the next one (collapse_file's Unmapped, then its
+        # Retract): answer until nothing waits on the remapper, so nothing is left waiting for a
+        # reply to a request the outbox is about to drop.
+        for _ in range(_MAX_LOST_PEER_ROUNDS):
+            if not self.pending_calls():
+                break
+            self.fail_calls(_answer_for_lost_peer)
         self.outbox.clear()
 
     def resync(self) -> None:
@@ -187,7 +235,7 @@ class Collapser(Actor):
         cache = self.cache
         f = cache.files.get(msg.ino)
         if f is None or msg.index >= f.nr_pages_size:
-            self.send(m.PageAnswer(msg.req, "sigbus"))
+            self.send(m.PageAnswer(msg.req, _SIGBUS))
             return None
         value = f.get(msg.index)
         if value > 0 and mem.flags[mem.head(value)] & PG_LOCKED:
@@ -199,14 +247,23 @@ class Collapser(Actor):
             pfn = value
         elif value < 0:
             pfn = cache.add_small_page(f, msg.index)
-            self.vm["pswpin"] += 1
+            if pfn:
+                self.vm["pswpin"] += 1
             major = True
         elif f.shmem:
             pfn = self._shmem_alloc(f, msg.index, msg.pmd_ok, msg.vm_hugepage)
         else:
             pfn = cache.add_small_page(f, msg.index)
-            self._read_around(f, msg.index, msg.vm_hugepage)
+            if pfn:
+                self._read_around(f, msg.index, msg.vm_hugepage)
             major = True
+        if not pfn:
+            # Memory is full: VM_FAULT_OOM. The fault-around mappings go back with the answer
+            # (the remapper maps nothing for a failed lookup).
+            for _, around_pfn, _ in around:
+                cache.apply_rmap(((around_pfn, -1, 0, 0),))
+            self.send(m.PageAnswer(msg.req, _NOMEM))
+            return None
         if major:
             self.vm["pgmajfault"] += 1
         head = mem.head(pfn)
@@ -222,7 +279,7 @@ class Collapser(Actor):
                 cache.set_dirty(head)
         elif msg.purpose == "pin":
             cache.apply_rmap(((pfn, 0, 0, 1),))
-        self.send(m.PageAnswer(msg.req, "ok", pfn, head, thp, pmd, major, f.shmem, around))
+        self.send(m.PageAnswer(msg.req, _OK, pfn, head, thp, pmd, major, f.shmem, around))
         return None
 
     def _fault_around(self, f: File, indices: tuple[int, ...]) -> tuple[tuple[int, int, bool], ...]:
@@ -255,11 +312,12 @@ class Collapser(Actor):
                 return
             start = max(0, index - size // 2)
         for i in range(start, min(start + size, f.nr_pages_size)):
-            if f.get(i) == 0:
-                self.cache.add_small_page(f, i)
+            if f.get(i) == 0 and not self.cache.add_small_page(f, i):
+                return  # memory is full: readahead is best effort
 
     def _shmem_alloc(self, f: File, index: int, pmd_ok: bool, vm_hugepage: bool) -> int:
-        """shmem_get_folio_gfp for a hole: a PMD-order folio when shmem_enabled allows it here."""
+        """shmem_get_folio_gfp for a hole: a PMD-order folio when shmem_enabled allows it here.
+        0 when memory is full."""
         start = index & ~(HPAGE_PMD_NR - 1)
         if pmd_ok and shmem_huge_global_enabled(self.knobs, f.size, start, vm_hugepage):
             chunk = f.chunk(start)
@@ -292,6 +350,7 @@ class Collapser(Actor):
             yield Wait(("page", head))
             if self.peer_epoch != epoch:
                 return
+        self.peer_locked.add(head)
         self.send(m.FolioAnswer(msg.req, head, 9 if mem.flags[head] & PG_HEAD else 0))
 
     # -- reports ------------------------------------------------------------------------------
@@ -350,7 +409,7 @@ def _answer_for_lost_peer(request: Message) -> Message:
     if isinstance(request, m.Retract):
         return m.Retracted(request.req, 0, 0, 0, 0)
     if isinstance(request, m.CollapsePteMapped):
-        return m.CollapsePteMappedResult(request.req, int(ScanResult.SCAN_ANY_PROCESS))
+        return m.CollapsePteMappedResult(request.req, ScanResult.SCAN_ANY_PROCESS)
     if isinstance(request, m.VisitMm):
         return m.VisitMmDone(request.req)
     raise TypeError(f"no answer for {request!r}")

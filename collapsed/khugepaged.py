@@ -323,6 +323,9 @@ class Khugepaged:
                 if value < 0:
                     # shmem_get_folio(SGP_NOALLOC): swap it in; the new page comes back locked.
                     pfn = cache.add_small_page(f, index)
+                    if not pfn:
+                        result = R.SCAN_FAIL  # memory is full: shmem_get_folio fails
+                        break
                     self.vm["pswpin"] += 1
                     cache.lru_add_drain()
                     cache.trylock(pfn)
@@ -339,6 +342,9 @@ class Khugepaged:
                         result = R.SCAN_FAIL
                         break
                     pfn = cache.add_small_page(f, index)
+                    if not pfn:
+                        result = R.SCAN_FAIL  # memory is full: readahead brought nothing
+                        break
                     cache.lru_add_drain()
                     cache.trylock(pfn)
                 else:
@@ -451,4 +457,4 @@ class Khugepaged:
             self.cache.lru_add_drain()  # lru_add_drain_all()
             cc = CollapseControl(False, msg.pid, msg.addr)
             result = yield from self.hpage_collapse_scan_file(f, msg.pgoff, cc)
-        self.actor.send(m.CollapseResult(msg.req, int(result)))
+        self.actor.send(m.CollapseResult(msg.req, result))

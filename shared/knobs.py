@@ -60,6 +60,9 @@ SPECS: dict[str, _Spec] = {
     # /sys/block/<dev>/queue/read_ahead_kb (regular files) and debugfs fault_around_bytes.
     "thpsplit/read_ahead_kb": _Spec("int", lo=0, hi=1 << 20),
     "thpsplit/fault_around_bytes": _Spec("int", lo=0, hi=2 << 20),
+    # The modelled physical memory (MemTotal), in MiB: at least two 2 MiB blocks; at most 64 GiB,
+    # whose model state (~45 bytes a page) is ~0.7 GB.
+    "thpsplit/mem_total_mb": _Spec("int", lo=4, hi=1 << 16),
 }
 
 
@@ -91,6 +94,9 @@ class Knobs:
     read_ahead_kb: int = 128
     # A read fault maps the cached pages of this aligned window too (do_fault_around).
     fault_around_bytes: int = 65536
+    # Physical memory the collapser models, in MiB: an allocation past it fails (ENOMEM, a
+    # short write, a fault's VM_FAULT_OOM). 8 GiB = 2M pages, ~90 MB of model state.
+    mem_total_mb: int = 8192
 
     def fault_around_pages(self) -> int:
         """fault_around_bytes as the kernel uses it: a power of two of pages, at least 1."""

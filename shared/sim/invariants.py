@@ -12,7 +12,8 @@ operation. It raises ``AssertionError`` naming the first broken rule. It checks:
 * mm counters and nr_ptes match the tables; each table's counts and mark agree with its
   entries; anon mapcounts match; VMAs are sorted, disjoint, merged where identical, and
   the file rmap (i_mmap) and write counts match them;
-* nothing is left locked, and no freed page is reachable.
+* nothing is left locked (no folio stays locked for the remapper), and no freed page is
+  reachable; no file is larger than MAX_LFS_FILESIZE.
 """
 
 from __future__ import annotations
@@ -22,7 +23,13 @@ from typing import TYPE_CHECKING
 
 from collapsed.pagecache import PG_HEAD, PG_LOCKED
 from remapd.mm import PTE_ANON, PTE_SHMEM, PteTable, pte_belongs, pte_pfn
-from shared.units import HPAGE_PMD_NR, HPAGE_PMD_SHIFT, HPAGE_PMD_SIZE, PAGE_SHIFT
+from shared.units import (
+    HPAGE_PMD_NR,
+    HPAGE_PMD_SHIFT,
+    HPAGE_PMD_SIZE,
+    MAX_LFS_FILESIZE,
+    PAGE_SHIFT,
+)
 
 if TYPE_CHECKING:
     from collapsed.collapser import Collapser
@@ -114,7 +121,9 @@ def check(c: Collapser, r: Remapper) -> None:
     # -- the page cache -----------------------------------------------------------------------
     cached: set[int] = set()
     swap_entries = 0
+    assert not c.peer_locked, f"folios {sorted(c.peer_locked)} left locked for the remapper"
     for f in c.files.values():
+        assert 0 <= f.size <= MAX_LFS_FILESIZE, f"{f.name}: size {f.size} out of range"
         nrpages = nrswap = thps = 0
         for index, value in f.entries():
             if value < 0:
@@ -124,9 +133,8 @@ def check(c: Collapser, r: Remapper) -> None:
             assert mem.allocated(value), f"{f.name}[{index}] holds freed pfn {value}"
             head = mem.head(value)
             assert mem.ino[head] == f.ino and mem.index[value] == index, f"{f.name}[{index}] holds a page of elsewhere"
-            if mem.flags[head] & PG_HEAD:
-                if value == head:
-                    thps += 1
+            if mem.flags[head] & PG_HEAD and value == head:
+                thps += 1
             cached.add(head)
         assert nrpages == f.nrpages, f"{f.name}: nrpages {f.nrpages} != {nrpages}"
         assert nrswap == f.nrswap, f"{f.name}: swap entries {f.nrswap} != {nrswap}"
