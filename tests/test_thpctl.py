@@ -240,7 +240,7 @@ async def test_run_json_and_stop_at_the_first_failure(d, tmp_path):
     script.write_text("proc spawn 3\nproc spawn 3\nfile create late --size 4K\n")
     status, out, err = await thpctl(d, "--json", "run", str(script))
     assert status == 1
-    assert json.loads(out) == [{"pid": 3}, None]
+    assert json.loads(out) == [{"pid": 3}, {"error": {"errno": "EEXIST", "message": "process 3 exists"}}]
     assert err == "thpctl run: line 2: proc spawn: EEXIST: process 3 exists\n"
     # The failure came before the switch to collapsed: line 3 never ran.
     assert json.loads(await ok(d, "--json", "file", "ls")) == []

@@ -81,8 +81,8 @@ class Client:
 
         Errors:
             UserError: EINVAL for a value the protocol refuses (a float out of range, an
-            unknown enum value), EOVERFLOW when a value cannot be encoded (an int beyond 64
-            bits); ConnectError: the connection is gone.
+            unknown enum value) or cannot encode (an int beyond 64 bits); ConnectError: the
+            connection is gone.
         """
         if self._gone is not None:
             raise self._gone
@@ -95,7 +95,7 @@ class Client:
             raise UserError("EINVAL", str(err)) from None
         except (ValueError, TypeError, OverflowError) as err:
             del self._pending[msg.id]
-            raise UserError("EOVERFLOW", f"cannot send {cls.TAG}: {err}") from None
+            raise UserError("EINVAL", f"a value does not fit in the request ({err})") from None
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self._fail(ConnectError("ECONNRESET", f"{self.name} closed the connection"))
         return pending

@@ -20,7 +20,7 @@ def register(sub: Any) -> None:
         lambda a, r: ok(r[0]),
         "proc spawn 1",
     )
-    p.add_argument("pid", type=int, metavar="PID")
+    p.add_argument("pid", type=int, metavar="PID", help="the modelled process")
 
     p = command(
         gsub,
@@ -30,7 +30,7 @@ def register(sub: Any) -> None:
         lambda a, r: ok(r[0]),
         "proc exit 1",
     )
-    p.add_argument("pid", type=int, metavar="PID")
+    p.add_argument("pid", type=int, metavar="PID", help="the modelled process")
 
     p = command(
         gsub,
@@ -40,5 +40,5 @@ def register(sub: Any) -> None:
         lambda a, r: ok(r[0]),
         "proc fork 1 2",
     )
-    p.add_argument("pid", type=int, metavar="PID")
-    p.add_argument("child", type=int, metavar="CHILD")
+    p.add_argument("pid", type=int, metavar="PID", help="the modelled process")
+    p.add_argument("child", type=int, metavar="CHILD", help="the new process's pid")
