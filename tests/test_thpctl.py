@@ -97,8 +97,8 @@ async def test_mmap_prints_the_address_and_json_the_document(d):
         (addr, 0, "r-xp"),
     ]
     # The name starts in column 74, as in the kernel's (64-bit) maps and smaps.
-    prefix = "600000000000-600000200000 r--s 00200000 00:00 1"
-    assert (await ok(d, "smaps", "1")).splitlines()[0] == prefix + " " * (73 - len(prefix)) + "/lib"
+    prefix = "600000000000-600000200000 r--s 00200000 fe:01 1"
+    assert (await ok(d, "smaps", "1")).splitlines()[0] == prefix + " " * (73 - len(prefix)) + "/thpsplit/lib"
     await ok(d, "munmap", "1", "0x600000000000", "2M")
     assert len(json.loads(await ok(d, "--json", "smaps", "1"))) == 1
 

@@ -82,6 +82,7 @@ class Outcome:
     error: str = ""  # one line for stderr
     status: int = EXIT_OK
     errno: str = ""  # the error's errno name, for --json's error document
+    binary: bytes | None = None  # raw output (pagemap --binary): written to stdout's buffer
 
     def error_document(self) -> dict[str, Any]:
         """What --json prints for a failure without a document of its own."""
@@ -191,7 +192,7 @@ def pairs(mapping: dict[str, Any]) -> str:
 
 
 def build_parser() -> Parser:
-    from shared.thpctl import experiment, files, mm, proc, reports, run, traces
+    from shared.thpctl import experiment, files, mapview, mm, proc, reports, run, tracepipe, traces, views
 
     parser = Parser(
         prog="thpctl",
@@ -223,7 +224,7 @@ def build_parser() -> Parser:
     )
     parser.add_argument("--record", metavar="FILE", type=record_path, help="write every request sent as a trace")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (files, proc, mm, reports, run, experiment, traces):
+    for module in (files, proc, mm, reports, views, mapview, tracepipe, run, experiment, traces):
         module.register(sub)
     return parser
 
@@ -319,6 +320,14 @@ def emit(outcome: Outcome, as_json: bool, stdout: TextIO, stderr: TextIO, prefix
             stdout.write(json.dumps(outcome.data) + "\n")
         else:
             stdout.write(json.dumps(outcome.error_document()) + "\n")
+    elif outcome.binary is not None:
+        buffer = getattr(stdout, "buffer", None)
+        if buffer is None:
+            outcome.error = outcome.error or "EINVAL: stdout takes no bytes here: use -o FILE"
+        else:
+            stdout.flush()
+            buffer.write(outcome.binary)
+            buffer.flush()
     else:
         stdout.write(outcome.text)
     if outcome.error:
