@@ -416,6 +416,18 @@ class Procfs:
             counts.append(view.mapcount[p])
         return {"pfn": pfn, "flags": flags, "counts": counts}
 
+    def vmstat(self) -> dict[str, int]:
+        """The remapper's share of /proc/vmstat beside its event counters: anon pages (CoW copies,
+        uprobes), page tables, and the anon THP counters, which stay 0 (no anon THP here)."""
+        return {
+            "nr_anon_pages": len(self.anon.mapcount),
+            "nr_anon_transparent_hugepages": 0,
+            "nr_page_table_pages": sum(mm.nr_ptes for mm in self.mms.values()),
+            "thp_fault_alloc": 0,
+            "thp_fault_fallback": 0,
+            "thp_fault_fallback_charge": 0,
+        }
+
     # -- thpctl map and top -------------------------------------------------------------------
 
     def pmd_map(self, pid: int) -> list[dict[str, Any]]:

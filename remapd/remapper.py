@@ -247,7 +247,7 @@ class Remapper(Actor):
         return self.procfs.smaps(pid)
 
     def vmstat(self) -> dict[str, int]:
-        return dict(self.vm)
+        return {**self.procfs.vmstat(), **self.vm}
 
     def status(self, pid: int) -> dict[str, Any]:
         mm = self.mm(pid)

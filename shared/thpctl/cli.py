@@ -192,7 +192,7 @@ def pairs(mapping: dict[str, Any]) -> str:
 
 
 def build_parser() -> Parser:
-    from shared.thpctl import experiment, files, mapview, mm, proc, reports, run, tracepipe, traces, views
+    from shared.thpctl import experiment, files, mapview, mm, proc, reports, run, top, tracepipe, traces, views
 
     parser = Parser(
         prog="thpctl",
@@ -224,7 +224,7 @@ def build_parser() -> Parser:
     )
     parser.add_argument("--record", metavar="FILE", type=record_path, help="write every request sent as a trace")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (files, proc, mm, reports, views, mapview, tracepipe, run, experiment, traces):
+    for module in (files, proc, mm, reports, views, mapview, top, tracepipe, run, experiment, traces):
         module.register(sub)
     return parser
 
