@@ -31,15 +31,17 @@ async def _maybe(session: Session, cls: type[Any], daemon: str) -> Any:
         return err
 
 
-async def snapshot(session: Session) -> dict[str, Any]:
-    """Everything one screen shows (a daemon that cannot be reached: its UserError)."""
-    return {
-        "t": time.monotonic(),
-        "collapsed": await _maybe(session, m.Status, COLLAPSED),
-        "remapd": await _maybe(session, m.Status, REMAPD),
-        "vmstat": await _maybe(session, m.Vmstat, COLLAPSED),
-        "top": await _maybe(session, m.Top, REMAPD),
-    }
+async def snapshot(addresses: dict[str, str]) -> dict[str, Any]:
+    """Everything one screen shows (a daemon that cannot be reached: its UserError). Each
+    snapshot has connections of its own, so a daemon that restarts comes back on the next one."""
+    async with Session(addresses[COLLAPSED], addresses[REMAPD]) as session:
+        return {
+            "t": time.monotonic(),
+            "collapsed": await _maybe(session, m.Status, COLLAPSED),
+            "remapd": await _maybe(session, m.Status, REMAPD),
+            "vmstat": await _maybe(session, m.Vmstat, COLLAPSED),
+            "top": await _maybe(session, m.Top, REMAPD),
+        }
 
 
 def _rate(now: dict[str, Any], before: dict[str, Any] | None, get: Any) -> float:
@@ -148,7 +150,7 @@ async def _top(session: Session, args: argparse.Namespace, stdout: TextIO, stder
     before: dict[str, Any] | None = None
     if not interactive:
         for i in range(args.iterations or 1):
-            now = await snapshot(session)
+            now = await snapshot(session.addresses)
             console.print(render(now, before))
             before = now
             if i + 1 < (args.iterations or 1):
@@ -166,7 +168,7 @@ async def _top(session: Session, args: argparse.Namespace, stdout: TextIO, stder
             with Live(console=console, auto_refresh=False, transient=False) as live:
                 shown = 0
                 while not quit.is_set():
-                    now = await snapshot(session)
+                    now = await snapshot(session.addresses)
                     live.update(render(now, before), refresh=True)
                     before = now
                     shown += 1
