@@ -117,3 +117,36 @@ async def test_errors_start_with_the_command_not_the_file_name(d) -> None:
     assert status == 1 and err.startswith("thpctl uprobe: ENOENT: ")
     status, out, err = await thpctl(d, "--json", "file", "sync", "nosuch")
     assert status == 1 and json.loads(out) == {"error": {"errno": "ENOENT", "message": "no file 'nosuch'"}}
+
+
+async def test_a_large_touch_goes_as_chunks_with_the_same_counts(d):
+    await ok(d, "file", "create", "big", "--size", "40M")
+    await ok(d, "proc", "spawn", "1")
+    addr = (await ok(d, "mmap", "1", "auto", "40M", "--file", "big")).strip()
+    args = build_parser().parse_args(["touch", "1", addr, "40M"])
+    assert [r.fields["length"] for r in args.plan(args)] == [32 << 20, 8 << 20]
+    assert await ok(d, "touch", "1", addr, "40M") == "major 10240\n"
+    assert await ok(d, "touch", "1", addr, "40M") == "hit 10240\n"
+
+
+def test_progress_shows_on_a_terminal_after_a_second(monkeypatch) -> None:
+    from shared.thpctl import cli
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    clock = [100.0]
+    monkeypatch.setattr(cli.time, "monotonic", lambda: clock[0])
+    tty = Terminal()
+    args = argparse.Namespace(prog="thpctl touch")
+    with cli.progress(args, tty):
+        args.tick(0, 4)
+        assert tty.getvalue() == ""  # under a second: nothing
+        clock[0] += 1.5
+        args.tick(2, 4)
+    assert "thpctl touch" in tty.getvalue() and "2/4" in tty.getvalue()
+    quiet = io.StringIO()  # not a terminal: no bar, no tick
+    with cli.progress(args, quiet):
+        assert getattr(args, "tick", None) is None
+    assert quiet.getvalue() == ""

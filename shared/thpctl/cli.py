@@ -9,13 +9,15 @@ requests before the previous command's replies are in.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib.metadata
 import json
 import math
 import os
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from typing import Any, NoReturn, TextIO
 
 import trio
@@ -290,7 +292,10 @@ async def send(session: Session, args: argparse.Namespace) -> list[tuple[Request
 async def finish(args: argparse.Namespace, sent: list[tuple[Request, Pending]]) -> Outcome:
     """Wait for a command's replies and render them."""
     results = []
+    tick = getattr(args, "tick", None)
     for request, pending in sent:
+        if tick is not None:
+            tick(len(results), len(sent))
         limit = min(x for x in (request.timeout, args.deadline, math.inf) if x is not None)
         try:
             with trio.fail_after(limit):
@@ -351,9 +356,55 @@ async def amain(argv: list[str], stdout: TextIO = sys.stdout, stderr: TextIO = s
     async with session_for(args) as session:
         if getattr(args, "runner", None) is not None:
             return await args.runner(session, args, stdout, stderr)
-        outcome = await execute(session, args)
+        with progress(args, stderr):
+            outcome = await execute(session, args)
     emit(outcome, args.json, stdout, stderr, args.prog)
     return outcome.status
+
+
+@contextlib.contextmanager
+def progress(args: argparse.Namespace, stderr: TextIO) -> Iterator[None]:
+    """On a terminal, a progress bar (rich) for a command sent as several requests (a large
+    touch), shown once it has run a second; ``finish`` ticks it as replies come in."""
+    if not _isatty(stderr):
+        yield
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(
+        TextColumn(args.prog),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(file=stderr),
+        transient=True,
+    )
+    started = time.monotonic()
+    task: list[Any] = []
+
+    def tick(done: int, total: int) -> None:
+        if total < 2 or time.monotonic() - started < 1.0:
+            return
+        if not task:
+            bar.start()
+            task.append(bar.add_task(args.prog, total=total))
+        bar.update(task[0], completed=done)
+
+    args.tick = tick
+    try:
+        yield
+    finally:
+        args.tick = None
+        if task:
+            bar.stop()
+
+
+def _isatty(stream: TextIO) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
 
 
 class _Nowhere:

@@ -12,6 +12,7 @@ from shared.thpctl.cli import (
     REMAPD,
     Outcome,
     Plan,
+    Request,
     address,
     command,
     failed,
@@ -65,8 +66,27 @@ def _render_fault(args: argparse.Namespace, results: list[Any]) -> Outcome:
     return out
 
 
+# touch sends a large range as chunks of this many accesses (the daemon runs them in order, so
+# the faults are the same), which lets a terminal show progress as their replies come in.
+TOUCH_CHUNK = 8192
+
+
+def _plan_touch(args: argparse.Namespace) -> list[Request]:
+    if args.stride <= 0:
+        return [req(REMAPD, m.Touch, pid=args.pid, addr=args.addr, length=args.length, write=args.write, stride=args.stride)]
+    chunk = TOUCH_CHUNK * args.stride
+    return [
+        req(REMAPD, m.Touch, pid=args.pid, addr=args.addr + off, length=min(chunk, args.length - off),
+            write=args.write, stride=args.stride)  # fmt: skip
+        for off in range(0, max(args.length, 1), chunk)
+    ]
+
+
 def _render_touch(args: argparse.Namespace, results: list[Any]) -> Outcome:
-    counts = results[0]
+    counts: dict[str, int] = {}
+    for chunk in results:
+        for outcome, n in chunk.items():
+            counts[outcome] = counts.get(outcome, 0) + n
     order = [o for o in OUTCOMES if o in counts] + sorted(set(counts) - set(OUTCOMES))
     out = ok(counts, lines(*(f"{o} {counts[o]}" for o in order)))
     bad = {s: counts[s] for s in SIGNALS if counts.get(s)}
@@ -172,9 +192,7 @@ def register(sub: Any) -> None:
         sub,
         "touch",
         "access every STRIDE bytes of [ADDR, ADDR+LENGTH); prints the count of each outcome",
-        lambda a: [
-            req(REMAPD, m.Touch, pid=a.pid, addr=a.addr, length=a.length, write=a.write, stride=a.stride)
-        ],
+        _plan_touch,
         _render_touch,
         "touch 1 0x7effffc00000 4M --stride 4K",
     )
