@@ -17,7 +17,6 @@ from collapsed.khugepaged import Khugepaged
 from collapsed.pagecache import (
     PG_HEAD,
     PG_LOCKED,
-    PG_SWAPBACKED,
     PG_UPTODATE,
     File,
     PageCache,

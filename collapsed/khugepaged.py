@@ -30,9 +30,9 @@ from collapsed.pagecache import (
 from shared import messages as m
 from shared.actor import Actor, Call, Sleep, Wait
 from shared.knobs import Knobs
-from shared.tracepoints import NO_PFN, get_logger, mm_pointer
 from shared.scan_result import ScanResult as R
 from shared.thp import thp_vma_allowable_order
+from shared.tracepoints import NO_PFN, get_logger, mm_pointer
 from shared.units import HPAGE_PMD_NR, HPAGE_PMD_SIZE, PAGE_SHIFT
 
 log = get_logger("collapsed.khugepaged")

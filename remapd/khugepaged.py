@@ -32,10 +32,10 @@ from remapd.pagetable import PageTables
 from shared.actor import Actor, Call, Sleep
 from shared.errors import UserError
 from shared.knobs import Knobs
-from shared.tracepoints import get_logger, mm_pointer
 from shared.protocol import messages as m
 from shared.scan_result import ScanResult as R
 from shared.scan_result import madvise_collapse_errno
+from shared.tracepoints import get_logger, mm_pointer
 from shared.units import HPAGE_PMD_NR, HPAGE_PMD_SHIFT, HPAGE_PMD_SIZE
 
 log = get_logger("remapd.khugepaged")

@@ -20,7 +20,17 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from remapd.files import Files
-from remapd.mm import ANON_PFN_BASE, PTE_ANON, PTE_SHMEM, PTE_THP, Mm, PteTable, Vma, find_mm, pte_pfn
+from remapd.mm import (
+    ANON_PFN_BASE,
+    PTE_ANON,
+    PTE_SHMEM,
+    PTE_THP,
+    Mm,
+    PteTable,
+    Vma,
+    find_mm,
+    pte_pfn,
+)
 from remapd.report import thp_eligible, vm_flags
 from remapd.rmap import AnonPages
 from shared.actor import Actor, Call
@@ -41,7 +51,13 @@ from shared.pageflags import (
     PM_PRESENT,
 )
 from shared.protocol import messages as m
-from shared.units import HPAGE_PMD_NR, HPAGE_PMD_SHIFT, HPAGE_PMD_SIZE, PAGE_SHIFT, PAGE_SIZE
+from shared.units import (
+    HPAGE_PMD_NR,
+    HPAGE_PMD_SHIFT,
+    HPAGE_PMD_SIZE,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+)
 from shared.vm import PROT_EXEC, PROT_READ, PROT_WRITE
 
 # Where the model's files live, as the kernel would print them.
@@ -315,7 +331,7 @@ class Procfs:
     def smaps_rollup(self, pid: int) -> Generator[Any, Any, dict[str, Any]]:
         """/proc/PID/smaps_rollup: the sums over every VMA (from the first VMA's start to the
         last one's end)."""
-        mm, gathered = yield from self._gather(pid)
+        _, gathered = yield from self._gather(pid)
         total = MemSizeStats()
         for _, mss in gathered:
             total.add(mss)

@@ -55,7 +55,7 @@ class TracedLogger:
         self._log = structlog.get_logger(name)
 
     def _emit(self, event: str, fields: dict[str, Any]) -> None:
-        for sink in list(_sinks):
+        for sink in _sinks.copy():  # a sink may remove itself
             sink(self.name, event, fields)
 
     def debug(self, event: str, **fields: Any) -> None:

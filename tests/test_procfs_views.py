@@ -37,11 +37,7 @@ from shared.thpctl.render import (
 )
 from shared.vm import SMAPS_FIELDS
 
-KERNEL_SMAPS_ORDER = (
-    "Size KernelPageSize MMUPageSize Rss Pss Pss_Dirty Shared_Clean Shared_Dirty Private_Clean Private_Dirty "
-    "Referenced Anonymous KSM LazyFree AnonHugePages ShmemPmdMapped FilePmdMapped Shared_Hugetlb Private_Hugetlb "
-    "Swap SwapPss Locked THPeligible"
-).split()
+KERNEL_SMAPS_ORDER = ["Size", "KernelPageSize", "MMUPageSize", "Rss", "Pss", "Pss_Dirty", "Shared_Clean", "Shared_Dirty", "Private_Clean", "Private_Dirty", "Referenced", "Anonymous", "KSM", "LazyFree", "AnonHugePages", "ShmemPmdMapped", "FilePmdMapped", "Shared_Hugetlb", "Private_Hugetlb", "Swap", "SwapPss", "Locked", "THPeligible"]
 
 
 def test_smaps_prints_every_field_in_the_kernels_order(world):

@@ -194,7 +194,19 @@ def pairs(mapping: dict[str, Any]) -> str:
 
 
 def build_parser() -> Parser:
-    from shared.thpctl import experiment, files, mapview, mm, proc, reports, run, top, tracepipe, traces, views
+    from shared.thpctl import (
+        experiment,
+        files,
+        mapview,
+        mm,
+        proc,
+        reports,
+        run,
+        top,
+        tracepipe,
+        traces,
+        views,
+    )
 
     parser = Parser(
         prog="thpctl",
@@ -291,7 +303,7 @@ async def send(session: Session, args: argparse.Namespace) -> list[tuple[Request
 
 async def finish(args: argparse.Namespace, sent: list[tuple[Request, Pending]]) -> Outcome:
     """Wait for a command's replies and render them."""
-    results = []
+    results: list[Any] = []
     tick = getattr(args, "tick", None)
     for request, pending in sent:
         if tick is not None:
@@ -370,7 +382,13 @@ def progress(args: argparse.Namespace, stderr: TextIO) -> Iterator[None]:
         yield
         return
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
     bar = Progress(
         TextColumn(args.prog),

@@ -143,7 +143,7 @@ class Client:
                 if isinstance(msg, m.ErrorReply) and msg.id == 0:
                     self._fail(UserError(msg.errno, f"{self.name}: {msg.message}"))
                     return
-                if msg.id in self._streams:
+                if isinstance(msg, (m.ErrorReply, Reply)) and msg.id in self._streams:
                     stream = self._streams[msg.id]
                     if isinstance(msg, m.ErrorReply):
                         _end_stream(stream, UserError(msg.errno, msg.message))

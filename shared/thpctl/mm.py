@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from shared.protocol import messages as m
 from shared.errors import UserError
+from shared.protocol import messages as m
 from shared.thpctl.cli import (
     EXIT_FAIL,
     REMAPD,
@@ -76,8 +76,15 @@ def _plan_touch(args: argparse.Namespace) -> list[Request]:
         return [req(REMAPD, m.Touch, pid=args.pid, addr=args.addr, length=args.length, write=args.write, stride=args.stride)]
     chunk = TOUCH_CHUNK * args.stride
     return [
-        req(REMAPD, m.Touch, pid=args.pid, addr=args.addr + off, length=min(chunk, args.length - off),
-            write=args.write, stride=args.stride)  # fmt: skip
+        req(
+            REMAPD,
+            m.Touch,
+            pid=args.pid,
+            addr=args.addr + off,
+            length=min(chunk, args.length - off),
+            write=args.write,
+            stride=args.stride,
+        )
         for off in range(0, max(args.length, 1), chunk)
     ]
 

@@ -21,7 +21,14 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from shared.pageflags import KPF_ANON, KPF_COMPOUND_HEAD, KPF_COMPOUND_TAIL, KPF_THP, PM_PFN_MASK, PM_PRESENT
+from shared.pageflags import (
+    KPF_ANON,
+    KPF_COMPOUND_HEAD,
+    KPF_COMPOUND_TAIL,
+    KPF_THP,
+    PM_PFN_MASK,
+    PM_PRESENT,
+)
 
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
