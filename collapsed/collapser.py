@@ -11,13 +11,12 @@ from collections import Counter
 from collections.abc import Generator
 from typing import Any
 
-from collapsed import peer_checks
+from collapsed import peer_checks, procfs
 from collapsed.fileops import FileOps
 from collapsed.khugepaged import Khugepaged
 from collapsed.pagecache import (
     PG_HEAD,
     PG_LOCKED,
-    PG_SWAPBACKED,
     PG_UPTODATE,
     File,
     PageCache,
@@ -44,6 +43,7 @@ _MAX_LOST_PEER_ROUNDS = 100
 # The vmstat event counters this side owns, in /proc/vmstat order (mm/vmstat.c vmstat_text).
 VM_EVENTS = (
     "pgmajfault",
+    "drop_pagecache",
     "pswpin",
     "pswpout",
     "thp_collapse_alloc",
@@ -129,6 +129,7 @@ class Collapser(Actor):
         return self.fileops.ls()
 
     def drop_caches(self) -> Generator[Any, Any, dict[str, int]]:
+        self.vm["drop_pagecache"] += 1
         return self.fileops.drop_caches()
 
     # -- peer messages ------------------------------------------------------------------------
@@ -175,6 +176,8 @@ class Collapser(Actor):
             self.notify("khugepaged_wake")
         elif isinstance(msg, m.FileInfo):
             self._adopt_file(msg)
+        elif isinstance(msg, m.PageQuery):
+            self.send(procfs.page_info(self, msg))
         elif (req := getattr(msg, "req", None)) is not None:
             self.deliver_reply(req, msg)  # a reply to one of our requests
         self.flush()
@@ -356,50 +359,12 @@ class Collapser(Actor):
     # -- reports ------------------------------------------------------------------------------
 
     def meminfo(self) -> dict[str, int]:
-        """The THP lines of /proc/meminfo, in kB, plus the page-cache totals they sit beside."""
-        mem = self.mem
-        file_pages = shmem_pages = file_thp = shmem_thp = file_pmd = shmem_pmd = 0
-        for f in self.cache.files.values():
-            if f.shmem:
-                shmem_pages += f.nrpages
-                shmem_thp += f.nr_thps
-            else:
-                file_thp += f.nr_thps
-            file_pages += f.nrpages
-        for head, count in mem.entire.items():
-            if count > 0:
-                if mem.flags[head] & PG_SWAPBACKED:
-                    shmem_pmd += 1
-                else:
-                    file_pmd += 1
-        kb = PAGE_SIZE // 1024
-        huge_kb = HPAGE_PMD_NR * kb
-        return {
-            "Cached": file_pages * kb,
-            "Shmem": shmem_pages * kb,
-            "SwapCached": 0,
-            "ShmemHugePages": shmem_thp * huge_kb,
-            "ShmemPmdMapped": shmem_pmd * huge_kb,
-            "FileHugePages": file_thp * huge_kb,
-            "FilePmdMapped": file_pmd * huge_kb,
-        }
+        """/proc/meminfo's lines the model has, in kB (:func:`collapsed.procfs.meminfo`)."""
+        return procfs.meminfo(self)
 
     def vmstat(self) -> dict[str, int]:
-        """This side's /proc/vmstat lines under the kernel's names (mm/vmstat.c vmstat_text), plus
-        one of ours under ``thpsplit_``: the shmem swap entries of every file, which the kernel
-        counts per inode (``shmem_inode_info.swapped``) but not in vmstat."""
-        stats = self.meminfo()
-        out = {
-            "nr_file_pages": stats["Cached"] // 4,
-            "nr_shmem": stats["Shmem"] // 4,
-            "nr_shmem_hugepages": stats["ShmemHugePages"] // 2048,
-            "nr_shmem_pmdmapped": stats["ShmemPmdMapped"] // 2048,
-            "nr_file_hugepages": stats["FileHugePages"] // 2048,
-            "nr_file_pmdmapped": stats["FilePmdMapped"] // 2048,
-            "thpsplit_nr_swap_entries": self.cache.nr_swap_entries,
-        }
-        out.update(self.vm)
-        return out
+        """This side's /proc/vmstat lines (:func:`collapsed.procfs.vmstat`)."""
+        return procfs.vmstat(self)
 
 
 def _answer_for_lost_peer(request: Message) -> Message:

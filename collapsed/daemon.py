@@ -11,16 +11,18 @@ from __future__ import annotations
 
 from typing import Any
 
+from collapsed import procfs
 from collapsed.collapser import Collapser
 from shared.errors import UserError
 from shared.knobs import Knobs, sysfs_entries
 from shared.protocol import messages as m
 from shared.protocol.schema import CLIENT, COLLAPSED, REMAPD
 from shared.shell.driver import Driver
-from shared.shell.job import Job, Work
+from shared.shell.job import Job, Stream, Work
 from shared.shell.peer import PeerLink
 from shared.shell.requests import operation_handlers
 from shared.shell.server import Server
+from shared.shell.trace import trace_stream
 
 
 class Collapsed:
@@ -31,6 +33,11 @@ class Collapsed:
         self.handlers = operation_handlers(COLLAPSED, self.driver, self)
 
     def counters(self) -> dict[str, int]:
+        """The read-only sysfs files collapsed serves: khugepaged's counters and the PMD order's
+        hugepages-2048kB/stats."""
+        return {**self.khugepaged_counters(), **procfs.mthp_stats(self.core)}
+
+    def khugepaged_counters(self) -> dict[str, int]:
         k = self.core.khugepaged
         return {"khugepaged/pages_collapsed": k.pages_collapsed, "khugepaged/full_scans": k.full_scans}
 
@@ -48,9 +55,12 @@ class Collapsed:
         async def wait() -> dict[str, int]:
             while k.full_scans < goal:
                 await self.driver.changed()
-            return self.counters()
+            return self.khugepaged_counters()
 
         return wait
+
+    def handle_trace(self, q: m.Trace) -> Stream:
+        return trace_stream(self.driver, q)
 
     def handle_sync(self, q: m.Sync) -> Work:
         async def sync() -> None:
@@ -67,7 +77,9 @@ class Collapsed:
             **self.driver.status(),
             "files": len(c.files),
             "mm_slots": len(c.khugepaged.slots),
-            **self.counters(),
+            **self.khugepaged_counters(),
+            "khugepaged/passes": c.khugepaged.passes,
+            "khugepaged/scans": sum(c.khugepaged.results.values()),
         }
 
     async def serve(self, listen: str, ready_file: str | None) -> None:

@@ -253,6 +253,8 @@ class PageCache:
         self.nr_swap_entries = 0
         self._next_swap = 1
         self._lru_batch: list[int] = []
+        # Pages read from storage (regular-file pages added clean, shmem swap-ins): vmstat pgpgin.
+        self.pages_read = 0
 
     # -- files --------------------------------------------------------------------------------
 
@@ -395,6 +397,8 @@ class PageCache:
         mem.index[pfn] = index
         mem.ino[pfn] = f.ino
         old = f.get(index)
+        if old < 0 or not (f.shmem or dirty):
+            self.pages_read += 1
         if old < 0:
             f.nrswap -= 1
             self.nr_swap_entries -= 1

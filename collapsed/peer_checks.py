@@ -267,7 +267,22 @@ def _reply(c: Collapser, msg: Any) -> None:
         raise PeerError(f"{msg.TAG}: negative counts")
 
 
+# A /proc report's question: bounded like a frame of rmap rows, about files that exist.
+MAX_QUERY_PFNS = 65536
+
+
+def _page_query(c: Collapser, msg: m.PageQuery) -> None:
+    if len(msg.pfns) > MAX_QUERY_PFNS or len(msg.swap_ranges) > MAX_QUERY_PFNS:
+        raise PeerError(f"{msg.TAG}: more than {MAX_QUERY_PFNS} pfns or ranges")
+    if any(pfn < 0 for pfn in msg.pfns):
+        raise PeerError(f"{msg.TAG}: a negative pfn")
+    for ino, start, end in msg.swap_ranges:
+        if ino not in c.cache.files or not 0 <= start <= end <= MAX_PAGE_INDEX + 1:
+            raise PeerError(f"{msg.TAG}: bad range ({ino}, {start}, {end})")
+
+
 _CHECKS: dict[type[Message], Callable[[Collapser, Any], None]] = {
+    m.PageQuery: _page_query,
     m.LookupPage: _lookup_page,
     m.RmapDelta: _rmap_delta,
     m.MarkDirty: _mark_dirty,

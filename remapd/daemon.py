@@ -19,10 +19,11 @@ from shared.knobs import KnobError, Knobs, sysfs_entries
 from shared.protocol import messages as m
 from shared.protocol.schema import CLIENT, COLLAPSED, REMAPD
 from shared.shell.driver import Driver
-from shared.shell.job import Job, Work
+from shared.shell.job import Job, Stream, Work
 from shared.shell.peer import PeerLink, connect_peer
 from shared.shell.requests import operation_handlers
 from shared.shell.server import Server
+from shared.shell.trace import trace_stream
 
 # The first retry after a failed connect; each failure doubles the wait up to the maximum.
 BACKOFF_MIN_S = 0.05
@@ -49,6 +50,9 @@ class Remapd:
 
     def handle_sysfs_set(self, q: m.SysfsSet) -> Job:
         return self.driver.start(self._sysfs_set, q.name, q.value)
+
+    def handle_trace(self, q: m.Trace) -> Stream:
+        return trace_stream(self.driver, q)
 
     def handle_sync(self, q: m.Sync) -> Work:
         async def sync() -> None:

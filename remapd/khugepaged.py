@@ -32,10 +32,10 @@ from remapd.pagetable import PageTables
 from shared.actor import Actor, Call, Sleep
 from shared.errors import UserError
 from shared.knobs import Knobs
-from shared.logs import get_logger
 from shared.protocol import messages as m
 from shared.scan_result import ScanResult as R
 from shared.scan_result import madvise_collapse_errno
+from shared.tracepoints import get_logger, mm_pointer
 from shared.units import HPAGE_PMD_NR, HPAGE_PMD_SHIFT, HPAGE_PMD_SIZE
 
 log = get_logger("remapd.khugepaged")
@@ -148,7 +148,7 @@ class Khugepaged:
                     continue
                 self.pagetables.pte_free(mm, pidx)
                 retracted += 1
-                log.debug("retract", pid=mm.pid, addr=hex(addr), pfn=msg.head)
+                log.debug("retract", mm=mm_pointer(mm.pid), addr=addr, hpage_pfn=msg.head)
                 if install:
                     self.pagetables.do_set_pmd(mm, pidx, msg.head, shmem, accounted=False)
                     installed += 1

@@ -24,7 +24,7 @@ from remapd.mm import (
     pte_pfn,
 )
 from remapd.rmap import AnonPages, RmapBatch
-from shared.logs import get_logger
+from shared.tracepoints import get_logger, mm_pointer
 from shared.units import (
     HPAGE_PMD_NR,
     HPAGE_PMD_SHIFT,
@@ -75,12 +75,12 @@ class PageTables:
         if not table.nr_foreign and not table.mark:
             table.mark = True
             self.marked.add((mm.pid, pidx))
-            log.debug("mark_set", pid=mm.pid, addr=hex(pidx << HPAGE_PMD_SHIFT), why=why)
+            log.debug("mark_set", mm=mm_pointer(mm.pid), addr=pidx << HPAGE_PMD_SHIFT, why=why)
 
     def clear_mark(self, mm: Mm, pidx: int, table: PteTable, why: str) -> None:
         table.mark = False
         self.marked.discard((mm.pid, pidx))
-        log.debug("mark_cleared", pid=mm.pid, addr=hex(pidx << HPAGE_PMD_SHIFT), why=why)
+        log.debug("mark_cleared", mm=mm_pointer(mm.pid), addr=pidx << HPAGE_PMD_SHIFT, why=why)
 
     # -- PTEs ---------------------------------------------------------------------------------
 
@@ -129,7 +129,7 @@ class PageTables:
         if not accounted:
             self.rmap.add(head, pmd=1)
         self.vm["thp_file_mapped"] += 1
-        log.debug("pmd_install", pid=mm.pid, addr=hex(pidx << HPAGE_PMD_SHIFT), pfn=head)
+        log.debug("pmd_install", mm=mm_pointer(mm.pid), addr=pidx << HPAGE_PMD_SHIFT, hpage_pfn=head)
 
     def zap_huge_pmd(self, mm: Mm, pidx: int, split: bool) -> None:
         """Clear a PMD mapping. ``split``: the PMD is being split rather than unmapped whole

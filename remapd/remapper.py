@@ -27,7 +27,7 @@ from remapd.files import Files
 from remapd.khugepaged import REMAP_WAKE, Khugepaged
 from remapd.mm import ANON_PFN_BASE, Mm, MmapLocks, find_mm
 from remapd.pagetable import PageTables
-from remapd.report import smaps
+from remapd.procfs import Procfs
 from remapd.rmap import AnonPages, RmapBatch
 from remapd.uprobes import Uprobes
 from shared.actor import Actor, Sleep
@@ -70,6 +70,8 @@ class Remapper(Actor):
         self.address_space = AddressSpace(
             self, self.mms, self.files, self.locks, self.pagetables, self.faults, self.khugepaged, self.uprobes
         )
+        self.procfs = Procfs(self, self.mms, self.files, self.knobs, self.anon, self.pagetables.marked)
+        self.procfs.stats = self.khugepaged.stats
         if start_threads:
             self.spawn(self.khugepaged.remap_thread(), name="remap")
 
@@ -240,12 +242,12 @@ class Remapper(Actor):
 
     # -- reports ------------------------------------------------------------------------------
 
-    def smaps(self, pid: int) -> list[dict[str, Any]]:
-        """Per-VMA /proc/PID/smaps fields (kB), as task_mmu.c computes them."""
-        return smaps(self.mm(pid), self.files, self.knobs)
+    def smaps(self, pid: int) -> Generator[Any, Any, list[dict[str, Any]]]:
+        """Per-VMA /proc/PID/smaps fields (kB), as task_mmu.c computes them (remapd/procfs.py)."""
+        return self.procfs.smaps(pid)
 
     def vmstat(self) -> dict[str, int]:
-        return dict(self.vm)
+        return {**self.procfs.vmstat(), **self.vm}
 
     def status(self, pid: int) -> dict[str, Any]:
         mm = self.mm(pid)
@@ -268,4 +270,6 @@ def _answer_for_lost_peer(request: Message) -> Message:
         return m.FolioAnswer(request.req, 0, 0)
     if isinstance(request, m.MadvCollapse):
         return m.CollapseResult(request.req, R.SCAN_FAIL)
+    if isinstance(request, m.PageQuery):
+        return m.PageInfo(request.req, ())
     raise TypeError(f"no answer for {request!r}")

@@ -13,6 +13,30 @@ from typing import Any
 from shared.errors import UserError
 
 ENABLED_CHOICES = ("always", "madvise", "never")
+# hugepages-2048kB/enabled and shmem_enabled: the per-size (mTHP) controls of PMD order.
+PER_SIZE_ENABLED_CHOICES = ("always", "inherit", "madvise", "never")
+PER_SIZE_SHMEM_CHOICES = ("always", "inherit", "within_size", "advise", "never")
+# hugepages-2048kB/stats/*: mm/huge_memory.c's per-order counters (6.18), as sysfs lists them.
+MTHP_STATS = (
+    "anon_fault_alloc",
+    "anon_fault_fallback",
+    "anon_fault_fallback_charge",
+    "nr_anon",
+    "nr_anon_partially_mapped",
+    "shmem_alloc",
+    "shmem_fallback",
+    "shmem_fallback_charge",
+    "split",
+    "split_deferred",
+    "split_failed",
+    "swpin",
+    "swpin_fallback",
+    "swpin_fallback_charge",
+    "swpout",
+    "swpout_fallback",
+    "zswpout",
+)
+PER_SIZE = "hugepages-2048kB"
 DEFRAG_CHOICES = ("always", "defer", "defer+madvise", "madvise", "never")
 SHMEM_ENABLED_CHOICES = ("always", "within_size", "advise", "never", "deny", "force")
 RETRY_POLICIES = ("per-pmd", "mm-slot", "per-mapping", "lockless", "none")
@@ -31,7 +55,7 @@ class KnobError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class _Spec:
-    kind: str  # "choice", "int", "bool"
+    kind: str  # "choice", "int", "bool", "const" (a fixed value, read-only)
     choices: tuple[str, ...] = ()
     lo: int = 0
     hi: int = 1 << 62
@@ -42,6 +66,13 @@ SPECS: dict[str, _Spec] = {
     "enabled": _Spec("choice", ENABLED_CHOICES),
     "defrag": _Spec("choice", DEFRAG_CHOICES),
     "shmem_enabled": _Spec("choice", SHMEM_ENABLED_CHOICES),
+    "hpage_pmd_size": _Spec("const", writable=False),
+    # Anon THP only (the huge zero page, the underused-THP shrinker): kept, no effect on files.
+    "use_zero_page": _Spec("bool"),
+    "shrink_underused": _Spec("bool"),
+    # Anon THP (enabled) and anon shmem (shmem_enabled) only; tmpfs files follow shmem_enabled.
+    f"{PER_SIZE}/enabled": _Spec("choice", PER_SIZE_ENABLED_CHOICES),
+    f"{PER_SIZE}/shmem_enabled": _Spec("choice", PER_SIZE_SHMEM_CHOICES),
     "khugepaged/pages_to_scan": _Spec("int", lo=1, hi=(1 << 32) - 1),
     "khugepaged/scan_sleep_millisecs": _Spec("int", lo=0, hi=(1 << 32) - 1),
     "khugepaged/alloc_sleep_millisecs": _Spec("int", lo=0, hi=(1 << 32) - 1),
@@ -51,6 +82,7 @@ SPECS: dict[str, _Spec] = {
     "khugepaged/defrag": _Spec("bool"),
     "khugepaged/pages_collapsed": _Spec("int", writable=False),
     "khugepaged/full_scans": _Spec("int", writable=False),
+    **{f"{PER_SIZE}/stats/{name}": _Spec("int", writable=False) for name in MTHP_STATS},
     "thpsplit/retry_policy": _Spec("choice", RETRY_POLICIES),
     "thpsplit/install_pmd": _Spec("bool"),
     "thpsplit/free_huge_pages": _Spec("int", lo=0, hi=1 << 40),
@@ -73,6 +105,11 @@ class Knobs:
     enabled: str = "madvise"
     defrag: str = "madvise"
     shmem_enabled: str = "never"
+    hpage_pmd_size: int = 2 << 20
+    use_zero_page: int = 1
+    shrink_underused: int = 1
+    per_size_enabled: str = "inherit"
+    per_size_shmem_enabled: str = "inherit"
     pages_to_scan: int = 4096
     scan_sleep_millisecs: int = 10000
     alloc_sleep_millisecs: int = 60000
@@ -148,9 +185,16 @@ class Knobs:
         return {n: self.get(n) for n, s in SPECS.items() if s.writable}
 
 
+_ATTRS = {
+    "khugepaged/defrag": "khugepaged_defrag",
+    f"{PER_SIZE}/enabled": "per_size_enabled",
+    f"{PER_SIZE}/shmem_enabled": "per_size_shmem_enabled",
+}
+
+
 def _attr(name: str) -> str:
-    if name == "khugepaged/defrag":
-        return "khugepaged_defrag"
+    if name in _ATTRS:
+        return _ATTRS[name]
     if name not in SPECS:
         raise KnobError(f"no such knob: {name}", "ENOENT")
     return name.rsplit("/", 1)[-1]
@@ -169,7 +213,7 @@ def sysfs_entries(knobs: Knobs, name: str | None, counters: Mapping[str, int] | 
         spec = SPECS.get(knob)
         if spec is None:
             raise UserError("ENOENT", f"no such knob: {knob}")
-        if not spec.writable:
+        if not spec.writable and spec.kind != "const":
             if counters is None:
                 if name is None:
                     continue

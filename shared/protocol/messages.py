@@ -198,6 +198,18 @@ class VisitMmDone(Message):
     req: int
 
 
+@message("peer.page_query")
+class PageQuery(Message):
+    """The /proc reports' question (smaps, pagemap, kpageflags): for each pfn its kpageflags bits
+    and its mapcount (folio_precise_page_mapcount: the subpage's PTE mappings plus the folio's PMD
+    mappings), and for each (ino, start, end) the indices of shmem swap entries there. Changes
+    nothing; answered with :class:`PageInfo`."""
+
+    req: int
+    pfns: tuple[int, ...]
+    swap_ranges: tuple[tuple[int, int, int], ...] = ()
+
+
 # -- collapser -> remapper ----------------------------------------------------------------------
 
 
@@ -305,6 +317,18 @@ class VisitMm(Message):
 
     req: int
     pid: int
+
+
+@message("peer.page_info")
+class PageInfo(Message):
+    """Answer to :class:`PageQuery`: ``pages`` rows (pfn, kpageflags, mapcount) for the asked pfns
+    below ``max_pfn`` (the end of the collapser's memory, where /proc/kpageflags ends), in order;
+    ``swapped`` the swap entries' indices of each asked range."""
+
+    req: int
+    pages: tuple[tuple[int, int, int], ...]
+    max_pfn: int = 0
+    swapped: tuple[tuple[int, ...], ...] = ()
 
 
 # -- both ways ----------------------------------------------------------------------------------
@@ -417,6 +441,23 @@ class UprobeResult(_UprobeTarget, total=False):
     collapse_pte_mapped_thp: list[str]  # del: the result of each collapse it ran
 
 
+class MapsEntry(TypedDict):
+    """One line of /proc/PID/maps: the VMA's range, permissions, file offset, device, inode and
+    path (``/thpsplit/NAME`` for a regular file, ``/dev/shm/NAME`` for shmem; ``name`` is the
+    file's own name)."""
+
+    start: int
+    end: int
+    perms: str
+    offset: int
+    dev: str
+    ino: int
+    name: str
+    path: str
+
+
+# /proc/PID/smaps: the VMA's maps fields, then the kB fields in the kernel's order (6.18
+# show_smap/__show_smap), THPeligible and VmFlags.
 SmapsEntry = TypedDict(
     "SmapsEntry",
     {
@@ -424,24 +465,128 @@ SmapsEntry = TypedDict(
         "end": int,
         "perms": str,
         "offset": int,
+        "dev": str,
         "ino": int,
         "name": str,
+        "path": str,
         "Size": int,
         "KernelPageSize": int,
         "MMUPageSize": int,
         "Rss": int,
+        "Pss": int,
+        "Pss_Dirty": int,
+        "Shared_Clean": int,
+        "Shared_Dirty": int,
+        "Private_Clean": int,
+        "Private_Dirty": int,
+        "Referenced": int,
         "Anonymous": int,
+        "KSM": int,
+        "LazyFree": int,
         "AnonHugePages": int,
         "ShmemPmdMapped": int,
         "FilePmdMapped": int,
         "Shared_Hugetlb": int,
         "Private_Hugetlb": int,
         "Swap": int,
+        "SwapPss": int,
         "Locked": int,
         "THPeligible": int,
         "VmFlags": str,
     },
 )
+
+# /proc/PID/smaps_rollup: the span of the VMAs, then the sums (with Pss_Anon, Pss_File, Pss_Shmem).
+SmapsRollup = TypedDict(
+    "SmapsRollup",
+    {
+        "start": int,
+        "end": int,
+        "Rss": int,
+        "Pss": int,
+        "Pss_Dirty": int,
+        "Pss_Anon": int,
+        "Pss_File": int,
+        "Pss_Shmem": int,
+        "Shared_Clean": int,
+        "Shared_Dirty": int,
+        "Private_Clean": int,
+        "Private_Dirty": int,
+        "Referenced": int,
+        "Anonymous": int,
+        "KSM": int,
+        "LazyFree": int,
+        "AnonHugePages": int,
+        "ShmemPmdMapped": int,
+        "FilePmdMapped": int,
+        "Shared_Hugetlb": int,
+        "Private_Hugetlb": int,
+        "Swap": int,
+        "SwapPss": int,
+        "Locked": int,
+    },
+)
+
+
+class PageFlags(TypedDict):
+    """/proc/kpageflags and /proc/kpagecount from ``pfn`` on: one u64 of KPF_* bits and one
+    mapcount per page (fewer than asked at the end of memory, as a read there is short)."""
+
+    pfn: int
+    flags: list[int]
+    counts: list[int]
+
+
+class PmdMapRow(TypedDict):
+    """``thpctl map``: a VMA and one letter per 2 MiB range it overlaps (from ``start`` rounded
+    down to 2 MiB): P PMD-mapped, M a PTE table marked for a collapse retry, T other PTE-mapped
+    THP subpages, s small pages only, . nothing mapped."""
+
+    start: int
+    end: int
+    perms: str
+    path: str
+    cells: str
+
+
+class ProcessTop(TypedDict):
+    """One process in ``thpctl top`` (kB): file RSS, how much of it a PMD maps, how much is THP
+    subpages mapped by PTEs, and the marked PTE tables."""
+
+    pid: int
+    vmas: int
+    size_kb: int
+    rss_kb: int
+    pmd_kb: int
+    pte_thp_kb: int
+    marked: int
+    lock: str
+
+
+class TopStats(TypedDict):
+    """``thpctl top``'s remapd half: per process, and the retry machinery's counters."""
+
+    processes: list[ProcessTop]
+    counters: dict[str, int]
+
+
+class TraceEvent(TypedDict):
+    """One event of a daemon's log as ``thpctl trace`` streams it: when (seconds since the daemon
+    started), the daemon, the event's name and its fields."""
+
+    ts: Seconds
+    daemon: str
+    task: str  # the thread that logged it, as trace_pipe's "comm-pid" (khugepaged-1234)
+    event: str
+    fields: dict[str, int | str]
+
+
+class TraceBatch(TypedDict):
+    """A reply of a trace subscription: events in order, and how many were dropped before them
+    because the client read too slowly (the queue is bounded)."""
+
+    events: list[TraceEvent]
+    dropped: int
 
 
 class SysfsEntry(TypedDict):
@@ -465,6 +610,8 @@ _Figures = TypedDict(
         "mm_slots": int,
         "khugepaged/pages_collapsed": int,
         "khugepaged/full_scans": int,
+        "khugepaged/passes": int,  # wake-ups that scanned (khugepaged_do_scan)
+        "khugepaged/scans": int,  # 2 MiB ranges scanned (hpage_collapse_scan_file calls)
         # remapd
         "processes": list[int],
         "marked_tables": int,
@@ -693,3 +840,75 @@ class SysfsGet(Request[dict[str, SysfsEntry]]):
 
     id: int
     name: str | None = None
+
+
+# -- requests: the /proc and sysfs views of issue 12 (remapd asks collapsed for page state) ------
+
+
+@request("client.maps", REMAPD, run="procfs.maps", world="maps")
+class Maps(Request[list[MapsEntry]]):
+    """/proc/PID/maps."""
+
+    id: int
+    pid: int
+
+
+@request("client.smaps_rollup", REMAPD, run="procfs.smaps_rollup", world="smaps_rollup")
+class SmapsRollupRequest(Request[SmapsRollup]):
+    """/proc/PID/smaps_rollup."""
+
+    id: int
+    pid: int
+
+
+@request("client.proc_status", REMAPD, run="procfs.status", world="proc_status")
+class ProcStatus(Request[dict[str, int]]):
+    """/proc/PID/status: the memory lines (kB: VmSize, VmRSS, RssAnon, RssFile, RssShmem, ...) and
+    Pid, Threads, THP_enabled."""
+
+    id: int
+    pid: int
+
+
+@request("client.pagemap", REMAPD, run="procfs.pagemap", world="pagemap")
+class Pagemap(Request[list[int]]):
+    """/proc/PID/pagemap: one u64 per page of [addr, addr+length), at most MAX_ENTRIES pages."""
+
+    id: int
+    pid: int
+    addr: int
+    length: int
+
+
+@request("client.kpageflags", REMAPD, run="procfs.kpageflags", world="kpageflags")
+class KPageFlags(Request[PageFlags]):
+    """/proc/kpageflags and /proc/kpagecount for ``count`` pages from ``pfn`` (at most MAX_ENTRIES)."""
+
+    id: int
+    pfn: int
+    count: int = 1
+
+
+@request("client.pmd_map", REMAPD, run="procfs.pmd_map", world="pmd_map")
+class PmdMap(Request[list[PmdMapRow]]):
+    """What each 2 MiB range of each VMA of ``pid`` holds (``thpctl map``)."""
+
+    id: int
+    pid: int
+
+
+@request("client.top", REMAPD, run="procfs.top", world="top")
+class Top(Request[TopStats]):
+    """``thpctl top``'s figures of every process."""
+
+    id: int
+
+
+@request("client.trace", (COLLAPSED, REMAPD), world=None)
+class Trace(Request[TraceBatch]):
+    """Subscribe to the daemon's log events (``events`` empty: all): replies stream, each a batch,
+    until the client closes the connection. Events wait in a bounded queue; when the client reads
+    too slowly the newest are dropped and counted in the next batch's ``dropped``."""
+
+    id: int
+    events: tuple[str, ...] = ()

@@ -82,7 +82,7 @@ def default_address(daemon: str) -> str:
 
 def knob_env(name: str) -> str:
     """THPSPLIT_ENABLED, THPSPLIT_KHUGEPAGED_SCAN_SLEEP_MILLISECS, THPSPLIT_RETRY_POLICY, ..."""
-    return "THPSPLIT_" + name.removeprefix("thpsplit/").replace("/", "_").upper()
+    return "THPSPLIT_" + name.removeprefix("thpsplit/").replace("/", "_").replace("-", "_").upper()
 
 
 def knob_flag(name: str) -> str:

@@ -15,7 +15,7 @@ from shared.protocol.codec import ProtocolError
 from shared.protocol.schema import Message, Request, ops_of, resolve
 from shared.shell.channel import Channel, ChannelError, send_quietly
 from shared.shell.driver import Driver
-from shared.shell.job import Handler, Job
+from shared.shell.job import Handler, Job, Stream
 
 log = get_logger("thpsplit.requests")
 
@@ -97,15 +97,21 @@ async def _execute(
     async for msg in requests:
         await limiter.acquire()
         job = await _run_request(driver, handlers.get(type(msg)), msg)
+        if isinstance(job, Stream):
+            limiter.release()
+            nursery.start_soon(_stream, ch, msg, job)
+            continue
         nursery.start_soon(_answer, driver, ch, msg, job, limiter)
 
 
-async def _run_request(driver: Driver, handler: Handler | None, msg: Request[Any]) -> Job:
+async def _run_request(driver: Driver, handler: Handler | None, msg: Request[Any]) -> Job | Stream:
     driver.active_requests += 1
     try:
         if handler is None:
             return driver.done(UserError("EOPNOTSUPP", f"{driver.name} does not serve {msg.TAG}"))
         work = handler(msg)
+        if isinstance(work, Stream):
+            return work
         if isinstance(work, Job):
             await work.finished_wait()
             return work
@@ -119,6 +125,21 @@ async def _run_request(driver: Driver, handler: Handler | None, msg: Request[Any
         return driver.done(value)
     finally:
         driver.active_requests -= 1
+
+
+async def _stream(ch: Channel, msg: Request[Any], stream: Stream) -> None:
+    """Send a stream's replies until it ends or the client goes (a daemon shutting down does
+    not wait for streams: they are not counted as requests in flight)."""
+
+    async def send(result: Any) -> None:
+        await ch.send(msg.REPLY(msg.id, result))
+
+    try:
+        await stream.run(send)
+    except UserError as err:
+        await send_quietly(ch, m.ErrorReply(msg.id, err.errno_name, err.message))
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
 
 
 async def _answer(driver: Driver, ch: Channel, msg: Request[Any], job: Job, limiter: trio.Semaphore) -> None:

@@ -32,6 +32,9 @@ from shared.shell.transport import connect
 
 R = TypeVar("R")
 
+# Replies of a stream (thpctl trace) waiting for the client to read them.
+STREAM_DEPTH = 256
+
 # Which daemon serves each request that names none: from the operation tables.
 ROUTES: dict[type[Request[Any]], str] = routes()
 
@@ -74,6 +77,7 @@ class Client:
         self._ch = ch
         self._ids = itertools.count(1)
         self._pending: dict[int, Pending] = {}
+        self._streams: dict[int, trio.MemorySendChannel[Any]] = {}
         self._gone: UserError | None = None
 
     async def start(self, cls: type[Request[Any]], **fields: Any) -> Pending:
@@ -81,8 +85,8 @@ class Client:
 
         Errors:
             UserError: EINVAL for a value the protocol refuses (a float out of range, an
-            unknown enum value), EOVERFLOW when a value cannot be encoded (an int beyond 64
-            bits); ConnectError: the connection is gone.
+            unknown enum value) or cannot encode (an int beyond 64 bits); ConnectError: the
+            connection is gone.
         """
         if self._gone is not None:
             raise self._gone
@@ -95,10 +99,29 @@ class Client:
             raise UserError("EINVAL", str(err)) from None
         except (ValueError, TypeError, OverflowError) as err:
             del self._pending[msg.id]
-            raise UserError("EOVERFLOW", f"cannot send {cls.TAG}: {err}") from None
+            raise UserError("EINVAL", f"a value does not fit in the request ({err})") from None
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self._fail(ConnectError("ECONNRESET", f"{self.name} closed the connection"))
         return pending
+
+    @asynccontextmanager
+    async def stream(self, cls: type[Request[R]], **fields: Any) -> AsyncIterator[trio.MemoryReceiveChannel[R]]:
+        """Send a request whose replies stream (``Trace``) and yield a channel of their results,
+        until the block ends (then the connection should be closed: the daemon streams until it
+        is). A refusal or a lost connection ends the channel with a UserError."""
+        if self._gone is not None:
+            raise self._gone
+        send, recv = trio.open_memory_channel[Any](STREAM_DEPTH)
+        msg = cls(next(self._ids), **fields)
+        self._streams[msg.id] = send
+        try:
+            await self._ch.send(msg)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._fail(ConnectError("ECONNRESET", f"{self.name} closed the connection"))
+        try:
+            yield recv
+        finally:
+            self._streams.pop(msg.id, None)
 
     async def call(self, cls: type[Request[R]], **fields: Any) -> R:
         """Send a request and wait for its result (of the request's result type)."""
@@ -110,6 +133,9 @@ class Client:
         for pending in self._pending.values():
             pending._resolve(err)
         self._pending.clear()
+        for stream in self._streams.values():
+            _end_stream(stream, err)
+        self._streams.clear()
 
     async def _reader(self) -> None:
         try:
@@ -117,6 +143,14 @@ class Client:
                 if isinstance(msg, m.ErrorReply) and msg.id == 0:
                     self._fail(UserError(msg.errno, f"{self.name}: {msg.message}"))
                     return
+                if isinstance(msg, (m.ErrorReply, Reply)) and msg.id in self._streams:
+                    stream = self._streams[msg.id]
+                    if isinstance(msg, m.ErrorReply):
+                        _end_stream(stream, UserError(msg.errno, msg.message))
+                        del self._streams[msg.id]
+                    elif isinstance(msg, Reply):
+                        await stream.send(msg.result)
+                    continue
                 if isinstance(msg, m.ErrorReply):
                     pending = self._pending.pop(msg.id, None)
                     if pending is not None:
@@ -137,6 +171,15 @@ class Client:
             self._fail(ConnectError(err.errno, f"{self.name}: {err.reason}"))
             return
         self._fail(ConnectError("ECONNRESET", f"{self.name} closed the connection"))
+
+
+def _end_stream(stream: trio.MemorySendChannel[Any], err: UserError) -> None:
+    """A stream's last item is the error that ended it."""
+    try:
+        stream.send_nowait(err)
+    except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    stream.close()
 
 
 @asynccontextmanager

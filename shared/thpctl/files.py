@@ -44,8 +44,8 @@ def register(sub: Any) -> None:
         _render_stat,
         "file create libfoo.so --size 4M",
     )
-    p.add_argument("name", metavar="NAME")
-    p.add_argument("--size", type=size, required=True, metavar="SIZE")
+    p.add_argument("name", metavar="NAME", help="the file's name")
+    p.add_argument("--size", type=size, required=True, metavar="SIZE", help="i_size in bytes")
     p.add_argument("--shmem", action="store_true", help="a shmem (tmpfs/memfd) file")
 
     p = command(
@@ -56,9 +56,9 @@ def register(sub: Any) -> None:
         _render_stat,
         "file write libfoo.so 0 2M",
     )
-    p.add_argument("name", metavar="NAME")
-    p.add_argument("offset", type=size, metavar="OFFSET")
-    p.add_argument("length", type=size, metavar="LENGTH")
+    p.add_argument("name", metavar="NAME", help="the file's name")
+    p.add_argument("offset", type=size, metavar="OFFSET", help="byte offset in the file")
+    p.add_argument("length", type=size, metavar="LENGTH", help="bytes from the start")
 
     p = command(
         gsub,
@@ -68,7 +68,7 @@ def register(sub: Any) -> None:
         _render_stat,
         "file sync libfoo.so",
     )
-    p.add_argument("name", metavar="NAME")
+    p.add_argument("name", metavar="NAME", help="the file's name")
 
     p = command(
         gsub,
@@ -78,8 +78,8 @@ def register(sub: Any) -> None:
         _render_stat,
         "file truncate libfoo.so 1M",
     )
-    p.add_argument("name", metavar="NAME")
-    p.add_argument("size", type=size, metavar="SIZE")
+    p.add_argument("name", metavar="NAME", help="the file's name")
+    p.add_argument("size", type=size, metavar="SIZE", help="the new i_size in bytes")
 
     p = command(
         gsub,
@@ -89,9 +89,9 @@ def register(sub: Any) -> None:
         _render_stat,
         "file punch libfoo.so 1M 64K",
     )
-    p.add_argument("name", metavar="NAME")
-    p.add_argument("offset", type=size, metavar="OFFSET")
-    p.add_argument("length", type=size, metavar="LENGTH")
+    p.add_argument("name", metavar="NAME", help="the file's name")
+    p.add_argument("offset", type=size, metavar="OFFSET", help="byte offset in the file")
+    p.add_argument("length", type=size, metavar="LENGTH", help="bytes from the start")
 
     command(
         gsub,

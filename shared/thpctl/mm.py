@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from shared.protocol import messages as m
 from shared.errors import UserError
+from shared.protocol import messages as m
 from shared.thpctl.cli import (
     EXIT_FAIL,
     REMAPD,
     Outcome,
     Plan,
+    Request,
     address,
     command,
     failed,
@@ -65,8 +66,34 @@ def _render_fault(args: argparse.Namespace, results: list[Any]) -> Outcome:
     return out
 
 
+# touch sends a large range as chunks of this many accesses (the daemon runs them in order, so
+# the faults are the same), which lets a terminal show progress as their replies come in.
+TOUCH_CHUNK = 8192
+
+
+def _plan_touch(args: argparse.Namespace) -> list[Request]:
+    if args.stride <= 0:
+        return [req(REMAPD, m.Touch, pid=args.pid, addr=args.addr, length=args.length, write=args.write, stride=args.stride)]
+    chunk = TOUCH_CHUNK * args.stride
+    return [
+        req(
+            REMAPD,
+            m.Touch,
+            pid=args.pid,
+            addr=args.addr + off,
+            length=min(chunk, args.length - off),
+            write=args.write,
+            stride=args.stride,
+        )
+        for off in range(0, max(args.length, 1), chunk)
+    ]
+
+
 def _render_touch(args: argparse.Namespace, results: list[Any]) -> Outcome:
-    counts = results[0]
+    counts: dict[str, int] = {}
+    for chunk in results:
+        for outcome, n in chunk.items():
+            counts[outcome] = counts.get(outcome, 0) + n
     order = [o for o in OUTCOMES if o in counts] + sorted(set(counts) - set(OUTCOMES))
     out = ok(counts, lines(*(f"{o} {counts[o]}" for o in order)))
     bad = {s: counts[s] for s in SIGNALS if counts.get(s)}
@@ -119,12 +146,12 @@ def register(sub: Any) -> None:
         _render_mmap,
         "mmap 1 auto 4M --file libfoo.so --prot rx --private",
     )
-    p.add_argument("pid", type=int, metavar="PID")
-    p.add_argument("addr", type=address_or_auto, metavar="ADDR|auto")
-    p.add_argument("length", type=size, metavar="LENGTH")
-    p.add_argument("--file", required=True, metavar="NAME")
-    p.add_argument("--offset", type=size, default=0, metavar="OFF")
-    p.add_argument("--prot", choices=PROTS, default="r")
+    p.add_argument("pid", type=int, metavar="PID", help="the modelled process")
+    p.add_argument("addr", type=address_or_auto, metavar="ADDR|auto", help="where to map (auto: the kernel picks)")
+    p.add_argument("length", type=size, metavar="LENGTH", help="bytes from the start")
+    p.add_argument("--file", required=True, metavar="NAME", help="the file to map")
+    p.add_argument("--offset", type=size, default=0, metavar="OFF", help="file offset of the mapping")
+    p.add_argument("--prot", choices=PROTS, default="r", help="protection (PROT_READ, +WRITE, +EXEC)")
     share = p.add_mutually_exclusive_group()
     share.add_argument("--shared", action="store_false", dest="private", help="MAP_SHARED (default)")
     share.add_argument("--private", action="store_true", dest="private", help="MAP_PRIVATE")
@@ -138,9 +165,9 @@ def register(sub: Any) -> None:
         lambda a, r: ok(r[0]),
         "munmap 1 0x7effffc00000 2M",
     )
-    p.add_argument("pid", type=int, metavar="PID")
-    p.add_argument("addr", type=address, metavar="ADDR")
-    p.add_argument("length", type=size, metavar="LENGTH")
+    p.add_argument("pid", type=int, metavar="PID", help="the modelled process")
+    p.add_argument("addr", type=address, metavar="ADDR", help="virtual address")
+    p.add_argument("length", type=size, metavar="LENGTH", help="bytes from the start")
 
     p = command(
         sub,
@@ -150,10 +177,10 @@ def register(sub: Any) -> None:
         _render_madvise,
         "madvise 1 0x7effffc00000 4M collapse",
     )
-    p.add_argument("pid", type=int, metavar="PID")
-    p.add_argument("addr", type=address, metavar="ADDR")
-    p.add_argument("length", type=size, metavar="LENGTH")
-    p.add_argument("advice", choices=ADVICE, metavar="|".join(ADVICE))
+    p.add_argument("pid", type=int, metavar="PID", help="the modelled process")
+    p.add_argument("addr", type=address, metavar="ADDR", help="virtual address")
+    p.add_argument("length", type=size, metavar="LENGTH", help="bytes from the start")
+    p.add_argument("advice", choices=ADVICE, metavar="|".join(ADVICE), help="MADV_* without the prefix")
     p.set_defaults(on_error=_madvise_error)
 
     p = command(
@@ -164,25 +191,23 @@ def register(sub: Any) -> None:
         _render_fault,
         "fault 1 0x7effffc00000 --write",
     )
-    p.add_argument("pid", type=int, metavar="PID")
-    p.add_argument("addr", type=address, metavar="ADDR")
-    p.add_argument("--write", action="store_true")
+    p.add_argument("pid", type=int, metavar="PID", help="the modelled process")
+    p.add_argument("addr", type=address, metavar="ADDR", help="virtual address")
+    p.add_argument("--write", action="store_true", help="a write access (default: a read)")
 
     p = command(
         sub,
         "touch",
         "access every STRIDE bytes of [ADDR, ADDR+LENGTH); prints the count of each outcome",
-        lambda a: [
-            req(REMAPD, m.Touch, pid=a.pid, addr=a.addr, length=a.length, write=a.write, stride=a.stride)
-        ],
+        _plan_touch,
         _render_touch,
         "touch 1 0x7effffc00000 4M --stride 4K",
     )
-    p.add_argument("pid", type=int, metavar="PID")
-    p.add_argument("addr", type=address, metavar="ADDR")
-    p.add_argument("length", type=size, metavar="LENGTH")
-    p.add_argument("--write", action="store_true")
-    p.add_argument("--stride", type=size, default=4096, metavar="SIZE")
+    p.add_argument("pid", type=int, metavar="PID", help="the modelled process")
+    p.add_argument("addr", type=address, metavar="ADDR", help="virtual address")
+    p.add_argument("length", type=size, metavar="LENGTH", help="bytes from the start")
+    p.add_argument("--write", action="store_true", help="a write access (default: a read)")
+    p.add_argument("--stride", type=size, default=4096, metavar="SIZE", help="bytes between two accesses")
 
     p = command(
         sub,
@@ -193,9 +218,9 @@ def register(sub: Any) -> None:
         _render_lock,
         "lock 1 --hold 500 --write",
     )
-    p.add_argument("pid", type=int, metavar="PID")
-    p.add_argument("--hold", type=milliseconds, required=True, metavar="MS")
-    p.add_argument("--write", action="store_true")
+    p.add_argument("pid", type=int, metavar="PID", help="the modelled process")
+    p.add_argument("--hold", type=milliseconds, required=True, metavar="MS", help="how long to hold it")
+    p.add_argument("--write", action="store_true", help="take it for write (default: read)")
 
     pins: tuple[tuple[str, type[m.Pin | m.Unpin], str], ...] = (
         ("pin", m.Pin, "pin_user_pages on the page at ADDR (faulting it in first)"),
@@ -210,8 +235,8 @@ def register(sub: Any) -> None:
             _render_pin,
             f"{name} 1 0x7effffc01000",
         )
-        p.add_argument("pid", type=int, metavar="PID")
-        p.add_argument("addr", type=address, metavar="ADDR")
+        p.add_argument("pid", type=int, metavar="PID", help="the modelled process")
+        p.add_argument("addr", type=address, metavar="ADDR", help="virtual address")
 
     p = command(
         sub,
@@ -222,6 +247,6 @@ def register(sub: Any) -> None:
         _render_uprobe,
         "uprobe add libfoo.so 0x1234",
     )
-    p.add_argument("action", choices=("add", "del"))
-    p.add_argument("name", metavar="NAME")
-    p.add_argument("offset", type=size, metavar="OFFSET")
+    p.add_argument("action", choices=("add", "del"), help="add or delete the breakpoint")
+    p.add_argument("name", metavar="NAME", help="the file's name")
+    p.add_argument("offset", type=size, metavar="OFFSET", help="byte offset in the file")
