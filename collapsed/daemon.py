@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from collapsed import procfs
-from collapsed.collapser import Collapser
+from collapsed.collapser import RESCHED_PAGES, Collapser
 from shared.errors import UserError
 from shared.knobs import Knobs, sysfs_entries
 from shared.protocol import messages as m
@@ -27,7 +27,7 @@ from shared.shell.trace import trace_stream
 
 class Collapsed:
     def __init__(self, knobs: Knobs, seed: int = 0):
-        self.core = Collapser(knobs, seed=seed)
+        self.core = Collapser(knobs, seed=seed, resched_pages=RESCHED_PAGES)
         self.driver = Driver(self.core, COLLAPSED)
         self.link = PeerLink(self.driver, peer_role=REMAPD)
         self.handlers = operation_handlers(COLLAPSED, self.driver, self)

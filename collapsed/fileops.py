@@ -116,7 +116,7 @@ class FileOps:
         has been written.
 
         When memory runs out the write ends short, as the kernel's does, keeping what it wrote:
-        the result then carries ``written`` (the bytes that went in), and the write fails with
+        the result's ``written`` (the bytes that went in) says so, and the write fails with
         ENOMEM only if nothing did.
         """
         f = self.lookup(name)
@@ -127,7 +127,7 @@ class FileOps:
             # for pos >= s_maxbytes is never reached first: s_maxbytes is MAX_LFS_FILESIZE here.)
             raise UserError("EINVAL", f"the range [{offset}, {offset + length}) passes {MAX_LFS_FILESIZE}")
         if length == 0:
-            return self.stat(f)
+            return {**self.stat(f), "written": 0}
         cache = self.cache
         yield from cache.inode_lock(f)
         try:
@@ -138,10 +138,7 @@ class FileOps:
         cache.inode_unlock(f)
         if done <= offset:
             raise UserError("ENOMEM", f"no memory for the page at {offset // PAGE_SIZE * PAGE_SIZE}")
-        result = self.stat(f)
-        if done < offset + length:
-            result["written"] = done - offset
-        return result
+        return {**self.stat(f), "written": done - offset}
 
     def _perform_write(self, f: File, offset: int, end: int) -> Generator[Any, Any, int]:
         """The page loop of generic_perform_write; returns where the written bytes end."""

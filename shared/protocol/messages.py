@@ -393,6 +393,13 @@ class FileStat(TypedDict):
     open_for_write: int
 
 
+class WriteResult(FileStat):
+    """write(2)'s answer: the file after it, and how many bytes went in (fewer than asked for
+    when the modelled memory ran out: a short write, as generic_perform_write returns)."""
+
+    written: int
+
+
 class Dropped(TypedDict):
     dropped_pages: int
 
@@ -652,7 +659,7 @@ class FileCreate(Request[FileStat]):
 
 
 @request("client.file_write", COLLAPSED, run="file_write")
-class FileWrite(Request[FileStat]):
+class FileWrite(Request[WriteResult]):
     id: int
     name: str
     offset: int

@@ -21,6 +21,12 @@ def _render_stat(args: argparse.Namespace, results: list[Any]) -> Outcome:
     return ok(results[0], lines(_stat_line(results[0])))
 
 
+def _render_write(args: argparse.Namespace, results: list[Any]) -> Outcome:
+    result = results[0]
+    short = [f"short write: {result['written']} of {args.length} bytes"] if result["written"] < args.length else []
+    return ok(result, lines(_stat_line(result), *short))
+
+
 def _render_ls(args: argparse.Namespace, results: list[Any]) -> Outcome:
     files = results[0]
     header = f"{'NAME':<24} {'INO':>5} {'SIZE':>12} {'KIND':<5} {'PAGES':>8} {'THPS':>5} {'SWAP':>6} {'DIRTY':>6} {'WRITERS':>7}"
@@ -53,7 +59,7 @@ def register(sub: Any) -> None:
         "write",
         "write(2) LENGTH bytes at OFFSET: dirties the pages (and extends the file)",
         lambda a: [req(COLLAPSED, m.FileWrite, name=a.name, offset=a.offset, length=a.length)],
-        _render_stat,
+        _render_write,
         "file write libfoo.so 0 2M",
     )
     p.add_argument("name", metavar="NAME", help="the file's name")
