@@ -29,6 +29,7 @@ from shared.protocol import messages as m
 from shared.units import (
     HPAGE_PMD_SHIFT,
     HPAGE_PMD_SIZE,
+    MAX_LFS_FILESIZE,
     PAGE_SHIFT,
     PAGE_SIZE,
     TASK_SIZE,
@@ -84,6 +85,9 @@ class AddressSpace:
             raise UserError("EINVAL", "length must be positive")
         if offset < 0 or offset % PAGE_SIZE:
             raise UserError("EINVAL", "offset must be a non-negative multiple of the page size")
+        if offset + length > MAX_LFS_FILESIZE:
+            # file_mmap_ok: the mapping would reach past the largest file offset.
+            raise UserError("EOVERFLOW", f"offset {offset:#x} + length {length:#x} passes MAX_LFS_FILESIZE")
         length = (length + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
         if addr is None:
             addr = self._get_unmapped_area(mm, length, offset >> PAGE_SHIFT)

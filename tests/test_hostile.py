@@ -64,3 +64,18 @@ def test_munmap_of_a_negative_address_is_einval(world):
         assert err.errno_name == "EINVAL"
     else:
         raise AssertionError("munmap(-4096) succeeded")
+
+
+def test_mmap_past_the_largest_file_offset_is_eoverflow(world):
+    # file_mmap_ok: an offset + length beyond MAX_LFS_FILESIZE (e.g. offset 2^63 - 4096, 8K).
+    from shared.errors import UserError
+
+    world.file_create("lib", 4096)
+    world.spawn(1)
+    try:
+        world.mmap(1, None, 8192, "lib", offset=(1 << 63) - 4096)
+    except UserError as err:
+        assert err.errno_name == "EOVERFLOW"
+    else:
+        raise AssertionError("the mapping was accepted")
+    assert world.smaps(1) == []
