@@ -30,6 +30,7 @@ import typing
 from collections.abc import Callable
 from typing import Any
 
+from shared.clip import quote
 from shared.protocol.schema import REGISTRY, Message, Range
 
 __all__ = ["ProtocolError", "from_wire", "to_wire"]
@@ -78,8 +79,7 @@ class _Codec:
 
 
 def _quote(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= _QUOTE_CHARS else text[: _QUOTE_CHARS - 3] + "..."
+    return quote(value, _QUOTE_CHARS)
 
 
 def _type_name(value: Any) -> str:

@@ -14,6 +14,7 @@ from typing import Any
 
 import msgpack
 
+from shared.clip import clip
 from shared.protocol.codec import MAX_DEPTH, ProtocolError, from_wire, to_wire
 from shared.protocol.schema import Message
 
@@ -210,8 +211,8 @@ class FrameDecoder:
                 f"frame body has {len(exc.extra)} trailing bytes after its msgpack value"
             ) from exc
         except ValueError as exc:
-            # FormatError carries no text; its class name is the explanation.
-            raise self._poison(f"undecodable frame body: {exc or type(exc).__name__}") from exc
+            # FormatError carries no text; its class name is the explanation then.
+            raise self._poison(f"undecodable frame body: {clip(str(exc)) or type(exc).__name__}") from exc
         if not _within_depth(obj, MAX_DEPTH):
             raise self._poison(f"frame nests deeper than {MAX_DEPTH} levels")
         self._offset = end
