@@ -14,3 +14,8 @@ class UserError(Exception):
         super().__init__(f"{errno_name}: {message}")
         self.errno_name = errno_name
         self.message = message
+
+
+class PeerError(Exception):
+    """The peer sent something the model refuses (a forged or corrupt message): the receiving
+    daemon closes that peer connection; the model is left as it was."""

@@ -21,6 +21,7 @@ from typing import Any
 
 import trio
 
+from shared.clip import quote
 from shared.protocol.codec import ProtocolError, from_wire
 from shared.protocol.framing import MAX_FRAME_BYTES, FrameDecoder, encode_message
 from shared.protocol.messages import ErrorReply, PeerHello
@@ -149,7 +150,7 @@ class Channel:
                     "EPROTONOSUPPORT",
                 )
             if accept is not None and msg.role not in accept:
-                raise ChannelError(f"role {msg.role!r} is not accepted here", "EPERM")
+                raise ChannelError(f"role {quote(msg.role)} is not accepted here", "EPERM")
             self.hello = msg
             return msg
         raise ChannelError(f"no hello within {timeout:g} s", "ETIMEDOUT")

@@ -8,6 +8,7 @@ from typing import Any
 
 import trio
 
+from shared.clip import MAX_ERROR_CHARS, clip
 from shared.errors import UserError
 from shared.logs import get_logger
 from shared.protocol import messages as m
@@ -127,7 +128,8 @@ async def _answer(driver: Driver, ch: Channel, msg: Request[Any], job: Job, limi
         try:
             reply: Message = msg.REPLY(msg.id, await job.result())
         except UserError as err:
-            reply = m.ErrorReply(msg.id, err.errno_name, err.message)
+            # A message may embed a bad value the client sent (a 1 MiB name): never echo it whole.
+            reply = m.ErrorReply(msg.id, err.errno_name, clip(err.message, MAX_ERROR_CHARS))
         try:
             await ch.send(reply)
         except ProtocolError as exc:

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 import trio
 
+from shared.clip import MAX_ERROR_CHARS, clip
 from shared.errors import UserError
 from shared.protocol import messages as m
 from shared.protocol.codec import ProtocolError
@@ -115,12 +116,12 @@ class Client:
         try:
             async for msg in self._ch:
                 if isinstance(msg, m.ErrorReply) and msg.id == 0:
-                    self._fail(UserError(msg.errno, f"{self.name}: {msg.message}"))
+                    self._fail(UserError(clip(msg.errno, 32), f"{self.name}: {clip(msg.message, MAX_ERROR_CHARS)}"))
                     return
                 if isinstance(msg, m.ErrorReply):
                     pending = self._pending.pop(msg.id, None)
                     if pending is not None:
-                        pending._resolve(UserError(msg.errno, msg.message))
+                        pending._resolve(UserError(clip(msg.errno, 32), clip(msg.message, MAX_ERROR_CHARS)))
                     continue
                 if isinstance(msg, Reply):
                     pending = self._pending.get(msg.id)
