@@ -120,7 +120,7 @@ async def test_unencodable_message_raises_at_the_sender_and_queues_nothing():
     left, raw = trio.testing.memory_stream_pair()
     async with open_channel(left) as a:
         with pytest.raises(OverflowError):
-            await a.send(m.Fault(1, 1, 1 << 70))
+            await a.send(m.Fault(1, 1 << 70, 0))  # a pid beyond what msgpack holds
         await a.send(m.Sync(2))
         decoder = FrameDecoder()
         decoder.feed(await raw.receive_some())

@@ -14,8 +14,11 @@ from helpers import ONE_PAGE_FLAGS, ok, thpctl
 
 from shared.clip import MAX_ERROR_CHARS
 from shared.errors import UserError
+from shared.protocol import PROTOCOL_VERSION
 from shared.protocol import messages as m
-from shared.protocol.framing import MAX_STR
+from shared.protocol.framing import MAX_STR, FrameDecoder, encode_frame, encode_message
+from shared.shell.config import parse_address
+from shared.shell.transport import connect
 from shared.thpctl.client import COLLAPSED, REMAPD, open_client
 from shared.thpctl.launch import running_daemons
 
@@ -84,3 +87,46 @@ async def test_an_error_reply_never_echoes_a_huge_bad_value(workdir):
                 await r.call(m.Mmap, pid=1, addr=None, length=4096, name="m" * MAX_STR)
             assert len(info.value.message) <= MAX_ERROR_CHARS
         assert (await ok(d, "sysfs", "get", "khugepaged/pages_to_scan")) == "4096\n"
+
+
+async def test_addresses_offsets_and_lengths_outside_their_c_type_are_refused(workdir):
+    """Issue 14, item 10: munmap of a negative address returned 0; an mmap offset of 2^64-4096
+    was accepted. The codec holds every address to 64 bits and every offset to 63, unsigned."""
+    async with running_daemons(workdir, remapd_args=ONE_PAGE_FLAGS) as d:
+        await ok(d, "file", "create", "f", "--size", "4M")
+        await ok(d, "proc", "spawn", "1")
+        async with open_client(d.remapd.address, REMAPD) as r:
+            for cls, fields, field in (
+                (m.Munmap, {"pid": 1, "addr": -4096, "length": 4096}, "addr"),
+                (m.Mmap, {"pid": 1, "addr": None, "length": 4096, "name": "f", "offset": (1 << 64) - 4096}, "offset"),
+                (m.Madvise, {"pid": 1, "addr": 0, "length": -1, "advice": "hugepage"}, "length"),
+            ):
+                with pytest.raises(UserError) as info:
+                    await r.call(cls, **fields)
+                assert info.value.errno_name == "EINVAL" and f"field {field!r}" in info.value.message
+        # A raw frame that carries one anyway: EPROTO naming the field, that connection closed.
+        stream = await connect(parse_address(d.remapd.address))
+        await stream.send_all(encode_message(m.PeerHello("client", PROTOCOL_VERSION)))
+        decoder = FrameDecoder()
+        assert isinstance(await next_message(stream, decoder), m.PeerHello)
+        frame = ["client.mmap", {"id": 3, "pid": 1, "addr": None, "length": 4096, "name": "f", "offset": (1 << 64) - 4096}]
+        await stream.send_all(encode_frame(frame))
+        reply = await next_message(stream, decoder)
+        assert isinstance(reply, m.ErrorReply) and (reply.id, reply.errno) == (3, "EPROTO")
+        assert reply.message.startswith("client.mmap: field 'offset': 18446744073709547520 is outside 0..")
+        assert await next_message(stream, decoder) is None
+        await stream.aclose()
+        # Valid values behave as before.
+        addr = (await ok(d, "mmap", "1", "auto", "4M", "--file", "f")).strip()
+        await ok(d, "munmap", "1", addr, "2M")
+        assert '"processes": [1]' in await ok(d, "--json", "status", "remapd")
+
+
+async def next_message(stream, decoder):
+    """The next message, or None at end of stream."""
+    while (msg := decoder.next_message()) is None:
+        data = await stream.receive_some()
+        if not data:
+            return None
+        decoder.feed(data)
+    return msg

@@ -26,8 +26,8 @@ __all__ = [
     "FrameDecoder",
     "FrameDecoderStatistics",
     "FrameError",
-    "encode_frame",
     "decode_message",
+    "encode_frame",
     "encode_message",
 ]
 
