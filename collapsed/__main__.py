@@ -7,6 +7,8 @@ import os
 import sys
 
 from shared.knobs import Knobs
+from shared.protocol.schema import CLIENT, REMAPD
+from shared.shell.auth import Secrets
 from shared.shell.config import (
     ENV_SEED,
     add_daemon_flags,
@@ -39,12 +41,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     listen = args.listen or default_address("collapsed")
 
-    async def start(knobs: Knobs) -> None:
+    async def start(knobs: Knobs, secrets: Secrets) -> None:
         from collapsed.daemon import Collapsed
 
-        await Collapsed(knobs, seed=args.seed).serve(listen, args.ready_file)
+        await Collapsed(knobs, seed=args.seed, secrets=secrets).serve(listen, args.ready_file)
 
-    return daemon_main("collapsed", args, (listen,), start)
+    # Who connects: remapd (the peer) and clients, as collapsed.daemon.ACCEPTS.
+    return daemon_main("collapsed", args, listen, {REMAPD, CLIENT}, start)
 
 
 if __name__ == "__main__":

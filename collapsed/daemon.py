@@ -16,15 +16,20 @@ from shared.errors import UserError
 from shared.knobs import Knobs, sysfs_entries
 from shared.protocol import messages as m
 from shared.protocol.schema import CLIENT, COLLAPSED, REMAPD
+from shared.shell.auth import Secrets
 from shared.shell.driver import Driver
 from shared.shell.job import Job, Work
 from shared.shell.peer import PeerLink
 from shared.shell.requests import operation_handlers
 from shared.shell.server import Server
 
+# Who connects to collapsed: remapd (the peer, one at a time) and clients.
+ACCEPTS = frozenset({REMAPD, CLIENT})
+
 
 class Collapsed:
-    def __init__(self, knobs: Knobs, seed: int = 0):
+    def __init__(self, knobs: Knobs, seed: int = 0, secrets: Secrets | None = None):
+        self.secrets = secrets
         self.core = Collapser(knobs, seed=seed)
         self.driver = Driver(self.core, COLLAPSED)
         self.link = PeerLink(self.driver, peer_role=REMAPD)
@@ -71,4 +76,4 @@ class Collapsed:
         }
 
     async def serve(self, listen: str, ready_file: str | None) -> None:
-        await Server(self.driver, self.link, {REMAPD, CLIENT}, self.handlers).serve(listen, ready_file)
+        await Server(self.driver, self.link, ACCEPTS, self.handlers, self.secrets).serve(listen, ready_file)

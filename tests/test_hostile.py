@@ -10,13 +10,12 @@ import json
 
 import pytest
 import trio
-from helpers import ONE_PAGE_FLAGS, ok, thpctl
+from helpers import ONE_PAGE_FLAGS, next_message, ok, raw_hello, thpctl
 
 from shared.clip import MAX_ERROR_CHARS
 from shared.errors import UserError
-from shared.protocol import PROTOCOL_VERSION
 from shared.protocol import messages as m
-from shared.protocol.framing import MAX_STR, FrameDecoder, encode_frame, encode_message
+from shared.protocol.framing import MAX_STR, encode_frame
 from shared.shell.config import parse_address
 from shared.shell.transport import connect
 from shared.thpctl.client import COLLAPSED, REMAPD, open_client
@@ -106,9 +105,7 @@ async def test_addresses_offsets_and_lengths_outside_their_c_type_are_refused(wo
                 assert info.value.errno_name == "EINVAL" and f"field {field!r}" in info.value.message
         # A raw frame that carries one anyway: EPROTO naming the field, that connection closed.
         stream = await connect(parse_address(d.remapd.address))
-        await stream.send_all(encode_message(m.PeerHello("client", PROTOCOL_VERSION)))
-        decoder = FrameDecoder()
-        assert isinstance(await next_message(stream, decoder), m.PeerHello)
+        decoder, _, _ = await raw_hello(stream)
         frame = ["client.mmap", {"id": 3, "pid": 1, "addr": None, "length": 4096, "name": "f", "offset": (1 << 64) - 4096}]
         await stream.send_all(encode_frame(frame))
         reply = await next_message(stream, decoder)
@@ -121,12 +118,3 @@ async def test_addresses_offsets_and_lengths_outside_their_c_type_are_refused(wo
         await ok(d, "munmap", "1", addr, "2M")
         assert '"processes": [1]' in await ok(d, "--json", "status", "remapd")
 
-
-async def next_message(stream, decoder):
-    """The next message, or None at end of stream."""
-    while (msg := decoder.next_message()) is None:
-        data = await stream.receive_some()
-        if not data:
-            return None
-        decoder.feed(data)
-    return msg

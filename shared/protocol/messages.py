@@ -85,11 +85,22 @@ class UprobeAction(enum.StrEnum):
 
 @message("peer.hello")
 class PeerHello(Message):
-    """First message on every connection, in both directions: the sender's role and
-    :data:`~shared.protocol.schema.PROTOCOL_VERSION`."""
+    """First message on every connection, in both directions: the sender's role,
+    :data:`~shared.protocol.schema.PROTOCOL_VERSION`, and a fresh challenge for the other side
+    (64 hex digits; :mod:`shared.shell.auth`)."""
 
     role: str
     protocol: int
+    nonce: str = ""
+
+
+@message("peer.auth")
+class PeerAuth(Message):
+    """Second message on every connection, in both directions: the sender's proof that it knows
+    the connection's secret (HMAC-SHA256 over the hello transcript, 64 hex digits), or empty when
+    it holds no secret for it (:mod:`shared.shell.auth`)."""
+
+    proof: str
 
 
 @message("peer.lookup_page")

@@ -19,8 +19,10 @@ import typing
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar, dataclass_transform
 
-# Version 2: frames are [tag, fields] (version 1 sent [tag, 1, fields]), replies are typed.
-PROTOCOL_VERSION = 2
+# Version 3: the hello carries a challenge and a peer.auth answers it (challenge-response with
+# the shared secrets). Version 2: frames are [tag, fields] (version 1 sent [tag, 1, fields]),
+# replies are typed.
+PROTOCOL_VERSION = 3
 
 # The roles a connection says it has in its hello: the two actors and their clients.
 COLLAPSED = "collapsed"

@@ -21,11 +21,23 @@ from typing import Any
 
 import trio
 
-from shared.clip import quote
+from shared.clip import MAX_ERROR_CHARS, clip, quote
 from shared.protocol.codec import ProtocolError, from_wire
 from shared.protocol.framing import MAX_FRAME_BYTES, FrameDecoder, encode_message
-from shared.protocol.messages import ErrorReply, PeerHello
+from shared.protocol.messages import ErrorReply, PeerAuth, PeerHello
 from shared.protocol.schema import PROTOCOL_VERSION, Message
+from shared.shell.auth import (
+    ACCEPT,
+    CONNECT,
+    NONCE_HEX,
+    PROOF_HEX,
+    Secrets,
+    is_hex,
+    new_nonce,
+    proof,
+    proof_matches,
+    secret_hint,
+)
 
 # Bytes asked of the stream per read.
 RECV_CHUNK = 64 * 1024
@@ -127,33 +139,95 @@ class Channel:
             raise StopAsyncIteration from None
 
     async def handshake(
-        self, role: str, accept: Collection[str] | None = None, timeout: float = HELLO_TIMEOUT_S
+        self,
+        role: str,
+        accept: Collection[str] | None = None,
+        timeout: float = HELLO_TIMEOUT_S,
+        *,
+        secrets: Secrets | None = None,
+        initiator: bool = True,
     ) -> PeerHello:
-        """Send our hello and read theirs (both sides send first, so neither waits on the other).
+        """Say hello and prove who we are; read the other side's hello and check its proof.
+
+        Both sides send ``PeerHello(role, protocol, nonce)`` first (neither waits on the other),
+        then ``PeerAuth(proof)``: the connecting side (``initiator``) right away, the listener
+        only once the connecting side's proof checks out. The secret is the one of the
+        connecting side's role (:meth:`Secrets.for_role`); a side without it sends an empty
+        proof and checks nothing (:mod:`shared.shell.auth`). All within ``timeout``.
 
         Errors:
             ChannelError: no hello within ``timeout`` (ETIMEDOUT), the first message is not a
-            hello (EPROTO), another protocol version (EPROTONOSUPPORT), or a role not in
-            ``accept`` (EPERM).
+            hello (EPROTO), another protocol version (EPROTONOSUPPORT), a role not in ``accept``
+            (EPERM), a missing or wrong proof (EACCES); or the other side refused us (its errno).
             trio.EndOfChannel: closed before saying hello.
         """
-        await self.send(PeerHello(role, PROTOCOL_VERSION))
+        nonce = new_nonce()
+        await self.send(PeerHello(role, PROTOCOL_VERSION, nonce))
         with trio.move_on_after(timeout):
-            msg = await self.receive()
-            if not isinstance(msg, PeerHello):
-                raise ChannelError(
-                    f"expected peer.hello first, got {msg.TAG}", reply_to=_request_id([msg.TAG, msg.fields()])
-                )
-            if msg.protocol != PROTOCOL_VERSION:
-                raise ChannelError(
-                    f"protocol version {msg.protocol} is not supported (this side speaks {PROTOCOL_VERSION})",
-                    "EPROTONOSUPPORT",
-                )
-            if accept is not None and msg.role not in accept:
-                raise ChannelError(f"role {quote(msg.role)} is not accepted here", "EPERM")
-            self.hello = msg
-            return msg
+            theirs = await self._read_hello(nonce, accept)
+            connector = role if initiator else theirs.role
+            key = secrets.for_role(connector) if secrets is not None else None
+            if initiator:
+                await self._send_proof(key, CONNECT, role, theirs, nonce)
+                await self._check_proof(key, ACCEPT, role, theirs, nonce, connector)
+            else:
+                await self._check_proof(key, CONNECT, role, theirs, nonce, connector)
+                await self._send_proof(key, ACCEPT, role, theirs, nonce)
+            self.hello = theirs
+            return theirs
         raise ChannelError(f"no hello within {timeout:g} s", "ETIMEDOUT")
+
+    async def _receive_handshake(self) -> Message:
+        msg = await self.receive()
+        if isinstance(msg, ErrorReply):
+            errno = clip(msg.errno, 32)
+            raise ChannelError(f"refused: {errno}: {clip(msg.message, MAX_ERROR_CHARS)}", errno)
+        return msg
+
+    async def _read_hello(self, nonce: str, accept: Collection[str] | None) -> PeerHello:
+        msg = await self._receive_handshake()
+        if not isinstance(msg, PeerHello):
+            raise ChannelError(
+                f"expected peer.hello first, got {msg.TAG}", reply_to=_request_id([msg.TAG, msg.fields()])
+            )
+        if msg.protocol != PROTOCOL_VERSION:
+            raise ChannelError(
+                f"protocol version {msg.protocol} is not supported (this side speaks {PROTOCOL_VERSION})",
+                "EPROTONOSUPPORT",
+            )
+        if accept is not None and msg.role not in accept:
+            raise ChannelError(f"role {quote(msg.role)} is not accepted here", "EPERM")
+        if not is_hex(msg.nonce, NONCE_HEX) or msg.nonce == nonce:
+            raise ChannelError(f"peer.hello: the nonce must be {NONCE_HEX} fresh lowercase hex digits")
+        return msg
+
+    async def _send_proof(self, key: bytes | None, direction: str, role: str, theirs: PeerHello, nonce: str) -> None:
+        mine = proof(key, direction, role, theirs.role, nonce, theirs.nonce) if key is not None else ""
+        await self.send(PeerAuth(mine))
+
+    async def _check_proof(
+        self, key: bytes | None, direction: str, role: str, theirs: PeerHello, nonce: str, connector: str
+    ) -> None:
+        msg = await self._receive_handshake()
+        if not isinstance(msg, PeerAuth):
+            raise ChannelError(f"expected peer.auth after the hello, got {msg.TAG}")
+        if msg.proof and not is_hex(msg.proof, PROOF_HEX):
+            raise ChannelError(f"peer.auth: the proof must be empty or {PROOF_HEX} lowercase hex digits")
+        if key is None:
+            return  # nothing to check it against: the local case (auth.startup_problem)
+        if not msg.proof:
+            if direction == CONNECT:
+                raise ChannelError(
+                    f"authentication required: the {quote(connector)} role needs the shared secret "
+                    f"({secret_hint(connector)})",
+                    "EACCES",
+                )
+            raise ChannelError(
+                f"{quote(theirs.role)} did not prove it knows the secret (it has none set?)", "EACCES"
+            )
+        expected = proof(key, direction, theirs.role, role, theirs.nonce, nonce)
+        if not proof_matches(msg.proof, expected):
+            raise ChannelError(f"authentication failed: {quote(theirs.role)} does not know the secret", "EACCES")
 
     # -- the two tasks -------------------------------------------------------------------------
 

@@ -1,18 +1,20 @@
 """Where the daemons listen and how they are configured: addresses, THPSPLIT_* variables, defaults.
 
 An address is ``unix:/path/to.sock`` or ``tcp:HOST:PORT`` (``tcp:[::1]:PORT`` for IPv6; port 0
-asks the kernel for a free port, the daemon then reports the one it got). Without flags or
-environment, both daemons and ``thpctl`` meet on Unix sockets in a per-user runtime directory, so
-``collapsed & remapd &`` works locally; TCP is for containers.
+asks the kernel for a free port, the daemon then reports the one it got; an empty HOST is
+127.0.0.1). Without flags or environment, both daemons and ``thpctl`` meet on Unix sockets in a
+per-user runtime directory, so ``collapsed & remapd &`` works locally; TCP is for containers.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 import os
 from typing import Any
 
+from shared.clip import quote
 from shared.knobs import SPECS, Knobs
 
 ENV_COLLAPSED = "THPSPLIT_COLLAPSED"
@@ -24,6 +26,9 @@ ENV_SEED = "THPSPLIT_SEED"
 ENV_DEADLINE = "THPSPLIT_DEADLINE"
 
 LOG_FORMATS = ("auto", "json", "console")
+
+# Where ``tcp::PORT`` (no host) listens and connects: never every interface by accident.
+DEFAULT_TCP_HOST = "127.0.0.1"
 
 # Knobs a daemon accepts as flags and THPSPLIT_* variables: every writable sysfs knob.
 KNOB_NAMES = tuple(name for name, spec in SPECS.items() if spec.writable)
@@ -46,21 +51,41 @@ class Address:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"tcp:{host}:{self.port}"
 
+    @property
+    def tcp_host(self) -> str:
+        """The host a TCP address listens on or connects to (DEFAULT_TCP_HOST when empty)."""
+        return self.host or DEFAULT_TCP_HOST
+
+    @property
+    def local(self) -> bool:
+        """A Unix socket, or TCP on a loopback address (127.0.0.0/8, ::1, ``localhost``): only
+        this machine can reach it. Any other host name counts as not local."""
+        if self.kind == "unix":
+            return True
+        host = self.tcp_host
+        if host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
+
 
 def parse_address(text: str) -> Address:
     kind, sep, rest = text.partition(":")
     if not sep or not rest:
-        raise AddressError(f"bad address {text!r}: use unix:PATH or tcp:HOST:PORT")
+        raise AddressError(f"bad address {quote(text)}: use unix:PATH or tcp:HOST:PORT")
     if kind == "unix":
         return Address("unix", path=rest)
     if kind == "tcp":
         host, sep, port = rest.rpartition(":")
-        if not sep or not host or not port.isdigit() or int(port) > 65535:
-            raise AddressError(f"bad address {text!r}: use tcp:HOST:PORT with PORT 0..65535")
+        # An empty HOST (tcp::7070) is DEFAULT_TCP_HOST, never every interface.
+        if not sep or not port.isascii() or not port.isdigit() or int(port) > 65535:
+            raise AddressError(f"bad address {quote(text)}: use tcp:HOST:PORT with PORT 0..65535")
         if host.startswith("[") and host.endswith("]"):
             host = host[1:-1]
         return Address("tcp", host=host, port=int(port))
-    raise AddressError(f"bad address {text!r}: use unix:PATH or tcp:HOST:PORT")
+    raise AddressError(f"bad address {quote(text)}: use unix:PATH or tcp:HOST:PORT")
 
 
 def runtime_dir() -> str:
@@ -133,6 +158,22 @@ def add_daemon_flags(parser: argparse.ArgumentParser, daemon: str) -> None:
         metavar="PATH",
         help="once listening, write the actual address (with the bound port) to PATH",
     )
+    secrets = parser.add_argument_group(
+        "secrets",
+        "required on a listener other machines can reach; checked whenever set (docs/protocol.md)",
+    )
+    secrets.add_argument(
+        "--secret-file",
+        metavar="PATH",
+        help="the client secret, which clients prove in their hello "
+        "($THPSPLIT_SECRET_FILE, or the value itself in $THPSPLIT_SECRET)",
+    )
+    secrets.add_argument(
+        "--peer-secret-file",
+        metavar="PATH",
+        help="the peer secret, which only the two daemons hold and the peer link proves "
+        "($THPSPLIT_PEER_SECRET_FILE, or the value itself in $THPSPLIT_PEER_SECRET)",
+    )
     parser.add_argument(
         "--log-level",
         choices=("debug", "info", "warning", "error"),
@@ -152,6 +193,7 @@ def log_json(fmt: str) -> bool | None:
 
 
 __all__ = [
+    "DEFAULT_TCP_HOST",
     "Address",
     "AddressError",
     "add_daemon_flags",

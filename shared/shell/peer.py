@@ -22,6 +22,7 @@ from shared.logs import get_logger
 from shared.protocol import messages as m
 from shared.protocol.codec import ProtocolError
 from shared.protocol.schema import Message
+from shared.shell.auth import Secrets
 from shared.shell.channel import Channel, ChannelError, open_channel, send_quietly
 from shared.shell.config import parse_address
 from shared.shell.driver import Driver
@@ -155,9 +156,12 @@ class PeerLink:
                 log.exception("unsendable_peer_message", tag=msg.TAG)
 
 
-async def connect_peer(link: PeerLink, address: str, backoff_min_s: float, backoff_max_s: float) -> None:
+async def connect_peer(
+    link: PeerLink, address: str, backoff_min_s: float, backoff_max_s: float, secrets: Secrets | None = None
+) -> None:
     """The remapper's side of the peer channel: connect, and again after every loss, waiting
-    twice as long after each failed attempt (up to ``backoff_max_s``)."""
+    twice as long after each failed attempt (up to ``backoff_max_s``). With a peer secret in
+    ``secrets`` both sides prove it in the hello."""
     addr = parse_address(address)
     delay = backoff_min_s
     with structlog.contextvars.bound_contextvars(peer=str(addr)):
@@ -172,7 +176,7 @@ async def connect_peer(link: PeerLink, address: str, backoff_min_s: float, backo
             started = trio.current_time()
             async with open_channel(stream) as ch:
                 try:
-                    await ch.handshake(link.driver.name, accept={link.peer_role})
+                    await ch.handshake(link.driver.name, accept={link.peer_role}, secrets=secrets)
                     await link.serve(ch)
                 except ChannelError as err:
                     log.warning("peer_protocol_error", errno=err.errno, reason=err.reason)

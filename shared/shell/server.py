@@ -8,7 +8,7 @@ import itertools
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 
 import structlog
@@ -17,12 +17,13 @@ import trio
 from shared.knobs import KnobError, Knobs
 from shared.logs import configure, get_logger
 from shared.protocol.schema import CLIENT
+from shared.shell.auth import SecretError, Secrets, load_secrets, startup_problem
 from shared.shell.channel import ChannelError, open_channel, send_quietly
 from shared.shell.config import AddressError, knobs_from, log_json, parse_address
 from shared.shell.driver import Driver
 from shared.shell.peer import PeerLink
 from shared.shell.requests import Handlers, serve_client
-from shared.shell.transport import listen, write_ready_file
+from shared.shell.transport import listen, prepare_socket_dir, write_ready_file
 
 log = get_logger("thpsplit.server")
 
@@ -32,13 +33,22 @@ SHUTDOWN_GRACE_S = 2.0
 
 class Server:
     """Listener, connections, signals: what both daemons do around their :class:`Driver`: clients
-    get ``handlers``, the peer (a hello with a role in ``accept_roles`` other than client) the link."""
+    get ``handlers``, the peer (a hello with a role in ``accept_roles`` other than client) the link.
+    Every connection authenticates in its hello with ``secrets`` (:mod:`shared.shell.auth`)."""
 
-    def __init__(self, driver: Driver, link: PeerLink, accept_roles: Collection[str], handlers: Handlers):
+    def __init__(
+        self,
+        driver: Driver,
+        link: PeerLink,
+        accept_roles: Collection[str],
+        handlers: Handlers,
+        secrets: Secrets | None = None,
+    ):
         self.driver = driver
         self.link = link
         self.accept_roles = accept_roles
         self.handlers = handlers
+        self.secrets = secrets if secrets is not None else Secrets()
         self._conn_ids = itertools.count(1)
 
     async def serve(
@@ -51,6 +61,9 @@ class Server:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             listeners, bound = await listen(parse_address(listen_addr))
             log.info("listening", address=str(bound))
+            if not bound.local:
+                # Allowed only with the secrets (daemon_main checked): say so all the same.
+                log.warning("listening_beyond_loopback", address=str(bound), authenticated=True)
             try:
                 async with trio.open_nursery() as root:
                     root.start_soon(self.driver.run_clock)
@@ -86,11 +99,15 @@ class Server:
 
     async def _connection(self, stream: trio.abc.Stream) -> None:
         conn = next(self._conn_ids)
-        with structlog.contextvars.bound_contextvars(daemon=self.driver.name, conn=conn):
+        where = _remote(stream)
+        with structlog.contextvars.bound_contextvars(daemon=self.driver.name, conn=conn, **where):
             async with open_channel(stream) as ch:
                 try:
-                    hello = await ch.handshake(self.driver.name, accept=self.accept_roles)
+                    hello = await ch.handshake(
+                        self.driver.name, accept=self.accept_roles, secrets=self.secrets, initiator=False
+                    )
                 except ChannelError as err:
+                    # EACCES (no or wrong proof), EPERM (a role not taken here), EPROTO, ...
                     log.warning("hello_failed", errno=err.errno, reason=err.reason)
                     await send_quietly(ch, err.reply())
                     return
@@ -109,6 +126,18 @@ class Server:
                         await send_quietly(ch, err.reply())
 
 
+def _remote(stream: trio.abc.Stream) -> dict[str, str]:
+    """The remote address of a TCP connection, for its log lines (a Unix socket has none)."""
+    sock = getattr(stream, "socket", None)
+    if sock is None or sock.family == trio.socket.AF_UNIX:
+        return {}
+    try:
+        host, port = sock.getpeername()[:2]
+    except OSError:
+        return {}
+    return {"remote": f"{host}:{port}"}
+
+
 async def _then_cancel(wait: Callable[[], Awaitable[Any]], scope: trio.CancelScope) -> None:
     await wait()
     scope.cancel()
@@ -120,27 +149,49 @@ def main_wrapper(prog: str, run: Callable[[], Awaitable[None]]) -> int:
     try:
         trio.run(run)
     except OSError as err:
-        print(f"{prog}: {err.strerror or err}{': ' + err.filename if err.filename else ''}", file=sys.stderr)
+        print(f"{prog}: {_oserror_line(err)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
     return 0
 
 
+def _oserror_line(err: OSError) -> str:
+    return f"{err.strerror or err}{': ' + str(err.filename) if err.filename else ''}"
+
+
+class StartupError(ValueError):
+    """A configuration the daemon refuses to start with."""
+
+
 def daemon_main(
     prog: str,
     args: argparse.Namespace,
-    addresses: Sequence[str],
-    start: Callable[[Knobs], Awaitable[None]],
+    listen: str,
+    accepts: Collection[str],
+    start: Callable[[Knobs, Secrets], Awaitable[None]],
+    peer: str | None = None,
 ) -> int:
-    """What both daemons' ``main`` does once flags are parsed: refuse bad knobs or addresses with
-    one line and exit status 2, configure logging, then run ``start(knobs)`` under trio."""
+    """What both daemons' ``main`` does once flags are parsed: refuse bad knobs, addresses,
+    secrets, an unsafe socket directory, or a listener other machines reach without the secrets
+    of every role in ``accepts`` (and a ``peer`` link to another machine without the peer
+    secret), with one line and exit status 2; configure logging; run ``start(knobs, secrets)``
+    under trio."""
     try:
         knobs = knobs_from(args)
-        for address in addresses:
-            parse_address(address)
-    except (KnobError, AddressError) as err:
+        listen_addr = parse_address(listen)
+        peer_addr = parse_address(peer) if peer is not None else None
+        secrets = load_secrets(args.secret_file, args.peer_secret_file)
+        problem = startup_problem(secrets, listen_addr, accepts, peer_addr)
+        if problem is not None:
+            raise StartupError(problem)
+        if listen_addr.kind == "unix":
+            prepare_socket_dir(listen_addr.path)
+    except (KnobError, AddressError, SecretError, StartupError) as err:
         print(f"{prog}: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        print(f"{prog}: {_oserror_line(err)}", file=sys.stderr)
+        return 2
     configure(args.log_level, log_json(args.log_format))
-    return main_wrapper(prog, lambda: start(knobs))
+    return main_wrapper(prog, lambda: start(knobs, secrets))
