@@ -17,6 +17,7 @@ from shared.knobs import Knobs, sysfs_entries
 from shared.protocol import messages as m
 from shared.protocol.schema import CLIENT, COLLAPSED, REMAPD
 from shared.shell.auth import Secrets
+from shared.shell.config import Limits
 from shared.shell.driver import Driver
 from shared.shell.job import Job, Work
 from shared.shell.peer import PeerLink
@@ -28,8 +29,9 @@ ACCEPTS = frozenset({REMAPD, CLIENT})
 
 
 class Collapsed:
-    def __init__(self, knobs: Knobs, seed: int = 0, secrets: Secrets | None = None):
+    def __init__(self, knobs: Knobs, seed: int = 0, secrets: Secrets | None = None, limits: Limits | None = None):
         self.secrets = secrets
+        self.limits = limits
         self.core = Collapser(knobs, seed=seed)
         self.driver = Driver(self.core, COLLAPSED)
         self.link = PeerLink(self.driver, peer_role=REMAPD)
@@ -76,4 +78,5 @@ class Collapsed:
         }
 
     async def serve(self, listen: str, ready_file: str | None) -> None:
-        await Server(self.driver, self.link, ACCEPTS, self.handlers, self.secrets).serve(listen, ready_file)
+        server = Server(self.driver, self.link, ACCEPTS, self.handlers, self.secrets, self.limits)
+        await server.serve(listen, ready_file)

@@ -19,6 +19,7 @@ from shared.knobs import KnobError, Knobs, sysfs_entries
 from shared.protocol import messages as m
 from shared.protocol.schema import CLIENT, COLLAPSED, REMAPD
 from shared.shell.auth import Secrets
+from shared.shell.config import Limits
 from shared.shell.driver import Driver
 from shared.shell.job import Job, Work
 from shared.shell.peer import PeerLink, connect_peer
@@ -37,8 +38,9 @@ ACCEPTS = frozenset({CLIENT})
 
 
 class Remapd:
-    def __init__(self, knobs: Knobs, secrets: Secrets | None = None):
+    def __init__(self, knobs: Knobs, secrets: Secrets | None = None, limits: Limits | None = None):
         self.secrets = secrets
+        self.limits = limits
         self.core = Remapper(knobs)
         self.driver = Driver(self.core, REMAPD)
         self.link = PeerLink(self.driver, peer_role=COLLAPSED, on_connect=self.push_knobs)
@@ -96,5 +98,5 @@ class Remapd:
         async def peer() -> None:
             await connect_peer(self.link, collapsed, BACKOFF_MIN_S, BACKOFF_MAX_S, self.secrets)
 
-        server = Server(self.driver, self.link, ACCEPTS, self.handlers, self.secrets)
+        server = Server(self.driver, self.link, ACCEPTS, self.handlers, self.secrets, self.limits)
         await server.serve(listen, ready_file, background=[peer])

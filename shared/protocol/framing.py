@@ -234,6 +234,16 @@ class FrameDecoder:
         obj = self.next_object()
         return None if obj is None else from_wire(obj)
 
+    @property
+    def max_frame_bytes(self) -> int:
+        """Largest frame body accepted; may be changed between frames (a connection takes only
+        small frames until it has said hello)."""
+        return self._max_frame_bytes
+
+    @max_frame_bytes.setter
+    def max_frame_bytes(self, value: int) -> None:
+        self._max_frame_bytes = value
+
     def statistics(self) -> FrameDecoderStatistics:
         """Return counters describing the decoder; works on a poisoned decoder too."""
         return FrameDecoderStatistics(

@@ -17,7 +17,9 @@ import trio
 
 from shared.shell.config import Address
 
-LISTEN_BACKLOG = 128
+# Connections the kernel queues before the daemon accepts them (capped by net.core.somaxconn):
+# above the client limit, so a burst of connections is accepted and answered rather than reset.
+LISTEN_BACKLOG = 1024
 SOCKET_MODE = 0o600
 SOCKET_DIR_MODE = 0o700
 
