@@ -8,6 +8,7 @@ import os
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -34,7 +35,7 @@ def run_daemon(argv: list[str], umask: int = 0o022, env: dict[str, str] | None =
         text=True,
         timeout=timeout,
         env={**os.environ, **SECRETS_UNSET, **(env or {})},
-        preexec_fn=lambda: os.umask(umask),
+        umask=umask,
         check=False,
     )
 
@@ -72,13 +73,13 @@ def test_the_default_runtime_directory_is_made_0700(tmp_path):
         env={**os.environ, **SECRETS_UNSET, **env},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        preexec_fn=lambda: os.umask(0),
+        umask=0,
     )
     try:
         for _ in range(1500):
             if (tmp_path / "ready").exists() or proc.poll() is not None:
                 break
-            trio.run(trio.sleep, 0.01)
+            time.sleep(0.01)
         assert (tmp_path / "ready").read_text().strip() == f"unix:{runtime / 'collapsed.sock'}"
         assert (mode(runtime), mode(runtime / "collapsed.sock")) == (0o700, 0o600)
     finally:

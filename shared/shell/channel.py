@@ -174,7 +174,7 @@ class Channel:
             self._decoder.feed(data)
             self._charge()
 
-    async def _read(self) -> bytes:
+    async def _read(self) -> bytes | bytearray:
         """The next bytes from the stream (b"" at its end), within the read timeout once a frame
         has begun."""
         if self._decoder.statistics().bytes_buffered and self._read_timeout is not None:
@@ -186,7 +186,7 @@ class Channel:
             raise ChannelError(f"a frame still incomplete {self._read_timeout:g} s after it began", "ETIMEDOUT")
         return await self._receive_some()
 
-    async def _receive_some(self) -> bytes:
+    async def _receive_some(self) -> bytes | bytearray:
         try:
             return await self.stream.receive_some(RECV_CHUNK)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
