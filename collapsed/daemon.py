@@ -17,6 +17,8 @@ from shared.errors import UserError
 from shared.knobs import Knobs, sysfs_entries
 from shared.protocol import messages as m
 from shared.protocol.schema import CLIENT, COLLAPSED, REMAPD
+from shared.shell.auth import Secrets
+from shared.shell.config import Limits
 from shared.shell.driver import Driver
 from shared.shell.job import Job, Stream, Work
 from shared.shell.peer import PeerLink
@@ -24,9 +26,14 @@ from shared.shell.requests import operation_handlers
 from shared.shell.server import Server
 from shared.shell.trace import trace_stream
 
+# Who connects to collapsed: remapd (the peer, one at a time) and clients.
+ACCEPTS = frozenset({REMAPD, CLIENT})
+
 
 class Collapsed:
-    def __init__(self, knobs: Knobs, seed: int = 0):
+    def __init__(self, knobs: Knobs, seed: int = 0, secrets: Secrets | None = None, limits: Limits | None = None):
+        self.secrets = secrets
+        self.limits = limits
         self.core = Collapser(knobs, seed=seed, resched_pages=RESCHED_PAGES)
         self.driver = Driver(self.core, COLLAPSED)
         self.link = PeerLink(self.driver, peer_role=REMAPD)
@@ -83,4 +90,5 @@ class Collapsed:
         }
 
     async def serve(self, listen: str, ready_file: str | None) -> None:
-        await Server(self.driver, self.link, {REMAPD, CLIENT}, self.handlers).serve(listen, ready_file)
+        server = Server(self.driver, self.link, ACCEPTS, self.handlers, self.secrets, self.limits)
+        await server.serve(listen, ready_file)

@@ -7,9 +7,11 @@ and then applied to both. Defaults are the kernel's (6.x, ``enabled=madvise`` as
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 from typing import Any
 
+from shared.clip import clip, quote
 from shared.errors import UserError
 
 ENABLED_CHOICES = ("always", "madvise", "never")
@@ -43,6 +45,11 @@ RETRY_POLICIES = ("per-pmd", "mm-slot", "per-mapping", "lockless", "none")
 
 # max_ptes_* accept 0..HPAGE_PMD_NR-1, as khugepaged's sysfs store functions do.
 _MAX_PTES = 511
+# What kstrtoul(buf, 10, ...) takes: ASCII decimal digits after an optional plus sign. Python's
+# int() would also take "1_0", non-ASCII digits ("١٠") and surrounding whitespace.
+_DECIMAL = re.compile(r"\+?[0-9]+", re.ASCII)
+# More digits than any knob's range needs: refused without converting (kstrtoul's ERANGE).
+_MAX_DIGITS = 24
 
 
 class KnobError(ValueError):
@@ -144,26 +151,29 @@ class Knobs:
         return getattr(self, _attr(name))
 
     def validate(self, name: str, text: str) -> Any:
-        """Parse ``text`` for knob ``name`` as sysfs would.
+        """Parse ``text`` for knob ``name`` as sysfs would: a number is plain ASCII decimal
+        digits (an optional leading ``+``, as kstrtoul takes), surrounding whitespace ignored
+        (``echo`` adds a newline).
 
         Raises:
             KnobError: unknown knob (ENOENT), read-only (EACCES), or a value sysfs refuses (EINVAL).
         """
         spec = SPECS.get(name)
         if spec is None:
-            raise KnobError(f"no such knob: {name}", "ENOENT")
+            raise KnobError(f"no such knob: {clip(name)}", "ENOENT")
         if not spec.writable:
             raise KnobError(f"{name} is read-only", "EACCES")
         text = str(text).strip()
         if spec.kind == "choice":
             if text not in spec.choices:
-                raise KnobError(f"{name}: {text!r} is not one of {', '.join(spec.choices)}")
+                raise KnobError(f"{name}: {quote(text)} is not one of {', '.join(spec.choices)}")
             return text
-        try:
-            value = int(text, 10)
-        except ValueError:
-            raise KnobError(f"{name}: {text!r} is not a decimal number") from None
         lo, hi = (0, 1) if spec.kind == "bool" else (spec.lo, spec.hi)
+        if not _DECIMAL.fullmatch(text):
+            raise KnobError(f"{name}: {quote(text)} is not a decimal number")
+        if len(text) > _MAX_DIGITS:
+            raise KnobError(f"{name}: {quote(text)} is outside {lo}..{hi}")
+        value = int(text, 10)
         if not lo <= value <= hi:
             raise KnobError(f"{name}: {value} is outside {lo}..{hi}")
         return value
@@ -196,7 +206,7 @@ def _attr(name: str) -> str:
     if name in _ATTRS:
         return _ATTRS[name]
     if name not in SPECS:
-        raise KnobError(f"no such knob: {name}", "ENOENT")
+        raise KnobError(f"no such knob: {clip(name)}", "ENOENT")
     return name.rsplit("/", 1)[-1]
 
 
@@ -212,7 +222,7 @@ def sysfs_entries(knobs: Knobs, name: str | None, counters: Mapping[str, int] | 
     for knob in names:
         spec = SPECS.get(knob)
         if spec is None:
-            raise UserError("ENOENT", f"no such knob: {knob}")
+            raise UserError("ENOENT", f"no such knob: {clip(knob)}")
         if not spec.writable and spec.kind != "const":
             if counters is None:
                 if name is None:

@@ -42,6 +42,18 @@ ModelMs = Annotated[float, Range(0.0, MAX_MODEL_MS)]
 HoldMs = Annotated[float, Range(0.0, MAX_HOLD_MS)]
 Seconds = Annotated[float, Range(0.0, MAX_MODEL_MS)]
 
+# Integers with the range of their C type, checked by the codec both ways (the model checks the
+# rest as the kernel does: alignment, TASK_SIZE, MAX_LFS_FILESIZE, ...). A value outside is a
+# protocol error (EINVAL from the client library), not a model error.
+MAX_ULONG = 2**64 - 1
+MAX_LOFF = 2**63 - 1
+# A user address (unsigned long): never negative.
+Addr = Annotated[int, Range(0, MAX_ULONG)]
+# A length in bytes (size_t).
+Length = Annotated[int, Range(0, MAX_ULONG)]
+# A file size or offset (loff_t, off_t): 63 bits, never negative.
+FileOffset = Annotated[int, Range(0, MAX_LOFF)]
+
 
 class Purpose(enum.StrEnum):
     """Why the remapper looks a page up (:class:`LookupPage`)."""
@@ -73,11 +85,22 @@ class UprobeAction(enum.StrEnum):
 
 @message("peer.hello")
 class PeerHello(Message):
-    """First message on every connection, in both directions: the sender's role and
-    :data:`~shared.protocol.schema.PROTOCOL_VERSION`."""
+    """First message on every connection, in both directions: the sender's role,
+    :data:`~shared.protocol.schema.PROTOCOL_VERSION`, and a fresh challenge for the other side
+    (64 hex digits; :mod:`shared.shell.auth`)."""
 
     role: str
     protocol: int
+    nonce: str = ""
+
+
+@message("peer.auth")
+class PeerAuth(Message):
+    """Second message on every connection, in both directions: the sender's proof that it knows
+    the connection's secret (HMAC-SHA256 over the hello transcript, 64 hex digits), or empty when
+    it holds no secret for it (:mod:`shared.shell.auth`)."""
+
+    proof: str
 
 
 @message("peer.lookup_page")
@@ -654,7 +677,7 @@ class Status(Request[DaemonStatus]):
 class FileCreate(Request[FileStat]):
     id: int
     name: str
-    size: int
+    size: FileOffset
     shmem: bool = False
 
 
@@ -662,8 +685,8 @@ class FileCreate(Request[FileStat]):
 class FileWrite(Request[WriteResult]):
     id: int
     name: str
-    offset: int
-    length: int
+    offset: FileOffset
+    length: FileOffset
 
 
 @request("client.file_sync", COLLAPSED, run="file_sync")
@@ -676,7 +699,7 @@ class FileSync(Request[FileStat]):
 class FileTruncate(Request[FileStat]):
     id: int
     name: str
-    size: int
+    size: FileOffset
 
 
 @request("client.file_punch", COLLAPSED, run="file_punch")
@@ -685,8 +708,8 @@ class FilePunch(Request[FileStat]):
 
     id: int
     name: str
-    offset: int
-    length: int
+    offset: FileOffset
+    length: FileOffset
 
 
 @request("client.file_ls", COLLAPSED, run="file_ls")
@@ -740,10 +763,10 @@ class Mmap(Request[MappedRange]):
 
     id: int
     pid: int
-    addr: int | None
-    length: int
+    addr: Addr | None
+    length: Length
     name: str
-    offset: int = 0
+    offset: FileOffset = 0
     prot: Prot = Prot.R
     shared: bool = True
 
@@ -752,16 +775,16 @@ class Mmap(Request[MappedRange]):
 class Munmap(Request[MappedRange]):
     id: int
     pid: int
-    addr: int
-    length: int
+    addr: Addr
+    length: Length
 
 
 @request("client.madvise", REMAPD, run="madvise", unwrap="result")
 class Madvise(Request[MadviseResult]):
     id: int
     pid: int
-    addr: int
-    length: int
+    addr: Addr
+    length: Length
     advice: Advice
 
 
@@ -769,7 +792,7 @@ class Madvise(Request[MadviseResult]):
 class Fault(Request[FaultResult]):
     id: int
     pid: int
-    addr: int
+    addr: Addr
     write: bool = False
 
 
@@ -779,10 +802,10 @@ class Touch(Request[dict[str, int]]):
 
     id: int
     pid: int
-    addr: int
-    length: int
+    addr: Addr
+    length: Length
     write: bool = False
-    stride: int = 4096
+    stride: Length = 4096
 
 
 @request("client.lock", REMAPD, run="hold_lock", world="lock", waits=True)
@@ -800,14 +823,14 @@ class Lock(Request[LockHeld]):
 class Pin(Request[Pinned]):
     id: int
     pid: int
-    addr: int
+    addr: Addr
 
 
 @request("client.unpin", REMAPD, run="unpin")
 class Unpin(Request[Pinned]):
     id: int
     pid: int
-    addr: int
+    addr: Addr
 
 
 @request("client.uprobe", REMAPD, world="uprobe")
@@ -815,7 +838,7 @@ class Uprobe(Request[UprobeResult]):
     id: int
     action: UprobeAction
     name: str
-    offset: int
+    offset: FileOffset
 
 
 @request("client.smaps", REMAPD, run="smaps")

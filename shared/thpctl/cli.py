@@ -24,6 +24,7 @@ import trio
 
 from shared.errors import UserError
 from shared.protocol import schema
+from shared.shell.auth import ENV_SECRET, ENV_SECRET_FILE, SecretError, load_secrets
 from shared.shell.config import ENV_COLLAPSED, ENV_DEADLINE, ENV_REMAPD, default_address
 from shared.thpctl.client import COLLAPSED, REMAPD, Pending, Session
 from shared.thpctl.recording import record_path, session_for
@@ -229,6 +230,12 @@ def build_parser() -> Parser:
         metavar="ADDR",
         help=f"remapd's address (${ENV_REMAPD}; default {default_address('remapd')})",
     )
+    parser.add_argument(
+        "--secret-file",
+        metavar="PATH",
+        help=f"the shared client secret the daemons check (${ENV_SECRET_FILE}, or the value itself in "
+        f"${ENV_SECRET}; needed when the daemons have one)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of text")
     parser.add_argument(
         "--deadline",
@@ -365,7 +372,12 @@ async def amain(argv: list[str], stdout: TextIO = sys.stdout, stderr: TextIO = s
         return EXIT_USAGE
     except SystemExit as exit_:  # --help, --version, --print-completion
         return exit_.code if isinstance(exit_.code, int) else EXIT_OK
-    async with session_for(args) as session:
+    try:
+        secrets = load_secrets(args.secret_file, peer=False)
+    except SecretError as err:
+        stderr.write(f"thpctl: {err}\n")
+        return EXIT_USAGE
+    async with session_for(args, secrets) as session:
         if getattr(args, "runner", None) is not None:
             return await args.runner(session, args, stdout, stderr)
         with progress(args, stderr):

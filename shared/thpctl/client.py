@@ -18,14 +18,17 @@ from __future__ import annotations
 import itertools
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import Any, TypeVar
+from types import TracebackType
+from typing import Any, Self, TypeVar
 
 import trio
 
+from shared.clip import MAX_ERROR_CHARS, clip
 from shared.errors import UserError
 from shared.protocol import messages as m
 from shared.protocol.codec import ProtocolError
 from shared.protocol.schema import CLIENT, COLLAPSED, REMAPD, Reply, Request, routes
+from shared.shell.auth import Secrets, load_secrets
 from shared.shell.channel import Channel, ChannelError, open_channel, unwrap_single
 from shared.shell.config import AddressError, default_address, parse_address
 from shared.shell.transport import connect
@@ -141,7 +144,7 @@ class Client:
         try:
             async for msg in self._ch:
                 if isinstance(msg, m.ErrorReply) and msg.id == 0:
-                    self._fail(UserError(msg.errno, f"{self.name}: {msg.message}"))
+                    self._fail(UserError(clip(msg.errno, 32), f"{self.name}: {clip(msg.message, MAX_ERROR_CHARS)}"))
                     return
                 if isinstance(msg, (m.ErrorReply, Reply)) and msg.id in self._streams:
                     stream = self._streams[msg.id]
@@ -154,7 +157,7 @@ class Client:
                 if isinstance(msg, m.ErrorReply):
                     pending = self._pending.pop(msg.id, None)
                     if pending is not None:
-                        pending._resolve(UserError(msg.errno, msg.message))
+                        pending._resolve(UserError(clip(msg.errno, 32), clip(msg.message, MAX_ERROR_CHARS)))
                     continue
                 if isinstance(msg, Reply):
                     pending = self._pending.get(msg.id)
@@ -183,12 +186,18 @@ def _end_stream(stream: trio.MemorySendChannel[Any], err: UserError) -> None:
 
 
 @asynccontextmanager
-async def open_client(address: str, name: str = "daemon") -> AsyncIterator[Client]:
-    """Connect to the daemon at ``address`` and say hello.
+async def open_client(address: str, name: str = "daemon", secrets: Secrets | None = None) -> AsyncIterator[Client]:
+    """Connect to the daemon at ``address`` and say hello, proving the client secret of
+    ``secrets`` (default: ``$THPSPLIT_SECRET`` / ``$THPSPLIT_SECRET_FILE``, if set) and checking
+    the daemon's proof of it.
 
     Errors:
-        ConnectError: bad address, nothing listening, or the hello failed.
+        ConnectError: bad address, nothing listening, or the hello failed (EACCES: a missing or
+        wrong secret on either side).
+        SecretError: the secret in the environment cannot be used.
     """
+    if secrets is None:
+        secrets = load_secrets(peer=False)
     try:
         addr = parse_address(address)
     except AddressError as err:
@@ -199,7 +208,7 @@ async def open_client(address: str, name: str = "daemon") -> AsyncIterator[Clien
         raise ConnectError("ECONNREFUSED", f"cannot reach {name} at {addr}: {err.strerror or err}") from None
     async with open_channel(stream) as ch:
         try:
-            hello = await ch.handshake(CLIENT)
+            hello = await ch.handshake(CLIENT, secrets=secrets)
         except ChannelError as err:
             raise ConnectError(err.errno, f"{name} at {addr}: {err.reason}") from None
         except trio.EndOfChannel:
@@ -215,27 +224,35 @@ async def open_client(address: str, name: str = "daemon") -> AsyncIterator[Clien
 
 
 class Session:
-    """Connections to both daemons, each opened when first needed (from the owning task)."""
+    """Connections to both daemons, each opened when first needed (from the owning task), with
+    the client secret of ``secrets`` (default: from the environment, read now).
 
-    def __init__(self, collapsed: str | None = None, remapd: str | None = None):
+    Errors:
+        SecretError: the secret in the environment cannot be used.
+    """
+
+    def __init__(self, collapsed: str | None = None, remapd: str | None = None, secrets: Secrets | None = None):
         self.addresses = {
             COLLAPSED: collapsed or default_address(COLLAPSED),
             REMAPD: remapd or default_address(REMAPD),
         }
+        self.secrets = secrets if secrets is not None else load_secrets(peer=False)
         self._clients: dict[str, Client] = {}
         self._stack = AsyncExitStack()
 
-    async def __aenter__(self) -> Session:
+    async def __aenter__(self) -> Self:
         await self._stack.__aenter__()
         return self
 
-    async def __aexit__(self, *exc: Any) -> bool | None:
-        return await self._stack.__aexit__(*exc)
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool | None:
+        return await self._stack.__aexit__(exc_type, exc, tb)
 
     async def client(self, daemon: str) -> Client:
         client = self._clients.get(daemon)
         if client is None:
-            client = await self._stack.enter_async_context(open_client(self.addresses[daemon], daemon))
+            client = await self._stack.enter_async_context(open_client(self.addresses[daemon], daemon, self.secrets))
             self._clients[daemon] = client
         return client
 
