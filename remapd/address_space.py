@@ -7,7 +7,7 @@ though the file rmap that lives there (:class:`remapd.files.Files`) is kept up t
 from __future__ import annotations
 
 import bisect
-from collections.abc import Generator
+from collections.abc import Generator, Iterator
 from typing import Any
 
 from remapd.fault import FaultPath
@@ -95,7 +95,7 @@ class AddressSpace:
                 self._do_munmap(mm, addr, addr + length)  # MAP_FIXED replaces what was there
             vma = Vma(addr, addr + length, offset >> PAGE_SHIFT, f.ino, PROTS[prot], shared)
             self.vma_link(mm, vma)
-            self._vma_merge(mm, addr, addr + length)
+            vma = self._vma_merge(mm, vma)
             yield from self.uprobes.uprobe_mmap(mm, vma)
         finally:
             self.locks.mmap_write_unlock(mm)
@@ -163,17 +163,14 @@ class AddressSpace:
         covered = mm.overlapping(addr, end)
         unmapped = sum(min(v.end, end) - max(v.start, addr) for v in covered) != end - addr
         if advice in ("hugepage", "nohugepage"):
+            # hugepage_madvise: VM_HUGEPAGE and VM_NOHUGEPAGE exclude each other.
+            hg = advice == "hugepage"
             yield from self.locks.mmap_write_lock(mm)
             try:
-                self._split_vma(mm, addr)
-                self._split_vma(mm, end)
-                for vma in mm.overlapping(addr, end):
-                    new = vma.copy(vma.start, vma.end)
-                    new.hugepage = advice == "hugepage"
-                    new.nohugepage = advice == "nohugepage"
-                    self.vma_unlink(mm, vma)
-                    self.vma_link(mm, new)
-                self._vma_merge(mm, addr, end)
+                for vma, lo, hi in self._walk_vmas(mm, addr, end):
+                    if vma.hugepage == hg and vma.nohugepage != hg:
+                        continue  # madvise_update_vma: the flags do not change, nothing is split
+                    self._vma_modify(mm, lo, hi, hugepage=hg, nohugepage=not hg)
             finally:
                 self.locks.mmap_write_unlock(mm)
         elif advice == "dontneed":
@@ -304,6 +301,23 @@ class AddressSpace:
         haddr = (vma.start + HPAGE_PMD_SIZE - 1) & ~(HPAGE_PMD_SIZE - 1)
         return vma.pmd_suitable(haddr)
 
+    @staticmethod
+    def _walk_vmas(mm: Mm, start: int, end: int) -> Iterator[tuple[Vma, int, int]]:
+        """madvise_walk_vmas and mprotect's loop: each VMA overlapping [start, end) with the part
+        of it in the range, looked up afresh after the caller changed the previous one (a split
+        or a merge replaces VMAs)."""
+        pos = start
+        while pos < end:
+            i = bisect.bisect_right(mm.starts, pos) - 1
+            if i < 0 or mm.vmas[i].end <= pos:
+                i += 1
+            if i >= len(mm.vmas) or mm.vmas[i].start >= end:
+                return
+            vma = mm.vmas[i]
+            lo, hi = max(vma.start, pos), min(vma.end, end)
+            yield vma, lo, hi
+            pos = hi
+
     def _split_vma(self, mm: Mm, addr: int) -> None:
         """Split the VMA containing ``addr`` so that a VMA starts there (__split_vma). A PMD
         mapping across the new boundary is split first (vma_adjust_trans_huge)."""
@@ -317,18 +331,38 @@ class AddressSpace:
         self.vma_link(mm, vma.copy(vma.start, addr))
         self.vma_link(mm, vma.copy(addr, vma.end))
 
-    def _vma_merge(self, mm: Mm, start: int, end: int) -> None:
-        """vma_merge: fold VMAs in [start, end] with identical, contiguous neighbours."""
-        i = max(0, bisect.bisect_left(mm.starts, start) - 1)
-        while i + 1 < len(mm.vmas):
-            a, b = mm.vmas[i], mm.vmas[i + 1]
-            if a.start > end:
-                break
-            if a.end == b.start and a.same_flags(b) and a.pgoff_at(a.end) == b.pgoff:
-                merged = a.copy(a.start, b.end)
-                merged.anon_vma = a.anon_vma or b.anon_vma
-                self.vma_unlink(mm, a)
-                self.vma_unlink(mm, b)
-                self.vma_link(mm, merged)
-                continue
-            i += 1
+    def _vma_modify(self, mm: Mm, start: int, end: int, **changes: Any) -> Vma:
+        """vma_modify_flags: [start, end), inside one VMA, takes ``changes`` (Vma attributes); the
+        rest of that VMA is split off, and the changed part merges with its neighbours where it can
+        (vma_merge_existing_range). Returns the VMA that now holds [start, end)."""
+        self._split_vma(mm, start)
+        self._split_vma(mm, end)
+        old = mm.find_vma(start)
+        assert old is not None and (old.start, old.end) == (start, end)
+        new = old.copy(start, end)
+        for name, value in changes.items():
+            setattr(new, name, value)
+        self.vma_unlink(mm, old)
+        self.vma_link(mm, new)
+        return self._vma_merge(mm, new)
+
+    def _vma_merge(self, mm: Mm, vma: Vma) -> Vma:
+        """Merge ``vma`` (new, or just changed) with its previous and next neighbours where they
+        are compatible and contiguous in the file (vma_merge_new_range /
+        vma_merge_existing_range). Returns the VMA that now holds ``vma``'s range."""
+        i = bisect.bisect_left(mm.starts, vma.start)
+        assert mm.vmas[i] is vma
+        prev = mm.vmas[i - 1] if i > 0 and mm.vmas[i - 1].end == vma.start else None
+        nxt = mm.vmas[i + 1] if i + 1 < len(mm.vmas) and mm.vmas[i + 1].start == vma.end else None
+        left = prev is not None and prev.can_merge(vma)
+        right = nxt is not None and vma.can_merge(nxt)
+        if not (left or right):
+            return vma
+        first = prev if left and prev is not None else vma
+        last = nxt if right and nxt is not None else vma
+        merged = first.copy(first.start, last.end)
+        merged.anon_vma = first.anon_vma or vma.anon_vma or last.anon_vma
+        for part in dict.fromkeys((first, vma, last)):
+            self.vma_unlink(mm, part)
+        self.vma_link(mm, merged)
+        return merged

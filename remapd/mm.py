@@ -114,8 +114,7 @@ class Vma:
         return self.shared and bool(self.prot & PROT_WRITE)
 
     def same_flags(self, other: Vma) -> bool:
-        # anon_vma is no bar: is_mergeable_anon_vma accepts one on a side only (observed on 6.18),
-        # and the model cannot tell two anon_vmas apart.
+        """is_mergeable_vma: the same file and the same vm_flags."""
         return (
             self.ino == other.ino
             and self.prot == other.prot
@@ -123,6 +122,13 @@ class Vma:
             and self.hugepage == other.hugepage
             and self.nohugepage == other.nohugepage
         )
+
+    def can_merge(self, nxt: Vma) -> bool:
+        """Whether ``nxt``, which starts where this VMA ends, may merge with it
+        (can_vma_merge_after / can_vma_merge_before): compatible VMAs, contiguous in the file.
+        anon_vma is no bar: is_mergeable_anon_vma accepts one on a side only (observed on 6.18),
+        and the model cannot tell two anon_vmas apart."""
+        return self.end == nxt.start and self.same_flags(nxt) and self.pgoff_at(self.end) == nxt.pgoff
 
     def copy(self, start: int, end: int) -> Vma:
         return Vma(

@@ -47,7 +47,7 @@ def check(c: Collapser, r: Remapper) -> None:
             assert vma.start % 4096 == 0 and vma.end % 4096 == 0, f"pid {pid}: unaligned {vma}"
             if prev is not None:
                 assert prev.end <= vma.start, f"pid {pid}: {prev} overlaps {vma}"
-                mergeable = prev.end == vma.start and prev.same_flags(vma) and prev.pgoff_at(prev.end) == vma.pgoff
+                mergeable = prev.can_merge(vma)
                 assert not mergeable, f"pid {pid}: {prev} and {vma} should have merged"
             prev = vma
             assert r.files.i_mmap.get(vma.ino, {}).get(id(vma)) == (mm, vma), f"pid {pid}: {vma} not in i_mmap"
