@@ -18,7 +18,9 @@ from remapd.mm import (
     Mm,
     MmapLocks,
     Vma,
+    anon_vmas_compatible,
     find_mm,
+    is_mergeable_anon_vma,
     pte_pfn,
 )
 from remapd.pagetable import PageTables
@@ -231,8 +233,13 @@ class AddressSpace:
         """fork, under the parent's mmap write lock: copy every VMA; page tables only where the
         VMA has an anon_vma (vma_needs_copy), since file pages simply refault in the child."""
         for vma in parent.vmas:
-            self.vma_link(mm, vma.copy(vma.start, vma.end))
-            if vma.anon_vma:
+            child = vma.copy(vma.start, vma.end)
+            if vma.anon_vma is not None:
+                # anon_vma_fork: the child's VMA gets an anon_vma of its own, chained to the
+                # parent's (so a fork child: its chain is not singular).
+                child.anon_vma, child.fork_child = mm.new_anon_vma(), True
+            self.vma_link(mm, child)
+            if vma.anon_vma is not None:
                 self.pagetables.copy_page_range(mm, parent, vma)
 
     def exit_mmap(self, mm: Mm) -> None:
@@ -354,14 +361,22 @@ class AddressSpace:
         assert mm.vmas[i] is vma
         prev = mm.vmas[i - 1] if i > 0 and mm.vmas[i - 1].end == vma.start else None
         nxt = mm.vmas[i + 1] if i + 1 < len(mm.vmas) and mm.vmas[i + 1].start == vma.end else None
-        left = prev is not None and prev.can_merge(vma)
-        right = nxt is not None and vma.can_merge(nxt)
+        left = prev is not None and prev.can_merge(vma) and is_mergeable_anon_vma(prev, vma)
+        right = (
+            nxt is not None
+            and vma.can_merge(nxt)
+            and is_mergeable_anon_vma(nxt, vma)
+            and (not left or prev is None or anon_vmas_compatible(prev, nxt))
+        )
         if not (left or right):
             return vma
         first = prev if left and prev is not None else vma
         last = nxt if right and nxt is not None else vma
         merged = first.copy(first.start, last.end)
-        merged.anon_vma = first.anon_vma or vma.anon_vma or last.anon_vma
+        # The merged VMA has the one anon_vma among them (dup_anon_vma), with its chain.
+        owner = next((v for v in (first, vma, last) if v.anon_vma is not None), None)
+        if owner is not None:
+            merged.anon_vma, merged.fork_child = owner.anon_vma, owner.fork_child
         for part in dict.fromkeys((first, vma, last)):
             self.vma_unlink(mm, part)
         self.vma_link(mm, merged)

@@ -129,7 +129,7 @@ class Khugepaged:
             pidx = addr >> HPAGE_PMD_SHIFT
             entry = mm.pmds.get(pidx)
             if (
-                vma.anon_vma  # MAP_PRIVATE written to: the PMD mapping would be split again
+                vma.anon_vma is not None  # MAP_PRIVATE written to: the PMD mapping would be split again
                 or addr & (HPAGE_PMD_SIZE - 1)
                 or addr < vma.start
                 or vma.end < addr + HPAGE_PMD_SIZE

@@ -81,3 +81,91 @@ def test_madvise_over_vmas_with_and_without_the_flag_changes_only_the_others(mak
     assert flags(world, 1) == ["hg"]
     assert world.vmstat()["thp_split_pmd"] == splits
     assert isinstance(world.remapper.mms[1].pmds[A >> HPAGE_PMD_SHIFT], int)
+
+
+# -- anon_vma identity and VMA merging ----------------------------------------------------------
+
+
+def test_vmas_whose_anon_vmas_differ_do_not_merge(make_world):
+    """mm/vma.c is_mergeable_anon_vma(), through vma_merge_existing_range(): two VMAs that each
+    have an anon_vma merge only if it is the same one. Each got its own at its first CoW
+    (__anon_vma_prepare: find_mergeable_anon_vma() found no anon_vma_compatible() neighbour,
+    since VM_HUGEPAGE differed), so making their flags equal leaves two VMAs. The pieces of a
+    split share the anon_vma, so the same flags change merges them back.
+
+    Kernel: after the writes, [A, A+2M) hg and [A+2M, A+4M) each Rss 4, Anonymous 4; the
+    MADV_HUGEPAGE of the second leaves two hg VMAs. In the second mapping (one CoW before the
+    split), the second MADV_HUGEPAGE merges: one hg VMA [A+8M, A+12M), Rss 4, Anonymous 4.
+    """
+    world = make_world(shmem_enabled="advise")
+    world.file_create("c", 8 * M, shmem=True)
+    world.spawn(1)
+    world.mmap(1, A, 4 * M, "c", prot="rw", shared=False)
+    assert world.madvise(1, A, 2 * M, "hugepage") == 0
+    world.touch(1, A, 4 * M, write=True, stride=2 * M)
+    assert world.madvise(1, A + 2 * M, 2 * M, "hugepage") == 0
+    assert layout(world, 1, "Rss", "Anonymous") == [(A, A + 2 * M, 4, 4), (A + 2 * M, A + 4 * M, 4, 4)]
+    assert flags(world, 1) == ["hg", "hg"]
+
+    world.mmap(1, A + 8 * M, 4 * M, "c", prot="rw", shared=False)
+    world.fault(1, A + 8 * M, write=True)
+    assert world.madvise(1, A + 8 * M, 2 * M, "hugepage") == 0
+    assert world.madvise(1, A + 10 * M, 2 * M, "hugepage") == 0
+    assert layout(world, 1, "Rss", "Anonymous")[2:] == [(A + 8 * M, A + 12 * M, 4, 4)]
+
+
+def test_nohugepage_over_three_vmas_keeps_apart_those_with_other_anon_vmas(make_world):
+    """mm/vma.c can_vma_merge_right(): a range that could merge with both neighbours does so only
+    if their own anon_vmas do not differ; mm/vma.c is_mergeable_anon_vma() otherwise.
+
+    Kernel: [A, A+1M) none, [A+1M, A+3M) hg, [A+3M, A+4M) none, each written once (three
+    anon_vmas), then MADV_NOHUGEPAGE over all of it: three nh VMAs, Rss 4 and Anonymous 4 each.
+    """
+    world = make_world(shmem_enabled="advise")
+    world.file_create("c", 4 * M, shmem=True)
+    world.spawn(1)
+    world.mmap(1, A, 4 * M, "c", prot="rw", shared=False)
+    assert world.madvise(1, A + M, 2 * M, "hugepage") == 0
+    for addr in (A, A + M, A + 3 * M):
+        world.fault(1, addr, write=True)
+    assert world.madvise(1, A, 4 * M, "nohugepage") == 0
+    assert layout(world, 1, "Rss", "Anonymous") == [
+        (A, A + M, 4, 4),
+        (A + M, A + 3 * M, 4, 4),
+        (A + 3 * M, A + 4 * M, 4, 4),
+    ]
+    assert flags(world, 1) == ["nh", "nh", "nh"]
+
+
+def test_a_fork_child_keeps_its_anon_vmas_apart(make_world):
+    """mm/rmap.c anon_vma_fork() gives each child VMA whose parent VMA has an anon_vma one of its
+    own, chained to the parent's; mm/vma.c is_mergeable_anon_vma() then refuses to merge it with
+    a neighbour without one (vma_is_fork_child: the chain is not singular), and two child VMAs
+    split from one parent VMA have different anon_vmas. The parent merges the same ranges.
+
+    Kernel: after the fork, MADV_HUGEPAGE on [A+2M, A+4M) and [A+10M, A+12M) in the child leaves
+    its four VMAs ([A, A+2M) hg Rss 4 Anonymous 4, [A+2M, A+4M) hg Rss 0, the same at A+8M);
+    the same two calls in the parent leave two VMAs, [A, A+4M) and [A+8M, A+12M), Rss 4 each.
+    """
+    world = make_world(shmem_enabled="advise")
+    world.file_create("c", 8 * M, shmem=True)
+    world.spawn(1)
+    world.mmap(1, A, 4 * M, "c", prot="rw", shared=False)
+    assert world.madvise(1, A, 2 * M, "hugepage") == 0
+    world.fault(1, A, write=True)  # an anon_vma for [A, A+2M) only
+    world.mmap(1, A + 8 * M, 4 * M, "c", prot="rw", shared=False)
+    world.fault(1, A + 8 * M, write=True)  # one anon_vma, then shared by both halves
+    assert world.madvise(1, A + 8 * M, 2 * M, "hugepage") == 0
+    world.fork(1, 2)
+
+    for pid in (2, 1):
+        assert world.madvise(pid, A + 2 * M, 2 * M, "hugepage") == 0
+        assert world.madvise(pid, A + 10 * M, 2 * M, "hugepage") == 0
+    assert layout(world, 2, "Rss", "Anonymous") == [
+        (A, A + 2 * M, 4, 4),
+        (A + 2 * M, A + 4 * M, 0, 0),
+        (A + 8 * M, A + 10 * M, 4, 4),
+        (A + 10 * M, A + 12 * M, 0, 0),
+    ]
+    assert flags(world, 2) == ["hg"] * 4
+    assert layout(world, 1, "Rss", "Anonymous") == [(A, A + 4 * M, 4, 4), (A + 8 * M, A + 12 * M, 4, 4)]

@@ -10,8 +10,9 @@ operation. It raises ``AssertionError`` naming the first broken rule. It checks:
 * every PTE and PMD maps, at its address, the page the VMA's file offset says it should, and
   lies inside a VMA; a PMD maps only a PMD-order page whose index is 512-aligned;
 * mm counters and nr_ptes match the tables; each table's counts and mark agree with its
-  entries; anon mapcounts match; VMAs are sorted, disjoint, merged where identical, and
-  the file rmap (i_mmap) and write counts match them;
+  entries; anon mapcounts match; VMAs are sorted, disjoint, merged where the kernel would
+  merge them (is_mergeable_vma, is_mergeable_anon_vma), an anon page only in a VMA with an
+  anon_vma, and the file rmap (i_mmap) and write counts match them;
 * nothing is left locked, and no freed page is reachable.
 """
 
@@ -21,7 +22,14 @@ from collections import Counter
 from typing import TYPE_CHECKING
 
 from collapsed.pagecache import PG_HEAD, PG_LOCKED
-from remapd.mm import PTE_ANON, PTE_SHMEM, PteTable, pte_belongs, pte_pfn
+from remapd.mm import (
+    PTE_ANON,
+    PTE_SHMEM,
+    PteTable,
+    is_mergeable_anon_vma,
+    pte_belongs,
+    pte_pfn,
+)
 from shared.units import HPAGE_PMD_NR, HPAGE_PMD_SHIFT, HPAGE_PMD_SIZE, PAGE_SHIFT
 
 if TYPE_CHECKING:
@@ -47,9 +55,15 @@ def check(c: Collapser, r: Remapper) -> None:
             assert vma.start % 4096 == 0 and vma.end % 4096 == 0, f"pid {pid}: unaligned {vma}"
             if prev is not None:
                 assert prev.end <= vma.start, f"pid {pid}: {prev} overlaps {vma}"
-                mergeable = prev.can_merge(vma)
+                mergeable = prev.can_merge(vma) and (
+                    is_mergeable_anon_vma(prev, vma) or is_mergeable_anon_vma(vma, prev)
+                )
                 assert not mergeable, f"pid {pid}: {prev} and {vma} should have merged"
             prev = vma
+            assert vma.mm is mm, f"pid {pid}: {vma} has the wrong vm_mm"
+            if vma.anon_vma is not None:
+                assert 0 < vma.anon_vma <= mm.anon_vmas, f"pid {pid}: {vma} has an anon_vma never made"
+            assert vma.anon_vma is not None or not vma.fork_child, f"pid {pid}: {vma} has a chain, no anon_vma"
             assert r.files.i_mmap.get(vma.ino, {}).get(id(vma)) == (mm, vma), f"pid {pid}: {vma} not in i_mmap"
             seen_vmas.add(id(vma))
             f = r.files.get(vma.ino)
@@ -84,6 +98,7 @@ def check(c: Collapser, r: Remapper) -> None:
                 pfn = pte_pfn(pte)
                 if pte & PTE_ANON:
                     assert pfn in r.anon.mapcount, f"pid {pid}: PTE at {addr:#x} maps freed anon page"
+                    assert vma.anon_vma is not None, f"pid {pid}: anon page at {addr:#x} in {vma} without anon_vma"
                     anon_maps[pfn] += 1
                     rss["MM_ANONPAGES"] += 1
                     continue
