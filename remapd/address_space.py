@@ -77,7 +77,11 @@ class AddressSpace:
         offset: int = 0,
         prot: str = "r",
         shared: bool = True,
+        reopen: bool = False,
     ) -> Generator[Any, Any, dict[str, Any]]:
+        """mmap(2) of file ``name``. Its struct file (vm_file) is the process's one open file of
+        ``name``, opened at the first mmap of it and inherited across fork, as a program that
+        maps one fd several times; ``reopen``: a new open(2) for this mapping alone."""
         mm = find_mm(self.mms, pid)
         f = self.files.lookup(name)
         if prot not in PROTS:
@@ -95,7 +99,11 @@ class AddressSpace:
         try:
             if mm.overlapping(addr, addr + length):
                 self._do_munmap(mm, addr, addr + length)  # MAP_FIXED replaces what was there
-            vma = Vma(addr, addr + length, offset >> PAGE_SHIFT, f.ino, PROTS[prot], shared)
+            if reopen:
+                file = self.files.open_file()
+            else:
+                file = mm.fdtable.get(f.ino) or mm.fdtable.setdefault(f.ino, self.files.open_file())
+            vma = Vma(addr, addr + length, offset >> PAGE_SHIFT, f.ino, PROTS[prot], shared, file=file)
             self.vma_link(mm, vma)
             vma = self._vma_merge(mm, vma)
             yield from self.uprobes.uprobe_mmap(mm, vma)
@@ -232,6 +240,7 @@ class AddressSpace:
     def dup_mmap(self, parent: Mm, mm: Mm) -> None:
         """fork, under the parent's mmap write lock: copy every VMA; page tables only where the
         VMA has an anon_vma (vma_needs_copy), since file pages simply refault in the child."""
+        mm.fdtable.update(parent.fdtable)  # the child shares the parent's open files
         for vma in parent.vmas:
             child = vma.copy(vma.start, vma.end)
             if vma.anon_vma is not None:

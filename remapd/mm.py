@@ -81,11 +81,13 @@ class Vma:
     """vm_area_struct. ``anon_vma`` is the identity of the VMA's anon_vma (None until the first
     private anon page, anon_vma_prepare), shared by the pieces of a split and taken over by a
     merge; ``fork_child`` says its anon_vma_chain is not singular (the VMA was copied by fork
-    from one with an anon_vma: vma_is_fork_child). ``mm`` is vm_mm, set when the VMA is linked."""
+    from one with an anon_vma: vma_is_fork_child). ``file`` is the identity of vm_file, the open
+    file of inode ``ino`` it maps (0: none given). ``mm`` is vm_mm, set when the VMA is linked."""
 
     __slots__ = (
         "anon_vma",
         "end",
+        "file",
         "fork_child",
         "hugepage",
         "ino",
@@ -109,6 +111,7 @@ class Vma:
         nohugepage: bool = False,
         anon_vma: int | None = None,
         fork_child: bool = False,
+        file: int = 0,
     ):
         self.start = start
         self.end = end
@@ -120,6 +123,7 @@ class Vma:
         self.nohugepage = nohugepage
         self.anon_vma = anon_vma
         self.fork_child = fork_child
+        self.file = file
         self.mm: Mm | None = None
 
     def pgoff_at(self, addr: int) -> int:
@@ -134,9 +138,10 @@ class Vma:
         return self.shared and bool(self.prot & PROT_WRITE)
 
     def same_flags(self, other: Vma) -> bool:
-        """is_mergeable_vma: the same file and the same vm_flags."""
+        """is_mergeable_vma: the same open file (vm_file) and the same vm_flags."""
         return (
-            self.ino == other.ino
+            self.file == other.file
+            and self.ino == other.ino
             and self.prot == other.prot
             and self.shared == other.shared
             and self.hugepage == other.hugepage
@@ -154,6 +159,7 @@ class Vma:
         :meth:`can_merge`, but the access flags (VM_READ/WRITE/EXEC) may differ."""
         return (
             self.end == nxt.start
+            and self.file == nxt.file
             and self.ino == nxt.ino
             and self.shared == nxt.shared
             and self.hugepage == nxt.hugepage
@@ -175,6 +181,7 @@ class Vma:
             self.nohugepage,
             self.anon_vma,
             self.fork_child,
+            self.file,
         )
 
     def anon_vma_prepare(self) -> None:
@@ -310,6 +317,7 @@ class Mm:
         self.pte_mapped_thp: list[int] = []  # mm-slot policy: v5.4's mm_slot array
         self.pins: dict[int, list[int]] = {}  # page-aligned addr -> pinned pfns (GUP)
         self.anon_vmas = 0  # anon_vmas made for this mm: the last identity handed out
+        self.fdtable: dict[int, int] = {}  # inode -> the open file mmap uses for it (struct file)
 
     def new_anon_vma(self) -> int:
         """A new anon_vma's identity (anon_vma_alloc), unique in this mm."""

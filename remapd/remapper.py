@@ -209,8 +209,9 @@ class Remapper(Actor):
         offset: int = 0,
         prot: str = "r",
         shared: bool = True,
+        reopen: bool = False,
     ) -> Generator[Any, Any, dict[str, Any]]:
-        return self.address_space.mmap(pid, addr, length, name, offset, prot, shared)
+        return self.address_space.mmap(pid, addr, length, name, offset, prot, shared, reopen)
 
     def munmap(self, pid: int, addr: int, length: int) -> Generator[Any, Any, dict[str, Any]]:
         return self.address_space.munmap(pid, addr, length)

@@ -169,3 +169,46 @@ def test_a_fork_child_keeps_its_anon_vmas_apart(make_world):
     ]
     assert flags(world, 2) == ["hg"] * 4
     assert layout(world, 1, "Rss", "Anonymous") == [(A, A + 4 * M, 4, 4), (A + 8 * M, A + 12 * M, 4, 4)]
+
+
+# -- vm_file: which open file a mapping maps ------------------------------------------------------
+
+
+def test_mappings_of_different_opens_of_a_file_never_merge(make_world):
+    """mm/vma.c is_mergeable_vma() compares vm_file, the struct file, not the inode: mappings
+    of two open(2)s of one file stay apart, and a 2 MiB range they share cannot get a PMD.
+    ``mmap`` maps the process's one open file of the name (inherited across fork) unless
+    ``reopen`` asks for an open of its own.
+
+    Kernel (KernelBackend, whose workers keep one fd per file and open a new one for
+    --reopen): [A, A+1M) fd, [A+1M, A+2M) and [A+2M, A+3M) each a new open, [A+3M, A+4M) fd:
+    four VMAs; after MADV_HUGEPAGE and a touch per MiB each has Rss 4, no PMD. A mapping of the
+    fd at A+4M merges with [A+3M, A+4M) and its fault maps a PMD (Rss 2052, ShmemPmdMapped
+    2048). A child maps the inherited fd at A+6M: after MADV_HUGEPAGE it merges with the
+    inherited [A+3M, A+6M).
+    """
+    world = make_world(shmem_enabled="advise")
+    world.file_create("c", 8 * M, shmem=True)
+    world.spawn(1)
+    world.mmap(1, A, M, "c", prot="rw")
+    world.mmap(1, A + M, M, "c", offset=M, prot="rw", reopen=True)
+    world.mmap(1, A + 2 * M, M, "c", offset=2 * M, prot="rw", reopen=True)
+    world.mmap(1, A + 3 * M, M, "c", offset=3 * M, prot="rw")
+    assert world.madvise(1, A, 4 * M, "hugepage") == 0
+    world.touch(1, A, 4 * M, stride=M)
+    assert layout(world, 1, "Rss", "ShmemPmdMapped") == [(A + i * M, A + (i + 1) * M, 4, 0) for i in range(4)]
+
+    world.mmap(1, A + 4 * M, 2 * M, "c", offset=4 * M, prot="rw")
+    assert world.madvise(1, A + 4 * M, 2 * M, "hugepage") == 0
+    assert world.fault(1, A + 4 * M) == "pmd"
+    assert layout(world, 1, "Rss", "ShmemPmdMapped")[3] == (A + 3 * M, A + 6 * M, 2052, 2048)
+
+    world.fork(1, 2)
+    world.mmap(2, A + 6 * M, 2 * M, "c", offset=6 * M, prot="rw")
+    assert world.madvise(2, A + 6 * M, 2 * M, "hugepage") == 0
+    assert [(s, e) for s, e in layout(world, 2)] == [
+        (A, A + M),
+        (A + M, A + 2 * M),
+        (A + 2 * M, A + 3 * M),
+        (A + 3 * M, A + 8 * M),
+    ]

@@ -582,7 +582,9 @@ class ProcFork(Request[Forked]):
 
 @request("client.mmap", REMAPD, run="mmap", unwrap="addr")
 class Mmap(Request[MappedRange]):
-    """``addr`` None: the kernel picks (mmap(NULL, ...))."""
+    """``addr`` None: the kernel picks (mmap(NULL, ...)). The mapping's file is the process's
+    one open file of ``name`` (opened at its first mmap of it, inherited across fork), or with
+    ``reopen`` a new open(2) of its own: VMAs merge only within one open file (vm_file)."""
 
     id: int
     pid: int
@@ -592,6 +594,7 @@ class Mmap(Request[MappedRange]):
     offset: int = 0
     prot: Prot = Prot.R
     shared: bool = True
+    reopen: bool = False
 
 
 @request("client.munmap", REMAPD, run="munmap")

@@ -114,6 +114,7 @@ def register(sub: Any) -> None:
                 offset=a.offset,
                 prot=a.prot,
                 shared=not a.private,
+                reopen=a.reopen,
             )
         ],
         _render_mmap,
@@ -129,6 +130,12 @@ def register(sub: Any) -> None:
     share.add_argument("--shared", action="store_false", dest="private", help="MAP_SHARED (default)")
     share.add_argument("--private", action="store_true", dest="private", help="MAP_PRIVATE")
     p.set_defaults(private=False)
+    p.add_argument(
+        "--reopen",
+        action="store_true",
+        help="map a new open(2) of the file rather than the process's one open file of it "
+        "(mappings of different opens never merge)",
+    )
 
     p = command(
         sub,
