@@ -300,7 +300,11 @@ class Khugepaged:
             s, e = max(vma.start, start), min(vma.end, end)
             hstart = (s + HPAGE_PMD_SIZE - 1) & ~(HPAGE_PMD_SIZE - 1)
             hend = e & ~(HPAGE_PMD_SIZE - 1)
-            if not self._vma_thp_allowed(vma):
+            # thp_vma_allowable_order(TVA_FORCED_COLLAPSE): the VMA must allow a THP and hold an
+            # aligned PMD somewhere (__thp_vma_allowable_orders outside the fault path); the
+            # first VMA that fails ends the walk (madvise_walk_vmas), before any later one is
+            # collapsed and before a hole is reported.
+            if not self._vma_thp_allowed(vma) or not vma.thp_suitable():
                 return "EINVAL"
             if hstart > hend:
                 return "EINVAL"  # the kernel's (hend - hstart) wraps: observed on 6.18

@@ -204,6 +204,12 @@ class Vma:
         else:
             self.anon_vma = mm.new_anon_vma()
 
+    def thp_suitable(self) -> bool:
+        """Whether some 2 MiB-aligned range inside the VMA can hold a PMD mapping: the last one
+        before vm_end passes thp_vma_suitable_order (__thp_vma_allowable_orders' test outside
+        the fault path)."""
+        return self.pmd_suitable((self.end - (1 << HPAGE_PMD_SHIFT)) & ~((1 << HPAGE_PMD_SHIFT) - 1))
+
     def pmd_suitable(self, haddr: int) -> bool:
         """thp_vma_suitable_order: the VMA covers [haddr, haddr+2M) with matching alignment."""
         if haddr < self.start or haddr + (1 << HPAGE_PMD_SHIFT) > self.end:

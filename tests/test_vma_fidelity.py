@@ -212,3 +212,42 @@ def test_mappings_of_different_opens_of_a_file_never_merge(make_world):
         (A + 2 * M, A + 3 * M),
         (A + 3 * M, A + 8 * M),
     ]
+
+
+# -- MADV_COLLAPSE --------------------------------------------------------------------------------
+
+
+def test_madv_collapse_of_a_vma_that_cannot_hold_a_pmd_is_einval(make_world):
+    """mm/khugepaged.c madvise_collapse() starts with thp_vma_allowable_order(...,
+    TVA_FORCED_COLLAPSE, PMD_ORDER); mm/huge_memory.c __thp_vma_allowable_orders() (outside the
+    fault path) refuses a VMA in which no 2 MiB-aligned PMD fits before vm_end
+    (thp_vma_suitable_order on vm_end - HPAGE_PMD_SIZE). madvise_walk_vmas() returns the first
+    VMA's error at once: later VMAs are not collapsed, and a hole before it is not ENOMEM.
+
+    Kernel (tmpfs huge=never, the file written): a 1M VMA at A: EINVAL. A 1M VMA at A+4M and
+    the range [A+2M, A+6M): EINVAL. VMAs [A, A+1M) and [A+1M, A+4M) hg, the range [A, A+4M):
+    EINVAL and nothing allocated (thp_collapse_alloc +0); [A+2M, A+3M) inside a suitable VMA: 0
+    (no aligned 2 MiB in the range, nothing to do); [A+2M+4K, +8K): EINVAL (hend < hstart);
+    [A+1M, A+4M): 0, one THP collapsed and PMD-mapped (thp_collapse_alloc +1).
+    """
+    world = make_world(shmem_enabled="never")
+    world.file_create("c", 8 * M, shmem=True)
+    world.file_write("c", 0, 8 * M)
+    world.spawn(1)
+    world.mmap(1, A, M, "c", prot="rw")
+    assert world.madvise(1, A, M, "collapse") == "EINVAL"
+    world.munmap(1, A, M)
+    world.mmap(1, A + 4 * M, M, "c", prot="r", shared=False)
+    assert world.madvise(1, A + 2 * M, 4 * M, "collapse") == "EINVAL"
+    world.munmap(1, A + 4 * M, M)
+
+    world.mmap(1, A, 4 * M, "c", prot="rw")
+    assert world.madvise(1, A + M, 3 * M, "hugepage") == 0
+    allocs = world.vmstat()["thp_collapse_alloc"]
+    assert world.madvise(1, A, 4 * M, "collapse") == "EINVAL"
+    assert world.vmstat()["thp_collapse_alloc"] == allocs
+    assert world.madvise(1, A + 2 * M, M, "collapse") == 0
+    assert world.madvise(1, A + 2 * M + P, 2 * P, "collapse") == "EINVAL"
+    assert world.madvise(1, A + M, 3 * M, "collapse") == 0
+    assert world.vmstat()["thp_collapse_alloc"] == allocs + 1
+    assert layout(world, 1, "Rss", "ShmemPmdMapped")[1] == (A + M, A + 4 * M, 2048, 2048)
