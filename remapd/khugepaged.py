@@ -119,7 +119,8 @@ class Khugepaged:
 
     def retract_page_tables(self, msg: m.Retract) -> m.Retracted:
         """For every VMA mapping ``pgoff`` of the file: free its PTE table for the new THP and, with
-        ``install_pmd``, map the THP with a PMD. Runs with the THP locked by the collapser."""
+        ``install_pmd``, map the THP with a PMD where do_set_pmd would (:meth:`Vma.can_set_pmd`).
+        Runs with the THP locked by the collapser."""
         policy = self.knobs.retry_policy
         install = bool(self.knobs.install_pmd)
         shmem = self.files.is_shmem(msg.ino)
@@ -149,7 +150,10 @@ class Khugepaged:
                 self.pagetables.pte_free(mm, pidx)
                 retracted += 1
                 log.debug("retract", pid=mm.pid, addr=hex(addr), pfn=msg.head)
-                if install:
+                # The PMD only where a fault's do_set_pmd would map it: not in a VM_NOHUGEPAGE
+                # VMA, whose table is retracted all the same (retract_page_tables does not look
+                # at the VMA's THP flags).
+                if install and vma.can_set_pmd(addr):
                     self.pagetables.do_set_pmd(mm, pidx, msg.head, shmem, accounted=False)
                     installed += 1
             finally:

@@ -210,6 +210,12 @@ class Vma:
         the fault path)."""
         return self.pmd_suitable((self.end - (1 << HPAGE_PMD_SHIFT)) & ~((1 << HPAGE_PMD_SHIFT) - 1))
 
+    def can_set_pmd(self, haddr: int) -> bool:
+        """What do_set_pmd checks of the VMA before it maps a PMD-order folio at ``haddr``: THPs
+        not disabled for it (vma_thp_disabled: VM_NOHUGEPAGE; prctl(PR_SET_THP_DISABLE) is not
+        modelled) and the range suitable (thp_vma_suitable_order)."""
+        return not self.nohugepage and self.pmd_suitable(haddr)
+
     def pmd_suitable(self, haddr: int) -> bool:
         """thp_vma_suitable_order: the VMA covers [haddr, haddr+2M) with matching alignment."""
         if haddr < self.start or haddr + (1 << HPAGE_PMD_SHIFT) > self.end:

@@ -251,3 +251,34 @@ def test_madv_collapse_of_a_vma_that_cannot_hold_a_pmd_is_einval(make_world):
     assert world.madvise(1, A + M, 3 * M, "collapse") == 0
     assert world.vmstat()["thp_collapse_alloc"] == allocs + 1
     assert layout(world, 1, "Rss", "ShmemPmdMapped")[1] == (A + M, A + 4 * M, 2048, 2048)
+
+
+def test_install_pmd_never_maps_a_pmd_into_a_nohugepage_vma(make_world):
+    """mm/khugepaged.c retract_page_tables() frees the emptied page table of every VMA mapping
+    the new THP, VM_NOHUGEPAGE or not, and maps nothing; collapse_pte_mapped_thp(install_pmd)
+    maps the PMD only in the mm that called MADV_COLLAPSE. The model's install_pmd=1 (its
+    documented default) maps the PMD at retract time too, but only where do_set_pmd would
+    (mm/memory.c do_set_pmd refuses when vma_thp_disabled(): VM_NOHUGEPAGE).
+
+    Kernel (tmpfs huge=advise): after the collapse, [A, A+2M) Rss 2048, ShmemPmdMapped 2048;
+    the nh VMA at A+4M Rss 0 (its table retracted); thp_file_mapped +1, thp_collapse_alloc +1.
+    Its next fault maps no PMD (the kernel maps the whole THP with PTEs there, Rss 2048: the
+    fault path's divergence 7, not checked here).
+    """
+    world = make_world(shmem_enabled="advise", install_pmd=1)
+    world.file_create("c", 4 * M, shmem=True)
+    world.file_write("c", 0, P)
+    world.spawn(1)
+    world.mmap(1, A, 2 * M, "c", prot="rw")
+    world.mmap(1, A + 4 * M, 2 * M, "c", prot="rw")
+    assert world.madvise(1, A + 4 * M, 2 * M, "nohugepage") == 0
+    world.fault(1, A + 4 * M)
+    before = world.vmstat()
+    assert world.madvise(1, A, 2 * M, "collapse") == 0
+    after = world.vmstat()
+    assert layout(world, 1, "Rss", "ShmemPmdMapped") == [(A, A + 2 * M, 2048, 2048), (A + 4 * M, A + 6 * M, 0, 0)]
+    assert after["thp_file_mapped"] - before["thp_file_mapped"] == 1
+    assert after["thp_collapse_alloc"] - before["thp_collapse_alloc"] == 1
+    assert (A + 4 * M) >> HPAGE_PMD_SHIFT not in world.remapper.mms[1].pmds
+    assert world.fault(1, A + 4 * M) != "pmd"
+    assert layout(world, 1, "ShmemPmdMapped")[1] == (A + 4 * M, A + 6 * M, 0)
