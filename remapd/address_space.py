@@ -103,7 +103,16 @@ class AddressSpace:
                 file = self.files.open_file()
             else:
                 file = mm.fdtable.get(f.ino) or mm.fdtable.setdefault(f.ino, self.files.open_file())
-            vma = Vma(addr, addr + length, offset >> PAGE_SHIFT, f.ino, PROTS[prot], shared, file=file)
+            vma = Vma(
+                addr,
+                addr + length,
+                offset >> PAGE_SHIFT,
+                f.ino,
+                PROTS[prot],
+                shared,
+                file=file,
+                account=not shared and bool(PROTS[prot] & PROT_WRITE),  # accountable_mapping
+            )
             self.vma_link(mm, vma)
             vma = self._vma_merge(mm, vma)
             yield from self.uprobes.uprobe_mmap(mm, vma)
@@ -215,6 +224,41 @@ class AddressSpace:
                 else:
                     page += PAGE_SIZE
         return {"result": "ENOMEM" if unmapped else 0}
+
+    def mprotect(self, pid: int, addr: int, length: int, prot: str) -> Generator[Any, Any, dict[str, Any]]:
+        """mprotect(2) (do_mprotect_pkey): each VMA in the range takes the protection through
+        mprotect_fixup, which leaves a VMA that already has it alone and otherwise splits it at
+        the range's edges (splitting a PMD there) and merges the result with its neighbours. A
+        hole at the start is ENOMEM before anything changes; one further on is ENOMEM after the
+        VMAs before it changed. Mappings stay: change_protection keeps a PMD the range covers
+        whole, and a PTE keeps its write bit for when writing is allowed again (in the kernel
+        MM_CP_TRY_CHANGE_WRITABLE makes dirty shared and exclusive anon PTEs writable again)."""
+        mm = find_mm(self.mms, pid)
+        if prot not in PROTS:
+            raise UserError("EINVAL", f"prot must be one of {', '.join(PROTS)}")
+        if addr % PAGE_SIZE or length < 0:
+            raise UserError("EINVAL", "mprotect needs a page-aligned address")
+        end = addr + ((length + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1))
+        if end == addr:
+            return {"result": 0}
+        newprot = PROTS[prot]
+        yield from self.locks.mmap_write_lock(mm)
+        try:
+            pos = addr
+            if mm.find_vma(addr) is None:
+                return {"result": "ENOMEM"}
+            for vma, lo, hi in self._walk_vmas(mm, addr, end):
+                if lo != pos:
+                    return {"result": "ENOMEM"}  # a hole: what came before it stays changed
+                pos = hi
+                if vma.prot == newprot:
+                    continue  # mprotect_fixup: the flags do not change
+                # A private mapping made writable is charged (VM_ACCOUNT), for good.
+                account = vma.account or (not vma.shared and bool(newprot & PROT_WRITE))
+                self._vma_modify(mm, lo, hi, prot=newprot, account=account)
+        finally:
+            self.locks.mmap_write_unlock(mm)
+        return {"result": 0 if pos >= end else "ENOMEM"}
 
     def _pageout(self, mm: Mm, start: int, end: int) -> None:
         """MADV_PAGEOUT: unmap this process's file pages in the range and ask for reclaim."""

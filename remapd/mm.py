@@ -82,9 +82,12 @@ class Vma:
     private anon page, anon_vma_prepare), shared by the pieces of a split and taken over by a
     merge; ``fork_child`` says its anon_vma_chain is not singular (the VMA was copied by fork
     from one with an anon_vma: vma_is_fork_child). ``file`` is the identity of vm_file, the open
-    file of inode ``ino`` it maps (0: none given). ``mm`` is vm_mm, set when the VMA is linked."""
+    file of inode ``ino`` it maps (0: none given). ``account`` is VM_ACCOUNT: a private mapping
+    that is or was writable counts in the commit charge (accountable_mapping at mmap, set by
+    mprotect and never cleared for a file mapping). ``mm`` is vm_mm, set when the VMA is linked."""
 
     __slots__ = (
+        "account",
         "anon_vma",
         "end",
         "file",
@@ -112,6 +115,7 @@ class Vma:
         anon_vma: int | None = None,
         fork_child: bool = False,
         file: int = 0,
+        account: bool = False,
     ):
         self.start = start
         self.end = end
@@ -124,6 +128,7 @@ class Vma:
         self.anon_vma = anon_vma
         self.fork_child = fork_child
         self.file = file
+        self.account = account
         self.mm: Mm | None = None
 
     def pgoff_at(self, addr: int) -> int:
@@ -146,6 +151,7 @@ class Vma:
             and self.shared == other.shared
             and self.hugepage == other.hugepage
             and self.nohugepage == other.nohugepage
+            and self.account == other.account
         )
 
     def can_merge(self, nxt: Vma) -> bool:
@@ -164,6 +170,7 @@ class Vma:
             and self.shared == nxt.shared
             and self.hugepage == nxt.hugepage
             and self.nohugepage == nxt.nohugepage
+            and self.account == nxt.account
             and self.pgoff_at(self.end) == nxt.pgoff
         )
 
@@ -182,6 +189,7 @@ class Vma:
             self.anon_vma,
             self.fork_child,
             self.file,
+            self.account,
         )
 
     def anon_vma_prepare(self) -> None:

@@ -219,6 +219,9 @@ class Remapper(Actor):
     def madvise(self, pid: int, addr: int, length: int, advice: str) -> Generator[Any, Any, dict[str, Any]]:
         return self.address_space.madvise(pid, addr, length, advice)
 
+    def mprotect(self, pid: int, addr: int, length: int, prot: str) -> Generator[Any, Any, dict[str, Any]]:
+        return self.address_space.mprotect(pid, addr, length, prot)
+
     def fault(self, pid: int, addr: int, write: bool = False) -> Generator[Any, Any, dict[str, Any]]:
         return self.faults.fault(pid, addr, write)
 

@@ -57,6 +57,8 @@ def vm_flags(vma: Vma) -> str:
     flags += ["mr", "mw", "me"]
     if vma.shared:
         flags.append("ms")
+    if vma.account:
+        flags.append("ac")
     if vma.hugepage:
         flags.append("hg")
     if vma.nohugepage:

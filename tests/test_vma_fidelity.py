@@ -7,8 +7,10 @@ steps, are in the comments; the model must match them.
 
 from __future__ import annotations
 
+import pytest
 from helpers import FIXED, P
 
+from shared.errors import UserError
 from shared.units import HPAGE_PMD_SHIFT
 
 A = FIXED
@@ -282,3 +284,133 @@ def test_install_pmd_never_maps_a_pmd_into_a_nohugepage_vma(make_world):
     assert (A + 4 * M) >> HPAGE_PMD_SHIFT not in world.remapper.mms[1].pmds
     assert world.fault(1, A + 4 * M) != "pmd"
     assert layout(world, 1, "ShmemPmdMapped")[1] == (A + 4 * M, A + 6 * M, 0)
+
+
+# -- mprotect -------------------------------------------------------------------------------------
+
+
+def test_mprotect_splits_vmas_and_pmds_at_its_edges_and_keeps_covered_pmds(make_world):
+    """mm/mprotect.c do_mprotect_pkey() / mprotect_fixup(): a VMA that already has the
+    protection is left alone; otherwise vma_modify_flags() splits it at the range's edges
+    (vma_adjust_trans_huge splits a PMD an unaligned edge cuts) and merges the result with its
+    neighbours, and change_protection() keeps a PMD the range covers whole. A hole at the start
+    is ENOMEM before anything changes; a later hole is ENOMEM after the VMAs before it changed.
+
+    Kernel (tmpfs huge=advise), a 4M rw shared hg VMA with both PMDs mapped:
+    mprotect 4K rw: nothing changes. mprotect [A+1M, +4K) r: three VMAs, Rss 0 / 0 / 2048,
+    thp_split_pmd +1. mprotect [A+2M, A+4M) r: [A+1M+4K, A+2M) rw and [A+2M, A+4M) r with its
+    PMD (Rss 2048, ShmemPmdMapped 2048); a write there is SIGSEGV. mprotect [A, A+4M) rw: one
+    VMA again, PMD kept. Unaligned start: EINVAL; length 0: 0; [A-1M, A+1M): ENOMEM, nothing
+    changed; [A+2M, A+6M) none: ENOMEM, [A+2M, A+4M) is ---s with its PMD; a read there is
+    SIGSEGV; back to rw: one VMA, and a write to the PMD is a hit.
+    """
+    world = make_world(shmem_enabled="advise")
+    world.file_create("c", 8 * M, shmem=True)
+    world.spawn(1)
+    world.mmap(1, A, 4 * M, "c", prot="rw")
+    world.madvise(1, A, 4 * M, "hugepage")
+    assert world.fault(1, A) == world.fault(1, A + 2 * M) == "pmd"
+    splits = world.vmstat()["thp_split_pmd"]
+
+    assert world.mprotect(1, A, P, "rw") == 0
+    assert layout(world, 1, "Rss") == [(A, A + 4 * M, 4096)]
+    assert world.mprotect(1, A + M, P, "r") == 0
+    assert layout(world, 1, "perms", "Rss") == [
+        (A, A + M, "rw-s", 0),
+        (A + M, A + M + P, "r--s", 0),
+        (A + M + P, A + 4 * M, "rw-s", 2048),
+    ]
+    assert world.vmstat()["thp_split_pmd"] == splits + 1
+    assert world.mprotect(1, A + 2 * M, 2 * M, "r") == 0
+    assert layout(world, 1, "perms", "Rss", "ShmemPmdMapped")[2:] == [
+        (A + M + P, A + 2 * M, "rw-s", 0, 0),
+        (A + 2 * M, A + 4 * M, "r--s", 2048, 2048),
+    ]
+    assert world.fault(1, A + 2 * M, write=True) == "sigsegv"
+    assert world.mprotect(1, A, 4 * M, "rw") == 0
+    assert layout(world, 1, "perms", "Rss", "ShmemPmdMapped") == [(A, A + 4 * M, "rw-s", 2048, 2048)]
+    assert world.vmstat()["thp_split_pmd"] == splits + 1
+
+    assert world.mprotect(1, A, 0, "r") == 0
+    assert world.mprotect(1, A - M, 2 * M, "r") == "ENOMEM"
+    assert layout(world, 1, "perms") == [(A, A + 4 * M, "rw-s")]
+    assert world.mprotect(1, A + 2 * M, 4 * M, "none") == "ENOMEM"
+    assert layout(world, 1, "perms", "Rss", "ShmemPmdMapped") == [
+        (A, A + 2 * M, "rw-s", 0, 0),
+        (A + 2 * M, A + 4 * M, "---s", 2048, 2048),
+    ]
+    assert world.fault(1, A + 2 * M) == "sigsegv"
+    assert world.mprotect(1, A + 2 * M, 2 * M, "rw") == 0
+    assert layout(world, 1, "perms", "Rss") == [(A, A + 4 * M, "rw-s", 2048)]
+    assert world.fault(1, A + 2 * M, write=True) == "hit"
+
+
+def test_mprotect_bad_arguments_are_einval(world):
+    """do_mprotect_pkey(): an unaligned start or an unknown protection is EINVAL."""
+    world.file_create("c", 4 * M, shmem=True)
+    world.spawn(1)
+    world.mmap(1, A, 2 * M, "c", prot="rw")
+    for addr, prot in ((A + 1, "r"), (A, "bogus")):
+        with pytest.raises(UserError) as e:
+            world.mprotect(1, addr, P, prot)
+        assert e.value.errno_name == "EINVAL"
+
+
+def test_a_private_mapping_once_writable_stays_accounted(make_world):
+    """mm/mprotect.c mprotect_fixup() gives a private mapping made writable VM_ACCOUNT and never
+    takes it back from a file mapping; mm/mmap.c accountable_mapping() sets it on a private
+    writable mmap. VM_ACCOUNT is one of the flags is_mergeable_vma() compares.
+
+    Kernel: two private r mmaps at A and A+2M merge; mprotect [A+2M, A+4M) rw then r leaves two
+    VMAs, r--p and r--p ac; mprotect [A, A+4M) rw then r: one VMA r--p ac; a private r mmap of
+    the next 2M at A+4M stays apart from it (no ac); a private rw mmap shows ac.
+    """
+    world = make_world(shmem_enabled="advise")
+    world.file_create("c", 8 * M, shmem=True)
+    world.spawn(1)
+    world.mmap(1, A, 2 * M, "c", prot="r", shared=False)
+    world.mmap(1, A + 2 * M, 2 * M, "c", offset=2 * M, prot="r", shared=False)
+    assert layout(world, 1, "perms") == [(A, A + 4 * M, "r--p")]
+    assert world.mprotect(1, A + 2 * M, 2 * M, "rw") == 0
+    assert world.mprotect(1, A + 2 * M, 2 * M, "r") == 0
+    assert layout(world, 1, "perms", "VmFlags") == [
+        (A, A + 2 * M, "r--p", "rd mr mw me"),
+        (A + 2 * M, A + 4 * M, "r--p", "rd mr mw me ac"),
+    ]
+    assert world.mprotect(1, A, 4 * M, "rw") == 0
+    assert world.mprotect(1, A, 4 * M, "r") == 0
+    assert layout(world, 1, "VmFlags") == [(A, A + 4 * M, "rd mr mw me ac")]
+    world.mmap(1, A + 4 * M, 2 * M, "c", offset=4 * M, prot="r", shared=False)
+    assert layout(world, 1, "VmFlags")[1] == (A + 4 * M, A + 6 * M, "rd mr mw me")
+    world.mmap(1, A + 8 * M, 2 * M, "c", prot="rw", shared=False)
+    assert layout(world, 1, "VmFlags")[2] == (A + 8 * M, A + 10 * M, "rd wr mr mw me ac")
+
+
+def test_a_cow_reuses_the_anon_vma_of_a_neighbour_that_differs_only_in_protection(make_world):
+    """mm/rmap.c __anon_vma_prepare() -> mm/vma.c find_mergeable_anon_vma(): a VMA's first
+    anon page takes the next VMA's anon_vma, else the previous one's, when that neighbour is
+    anon_vma_compatible() (the same file, contiguous, flags equal but for VM_READ/WRITE/EXEC)
+    and its chain is singular. Sharing one anon_vma, the two merge once their protections agree
+    (is_mergeable_anon_vma); with VM_HUGEPAGE differing instead they got two and stay apart.
+
+    Kernel: [A, A+2M) rw and [A+2M, A+4M) rwx, a write in each (either order), mprotect of the
+    second to rw: one VMA, Rss 8, Anonymous 8. The same with MADV_HUGEPAGE on the second half
+    instead of rwx, then MADV_HUGEPAGE on the first: two VMAs, Rss 4 each.
+    """
+    world = make_world(shmem_enabled="advise")
+    world.file_create("c", 8 * M, shmem=True)
+    world.spawn(1)
+    for base, order in ((A, (0, 2 * M)), (A + 8 * M, (2 * M, 0))):
+        world.mmap(1, base, 4 * M, "c", prot="rw", shared=False)
+        assert world.mprotect(1, base + 2 * M, 2 * M, "rwx") == 0
+        for off in order:
+            world.fault(1, base + off, write=True)
+        assert world.mprotect(1, base + 2 * M, 2 * M, "rw") == 0
+    assert layout(world, 1, "Rss", "Anonymous") == [(A, A + 4 * M, 8, 8), (A + 8 * M, A + 12 * M, 8, 8)]
+
+    world.mmap(1, A + 16 * M, 4 * M, "c", prot="rw", shared=False)
+    world.madvise(1, A + 18 * M, 2 * M, "hugepage")
+    world.fault(1, A + 16 * M, write=True)
+    world.fault(1, A + 18 * M, write=True)
+    world.madvise(1, A + 16 * M, 2 * M, "hugepage")
+    assert layout(world, 1, "Rss", "Anonymous")[2:] == [(A + 16 * M, A + 18 * M, 4, 4), (A + 18 * M, A + 20 * M, 4, 4)]

@@ -391,6 +391,10 @@ class MadviseResult(TypedDict):
     result: int | str  # 0 or the errno name
 
 
+class SyscallResult(TypedDict):
+    result: int | str  # 0 or the errno name
+
+
 class FaultResult(TypedDict):
     result: str  # hit, minor, major, pmd, sigsegv, sigbus (or nomem)
 
@@ -612,6 +616,17 @@ class Madvise(Request[MadviseResult]):
     addr: int
     length: int
     advice: Advice
+
+
+@request("client.mprotect", REMAPD, run="mprotect", unwrap="result")
+class Mprotect(Request[SyscallResult]):
+    """mprotect(2) of [addr, addr+length): 0 or the errno name; bad arguments are refused."""
+
+    id: int
+    pid: int
+    addr: int
+    length: int
+    prot: Prot
 
 
 @request("client.fault", REMAPD, run="fault", unwrap="result")
