@@ -21,6 +21,7 @@ from remapd.mm import (
     anon_vmas_compatible,
     find_mm,
     is_mergeable_anon_vma,
+    mergeable_neighbours,
     pte_pfn,
 )
 from remapd.pagetable import PageTables
@@ -195,14 +196,20 @@ class AddressSpace:
         elif advice == "dontneed":
             yield from self.locks.mmap_read_lock(mm)
             try:
-                for vma in covered:
+                for vma in mm.overlapping(addr, end):
+                    if vma.locked:
+                        return {"result": "EINVAL"}  # madvise_dontneed_free_valid_vma
                     self.pagetables.zap_page_range(mm, max(vma.start, addr), min(vma.end, end))
             finally:
                 self.locks.mmap_read_unlock(mm)
         elif advice == "pageout":
             yield from self.locks.mmap_read_lock(mm)
             try:
-                self._pageout(mm, addr, end)
+                # can_madv_lru_vma: a VM_LOCKED VMA is EINVAL; the VMAs before it are paged out.
+                stop = next((v.start for v in mm.overlapping(addr, end) if v.locked), None)
+                self._pageout(mm, addr, end if stop is None else max(addr, stop))
+                if stop is not None:
+                    return {"result": "EINVAL"}
             finally:
                 self.locks.mmap_read_unlock(mm)
         else:
@@ -242,23 +249,125 @@ class AddressSpace:
         if end == addr:
             return {"result": 0}
         newprot = PROTS[prot]
+        populate: list[tuple[int, int]] = []
         yield from self.locks.mmap_write_lock(mm)
         try:
-            pos = addr
-            if mm.find_vma(addr) is None:
-                return {"result": "ENOMEM"}
-            for vma, lo, hi in self._walk_vmas(mm, addr, end):
-                if lo != pos:
-                    return {"result": "ENOMEM"}  # a hole: what came before it stays changed
-                pos = hi
-                if vma.prot == newprot:
-                    continue  # mprotect_fixup: the flags do not change
-                # A private mapping made writable is charged (VM_ACCOUNT), for good.
-                account = vma.account or (not vma.shared and bool(newprot & PROT_WRITE))
-                self._vma_modify(mm, lo, hi, prot=newprot, account=account)
+            result = self._mprotect(mm, addr, end, newprot, populate)
         finally:
             self.locks.mmap_write_unlock(mm)
-        return {"result": 0 if pos >= end else "ENOMEM"}
+        # A private VM_LOCKED VMA made writable is populated with write faults (breaking CoW at
+        # once rather than at the next access); in the kernel still under the write lock.
+        for lo, hi in populate:
+            yield from self._mm_populate(mm, lo, hi)
+        return {"result": result}
+
+    def _mprotect(self, mm: Mm, start: int, end: int, newprot: int, populate: list[tuple[int, int]]) -> int | str:
+        if mm.find_vma(start) is None:
+            return "ENOMEM"
+        pos = start
+        for vma, lo, hi in self._walk_vmas(mm, start, end):
+            if lo != pos:
+                return "ENOMEM"  # a hole: what came before it stays changed
+            pos = hi
+            if vma.prot == newprot:
+                continue  # mprotect_fixup: the flags do not change
+            # A private mapping made writable is charged (VM_ACCOUNT), for good.
+            account = vma.account or (not vma.shared and bool(newprot & PROT_WRITE))
+            if vma.locked and not vma.shared and not vma.prot & PROT_WRITE and newprot & PROT_WRITE:
+                populate.append((lo, hi))
+            self._vma_modify(mm, lo, hi, prot=newprot, account=account)
+        return 0 if pos >= end else "ENOMEM"
+
+    def mlock(self, pid: int, addr: int, length: int, onfault: bool = False) -> Generator[Any, Any, dict[str, Any]]:
+        """mlock(2), or mlock2(MLOCK_ONFAULT) with ``onfault`` (do_mlock): the range is widened to
+        whole pages, every VMA in it gets VM_LOCKED (and VM_LOCKONFAULT, or loses it) through
+        mlock_fixup (apply_vma_lock_flags: a VMA that has the flags already is left alone, a
+        hole is ENOMEM), then __mm_populate faults the range in: write faults in a private
+        writable VMA (breaking CoW), read faults elsewhere, nothing in a VM_LOCKONFAULT VMA. A
+        PROT_NONE VMA or a page past EOF (EFAULT) makes it ENOMEM (__mlock_posix_error_return),
+        the VMAs staying locked. RLIMIT_MEMLOCK is not modelled (root has CAP_IPC_LOCK)."""
+        mm = find_mm(self.mms, pid)
+        start, end = self._lock_range(addr, length)
+        if start == end:
+            return {"result": 0}
+        yield from self.locks.mmap_write_lock(mm)
+        try:
+            error = self._apply_vma_lock_flags(mm, start, end, True, onfault)
+        finally:
+            self.locks.mmap_write_unlock(mm)
+        if error:
+            return {"result": error}
+        result = yield from self._mm_populate(mm, start, end)
+        return {"result": result}
+
+    def munlock(self, pid: int, addr: int, length: int) -> Generator[Any, Any, dict[str, Any]]:
+        """munlock(2): apply_vma_lock_flags with no lock flags (ENOMEM for a hole)."""
+        mm = find_mm(self.mms, pid)
+        start, end = self._lock_range(addr, length)
+        if start == end:
+            return {"result": 0}
+        yield from self.locks.mmap_write_lock(mm)
+        try:
+            error = self._apply_vma_lock_flags(mm, start, end, False, False)
+        finally:
+            self.locks.mmap_write_unlock(mm)
+        return {"result": error or 0}
+
+    @staticmethod
+    def _lock_range(addr: int, length: int) -> tuple[int, int]:
+        """mlock's and munlock's range: from ``addr`` rounded down, ``length`` plus the offset into
+        the first page rounded up (they take an unaligned address, unlike madvise and mprotect)."""
+        if addr < 0 or length < 0:
+            raise UserError("EINVAL", "address and length must not be negative")
+        start = addr & ~(PAGE_SIZE - 1)
+        end = start + ((length + (addr - start) + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1))
+        if end > TASK_SIZE:
+            raise UserError("ENOMEM", "range beyond the address space")
+        return start, end
+
+    def _apply_vma_lock_flags(self, mm: Mm, start: int, end: int, locked: bool, onfault: bool) -> str | None:
+        """apply_vma_lock_flags: mlock_fixup on each VMA; the errno name, or None."""
+        if mm.find_vma(start) is None:
+            return "ENOMEM"
+        pos = start
+        for vma, lo, hi in self._walk_vmas(mm, start, end):
+            if lo != pos:
+                return "ENOMEM"
+            pos = hi
+            if vma.locked == locked and vma.lockonfault == (locked and onfault):
+                continue  # mlock_fixup: the flags do not change
+            self._vma_modify(mm, lo, hi, locked=locked, lockonfault=locked and onfault)
+        return None if pos >= end else "ENOMEM"
+
+    def _mm_populate(self, mm: Mm, start: int, end: int) -> Generator[Any, Any, int | str]:
+        """__mm_populate -> populate_vma_page_range over [start, end), VMA by VMA, under the
+        mmap read lock each fault takes: 0, or ENOMEM (EFAULT, as mlock reports it)."""
+        page = start
+        while page < end:
+            vma = mm.find_vma(page)
+            if vma is None:
+                nxt = mm.overlapping(page, end)
+                if not nxt:
+                    break
+                page = nxt[0].start
+                continue
+            stop = min(vma.end, end)
+            if vma.lockonfault:
+                page = stop  # VM_LOCKONFAULT: populate_vma_page_range does nothing
+                continue
+            if not vma.prot:
+                return "ENOMEM"  # never faults in PROT_NONE: -EFAULT
+            # FOLL_WRITE where a write would break CoW (private writable), else a read fault.
+            write = bool(vma.prot & PROT_WRITE) and not vma.shared
+            while page < stop:
+                result = yield from self.faults.do_user_addr_fault(mm.pid, page, write)
+                if result in ("sigsegv", "sigbus"):
+                    return "ENOMEM"
+                if isinstance(mm.pmds.get(page >> HPAGE_PMD_SHIFT), int):
+                    page = (page | (HPAGE_PMD_SIZE - 1)) + 1  # the PMD mapped the rest
+                else:
+                    page += PAGE_SIZE
+        return 0
 
     def _pageout(self, mm: Mm, start: int, end: int) -> None:
         """MADV_PAGEOUT: unmap this process's file pages in the range and ask for reclaim."""
@@ -285,13 +394,19 @@ class AddressSpace:
         """fork, under the parent's mmap write lock: copy every VMA; page tables only where the
         VMA has an anon_vma (vma_needs_copy), since file pages simply refault in the child."""
         mm.fdtable.update(parent.fdtable)  # the child shares the parent's open files
+        prev: Vma | None = None
         for vma in parent.vmas:
             child = vma.copy(vma.start, vma.end)
+            child.locked = child.lockonfault = False  # VM_LOCKED_MASK is not inherited
             if vma.anon_vma is not None:
                 # anon_vma_fork: the child's VMA gets an anon_vma of its own, chained to the
                 # parent's (so a fork child: its chain is not singular).
                 child.anon_vma, child.fork_child = mm.new_anon_vma(), True
             self.vma_link(mm, child)
+            if prev is not None and mergeable_neighbours(prev, child):
+                # Neighbours only VM_LOCKED kept apart stay apart: dup_mmap merges nothing.
+                mm.unmerged.add(child.start)
+            prev = child
             if vma.anon_vma is not None:
                 self.pagetables.copy_page_range(mm, parent, vma)
 

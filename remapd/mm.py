@@ -84,7 +84,9 @@ class Vma:
     from one with an anon_vma: vma_is_fork_child). ``file`` is the identity of vm_file, the open
     file of inode ``ino`` it maps (0: none given). ``account`` is VM_ACCOUNT: a private mapping
     that is or was writable counts in the commit charge (accountable_mapping at mmap, set by
-    mprotect and never cleared for a file mapping). ``mm`` is vm_mm, set when the VMA is linked."""
+    mprotect and never cleared for a file mapping). ``locked`` and ``lockonfault`` are VM_LOCKED
+    and VM_LOCKONFAULT (mlock, mlock2(MLOCK_ONFAULT)). ``mm`` is vm_mm, set when the VMA is
+    linked."""
 
     __slots__ = (
         "account",
@@ -94,6 +96,8 @@ class Vma:
         "fork_child",
         "hugepage",
         "ino",
+        "locked",
+        "lockonfault",
         "mm",
         "nohugepage",
         "pgoff",
@@ -116,6 +120,8 @@ class Vma:
         fork_child: bool = False,
         file: int = 0,
         account: bool = False,
+        locked: bool = False,
+        lockonfault: bool = False,
     ):
         self.start = start
         self.end = end
@@ -129,6 +135,8 @@ class Vma:
         self.fork_child = fork_child
         self.file = file
         self.account = account
+        self.locked = locked
+        self.lockonfault = lockonfault
         self.mm: Mm | None = None
 
     def pgoff_at(self, addr: int) -> int:
@@ -152,6 +160,8 @@ class Vma:
             and self.hugepage == other.hugepage
             and self.nohugepage == other.nohugepage
             and self.account == other.account
+            and self.locked == other.locked
+            and self.lockonfault == other.lockonfault
         )
 
     def can_merge(self, nxt: Vma) -> bool:
@@ -171,6 +181,8 @@ class Vma:
             and self.hugepage == nxt.hugepage
             and self.nohugepage == nxt.nohugepage
             and self.account == nxt.account
+            and self.locked == nxt.locked
+            and self.lockonfault == nxt.lockonfault
             and self.pgoff_at(self.end) == nxt.pgoff
         )
 
@@ -190,6 +202,8 @@ class Vma:
             self.fork_child,
             self.file,
             self.account,
+            self.locked,
+            self.lockonfault,
         )
 
     def anon_vma_prepare(self) -> None:
@@ -243,6 +257,12 @@ def is_mergeable_anon_vma(tgt: Vma, src: Vma) -> bool:
     if src.anon_vma is None:
         return not tgt.fork_child
     return tgt.anon_vma == src.anon_vma
+
+
+def mergeable_neighbours(a: Vma, b: Vma) -> bool:
+    """Whether neighbours ``a`` and ``b`` (``b`` starting where ``a`` ends) could be one VMA: a
+    change to either would merge them (vma_merge_existing_range, with either as the middle)."""
+    return a.can_merge(b) and (is_mergeable_anon_vma(a, b) or is_mergeable_anon_vma(b, a))
 
 
 def anon_vmas_compatible(a: Vma, b: Vma) -> bool:
@@ -338,6 +358,10 @@ class Mm:
         self.pins: dict[int, list[int]] = {}  # page-aligned addr -> pinned pfns (GUP)
         self.anon_vmas = 0  # anon_vmas made for this mm: the last identity handed out
         self.fdtable: dict[int, int] = {}  # inode -> the open file mmap uses for it (struct file)
+        self.locked_vm = 0  # pages in VM_LOCKED VMAs (VmLck)
+        # Boundaries between neighbours the kernel leaves unmerged though they could merge: fork
+        # clears VM_LOCKED in the child's copies (dup_mmap) without merging them.
+        self.unmerged: set[int] = set()
 
     def new_anon_vma(self) -> int:
         """A new anon_vma's identity (anon_vma_alloc), unique in this mm."""
@@ -370,11 +394,15 @@ class Mm:
 
     def insert_vma(self, vma: Vma) -> None:
         vma.mm = self
+        if vma.locked:
+            self.locked_vm += (vma.end - vma.start) >> PAGE_SHIFT
         i = bisect.bisect_left(self.starts, vma.start)
         self.starts.insert(i, vma.start)
         self.vmas.insert(i, vma)
 
     def remove_vma(self, vma: Vma) -> None:
+        if vma.locked:
+            self.locked_vm -= (vma.end - vma.start) >> PAGE_SHIFT
         i = bisect.bisect_left(self.starts, vma.start)
         assert self.vmas[i] is vma
         del self.starts[i]

@@ -222,6 +222,12 @@ class Remapper(Actor):
     def mprotect(self, pid: int, addr: int, length: int, prot: str) -> Generator[Any, Any, dict[str, Any]]:
         return self.address_space.mprotect(pid, addr, length, prot)
 
+    def mlock(self, pid: int, addr: int, length: int, onfault: bool = False) -> Generator[Any, Any, dict[str, Any]]:
+        return self.address_space.mlock(pid, addr, length, onfault)
+
+    def munlock(self, pid: int, addr: int, length: int) -> Generator[Any, Any, dict[str, Any]]:
+        return self.address_space.munlock(pid, addr, length)
+
     def fault(self, pid: int, addr: int, write: bool = False) -> Generator[Any, Any, dict[str, Any]]:
         return self.faults.fault(pid, addr, write)
 
@@ -246,7 +252,7 @@ class Remapper(Actor):
 
     def smaps(self, pid: int) -> list[dict[str, Any]]:
         """Per-VMA /proc/PID/smaps fields (kB), as task_mmu.c computes them."""
-        return smaps(self.mm(pid), self.files, self.knobs)
+        return smaps(self.mm(pid), self.files, self.knobs, self.mms.values())
 
     def vmstat(self) -> dict[str, int]:
         return dict(self.vm)
@@ -256,6 +262,7 @@ class Remapper(Actor):
         return {
             "pid": pid,
             "vmas": len(mm.vmas),
+            "locked_vm": mm.locked_vm,
             "nr_ptes": mm.nr_ptes,
             "rss": dict(mm.rss),
             "marked": sum(1 for p, _ in self.marked if p == pid),

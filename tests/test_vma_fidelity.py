@@ -414,3 +414,155 @@ def test_a_cow_reuses_the_anon_vma_of_a_neighbour_that_differs_only_in_protectio
     world.fault(1, A + 18 * M, write=True)
     world.madvise(1, A + 16 * M, 2 * M, "hugepage")
     assert layout(world, 1, "Rss", "Anonymous")[2:] == [(A + 16 * M, A + 18 * M, 4, 4), (A + 18 * M, A + 20 * M, 4, 4)]
+
+
+# -- mlock / munlock ------------------------------------------------------------------------------
+
+
+def test_mlock_locks_populates_and_smaps_locked_is_the_locked_pss(make_world):
+    """mm/mlock.c do_mlock(): apply_vma_lock_flags() gives each VMA in the page-widened range
+    VM_LOCKED (mlock_fixup splits and merges it), then __mm_populate() ->
+    populate_vma_page_range() faults it in: write faults in a private writable VMA (CoW copies),
+    read faults elsewhere, none for VM_LOCKONFAULT. fs/proc/task_mmu.c smaps_account(): Locked
+    is the Pss of a VM_LOCKED VMA, a page mapped N times counting 1/N.
+
+    Kernel (tmpfs huge=advise, fault_around_bytes 64K): mlock 1M of a 4M shared mapping: VMA
+    [A, A+1M) rw-s lo, Rss 1024, Locked 1024. A second process maps and touches the first 512K
+    (fault-around: 8 faults): Locked 768. mlock of [A+8M+256, +8K) in a private rw mapping:
+    [A+8M, A+8M+12K) lo, Rss 12, Anonymous 12, Locked 12. mlock --onfault of a private r
+    mapping of a written 1M: lo lf, Rss 0; a fault there maps 16 pages: Rss 64, Locked 64.
+    munlock of all of
+    them: the VMAs merge back, Locked 0, Rss kept.
+    """
+    world = make_world(shmem_enabled="advise", fault_around_bytes=65536)
+    world.file_create("c", 8 * M, shmem=True)
+    world.spawn(1)
+    world.mmap(1, A, 4 * M, "c", prot="rw")
+    assert world.mlock(1, A, M) == 0
+    assert layout(world, 1, "Rss", "Locked", "VmFlags") == [
+        (A, A + M, 1024, 1024, "rd wr sh mr mw me ms lo"),
+        (A + M, A + 4 * M, 0, 0, "rd wr sh mr mw me ms"),
+    ]
+    assert world.remapper.status(1)["locked_vm"] == 256
+    world.spawn(2)
+    world.mmap(2, A, M, "c", prot="rw")
+    assert world.touch(2, A, 512 * 1024) == {"minor": 8, "hit": 120}
+    assert layout(world, 1, "Locked")[0] == (A, A + M, 768)
+
+    world.mmap(1, A + 8 * M, 2 * M, "c", prot="rw", shared=False)
+    assert world.mlock(1, A + 8 * M + 256, 8 * 1024) == 0
+    assert layout(world, 1, "Rss", "Anonymous", "Locked")[2:] == [
+        (A + 8 * M, A + 8 * M + 3 * P, 12, 12, 12),
+        (A + 8 * M + 3 * P, A + 10 * M, 0, 0, 0),
+    ]
+    world.file_write("c", 4 * M, M)
+    world.mmap(1, A + 12 * M, M, "c", offset=4 * M, prot="r", shared=False)
+    assert world.mlock(1, A + 12 * M, M, onfault=True) == 0
+    assert layout(world, 1, "Rss", "VmFlags")[4] == (A + 12 * M, A + 13 * M, 0, "rd mr mw me lo lf")
+    world.fault(1, A + 12 * M)
+    assert layout(world, 1, "Rss", "Locked")[4] == (A + 12 * M, A + 13 * M, 64, 64)
+
+    for start, length in ((A, 4 * M), (A + 8 * M, 2 * M), (A + 12 * M, M)):
+        assert world.munlock(1, start, length) == 0
+    assert layout(world, 1, "Rss", "Locked") == [
+        (A, A + 4 * M, 1024, 0),
+        (A + 8 * M, A + 10 * M, 12, 0),
+        (A + 12 * M, A + 13 * M, 64, 0),
+    ]
+    assert world.remapper.status(1)["locked_vm"] == 0
+
+
+def test_mlock_of_a_hole_protnone_or_past_eof_is_enomem(make_world):
+    """mm/mlock.c apply_vma_lock_flags(): a hole is ENOMEM, the VMAs before it locked but, as
+    do_mlock() returns before __mm_populate(), not faulted in. populate_vma_page_range() never
+    faults PROT_NONE in and a page past EOF is SIGBUS: both -EFAULT, which
+    __mlock_posix_error_return() makes ENOMEM, the VMA staying VM_LOCKED.
+
+    Kernel (tmpfs huge=advise, 1M file): mlock of a 2M shared mapping: ENOMEM, lo, Rss 1024.
+    mlock [A+4M, A+7M) over 1M VMAs at A+4M and A+6M: ENOMEM, the first lo with Rss 0, the
+    second unlocked. mlock of a hole: ENOMEM. mlock of a PROT_NONE VMA: ENOMEM, lo. munlock
+    [A, A+16M): ENOMEM, every VMA before the first hole unlocked.
+    """
+    world = make_world(shmem_enabled="advise")
+    world.file_create("c", M, shmem=True)
+    world.spawn(1)
+    world.mmap(1, A, 2 * M, "c", prot="rw")
+    assert world.mlock(1, A, 2 * M) == "ENOMEM"
+    assert layout(world, 1, "Rss", "Locked", "VmFlags") == [(A, A + 2 * M, 1024, 1024, "rd wr sh mr mw me ms lo")]
+    world.mmap(1, A + 4 * M, M, "c", prot="r")
+    world.mmap(1, A + 6 * M, M, "c", prot="r")
+    assert world.mlock(1, A + 4 * M, 3 * M) == "ENOMEM"
+    assert layout(world, 1, "Rss", "VmFlags")[1:] == [
+        (A + 4 * M, A + 5 * M, 0, "rd sh mr mw me ms lo"),
+        (A + 6 * M, A + 7 * M, 0, "rd sh mr mw me ms"),
+    ]
+    assert world.mlock(1, A + 8 * M, M, onfault=True) == "ENOMEM"
+    world.mmap(1, A + 8 * M, M, "c", prot="none")
+    assert world.mlock(1, A + 8 * M, M) == "ENOMEM"
+    assert layout(world, 1, "VmFlags")[3] == (A + 8 * M, A + 9 * M, "sh mr mw me ms lo")
+    assert world.munlock(1, A, 16 * M) == "ENOMEM"
+    assert [("lo" in e["VmFlags"].split()) for e in world.smaps(1)] == [False, True, False, True]
+
+
+def test_fork_does_not_inherit_mlock(make_world):
+    """kernel/fork.c dup_mmap() clears VM_LOCKED and VM_LOCKONFAULT in the child's copies and
+    merges nothing, so a VMA split by mlock stays split in the child, though its halves now
+    match (a later change merges them, as anywhere).
+
+    Kernel: mlock [A, A+1M) of a 4M shared mapping, fork: the child has [A, A+1M) and
+    [A+1M, A+4M), neither lo, Rss 0; the parent keeps lo, Rss 1024, Locked 1024.
+    """
+    world = make_world(shmem_enabled="advise")
+    world.file_create("c", 4 * M, shmem=True)
+    world.spawn(1)
+    world.mmap(1, A, 4 * M, "c", prot="rw")
+    assert world.mlock(1, A, M) == 0
+    world.fork(1, 2)
+    assert layout(world, 2, "Rss", "Locked", "VmFlags") == [
+        (A, A + M, 0, 0, "rd wr sh mr mw me ms"),
+        (A + M, A + 4 * M, 0, 0, "rd wr sh mr mw me ms"),
+    ]
+    assert world.remapper.status(2)["locked_vm"] == 0
+    assert layout(world, 1, "Rss", "Locked")[0] == (A, A + M, 1024, 1024)
+
+
+def test_dontneed_and_pageout_of_a_locked_vma_are_einval(make_world):
+    """mm/madvise.c madvise_dontneed_free_valid_vma() refuses VM_LOCKED for MADV_DONTNEED and
+    can_madv_lru_vma() for MADV_PAGEOUT: EINVAL, the mapping kept; VMAs the walk met before it
+    are done.
+
+    Kernel: a private rw mapping with [A, A+12K) mlocked (Rss 12): MADV_DONTNEED and
+    MADV_PAGEOUT of its first page: EINVAL, Rss 12.
+    """
+    world = make_world(shmem_enabled="advise")
+    world.file_create("c", 4 * M, shmem=True)
+    world.spawn(1)
+    world.mmap(1, A, 2 * M, "c", prot="rw", shared=False)
+    assert world.mlock(1, A + 256, 8 * 1024) == 0
+    assert world.madvise(1, A, P, "dontneed") == "EINVAL"
+    assert world.madvise(1, A, P, "pageout") == "EINVAL"
+    assert layout(world, 1, "Rss")[0] == (A, A + 3 * P, 12)
+    world.mmap(1, A - M, M, "c", prot="rw")
+    world.touch(1, A - M, M, stride=64 * 1024)
+    assert world.madvise(1, A - M, 2 * M, "dontneed") == "EINVAL"
+    assert layout(world, 1, "Rss")[0] == (A - M, A, 0)
+
+
+def test_mprotect_of_a_locked_private_vma_to_writable_breaks_cow_at_once(make_world):
+    """mm/mprotect.c mprotect_fixup(): a private VM_LOCKED VMA that becomes writable is
+    populated with write faults (populate_vma_page_range with FOLL_WRITE), so its file pages
+    become anon copies at once.
+
+    Kernel (fault_around_bytes 64K, a 1M file): a private r mapping mlocked (Rss 1024,
+    Anonymous 0), mprotect rw: Rss 1024, Anonymous 1024, Locked 1024, VmFlags ... lo ac.
+    """
+    world = make_world(shmem_enabled="advise", fault_around_bytes=65536)
+    world.file_create("c", M, shmem=True)
+    world.spawn(1)
+    world.mmap(1, A, M, "c", prot="r", shared=False)
+    assert world.mlock(1, A, M) == 0
+    assert layout(world, 1, "Rss", "Anonymous") == [(A, A + M, 1024, 0)]
+    assert world.mprotect(1, A, M, "rw") == 0
+    assert layout(world, 1, "Rss", "Anonymous", "Locked", "VmFlags") == [
+        (A, A + M, 1024, 1024, 1024, "rd wr mr mw me lo ac")
+    ]

@@ -629,6 +629,27 @@ class Mprotect(Request[SyscallResult]):
     prot: Prot
 
 
+@request("client.mlock", REMAPD, run="mlock", unwrap="result")
+class Mlock(Request[SyscallResult]):
+    """mlock(2), or mlock2(MLOCK_ONFAULT) with ``onfault``: 0 or the errno name."""
+
+    id: int
+    pid: int
+    addr: int
+    length: int
+    onfault: bool = False
+
+
+@request("client.munlock", REMAPD, run="munlock", unwrap="result")
+class Munlock(Request[SyscallResult]):
+    """munlock(2): 0 or the errno name."""
+
+    id: int
+    pid: int
+    addr: int
+    length: int
+
+
 @request("client.fault", REMAPD, run="fault", unwrap="result")
 class Fault(Request[FaultResult]):
     id: int

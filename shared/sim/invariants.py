@@ -26,7 +26,7 @@ from remapd.mm import (
     PTE_ANON,
     PTE_SHMEM,
     PteTable,
-    is_mergeable_anon_vma,
+    mergeable_neighbours,
     pte_belongs,
     pte_pfn,
 )
@@ -55,9 +55,7 @@ def check(c: Collapser, r: Remapper) -> None:
             assert vma.start % 4096 == 0 and vma.end % 4096 == 0, f"pid {pid}: unaligned {vma}"
             if prev is not None:
                 assert prev.end <= vma.start, f"pid {pid}: {prev} overlaps {vma}"
-                mergeable = prev.can_merge(vma) and (
-                    is_mergeable_anon_vma(prev, vma) or is_mergeable_anon_vma(vma, prev)
-                )
+                mergeable = mergeable_neighbours(prev, vma) and vma.start not in mm.unmerged
                 assert not mergeable, f"pid {pid}: {prev} and {vma} should have merged"
             prev = vma
             assert vma.mm is mm, f"pid {pid}: {vma} has the wrong vm_mm"
@@ -70,6 +68,9 @@ def check(c: Collapser, r: Remapper) -> None:
             if vma.writes_file and f is not None and not f.shmem:
                 writers[vma.ino] += 1
         assert mm.starts == [v.start for v in mm.vmas], f"pid {pid}: VMA index out of order"
+        locked = sum((v.end - v.start) >> PAGE_SHIFT for v in mm.vmas if v.locked)
+        assert mm.locked_vm == locked, f"pid {pid}: locked_vm {mm.locked_vm} != {locked} pages in VM_LOCKED VMAs"
+        assert all(v.locked for v in mm.vmas if v.lockonfault), f"pid {pid}: VM_LOCKONFAULT without VM_LOCKED"
         rss: Counter[str] = Counter()
         tables = 0
         for pidx, entry in mm.pmds.items():

@@ -1,5 +1,5 @@
-"""thpctl mmap/munmap/madvise/mprotect/fault/touch/lock/pin/unpin/uprobe: address spaces
-(remapd)."""
+"""thpctl mmap/munmap/madvise/mprotect/mlock/munlock/fault/touch/lock/pin/unpin/uprobe: address
+spaces (remapd)."""
 
 from __future__ import annotations
 
@@ -177,6 +177,34 @@ def register(sub: Any) -> None:
     p.add_argument("addr", type=address, metavar="ADDR")
     p.add_argument("length", type=size, metavar="LENGTH")
     p.add_argument("prot", choices=PROTS, metavar="|".join(PROTS))
+    p.set_defaults(on_error=_errno_error)
+
+    p = command(
+        sub,
+        "mlock",
+        "mlock(2) [ADDR, ADDR+LENGTH) (faults it in), or mlock2(MLOCK_ONFAULT) with --onfault; "
+        "prints 0 or the errno name (and exits 1)",
+        lambda a: [req(REMAPD, m.Mlock, pid=a.pid, addr=a.addr, length=a.length, onfault=a.onfault)],
+        _render_result,
+        "mlock 1 0x7effffc00000 2M",
+    )
+    p.add_argument("pid", type=int, metavar="PID")
+    p.add_argument("addr", type=address, metavar="ADDR")
+    p.add_argument("length", type=size, metavar="LENGTH")
+    p.add_argument("--onfault", action="store_true", help="MLOCK_ONFAULT: lock pages as they fault in")
+    p.set_defaults(on_error=_errno_error)
+
+    p = command(
+        sub,
+        "munlock",
+        "munlock(2) [ADDR, ADDR+LENGTH); prints 0 or the errno name (and exits 1)",
+        lambda a: [req(REMAPD, m.Munlock, pid=a.pid, addr=a.addr, length=a.length)],
+        _render_result,
+        "munlock 1 0x7effffc00000 2M",
+    )
+    p.add_argument("pid", type=int, metavar="PID")
+    p.add_argument("addr", type=address, metavar="ADDR")
+    p.add_argument("length", type=size, metavar="LENGTH")
     p.set_defaults(on_error=_errno_error)
 
     p = command(
