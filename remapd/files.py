@@ -35,6 +35,12 @@ class Files(Mapping[int, FileMirror]):
         self.by_name: dict[str, FileMirror] = {}
         # ino -> {id(vma): (mm, vma)}: insertion-ordered, so walks visit mappings oldest first.
         self.i_mmap: dict[int, dict[int, tuple[Mm, Vma]]] = {}
+        self.opens = 0  # struct files made by open(2): the last identity handed out
+
+    def open_file(self) -> int:
+        """A new struct file's identity (what a VMA's vm_file points at)."""
+        self.opens += 1
+        return self.opens
 
     def __getitem__(self, ino: int) -> FileMirror:
         return self._by_ino[ino]

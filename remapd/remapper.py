@@ -211,14 +211,24 @@ class Remapper(Actor):
         offset: int = 0,
         prot: str = "r",
         shared: bool = True,
+        reopen: bool = False,
     ) -> Generator[Any, Any, dict[str, Any]]:
-        return self.address_space.mmap(pid, addr, length, name, offset, prot, shared)
+        return self.address_space.mmap(pid, addr, length, name, offset, prot, shared, reopen)
 
     def munmap(self, pid: int, addr: int, length: int) -> Generator[Any, Any, dict[str, Any]]:
         return self.address_space.munmap(pid, addr, length)
 
     def madvise(self, pid: int, addr: int, length: int, advice: str) -> Generator[Any, Any, dict[str, Any]]:
         return self.address_space.madvise(pid, addr, length, advice)
+
+    def mprotect(self, pid: int, addr: int, length: int, prot: str) -> Generator[Any, Any, dict[str, Any]]:
+        return self.address_space.mprotect(pid, addr, length, prot)
+
+    def mlock(self, pid: int, addr: int, length: int, onfault: bool = False) -> Generator[Any, Any, dict[str, Any]]:
+        return self.address_space.mlock(pid, addr, length, onfault)
+
+    def munlock(self, pid: int, addr: int, length: int) -> Generator[Any, Any, dict[str, Any]]:
+        return self.address_space.munlock(pid, addr, length)
 
     def fault(self, pid: int, addr: int, write: bool = False) -> Generator[Any, Any, dict[str, Any]]:
         return self.faults.fault(pid, addr, write)
@@ -254,6 +264,7 @@ class Remapper(Actor):
         return {
             "pid": pid,
             "vmas": len(mm.vmas),
+            "locked_vm": mm.locked_vm,
             "nr_ptes": mm.nr_ptes,
             "rss": dict(mm.rss),
             "marked": sum(1 for p, _ in self.marked if p == pid),

@@ -11,8 +11,9 @@ PROT_EXEC = 0x4
 
 
 class Prot(enum.StrEnum):
-    """mmap's protections by their thpctl names."""
+    """mmap's and mprotect's protections by their thpctl names."""
 
+    NONE = "none"
     R = "r"
     RW = "rw"
     RX = "rx"
@@ -21,6 +22,7 @@ class Prot(enum.StrEnum):
 
 # Each protection's PROT_* bits (keys are Prot members, which equal their plain strings).
 PROTS: dict[str, int] = {
+    Prot.NONE: 0,
     Prot.R: PROT_READ,
     Prot.RW: PROT_READ | PROT_WRITE,
     Prot.RX: PROT_READ | PROT_EXEC,

@@ -445,6 +445,10 @@ class MadviseResult(TypedDict):
     result: int | str  # 0 or the errno name
 
 
+class SyscallResult(TypedDict):
+    result: int | str  # 0 or the errno name
+
+
 class FaultResult(TypedDict):
     result: str  # hit, minor, major, pmd, sigsegv, sigbus (or nomem)
 
@@ -759,7 +763,9 @@ class ProcFork(Request[Forked]):
 
 @request("client.mmap", REMAPD, run="mmap", unwrap="addr")
 class Mmap(Request[MappedRange]):
-    """``addr`` None: the kernel picks (mmap(NULL, ...))."""
+    """``addr`` None: the kernel picks (mmap(NULL, ...)). The mapping's file is the process's
+    one open file of ``name`` (opened at its first mmap of it, inherited across fork), or with
+    ``reopen`` a new open(2) of its own: VMAs merge only within one open file (vm_file)."""
 
     id: int
     pid: int
@@ -769,6 +775,7 @@ class Mmap(Request[MappedRange]):
     offset: FileOffset = 0
     prot: Prot = Prot.R
     shared: bool = True
+    reopen: bool = False
 
 
 @request("client.munmap", REMAPD, run="munmap")
@@ -786,6 +793,38 @@ class Madvise(Request[MadviseResult]):
     addr: Addr
     length: Length
     advice: Advice
+
+
+@request("client.mprotect", REMAPD, run="mprotect", unwrap="result")
+class Mprotect(Request[SyscallResult]):
+    """mprotect(2) of [addr, addr+length): 0 or the errno name; bad arguments are refused."""
+
+    id: int
+    pid: int
+    addr: int
+    length: int
+    prot: Prot
+
+
+@request("client.mlock", REMAPD, run="mlock", unwrap="result")
+class Mlock(Request[SyscallResult]):
+    """mlock(2), or mlock2(MLOCK_ONFAULT) with ``onfault``: 0 or the errno name."""
+
+    id: int
+    pid: int
+    addr: int
+    length: int
+    onfault: bool = False
+
+
+@request("client.munlock", REMAPD, run="munlock", unwrap="result")
+class Munlock(Request[SyscallResult]):
+    """munlock(2): 0 or the errno name."""
+
+    id: int
+    pid: int
+    addr: int
+    length: int
 
 
 @request("client.fault", REMAPD, run="fault", unwrap="result")

@@ -10,8 +10,9 @@ operation. It raises ``AssertionError`` naming the first broken rule. It checks:
 * every PTE and PMD maps, at its address, the page the VMA's file offset says it should, and
   lies inside a VMA; a PMD maps only a PMD-order page whose index is 512-aligned;
 * mm counters and nr_ptes match the tables; each table's counts and mark agree with its
-  entries; anon mapcounts match; VMAs are sorted, disjoint, merged where identical, and
-  the file rmap (i_mmap) and write counts match them;
+  entries; anon mapcounts match; VMAs are sorted, disjoint, merged where the kernel would
+  merge them (is_mergeable_vma, is_mergeable_anon_vma), an anon page only in a VMA with an
+  anon_vma, and the file rmap (i_mmap) and write counts match them;
 * nothing is left locked (no folio stays locked for the remapper), and no freed page is
   reachable; no file is larger than MAX_LFS_FILESIZE.
 """
@@ -22,14 +23,15 @@ from collections import Counter
 from typing import TYPE_CHECKING
 
 from collapsed.pagecache import PG_HEAD, PG_LOCKED
-from remapd.mm import PTE_ANON, PTE_SHMEM, PteTable, pte_belongs, pte_pfn
-from shared.units import (
-    HPAGE_PMD_NR,
-    HPAGE_PMD_SHIFT,
-    HPAGE_PMD_SIZE,
-    MAX_LFS_FILESIZE,
-    PAGE_SHIFT,
+from remapd.mm import (
+    PTE_ANON,
+    PTE_SHMEM,
+    PteTable,
+    mergeable_neighbours,
+    pte_belongs,
+    pte_pfn,
 )
+from shared.units import HPAGE_PMD_NR, HPAGE_PMD_SHIFT, HPAGE_PMD_SIZE, MAX_LFS_FILESIZE, PAGE_SHIFT
 
 if TYPE_CHECKING:
     from collapsed.collapser import Collapser
@@ -54,15 +56,22 @@ def check(c: Collapser, r: Remapper) -> None:
             assert vma.start % 4096 == 0 and vma.end % 4096 == 0, f"pid {pid}: unaligned {vma}"
             if prev is not None:
                 assert prev.end <= vma.start, f"pid {pid}: {prev} overlaps {vma}"
-                mergeable = prev.end == vma.start and prev.same_flags(vma) and prev.pgoff_at(prev.end) == vma.pgoff
+                mergeable = mergeable_neighbours(prev, vma) and vma.start not in mm.unmerged
                 assert not mergeable, f"pid {pid}: {prev} and {vma} should have merged"
             prev = vma
+            assert vma.mm is mm, f"pid {pid}: {vma} has the wrong vm_mm"
+            if vma.anon_vma is not None:
+                assert 0 < vma.anon_vma <= mm.anon_vmas, f"pid {pid}: {vma} has an anon_vma never made"
+            assert vma.anon_vma is not None or not vma.fork_child, f"pid {pid}: {vma} has a chain, no anon_vma"
             assert r.files.i_mmap.get(vma.ino, {}).get(id(vma)) == (mm, vma), f"pid {pid}: {vma} not in i_mmap"
             seen_vmas.add(id(vma))
             f = r.files.get(vma.ino)
             if vma.writes_file and f is not None and not f.shmem:
                 writers[vma.ino] += 1
         assert mm.starts == [v.start for v in mm.vmas], f"pid {pid}: VMA index out of order"
+        locked = sum((v.end - v.start) >> PAGE_SHIFT for v in mm.vmas if v.locked)
+        assert mm.locked_vm == locked, f"pid {pid}: locked_vm {mm.locked_vm} != {locked} pages in VM_LOCKED VMAs"
+        assert all(v.locked for v in mm.vmas if v.lockonfault), f"pid {pid}: VM_LOCKONFAULT without VM_LOCKED"
         rss: Counter[str] = Counter()
         tables = 0
         for pidx, entry in mm.pmds.items():
@@ -91,6 +100,7 @@ def check(c: Collapser, r: Remapper) -> None:
                 pfn = pte_pfn(pte)
                 if pte & PTE_ANON:
                     assert pfn in r.anon.mapcount, f"pid {pid}: PTE at {addr:#x} maps freed anon page"
+                    assert vma.anon_vma is not None, f"pid {pid}: anon page at {addr:#x} in {vma} without anon_vma"
                     anon_maps[pfn] += 1
                     rss["MM_ANONPAGES"] += 1
                     continue

@@ -1,4 +1,5 @@
-"""thpctl mmap/munmap/madvise/fault/touch/lock/pin/unpin/uprobe: address spaces (remapd)."""
+"""thpctl mmap/munmap/madvise/mprotect/mlock/munlock/fault/touch/lock/pin/unpin/uprobe: address
+spaces (remapd)."""
 
 from __future__ import annotations
 
@@ -44,7 +45,8 @@ def _render_mmap(args: argparse.Namespace, results: list[Any]) -> Outcome:
     return ok(results[0], lines(f"{results[0]['addr']:#x}"))
 
 
-def _render_madvise(args: argparse.Namespace, results: list[Any]) -> Outcome:
+def _render_result(args: argparse.Namespace, results: list[Any]) -> Outcome:
+    """A syscall's 0 or errno name (madvise, mprotect, ...): printed, and exit 1 for an errno."""
     result = results[0]["result"]
     out = Outcome(data=results[0], text=lines(str(result)))
     if result != 0:
@@ -52,8 +54,8 @@ def _render_madvise(args: argparse.Namespace, results: list[Any]) -> Outcome:
     return out
 
 
-def _madvise_error(args: argparse.Namespace, err: UserError) -> Outcome:
-    # madvise(2) answers bad arguments with an errno too: print it as the result.
+def _errno_error(args: argparse.Namespace, err: UserError) -> Outcome:
+    # The syscall answers bad arguments with an errno too: print it as the result.
     return failed(err, {"result": err.errno_name}, lines(err.errno_name))
 
 
@@ -141,6 +143,7 @@ def register(sub: Any) -> None:
                 offset=a.offset,
                 prot=a.prot,
                 shared=not a.private,
+                reopen=a.reopen,
             )
         ],
         _render_mmap,
@@ -156,6 +159,12 @@ def register(sub: Any) -> None:
     share.add_argument("--shared", action="store_false", dest="private", help="MAP_SHARED (default)")
     share.add_argument("--private", action="store_true", dest="private", help="MAP_PRIVATE")
     p.set_defaults(private=False)
+    p.add_argument(
+        "--reopen",
+        action="store_true",
+        help="map a new open(2) of the file rather than the process's one open file of it "
+        "(mappings of different opens never merge)",
+    )
 
     p = command(
         sub,
@@ -174,14 +183,56 @@ def register(sub: Any) -> None:
         "madvise",
         "madvise(2) on [ADDR, ADDR+LENGTH); prints 0 or the errno name (and exits 1)",
         lambda a: [req(REMAPD, m.Madvise, pid=a.pid, addr=a.addr, length=a.length, advice=a.advice)],
-        _render_madvise,
+        _render_result,
         "madvise 1 0x7effffc00000 4M collapse",
     )
     p.add_argument("pid", type=int, metavar="PID", help="the modelled process")
     p.add_argument("addr", type=address, metavar="ADDR", help="virtual address")
     p.add_argument("length", type=size, metavar="LENGTH", help="bytes from the start")
     p.add_argument("advice", choices=ADVICE, metavar="|".join(ADVICE), help="MADV_* without the prefix")
-    p.set_defaults(on_error=_madvise_error)
+    p.set_defaults(on_error=_errno_error)
+
+    p = command(
+        sub,
+        "mprotect",
+        "mprotect(2) on [ADDR, ADDR+LENGTH); prints 0 or the errno name (and exits 1)",
+        lambda a: [req(REMAPD, m.Mprotect, pid=a.pid, addr=a.addr, length=a.length, prot=a.prot)],
+        _render_result,
+        "mprotect 1 0x7effffc00000 2M r",
+    )
+    p.add_argument("pid", type=int, metavar="PID")
+    p.add_argument("addr", type=address, metavar="ADDR")
+    p.add_argument("length", type=size, metavar="LENGTH")
+    p.add_argument("prot", choices=PROTS, metavar="|".join(PROTS))
+    p.set_defaults(on_error=_errno_error)
+
+    p = command(
+        sub,
+        "mlock",
+        "mlock(2) [ADDR, ADDR+LENGTH) (faults it in), or mlock2(MLOCK_ONFAULT) with --onfault; "
+        "prints 0 or the errno name (and exits 1)",
+        lambda a: [req(REMAPD, m.Mlock, pid=a.pid, addr=a.addr, length=a.length, onfault=a.onfault)],
+        _render_result,
+        "mlock 1 0x7effffc00000 2M",
+    )
+    p.add_argument("pid", type=int, metavar="PID")
+    p.add_argument("addr", type=address, metavar="ADDR")
+    p.add_argument("length", type=size, metavar="LENGTH")
+    p.add_argument("--onfault", action="store_true", help="MLOCK_ONFAULT: lock pages as they fault in")
+    p.set_defaults(on_error=_errno_error)
+
+    p = command(
+        sub,
+        "munlock",
+        "munlock(2) [ADDR, ADDR+LENGTH); prints 0 or the errno name (and exits 1)",
+        lambda a: [req(REMAPD, m.Munlock, pid=a.pid, addr=a.addr, length=a.length)],
+        _render_result,
+        "munlock 1 0x7effffc00000 2M",
+    )
+    p.add_argument("pid", type=int, metavar="PID")
+    p.add_argument("addr", type=address, metavar="ADDR")
+    p.add_argument("length", type=size, metavar="LENGTH")
+    p.set_defaults(on_error=_errno_error)
 
     p = command(
         sub,
