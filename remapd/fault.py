@@ -189,15 +189,17 @@ class FaultPath:
             return "major" if reply.major else "minor"
 
     def _around(self, mm: Mm, vma: Vma, addr: int, entry: PteTable | None) -> tuple[int, ...]:
-        """do_fault_around's window: the fault_around_bytes-aligned block holding ``addr``, inside
-        the VMA and the PMD, minus the fault itself and the PTEs already present."""
+        """do_fault_around's window, minus the fault itself and the PTEs already present: it
+        starts at the fault_around_bytes-aligned block holding ``addr``, raised to the VMA's start
+        (and the PMD's), and runs fault_around_pages from there, cut at the VMA's end and the
+        PMD's. Raised at a VMA start, the window is shifted, not shortened (``to_pte = from_pte +
+        nr_pages``)."""
         nr = self.knobs.fault_around_pages()
         if nr <= 1:
             return ()
-        size = nr << PAGE_SHIFT
         haddr = addr & ~(HPAGE_PMD_SIZE - 1)
-        lo = max(addr & ~(size - 1), vma.start, haddr)
-        hi = min((addr & ~(size - 1)) + size, vma.end, haddr + HPAGE_PMD_SIZE)
+        lo = max(addr & ~((nr << PAGE_SHIFT) - 1), vma.start, haddr)
+        hi = min(lo + (nr << PAGE_SHIFT), vma.end, haddr + HPAGE_PMD_SIZE)
         ptes = entry.ptes if entry is not None else None
         return tuple(
             vma.pgoff_at(a)
