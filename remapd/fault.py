@@ -14,6 +14,7 @@ from typing import Any
 from remapd.mm import (
     ANON_PFN_BASE,
     PTE_ANON,
+    PTE_DIRTY,
     PTE_SHMEM,
     PTE_THP,
     PTE_WRITE,
@@ -110,10 +111,20 @@ class FaultPath:
                 self.pagetables.zap_huge_pmd(mm, pidx, split=True)  # CoW on a PMD-mapped file THP splits it
                 continue
             if entry is not None and (pte := entry.ptes[slot]):
-                if not write or pte & PTE_WRITE:
+                if not write:
+                    return "hit"
+                if pte & PTE_WRITE:
+                    if not pte & (PTE_DIRTY | PTE_ANON):
+                        # Writable but clean (read-faulted on shared writable shmem): no fault,
+                        # the CPU sets the dirty bit, which the kernel moves to the folio when it
+                        # unmaps the page.
+                        entry.ptes[slot] = pte | PTE_DIRTY
+                        self.actor.send(m.MarkDirty(pte_pfn(pte)))
                     return "hit"
                 if vma.shared:
-                    entry.ptes[slot] = pte | PTE_WRITE  # write-protect fault: page_mkwrite
+                    # Write-protect fault (wp_page_shared): a regular file's shared writable
+                    # mapping wants write-notify, so its read faults mapped the page read-only.
+                    entry.ptes[slot] = pte | PTE_WRITE | PTE_DIRTY
                     self.actor.send(m.MarkDirty(pte_pfn(pte)))
                     return "minor"
                 return self._cow(mm, vma, pidx, slot, pte)
@@ -183,7 +194,9 @@ class FaultPath:
                 return "pmd"
             flags = (PTE_THP if reply.thp else 0) | (PTE_SHMEM if reply.shmem else 0)
             if write:
-                flags |= PTE_WRITE
+                flags |= PTE_WRITE | PTE_DIRTY
+            elif reply.shmem and vma.writes_file:
+                flags |= PTE_WRITE  # shmem wants no write-notify: vm_page_prot is writable
             self.pagetables.set_pte_at(mm, pidx, slot, pte_make(reply.pfn, flags))
             self._map_around(mm, vma, reply, install=True)
             return "major" if reply.major else "minor"
@@ -208,8 +221,12 @@ class FaultPath:
         )
 
     def _map_around(self, mm: Mm, vma: Vma, reply: m.PageAnswer, install: bool) -> None:
-        """Map the fault-around pages the collapser accounted; hand back those that lost a race."""
-        shmem = PTE_SHMEM if reply.shmem else 0
+        """Map the fault-around pages the collapser accounted; hand back those that lost a race.
+        They are mapped with vm_page_prot (set_pte_range on a read fault): writable, clean, in a
+        shared writable shmem mapping; read-only elsewhere."""
+        if not reply.around:
+            return
+        shmem = (PTE_SHMEM | PTE_WRITE if vma.writes_file else PTE_SHMEM) if reply.shmem else 0
         for index, pfn, thp in reply.around:
             addr = vma.addr_of(index)
             pidx, slot = addr >> HPAGE_PMD_SHIFT, (addr >> PAGE_SHIFT) & (HPAGE_PMD_NR - 1)

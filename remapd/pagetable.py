@@ -14,6 +14,7 @@ from collections import Counter
 
 from remapd.mm import (
     PTE_ANON,
+    PTE_DIRTY,
     PTE_SHMEM,
     PTE_WRITE,
     Mm,
@@ -217,4 +218,5 @@ class PageTables:
                     self.anon.dup(pte_pfn(pte))
                 else:
                     self.rmap.add(pte_pfn(pte), pte=1)
+                    pte &= ~PTE_DIRTY  # copy_present_pte: pte_mkclean in the child
                 self.set_pte_at(dst, pidx, slot, pte)

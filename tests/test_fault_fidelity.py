@@ -7,7 +7,10 @@ default, which this kernel's lockdown keeps us from changing).
 
 from __future__ import annotations
 
-from helpers import FIXED, H, P, pte_at
+from helpers import FIXED, H, P, cache_pfn, pte_at
+
+from collapsed.pagecache import PG_DIRTY
+from remapd.mm import PTE_DIRTY, PTE_WRITE
 
 KB = 1024
 A = FIXED  # 0x40000000, as in the kernel reproducers
@@ -71,3 +74,64 @@ def test_fault_around_window_is_cut_at_the_vma_end_and_at_the_pmd(make_world):
     assert rss(world)[1] == 16
     assert world.touch(1, b, 64 * KB) == {"hit": 15, "minor": 1}
     assert rss(world)[1] == 64
+
+
+# -- vm_page_prot of a shared writable mapping ----------------------------------------------------
+
+
+def test_read_fault_on_shared_writable_shmem_maps_writable_so_a_write_is_no_fault(make_world):
+    """mm/mmap.c vma_wants_writenotify(): shmem has no page_mkwrite and cannot write back
+    (mapping_can_writeback() is false), so a shared writable shmem VMA's vm_page_prot is writable
+    and set_pte_range() (mm/memory.c; filemap_map_pages for fault-around) maps even a read fault's
+    page, and every fault-around page, writable: a later write is no fault at all. The PTE is
+    clean until that write; the CPU's dirty bit reaches the folio when the page is unmapped,
+    which the model does at once (MarkDirty)."""
+    world = shmem_world(make_world, fault_around_bytes=64 * KB)
+    # Kernel: mmap 1 0x40000000 4M --file c --prot rw --shared; fault 1 0x40000000 -> minor;
+    # fault 1 0x40000000 --write -> hit; Rss 4 throughout.
+    a = world.mmap(1, A, 2 * H, "c", prot="rw")
+    assert world.fault(1, a) == "minor"
+    pte = pte_at(world, 1, a)
+    assert pte & PTE_WRITE and not pte & PTE_DIRTY
+    assert world.fault(1, a, write=True) == "hit"
+    assert pte_at(world, 1, a) & PTE_DIRTY
+    assert world.collapser.mem.flags[cache_pfn(world, "c", 0)] & PG_DIRTY
+    assert world.fault(1, a, write=True) == "hit"
+    assert rss(world) == [4]
+
+
+def test_fault_around_pages_of_shared_writable_shmem_are_writable_too(make_world):
+    """mm/filemap.c filemap_map_pages() -> set_pte_range() with the VMA's writable vm_page_prot;
+    a private or read-only mapping of the same file still maps them read-only (a private write
+    is a CoW fault)."""
+    world = shmem_world(make_world, fault_around_bytes=64 * KB)
+    world.file_write("c", 0, 64 * KB)
+    # Kernel: file write c 0 64K; mmap rw --shared; fault 1 0x40000000 -> minor, Rss 64;
+    # touch 1 0x40000000 64K --write -> {hit: 16}.
+    a = world.mmap(1, A, 2 * H, "c", prot="rw")
+    assert world.fault(1, a) == "minor"
+    assert rss(world) == [64]
+    assert world.touch(1, a, 64 * KB, write=True) == {"hit": 16}
+    # Kernel: mmap 1 0x40400000 4M --file c --prot rw --private; fault 1 0x40400000 -> minor,
+    # Rss 64; fault 1 0x40401000 --write -> minor, Anonymous 4.
+    b = world.mmap(1, A + 2 * H, 2 * H, "c", prot="rw", shared=False)
+    assert world.fault(1, b) == "minor"
+    assert not pte_at(world, 1, b + P) & PTE_WRITE
+    assert world.fault(1, b + P, write=True) == "minor"
+    assert [e["Anonymous"] for e in world.smaps(1)] == [0, 4]
+
+
+def test_read_fault_on_a_shared_writable_regular_file_still_maps_read_only(world):
+    """mm/mmap.c vma_wants_writenotify(): a regular file's mapping can write back (and its
+    filesystem has page_mkwrite: generic_file_vm_ops' filemap_page_mkwrite, ext4_page_mkwrite), so
+    a read fault maps it read-only and the first write is a write-protect fault (wp_page_shared).
+    Kernel, ext4 on a loop device here: a read, then a write of the same page of a MAP_SHARED
+    PROT_READ|PROT_WRITE mapping -> 1 minor fault for the write (getrusage); the same on tmpfs -> 0."""
+    world.file_create("f", 4 * P)
+    world.spawn(1)
+    a = world.mmap(1, A, 4 * P, "f", prot="rw")
+    assert world.fault(1, a) == "major"
+    assert not pte_at(world, 1, a) & PTE_WRITE
+    assert world.fault(1, a, write=True) == "minor"
+    assert pte_at(world, 1, a) & PTE_WRITE and pte_at(world, 1, a) & PTE_DIRTY
+    assert world.fault(1, a, write=True) == "hit"
