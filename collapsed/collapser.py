@@ -213,7 +213,8 @@ class Collapser(Actor):
         thp = bool(mem.flags[head] & PG_HEAD)
         pmd = False
         if msg.purpose == "map":
-            if thp and msg.pmd_ok:
+            # A regular file's THP is PMD-mapped only inside i_size (finish_fault, 6.18).
+            if thp and msg.pmd_ok and (f.shmem or mem.index[head] + HPAGE_PMD_NR <= f.nr_pages_size):
                 pmd = True
                 cache.apply_rmap(((head, 0, 1, 0),))
             else:
@@ -226,13 +227,16 @@ class Collapser(Actor):
         return None
 
     def _fault_around(self, f: File, indices: tuple[int, ...]) -> tuple[tuple[int, int, bool], ...]:
-        """filemap_map_pages: map the cached, uptodate, unlocked pages among ``indices``."""
+        """filemap_map_pages: map the cached, uptodate, unlocked pages among ``indices`` that lie
+        inside i_size (its window ends at the file's last page). The remapper maps the rest of a
+        large folio itself (filemap_map_folio_range)."""
         mem = self.mem
         apply_rmap = self.cache.apply_rmap
+        eof = f.nr_pages_size
         out = []
         for index in indices:
             value = f.get(index)
-            if value <= 0:
+            if value <= 0 or index >= eof:
                 continue
             head = mem.head(value)
             if mem.flags[head] & PG_LOCKED or not mem.flags[head] & PG_UPTODATE:

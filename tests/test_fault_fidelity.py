@@ -7,9 +7,9 @@ default, which this kernel's lockdown keeps us from changing).
 
 from __future__ import annotations
 
-from helpers import FIXED, H, P, cache_pfn, pte_at
+from helpers import FIXED, H, P, cache_pfn, make_file_thp, pte_at
 
-from collapsed.pagecache import PG_DIRTY
+from collapsed.pagecache import PG_DIRTY, PG_HEAD
 from remapd.mm import PTE_DIRTY, PTE_WRITE
 
 KB = 1024
@@ -135,3 +135,115 @@ def test_read_fault_on_a_shared_writable_regular_file_still_maps_read_only(world
     assert world.fault(1, a, write=True) == "minor"
     assert pte_at(world, 1, a) & PTE_WRITE and pte_at(world, 1, a) & PTE_DIRTY
     assert world.fault(1, a, write=True) == "hit"
+
+
+# -- a cached large folio that cannot be PMD-mapped -----------------------------------------------
+
+
+def collapsed_shmem(world) -> int:
+    """Process 1 maps c's first 2 MiB shared and MADV_COLLAPSEs it (one page written first, as
+    the kernel reproducer does); returns the THP's head pfn."""
+    world.file_write("c", 0, 4 * KB)
+    a = world.mmap(1, A, H, "c", prot="rw")
+    assert world.madvise(1, a, H, "collapse") == 0
+    return cache_pfn(world, "c", 0)
+
+
+def test_cached_thp_in_a_nohugepage_vma_is_mapped_whole_with_ptes(make_world):
+    """mm/filemap.c filemap_map_pages() -> filemap_map_folio_range(): fault-around maps a large
+    folio whole when it lies inside the VMA and one page table (do_set_pmd refused the PMD:
+    vma_thp_disabled() for VM_NOHUGEPAGE). mm/memory.c finish_fault() does the same for a fault
+    that does not fault around (a shared write fault, do_shared_fault), when every PTE of the
+    folio is none (pte_range_none)."""
+    world = shmem_world(make_world, fault_around_bytes=64 * KB)
+    head = collapsed_shmem(world)
+    # Kernel: ...; madvise 1 A 2M collapse; proc spawn 2; mmap 2 A 2M --file c --prot rw
+    # --shared; madvise 2 A 2M nohugepage; fault 2 0x40100000 -> minor, process 2 Rss 2048,
+    # ShmemPmdMapped 0 (and thp_file_mapped unchanged).
+    world.spawn(2)
+    b = world.mmap(2, A, H, "c", prot="rw")
+    world.madvise(2, b, H, "nohugepage")
+    mapped = world.vmstat()["thp_file_mapped"]
+    assert world.fault(2, A + H // 2) == "minor"
+    e = world.smaps(2)[0]
+    assert (e["Rss"], e["ShmemPmdMapped"]) == (2048, 0)
+    assert world.vmstat()["thp_file_mapped"] == mapped
+    mem = world.collapser.mem
+    assert all(mem.mapcount[head + i] == 1 for i in range(512))
+    assert world.touch(2, b, H, stride=64 * KB) == {"hit": 32}
+    # Kernel: the same with fault 2 0x40100000 --write (no fault-around: finish_fault) -> minor,
+    # Rss 2048; fault 2 0x40000000 --write -> hit.
+    world.spawn(3)
+    c = world.mmap(3, A, H, "c", prot="rw")
+    world.madvise(3, c, H, "nohugepage")
+    assert world.fault(3, A + H // 2, write=True) == "minor"
+    assert world.smaps(3)[0]["Rss"] == 2048
+    assert world.fault(3, A, write=True) == "hit"
+
+
+def test_fault_around_maps_a_split_pmd_thp_whole_around_a_cow_page(make_world):
+    """mm/filemap.c filemap_map_folio_range(): fault-around maps every none PTE of the folio and
+    skips the present ones (here a private CoW copy), as long as the folio lies inside the VMA
+    and the page table. Without fault-around (fault_around_bytes 4096) finish_fault() would need
+    every PTE none (pte_range_none) and maps the one page instead."""
+    world = shmem_world(make_world, fault_around_bytes=64 * KB)
+    # Kernel: mmap 1 A 2M --file c --prot rw --private; madvise 1 A 2M hugepage; fault 1 A ->
+    # pmd; fault 1 0x40080000 --write -> minor (thp_split_pmd 1, Rss 4, Anonymous 4);
+    # fault 1 0x40100000 -> minor, Rss 2048, Anonymous 4; fault 1 0x40080000 -> hit.
+    a = world.mmap(1, A, H, "c", prot="rw", shared=False)
+    world.madvise(1, a, H, "hugepage")
+    assert world.fault(1, a) == "pmd"
+    assert world.fault(1, a + H // 4, write=True) == "minor"
+    assert [(e["Rss"], e["Anonymous"]) for e in world.smaps(1)] == [(4, 4)]
+    assert world.fault(1, a + H // 2) == "minor"
+    assert [(e["Rss"], e["Anonymous"]) for e in world.smaps(1)] == [(2048, 4)]
+    assert world.fault(1, a + H // 4) == "hit"
+    table = world.remapper.mms[1].pmds[a >> 21]
+    assert table.nr == 512 and table.nr_foreign == 1 and not table.mark
+    # The same without fault-around: finish_fault finds the CoW PTE and maps one page.
+    world.sysfs_set("thpsplit/fault_around_bytes", "4096")
+    world.madvise(1, a + H // 2, H // 2, "dontneed")
+    assert world.fault(1, a + H // 2) == "minor"
+    assert [(e["Rss"], e["Anonymous"]) for e in world.smaps(1)] == [(1024 + 4, 4)]
+
+
+def test_a_thp_that_starts_before_the_vma_is_mapped_one_page_per_fault(make_world):
+    """mm/memory.c finish_fault(): the whole folio only if it lies inside the VMA (``vma_off <
+    idx`` falls back to one page), and fault-around (filemap_map_folio_range's
+    folio_within_vma()) keeps to its window."""
+    world = shmem_world(make_world, fault_around_bytes=64 * KB)
+    # Kernel: mmap 1 A 2M --file c --prot rw --shared; madvise 1 A 2M hugepage; fault 1 A -> pmd;
+    # munmap 1 A 4K (thp_split_pmd 1, Rss 0); fault 1 0x40100000 --write -> minor, Rss 4;
+    # fault 1 0x40001000 --write -> minor, Rss 8.
+    a = world.mmap(1, A, H, "c", prot="rw")
+    world.madvise(1, a, H, "hugepage")
+    assert world.fault(1, a) == "pmd"
+    world.munmap(1, a, P)
+    assert rss(world) == [0]
+    assert world.fault(1, A + H // 2, write=True) == "minor"
+    assert rss(world) == [4]
+    assert world.fault(1, A + P, write=True) == "minor"
+    assert rss(world) == [8]
+
+
+def test_a_regular_file_thp_past_eof_is_neither_pmd_mapped_nor_mapped_whole(make_world):
+    """mm/memory.c finish_fault() and mm/filemap.c filemap_map_pages() (6.18, "mm/memory: do not
+    populate page table entries beyond i_size"): a regular file's large folio that reaches past
+    i_size gets no PMD and is not mapped whole (``needs_fallback``, ``can_map_large``), so an
+    access past EOF still raises SIGBUS; fault-around stops at the file's last page. (Shmem is
+    exempt.) Here the THP outlives a truncate into it because a pin keeps it from splitting.
+    (Retry policy ``none``: the remapper's own pass over marked tables stays out of it.)"""
+    world = make_world(retry_policy="none")
+    head = make_file_thp(world, "f", H)
+    world.spawn(2)
+    world.pin(2, world.mmap(2, A + 4 * H, H, "f"))
+    world.file_truncate("f", H // 2)
+    assert world.collapser.mem.flags[head] & PG_HEAD  # kept whole: the pin failed the split
+    world.spawn(1)
+    a = world.mmap(1, A, H, "f")
+    assert world.fault(1, a + 5 * P) == "minor"
+    assert rss(world) == [4] and not world.smaps(1)[0]["FilePmdMapped"]
+    assert world.fault(1, a + H // 2) == "sigbus"
+    world.sysfs_set("thpsplit/fault_around_bytes", "65536")
+    assert world.fault(1, a + H // 2 - P) == "minor"
+    assert rss(world) == [4 + 64]  # the window [240, 256), cut at EOF; not the whole THP
