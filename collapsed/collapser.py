@@ -30,6 +30,9 @@ from shared.scan_result import ScanResult
 from shared.thp import shmem_huge_global_enabled
 from shared.units import HPAGE_PMD_NR, PAGE_SIZE
 
+# Bound once, as in remapd/fault.py: faults are hot.
+OK, SIGBUS = m.PageStatus.OK, m.PageStatus.SIGBUS
+
 # The vmstat event counters this side owns, in /proc/vmstat order (mm/vmstat.c vmstat_text).
 VM_EVENTS = (
     "pgmajfault",
@@ -187,14 +190,14 @@ class Collapser(Actor):
         cache = self.cache
         f = cache.files.get(msg.ino)
         if f is None or msg.index >= f.nr_pages_size:
-            self.send(m.PageAnswer(msg.req, "sigbus"))
+            self.send(m.PageAnswer(msg.req, SIGBUS))
             return None
         value = f.get(msg.index)
         if value > 0 and mem.flags[mem.head(value)] & PG_LOCKED:
             return mem.head(value)
         # do_fault_around runs first: it maps what the cache holds around the fault.
         around = self._fault_around(f, msg.around) if msg.around and msg.purpose == "map" else ()
-        major = False
+        major = allocated = False
         if value > 0:
             pfn = value
         elif value < 0:
@@ -202,7 +205,10 @@ class Collapser(Actor):
             self.vm["pswpin"] += 1
             major = True
         elif f.shmem:
-            pfn = self._shmem_alloc(f, msg.index, msg.pmd_ok, msg.vm_hugepage)
+            # shmem_get_folio_gfp: the folio's size depends on the VMA and the page cache only
+            # (pmd_ok implies thp_ok; an older remapper sends pmd_ok alone).
+            pfn = self._shmem_alloc(f, msg.index, msg.thp_ok or msg.pmd_ok, msg.vm_hugepage)
+            allocated = True
         else:
             pfn = cache.add_small_page(f, msg.index)
             self._read_around(f, msg.index, msg.vm_hugepage)
@@ -223,7 +229,7 @@ class Collapser(Actor):
                 cache.set_dirty(head)
         elif msg.purpose == "pin":
             cache.apply_rmap(((pfn, 0, 0, 1),))
-        self.send(m.PageAnswer(msg.req, "ok", pfn, head, thp, pmd, major, f.shmem, around))
+        self.send(m.PageAnswer(msg.req, OK, pfn, head, thp, pmd, major, f.shmem, around, allocated))
         return None
 
     def _fault_around(self, f: File, indices: tuple[int, ...]) -> tuple[tuple[int, int, bool], ...]:
@@ -262,10 +268,12 @@ class Collapser(Actor):
             if f.get(i) == 0:
                 self.cache.add_small_page(f, i)
 
-    def _shmem_alloc(self, f: File, index: int, pmd_ok: bool, vm_hugepage: bool) -> int:
-        """shmem_get_folio_gfp for a hole: a PMD-order folio when shmem_enabled allows it here."""
+    def _shmem_alloc(self, f: File, index: int, thp_ok: bool, vm_hugepage: bool) -> int:
+        """shmem_get_folio_gfp for a hole: a PMD-order folio when the VMA allows one here
+        (``thp_ok``: shmem_allowable_huge_orders, thp_vma_suitable_orders), shmem_enabled does,
+        and no page of its range is cached (shmem_suitable_orders)."""
         start = index & ~(HPAGE_PMD_NR - 1)
-        if pmd_ok and shmem_huge_global_enabled(self.knobs, f.size, start, vm_hugepage):
+        if thp_ok and shmem_huge_global_enabled(self.knobs, f.size, start, vm_hugepage):
             chunk = f.chunk(start)
             if chunk is None or not any(chunk):
                 k = self.knobs

@@ -133,12 +133,11 @@ class FaultPath:
                     return "minor"
                 return self._cow(mm, vma, pidx, slot, pte)
             haddr = addr & ~(HPAGE_PMD_SIZE - 1)
-            pmd_ok = (
-                not cow
-                and entry is None
-                and not vma.nohugepage
-                and vma.pmd_suitable(haddr)
-            )
+            # The VMA could hold a PMD-order folio here (thp_vma_suitable_order, not
+            # VM_NOHUGEPAGE): shmem allocates one on that alone (shmem_get_folio_gfp), a CoW
+            # source too; a PMD also needs the PMD none and no CoW.
+            thp_ok = not vma.nohugepage and vma.pmd_suitable(haddr)
+            pmd_ok = thp_ok and not cow and entry is None
             purpose = COPY if cow else MAP
             # should_fault_around: a read fault with fault_around_bytes above a page.
             nr_around = 0 if write else self.knobs.fault_around_pages()
@@ -149,7 +148,15 @@ class FaultPath:
             self.locks.mmap_read_unlock(mm)
             reply = yield Call(
                 m.LookupPage(
-                    self.actor.new_req(), vma.ino, vma.pgoff_at(addr), purpose, write, pmd_ok, vma.hugepage, around
+                    self.actor.new_req(),
+                    vma.ino,
+                    vma.pgoff_at(addr),
+                    purpose,
+                    write,
+                    pmd_ok,
+                    vma.hugepage,
+                    around,
+                    thp_ok,
                 )
             )
             if reply.status != OK:
@@ -201,7 +208,7 @@ class FaultPath:
                 self.pagetables.do_set_pmd(mm, pidx, reply.head, reply.shmem, accounted=False)
                 self._map_around(mm, vma, reply, install=False)
                 return "pmd"
-            if whole and (nr_around <= 1 or reply.major) and current is not None and current.nr:
+            if whole and (nr_around <= 1 or reply.major or reply.allocated) and current is not None and current.nr:
                 # finish_fault (no fault-around ran, or the folio was not in the cache for it):
                 # the whole folio only where every PTE of it is none (pte_range_none), else the
                 # one page. Fault-around (filemap_map_pages) maps it around what is present.

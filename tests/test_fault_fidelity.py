@@ -11,6 +11,8 @@ from helpers import FIXED, H, P, cache_pfn, make_file_thp, pte_at
 
 from collapsed.pagecache import PG_DIRTY, PG_HEAD
 from remapd.mm import PTE_DIRTY, PTE_WRITE
+from shared.protocol import messages as m
+from shared.protocol.codec import from_wire, to_wire
 
 KB = 1024
 A = FIXED  # 0x40000000, as in the kernel reproducers
@@ -247,3 +249,158 @@ def test_a_regular_file_thp_past_eof_is_neither_pmd_mapped_nor_mapped_whole(make
     world.sysfs_set("thpsplit/fault_around_bytes", "65536")
     assert world.fault(1, a + H // 2 - P) == "minor"
     assert rss(world) == [4 + 64]  # the window [240, 256), cut at EOF; not the whole THP
+
+
+# -- shmem's folio size at fault: the VMA and the page cache, never the page table ----------------
+
+
+def test_private_cow_write_fault_allocates_the_pmd_size_folio(make_world):
+    """mm/memory.c do_cow_fault() -> __do_fault() -> mm/shmem.c shmem_fault() ->
+    shmem_get_folio_gfp(): the sizes it may allocate (shmem_allowable_huge_orders,
+    shmem_suitable_orders) depend on the VMA (VM_HUGEPAGE under huge=advise, the aligned range
+    inside it) and the page cache only, so a private write fault into a hole fills it with a
+    PMD-order folio and copies one page of it; no PMD is mapped (the fault maps the copy)."""
+    world = shmem_world(make_world, fault_around_bytes=64 * KB)
+    # Kernel: mmap 1 A 4M --file c --prot rw --private; madvise 1 A 4M hugepage;
+    # fault 1 A --write -> minor, Rss 4, Anonymous 4, thp_file_alloc 1, nr_shmem_hugepages 1,
+    # 512 pages cached; fault 1 0x40001000 -> minor, Rss 2048, Anonymous 4 (fault-around maps
+    # the rest of the THP around the copy); fault 1 0x40200000 --write -> minor, Rss 2052,
+    # Anonymous 8, thp_file_alloc 2.
+    a = world.mmap(1, A, 2 * H, "c", prot="rw", shared=False)
+    world.madvise(1, a, 2 * H, "hugepage")
+    assert world.fault(1, a, write=True) == "minor"
+    assert [(e["Rss"], e["Anonymous"]) for e in world.smaps(1)] == [(4, 4)]
+    assert world.vmstat()["thp_file_alloc"] == 1 and world.vmstat()["nr_shmem_hugepages"] == 1
+    assert world.collapser.by_name["c"].nrpages == 512
+    assert world.fault(1, a + P) == "minor"
+    assert [(e["Rss"], e["Anonymous"]) for e in world.smaps(1)] == [(2048, 4)]
+    assert world.fault(1, a + H, write=True) == "minor"
+    assert [(e["Rss"], e["Anonymous"]) for e in world.smaps(1)] == [(2052, 8)]
+    assert world.vmstat()["thp_file_alloc"] == 2 and world.vmstat()["thp_file_mapped"] == 0
+
+
+def test_shmem_allocates_the_pmd_size_folio_over_an_existing_page_table(make_world):
+    """mm/shmem.c shmem_get_folio_gfp(): the PMD-order folio is allocated although a page table
+    is already there (do_set_pmd then refuses the PMD), and mm/memory.c finish_fault() maps it
+    whole with PTEs, every PTE of it being none."""
+    world = shmem_world(make_world, fault_around_bytes=64 * KB)
+    # Kernel: mmap 1 A 4M --file c --prot rw --shared; fault 1 A -> minor, Rss 4;
+    # file punch c 0 4K (Rss 0, the page table stays); madvise 1 A 4M hugepage; fault 1 A ->
+    # minor, Rss 2048, ShmemPmdMapped 0, thp_file_alloc 1; fault 1 0x40100000 --write -> hit.
+    a = world.mmap(1, A, 2 * H, "c", prot="rw")
+    assert world.fault(1, a) == "minor"
+    world.file_punch("c", 0, P)
+    assert rss(world) == [0]
+    world.madvise(1, a, 2 * H, "hugepage")
+    assert world.fault(1, a) == "minor"
+    e = world.smaps(1)[0]
+    assert (e["Rss"], e["ShmemPmdMapped"]) == (2048, 0)
+    assert world.vmstat()["thp_file_alloc"] == 1 and world.vmstat()["thp_file_mapped"] == 0
+    assert world.fault(1, a + H // 2, write=True) == "hit"
+
+
+def test_a_pte_mapped_shmem_thp_past_eof_makes_those_accesses_succeed(make_world):
+    """mm/shmem.c shmem_get_folio_gfp() allocates a PMD-order folio that reaches past i_size
+    (huge=advise, VM_HUGEPAGE), and finish_fault() maps it whole: shmem is exempt from the
+    i_size rule ("for long time intentionally mapped with PMDs across i_size"), so the accesses
+    past EOF that it covers hit a PTE instead of raising SIGBUS."""
+    world = shmem_world(make_world, size=3 * H // 2, fault_around_bytes=64 * KB)
+    # Kernel: file create c --size 3M --shmem; mmap 1 A 4M --file c --prot rw --shared;
+    # fault 1 0x40200000 -> minor; file punch c 2M 4K; madvise 1 A 4M hugepage;
+    # fault 1 0x40200000 -> minor, Rss 2048, thp_file_alloc 1; fault 1 0x40380000 -> hit (past
+    # EOF); fault 1 0x40380000 --write -> hit; touch 1 0x40200000 2M --stride 256K -> {hit: 8}.
+    a = world.mmap(1, A, 2 * H, "c", prot="rw")
+    assert world.fault(1, a + H) == "minor"
+    world.file_punch("c", H, P)
+    world.madvise(1, a, 2 * H, "hugepage")
+    assert world.fault(1, a + H) == "minor"
+    assert rss(world) == [2048] and world.vmstat()["thp_file_alloc"] == 1
+    assert world.fault(1, a + H + 3 * H // 4) == "hit"
+    assert world.fault(1, a + H + 3 * H // 4, write=True) == "hit"
+    assert world.touch(1, a + H, H, stride=H // 8) == {"hit": 8}
+    # Where nothing maps it, past EOF is still SIGBUS (shmem_get_folio_gfp's i_size check).
+    world.spawn(2)
+    b = world.mmap(2, A, 2 * H, "c", prot="rw")
+    world.madvise(2, b, 2 * H, "nohugepage")
+    assert world.fault(2, b + H + 3 * H // 4) == "sigbus"
+
+
+def test_no_thp_at_fault_in_a_nohugepage_vma_even_under_always(make_world):
+    """mm/shmem.c shmem_allowable_huge_orders(): vma_thp_disabled() (VM_NOHUGEPAGE) allows no
+    huge order, whatever huge= says, for shared and for private (CoW) faults alike."""
+    world = make_world(shmem_enabled="always", fault_around_bytes=64 * KB)
+    world.file_create("c", 2 * H, shmem=True)
+    world.spawn(1)
+    # Kernel (tmpfs huge=always): mmap 1 A 4M --file c --prot rw --shared; madvise 1 A 4M
+    # nohugepage; fault 1 A -> minor, Rss 4; mmap 1 0x40400000 4M --file c --prot rw --private;
+    # madvise ... nohugepage; fault 1 0x40600000 --write -> minor, Anonymous 4; thp_file_alloc 0.
+    a = world.mmap(1, A, 2 * H, "c", prot="rw")
+    world.madvise(1, a, 2 * H, "nohugepage")
+    assert world.fault(1, a) == "minor"
+    b = world.mmap(1, A + 2 * H, 2 * H, "c", prot="rw", shared=False)
+    world.madvise(1, b, 2 * H, "nohugepage")
+    assert world.fault(1, b + H, write=True) == "minor"
+    assert [(e["Rss"], e["Anonymous"]) for e in world.smaps(1)] == [(4, 0), (4, 4)]
+    assert world.vmstat()["thp_file_alloc"] == 0
+
+
+def test_private_cow_write_over_a_hole_with_a_page_table_allocates_the_thp(make_world):
+    """mm/memory.c do_cow_fault() -> shmem_fault(): neither the page table nor the CoW decides
+    the folio size; fault-around then maps the THP around the copy (filemap_map_folio_range)."""
+    world = make_world(shmem_enabled="always", fault_around_bytes=64 * KB)
+    world.file_create("c", 2 * H, shmem=True)
+    world.spawn(1)
+    # Kernel (tmpfs huge=always): mmap 1 A 4M --file c --prot rw --private; madvise 1 A 4M
+    # nohugepage; fault 1 A -> minor (a small page); file punch c 0 4K; madvise 1 A 4M hugepage;
+    # fault 1 0x40001000 --write -> minor, Rss 4, Anonymous 4, thp_file_alloc 1;
+    # fault 1 0x40002000 -> minor, Rss 2048, Anonymous 4.
+    a = world.mmap(1, A, 2 * H, "c", prot="rw", shared=False)
+    world.madvise(1, a, 2 * H, "nohugepage")
+    assert world.fault(1, a) == "minor"
+    world.file_punch("c", 0, P)
+    world.madvise(1, a, 2 * H, "hugepage")
+    assert world.fault(1, a + P, write=True) == "minor"
+    assert [(e["Rss"], e["Anonymous"]) for e in world.smaps(1)] == [(4, 4)]
+    assert world.vmstat()["thp_file_alloc"] == 1
+    assert world.fault(1, a + 2 * P) == "minor"
+    assert [(e["Rss"], e["Anonymous"]) for e in world.smaps(1)] == [(2048, 4)]
+
+
+def test_a_new_thp_over_a_cow_page_is_mapped_by_finish_fault_one_page(make_world):
+    """mm/memory.c do_read_fault(): fault-around runs before ->fault, so a folio that
+    shmem_fault() allocates for this fault is mapped by finish_fault(), which maps a large folio
+    whole only if every PTE of it is none (pte_range_none) and else maps the one page; the next
+    read fault finds it cached and fault-around (filemap_map_folio_range) maps the rest around
+    the CoW copy."""
+    world = shmem_world(make_world, fault_around_bytes=64 * KB)
+    # Kernel: mmap 1 A 4M --file c --prot rw --private; madvise 1 A 4M hugepage;
+    # fault 1 0x40001000 --write -> minor (thp_file_alloc 1, Anonymous 4); file punch c 0 2M
+    # (the private copy stays: shmem_fallocate unmaps with even_cows=0); fault 1 A -> minor,
+    # Rss 8, thp_file_alloc 2; fault 1 0x40002000 -> minor, Rss 2048, Anonymous 4.
+    a = world.mmap(1, A, 2 * H, "c", prot="rw", shared=False)
+    world.madvise(1, a, 2 * H, "hugepage")
+    assert world.fault(1, a + P, write=True) == "minor"
+    # The punch, keeping private copies as shmem_fallocate(PUNCH_HOLE) does.
+    c = world.collapser
+    world.call(c, c.fileops.truncate_range(c.by_name["c"], 0, 512, even_cows=False))
+    assert [(e["Rss"], e["Anonymous"]) for e in world.smaps(1)] == [(4, 4)]
+    assert world.fault(1, a) == "minor"
+    assert [(e["Rss"], e["Anonymous"]) for e in world.smaps(1)] == [(8, 4)]
+    assert world.vmstat()["thp_file_alloc"] == 2
+    assert world.fault(1, a + 2 * P) == "minor"
+    assert [(e["Rss"], e["Anonymous"]) for e in world.smaps(1)] == [(2048, 4)]
+
+
+def test_the_new_peer_fields_keep_protocol_2_wire_compatible():
+    """LookupPage.thp_ok and PageAnswer.allocated were added within protocol 2, at the end and
+    with defaults: a message from a peer that predates them decodes, to the old behaviour."""
+    old_lookup = ["peer.lookup_page", {"req": 1, "ino": 2, "index": 3, "purpose": "map", "write": False,
+                                       "pmd_ok": True, "vm_hugepage": False, "around": [4, 5]}]
+    msg = from_wire(old_lookup)
+    assert isinstance(msg, m.LookupPage) and msg.thp_ok is False and msg.around == (4, 5)
+    old_answer = ["peer.page", {"req": 1, "status": "ok", "pfn": 7, "head": 7, "thp": False, "pmd": False,
+                                "major": True, "shmem": False, "around": []}]
+    msg = from_wire(old_answer)
+    assert isinstance(msg, m.PageAnswer) and msg.allocated is False and msg.major is True
+    new = m.LookupPage(1, 2, 3, m.Purpose.COPY, True, False, True, (), True)
+    assert from_wire(to_wire(new)) == new
