@@ -362,7 +362,7 @@ def _answer_for_lost_peer(request: Message) -> Message:
     if isinstance(request, m.Retract):
         return m.Retracted(request.req, 0, 0, 0, 0)
     if isinstance(request, m.CollapsePteMapped):
-        return m.CollapsePteMappedResult(request.req, int(ScanResult.SCAN_ANY_PROCESS))
+        return m.CollapsePteMappedResult(request.req, ScanResult.SCAN_ANY_PROCESS)
     if isinstance(request, m.VisitMm):
         return m.VisitMmDone(request.req)
     raise TypeError(f"no answer for {request!r}")

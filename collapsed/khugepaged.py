@@ -451,4 +451,4 @@ class Khugepaged:
             self.cache.lru_add_drain()  # lru_add_drain_all()
             cc = CollapseControl(False, msg.pid, msg.addr)
             result = yield from self.hpage_collapse_scan_file(f, msg.pgoff, cc)
-        self.actor.send(m.CollapseResult(msg.req, int(result)))
+        self.actor.send(m.CollapseResult(msg.req, result))
