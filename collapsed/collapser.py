@@ -40,6 +40,8 @@ RESCHED_PAGES = 4096
 # lead a task to its next call; none loops on them, so a few rounds always suffice).
 _MAX_LOST_PEER_ROUNDS = 100
 
+# Bound once, as in remapd/fault.py: faults are hot.
+
 # The vmstat event counters this side owns, in /proc/vmstat order (mm/vmstat.c vmstat_text).
 VM_EVENTS = (
     "pgmajfault",
@@ -245,7 +247,7 @@ class Collapser(Actor):
             return mem.head(value)
         # do_fault_around runs first: it maps what the cache holds around the fault.
         around = self._fault_around(f, msg.around) if msg.around and msg.purpose == "map" else ()
-        major = False
+        major = allocated = False
         if value > 0:
             pfn = value
         elif value < 0:
@@ -254,7 +256,10 @@ class Collapser(Actor):
                 self.vm["pswpin"] += 1
             major = True
         elif f.shmem:
-            pfn = self._shmem_alloc(f, msg.index, msg.pmd_ok, msg.vm_hugepage)
+            # shmem_get_folio_gfp: the folio's size depends on the VMA and the page cache only
+            # (pmd_ok implies thp_ok; an older remapper sends pmd_ok alone).
+            pfn = self._shmem_alloc(f, msg.index, msg.thp_ok or msg.pmd_ok, msg.vm_hugepage)
+            allocated = True
         else:
             pfn = cache.add_small_page(f, msg.index)
             if pfn:
@@ -273,7 +278,8 @@ class Collapser(Actor):
         thp = bool(mem.flags[head] & PG_HEAD)
         pmd = False
         if msg.purpose == "map":
-            if thp and msg.pmd_ok:
+            # A regular file's THP is PMD-mapped only inside i_size (finish_fault, 6.18).
+            if thp and msg.pmd_ok and (f.shmem or mem.index[head] + HPAGE_PMD_NR <= f.nr_pages_size):
                 pmd = True
                 cache.apply_rmap(((head, 0, 1, 0),))
             else:
@@ -282,17 +288,20 @@ class Collapser(Actor):
                 cache.set_dirty(head)
         elif msg.purpose == "pin":
             cache.apply_rmap(((pfn, 0, 0, 1),))
-        self.send(m.PageAnswer(msg.req, _OK, pfn, head, thp, pmd, major, f.shmem, around))
+        self.send(m.PageAnswer(msg.req, _OK, pfn, head, thp, pmd, major, f.shmem, around, allocated))
         return None
 
     def _fault_around(self, f: File, indices: tuple[int, ...]) -> tuple[tuple[int, int, bool], ...]:
-        """filemap_map_pages: map the cached, uptodate, unlocked pages among ``indices``."""
+        """filemap_map_pages: map the cached, uptodate, unlocked pages among ``indices`` that lie
+        inside i_size (its window ends at the file's last page). The remapper maps the rest of a
+        large folio itself (filemap_map_folio_range)."""
         mem = self.mem
         apply_rmap = self.cache.apply_rmap
+        eof = f.nr_pages_size
         out = []
         for index in indices:
             value = f.get(index)
-            if value <= 0:
+            if value <= 0 or index >= eof:
                 continue
             head = mem.head(value)
             if mem.flags[head] & PG_LOCKED or not mem.flags[head] & PG_UPTODATE:
@@ -318,11 +327,12 @@ class Collapser(Actor):
             if f.get(i) == 0 and not self.cache.add_small_page(f, i):
                 return  # memory is full: readahead is best effort
 
-    def _shmem_alloc(self, f: File, index: int, pmd_ok: bool, vm_hugepage: bool) -> int:
-        """shmem_get_folio_gfp for a hole: a PMD-order folio when shmem_enabled allows it here.
-        0 when memory is full."""
+    def _shmem_alloc(self, f: File, index: int, thp_ok: bool, vm_hugepage: bool) -> int:
+        """shmem_get_folio_gfp for a hole: a PMD-order folio when the VMA allows one here
+        (``thp_ok``: shmem_allowable_huge_orders, thp_vma_suitable_orders), shmem_enabled does,
+        and no page of its range is cached (shmem_suitable_orders). 0 when memory is full."""
         start = index & ~(HPAGE_PMD_NR - 1)
-        if pmd_ok and shmem_huge_global_enabled(self.knobs, f.size, start, vm_hugepage):
+        if thp_ok and shmem_huge_global_enabled(self.knobs, f.size, start, vm_hugepage):
             chunk = f.chunk(start)
             if chunk is None or not any(chunk):
                 k = self.knobs

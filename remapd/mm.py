@@ -7,6 +7,9 @@ allocated with the table (4 KiB, as the kernel's page); a PMD range with nothing
 A PTE is ``pfn << PTE_SHIFT | flags``. ``PTE_THP`` marks a subpage of a PMD-order compound page;
 the entry "belongs" in its table (Kirill's per-PMD mark) when ``pfn % 512 == slot``. Everything else
 (a small page, an anon page, another THP's subpage) is foreign and counted in ``nr_foreign``.
+``PTE_DIRTY`` is the bit the CPU sets on a write through a writable PTE: a file page mapped writable
+but clean (a read fault on a shared writable shmem mapping) is dirtied by the first write, which
+is no fault.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ PTE_WRITE = 1 << 1
 PTE_ANON = 1 << 2
 PTE_THP = 1 << 3
 PTE_SHMEM = 1 << 4
-PTE_SHIFT = 5
+PTE_DIRTY = 1 << 5
+PTE_SHIFT = 6
 
 # Anonymous pages live in a pfn space of their own (the remapper allocates them without asking
 # the collapser): pfns at or above this are anon.

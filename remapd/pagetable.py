@@ -14,6 +14,7 @@ from collections import Counter
 
 from remapd.mm import (
     PTE_ANON,
+    PTE_DIRTY,
     PTE_SHMEM,
     PTE_WRITE,
     Mm,
@@ -98,6 +99,26 @@ class PageTables:
                 self.set_mark(mm, pidx, table, "fault")
         elif table.mark:
             self.clear_mark(mm, pidx, table, "foreign")
+
+    def map_folio_ptes(self, mm: Mm, pidx: int, head: int, flags: int) -> None:
+        """Map with PTEs every subpage of the PMD-order folio ``head`` whose PTE is none, in the
+        table at ``pidx`` that the folio fills (set_pte_range over a whole folio, as finish_fault
+        and filemap_map_folio_range do), each with its rmap row (a PTE mapping and a page
+        reference). Subpage *i* goes to slot *i*: each belongs, so the table keeps its mark."""
+        table = self.pte_alloc(mm, pidx)
+        ptes = table.ptes
+        add = self.rmap.add
+        n = 0
+        for slot in range(HPAGE_PMD_NR):
+            if not ptes[slot]:
+                pfn = head + slot
+                table.set(slot, pte_make(pfn, flags))
+                add(pfn, pte=1)
+                n += 1
+        if n:
+            mm.rss[mm_counter(flags)] += n
+            if not table.mark:
+                self.set_mark(mm, pidx, table, "fault")
 
     def zap_pte(self, mm: Mm, table: PteTable, slot: int) -> None:
         """Clear one present PTE and drop the mapping it held (zap_present_ptes)."""
@@ -217,4 +238,5 @@ class PageTables:
                     self.anon.dup(pte_pfn(pte))
                 else:
                     self.rmap.add(pte_pfn(pte), pte=1)
+                    pte &= ~PTE_DIRTY  # copy_present_pte: pte_mkclean in the child
                 self.set_pte_at(dst, pidx, slot, pte)

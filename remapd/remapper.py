@@ -61,7 +61,7 @@ class Remapper(Actor):
         self.locks = MmapLocks(self.notify)
         self.pagetables = PageTables(self.rmap, self.anon, self.vm)
         self.faults = FaultPath(
-            self, self.knobs, self.mms, self.locks, self.pagetables, self.rmap, self.anon, self.vm
+            self, self.knobs, self.mms, self.files, self.locks, self.pagetables, self.rmap, self.anon, self.vm
         )
         self.khugepaged = Khugepaged(self, self.knobs, self.mms, self.files, self.locks, self.pagetables)
         self.uprobes = Uprobes(

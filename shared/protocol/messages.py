@@ -111,6 +111,11 @@ class LookupPage(Message):
     matching alignment, not VM_NOHUGEPAGE). ``vm_hugepage``: the VMA has VM_HUGEPAGE (shmem advise).
     ``around``: other indices whose PTEs are empty in the fault-around window (do_fault_around):
     those the cache holds, uptodate and unlocked, are mapped too and come back in the answer.
+    ``thp_ok``: the VMA allows a PMD-order folio here whatever its page table holds, the CoW
+    source of a private write fault included (not VM_NOHUGEPAGE, VMA covers the aligned range with
+    matching alignment: shmem_allowable_huge_orders, shmem_suitable_orders): shmem allocates one
+    on it. Added within protocol 2 with a default: a sender that predates it sends only
+    ``pmd_ok``, which implies it.
     """
 
     req: int
@@ -121,6 +126,7 @@ class LookupPage(Message):
     pmd_ok: bool
     vm_hugepage: bool
     around: tuple[int, ...] = ()
+    thp_ok: bool = False
 
 
 @message("peer.rmap_delta")
@@ -243,7 +249,10 @@ class PageAnswer(Message):
     ``pfn`` is the (sub)page for the index; ``head`` its compound head (== pfn for a small page);
     ``thp`` whether it is PMD-order; ``pmd`` whether the mapping was accounted as a PMD mapping;
     ``major`` whether it had to be read in (or allocated); ``around``: (index, pfn, thp) of the
-    fault-around pages, each already accounted as a PTE mapping.
+    fault-around pages, each already accounted as a PTE mapping. ``allocated``: the lookup filled
+    a shmem hole with this folio, so fault-around (which runs first) did not see it and
+    finish_fault maps it (a large one whole only where every PTE of it is none). Added within
+    protocol 2 with a default.
     """
 
     req: int
@@ -255,6 +264,7 @@ class PageAnswer(Message):
     major: bool = False
     shmem: bool = False
     around: tuple[tuple[int, int, bool], ...] = ()
+    allocated: bool = False
 
 
 @message("peer.folio")

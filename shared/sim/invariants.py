@@ -8,7 +8,8 @@ operation. It raises ``AssertionError`` naming the first broken rule. It checks:
 * refcount = cache references (1, or 512 for a THP) + PTE mappings + PMD mappings + pins, for
   every page; mapcount and entire_mapcount match the page tables exactly;
 * every PTE and PMD maps, at its address, the page the VMA's file offset says it should, and
-  lies inside a VMA; a PMD maps only a PMD-order page whose index is 512-aligned;
+  lies inside a VMA; a PMD maps only a PMD-order page whose index is 512-aligned; a file PTE is
+  writable only in a shared writable VMA, and dirty only if writable;
 * mm counters and nr_ptes match the tables; each table's counts and mark agree with its
   entries; anon mapcounts match; VMAs are sorted, disjoint, merged where the kernel would
   merge them (is_mergeable_vma, is_mergeable_anon_vma), an anon page only in a VMA with an
@@ -25,7 +26,9 @@ from typing import TYPE_CHECKING
 from collapsed.pagecache import PG_HEAD, PG_LOCKED
 from remapd.mm import (
     PTE_ANON,
+    PTE_DIRTY,
     PTE_SHMEM,
+    PTE_WRITE,
     PteTable,
     mergeable_neighbours,
     pte_belongs,
@@ -105,6 +108,10 @@ def check(c: Collapser, r: Remapper) -> None:
                     rss["MM_ANONPAGES"] += 1
                     continue
                 assert mem.allocated(pfn), f"pid {pid}: PTE at {addr:#x} maps freed pfn {pfn}"
+                # A private mapping's file PTEs are read-only (CoW); a shared one's are writable
+                # only where the VMA is (vm_page_prot); the dirty bit only on a writable PTE.
+                assert not pte & PTE_WRITE or vma.writes_file, f"pid {pid}: writable file PTE at {addr:#x} in {vma}"
+                assert not pte & PTE_DIRTY or pte & PTE_WRITE, f"pid {pid}: dirty read-only PTE at {addr:#x}"
                 assert mem.ino[mem.head(pfn)] == vma.ino and mem.index[pfn] == vma.pgoff_at(addr), (
                     f"pid {pid}: PTE at {addr:#x} maps pfn {pfn} (ino {mem.ino[mem.head(pfn)]} index "
                     f"{mem.index[pfn]}), not the file page for its offset ({vma})"
