@@ -59,12 +59,18 @@ class Collapser(Actor):
     counters all of them count into.
     """
 
-    def __init__(self, knobs: Knobs | None = None, seed: int = 0, start_khugepaged: bool = True):
+    def __init__(
+        self, knobs: Knobs | None = None, seed: int = 0, start_khugepaged: bool = True, boot: int = 1
+    ):
+        """``boot``: this boot's identity, the generation of the files it makes (a daemon draws a
+        random one at every start; an in-process world counts its restarts)."""
         super().__init__()
         self.knobs = knobs or Knobs()
         self.vm: Counter[str] = Counter({name: 0 for name in VM_EVENTS})
         self.mem = PhysMem(seed)
         self.cache = PageCache(self.mem, self.knobs, self.notify)
+        self.boot = boot
+        self.cache.gen = boot
         self.fileops = FileOps(self, self.cache, self.knobs, self.vm)
         self.khugepaged = Khugepaged(self, self.cache, self.fileops, self.knobs, self.vm)
         # Bumped when the remapper is lost: a lookup begun for the old one must not account.
@@ -160,14 +166,47 @@ class Collapser(Actor):
 
     def resync(self) -> None:
         """A remapper (new or back) is connected: tell it every file."""
-        for f in self.cache.files.values():
-            self.send(m.FileInfo(f.ino, f.name, f.size, f.shmem))
+        for f in list(self.cache.files.values()):
+            self.send(m.FileInfo(f.ino, f.name, f.size, f.shmem, f.gen))
+
+    # -- file identities across restarts -------------------------------------------------------
 
     def _adopt_file(self, msg: m.FileInfo) -> None:
-        """A remapper that outlived us names a file it maps: recreate it (empty page cache)."""
-        if msg.ino in self.cache.files or msg.name in self.cache.by_name or msg.size < 0:
+        """A remapper names a file it maps, by identity (ino, gen). The same identity here: known
+        already. Otherwise the file is one of an earlier boot of ours (we restarted; the remapper
+        outlived us): recreate it under that identity, empty, as its pages died with that boot.
+        A file of this boot that took the number meanwhile moves to a fresh one first: no
+        remapper knows it yet (its mirror of the number is the claimed file), so nothing maps
+        it. A name taken meanwhile by a new file leaves the old one as ``NAME (deleted)``, as
+        /proc shows a mapped file that was replaced."""
+        cache = self.cache
+        if msg.size < 0 or msg.ino <= 0:
             return
-        self.cache.add_file(File(msg.ino, msg.name, msg.size, msg.shmem))
+        f = cache.files.get(msg.ino)
+        if f is not None and f.gen == msg.gen:
+            return
+        if f is not None:
+            self._renumber(f)
+        name = msg.name
+        while name in cache.by_name:
+            name += " (deleted)"
+        cache.add_file(File(msg.ino, name, msg.size, msg.shmem, gen=msg.gen))
+        self.send(m.FileInfo(msg.ino, name, msg.size, msg.shmem, msg.gen))
+
+    def _renumber(self, f: File) -> None:
+        """Move ``f`` (a file no remapper knows) to a fresh inode number, its pages with it."""
+        cache = self.cache
+        new = cache.next_ino
+        while new in cache.files:
+            new += 1
+        del cache.files[f.ino]
+        f.ino = new
+        cache.add_file(f)
+        mem = self.mem
+        for _, value in f.entries():
+            if value > 0:
+                mem.ino[value] = new
+        self.send(m.FileInfo(f.ino, f.name, f.size, f.shmem, f.gen))
 
     # -- fault lookups (filemap_fault / shmem_fault) ------------------------------------------
 

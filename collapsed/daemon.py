@@ -9,6 +9,7 @@ them here whenever it connects.
 
 from __future__ import annotations
 
+import secrets
 from typing import Any
 
 from collapsed.collapser import Collapser
@@ -25,7 +26,9 @@ from shared.shell.server import Server
 
 class Collapsed:
     def __init__(self, knobs: Knobs, seed: int = 0):
-        self.core = Collapser(knobs, seed=seed)
+        # A random boot identity: inode numbers restart at every start, so the files a remapper
+        # still maps from an earlier boot are told apart by their generation (issue 14, item 4).
+        self.core = Collapser(knobs, seed=seed, boot=new_boot_id())
         self.driver = Driver(self.core, COLLAPSED)
         self.link = PeerLink(self.driver, peer_role=REMAPD)
         self.handlers = operation_handlers(COLLAPSED, self.driver, self)
@@ -72,3 +75,8 @@ class Collapsed:
 
     async def serve(self, listen: str, ready_file: str | None) -> None:
         await Server(self.driver, self.link, {REMAPD, CLIENT}, self.handlers).serve(listen, ready_file)
+
+
+def new_boot_id() -> int:
+    """A fresh, non-zero 62-bit boot identity (the generation of this boot's files)."""
+    return secrets.randbits(62) | 1

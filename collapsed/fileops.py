@@ -54,7 +54,7 @@ class FileOps:
             raise UserError("EINVAL", "size must not be negative")
         f = File(self.cache.next_ino, name, size, shmem)
         self.cache.add_file(f)
-        self.actor.send(m.FileInfo(f.ino, name, size, shmem))
+        self.actor.send(m.FileInfo(f.ino, name, size, shmem, f.gen))
         return self.stat(f)
 
     def lookup(self, name: str) -> File:
@@ -135,7 +135,7 @@ class FileOps:
 
     def _set_size(self, f: File, size: int) -> None:
         f.size = size
-        self.actor.send(m.FileInfo(f.ino, f.name, size, f.shmem))
+        self.actor.send(m.FileInfo(f.ino, f.name, size, f.shmem, f.gen))
 
     # -- writeback ----------------------------------------------------------------------------
 

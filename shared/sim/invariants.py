@@ -12,7 +12,11 @@ operation. It raises ``AssertionError`` naming the first broken rule. It checks:
 * mm counters and nr_ptes match the tables; each table's counts and mark agree with its
   entries; anon mapcounts match; VMAs are sorted, disjoint, merged where identical, and
   the file rmap (i_mmap) and write counts match them;
-* nothing is left locked, and no freed page is reachable.
+* nothing is left locked, and no freed page is reachable;
+* files are matched by identity, inode number and generation: with the link up, every file on
+  either side is on the other with the same identity, name, size and kind (so a PTE that maps a
+  page of its VMA's inode number maps a page of the very file the VMA maps); with the link down,
+  the remapper maps no file page at all.
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ if TYPE_CHECKING:
     from remapd.remapper import Remapper
 
 
-def check(c: Collapser, r: Remapper) -> None:
+def check(c: Collapser, r: Remapper, connected: bool = True) -> None:
+    """``connected``: whether the peer link is up (the two sides' files then agree)."""
     assert not c.outbox and not r.outbox, "messages in flight"
     mem = c.mem
     pte_maps: Counter[int] = Counter()
@@ -52,8 +57,8 @@ def check(c: Collapser, r: Remapper) -> None:
             prev = vma
             assert r.files.i_mmap.get(vma.ino, {}).get(id(vma)) == (mm, vma), f"pid {pid}: {vma} not in i_mmap"
             seen_vmas.add(id(vma))
-            f = r.files.get(vma.ino)
-            if vma.writes_file and f is not None and not f.shmem:
+            mirror = r.files.get(vma.ino)
+            if vma.writes_file and mirror is not None and not mirror.shmem:
                 writers[vma.ino] += 1
         assert mm.starts == [v.start for v in mm.vmas], f"pid {pid}: VMA index out of order"
         rss: Counter[str] = Counter()
@@ -62,6 +67,7 @@ def check(c: Collapser, r: Remapper) -> None:
             base = pidx << HPAGE_PMD_SHIFT
             if isinstance(entry, int):
                 head = pte_pfn(entry)
+                assert connected, f"pid {pid}: PMD at {base:#x} maps file pfn {head} with the peer gone"
                 vma = mm.find_vma(base)
                 assert vma is not None and vma.end >= base + HPAGE_PMD_SIZE, f"pid {pid}: PMD at {base:#x} outside a VMA"
                 assert mem.allocated(head) and mem.flags[head] & PG_HEAD, f"pid {pid}: PMD at {base:#x} maps non-THP {head}"
@@ -87,6 +93,7 @@ def check(c: Collapser, r: Remapper) -> None:
                     anon_maps[pfn] += 1
                     rss["MM_ANONPAGES"] += 1
                     continue
+                assert connected, f"pid {pid}: PTE at {addr:#x} maps file pfn {pfn} with the peer gone"
                 assert mem.allocated(pfn), f"pid {pid}: PTE at {addr:#x} maps freed pfn {pfn}"
                 assert mem.ino[mem.head(pfn)] == vma.ino and mem.index[pfn] == vma.pgoff_at(addr), (
                     f"pid {pid}: PTE at {addr:#x} maps pfn {pfn} (ino {mem.ino[mem.head(pfn)]} index "
@@ -134,7 +141,17 @@ def check(c: Collapser, r: Remapper) -> None:
         assert thps == f.nr_thps, f"{f.name}: nr_thps {f.nr_thps} != {thps}"
         if not f.shmem:
             assert f.writecount == writers[f.ino], f"{f.name}: i_writecount {f.writecount} != {writers[f.ino]}"
-        assert r.files.get(f.ino) is not None and r.files[f.ino].size == f.size, f"{f.name}: remapper's size disagrees"
+        if connected:
+            rf = r.files.get(f.ino)
+            assert rf is not None, f"{f.name} (ino {f.ino}) unknown to the remapper"
+            assert (rf.gen, rf.name, rf.shmem) == (f.gen, f.name, f.shmem), (
+                f"ino {f.ino} is {f.name!r} of generation {f.gen} here but {rf.name!r} of generation "
+                f"{rf.gen} to the remapper"
+            )
+            assert rf.size == f.size, f"{f.name}: remapper's size disagrees"
+    if connected:
+        for ino in r.files:
+            assert ino in c.files, f"the remapper's {r.files[ino].name!r} (ino {ino}) is unknown here"
     assert c.cache.nr_swap_entries == swap_entries, f"{c.cache.nr_swap_entries} swap entries counted, {swap_entries} held"
 
     heads = set(cached) | {mem.head(p) for p in pte_maps} | set(pmd_maps) | set(mem.pins) | set(mem.entire)
