@@ -30,6 +30,10 @@ from shared.scan_result import ScanResult
 from shared.thp import shmem_huge_global_enabled
 from shared.units import HPAGE_PMD_NR, PAGE_SIZE
 
+# peer_lost() answers the calls waiting on the remapper at most this many rounds (each answer may
+# lead a task to its next call; none loops on them, so a few rounds always suffice).
+_MAX_LOST_PEER_ROUNDS = 100
+
 # The vmstat event counters this side owns, in /proc/vmstat order (mm/vmstat.c vmstat_text).
 VM_EVENTS = (
     "pgmajfault",
@@ -75,6 +79,10 @@ class Collapser(Actor):
         self.khugepaged = Khugepaged(self, self.cache, self.fileops, self.knobs, self.vm)
         # Bumped when the remapper is lost: a lookup begun for the old one must not account.
         self.peer_epoch = 0
+        # Folios locked on the remapper's behalf (LockFolio answered, UnlockFolio not yet seen):
+        # their heads. The remapper's collapse_pte_mapped_thp holds them; if it dies holding
+        # one, peer_lost() unlocks it, as a dying task's locks would be released.
+        self.peer_locked: set[int] = set()
         if start_khugepaged:
             self.spawn(self.khugepaged.thread(), name="khugepaged")
 
@@ -139,6 +147,7 @@ class Collapser(Actor):
         elif isinstance(msg, m.LockFolio):
             self.spawn(self._lock_folio(msg), name="lock_folio")
         elif isinstance(msg, m.UnlockFolio):
+            self.peer_locked.discard(msg.pfn)
             self.cache.unlock(msg.pfn)
         elif isinstance(msg, m.MadvCollapse):
             self.spawn(self.khugepaged.madvise_collapse_file(msg), name="madv_collapse")
@@ -156,12 +165,22 @@ class Collapser(Actor):
 
     def peer_lost(self) -> None:
         """The remapper is gone, and every mapping and pin it held with it: drop their
-        accounting, answer whatever waited on it, forget its mm slots and write opens."""
+        accounting, release the folio locks it held (waking whoever sleeps on them), answer
+        whatever waited on it, forget its mm slots and write opens."""
         self.peer_epoch += 1
         self.cache.forget_mappings()
         for pid in list(self.khugepaged.slots):
             self.khugepaged.mm_exit(pid)
-        self.fail_calls(_answer_for_lost_peer)
+        locked, self.peer_locked = self.peer_locked, set()
+        for head in sorted(locked):
+            self.cache.unlock(head)
+        # An answered call may lead its task to the next one (collapse_file's Unmapped, then its
+        # Retract): answer until nothing waits on the remapper, so nothing is left waiting for a
+        # reply to a request the outbox is about to drop.
+        for _ in range(_MAX_LOST_PEER_ROUNDS):
+            if not self.pending_calls():
+                break
+            self.fail_calls(_answer_for_lost_peer)
         self.outbox.clear()
 
     def resync(self) -> None:
@@ -331,6 +350,7 @@ class Collapser(Actor):
             yield Wait(("page", head))
             if self.peer_epoch != epoch:
                 return
+        self.peer_locked.add(head)
         self.send(m.FolioAnswer(msg.req, head, 9 if mem.flags[head] & PG_HEAD else 0))
 
     # -- reports ------------------------------------------------------------------------------
