@@ -174,6 +174,9 @@ class Collapser(Actor):
         locked, self.peer_locked = self.peer_locked, set()
         for head in sorted(locked):
             self.cache.unlock(head)
+        # From here on a call to the remapper is answered at once (see Actor.go_offline): the
+        # loop below finds nothing left waiting.
+        self.go_offline(_answer_for_lost_peer)
         # An answered call may lead its task to the next one (collapse_file's Unmapped, then its
         # Retract): answer until nothing waits on the remapper, so nothing is left waiting for a
         # reply to a request the outbox is about to drop.
@@ -185,6 +188,7 @@ class Collapser(Actor):
 
     def resync(self) -> None:
         """A remapper (new or back) is connected: tell it every file."""
+        self.go_online()
         for f in list(self.cache.files.values()):
             self.send(m.FileInfo(f.ino, f.name, f.size, f.shmem, f.gen))
 

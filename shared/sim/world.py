@@ -161,6 +161,7 @@ class World:
         the new collapser can serve clients before :meth:`connect`."""
         knobs = dataclasses.replace(self.remapper.knobs)
         self.remapper.outbox.clear()
+        self.collapser.halt()
         self.collapser = Collapser(knobs, boot=self.collapser.boot + 1)
         self.collapser.advance(self.now)
         self.remapper.peer_lost()
@@ -173,6 +174,7 @@ class World:
         yet; see :meth:`connect`)."""
         knobs = dataclasses.replace(self.collapser.knobs)
         self.collapser.outbox.clear()
+        self.remapper.halt()
         self.remapper = Remapper(knobs)
         self.remapper.advance(self.now)
         self.collapser.peer_lost()
