@@ -251,6 +251,9 @@ class FileOps:
         ):
             self.vm["thp_split_page_failed"] += 1
             return False
+        # A folio still in the per-CPU add batch reaches the LRU first: the batch names only the
+        # head, so the tails would otherwise stay off the LRU for good (lru_add_split_folio).
+        self.cache.lru_add_drain()
         was_lru = mem.flags[head] & PG_LRU
         mem.split_huge(head)
         for sub in range(head, head + HPAGE_PMD_NR):
