@@ -12,7 +12,8 @@ operation. It raises ``AssertionError`` naming the first broken rule. It checks:
 * mm counters and nr_ptes match the tables; each table's counts and mark agree with its
   entries; anon mapcounts match; VMAs are sorted, disjoint, merged where identical, and
   the file rmap (i_mmap) and write counts match them;
-* nothing is left locked, and no freed page is reachable;
+* nothing is left locked, and no freed page is reachable; every cached page is on the LRU or in
+  the add batch (only a collapse, with the page locked, takes one off);
 * files are matched by identity, inode number and generation: with the link up, every file on
   either side is on the other with the same identity, name, size and kind (so a PTE that maps a
   page of its VMA's inode number maps a page of the very file the VMA maps); with the link down,
@@ -24,12 +25,13 @@ from __future__ import annotations
 from collections import Counter
 from typing import TYPE_CHECKING
 
-from collapsed.pagecache import PG_HEAD, PG_LOCKED
+from collapsed.pagecache import PG_ALLOCATED, PG_HEAD, PG_LOCKED, PG_LRU, PG_TAIL
 from remapd.mm import PTE_ANON, PTE_SHMEM, PteTable, pte_belongs, pte_pfn
 from shared.units import HPAGE_PMD_NR, HPAGE_PMD_SHIFT, HPAGE_PMD_SIZE, PAGE_SHIFT
 
 if TYPE_CHECKING:
     from collapsed.collapser import Collapser
+    from remapd.mm import Vma
     from remapd.remapper import Remapper
 
 
@@ -81,12 +83,16 @@ def check(c: Collapser, r: Remapper, connected: bool = True) -> None:
             assert isinstance(entry, PteTable)
             tables += 1
             nr = foreign = 0
+            last_vma: Vma | None = None
+            pte_flags = mem.flags
             for slot, pte in entry.present():
                 nr += 1
                 foreign += not pte_belongs(pte, slot)
                 addr = base + (slot << PAGE_SHIFT)
-                vma = mm.find_vma(addr)
-                assert vma is not None, f"pid {pid}: PTE at {addr:#x} outside any VMA"
+                if last_vma is None or not last_vma.start <= addr < last_vma.end:
+                    last_vma = mm.find_vma(addr)
+                assert last_vma is not None, f"pid {pid}: PTE at {addr:#x} outside any VMA"
+                vma = last_vma
                 pfn = pte_pfn(pte)
                 if pte & PTE_ANON:
                     assert pfn in r.anon.mapcount, f"pid {pid}: PTE at {addr:#x} maps freed anon page"
@@ -94,8 +100,9 @@ def check(c: Collapser, r: Remapper, connected: bool = True) -> None:
                     rss["MM_ANONPAGES"] += 1
                     continue
                 assert connected, f"pid {pid}: PTE at {addr:#x} maps file pfn {pfn} with the peer gone"
-                assert mem.allocated(pfn), f"pid {pid}: PTE at {addr:#x} maps freed pfn {pfn}"
-                assert mem.ino[mem.head(pfn)] == vma.ino and mem.index[pfn] == vma.pgoff_at(addr), (
+                assert 0 < pfn < len(pte_flags) and pte_flags[pfn] & PG_ALLOCATED, f"pid {pid}: PTE at {addr:#x} maps freed pfn {pfn}"
+                head = pfn & ~(HPAGE_PMD_NR - 1) if pte_flags[pfn] & PG_TAIL else pfn
+                assert mem.ino[head] == vma.ino and mem.index[pfn] == vma.pgoff + ((addr - vma.start) >> PAGE_SHIFT), (
                     f"pid {pid}: PTE at {addr:#x} maps pfn {pfn} (ino {mem.ino[mem.head(pfn)]} index "
                     f"{mem.index[pfn]}), not the file page for its offset ({vma})"
                 )
@@ -121,25 +128,35 @@ def check(c: Collapser, r: Remapper, connected: bool = True) -> None:
     # -- the page cache -----------------------------------------------------------------------
     cached: set[int] = set()
     swap_entries = 0
+    lru_batch = set(c.cache._lru_batch)
     for f in c.files.values():
         nrpages = nrswap = thps = 0
-        for index, value in f.entries():
-            if value < 0:
-                nrswap += 1
-                continue
-            nrpages += 1
-            assert mem.allocated(value), f"{f.name}[{index}] holds freed pfn {value}"
-            head = mem.head(value)
-            assert mem.ino[head] == f.ino and mem.index[value] == index, f"{f.name}[{index}] holds a page of elsewhere"
-            if mem.flags[head] & PG_HEAD:
-                if value == head:
+        # The per-slot rules, with the page arrays read directly: this loop visits every cached
+        # page after every operation of every model test.
+        page_flags, page_ino, page_index = mem.flags, mem.ino, mem.index
+        nflags = len(page_flags)
+        for chunk_key, chunk in f.chunks.items():
+            chunk_base = chunk_key << 9
+            for slot, value in enumerate(chunk):
+                if not value:
+                    continue
+                index = chunk_base + slot
+                if value < 0:
+                    nrswap += 1
+                    continue
+                nrpages += 1
+                assert 0 < value < nflags and page_flags[value] & PG_ALLOCATED, f"{f.name}[{index}] holds freed pfn {value}"
+                head = value & ~(HPAGE_PMD_NR - 1) if page_flags[value] & PG_TAIL else value
+                assert page_ino[head] == f.ino and page_index[value] == index, f"{f.name}[{index}] holds a page of elsewhere"
+                assert page_flags[head] & (PG_LRU | PG_LOCKED) or head in lru_batch, f"{f.name}[{index}]: page {head} is off the LRU"
+                if value == head and page_flags[head] & PG_HEAD:
                     thps += 1
-            cached.add(head)
+                cached.add(head)
         assert nrpages == f.nrpages, f"{f.name}: nrpages {f.nrpages} != {nrpages}"
         assert nrswap == f.nrswap, f"{f.name}: swap entries {f.nrswap} != {nrswap}"
         swap_entries += nrswap
         assert thps == f.nr_thps, f"{f.name}: nr_thps {f.nr_thps} != {thps}"
-        if not f.shmem:
+        if not f.shmem and connected:
             assert f.writecount == writers[f.ino], f"{f.name}: i_writecount {f.writecount} != {writers[f.ino]}"
         if connected:
             rf = r.files.get(f.ino)
@@ -154,17 +171,24 @@ def check(c: Collapser, r: Remapper, connected: bool = True) -> None:
             assert ino in c.files, f"the remapper's {r.files[ino].name!r} (ino {ino}) is unknown here"
     assert c.cache.nr_swap_entries == swap_entries, f"{c.cache.nr_swap_entries} swap entries counted, {swap_entries} held"
 
-    heads = set(cached) | {mem.head(p) for p in pte_maps} | set(pmd_maps) | set(mem.pins) | set(mem.entire)
+    # Every mapcount is exactly its PTE mappings: those PTEs map, and no other page has one
+    # (counted over the whole array at C speed rather than per subpage).
+    head_ptes: Counter[int] = Counter()
+    for pfn, n in pte_maps.items():
+        assert mem.mapcount[pfn] == n, f"pfn {pfn}: mapcount {mem.mapcount[pfn]} != {n} PTEs"
+        head_ptes[mem.head(pfn)] += n
+    stray = len(mem.mapcount) - mem.mapcount.count(0) - sum(1 for n in pte_maps.values() if n)
+    if stray:
+        bad = next(p for p, n in enumerate(mem.mapcount) if n and not pte_maps.get(p))
+        raise AssertionError(f"pfn {bad}: mapcount {mem.mapcount[bad]} != 0 PTEs")
+    heads = set(cached) | set(head_ptes) | set(pmd_maps) | set(mem.pins) | set(mem.entire)
     for head in heads:
         assert mem.allocated(head), f"pfn {head} is referenced but free"
         thp = bool(mem.flags[head] & PG_HEAD)
-        subpages = range(head, head + HPAGE_PMD_NR) if thp else (head,)
-        for pfn in subpages:
-            assert mem.mapcount[pfn] == pte_maps[pfn], f"pfn {pfn}: mapcount {mem.mapcount[pfn]} != {pte_maps[pfn]} PTEs"
         assert mem.entire.get(head, 0) == pmd_maps[head], f"pfn {head}: entire_mapcount != {pmd_maps[head]} PMDs"
         expected = (
             (HPAGE_PMD_NR if thp else 1) * (head in cached)
-            + sum(pte_maps[p] for p in subpages)
+            + head_ptes[head]
             + pmd_maps[head]
             + mem.pins.get(head, 0)
         )
