@@ -42,6 +42,10 @@ _MAX_LOST_PEER_ROUNDS = 100
 
 # Bound once, as in remapd/fault.py: faults are hot.
 
+# peer_lost() answers the calls waiting on the remapper at most this many rounds (each answer may
+# lead a task to its next call; none loops on them, so a few rounds always suffice).
+_MAX_LOST_PEER_ROUNDS = 100
+
 # The vmstat event counters this side owns, in /proc/vmstat order (mm/vmstat.c vmstat_text).
 VM_EVENTS = (
     "pgmajfault",
@@ -78,17 +82,23 @@ class Collapser(Actor):
         seed: int = 0,
         start_khugepaged: bool = True,
         resched_pages: int | None = None,
+        boot: int = 1,
     ):
         """``resched_pages``: the long loops of file operations, drop_caches and reclaim give the
         CPU away (cond_resched) after this many pages, so a daemon serves others between the
         chunks of one huge request; each yield lets a jiffy (RESCHED_MS) of model time pass from
         the second in a burst on. None (in-process worlds on a virtual clock): a request runs to
-        its end at once, as every World operation expects. Daemons pass :data:`RESCHED_PAGES`."""
+        its end at once, as every World operation expects. Daemons pass :data:`RESCHED_PAGES`.
+
+        ``boot``: this boot's identity, the generation of the files it makes (a daemon draws a
+        random one at every start; an in-process world counts its restarts)."""
         super().__init__()
         self.knobs = knobs or Knobs()
         self.vm: Counter[str] = Counter({name: 0 for name in VM_EVENTS})
         self.mem = PhysMem(seed, lambda: self.knobs.mem_total_mb << (20 - PAGE_SHIFT))
         self.cache = PageCache(self.mem, self.knobs, self.notify)
+        self.boot = boot
+        self.cache.gen = boot
         self.fileops = FileOps(self, self.cache, self.knobs, self.vm, resched_pages)
         self.khugepaged = Khugepaged(self, self.cache, self.fileops, self.knobs, self.vm)
         # Bumped when the remapper is lost: a lookup begun for the old one must not account.
@@ -168,7 +178,7 @@ class Collapser(Actor):
         elif isinstance(msg, m.LockFolio):
             self.spawn(self._lock_folio(msg), name="lock_folio")
         elif isinstance(msg, m.UnlockFolio):
-            self.peer_locked.remove(msg.pfn)
+            self.peer_locked.discard(msg.pfn)
             self.cache.unlock(msg.pfn)
         elif isinstance(msg, m.MadvCollapse):
             self.spawn(self.khugepaged.madvise_collapse_file(msg), name="madv_collapse")
@@ -202,6 +212,9 @@ class Collapser(Actor):
         locked, self.peer_locked = self.peer_locked, set()
         for head in sorted(locked):
             self.cache.unlock(head)
+        # From here on a call to the remapper is answered at once (see Actor.go_offline): the
+        # loop below finds nothing left waiting.
+        self.go_offline(_answer_for_lost_peer)
         # An answered call may lead its task to the next one (collapse_file's Unmapped, then its
         # Retract): answer until nothing waits on the remapper, so nothing is left waiting for a
         # reply to a request the outbox is about to drop.
@@ -213,14 +226,48 @@ class Collapser(Actor):
 
     def resync(self) -> None:
         """A remapper (new or back) is connected: tell it every file."""
-        for f in self.cache.files.values():
-            self.send(m.FileInfo(f.ino, f.name, f.size, f.shmem))
+        self.go_online()
+        for f in list(self.cache.files.values()):
+            self.send(m.FileInfo(f.ino, f.name, f.size, f.shmem, f.gen))
+
+    # -- file identities across restarts -------------------------------------------------------
 
     def _adopt_file(self, msg: m.FileInfo) -> None:
-        """A remapper that outlived us names a file it maps: recreate it (empty page cache)."""
-        if msg.ino in self.cache.files or msg.name in self.cache.by_name or msg.size < 0:
+        """A remapper names a file it maps, by identity (ino, gen). The same identity here: known
+        already. Otherwise the file is one of an earlier boot of ours (we restarted; the remapper
+        outlived us): recreate it under that identity, empty, as its pages died with that boot.
+        A file of this boot that took the number meanwhile moves to a fresh one first: no
+        remapper knows it yet (its mirror of the number is the claimed file), so nothing maps
+        it. A name taken meanwhile by a new file leaves the old one as ``NAME (deleted)``, as
+        /proc shows a mapped file that was replaced."""
+        cache = self.cache
+        if msg.size < 0 or msg.ino <= 0:
             return
-        self.cache.add_file(File(msg.ino, msg.name, msg.size, msg.shmem))
+        f = cache.files.get(msg.ino)
+        if f is not None and f.gen == msg.gen:
+            return
+        if f is not None:
+            self._renumber(f)
+        name = msg.name
+        while name in cache.by_name:
+            name += " (deleted)"
+        cache.add_file(File(msg.ino, name, msg.size, msg.shmem, gen=msg.gen))
+        self.send(m.FileInfo(msg.ino, name, msg.size, msg.shmem, msg.gen))
+
+    def _renumber(self, f: File) -> None:
+        """Move ``f`` (a file no remapper knows) to a fresh inode number, its pages with it."""
+        cache = self.cache
+        new = cache.next_ino
+        while new in cache.files:
+            new += 1
+        del cache.files[f.ino]
+        f.ino = new
+        cache.add_file(f)
+        mem = self.mem
+        for _, value in f.entries():
+            if value > 0:
+                mem.ino[value] = new
+        self.send(m.FileInfo(f.ino, f.name, f.size, f.shmem, f.gen))
 
     # -- fault lookups (filemap_fault / shmem_fault) ------------------------------------------
 

@@ -9,6 +9,7 @@ them here whenever it connects.
 
 from __future__ import annotations
 
+from secrets import randbits
 from typing import Any
 
 from collapsed import procfs
@@ -34,7 +35,9 @@ class Collapsed:
     def __init__(self, knobs: Knobs, seed: int = 0, secrets: Secrets | None = None, limits: Limits | None = None):
         self.secrets = secrets
         self.limits = limits
-        self.core = Collapser(knobs, seed=seed, resched_pages=RESCHED_PAGES)
+        # A random boot identity: inode numbers restart at every start, so the files a remapper
+        # still maps from an earlier boot are told apart by their generation (issue 14, item 4).
+        self.core = Collapser(knobs, seed=seed, resched_pages=RESCHED_PAGES, boot=new_boot_id())
         self.driver = Driver(self.core, COLLAPSED)
         self.link = PeerLink(self.driver, peer_role=REMAPD)
         self.handlers = operation_handlers(COLLAPSED, self.driver, self)
@@ -92,3 +95,8 @@ class Collapsed:
     async def serve(self, listen: str, ready_file: str | None) -> None:
         server = Server(self.driver, self.link, ACCEPTS, self.handlers, self.secrets, self.limits)
         await server.serve(listen, ready_file)
+
+
+def new_boot_id() -> int:
+    """A fresh, non-zero 62-bit boot identity (the generation of this boot's files)."""
+    return randbits(62) | 1

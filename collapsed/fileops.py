@@ -84,7 +84,7 @@ class FileOps:
         _check_new_size(size)  # creat(2) then ftruncate(2) to the size
         f = File(self.cache.next_ino, name, size, shmem)
         self.cache.add_file(f)
-        self.actor.send(m.FileInfo(f.ino, name, size, shmem))
+        self.actor.send(m.FileInfo(f.ino, name, size, shmem, f.gen))
         return self.stat(f)
 
     def lookup(self, name: str) -> File:
@@ -224,7 +224,7 @@ class FileOps:
 
     def _set_size(self, f: File, size: int) -> None:
         f.size = size
-        self.actor.send(m.FileInfo(f.ino, f.name, size, f.shmem))
+        self.actor.send(m.FileInfo(f.ino, f.name, size, f.shmem, f.gen))
 
     # -- writeback ----------------------------------------------------------------------------
 
@@ -348,6 +348,9 @@ class FileOps:
         ):
             self.vm["thp_split_page_failed"] += 1
             return False
+        # A folio still in the per-CPU add batch reaches the LRU first: the batch names only the
+        # head, so the tails would otherwise stay off the LRU for good (lru_add_split_folio).
+        self.cache.lru_add_drain()
         was_lru = mem.flags[head] & PG_LRU
         mem.split_huge(head)
         for sub in range(head, head + HPAGE_PMD_NR):

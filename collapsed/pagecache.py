@@ -191,6 +191,7 @@ class File:
     collapse_pmd: bool = False  # AS_COLLAPSE_PMD, per-mapping policy only
     nr_thps: int = 0
     i_rwsem: bool = False  # the inode lock, held by a write, truncate or punch-hole
+    gen: int = 0  # the collapser boot that made it: (ino, gen) is the file's identity
 
     def get(self, index: int) -> int:
         chunk = self.chunks.get(index >> 9)
@@ -249,6 +250,8 @@ class PageCache:
         self.files: dict[int, File] = {}
         self.by_name: dict[str, File] = {}
         self.next_ino = 1
+        # This boot's inode generation: new files get it (see File.gen).
+        self.gen = 1
         # Shmem swap entries in every file (the sum of their nrswap); swap slots are never reused.
         self.nr_swap_entries = 0
         self._next_swap = 1
@@ -259,7 +262,10 @@ class PageCache:
     # -- files --------------------------------------------------------------------------------
 
     def add_file(self, f: File) -> None:
-        """Link a new inode (its number is taken, even if it came from elsewhere)."""
+        """Link a new inode (its number is taken, even if it came from elsewhere); one without a
+        generation gets this boot's."""
+        if not f.gen:
+            f.gen = self.gen
         self.files[f.ino] = f
         self.by_name[f.name] = f
         self.next_ino = max(self.next_ino, f.ino + 1)

@@ -180,7 +180,12 @@ class FaultPath:
                     return "sigsegv"
                 continue
             if cow:
-                # do_cow_fault: a private anon copy of the file page.
+                # do_cow_fault: a private anon copy of the file page, unless another fault mapped
+                # something here meanwhile (finish_fault's !pte_none: VM_FAULT_NOPAGE); a copy's
+                # lookup accounted nothing, so the fault just handles what is there now.
+                current = mm.pmds.get(pidx)
+                if isinstance(current, int) or (current is not None and current.ptes[slot]):
+                    continue
                 vma.anon_vma_prepare()
                 self.pagetables.set_pte_at(mm, pidx, slot, pte_make(self.anon.alloc(), PTE_ANON | PTE_WRITE))
                 self.vm["thpsplit_cow_fault"] += 1

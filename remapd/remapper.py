@@ -133,15 +133,18 @@ class Remapper(Actor):
                 else:
                     del mm.pins[page]
         self.rmap.clear()
-        self.fail_calls(_answer_for_lost_peer)
+        self.go_offline(_answer_for_lost_peer)
         self.rmap.clear()
         self.outbox.clear()
 
     def resync(self) -> None:
-        """A collapser (new or back) is connected: name every file we know (a restarted collapser
-        recreates them), and re-register every mapping's write open and khugepaged range."""
+        """A collapser (new or back) is connected: name every file we know by its identity (a
+        restarted collapser recreates them), and re-register every mapping's write open and
+        khugepaged range. The names go first: the collapser settles every identity before it
+        reads an inode number of ours."""
+        self.go_online()
         for f in self.files.values():
-            self.send(m.FileInfo(f.ino, f.name, f.size, f.shmem))
+            self.send(m.FileInfo(f.ino, f.name, f.size, f.shmem, f.gen))
         self.address_space.resync()
 
     # -- lookups ------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from shared.protocol.codec import ProtocolError
 from shared.protocol.framing import (
     MAX_DEPTH,
     MAX_FRAME_BYTES,
@@ -23,7 +24,6 @@ from shared.protocol.framing import (
     encode_frame,
     encode_message,
 )
-from shared.protocol.codec import ProtocolError
 from shared.protocol.schema import Message, message
 
 

@@ -369,12 +369,19 @@ class PageInfo(Message):
 
 @message("peer.file_info")
 class FileInfo(Message):
-    """The remapper's mirror of a file: created, resized (``size``), or removed (``size`` = -1)."""
+    """The remapper's mirror of a file: created, resized (``size``), or removed (``size`` = -1).
+
+    ``gen``: the collapser boot that made the file (its inode generation). ``(ino, gen)`` is the
+    file's identity: inode numbers restart with a collapsed that restarts, so a number alone may
+    name another file after a restart. Sent by the remapper on resync, it claims the file it
+    maps; the collapser keeps a claim of an earlier boot under that identity (and moves a file of
+    its own that took the number meanwhile, see docs/protocol.md)."""
 
     ino: int
     name: str
     size: int
     shmem: bool
+    gen: int = 0
 
 
 @message("peer.knobs")

@@ -15,7 +15,12 @@ operation. It raises ``AssertionError`` naming the first broken rule. It checks:
   merge them (is_mergeable_vma, is_mergeable_anon_vma), an anon page only in a VMA with an
   anon_vma, and the file rmap (i_mmap) and write counts match them;
 * nothing is left locked (no folio stays locked for the remapper), and no freed page is
-  reachable; no file is larger than MAX_LFS_FILESIZE.
+  reachable; no file is larger than MAX_LFS_FILESIZE; every cached page is on the LRU or in the
+  add batch (only a collapse, with the page locked, takes one off);
+* files are matched by identity, inode number and generation: with the link up, every file on
+  either side is on the other with the same identity, name, size and kind (so a PTE that maps a
+  page of its VMA's inode number maps a page of the very file the VMA maps); with the link down,
+  the remapper maps no file page at all.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import TYPE_CHECKING
 
-from collapsed.pagecache import PG_HEAD, PG_LOCKED
+from collapsed.pagecache import PG_ALLOCATED, PG_HEAD, PG_LOCKED, PG_LRU, PG_TAIL
 from remapd.mm import (
     PTE_ANON,
     PTE_DIRTY,
@@ -34,14 +39,22 @@ from remapd.mm import (
     pte_belongs,
     pte_pfn,
 )
-from shared.units import HPAGE_PMD_NR, HPAGE_PMD_SHIFT, HPAGE_PMD_SIZE, MAX_LFS_FILESIZE, PAGE_SHIFT
+from shared.units import (
+    HPAGE_PMD_NR,
+    HPAGE_PMD_SHIFT,
+    HPAGE_PMD_SIZE,
+    MAX_LFS_FILESIZE,
+    PAGE_SHIFT,
+)
 
 if TYPE_CHECKING:
     from collapsed.collapser import Collapser
+    from remapd.mm import Vma
     from remapd.remapper import Remapper
 
 
-def check(c: Collapser, r: Remapper) -> None:
+def check(c: Collapser, r: Remapper, connected: bool = True) -> None:
+    """``connected``: whether the peer link is up (the two sides' files then agree)."""
     assert not c.outbox and not r.outbox, "messages in flight"
     mem = c.mem
     pte_maps: Counter[int] = Counter()
@@ -68,8 +81,8 @@ def check(c: Collapser, r: Remapper) -> None:
             assert vma.anon_vma is not None or not vma.fork_child, f"pid {pid}: {vma} has a chain, no anon_vma"
             assert r.files.i_mmap.get(vma.ino, {}).get(id(vma)) == (mm, vma), f"pid {pid}: {vma} not in i_mmap"
             seen_vmas.add(id(vma))
-            f = r.files.get(vma.ino)
-            if vma.writes_file and f is not None and not f.shmem:
+            mirror = r.files.get(vma.ino)
+            if vma.writes_file and mirror is not None and not mirror.shmem:
                 writers[vma.ino] += 1
         assert mm.starts == [v.start for v in mm.vmas], f"pid {pid}: VMA index out of order"
         locked = sum((v.end - v.start) >> PAGE_SHIFT for v in mm.vmas if v.locked)
@@ -81,6 +94,7 @@ def check(c: Collapser, r: Remapper) -> None:
             base = pidx << HPAGE_PMD_SHIFT
             if isinstance(entry, int):
                 head = pte_pfn(entry)
+                assert connected, f"pid {pid}: PMD at {base:#x} maps file pfn {head} with the peer gone"
                 vma = mm.find_vma(base)
                 assert vma is not None and vma.end >= base + HPAGE_PMD_SIZE, f"pid {pid}: PMD at {base:#x} outside a VMA"
                 assert mem.allocated(head) and mem.flags[head] & PG_HEAD, f"pid {pid}: PMD at {base:#x} maps non-THP {head}"
@@ -94,12 +108,16 @@ def check(c: Collapser, r: Remapper) -> None:
             assert isinstance(entry, PteTable)
             tables += 1
             nr = foreign = 0
+            last_vma: Vma | None = None
+            pte_flags = mem.flags
             for slot, pte in entry.present():
                 nr += 1
                 foreign += not pte_belongs(pte, slot)
                 addr = base + (slot << PAGE_SHIFT)
-                vma = mm.find_vma(addr)
-                assert vma is not None, f"pid {pid}: PTE at {addr:#x} outside any VMA"
+                if last_vma is None or not last_vma.start <= addr < last_vma.end:
+                    last_vma = mm.find_vma(addr)
+                assert last_vma is not None, f"pid {pid}: PTE at {addr:#x} outside any VMA"
+                vma = last_vma
                 pfn = pte_pfn(pte)
                 if pte & PTE_ANON:
                     assert pfn in r.anon.mapcount, f"pid {pid}: PTE at {addr:#x} maps freed anon page"
@@ -107,12 +125,14 @@ def check(c: Collapser, r: Remapper) -> None:
                     anon_maps[pfn] += 1
                     rss["MM_ANONPAGES"] += 1
                     continue
-                assert mem.allocated(pfn), f"pid {pid}: PTE at {addr:#x} maps freed pfn {pfn}"
+                assert connected, f"pid {pid}: PTE at {addr:#x} maps file pfn {pfn} with the peer gone"
+                assert 0 < pfn < len(pte_flags) and pte_flags[pfn] & PG_ALLOCATED, f"pid {pid}: PTE at {addr:#x} maps freed pfn {pfn}"
+                head = pfn & ~(HPAGE_PMD_NR - 1) if pte_flags[pfn] & PG_TAIL else pfn
                 # A private mapping's file PTEs are read-only (CoW); a shared one's are writable
                 # only where the VMA is (vm_page_prot); the dirty bit only on a writable PTE.
                 assert not pte & PTE_WRITE or vma.writes_file, f"pid {pid}: writable file PTE at {addr:#x} in {vma}"
                 assert not pte & PTE_DIRTY or pte & PTE_WRITE, f"pid {pid}: dirty read-only PTE at {addr:#x}"
-                assert mem.ino[mem.head(pfn)] == vma.ino and mem.index[pfn] == vma.pgoff_at(addr), (
+                assert mem.ino[head] == vma.ino and mem.index[pfn] == vma.pgoff + ((addr - vma.start) >> PAGE_SHIFT), (
                     f"pid {pid}: PTE at {addr:#x} maps pfn {pfn} (ino {mem.ino[mem.head(pfn)]} index "
                     f"{mem.index[pfn]}), not the file page for its offset ({vma})"
                 )
@@ -139,40 +159,68 @@ def check(c: Collapser, r: Remapper) -> None:
     cached: set[int] = set()
     swap_entries = 0
     assert not c.peer_locked, f"folios {sorted(c.peer_locked)} left locked for the remapper"
+    lru_batch = set(c.cache._lru_batch)
     for f in c.files.values():
         assert 0 <= f.size <= MAX_LFS_FILESIZE, f"{f.name}: size {f.size} out of range"
         nrpages = nrswap = thps = 0
-        for index, value in f.entries():
-            if value < 0:
-                nrswap += 1
-                continue
-            nrpages += 1
-            assert mem.allocated(value), f"{f.name}[{index}] holds freed pfn {value}"
-            head = mem.head(value)
-            assert mem.ino[head] == f.ino and mem.index[value] == index, f"{f.name}[{index}] holds a page of elsewhere"
-            if mem.flags[head] & PG_HEAD and value == head:
-                thps += 1
-            cached.add(head)
+        # The per-slot rules, with the page arrays read directly: this loop visits every cached
+        # page after every operation of every model test.
+        page_flags, page_ino, page_index = mem.flags, mem.ino, mem.index
+        nflags = len(page_flags)
+        for chunk_key, chunk in f.chunks.items():
+            chunk_base = chunk_key << 9
+            for slot, value in enumerate(chunk):
+                if not value:
+                    continue
+                index = chunk_base + slot
+                if value < 0:
+                    nrswap += 1
+                    continue
+                nrpages += 1
+                assert 0 < value < nflags and page_flags[value] & PG_ALLOCATED, f"{f.name}[{index}] holds freed pfn {value}"
+                head = value & ~(HPAGE_PMD_NR - 1) if page_flags[value] & PG_TAIL else value
+                assert page_ino[head] == f.ino and page_index[value] == index, f"{f.name}[{index}] holds a page of elsewhere"
+                assert page_flags[head] & (PG_LRU | PG_LOCKED) or head in lru_batch, f"{f.name}[{index}]: page {head} is off the LRU"
+                if value == head and page_flags[head] & PG_HEAD:
+                    thps += 1
+                cached.add(head)
         assert nrpages == f.nrpages, f"{f.name}: nrpages {f.nrpages} != {nrpages}"
         assert nrswap == f.nrswap, f"{f.name}: swap entries {f.nrswap} != {nrswap}"
         swap_entries += nrswap
         assert thps == f.nr_thps, f"{f.name}: nr_thps {f.nr_thps} != {thps}"
-        if not f.shmem:
+        if not f.shmem and connected:
             assert f.writecount == writers[f.ino], f"{f.name}: i_writecount {f.writecount} != {writers[f.ino]}"
-        assert r.files.get(f.ino) is not None and r.files[f.ino].size == f.size, f"{f.name}: remapper's size disagrees"
+        if connected:
+            rf = r.files.get(f.ino)
+            assert rf is not None, f"{f.name} (ino {f.ino}) unknown to the remapper"
+            assert (rf.gen, rf.name, rf.shmem) == (f.gen, f.name, f.shmem), (
+                f"ino {f.ino} is {f.name!r} of generation {f.gen} here but {rf.name!r} of generation "
+                f"{rf.gen} to the remapper"
+            )
+            assert rf.size == f.size, f"{f.name}: remapper's size disagrees"
+    if connected:
+        for ino in r.files:
+            assert ino in c.files, f"the remapper's {r.files[ino].name!r} (ino {ino}) is unknown here"
     assert c.cache.nr_swap_entries == swap_entries, f"{c.cache.nr_swap_entries} swap entries counted, {swap_entries} held"
 
-    heads = set(cached) | {mem.head(p) for p in pte_maps} | set(pmd_maps) | set(mem.pins) | set(mem.entire)
+    # Every mapcount is exactly its PTE mappings: those PTEs map, and no other page has one
+    # (counted over the whole array at C speed rather than per subpage).
+    head_ptes: Counter[int] = Counter()
+    for pfn, n in pte_maps.items():
+        assert mem.mapcount[pfn] == n, f"pfn {pfn}: mapcount {mem.mapcount[pfn]} != {n} PTEs"
+        head_ptes[mem.head(pfn)] += n
+    stray = len(mem.mapcount) - mem.mapcount.count(0) - sum(1 for n in pte_maps.values() if n)
+    if stray:
+        bad = next(p for p, n in enumerate(mem.mapcount) if n and not pte_maps.get(p))
+        raise AssertionError(f"pfn {bad}: mapcount {mem.mapcount[bad]} != 0 PTEs")
+    heads = set(cached) | set(head_ptes) | set(pmd_maps) | set(mem.pins) | set(mem.entire)
     for head in heads:
         assert mem.allocated(head), f"pfn {head} is referenced but free"
         thp = bool(mem.flags[head] & PG_HEAD)
-        subpages = range(head, head + HPAGE_PMD_NR) if thp else (head,)
-        for pfn in subpages:
-            assert mem.mapcount[pfn] == pte_maps[pfn], f"pfn {pfn}: mapcount {mem.mapcount[pfn]} != {pte_maps[pfn]} PTEs"
         assert mem.entire.get(head, 0) == pmd_maps[head], f"pfn {head}: entire_mapcount != {pmd_maps[head]} PMDs"
         expected = (
             (HPAGE_PMD_NR if thp else 1) * (head in cached)
-            + sum(pte_maps[p] for p in subpages)
+            + head_ptes[head]
             + pmd_maps[head]
             + mem.pins.get(head, 0)
         )
