@@ -196,6 +196,7 @@ def pairs(mapping: dict[str, Any]) -> str:
 
 def build_parser() -> Parser:
     from shared.thpctl import (
+        conformance,
         experiment,
         files,
         mapview,
@@ -245,7 +246,7 @@ def build_parser() -> Parser:
     )
     parser.add_argument("--record", metavar="FILE", type=record_path, help="write every request sent as a trace")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (files, proc, mm, reports, views, mapview, top, tracepipe, run, experiment, traces):
+    for module in (files, proc, mm, reports, views, mapview, top, tracepipe, run, experiment, traces, conformance):
         module.register(sub)
     return parser
 
