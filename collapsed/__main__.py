@@ -7,8 +7,11 @@ import os
 import sys
 
 from shared.knobs import Knobs
+from shared.protocol.schema import CLIENT, REMAPD
+from shared.shell.auth import Secrets
 from shared.shell.config import (
     ENV_SEED,
+    Limits,
     add_daemon_flags,
     add_knob_flags,
     default_address,
@@ -39,12 +42,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     listen = args.listen or default_address("collapsed")
 
-    async def start(knobs: Knobs) -> None:
+    async def start(knobs: Knobs, secrets: Secrets, limits: Limits) -> None:
         from collapsed.daemon import Collapsed
 
-        await Collapsed(knobs, seed=args.seed).serve(listen, args.ready_file)
+        await Collapsed(knobs, seed=args.seed, secrets=secrets, limits=limits).serve(listen, args.ready_file)
 
-    return daemon_main("collapsed", args, (listen,), start)
+    # Who connects: remapd (the peer) and clients, as collapsed.daemon.ACCEPTS.
+    return daemon_main("collapsed", args, listen, {REMAPD, CLIENT}, start)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,11 @@ import argparse
 import sys
 
 from shared.knobs import Knobs
+from shared.protocol.schema import CLIENT
+from shared.shell.auth import Secrets
 from shared.shell.config import (
     ENV_COLLAPSED,
+    Limits,
     add_daemon_flags,
     add_knob_flags,
     default_address,
@@ -39,12 +42,13 @@ def main(argv: list[str] | None = None) -> int:
     listen = args.listen or default_address("remapd")
     collapsed = args.collapsed or default_address("collapsed")
 
-    async def start(knobs: Knobs) -> None:
+    async def start(knobs: Knobs, secrets: Secrets, limits: Limits) -> None:
         from remapd.daemon import Remapd
 
-        await Remapd(knobs).serve(listen, args.ready_file, collapsed)
+        await Remapd(knobs, secrets, limits).serve(listen, args.ready_file, collapsed)
 
-    return daemon_main("remapd", args, (listen, collapsed), start)
+    # Who connects: clients only, as remapd.daemon.ACCEPTS; remapd is the peer link's client.
+    return daemon_main("remapd", args, listen, {CLIENT}, start, peer=collapsed)
 
 
 if __name__ == "__main__":

@@ -16,15 +16,16 @@ from shared.protocol import messages as m
 
 
 class FileMirror:
-    """One file as the collapser's FileInfo notices describe it."""
+    """One file as the collapser's FileInfo notices describe it; ``(ino, gen)`` is its identity."""
 
-    __slots__ = ("ino", "name", "shmem", "size")
+    __slots__ = ("gen", "ino", "name", "shmem", "size")
 
-    def __init__(self, ino: int, name: str, size: int, shmem: bool):
+    def __init__(self, ino: int, name: str, size: int, shmem: bool, gen: int = 0):
         self.ino = ino
         self.name = name
         self.size = size
         self.shmem = shmem
+        self.gen = gen
 
 
 class Files(Mapping[int, FileMirror]):
@@ -35,6 +36,12 @@ class Files(Mapping[int, FileMirror]):
         self.by_name: dict[str, FileMirror] = {}
         # ino -> {id(vma): (mm, vma)}: insertion-ordered, so walks visit mappings oldest first.
         self.i_mmap: dict[int, dict[int, tuple[Mm, Vma]]] = {}
+        self.opens = 0  # struct files made by open(2): the last identity handed out
+
+    def open_file(self) -> int:
+        """A new struct file's identity (what a VMA's vm_file points at)."""
+        self.opens += 1
+        return self.opens
 
     def __getitem__(self, ino: int) -> FileMirror:
         return self._by_ino[ino]
@@ -46,10 +53,22 @@ class Files(Mapping[int, FileMirror]):
         return len(self._by_ino)
 
     def file_info(self, msg: m.FileInfo) -> None:
-        """A file was created or changed size on the collapser."""
+        """A file was created, renamed or changed size on the collapser.
+
+        A notice about another identity on a number we mirror is ignored: the collapser
+        restarted and gave the number to a new file before it heard our claim (our resync
+        named the file we mirror, ahead of anything else we send); once it has, it moves its
+        own file to a fresh number and tells us again."""
         f = self._by_ino.get(msg.ino)
         if f is None:
-            f = self._by_ino[msg.ino] = FileMirror(msg.ino, msg.name, msg.size, msg.shmem)
+            f = self._by_ino[msg.ino] = FileMirror(msg.ino, msg.name, msg.size, msg.shmem, msg.gen)
+            self.by_name[msg.name] = f
+        elif f.gen != msg.gen:
+            return
+        elif f.name != msg.name:
+            if self.by_name.get(f.name) is f:
+                del self.by_name[f.name]
+            f.name = msg.name
             self.by_name[msg.name] = f
         f.size = msg.size
 

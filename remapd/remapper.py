@@ -27,7 +27,7 @@ from remapd.files import Files
 from remapd.khugepaged import REMAP_WAKE, Khugepaged
 from remapd.mm import ANON_PFN_BASE, Mm, MmapLocks, find_mm
 from remapd.pagetable import PageTables
-from remapd.report import smaps
+from remapd.procfs import Procfs
 from remapd.rmap import AnonPages, RmapBatch
 from remapd.uprobes import Uprobes
 from shared.actor import Actor, Sleep
@@ -61,7 +61,7 @@ class Remapper(Actor):
         self.locks = MmapLocks(self.notify)
         self.pagetables = PageTables(self.rmap, self.anon, self.vm)
         self.faults = FaultPath(
-            self, self.knobs, self.mms, self.locks, self.pagetables, self.rmap, self.anon, self.vm
+            self, self.knobs, self.mms, self.files, self.locks, self.pagetables, self.rmap, self.anon, self.vm
         )
         self.khugepaged = Khugepaged(self, self.knobs, self.mms, self.files, self.locks, self.pagetables)
         self.uprobes = Uprobes(
@@ -70,6 +70,8 @@ class Remapper(Actor):
         self.address_space = AddressSpace(
             self, self.mms, self.files, self.locks, self.pagetables, self.faults, self.khugepaged, self.uprobes
         )
+        self.procfs = Procfs(self, self.mms, self.files, self.knobs, self.anon, self.pagetables.marked)
+        self.procfs.stats = self.khugepaged.stats
         if start_threads:
             self.spawn(self.khugepaged.remap_thread(), name="remap")
 
@@ -131,15 +133,18 @@ class Remapper(Actor):
                 else:
                     del mm.pins[page]
         self.rmap.clear()
-        self.fail_calls(_answer_for_lost_peer)
+        self.go_offline(_answer_for_lost_peer)
         self.rmap.clear()
         self.outbox.clear()
 
     def resync(self) -> None:
-        """A collapser (new or back) is connected: name every file we know (a restarted collapser
-        recreates them), and re-register every mapping's write open and khugepaged range."""
+        """A collapser (new or back) is connected: name every file we know by its identity (a
+        restarted collapser recreates them), and re-register every mapping's write open and
+        khugepaged range. The names go first: the collapser settles every identity before it
+        reads an inode number of ours."""
+        self.go_online()
         for f in self.files.values():
-            self.send(m.FileInfo(f.ino, f.name, f.size, f.shmem))
+            self.send(m.FileInfo(f.ino, f.name, f.size, f.shmem, f.gen))
         self.address_space.resync()
 
     # -- lookups ------------------------------------------------------------------------------
@@ -209,14 +214,24 @@ class Remapper(Actor):
         offset: int = 0,
         prot: str = "r",
         shared: bool = True,
+        reopen: bool = False,
     ) -> Generator[Any, Any, dict[str, Any]]:
-        return self.address_space.mmap(pid, addr, length, name, offset, prot, shared)
+        return self.address_space.mmap(pid, addr, length, name, offset, prot, shared, reopen)
 
     def munmap(self, pid: int, addr: int, length: int) -> Generator[Any, Any, dict[str, Any]]:
         return self.address_space.munmap(pid, addr, length)
 
     def madvise(self, pid: int, addr: int, length: int, advice: str) -> Generator[Any, Any, dict[str, Any]]:
         return self.address_space.madvise(pid, addr, length, advice)
+
+    def mprotect(self, pid: int, addr: int, length: int, prot: str) -> Generator[Any, Any, dict[str, Any]]:
+        return self.address_space.mprotect(pid, addr, length, prot)
+
+    def mlock(self, pid: int, addr: int, length: int, onfault: bool = False) -> Generator[Any, Any, dict[str, Any]]:
+        return self.address_space.mlock(pid, addr, length, onfault)
+
+    def munlock(self, pid: int, addr: int, length: int) -> Generator[Any, Any, dict[str, Any]]:
+        return self.address_space.munlock(pid, addr, length)
 
     def fault(self, pid: int, addr: int, write: bool = False) -> Generator[Any, Any, dict[str, Any]]:
         return self.faults.fault(pid, addr, write)
@@ -240,18 +255,19 @@ class Remapper(Actor):
 
     # -- reports ------------------------------------------------------------------------------
 
-    def smaps(self, pid: int) -> list[dict[str, Any]]:
-        """Per-VMA /proc/PID/smaps fields (kB), as task_mmu.c computes them."""
-        return smaps(self.mm(pid), self.files, self.knobs)
+    def smaps(self, pid: int) -> Generator[Any, Any, list[dict[str, Any]]]:
+        """Per-VMA /proc/PID/smaps fields (kB), as task_mmu.c computes them (remapd/procfs.py)."""
+        return self.procfs.smaps(pid)
 
     def vmstat(self) -> dict[str, int]:
-        return dict(self.vm)
+        return {**self.procfs.vmstat(), **self.vm}
 
     def status(self, pid: int) -> dict[str, Any]:
         mm = self.mm(pid)
         return {
             "pid": pid,
             "vmas": len(mm.vmas),
+            "locked_vm": mm.locked_vm,
             "nr_ptes": mm.nr_ptes,
             "rss": dict(mm.rss),
             "marked": sum(1 for p, _ in self.marked if p == pid),
@@ -268,4 +284,6 @@ def _answer_for_lost_peer(request: Message) -> Message:
         return m.FolioAnswer(request.req, 0, 0)
     if isinstance(request, m.MadvCollapse):
         return m.CollapseResult(request.req, R.SCAN_FAIL)
+    if isinstance(request, m.PageQuery):
+        return m.PageInfo(request.req, ())
     raise TypeError(f"no answer for {request!r}")

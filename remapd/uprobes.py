@@ -121,8 +121,13 @@ class Uprobes:
             return False
         if not pte:
             reply = yield Call(m.LookupPage(self.actor.new_req(), vma.ino, index, m.Purpose.COPY, False, False, False))
-            if reply.status != m.PageStatus.OK:
-                return False
+            if reply.status != m.PageStatus.OK or mm.exiting:
+                return False  # the process exited during the lookup: its tables are gone
+            entry = mm.pmds.get(pidx)
+            if isinstance(entry, int):  # a lockless retract mapped the THP meanwhile
+                self.pagetables.zap_huge_pmd(mm, pidx, split=True)
+            elif entry is not None and entry.ptes[slot]:
+                self.pagetables.zap_pte(mm, entry, slot)  # a fault mapped it meanwhile
         else:
             self.pagetables.zap_pte(mm, table, slot)
         vma.anon_vma_prepare()
@@ -137,6 +142,12 @@ class Uprobes:
         if isinstance(table, int) or table is None or not table.ptes[slot] & PTE_ANON:
             return None
         reply = yield Call(m.LookupPage(self.actor.new_req(), vma.ino, index, m.Purpose.MAP, False, False, False))
+        if mm.exiting or mm.pmds.get(pidx) is not table or not table.ptes[slot] & PTE_ANON:
+            # The process exited, or the table or the breakpoint went, during the lookup: hand
+            # back the mapping it accounted.
+            if reply.status == m.PageStatus.OK:
+                self.pagetables.rmap.add(reply.pfn, pte=-1)
+            return None
         self.pagetables.zap_pte(mm, table, slot)
         if reply.status != m.PageStatus.OK:
             return None

@@ -91,6 +91,8 @@ class Actor:
         self._ready: deque[tuple[_Running, Any, int]] = deque()
         self._stepping = False
         self._burst = 0
+        # While the peer is gone (go_offline() until go_online()): what a call to it resolves to.
+        self._offline: Callable[[Message], Message] | None = None
 
     # -- what the owner calls -----------------------------------------------------------------
 
@@ -144,6 +146,24 @@ class Actor:
             self._ready.append((task, answer(request), task.epoch))
         self._run_ready()
 
+    def halt(self) -> None:
+        """The actor's process died: no task runs again. (A task's generator closed later, when
+        it is collected, runs its ``finally`` blocks against this dead state and wakes no one.)"""
+        self._stepping = True
+        self._ready.clear()
+
+    def go_offline(self, answer: Callable[[Message], Message]) -> None:
+        """The peer is gone: resume every task waiting on it with ``answer(request)``, and answer
+        every call made from now until :meth:`go_online` the same way, at once. A task resumed
+        by a lost peer's answer often calls again (a touch faults its next page): answered here,
+        no call is ever left waiting for a message that the caller's peer_lost() then drops."""
+        self._offline = answer
+        self.fail_calls(answer)
+
+    def go_online(self) -> None:
+        """A peer is connected again: calls go out to it."""
+        self._offline = None
+
     def send(self, msg: Message) -> None:
         self.outbox.append(msg)
 
@@ -180,6 +200,9 @@ class Actor:
                 task.done(err)
             return
         if isinstance(effect, Call):
+            if self._offline is not None:
+                self._ready.append((task, self._offline(effect.msg), task.epoch))
+                return
             self._calls[effect.msg.req] = (task, effect.msg)  # type: ignore[attr-defined]
             self.send(effect.msg)
         elif isinstance(effect, Sleep):

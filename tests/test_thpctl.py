@@ -97,8 +97,8 @@ async def test_mmap_prints_the_address_and_json_the_document(d):
         (addr, 0, "r-xp"),
     ]
     # The name starts in column 74, as in the kernel's (64-bit) maps and smaps.
-    prefix = "600000000000-600000200000 r--s 00200000 00:00 1"
-    assert (await ok(d, "smaps", "1")).splitlines()[0] == prefix + " " * (73 - len(prefix)) + "/lib"
+    prefix = "600000000000-600000200000 r--s 00200000 fe:01 1"
+    assert (await ok(d, "smaps", "1")).splitlines()[0] == prefix + " " * (73 - len(prefix)) + "/thpsplit/lib"
     await ok(d, "munmap", "1", "0x600000000000", "2M")
     assert len(json.loads(await ok(d, "--json", "smaps", "1"))) == 1
 
@@ -240,7 +240,7 @@ async def test_run_json_and_stop_at_the_first_failure(d, tmp_path):
     script.write_text("proc spawn 3\nproc spawn 3\nfile create late --size 4K\n")
     status, out, err = await thpctl(d, "--json", "run", str(script))
     assert status == 1
-    assert json.loads(out) == [{"pid": 3}, None]
+    assert json.loads(out) == [{"pid": 3}, {"error": {"errno": "EEXIST", "message": "process 3 exists"}}]
     assert err == "thpctl run: line 2: proc spawn: EEXIST: process 3 exists\n"
     # The failure came before the switch to collapsed: line 3 never ran.
     assert json.loads(await ok(d, "--json", "file", "ls")) == []

@@ -14,10 +14,12 @@ from typing import Any
 
 import msgpack
 
+from shared.clip import clip
 from shared.protocol.codec import MAX_DEPTH, ProtocolError, from_wire, to_wire
 from shared.protocol.schema import Message
 
 __all__ = [
+    "MAX_CONTAINERS",
     "MAX_DEPTH",
     "MAX_FRAME_BYTES",
     "MAX_ITEMS",
@@ -25,8 +27,8 @@ __all__ = [
     "FrameDecoder",
     "FrameDecoderStatistics",
     "FrameError",
-    "encode_frame",
     "decode_message",
+    "encode_frame",
     "encode_message",
 ]
 
@@ -38,12 +40,37 @@ MAX_FRAME_BYTES = 4 * 1024 * 1024
 MAX_ITEMS = 1_000_000
 # Longest str or bin value in a frame, in bytes.
 MAX_STR = 1024 * 1024
+# Most arrays and maps in one frame, all levels together. Decoded, an empty map costs ~72 bytes
+# for the 1 byte it takes on the wire: a 4 MiB frame of them would claim ~300 MB before the codec
+# could refuse it. The largest frame either side sends, an RmapDelta of 65,536 rows
+# (shared.shell.peer.MAX_ROWS_PER_FRAME), holds 65,540; twice that leaves room.
+MAX_CONTAINERS = 2 * 65536
 
 _HEADER = struct.Struct(">I")
 
 
 class FrameError(ProtocolError):
     """The byte stream is not a valid sequence of frames; its position is lost for good."""
+
+
+class _TooManyContainers(Exception):
+    pass
+
+
+class _ContainerBudget:
+    """msgpack's list_hook and object_hook: counts the arrays and maps of one frame as each is
+    completed, and stops the decoding past :data:`MAX_CONTAINERS`."""
+
+    __slots__ = ("left",)
+
+    def __init__(self) -> None:
+        self.left = MAX_CONTAINERS
+
+    def __call__(self, obj: Any) -> Any:
+        self.left -= 1
+        if self.left < 0:
+            raise _TooManyContainers
+        return obj
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -174,8 +201,8 @@ class FrameDecoder:
         Errors:
             FrameError: the header announces more than ``max_frame_bytes``; the body is not
             exactly one valid msgpack value; it nests deeper than MAX_DEPTH; a str/bin exceeds
-            MAX_STR or an array/map MAX_ITEMS; a map key is not str/bytes; or the decoder is
-            already poisoned.
+            MAX_STR or an array/map MAX_ITEMS; it holds more than MAX_CONTAINERS arrays and
+            maps; a map key is not str/bytes; or the decoder is already poisoned.
             ProtocolError: the frame holds nil, which would read as "no frame yet"; the frame
             is consumed and the stream stays usable.
         """
@@ -195,6 +222,7 @@ class FrameDecoder:
             return None
         try:
             # The views must be released before feed() resizes the buffer.
+            budget = _ContainerBudget()
             with memoryview(buffer) as view, view[start + _HEADER.size : end] as body:
                 obj = msgpack.unpackb(
                     body,
@@ -204,14 +232,18 @@ class FrameDecoder:
                     max_bin_len=MAX_STR,
                     max_array_len=MAX_ITEMS,
                     max_map_len=MAX_ITEMS,
+                    list_hook=budget,
+                    object_hook=budget,
                 )
+        except _TooManyContainers:
+            raise self._poison(f"frame holds more than {MAX_CONTAINERS} arrays and maps") from None
         except msgpack.ExtraData as exc:
             raise self._poison(
                 f"frame body has {len(exc.extra)} trailing bytes after its msgpack value"
             ) from exc
         except ValueError as exc:
-            # FormatError carries no text; its class name is the explanation.
-            raise self._poison(f"undecodable frame body: {exc or type(exc).__name__}") from exc
+            # FormatError carries no text; its class name is the explanation then.
+            raise self._poison(f"undecodable frame body: {clip(str(exc)) or type(exc).__name__}") from exc
         if not _within_depth(obj, MAX_DEPTH):
             raise self._poison(f"frame nests deeper than {MAX_DEPTH} levels")
         self._offset = end
@@ -232,6 +264,16 @@ class FrameDecoder:
         """
         obj = self.next_object()
         return None if obj is None else from_wire(obj)
+
+    @property
+    def max_frame_bytes(self) -> int:
+        """Largest frame body accepted; may be changed between frames (a connection takes only
+        small frames until it has said hello)."""
+        return self._max_frame_bytes
+
+    @max_frame_bytes.setter
+    def max_frame_bytes(self, value: int) -> None:
+        self._max_frame_bytes = value
 
     def statistics(self) -> FrameDecoderStatistics:
         """Return counters describing the decoder; works on a poisoned decoder too."""

@@ -8,11 +8,19 @@ operation. It raises ``AssertionError`` naming the first broken rule. It checks:
 * refcount = cache references (1, or 512 for a THP) + PTE mappings + PMD mappings + pins, for
   every page; mapcount and entire_mapcount match the page tables exactly;
 * every PTE and PMD maps, at its address, the page the VMA's file offset says it should, and
-  lies inside a VMA; a PMD maps only a PMD-order page whose index is 512-aligned;
+  lies inside a VMA; a PMD maps only a PMD-order page whose index is 512-aligned; a file PTE is
+  writable only in a shared writable VMA, and dirty only if writable;
 * mm counters and nr_ptes match the tables; each table's counts and mark agree with its
-  entries; anon mapcounts match; VMAs are sorted, disjoint, merged where identical, and
-  the file rmap (i_mmap) and write counts match them;
-* nothing is left locked, and no freed page is reachable.
+  entries; anon mapcounts match; VMAs are sorted, disjoint, merged where the kernel would
+  merge them (is_mergeable_vma, is_mergeable_anon_vma), an anon page only in a VMA with an
+  anon_vma, and the file rmap (i_mmap) and write counts match them;
+* nothing is left locked (no folio stays locked for the remapper), and no freed page is
+  reachable; no file is larger than MAX_LFS_FILESIZE; every cached page is on the LRU or in the
+  add batch (only a collapse, with the page locked, takes one off);
+* files are matched by identity, inode number and generation: with the link up, every file on
+  either side is on the other with the same identity, name, size and kind (so a PTE that maps a
+  page of its VMA's inode number maps a page of the very file the VMA maps); with the link down,
+  the remapper maps no file page at all.
 """
 
 from __future__ import annotations
@@ -20,16 +28,33 @@ from __future__ import annotations
 from collections import Counter
 from typing import TYPE_CHECKING
 
-from collapsed.pagecache import PG_HEAD, PG_LOCKED
-from remapd.mm import PTE_ANON, PTE_SHMEM, PteTable, pte_belongs, pte_pfn
-from shared.units import HPAGE_PMD_NR, HPAGE_PMD_SHIFT, HPAGE_PMD_SIZE, PAGE_SHIFT
+from collapsed.pagecache import PG_ALLOCATED, PG_HEAD, PG_LOCKED, PG_LRU, PG_TAIL
+from remapd.mm import (
+    PTE_ANON,
+    PTE_DIRTY,
+    PTE_SHMEM,
+    PTE_WRITE,
+    PteTable,
+    mergeable_neighbours,
+    pte_belongs,
+    pte_pfn,
+)
+from shared.units import (
+    HPAGE_PMD_NR,
+    HPAGE_PMD_SHIFT,
+    HPAGE_PMD_SIZE,
+    MAX_LFS_FILESIZE,
+    PAGE_SHIFT,
+)
 
 if TYPE_CHECKING:
     from collapsed.collapser import Collapser
+    from remapd.mm import Vma
     from remapd.remapper import Remapper
 
 
-def check(c: Collapser, r: Remapper) -> None:
+def check(c: Collapser, r: Remapper, connected: bool = True) -> None:
+    """``connected``: whether the peer link is up (the two sides' files then agree)."""
     assert not c.outbox and not r.outbox, "messages in flight"
     mem = c.mem
     pte_maps: Counter[int] = Counter()
@@ -47,21 +72,29 @@ def check(c: Collapser, r: Remapper) -> None:
             assert vma.start % 4096 == 0 and vma.end % 4096 == 0, f"pid {pid}: unaligned {vma}"
             if prev is not None:
                 assert prev.end <= vma.start, f"pid {pid}: {prev} overlaps {vma}"
-                mergeable = prev.end == vma.start and prev.same_flags(vma) and prev.pgoff_at(prev.end) == vma.pgoff
+                mergeable = mergeable_neighbours(prev, vma) and vma.start not in mm.unmerged
                 assert not mergeable, f"pid {pid}: {prev} and {vma} should have merged"
             prev = vma
+            assert vma.mm is mm, f"pid {pid}: {vma} has the wrong vm_mm"
+            if vma.anon_vma is not None:
+                assert 0 < vma.anon_vma <= mm.anon_vmas, f"pid {pid}: {vma} has an anon_vma never made"
+            assert vma.anon_vma is not None or not vma.fork_child, f"pid {pid}: {vma} has a chain, no anon_vma"
             assert r.files.i_mmap.get(vma.ino, {}).get(id(vma)) == (mm, vma), f"pid {pid}: {vma} not in i_mmap"
             seen_vmas.add(id(vma))
-            f = r.files.get(vma.ino)
-            if vma.writes_file and f is not None and not f.shmem:
+            mirror = r.files.get(vma.ino)
+            if vma.writes_file and mirror is not None and not mirror.shmem:
                 writers[vma.ino] += 1
         assert mm.starts == [v.start for v in mm.vmas], f"pid {pid}: VMA index out of order"
+        locked = sum((v.end - v.start) >> PAGE_SHIFT for v in mm.vmas if v.locked)
+        assert mm.locked_vm == locked, f"pid {pid}: locked_vm {mm.locked_vm} != {locked} pages in VM_LOCKED VMAs"
+        assert all(v.locked for v in mm.vmas if v.lockonfault), f"pid {pid}: VM_LOCKONFAULT without VM_LOCKED"
         rss: Counter[str] = Counter()
         tables = 0
         for pidx, entry in mm.pmds.items():
             base = pidx << HPAGE_PMD_SHIFT
             if isinstance(entry, int):
                 head = pte_pfn(entry)
+                assert connected, f"pid {pid}: PMD at {base:#x} maps file pfn {head} with the peer gone"
                 vma = mm.find_vma(base)
                 assert vma is not None and vma.end >= base + HPAGE_PMD_SIZE, f"pid {pid}: PMD at {base:#x} outside a VMA"
                 assert mem.allocated(head) and mem.flags[head] & PG_HEAD, f"pid {pid}: PMD at {base:#x} maps non-THP {head}"
@@ -75,20 +108,31 @@ def check(c: Collapser, r: Remapper) -> None:
             assert isinstance(entry, PteTable)
             tables += 1
             nr = foreign = 0
+            last_vma: Vma | None = None
+            pte_flags = mem.flags
             for slot, pte in entry.present():
                 nr += 1
                 foreign += not pte_belongs(pte, slot)
                 addr = base + (slot << PAGE_SHIFT)
-                vma = mm.find_vma(addr)
-                assert vma is not None, f"pid {pid}: PTE at {addr:#x} outside any VMA"
+                if last_vma is None or not last_vma.start <= addr < last_vma.end:
+                    last_vma = mm.find_vma(addr)
+                assert last_vma is not None, f"pid {pid}: PTE at {addr:#x} outside any VMA"
+                vma = last_vma
                 pfn = pte_pfn(pte)
                 if pte & PTE_ANON:
                     assert pfn in r.anon.mapcount, f"pid {pid}: PTE at {addr:#x} maps freed anon page"
+                    assert vma.anon_vma is not None, f"pid {pid}: anon page at {addr:#x} in {vma} without anon_vma"
                     anon_maps[pfn] += 1
                     rss["MM_ANONPAGES"] += 1
                     continue
-                assert mem.allocated(pfn), f"pid {pid}: PTE at {addr:#x} maps freed pfn {pfn}"
-                assert mem.ino[mem.head(pfn)] == vma.ino and mem.index[pfn] == vma.pgoff_at(addr), (
+                assert connected, f"pid {pid}: PTE at {addr:#x} maps file pfn {pfn} with the peer gone"
+                assert 0 < pfn < len(pte_flags) and pte_flags[pfn] & PG_ALLOCATED, f"pid {pid}: PTE at {addr:#x} maps freed pfn {pfn}"
+                head = pfn & ~(HPAGE_PMD_NR - 1) if pte_flags[pfn] & PG_TAIL else pfn
+                # A private mapping's file PTEs are read-only (CoW); a shared one's are writable
+                # only where the VMA is (vm_page_prot); the dirty bit only on a writable PTE.
+                assert not pte & PTE_WRITE or vma.writes_file, f"pid {pid}: writable file PTE at {addr:#x} in {vma}"
+                assert not pte & PTE_DIRTY or pte & PTE_WRITE, f"pid {pid}: dirty read-only PTE at {addr:#x}"
+                assert mem.ino[head] == vma.ino and mem.index[pfn] == vma.pgoff + ((addr - vma.start) >> PAGE_SHIFT), (
                     f"pid {pid}: PTE at {addr:#x} maps pfn {pfn} (ino {mem.ino[mem.head(pfn)]} index "
                     f"{mem.index[pfn]}), not the file page for its offset ({vma})"
                 )
@@ -114,40 +158,69 @@ def check(c: Collapser, r: Remapper) -> None:
     # -- the page cache -----------------------------------------------------------------------
     cached: set[int] = set()
     swap_entries = 0
+    assert not c.peer_locked, f"folios {sorted(c.peer_locked)} left locked for the remapper"
+    lru_batch = set(c.cache._lru_batch)
     for f in c.files.values():
+        assert 0 <= f.size <= MAX_LFS_FILESIZE, f"{f.name}: size {f.size} out of range"
         nrpages = nrswap = thps = 0
-        for index, value in f.entries():
-            if value < 0:
-                nrswap += 1
-                continue
-            nrpages += 1
-            assert mem.allocated(value), f"{f.name}[{index}] holds freed pfn {value}"
-            head = mem.head(value)
-            assert mem.ino[head] == f.ino and mem.index[value] == index, f"{f.name}[{index}] holds a page of elsewhere"
-            if mem.flags[head] & PG_HEAD:
-                if value == head:
+        # The per-slot rules, with the page arrays read directly: this loop visits every cached
+        # page after every operation of every model test.
+        page_flags, page_ino, page_index = mem.flags, mem.ino, mem.index
+        nflags = len(page_flags)
+        for chunk_key, chunk in f.chunks.items():
+            chunk_base = chunk_key << 9
+            for slot, value in enumerate(chunk):
+                if not value:
+                    continue
+                index = chunk_base + slot
+                if value < 0:
+                    nrswap += 1
+                    continue
+                nrpages += 1
+                assert 0 < value < nflags and page_flags[value] & PG_ALLOCATED, f"{f.name}[{index}] holds freed pfn {value}"
+                head = value & ~(HPAGE_PMD_NR - 1) if page_flags[value] & PG_TAIL else value
+                assert page_ino[head] == f.ino and page_index[value] == index, f"{f.name}[{index}] holds a page of elsewhere"
+                assert page_flags[head] & (PG_LRU | PG_LOCKED) or head in lru_batch, f"{f.name}[{index}]: page {head} is off the LRU"
+                if value == head and page_flags[head] & PG_HEAD:
                     thps += 1
-            cached.add(head)
+                cached.add(head)
         assert nrpages == f.nrpages, f"{f.name}: nrpages {f.nrpages} != {nrpages}"
         assert nrswap == f.nrswap, f"{f.name}: swap entries {f.nrswap} != {nrswap}"
         swap_entries += nrswap
         assert thps == f.nr_thps, f"{f.name}: nr_thps {f.nr_thps} != {thps}"
-        if not f.shmem:
+        if not f.shmem and connected:
             assert f.writecount == writers[f.ino], f"{f.name}: i_writecount {f.writecount} != {writers[f.ino]}"
-        assert r.files.get(f.ino) is not None and r.files[f.ino].size == f.size, f"{f.name}: remapper's size disagrees"
+        if connected:
+            rf = r.files.get(f.ino)
+            assert rf is not None, f"{f.name} (ino {f.ino}) unknown to the remapper"
+            assert (rf.gen, rf.name, rf.shmem) == (f.gen, f.name, f.shmem), (
+                f"ino {f.ino} is {f.name!r} of generation {f.gen} here but {rf.name!r} of generation "
+                f"{rf.gen} to the remapper"
+            )
+            assert rf.size == f.size, f"{f.name}: remapper's size disagrees"
+    if connected:
+        for ino in r.files:
+            assert ino in c.files, f"the remapper's {r.files[ino].name!r} (ino {ino}) is unknown here"
     assert c.cache.nr_swap_entries == swap_entries, f"{c.cache.nr_swap_entries} swap entries counted, {swap_entries} held"
 
-    heads = set(cached) | {mem.head(p) for p in pte_maps} | set(pmd_maps) | set(mem.pins) | set(mem.entire)
+    # Every mapcount is exactly its PTE mappings: those PTEs map, and no other page has one
+    # (counted over the whole array at C speed rather than per subpage).
+    head_ptes: Counter[int] = Counter()
+    for pfn, n in pte_maps.items():
+        assert mem.mapcount[pfn] == n, f"pfn {pfn}: mapcount {mem.mapcount[pfn]} != {n} PTEs"
+        head_ptes[mem.head(pfn)] += n
+    stray = len(mem.mapcount) - mem.mapcount.count(0) - sum(1 for n in pte_maps.values() if n)
+    if stray:
+        bad = next(p for p, n in enumerate(mem.mapcount) if n and not pte_maps.get(p))
+        raise AssertionError(f"pfn {bad}: mapcount {mem.mapcount[bad]} != 0 PTEs")
+    heads = set(cached) | set(head_ptes) | set(pmd_maps) | set(mem.pins) | set(mem.entire)
     for head in heads:
         assert mem.allocated(head), f"pfn {head} is referenced but free"
         thp = bool(mem.flags[head] & PG_HEAD)
-        subpages = range(head, head + HPAGE_PMD_NR) if thp else (head,)
-        for pfn in subpages:
-            assert mem.mapcount[pfn] == pte_maps[pfn], f"pfn {pfn}: mapcount {mem.mapcount[pfn]} != {pte_maps[pfn]} PTEs"
         assert mem.entire.get(head, 0) == pmd_maps[head], f"pfn {head}: entire_mapcount != {pmd_maps[head]} PMDs"
         expected = (
             (HPAGE_PMD_NR if thp else 1) * (head in cached)
-            + sum(pte_maps[p] for p in subpages)
+            + head_ptes[head]
             + pmd_maps[head]
             + mem.pins.get(head, 0)
         )

@@ -186,7 +186,7 @@ _GRAMMAR: dict[str, tuple[tuple[str, ...], dict[str, str | None]]] = {
     "proc exit": (("pid",), {}),
     "mmap": (
         ("pid", "addr", "size"),
-        {"--file": "name", "--offset": "size", "--prot": "prot", "--shared": None, "--private": None},
+        {"--file": "name", "--offset": "size", "--prot": "prot", "--shared": None, "--private": None, "--reopen": None},
     ),
     "munmap": (("pid", "size", "size"), {}),
     "madvise": (("pid", "size", "size", "advice"), {}),
@@ -345,6 +345,7 @@ def parse_step(line: str) -> Step | None:
         args["shared"] = not args.pop("private", False)
         args.setdefault("offset", 0)
         args.setdefault("prot", "r")
+        args.setdefault("reopen", False)
     elif op in ("fault", "touch"):
         args.setdefault("write", False)
         if op == "touch":
@@ -402,7 +403,8 @@ def format_step(step: Step) -> str:
         s = f"mmap {a['pid']} {addr} {_sz(a['length'])} --file {a['file']}"
         if a["offset"]:
             s += f" --offset {_sz(a['offset'])}"
-        return s + f" --prot {a['prot']} " + ("--shared" if a["shared"] else "--private")
+        s += f" --prot {a['prot']} " + ("--shared" if a["shared"] else "--private")
+        return s + (" --reopen" if a.get("reopen") else "")
     if op in ("munmap", "munlock"):
         return f"{op} {a['pid']} {_hex(a['addr'])} {_sz(a['length'])}"
     if op == "mlock":
@@ -995,17 +997,29 @@ class _Worker:
                     return False
         return True
 
-    def op_mmap(self, addr: int | None, length: int, file: str, offset: int, prot: str, shared: bool) -> dict:
+    def op_mmap(
+        self, addr: int | None, length: int, file: str, offset: int, prot: str, shared: bool, reopen: bool = False
+    ) -> dict:
         lib = _lib()
         # One open file per name and process (inherited across fork), as a program mapping one
         # fd several times: vma_merge needs the same struct file (is_mergeable_vma compares
-        # vm_file), so an open per mmap would keep neighbouring mappings apart.
-        fd = self.fds.get(file)
+        # vm_file), so an open per mmap would keep neighbouring mappings apart. --reopen maps a
+        # new open(2) of its own (closed after the mmap: the mapping keeps the struct file).
+        fd = None if reopen else self.fds.get(file)
         if fd is None:
             try:
-                fd = self.fds[file] = os.open(self._path(file), os.O_RDWR)
+                fd = os.open(self._path(file), os.O_RDWR)
             except OSError as err:
                 return {"result": _errno_name(err.errno), "addr": None}
+            if not reopen:
+                self.fds[file] = fd
+        try:
+            return self._mmap_fd(lib, fd, addr, length, offset, prot, shared)
+        finally:
+            if reopen:
+                os.close(fd)
+
+    def _mmap_fd(self, lib: Any, fd: int, addr: int | None, length: int, offset: int, prot: str, shared: bool) -> dict:
         flags = MAP_SHARED if shared else MAP_PRIVATE
         if addr is None:
             ret = lib.mmap(None, length, PROTS[prot], flags, fd, offset)

@@ -228,7 +228,7 @@ def classify(e: MapEntry, fstypes: dict[tuple[int, int], str] | None = None) -> 
         return "hugetlb"
     if "io" in e.vmflags or "pf" in e.vmflags:
         return "device"
-    if p.startswith("[anon_shmem:") or p.startswith(("/memfd:", "/SYSV", "/dev/shm/")) or (p == "/dev/zero" and e.deleted):
+    if p.startswith(("[anon_shmem:", "/memfd:", "/SYSV", "/dev/shm/")) or (p == "/dev/zero" and e.deleted):
         kind = "shmem"
     elif p.startswith("/dev/"):
         return "device"
@@ -271,13 +271,14 @@ def read_procfs(target: int | str | os.PathLike[str], pid: int | None = None) ->
         ProcfsError: no such process or directory, neither ``maps`` nor ``smaps`` there, a
             permission problem, or text that does not parse.
     """
-    live = isinstance(target, int) or (isinstance(target, str) and target.isdigit())
-    if live:
-        base = Path("/proc") / str(int(target))
-        if not base.is_dir():
-            raise ProcfsError(f"no process {int(target)}")
+    if isinstance(target, int) or (isinstance(target, str) and target.isdigit()):
+        live = True
         default_pid = int(target)
+        base = Path("/proc") / str(default_pid)
+        if not base.is_dir():
+            raise ProcfsError(f"no process {default_pid}")
     else:
+        live = False
         base = Path(target)
         if not base.is_dir():
             raise ProcfsError(f"{base}: not a directory (give a PID or a directory holding 'maps'/'smaps')")

@@ -61,6 +61,7 @@ API: :func:`record` (→ :class:`RecordResult`), :func:`translate`, :func:`parse
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import os
@@ -77,7 +78,7 @@ import time
 from collections import defaultdict, deque
 from collections.abc import Iterable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Self
 
 from shared.sim.procfs_import import (
     MapEntry,
@@ -649,7 +650,7 @@ class _Instance:
         self.path: Path | None = None
         self.warnings: list[str] = []
 
-    def __enter__(self) -> _Instance:
+    def __enter__(self) -> Self:
         try:
             if not _tracefs_mounted(self.tracefs):
                 if self.libc.mount(b"nodev", str(self.tracefs).encode(), b"tracefs", 0, None) != 0:
@@ -946,11 +947,9 @@ def _spawn(libc: Any, argv: list[str], env: dict[str, str] | None, cwd: str | No
             os.write(w, b"S" if ok else b"s")
             os.execvpe(argv[0], argv, env_list)
         except OSError as err:
-            try:
+            with contextlib.suppress(OSError):
                 os.write(w, b"E%d" % (err.errno or 0))
-            except OSError:
-                pass
-        except BaseException:  # noqa: BLE001
+        except BaseException:  # noqa: BLE001, S110 (the forked child may only _exit)
             pass
         os._exit(127)
     os.close(w)
@@ -979,7 +978,7 @@ def record(argv: list[str], *, tracefs: str | os.PathLike[str] = TRACEFS, buffer
     libc = _libc()
     tracer = _Tracer(libc)
     status_pipe = None
-    spool = tempfile.TemporaryFile()
+    spool = tempfile.TemporaryFile()  # noqa: SIM115 (closed in the finally below)
     instance = _Instance(libc, Path(tracefs), buffer_kb)
     drain: _Drain | None = None
     warnings: list[str] = []

@@ -67,7 +67,7 @@ import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Self
 
 from shared.errors import UserError
 from shared.knobs import SPECS, KnobError, Knobs
@@ -107,6 +107,11 @@ class TraceError(ValueError):
 
 # -- field kinds ------------------------------------------------------------------------------
 
+class InvalidValue(ValueError):
+    """A value of the wrong kind (a string where an integer goes): a ValueError, as every check's
+    refusal is; :class:`TraceError` adds where it was."""
+
+
 def _type_name(v: Any) -> str:
     if v is None:
         return "null"
@@ -125,7 +130,7 @@ def _type_name(v: Any) -> str:
 
 def _int(v: Any, lo: int, hi: int, what: str = "integer") -> int:
     if type(v) is not int:
-        raise ValueError(f"expected an integer, got {_type_name(v)}")
+        raise InvalidValue(f"expected an integer, got {_type_name(v)}")
     if v < 0 and lo >= 0:
         raise ValueError(f"must not be negative (got {v})")
     if not lo <= v < hi:
@@ -159,13 +164,13 @@ def _k_count(v: Any) -> int:
 
 def _k_bool(v: Any) -> bool:
     if not isinstance(v, bool):
-        raise ValueError(f"expected true or false, got {_type_name(v)}")
+        raise InvalidValue(f"expected true or false, got {_type_name(v)}")
     return v
 
 
 def _k_ms(v: Any) -> float | int:
     if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise ValueError(f"expected a number of milliseconds, got {_type_name(v)}")
+        raise InvalidValue(f"expected a number of milliseconds, got {_type_name(v)}")
     if not math.isfinite(v):
         raise ValueError("must be a finite number")
     if v < 0:
@@ -177,7 +182,7 @@ def _k_ms(v: Any) -> float | int:
 
 def _k_str(v: Any, limit: int) -> str:
     if not isinstance(v, str):
-        raise ValueError(f"expected a string, got {_type_name(v)}")
+        raise InvalidValue(f"expected a string, got {_type_name(v)}")
     if len(v) > limit:
         raise ValueError(f"longer than {limit} characters")
     return v
@@ -199,7 +204,7 @@ def _choice(choices: Iterable[str]) -> Callable[[Any], str]:
 
     def check(v: Any) -> str:
         if not isinstance(v, str):
-            raise ValueError(f"expected a string, got {_type_name(v)}")
+            raise InvalidValue(f"expected a string, got {_type_name(v)}")
         if v not in options:
             raise ValueError(f"{v!r} is not one of {', '.join(options)}")
         return v
@@ -219,7 +224,7 @@ def _k_knob(v: Any) -> str:
 
 def _k_knob_value(v: Any) -> str | int:
     if isinstance(v, bool) or not isinstance(v, (str, int)):
-        raise ValueError(f"expected a string or an integer, got {_type_name(v)}")
+        raise InvalidValue(f"expected a string or an integer, got {_type_name(v)}")
     if isinstance(v, str):
         _k_str(v, MAX_LABEL)
     return v
@@ -297,7 +302,7 @@ _HEADER_FIELDS: dict[str, Callable[[Any], Any]] = {
 
 def _object(v: Any) -> dict[str, Any]:
     if not isinstance(v, dict):
-        raise ValueError(f"expected an object, got {_type_name(v)}")
+        raise InvalidValue(f"expected an object, got {_type_name(v)}")
     return v
 
 
@@ -475,7 +480,7 @@ class TraceReader:
     def __init__(self, src: str | os.PathLike[str] | IO[Any], *, name: str | None = None,
                  max_line: int = MAX_LINE_BYTES, max_events: int = MAX_EVENTS):
         self._own = isinstance(src, (str, os.PathLike))
-        self._f: IO[Any] = open(src, "rb") if self._own else src  # noqa: SIM115 (closed by close())
+        self._f: IO[Any] = open(src, "rb") if isinstance(src, (str, os.PathLike)) else src  # noqa: SIM115 (close())
         self.source = name if name is not None else (str(src) if self._own else getattr(src, "name", "<trace>"))
         if not isinstance(self.source, str):
             self.source = "<trace>"
@@ -528,7 +533,7 @@ class TraceReader:
         if self._own:
             self._f.close()
 
-    def __enter__(self) -> TraceReader:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -575,7 +580,8 @@ class TraceWriter:
                  *, max_events: int = MAX_EVENTS):
         self.header = validate_header(header if header is not None else {HEADER_KEY: FORMAT_VERSION})
         self._own = isinstance(dst, (str, os.PathLike))
-        self._f: IO[Any] = open(dst, "w", encoding="utf-8", newline="\n") if self._own else dst  # noqa: SIM115
+        self._f: IO[Any] = (open(dst, "w", encoding="utf-8", newline="\n")  # noqa: SIM115 (closed by close())
+                            if isinstance(dst, (str, os.PathLike)) else dst)
         self._binary = not self._own and isinstance(dst, (io.RawIOBase, io.BufferedIOBase))
         self.max_events = max_events
         self.count = 0
@@ -613,7 +619,7 @@ class TraceWriter:
         else:
             self._f.flush()
 
-    def __enter__(self) -> TraceWriter:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

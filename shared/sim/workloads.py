@@ -77,6 +77,10 @@ Event = dict[str, Any]
 
 # -- parameters -------------------------------------------------------------------------------
 
+class InvalidParameter(ValueError):
+    """A parameter of the wrong kind (a ValueError, as every parameter check's refusal)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class TextParams:
     size: int = 256 * MB
@@ -192,10 +196,10 @@ def _coerce(name: str, cls: type, key: str, value: Any) -> Any:
     kind = type(default)
     if kind is bool or kind is str:
         if type(value) is not kind:
-            raise ValueError(f"workload {name}: {key} must be a {kind.__name__}, not {value!r}")
+            raise InvalidParameter(f"workload {name}: {key} must be a {kind.__name__}, not {value!r}")
         return value
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"workload {name}: {key} must be a number, not {value!r}")
+        raise InvalidParameter(f"workload {name}: {key} must be a number, not {value!r}")
     if kind is int:
         if isinstance(value, float) and not value.is_integer():
             raise ValueError(f"workload {name}: {key} must be an integer, not {value!r}")
@@ -208,7 +212,7 @@ def _coerce(name: str, cls: type, key: str, value: Any) -> Any:
 def _check(name: str, p: Any) -> None:
     for f in dataclasses.fields(p):
         v = getattr(p, f.name)
-        if isinstance(v, bool) or isinstance(v, str):
+        if isinstance(v, (bool, str)):
             continue
         if isinstance(v, (int, float)) and (not math.isfinite(v) or v < 0):
             raise ValueError(f"workload {name}: {f.name} must be a finite number >= 0, not {v}")
@@ -244,7 +248,7 @@ def _ev(t_us: int, op: str, **fields: Any) -> Event:
 
 
 def _us(ms: float) -> int:
-    return int(round(ms * 1000))
+    return round(ms * 1000)
 
 
 def _rng(seed: int, stream: str) -> random.Random:
@@ -631,7 +635,7 @@ class Workload:
 def generate(name: str, seed: int = 0, **overrides: Any) -> Workload:
     """Workload ``name`` with ``seed`` and parameter ``overrides`` (see the dataclasses)."""
     if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an integer, not {seed!r}")
+        raise InvalidParameter(f"seed must be an integer, not {seed!r}")
     p = params(name, **overrides)
     header = make_header(
         f"workload:{name}",
@@ -655,7 +659,13 @@ def describe() -> dict[str, dict[str, Any]]:
     return {name: dataclasses.asdict(cls()) for name, cls in WORKLOADS.items()}
 
 
-def _parse_value(cls: type, key: str, text: str) -> Any:
+def parse_value(cls: type, key: str, text: str) -> Any:
+    """A parameter of dataclass ``cls`` from text as typed: sizes take K/M/G, floats ``1/64``,
+    booleans 1/0, true/false, yes/no, on/off.
+
+    Raises:
+        ValueError: an unknown parameter or a value that is not of its kind.
+    """
     fields = {f.name: f for f in dataclasses.fields(cls)}
     if key not in fields:
         raise ValueError(f"unknown parameter {key!r} (one of {', '.join(fields)})")
@@ -698,7 +708,7 @@ def main(argv: list[str] | None = None) -> int:
             key, sep, value = item.partition("=")
             if not sep:
                 raise ValueError(f"-p {item!r}: expected KEY=VALUE")
-            overrides[key] = _parse_value(WORKLOADS[args.name], key, value)
+            overrides[key] = parse_value(WORKLOADS[args.name], key, value)
         if args.out:
             n = write_workload(args.name, args.out, args.seed, **overrides)
             sys.stderr.write(f"{args.out}: {n} events\n")

@@ -74,6 +74,8 @@ class World:
         self.remapper = Remapper(dataclasses.replace(base))
         self.now = 0.0
         self._rng = random.Random(seed) if seed is not None else None
+        # Whether the peer link is up (see disconnect() and connect()).
+        self.connected = True
         self.settle()
 
     if TYPE_CHECKING:
@@ -83,8 +85,17 @@ class World:
     # -- driving ------------------------------------------------------------------------------
 
     def settle(self) -> None:
-        """Deliver messages both ways until neither side has anything to send."""
+        """Deliver messages both ways until neither side has anything to send. While the link is
+        down nothing can be sent: each side answers what it queued or waits on through
+        ``peer_lost()``, as the daemons' driver does."""
         c, r = self.collapser, self.remapper
+        if not self.connected:
+            for actor in (c, r):
+                for _ in range(64):
+                    if not (actor.outbox or actor.pending_calls()):
+                        break
+                    actor.peer_lost()
+            return
         while c.outbox or r.outbox:
             if c.outbox and r.outbox and self._rng is not None:
                 to_remapper = self._rng.random() < 0.5
@@ -144,26 +155,48 @@ class World:
                 raise RuntimeError("khugepaged is not making progress")
             self.advance(max(min(nxt) - self.now, 0))
 
-    def restart_collapser(self) -> None:
-        """collapsed dies and comes back with an empty page cache; the remapper resyncs it."""
+    def restart_collapser(self, reconnect: bool = True) -> None:
+        """collapsed dies and comes back with an empty page cache (a new boot, so new inode
+        generations); the remapper resyncs it. ``reconnect=False`` leaves the link down, so
+        the new collapser can serve clients before :meth:`connect`."""
         knobs = dataclasses.replace(self.remapper.knobs)
         self.remapper.outbox.clear()
-        self.collapser = Collapser(knobs)
+        self.collapser.halt()
+        self.collapser = Collapser(knobs, boot=self.collapser.boot + 1)
         self.collapser.advance(self.now)
         self.remapper.peer_lost()
-        self.remapper.resync()
-        self.collapser.resync()
-        self.settle()
+        self.connected = False
+        if reconnect:
+            self.connect()
 
-    def restart_remapper(self) -> None:
-        """remapd dies (its processes with it) and a new one connects."""
+    def restart_remapper(self, reconnect: bool = True) -> None:
+        """remapd dies (its processes with it) and a new one connects (``reconnect=False``: not
+        yet; see :meth:`connect`)."""
         knobs = dataclasses.replace(self.collapser.knobs)
         self.collapser.outbox.clear()
+        self.remapper.halt()
         self.remapper = Remapper(knobs)
         self.remapper.advance(self.now)
         self.collapser.peer_lost()
-        self.collapser.resync()
+        self.connected = False
+        if reconnect:
+            self.connect()
+
+    def disconnect(self) -> None:
+        """The peer link breaks: whatever is in flight is lost, both sides lose their peer."""
+        self.collapser.outbox.clear()
+        self.remapper.outbox.clear()
+        self.remapper.peer_lost()
+        self.collapser.peer_lost()
+        self.connected = False
+        self.settle()
+
+    def connect(self) -> None:
+        """The peer link is (re)established: both sides resync, the remapper first (its names
+        of the files it maps reach the collapser ahead of anything else it sends)."""
+        self.connected = True
         self.remapper.resync()
+        self.collapser.resync()
         self.settle()
 
     # -- the operations ------------------------------------------------------------------------
@@ -245,7 +278,7 @@ class World:
         """Run the invariant checker (the model must be quiet: call after an operation)."""
         from shared.sim.invariants import check
 
-        check(self.collapser, self.remapper)
+        check(self.collapser, self.remapper, connected=self.connected)
 
 
 def _operation(cls: type[Request[Any]]) -> Callable[..., Any]:
