@@ -62,6 +62,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol, Self, TextIO, TypeVar
 
+from shared import logs
 from shared.errors import UserError
 from shared.knobs import Knobs
 from shared.sim import kernel as kmod
@@ -628,13 +629,8 @@ class Known:
 # -- matcher helpers ---------------------------------------------------------------------------
 
 
-def _rows(obs: Obs, pid: int) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = obs["smaps"].get(pid, [])
-    return rows
 
 
-def _overlapping(obs: Obs, pid: int, start: int, end: int) -> list[dict[str, Any]]:
-    return [r for r in _rows(obs, pid) if r["start"] < end and r["end"] > start]
 
 
 def _smaps_pairs(div: Divergence) -> Iterable[tuple[int, dict[str, Any], dict[str, Any]]]:
@@ -674,7 +670,6 @@ def _file_size_before(div: Divergence) -> int:
 
 
 ACCESS_OPS = ("fault", "touch")
-FAULTING = ("fault", "touch", "populate_read", "populate_write")
 
 
 def _faulting(div: Divergence) -> bool:
@@ -682,38 +677,10 @@ def _faulting(div: Divergence) -> bool:
     return s.op in ACCESS_OPS or (s.op == "madvise" and s.args["advice"] in ("populate_read", "populate_write"))
 
 
-def _m1(div: Divergence) -> bool:
-    s = div.step
-    if s.op != "madvise" or s.args["advice"] not in ("hugepage", "nohugepage"):
-        return False
-    flag = "hg" if s.args["advice"] == "hugepage" else "nh"
-    start = s.args["addr"]
-    already = [r for r in _overlapping(div.kernel_before, s.args["pid"], start, start + s.args["length"]) if r[flag]]
-    if not already:
-        return False
-    return _only(div, ("smaps.Rss", "smaps.ShmemPmdMapped", "smaps.Anonymous", "smaps.vmas", "vmstat.*", "files"))
 
 
-def _m2(div: Divergence) -> bool:
-    for d in div.differences:
-        if d.what != "smaps" or d.kernel is None or d.model is None:
-            continue
-        kb = {r["start"] for r in d.kernel} | {r["end"] for r in d.kernel}
-        mb = {r["start"] for r in d.model} | {r["end"] for r in d.model}
-        extra = kb - mb
-        if not extra or not mb <= kb:
-            continue
-        # Each boundary the kernel keeps and the model merged away sits between private VMAs.
-        by_end = {r["end"]: r for r in d.kernel}
-        by_start = {r["start"]: r for r in d.kernel}
-        if all(b in by_end and b in by_start and by_end[b]["perms"].endswith("p") for b in extra):
-            return True
-    return False
 
 
-def _m3(div: Divergence) -> bool:
-    s = div.step
-    return s.op == "madvise" and s.args["advice"] == "collapse" and div.kernel_outcome.get("result") == "EINVAL"
 
 
 def _m4(div: Divergence) -> bool:
@@ -728,40 +695,12 @@ def _m5(div: Divergence) -> bool:
     return m > k and s.args["offset"] + s.args["length"] > _file_size_before(div)
 
 
-def _m6(div: Divergence) -> bool:
-    if not _faulting(div) or not _only(div, ("smaps.Rss",)):
-        return False
-    return any(kr["Rss"] > mr["Rss"] and kr["start"] % (64 * K) for _, kr, mr in _smaps_pairs(div))
 
 
 def _thp_exists(div: Divergence) -> bool:
     return int(div.kernel_before["vmstat"].get("nr_shmem_hugepages", 0)) > 0 or _vm(div, "nr_shmem_hugepages")[0] > 0
 
 
-def _large_folio_ever(div: Divergence) -> bool:
-    """A THP existed in the kernel at some point of the sequence (what a split leaves of it may
-    be large folios still: #9, #16)."""
-    kb = div.kernel_before["vmstat"]
-    return _thp_exists(div) or int(kb.get("thp_file_alloc", 0)) + int(kb.get("thp_collapse_alloc", 0)) > 0 or _vm(div, "thp_file_alloc")[0] > 0
-
-
-def _m7(div: Divergence) -> bool:
-    if not _faulting(div) or not _large_folio_ever(div):
-        return False
-    if not _only(div, ("smaps.Rss", "smaps.Anonymous", "vmstat.thp_file_alloc", "vmstat.nr_shmem_hugepages", "files")):
-        return False
-    return any(kr["Rss"] > mr["Rss"] for _, kr, mr in _smaps_pairs(div))
-
-
-def _m8(div: Divergence) -> bool:
-    if not _faulting(div):
-        return False
-    k, m = _vm(div, "thp_file_alloc")
-    if k > m:
-        return True
-    # The consequence: a PTE-mapped THP straddling EOF serves accesses past it without a fault.
-    acc = _access(div)
-    return acc is not None and _file_size_before(div) % PMD != 0 and _thp_exists(div) and _more_ok(acc[0], acc[1])
 
 
 def _more_ok(kernel: Any, model: Any) -> bool:
@@ -793,16 +732,8 @@ def _m10(div: Divergence) -> bool:
     return s.op == "madvise" and s.args["advice"] == "pageout"
 
 
-def _m11(div: Divergence) -> bool:
-    acc = _access(div)
-    return div.aspects() == {"access"} and acc is not None and coarse(acc[0]) == coarse(acc[1])
 
 
-def _m12(div: Divergence) -> bool:
-    s = div.step
-    if s.op != "madvise" or s.args["advice"] != "collapse" or ("thpsplit/install_pmd", "1") not in div.settings.model_knobs:
-        return False
-    return any(kr["nh"] and mr["ShmemPmdMapped"] > kr["ShmemPmdMapped"] for _, kr, mr in _smaps_pairs(div))
 
 
 def _m17(div: Divergence) -> bool:
@@ -813,11 +744,6 @@ def _m17(div: Divergence) -> bool:
     return m > k or hm > hk
 
 
-def _m18(div: Divergence) -> bool:
-    if div.step.op != "wait-scans":
-        return False
-    k, m = _vm(div, "nr_shmem_hugepages")
-    return k > m and int(div.kernel_before["vmstat"].get("thp_split_page", 0)) > 0
 
 
 def _m15(div: Divergence) -> bool:
@@ -836,6 +762,33 @@ def _m16(div: Divergence) -> bool:
         ("smaps.Rss", "smaps.ShmemPmdMapped", "smaps.Anonymous", "vmstat.thp_split_pmd", "vmstat.nr_shmem_hugepages",
          "vmstat.nr_shmem_pmdmapped", "files"),
     )
+
+
+def _m19(div: Divergence) -> bool:
+    return div.aspects() == {"smaps.Locked"} and any(kr["Locked"] > mr["Locked"] for _, kr, mr in _smaps_pairs(div))
+
+
+def _m20(div: Divergence) -> bool:
+    s = div.step
+    if s.op not in ACCESS_OPS or s.args["write"] or div.aspects() != {"smaps.Rss"}:
+        return False
+    acc = (div.kernel_outcome.get("result"), div.model_outcome.get("result"))
+    past_eof = all("sigbus" in (a if isinstance(a, dict) else {a: 1}) for a in acc)
+    return past_eof and any(kr["Rss"] > mr["Rss"] for _, kr, mr in _smaps_pairs(div))
+
+
+def _m21(div: Divergence) -> bool:
+    if not _faulting(div) or not _only(div, ("smaps.Rss", "smaps.Anonymous")):
+        return False
+    punched = any(h.op == "file punch" for h in div.history)
+    split = int(div.kernel_before["vmstat"].get("thp_split_page", 0)) > 0
+    return punched and split and any(kr["Rss"] > mr["Rss"] for _, kr, mr in _smaps_pairs(div))
+
+
+def _m22(div: Divergence) -> bool:
+    if not _faulting(div) or not any(h.op == "madvise" and h.args["advice"] == "dontneed" for h in div.history):
+        return False
+    return any(kr["ShmemPmdMapped"] > mr["ShmemPmdMapped"] for _, kr, mr in _smaps_pairs(div))
 
 
 def _install_pmd(div: Divergence) -> bool:
@@ -862,7 +815,7 @@ KNOWN: tuple[Known, ...] = (
         "mmap 2 0x40000000 2M --file c --prot rw --shared; touch 2 0x40000000 2M --stride 64K; "
         "madvise 1 0x40000000 2M collapse",
         readme="`install_pmd=1` (default) makes the remapper map the PMD right after retracting — its job "
-        "in Kirill's design; `install_pmd=0` leaves the PMD none for the next fault, as khugepaged does.",
+        "in Kirill's design",
         model_knobs=(("thpsplit/install_pmd", "1"),),
     ),
     Known(
@@ -888,39 +841,6 @@ KNOWN: tuple[Known, ...] = (
         unreachable="handled by quiet_khugepaged (tests/test_kernel_backend.py checks it)",
     ),
     Known(
-        "#1",
-        "open",
-        "MADV_HUGEPAGE/NOHUGEPAGE over a VMA that already has the flag: the model splits the PMD",
-        "madvise_update_vma() (mm/madvise.c) returns early when the new flags equal vma->vm_flags: "
-        "nothing is split or zapped.",
-        matcher=_m1,
-        reproducer=_SETUP + "mmap 1 0x40000000 4M --file c --prot rw --shared; madvise 1 0x40000000 4M hugepage; "
-        "fault 1 0x40000000; madvise 1 0x40100000 4K hugepage",
-        number=1,
-    ),
-    Known(
-        "#2",
-        "open",
-        "VMAs with different anon_vmas are merged by the model",
-        "is_mergeable_anon_vma() (mm/vma.c, vma_merge_existing_range): each private VMA got its own "
-        "anon_vma at its first CoW while their flags differed.",
-        matcher=_m2,
-        reproducer=_SETUP + "mmap 1 0x40000000 4M --file c --prot rw --private; madvise 1 0x40000000 2M hugepage; "
-        "touch 1 0x40000000 4M --write --stride 2M; madvise 1 0x40200000 2M hugepage",
-        number=2,
-        huge="never",  # under advise the CoW write first allocates a THP (#8)
-    ),
-    Known(
-        "#3",
-        "open",
-        "MADV_COLLAPSE on a VMA that cannot hold an aligned PMD: EINVAL in the kernel",
-        "madvise_collapse() -> thp_vma_allowable_order(TVA_FORCED_COLLAPSE) (mm/khugepaged.c, "
-        "mm/huge_memory.c): no aligned PMD before vm_end; madvise_walk_vmas() stops at the first error.",
-        matcher=_m3,
-        reproducer=_SETUP + "mmap 1 0x40000000 1M --file c --prot rw --shared; madvise 1 0x40000000 1M collapse",
-        number=3,
-    ),
-    Known(
         "#4",
         "open",
         "hole punching keeps private CoW pages in the kernel",
@@ -941,40 +861,6 @@ KNOWN: tuple[Known, ...] = (
         reproducer="file create c --size 3M --shmem; proc spawn 1; mmap 1 0x40000000 4M --file c --prot rw --shared; "
         "madvise 1 0x40000000 4M hugepage; fault 1 0x40200000; file punch c 2M 2M",
         number=5,
-    ),
-    Known(
-        "#6",
-        "open",
-        "fault-around clipped at a VMA start is shifted, not shortened, in the kernel",
-        "do_fault_around() (mm/memory.c) raises from_pte to the VMA start and sets to_pte = from_pte + "
-        "nr_pages.",
-        matcher=_m6,
-        reproducer=_SETUP + "file write c 0 4M; mmap 1 0x40004000 1M --file c --offset 16K --prot r --shared; "
-        "fault 1 0x40008000",
-        number=6,
-    ),
-    Known(
-        "#7",
-        "open",
-        "a cached large folio that cannot be PMD-mapped is mapped whole with PTEs in the kernel",
-        "finish_fault() and filemap_map_pages() (mm/memory.c, mm/filemap.c) map every page of a shmem "
-        "large folio inside the VMA and the PMD when do_set_pmd() refuses.",
-        matcher=_m7,
-        reproducer=_SETUP + "mmap 1 0x40000000 2M --file c --prot rw --shared; file write c 0 4K; "
-        "madvise 1 0x40000000 2M collapse; proc spawn 2; mmap 2 0x40000000 2M --file c --prot rw --shared; "
-        "madvise 2 0x40000000 2M nohugepage; fault 2 0x40100000",
-        number=7,
-    ),
-    Known(
-        "#8",
-        "open",
-        "shmem allocates the PMD-size folio at fault even where it cannot be PMD-mapped",
-        "do_cow_fault()/__do_fault() -> shmem_fault() -> shmem_get_folio_gfp() (mm/shmem.c): the "
-        "allowed orders depend on the VMA and the page cache, never the page table.",
-        matcher=_m8,
-        reproducer=_SETUP + "mmap 1 0x40000000 4M --file c --prot rw --private; madvise 1 0x40000000 4M hugepage; "
-        "fault 1 0x40000000 --write",
-        number=8,
     ),
     Known(
         "#9",
@@ -1000,39 +886,6 @@ KNOWN: tuple[Known, ...] = (
         number=10,
     ),
     Known(
-        "#11",
-        "open",
-        "a read fault on a shared writable shmem mapping maps the PTE writable (per access only)",
-        "shmem needs no write-notify (vma_wants_writenotify() is false), so set_pte_range() maps the page "
-        "writable on the read fault: the later write is a hit, not a minor fault.",
-        matcher=_m11,
-        reproducer=_SETUP + "mmap 1 0x40000000 4M --file c --prot rw --shared; fault 1 0x40000000; "
-        "fault 1 0x40000000 --write",
-        number=11,
-        fine=True,
-    ),
-    Known(
-        "#12",
-        "open",
-        "with install_pmd=1 a collapse maps a PMD into a VM_NOHUGEPAGE VMA",
-        "do_set_pmd() refuses a VM_NOHUGEPAGE VMA (vma_thp_disabled); wrong even by the model's design. "
-        "Not reached with install_pmd=0 (the harness's setting).",
-        matcher=_m12,
-        reproducer=_SETUP + "file write c 0 4K; mmap 1 0x40000000 2M --file c --prot rw --shared; "
-        "mmap 1 0x40400000 2M --file c --prot rw --shared; madvise 1 0x40400000 2M nohugepage; "
-        "fault 1 0x40400000; madvise 1 0x40000000 2M collapse",
-        number=12,
-        model_knobs=(("thpsplit/install_pmd", "1"),),
-    ),
-    Known(
-        "#13",
-        "open",
-        "VMA merging needs the same open file, not just the same inode",
-        "is_mergeable_vma() (mm/vma.c) compares vm_file; the model merges by inode.",
-        number=13,
-        unreachable="the kernel backend keeps one open file per name and process, so neighbours always share it",
-    ),
-    Known(
         "#15",
         "open",
         "a first MADV_HUGEPAGE on a shmem VMA does not register the mm with khugepaged",
@@ -1044,6 +897,19 @@ KNOWN: tuple[Known, ...] = (
         reproducer=_SETUP + "file write c 0 4M; mmap 1 0x40000000 4M --file c --prot rw --shared; "
         "madvise 1 0x40000000 4M hugepage; touch 1 0x40000000 4M --stride 64K; wait-scans 2",
         number=15,
+    ),
+    Known(
+        "#16",
+        "open",
+        "a hole punch that starts or ends inside a page splits the large folio there",
+        "shmem_undo_range() (mm/shmem.c) takes a sub-page start or end through shmem_get_partial_folio() "
+        "and truncate_inode_partial_folio() (mm/truncate.c), which zeroes the bytes and splits a large "
+        "folio (try_folio_split: the PMD mapping goes). The model punches whole pages only and leaves "
+        "the THP alone.",
+        matcher=_m16,
+        reproducer=_SETUP + "mmap 1 0x40000000 4M --file c --prot rw --shared; madvise 1 0x40000000 4M hugepage; "
+        "fault 1 0x40000000; file punch c 100 10",
+        number=16,
     ),
     Known(
         "#17",
@@ -1060,31 +926,52 @@ KNOWN: tuple[Known, ...] = (
         number=17,
     ),
     Known(
-        "#18",
+        "#19",
         "open",
-        "the pages of a split THP are off the LRU in the model: khugepaged refuses them",
-        "When a THP is split (a truncate or hole punch inside it), __split_huge_page() puts every "
-        "new folio on the LRU with the head (lru_add_split_folio, mm/huge_memory.c). The model's "
-        "split leaves them off it, and no drain puts them back, so hpage_collapse_scan_file() stops "
-        "at SCAN_PAGE_LRU where the kernel collapses the range again.",
-        matcher=_m18,
-        reproducer=_SETUP + "mmap 1 0x40000000 4M --file c --prot rw --shared; madvise 1 0x40000000 4M hugepage; "
-        "madvise 1 0x40000000 4M hugepage; touch 1 0x40000000 4M --write; file punch c 3176K 3000713; "
-        "touch 1 0x401fe000 1832K --stride 64K; wait-scans 2",
-        number=18,
+        "smaps Locked is 0 for an mlocked VMA in the model",
+        "show_smap() reports the locked Pss of a VM_LOCKED VMA (smaps_account: mss->pss_locked, "
+        "fs/proc/task_mmu.c). World.smaps comes from remapd/procfs.py, which still assumes no VMA is "
+        "VM_LOCKED and never adds to pss_locked, though mlock/munlock now set VM_LOCKED (VmFlags lo) "
+        "and remapd/report.py computes it.",
+        matcher=_m19,
+        reproducer=_SETUP + "mmap 1 0x40000000 4M --file c --prot rw --shared; mlock 1 0x40000000 4M",
+        number=19,
     ),
     Known(
-        "#16",
+        "#20",
         "open",
-        "a hole punch that starts or ends inside a page splits the large folio there",
-        "shmem_undo_range() (mm/shmem.c) takes a sub-page start or end through shmem_get_partial_folio() "
-        "and truncate_inode_partial_folio() (mm/truncate.c), which zeroes the bytes and splits a large "
-        "folio (try_folio_split: the PMD mapping goes). The model punches whole pages only and leaves "
-        "the THP alone.",
-        matcher=_m16,
+        "a read fault past EOF runs fault-around first: cached pages below EOF get mapped",
+        "do_read_fault() (mm/memory.c) calls do_fault_around() before __do_fault(); filemap_map_pages() "
+        "maps the window's cached pages up to EOF, and only then does shmem_fault() answer SIGBUS. The "
+        "model checks EOF first and maps nothing.",
+        matcher=_m20,
+        reproducer=_SETUP + "file write c 0 4100K; mmap 1 0x40000000 8M --file c --prot r --shared; fault 1 0x40403000",
+        number=20,
+    ),
+    Known(
+        "#21",
+        "open",
+        "punching pages out of a THP leaves large folios that the next fault maps whole",
+        "shmem_undo_range() -> truncate_inode_partial_folio() -> try_folio_split() (mm/truncate.c, "
+        "mm/huge_memory.c) splits a THP non-uniformly: large folios remain around the hole, and "
+        "finish_fault() maps every page of such a folio inside the VMA and the PMD. The model splits "
+        "to base pages and maps one (with fault-around).",
+        matcher=_m21,
         reproducer=_SETUP + "mmap 1 0x40000000 4M --file c --prot rw --shared; madvise 1 0x40000000 4M hugepage; "
-        "fault 1 0x40000000; file punch c 100 10",
-        number=16,
+        "fault 1 0x40200000 --write; file punch c 3580K 4K; fault 1 0x40328000 --write",
+        number=21,
+    ),
+    Known(
+        "#22",
+        "open",
+        "MADV_DONTNEED frees empty PTE tables, so a later fault can map a PMD there",
+        "zap_pte_range() reclaims a PTE table that the zap left empty (CONFIG_PT_RECLAIM, 6.13+: "
+        "try_get_and_clear_pmd(), mm/pt_reclaim.c) for MADV_DONTNEED; the PMD slot is none again and "
+        "do_set_pmd() can map a THP. The model keeps the empty table and maps with PTEs.",
+        matcher=_m22,
+        reproducer=_SETUP + "mmap 1 0x40000000 4M --file c --prot rw --shared; fault 1 0x40200000; "
+        "madvise 1 0x40000000 4M dontneed; madvise 1 0x40000000 4M hugepage; file punch c 2M 2M; fault 1 0x40200000",
+        number=22,
     ),
 )
 
@@ -1354,7 +1241,7 @@ _STEP_FAMILIES = (
     ("truncate", 4),
     ("punch", 5),
     ("write", 3),
-    ("other-syscall", 3),
+    ("other-syscall", 6),
 )
 # The khugepaged mode's set-up: no MADV_COLLAPSE, no truncation (what khugepaged finds is the point).
 _KH_FAMILIES = (
@@ -1473,8 +1360,11 @@ def generate(draw: Draw, steps: int = 12, mode: str = "step", exact: bool = True
             assert isinstance(off, int)
             prot = draw.choice(("rw", "r"))
             kind = "--shared" if draw.chance(60) else "--private"
+            reopen = " --reopen" if draw.chance(20) else ""  # a new open(2): no merge with the first
             lines.append(
-                f"mmap {pid} {where:#x} {_size(length)} --file {FILE}" + (f" --offset {_size(off)}" if off else "") + f" --prot {prot} {kind}"
+                f"mmap {pid} {where:#x} {_size(length)} --file {FILE}"
+                + (f" --offset {_size(off)}" if off else "")
+                + f" --prot {prot} {kind}{reopen}"
             )
         elif fam == "fork":
             if len(pids) < 3:
@@ -1786,6 +1676,7 @@ def _model_knob_pairs(items: Sequence[str]) -> tuple[tuple[str, str], ...]:
 
 def run_cli(args: argparse.Namespace, stdout: TextIO, stderr: TextIO, program: str = "thpctl conformance") -> int:
     """The command: figures or a replay; the exit status (see the module docstring)."""
+    logs.configure("warning", stream=stderr)  # the model's trace events stay out of the figures
     as_json = bool(getattr(args, "json", False))
     try:
         knobs = _model_knob_pairs(args.model_knob)
