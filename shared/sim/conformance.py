@@ -999,6 +999,8 @@ class SequenceResult:
     noise: bool = False  # a divergence that did not come back on a second run
     noise_report: str = ""
     diverging_family: str = ""
+    scans: int = 0  # wait-scans steps that agreed
+    collapsing_scans: int = 0  # ... during which the kernel's khugepaged collapsed something
 
     @property
     def unexpected(self) -> bool:
@@ -1086,6 +1088,9 @@ class Harness:
                 result.diverging_family = fam
                 return result
             result.agreed.append(fam)
+            if step.op == "wait-scans":
+                result.scans += 1
+                result.collapsing_scans += _vmstat_delta(ka, kb, "thp_collapse_alloc") > 0
             kb, mb = ka, ma
         return result
 
@@ -1507,6 +1512,8 @@ class Figures:
     unexpected: list[Divergence] = dataclasses.field(default_factory=list)
     noise_reports: list[str] = dataclasses.field(default_factory=list)
     steps_compared: int = 0
+    scans: int = 0
+    collapsing_scans: int = 0
     seconds: float = 0.0
 
     def _fam(self, name: str) -> Counter[str]:
@@ -1519,6 +1526,8 @@ class Figures:
         for fam, _ in r.unsupported:
             self._fam(fam)["unsupported"] += 1
         self.steps_compared += len(r.agreed)
+        self.scans += r.scans
+        self.collapsing_scans += r.collapsing_scans
         if r.divergence is not None:
             self.steps_compared += 1
             if r.divergence.known is not None:
@@ -1556,6 +1565,8 @@ class Figures:
                 f"{name:34} {c['agreed']:7} {c['known']:6} {c['unexpected']:6} {c['noise']:5} {c['inconclusive']:6} "
                 f"{c['unsupported']:7} {pct:>9}"
             )
+        if self.scans:
+            out += ["", f"wait-scans steps agreed: {self.scans}, in {self.collapsing_scans} of them khugepaged collapsed a range"]
         if self.known:
             out += ["", "stopped at known differences: " + ", ".join(f"{k} {n}" for k, n in sorted(self.known.items(), key=_id_order))]
         return "\n".join(out)
@@ -1566,6 +1577,8 @@ class Figures:
             "huge": self.huge,
             "sequences": self.sequences,
             "steps_compared": self.steps_compared,
+            "scans": self.scans,
+            "collapsing_scans": self.collapsing_scans,
             "agreed": self.agreed,
             "noise": self.noise,
             "inconclusive": self.inconclusive,
