@@ -729,7 +729,11 @@ def _m9(div: Divergence) -> bool:
 
 def _m10(div: Divergence) -> bool:
     s = div.step
-    return s.op == "madvise" and s.args["advice"] == "pageout"
+    if s.op == "madvise" and s.args["advice"] == "pageout":
+        return True
+    # (b) later: pages the model swapped out where the kernel (no swap here) dropped or kept them,
+    # e.g. MADV_COLLAPSE finds swap entries in a range that is empty in the kernel (SCAN_TRUNCATED).
+    return int(div.model_before["vmstat"].get("thpsplit_nr_swap_entries", 0)) > 0
 
 
 
@@ -884,6 +888,9 @@ KNOWN: tuple[Known, ...] = (
         reproducer=_SETUP + "mmap 1 0x40000000 4M --file c --prot rw --shared; madvise 1 0x40000000 2M populate_read; "
         "madvise 1 0x40200000 2M populate_write; madvise 1 0x40000000 4M pageout",
         number=10,
+        # and later, while the model holds swap entries: e.g. file write c 0 64K; mmap private;
+        # touch 1 0x40343001 4K; madvise 1 0x40200000 4M pageout; madvise 1 0x40000000 4M collapse
+        # is EINVAL (SCAN_TRUNCATED) in the kernel, a collapse of the swap entries in the model.
     ),
     Known(
         "#15",
