@@ -14,6 +14,7 @@ snapshot of every THP knob afterwards, and no mount or worker process is left be
 from __future__ import annotations
 
 import io
+import json
 import os
 import shlex
 from pathlib import Path
@@ -191,6 +192,26 @@ def test_an_unexpected_divergence_that_does_not_come_back_is_noise():
     assert fig.noise == 1 and fig.noise_reports == [r.noise_report] and fig.families["madvise dontneed"]["noise"] == 1
 
 
+def test_check_known_does_not_take_noise_for_agreement():
+    calls = []
+
+    def every_other(step: Step, out: dict[str, Any]) -> dict[str, Any]:
+        if step.op == "madvise":
+            calls.append(1)
+            if len(calls) % 2:
+                return {"result": "EINVAL"}
+        return out
+
+    unmatched = (Known("#98", "open", "t", "t", matcher=lambda d: False, reproducer=BASE + "madvise 1 0x40000000 4K dontneed"),)
+    (check,) = check_known(lambda s: Harness(FakeKernel(every_other), s, known=unmatched), table=unmatched)
+    assert check.verdict == "not checkable" and check.detail.startswith("noise three times")
+    assert len(calls) == 6  # three runs, each confirmed once
+    calls.clear()
+    calls.append(1)  # the first run's madvise is now an even call: it agrees at once
+    (check,) = check_known(lambda s: Harness(FakeKernel(every_other), s, known=unmatched), table=unmatched)
+    assert check.verdict == "now agrees: remove it from the table"
+
+
 def test_vmstat_only_divergence_that_does_not_come_back_is_noise():
     h = Harness(FakeKernel(bumps=[1, 0]), known=())  # +1 thp_split_pmd on the first run only
     r = h.run(parse_steps_text(SEQ))
@@ -320,7 +341,9 @@ async def test_thpctl_conformance_is_a_command(monkeypatch):
     out, err = io.StringIO(), io.StringIO()
     assert await amain(["conformance", "--seeds", "1"], out, err) == 77
     assert err.getvalue() == "thpctl conformance: the kernel side cannot run here: needs root (a test)\n"
+    out = io.StringIO()
     assert await amain(["conformance", "--skip-unavailable", "--json"], out, io.StringIO()) == 0
+    assert json.loads(out.getvalue()) == {"skipped": "needs root (a test)"}
     assert await amain(["conformance", "--mode", "bogus"], out, io.StringIO()) == 2
 
 

@@ -111,7 +111,8 @@ VMSTAT_EXACT = (
     "nr_shmem_pmdmapped",
 )
 # After khugepaged scans only the gauges: how many THPs there are and are PMD-mapped, not how
-# many attempts it took (thp_collapse_alloc counts a transient failure's allocation too).
+# many attempts it took (thp_collapse_alloc counts a transient failure's allocation too, and every
+# other mm's anon collapses while khugepaged runs at full speed).
 VMSTAT_AFTER_SCANS = ("nr_shmem_hugepages", "nr_shmem_pmdmapped")
 
 # Step op → the World method that performs it (detected by name: an op the World lacks is
@@ -1097,7 +1098,7 @@ class Harness:
             result.agreed.append(fam)
             if step.op == "wait-scans":
                 result.scans += 1
-                result.collapsing_scans += _vmstat_delta(ka, kb, "thp_collapse_alloc") > 0
+                result.collapsing_scans += _vmstat_delta(ka, kb, "nr_shmem_hugepages") > 0
             kb, mb = ka, ma
         return result
 
@@ -1163,12 +1164,17 @@ def check_known(
         if h is None:
             out.append(KnownCheck(k, "not checkable", f"no kernel backend for huge={k.huge} in this run"))
             continue
-        res = h.run(parse_steps_text(k.reproducer))
+        steps = parse_steps_text(k.reproducer)
+        for _ in range(3):  # a noisy or inconclusive run says nothing: try again
+            res = h.run(steps)
+            if not (res.noise or res.inconclusive):
+                break
         div = res.divergence
         if div is None:
-            detail = res.inconclusive or ("noise" if res.noise else "both sides agree on every step")
-            verdict = "now agrees: remove it from the table" if not res.inconclusive else "not checkable"
-            out.append(KnownCheck(k, verdict, detail))
+            if res.noise or res.inconclusive:
+                out.append(KnownCheck(k, "not checkable", res.inconclusive or f"noise three times:\n{res.noise_report}"))
+            else:
+                out.append(KnownCheck(k, "now agrees: remove it from the table", "both sides agree on every step"))
         elif div.known is not None and div.known.id == k.id:
             out.append(KnownCheck(k, "diverges as listed", f"at step {div.index + 1}: {div.step.line()}"))
         else:
@@ -1576,6 +1582,8 @@ class Figures:
             out += ["", f"wait-scans steps agreed: {self.scans}, in {self.collapsing_scans} of them khugepaged collapsed a range"]
         if self.known:
             out += ["", "stopped at known differences: " + ", ".join(f"{k} {n}" for k, n in sorted(self.known.items(), key=_id_order))]
+        for report in self.noise_reports:
+            out += ["", "noise (did not come back on a second run):", *("  " + line for line in report.splitlines())]
         return "\n".join(out)
 
     def to_json(self) -> dict[str, Any]:
@@ -1700,7 +1708,7 @@ def run_cli(args: argparse.Namespace, stdout: TextIO, stderr: TextIO, program: s
     as_json = bool(getattr(args, "json", False))
     try:
         knobs = _model_knob_pairs(args.model_knob)
-    except (ValueError, Exception) as err:  # noqa: BLE001 - KnobError or ours: one line
+    except ValueError as err:  # a KnobError (sysfs would refuse it) or no "=": one line
         stderr.write(f"{program}: {err}\n")
         return EXIT_USAGE
     replay_text = None
@@ -1734,6 +1742,8 @@ def run_cli(args: argparse.Namespace, stdout: TextIO, stderr: TextIO, program: s
         session = KernelSession(HUGE_CHOICES if args.check_known and replay_steps is None else huges).__enter__()
     except BackendError as err:
         stderr.write(f"{program}: the kernel side cannot run here: {err}\n")
+        if as_json:
+            stdout.write(json.dumps({"skipped": str(err)}) + "\n")
         return EXIT_OK if args.skip_unavailable else EXIT_UNAVAILABLE
     status = EXIT_OK
     try:
