@@ -1085,7 +1085,7 @@ class Harness:
                 vmstat_only = all(d.what == "vmstat" for d in diffs)
                 if confirm and (div.known is None or vmstat_only):
                     # Reported only if it comes back: the kernel side is not deterministic to
-                    # the page (see docs/CONFORMANCE.md, "Noise").
+                    # the page (docs/CONFORMANCE.md: "vmstat is machine-wide").
                     again = self.run(steps[: i + 1], seed, confirm=False).divergence
                     if again is None or again.index != i or again.signature() != div.signature():
                         result.noise = True

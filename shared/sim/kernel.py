@@ -1,7 +1,8 @@
 """The real kernel as a backend of the differential conformance harness (issue 9).
 
 A *scenario* is a list of steps in the ``thpctl run`` line syntax (a subset: files, processes,
-mmap/munmap/madvise/mprotect/mremap/mlock/munlock, fault/touch, truncate/punch/write).
+mmap/munmap/madvise/mprotect/mremap/mlock/munlock, fault/touch, truncate/punch/write, and
+``sysfs set`` / ``wait-scans`` for khugepaged).
 :class:`KernelBackend` performs them on the running Linux kernel, one step at a time, and
 :meth:`KernelBackend.observe` reads back what the model reports too: per process and per VMA the
 ``/proc/PID/smaps`` fields, and ``/proc/vmstat`` deltas.
@@ -56,14 +57,21 @@ the flock). Per-access sigsegv/sigbus exactly; hit/minor/major exactly; pmd on a
 Not comparable: addresses of ``mmap auto`` (the model's MMAP_BASE is not the kernel's),
 Pss/Referenced/Shared_* (the model does not report them), page-sized vmstat counters.
 
-khugepaged: it only scans mms registered with it (MADV_HUGEPAGE, or a VMA khugepaged_enter_vma
-finds eligible). With some mm registered it sleeps ``khugepaged/scan_sleep_millisecs`` between
-passes (10 s by default); with none it sleeps until the first registration and then scans at
-once, so the first MADV_HUGEPAGE of a scenario would start a pass racing its next steps
-(observed: a collapse right after ``madvise hugepage``). :func:`quiet_khugepaged` registers a
-sentinel mm, sets the sleep to a day through a :class:`SysfsGuard` and waits until the one pass
-that write triggers is over (khugepaged asleep in its wait again); see its docstring. :meth:`KernelBackend.observe` reports
+khugepaged: it only scans mms registered with it (a VMA khugepaged_enter_vma finds eligible; on
+6.18 a *first* MADV_HUGEPAGE on a shmem VMA does not register its mm, a second one does: the
+check reads the VMA's old flags). With some mm registered it sleeps
+``khugepaged/scan_sleep_millisecs`` between passes (10 s by default); with none it sleeps until
+the first registration and then scans at once, racing the scenario's next steps.
+:func:`quiet_khugepaged` registers a sentinel mm, sets the sleep to a day through a
+:class:`SysfsGuard` and waits until the one pass that write triggers is over (khugepaged asleep in
+its wait again); see its docstring. :meth:`KernelBackend.observe` reports
 ``khugepaged/full_scans`` and ``pages_collapsed`` deltas so a harness can tell if it ran anyway.
+
+With a guard (``KernelBackend(guard=...)``) a scenario may also ``sysfs set`` the khugepaged
+limits (:data:`SCENARIO_KNOBS`; put back by :meth:`KernelBackend.reset`) and ``wait-scans N``:
+``scan_sleep_millisecs`` at 1 ms until ``full_scans`` has grown by N, then back to its quiet value
+(waiting for the pass that write starts). At 1 ms khugepaged scans every registered mm on the
+machine, so machine-wide counters may move for others' reasons during that step.
 """
 
 from __future__ import annotations
