@@ -95,11 +95,11 @@ def check(c: Collapser, r: Remapper, connected: bool = True) -> None:
             if isinstance(entry, int):
                 head = pte_pfn(entry)
                 assert connected, f"pid {pid}: PMD at {base:#x} maps file pfn {head} with the peer gone"
-                vma = mm.find_vma(base)
-                assert vma is not None and vma.end >= base + HPAGE_PMD_SIZE, f"pid {pid}: PMD at {base:#x} outside a VMA"
+                pmd_vma = mm.find_vma(base)
+                assert pmd_vma is not None and pmd_vma.end >= base + HPAGE_PMD_SIZE, f"pid {pid}: PMD at {base:#x} outside a VMA"
                 assert mem.allocated(head) and mem.flags[head] & PG_HEAD, f"pid {pid}: PMD at {base:#x} maps non-THP {head}"
                 assert mem.index[head] % HPAGE_PMD_NR == 0, f"pid {pid}: PMD maps misaligned THP"
-                assert mem.ino[head] == vma.ino and mem.index[head] == vma.pgoff_at(base), (
+                assert mem.ino[head] == pmd_vma.ino and mem.index[head] == pmd_vma.pgoff_at(base), (
                     f"pid {pid}: PMD at {base:#x} maps the wrong THP"
                 )
                 pmd_maps[head] += 1
@@ -146,11 +146,11 @@ def check(c: Collapser, r: Remapper, connected: bool = True) -> None:
         for key, value in mm.rss.items():
             assert value == rss[key], f"pid {pid}: {key} {value} != {rss[key]} mapped"
     for pid, pidx in r.marked:
-        mm = r.mms.get(pid)
-        assert mm is not None and isinstance(mm.pmds.get(pidx), PteTable), f"marked ({pid}, {pidx:#x}) has no table"
-    for ino, vmas in r.files.i_mmap.items():
-        for key in vmas:
-            assert key in seen_vmas, f"i_mmap of {ino} holds an unlinked VMA"
+        marked_mm = r.mms.get(pid)
+        assert marked_mm is not None and isinstance(marked_mm.pmds.get(pidx), PteTable), f"marked ({pid}, {pidx:#x}) has no table"
+    for ino, mapped in r.files.i_mmap.items():
+        for vma_key in mapped:
+            assert vma_key in seen_vmas, f"i_mmap of {ino} holds an unlinked VMA"
     assert dict(anon_maps) == {p: n for p, n in r.anon.mapcount.items() if n}, "anon mapcounts disagree"
     for pfn, n in r.anon.mapcount.items():
         assert n or r.anon.pins.get(pfn), f"anon page {pfn} unmapped, unpinned, not freed"
