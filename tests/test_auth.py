@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -186,3 +187,12 @@ def test_daemon_help_names_the_secret_flags_and_variables():
         for word in ("--secret-file", "--peer-secret-file", "THPSPLIT_SECRET", "THPSPLIT_PEER_SECRET_FILE"):
             assert word in out, (daemon, word)
 
+
+
+async def test_thpctl_refuses_an_unusable_secret_in_one_line(workdir, monkeypatch):
+    d = types.SimpleNamespace(thpctl_args=["--collapsed", f"unix:{workdir}/c.sock", "--remapd", f"unix:{workdir}/r.sock"])
+    status, out, err = await thpctl(d, "status", secret_file=workdir / "missing")
+    assert (status, out) == (2, "") and err.count("\n") == 1 and "cannot read the secret file" in err
+    monkeypatch.setenv("THPSPLIT_SECRET", "short")
+    status, _, err = await thpctl(d, "status")
+    assert status == 2 and "at least 16" in err
