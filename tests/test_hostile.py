@@ -164,3 +164,34 @@ async def test_addresses_offsets_and_lengths_outside_their_c_type_are_refused(wo
         await ok(d, "munmap", "1", addr, "2M")
         assert '"processes": [1]' in await ok(d, "--json", "status", "remapd")
 
+
+
+async def test_a_forged_peer_message_closes_the_peer_link_and_collapsed_carries_on(workdir):
+    """Issue 14, item 6: a message collapsed's model refuses (PeerError, e.g. a negative pfn)
+    closes that peer connection with EPROTO and a warning; the model is untouched and the real
+    remapd, once back, is resynchronised. Needs the collapser's validation of peer messages."""
+    pytest.importorskip("collapsed.peer_checks", reason="the collapser does not validate peer messages yet")
+    async with running_daemons(workdir, remapd_args=ONE_PAGE_FLAGS) as d:
+        await ok(d, "--deadline", "20", "sync")
+        await ok(d, "file", "create", "f", "--size", "2M")
+        assert d.remapd.proc is not None
+        d.remapd.proc.kill()
+        await d.remapd.proc.wait()
+        # No secrets on a local socket: anyone who may open it may be the peer, but not corrupt it.
+        stream = await connect(parse_address(d.collapsed.address))
+        decoder, _, auth = await raw_hello(stream, "remapd")
+        assert isinstance(auth, m.PeerAuth)
+        await stream.send_all(encode_message(m.RmapDelta(((-5, 1, 0, 0),))))
+        with trio.fail_after(10):
+            while not isinstance(reply := await next_message(stream, decoder), m.ErrorReply):
+                assert reply is not None, "closed without an error reply"
+            assert (reply.errno, reply.id) == ("EPROTO", 0) and reply.message.startswith("peer.rmap_delta refused: ")
+            assert await next_message(stream, decoder) is None
+        await stream.aclose()
+        await d.remapd.start()
+        await d.remapd.wait_ready()
+        await ok(d, "--deadline", "20", "sync")
+        assert (await ok(d, "file", "ls")).splitlines()[1].split()[0] == "f"
+    events = [json.loads(line) for line in (workdir / "collapsed.log").read_text().splitlines() if line.startswith("{")]
+    assert [e["level"] for e in events if e["event"] == "protocol_error" and e.get("role") == "remapd"] == ["warning"]
+    assert not [e for e in events if e["event"] == "model_error"]
