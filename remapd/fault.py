@@ -267,6 +267,26 @@ class FaultPath:
                 continue
             self.pagetables.set_pte_at(mm, pidx, slot, pte_make(pfn, (PTE_THP if thp else 0) | shmem))
 
+    def page_mkclean(self, ino: int, indices: tuple[int, ...]) -> None:
+        """folio_mkclean for pages of a regular file going under writeback: every PTE of a shared
+        writable mapping that maps one goes read-only and clean, so the next write is a
+        write-protect fault (page_mkwrite) that dirties the page again. An rmap walk: no mmap
+        lock. Private mappings' file PTEs are read-only already."""
+        for mm, vma in self.files.mappings(ino):
+            if not vma.writes_file:
+                continue
+            lo, hi = vma.pgoff, vma.pgoff_at(vma.end)
+            for index in indices:
+                if not lo <= index < hi:
+                    continue
+                addr = vma.addr_of(index)
+                table = mm.pmds.get(addr >> HPAGE_PMD_SHIFT)
+                if isinstance(table, PteTable):
+                    slot = (addr >> PAGE_SHIFT) & (HPAGE_PMD_NR - 1)
+                    pte = table.ptes[slot]
+                    if pte & PTE_WRITE and not pte & PTE_ANON:
+                        table.ptes[slot] = pte & ~(PTE_WRITE | PTE_DIRTY)
+
     def _cow(self, mm: Mm, vma: Vma, pidx: int, slot: int, pte: int) -> str:
         """wp_page_copy (or reuse of an exclusive anon page)."""
         table = mm.pmds[pidx]

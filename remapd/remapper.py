@@ -98,6 +98,8 @@ class Remapper(Actor):
     def deliver(self, msg: Message) -> None:
         if isinstance(msg, m.FileInfo):
             self.files.file_info(msg)
+        elif isinstance(msg, m.Mkclean):
+            self.faults.page_mkclean(msg.ino, msg.indices)
         elif isinstance(msg, m.UnmapMapping):
             self.address_space.unmap_mapping_range(msg)
             self.send(m.Unmapped(msg.req))
