@@ -33,6 +33,7 @@ class Files(Mapping[int, FileMirror]):
     def __init__(self) -> None:
         self._by_ino: dict[int, FileMirror] = {}
         self.by_name: dict[str, FileMirror] = {}
+        self.shmem_inos: set[int] = set()  # the shmem files' inode numbers, for the fault path
         # ino -> {id(vma): (mm, vma)}: insertion-ordered, so walks visit mappings oldest first.
         self.i_mmap: dict[int, dict[int, tuple[Mm, Vma]]] = {}
 
@@ -51,6 +52,8 @@ class Files(Mapping[int, FileMirror]):
         if f is None:
             f = self._by_ino[msg.ino] = FileMirror(msg.ino, msg.name, msg.size, msg.shmem)
             self.by_name[msg.name] = f
+            if msg.shmem:
+                self.shmem_inos.add(msg.ino)
         f.size = msg.size
 
     def lookup(self, name: str) -> FileMirror:

@@ -98,8 +98,6 @@ class Remapper(Actor):
     def deliver(self, msg: Message) -> None:
         if isinstance(msg, m.FileInfo):
             self.files.file_info(msg)
-        elif isinstance(msg, m.Mkclean):
-            self.faults.page_mkclean(msg.ino, msg.indices)
         elif isinstance(msg, m.UnmapMapping):
             self.address_space.unmap_mapping_range(msg)
             self.send(m.Unmapped(msg.req))
@@ -117,6 +115,8 @@ class Remapper(Actor):
             req = getattr(msg, "req", None)  # a reply to one of our calls
             if req is not None:
                 self.deliver_reply(req, msg)
+            elif isinstance(msg, m.Mkclean):  # rare: tested after the replies, which are not
+                self.faults.page_mkclean(msg.ino, msg.indices)
         self.flush()
 
     # -- losing and regaining the peer --------------------------------------------------------
