@@ -117,6 +117,8 @@ class Remapper(Actor):
             req = getattr(msg, "req", None)  # a reply to one of our calls
             if req is not None:
                 self.deliver_reply(req, msg)
+            elif isinstance(msg, m.Mkclean):  # rare: tested after the replies, which are not
+                self.faults.page_mkclean(msg.ino, msg.indices)
         self.flush()
 
     # -- losing and regaining the peer --------------------------------------------------------

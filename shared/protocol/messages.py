@@ -384,6 +384,17 @@ class FileInfo(Message):
     gen: int = 0
 
 
+@message("peer.mkclean")
+class Mkclean(Message):
+    """folio_clear_dirty_for_io -> folio_mkclean: these pages of regular file ``ino`` (by index)
+    were mapped when writeback took their dirty bit. The remapper write-protects every PTE
+    mapping them, so the next write through a shared mapping is a write-protect fault that
+    dirties the page again (page_mkwrite). Added within protocol 2."""
+
+    ino: int
+    indices: tuple[int, ...]
+
+
 @message("peer.knobs")
 class KnobsChanged(Message):
     """Knob values (by sysfs name) applied on the other side, to apply here too."""
