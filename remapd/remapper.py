@@ -279,4 +279,6 @@ def _answer_for_lost_peer(request: Message) -> Message:
         return m.FolioAnswer(request.req, 0, 0)
     if isinstance(request, m.MadvCollapse):
         return m.CollapseResult(request.req, R.SCAN_FAIL)
+    if isinstance(request, m.PunchHole):
+        return m.Punched(request.req)  # the page cache is gone with the collapser
     raise TypeError(f"no answer for {request!r}")
