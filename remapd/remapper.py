@@ -288,4 +288,6 @@ def _answer_for_lost_peer(request: Message) -> Message:
         return m.CollapseResult(request.req, R.SCAN_FAIL)
     if isinstance(request, m.PageQuery):
         return m.PageInfo(request.req, ())
+    if isinstance(request, m.PunchHole):
+        return m.Punched(request.req)  # the page cache is gone with the collapser
     raise TypeError(f"no answer for {request!r}")

@@ -220,6 +220,17 @@ class MadvCollapse(Message):
     pgoff: int
 
 
+@message("peer.punch_hole")
+class PunchHole(Message):
+    """MADV_REMOVE: vfs_fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE) on [offset,
+    offset+length) of ``ino``, as ``file punch`` does; answered by :class:`Punched`."""
+
+    req: int
+    ino: int
+    offset: int
+    length: int
+
+
 @message("peer.visit_mm")
 class VisitMmDone(Message):
     """Answer to :class:`VisitMm`."""
@@ -303,6 +314,13 @@ class UnmapMapping(Message):
 @message("peer.unmapped")
 class Unmapped(Message):
     """Answer to :class:`UnmapMapping` (the zapped mappings went ahead as :class:`RmapDelta`)."""
+
+    req: int
+
+
+@message("peer.punched")
+class Punched(Message):
+    """Answer to :class:`PunchHole`: the hole is punched (the unmaps went ahead)."""
 
     req: int
 
