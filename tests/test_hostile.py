@@ -15,7 +15,7 @@ from helpers import ONE_PAGE_FLAGS, next_message, ok, raw_hello, thpctl
 from shared.clip import MAX_ERROR_CHARS
 from shared.errors import UserError
 from shared.protocol import messages as m
-from shared.protocol.framing import MAX_STR, encode_frame
+from shared.protocol.framing import MAX_STR, encode_frame, encode_message
 from shared.shell.config import parse_address
 from shared.shell.transport import connect
 from shared.thpctl.client import COLLAPSED, REMAPD, open_client

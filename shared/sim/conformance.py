@@ -14,9 +14,12 @@ processes, a private tmpfs, real faults) and the model (:class:`ModelBackend`: a
 * per file the size and the page-cache page count;
 * the step's deltas of the deterministic vmstat counters (:data:`VMSTAT_EXACT`) unless ``vmstat``
   is off. They are machine-wide on the kernel: exact while nothing else on the machine makes or
-  splits shmem THPs. Kernel backends and knob guards serialize on a machine-wide flock; against
-  anything else a divergence that is only in vmstat is run a second time, and one that does not
-  come back is counted as ``noise``, not reported.
+  splits shmem THPs. Kernel backends and knob guards serialize on a machine-wide flock.
+
+A divergence outside the table (or only in vmstat) is run a second time from scratch; one that
+does not come back is counted as ``noise`` (with its report), not reported: the kernel side is not
+deterministic to the page (other processes' THPs in vmstat; now and then a page of a CoW-faulted
+private shmem mapping missing from the page cache).
 
 The first difference ends the sequence (the two states are apart from then on). A difference is
 looked up in :data:`KNOWN`, the table of differences the model keeps on purpose ("deliberate",
@@ -59,6 +62,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol, Self, TextIO, TypeVar
 
+from shared import logs
 from shared.errors import UserError
 from shared.knobs import Knobs
 from shared.sim import kernel as kmod
@@ -625,13 +629,8 @@ class Known:
 # -- matcher helpers ---------------------------------------------------------------------------
 
 
-def _rows(obs: Obs, pid: int) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = obs["smaps"].get(pid, [])
-    return rows
 
 
-def _overlapping(obs: Obs, pid: int, start: int, end: int) -> list[dict[str, Any]]:
-    return [r for r in _rows(obs, pid) if r["start"] < end and r["end"] > start]
 
 
 def _smaps_pairs(div: Divergence) -> Iterable[tuple[int, dict[str, Any], dict[str, Any]]]:
@@ -671,7 +670,6 @@ def _file_size_before(div: Divergence) -> int:
 
 
 ACCESS_OPS = ("fault", "touch")
-FAULTING = ("fault", "touch", "populate_read", "populate_write")
 
 
 def _faulting(div: Divergence) -> bool:
@@ -679,38 +677,10 @@ def _faulting(div: Divergence) -> bool:
     return s.op in ACCESS_OPS or (s.op == "madvise" and s.args["advice"] in ("populate_read", "populate_write"))
 
 
-def _m1(div: Divergence) -> bool:
-    s = div.step
-    if s.op != "madvise" or s.args["advice"] not in ("hugepage", "nohugepage"):
-        return False
-    flag = "hg" if s.args["advice"] == "hugepage" else "nh"
-    start = s.args["addr"]
-    already = [r for r in _overlapping(div.kernel_before, s.args["pid"], start, start + s.args["length"]) if r[flag]]
-    if not already:
-        return False
-    return _only(div, ("smaps.Rss", "smaps.ShmemPmdMapped", "smaps.Anonymous", "smaps.vmas", "vmstat.*", "files"))
 
 
-def _m2(div: Divergence) -> bool:
-    for d in div.differences:
-        if d.what != "smaps" or d.kernel is None or d.model is None:
-            continue
-        kb = {r["start"] for r in d.kernel} | {r["end"] for r in d.kernel}
-        mb = {r["start"] for r in d.model} | {r["end"] for r in d.model}
-        extra = kb - mb
-        if not extra or not mb <= kb:
-            continue
-        # Each boundary the kernel keeps and the model merged away sits between private VMAs.
-        by_end = {r["end"]: r for r in d.kernel}
-        by_start = {r["start"]: r for r in d.kernel}
-        if all(b in by_end and b in by_start and by_end[b]["perms"].endswith("p") for b in extra):
-            return True
-    return False
 
 
-def _m3(div: Divergence) -> bool:
-    s = div.step
-    return s.op == "madvise" and s.args["advice"] == "collapse" and div.kernel_outcome.get("result") == "EINVAL"
 
 
 def _m4(div: Divergence) -> bool:
@@ -725,40 +695,12 @@ def _m5(div: Divergence) -> bool:
     return m > k and s.args["offset"] + s.args["length"] > _file_size_before(div)
 
 
-def _m6(div: Divergence) -> bool:
-    if not _faulting(div) or not _only(div, ("smaps.Rss",)):
-        return False
-    return any(kr["Rss"] > mr["Rss"] and kr["start"] % (64 * K) for _, kr, mr in _smaps_pairs(div))
 
 
 def _thp_exists(div: Divergence) -> bool:
     return int(div.kernel_before["vmstat"].get("nr_shmem_hugepages", 0)) > 0 or _vm(div, "nr_shmem_hugepages")[0] > 0
 
 
-def _large_folio_ever(div: Divergence) -> bool:
-    """A THP existed in the kernel at some point of the sequence (what a split leaves of it may
-    be large folios still: #9, #16)."""
-    kb = div.kernel_before["vmstat"]
-    return _thp_exists(div) or int(kb.get("thp_file_alloc", 0)) + int(kb.get("thp_collapse_alloc", 0)) > 0 or _vm(div, "thp_file_alloc")[0] > 0
-
-
-def _m7(div: Divergence) -> bool:
-    if not _faulting(div) or not _large_folio_ever(div):
-        return False
-    if not _only(div, ("smaps.Rss", "smaps.Anonymous", "vmstat.thp_file_alloc", "vmstat.nr_shmem_hugepages", "files")):
-        return False
-    return any(kr["Rss"] > mr["Rss"] for _, kr, mr in _smaps_pairs(div))
-
-
-def _m8(div: Divergence) -> bool:
-    if not _faulting(div):
-        return False
-    k, m = _vm(div, "thp_file_alloc")
-    if k > m:
-        return True
-    # The consequence: a PTE-mapped THP straddling EOF serves accesses past it without a fault.
-    acc = _access(div)
-    return acc is not None and _file_size_before(div) % PMD != 0 and _thp_exists(div) and _more_ok(acc[0], acc[1])
 
 
 def _more_ok(kernel: Any, model: Any) -> bool:
@@ -790,16 +732,8 @@ def _m10(div: Divergence) -> bool:
     return s.op == "madvise" and s.args["advice"] == "pageout"
 
 
-def _m11(div: Divergence) -> bool:
-    acc = _access(div)
-    return div.aspects() == {"access"} and acc is not None and coarse(acc[0]) == coarse(acc[1])
 
 
-def _m12(div: Divergence) -> bool:
-    s = div.step
-    if s.op != "madvise" or s.args["advice"] != "collapse" or ("thpsplit/install_pmd", "1") not in div.settings.model_knobs:
-        return False
-    return any(kr["nh"] and mr["ShmemPmdMapped"] > kr["ShmemPmdMapped"] for _, kr, mr in _smaps_pairs(div))
 
 
 def _m17(div: Divergence) -> bool:
@@ -810,11 +744,6 @@ def _m17(div: Divergence) -> bool:
     return m > k or hm > hk
 
 
-def _m18(div: Divergence) -> bool:
-    if div.step.op != "wait-scans":
-        return False
-    k, m = _vm(div, "nr_shmem_hugepages")
-    return k > m and int(div.kernel_before["vmstat"].get("thp_split_page", 0)) > 0
 
 
 def _m15(div: Divergence) -> bool:
@@ -833,6 +762,33 @@ def _m16(div: Divergence) -> bool:
         ("smaps.Rss", "smaps.ShmemPmdMapped", "smaps.Anonymous", "vmstat.thp_split_pmd", "vmstat.nr_shmem_hugepages",
          "vmstat.nr_shmem_pmdmapped", "files"),
     )
+
+
+def _m19(div: Divergence) -> bool:
+    return div.aspects() == {"smaps.Locked"} and any(kr["Locked"] > mr["Locked"] for _, kr, mr in _smaps_pairs(div))
+
+
+def _m20(div: Divergence) -> bool:
+    s = div.step
+    if s.op not in ACCESS_OPS or s.args["write"] or div.aspects() != {"smaps.Rss"}:
+        return False
+    acc = (div.kernel_outcome.get("result"), div.model_outcome.get("result"))
+    past_eof = all("sigbus" in (a if isinstance(a, dict) else {a: 1}) for a in acc)
+    return past_eof and any(kr["Rss"] > mr["Rss"] for _, kr, mr in _smaps_pairs(div))
+
+
+def _m21(div: Divergence) -> bool:
+    if not _faulting(div) or not _only(div, ("smaps.Rss", "smaps.Anonymous")):
+        return False
+    punched = any(h.op == "file punch" for h in div.history)
+    split = int(div.kernel_before["vmstat"].get("thp_split_page", 0)) > 0
+    return punched and split and any(kr["Rss"] > mr["Rss"] for _, kr, mr in _smaps_pairs(div))
+
+
+def _m22(div: Divergence) -> bool:
+    if not _faulting(div) or not any(h.op == "madvise" and h.args["advice"] == "dontneed" for h in div.history):
+        return False
+    return any(kr["ShmemPmdMapped"] > mr["ShmemPmdMapped"] for _, kr, mr in _smaps_pairs(div))
 
 
 def _install_pmd(div: Divergence) -> bool:
@@ -859,7 +815,7 @@ KNOWN: tuple[Known, ...] = (
         "mmap 2 0x40000000 2M --file c --prot rw --shared; touch 2 0x40000000 2M --stride 64K; "
         "madvise 1 0x40000000 2M collapse",
         readme="`install_pmd=1` (default) makes the remapper map the PMD right after retracting — its job "
-        "in Kirill's design; `install_pmd=0` leaves the PMD none for the next fault, as khugepaged does.",
+        "in Kirill's design",
         model_knobs=(("thpsplit/install_pmd", "1"),),
     ),
     Known(
@@ -885,39 +841,6 @@ KNOWN: tuple[Known, ...] = (
         unreachable="handled by quiet_khugepaged (tests/test_kernel_backend.py checks it)",
     ),
     Known(
-        "#1",
-        "open",
-        "MADV_HUGEPAGE/NOHUGEPAGE over a VMA that already has the flag: the model splits the PMD",
-        "madvise_update_vma() (mm/madvise.c) returns early when the new flags equal vma->vm_flags: "
-        "nothing is split or zapped.",
-        matcher=_m1,
-        reproducer=_SETUP + "mmap 1 0x40000000 4M --file c --prot rw --shared; madvise 1 0x40000000 4M hugepage; "
-        "fault 1 0x40000000; madvise 1 0x40100000 4K hugepage",
-        number=1,
-    ),
-    Known(
-        "#2",
-        "open",
-        "VMAs with different anon_vmas are merged by the model",
-        "is_mergeable_anon_vma() (mm/vma.c, vma_merge_existing_range): each private VMA got its own "
-        "anon_vma at its first CoW while their flags differed.",
-        matcher=_m2,
-        reproducer=_SETUP + "mmap 1 0x40000000 4M --file c --prot rw --private; madvise 1 0x40000000 2M hugepage; "
-        "touch 1 0x40000000 4M --write --stride 2M; madvise 1 0x40200000 2M hugepage",
-        number=2,
-        huge="never",  # under advise the CoW write first allocates a THP (#8)
-    ),
-    Known(
-        "#3",
-        "open",
-        "MADV_COLLAPSE on a VMA that cannot hold an aligned PMD: EINVAL in the kernel",
-        "madvise_collapse() -> thp_vma_allowable_order(TVA_FORCED_COLLAPSE) (mm/khugepaged.c, "
-        "mm/huge_memory.c): no aligned PMD before vm_end; madvise_walk_vmas() stops at the first error.",
-        matcher=_m3,
-        reproducer=_SETUP + "mmap 1 0x40000000 1M --file c --prot rw --shared; madvise 1 0x40000000 1M collapse",
-        number=3,
-    ),
-    Known(
         "#4",
         "open",
         "hole punching keeps private CoW pages in the kernel",
@@ -938,40 +861,6 @@ KNOWN: tuple[Known, ...] = (
         reproducer="file create c --size 3M --shmem; proc spawn 1; mmap 1 0x40000000 4M --file c --prot rw --shared; "
         "madvise 1 0x40000000 4M hugepage; fault 1 0x40200000; file punch c 2M 2M",
         number=5,
-    ),
-    Known(
-        "#6",
-        "open",
-        "fault-around clipped at a VMA start is shifted, not shortened, in the kernel",
-        "do_fault_around() (mm/memory.c) raises from_pte to the VMA start and sets to_pte = from_pte + "
-        "nr_pages.",
-        matcher=_m6,
-        reproducer=_SETUP + "file write c 0 4M; mmap 1 0x40004000 1M --file c --offset 16K --prot r --shared; "
-        "fault 1 0x40008000",
-        number=6,
-    ),
-    Known(
-        "#7",
-        "open",
-        "a cached large folio that cannot be PMD-mapped is mapped whole with PTEs in the kernel",
-        "finish_fault() and filemap_map_pages() (mm/memory.c, mm/filemap.c) map every page of a shmem "
-        "large folio inside the VMA and the PMD when do_set_pmd() refuses.",
-        matcher=_m7,
-        reproducer=_SETUP + "mmap 1 0x40000000 2M --file c --prot rw --shared; file write c 0 4K; "
-        "madvise 1 0x40000000 2M collapse; proc spawn 2; mmap 2 0x40000000 2M --file c --prot rw --shared; "
-        "madvise 2 0x40000000 2M nohugepage; fault 2 0x40100000",
-        number=7,
-    ),
-    Known(
-        "#8",
-        "open",
-        "shmem allocates the PMD-size folio at fault even where it cannot be PMD-mapped",
-        "do_cow_fault()/__do_fault() -> shmem_fault() -> shmem_get_folio_gfp() (mm/shmem.c): the "
-        "allowed orders depend on the VMA and the page cache, never the page table.",
-        matcher=_m8,
-        reproducer=_SETUP + "mmap 1 0x40000000 4M --file c --prot rw --private; madvise 1 0x40000000 4M hugepage; "
-        "fault 1 0x40000000 --write",
-        number=8,
     ),
     Known(
         "#9",
@@ -997,39 +886,6 @@ KNOWN: tuple[Known, ...] = (
         number=10,
     ),
     Known(
-        "#11",
-        "open",
-        "a read fault on a shared writable shmem mapping maps the PTE writable (per access only)",
-        "shmem needs no write-notify (vma_wants_writenotify() is false), so set_pte_range() maps the page "
-        "writable on the read fault: the later write is a hit, not a minor fault.",
-        matcher=_m11,
-        reproducer=_SETUP + "mmap 1 0x40000000 4M --file c --prot rw --shared; fault 1 0x40000000; "
-        "fault 1 0x40000000 --write",
-        number=11,
-        fine=True,
-    ),
-    Known(
-        "#12",
-        "open",
-        "with install_pmd=1 a collapse maps a PMD into a VM_NOHUGEPAGE VMA",
-        "do_set_pmd() refuses a VM_NOHUGEPAGE VMA (vma_thp_disabled); wrong even by the model's design. "
-        "Not reached with install_pmd=0 (the harness's setting).",
-        matcher=_m12,
-        reproducer=_SETUP + "file write c 0 4K; mmap 1 0x40000000 2M --file c --prot rw --shared; "
-        "mmap 1 0x40400000 2M --file c --prot rw --shared; madvise 1 0x40400000 2M nohugepage; "
-        "fault 1 0x40400000; madvise 1 0x40000000 2M collapse",
-        number=12,
-        model_knobs=(("thpsplit/install_pmd", "1"),),
-    ),
-    Known(
-        "#13",
-        "open",
-        "VMA merging needs the same open file, not just the same inode",
-        "is_mergeable_vma() (mm/vma.c) compares vm_file; the model merges by inode.",
-        number=13,
-        unreachable="the kernel backend keeps one open file per name and process, so neighbours always share it",
-    ),
-    Known(
         "#15",
         "open",
         "a first MADV_HUGEPAGE on a shmem VMA does not register the mm with khugepaged",
@@ -1041,6 +897,19 @@ KNOWN: tuple[Known, ...] = (
         reproducer=_SETUP + "file write c 0 4M; mmap 1 0x40000000 4M --file c --prot rw --shared; "
         "madvise 1 0x40000000 4M hugepage; touch 1 0x40000000 4M --stride 64K; wait-scans 2",
         number=15,
+    ),
+    Known(
+        "#16",
+        "open",
+        "a hole punch that starts or ends inside a page splits the large folio there",
+        "shmem_undo_range() (mm/shmem.c) takes a sub-page start or end through shmem_get_partial_folio() "
+        "and truncate_inode_partial_folio() (mm/truncate.c), which zeroes the bytes and splits a large "
+        "folio (try_folio_split: the PMD mapping goes). The model punches whole pages only and leaves "
+        "the THP alone.",
+        matcher=_m16,
+        reproducer=_SETUP + "mmap 1 0x40000000 4M --file c --prot rw --shared; madvise 1 0x40000000 4M hugepage; "
+        "fault 1 0x40000000; file punch c 100 10",
+        number=16,
     ),
     Known(
         "#17",
@@ -1057,31 +926,52 @@ KNOWN: tuple[Known, ...] = (
         number=17,
     ),
     Known(
-        "#18",
+        "#19",
         "open",
-        "the pages of a split THP are off the LRU in the model: khugepaged refuses them",
-        "When a THP is split (a truncate or hole punch inside it), __split_huge_page() puts every "
-        "new folio on the LRU with the head (lru_add_split_folio, mm/huge_memory.c). The model's "
-        "split leaves them off it, and no drain puts them back, so hpage_collapse_scan_file() stops "
-        "at SCAN_PAGE_LRU where the kernel collapses the range again.",
-        matcher=_m18,
-        reproducer=_SETUP + "mmap 1 0x40000000 4M --file c --prot rw --shared; madvise 1 0x40000000 4M hugepage; "
-        "madvise 1 0x40000000 4M hugepage; touch 1 0x40000000 4M --write; file punch c 3176K 3000713; "
-        "touch 1 0x401fe000 1832K --stride 64K; wait-scans 2",
-        number=18,
+        "smaps Locked is 0 for an mlocked VMA in the model",
+        "show_smap() reports the locked Pss of a VM_LOCKED VMA (smaps_account: mss->pss_locked, "
+        "fs/proc/task_mmu.c). World.smaps comes from remapd/procfs.py, which still assumes no VMA is "
+        "VM_LOCKED and never adds to pss_locked, though mlock/munlock now set VM_LOCKED (VmFlags lo) "
+        "and remapd/report.py computes it.",
+        matcher=_m19,
+        reproducer=_SETUP + "mmap 1 0x40000000 4M --file c --prot rw --shared; mlock 1 0x40000000 4M",
+        number=19,
     ),
     Known(
-        "#16",
+        "#20",
         "open",
-        "a hole punch that starts or ends inside a page splits the large folio there",
-        "shmem_undo_range() (mm/shmem.c) takes a sub-page start or end through shmem_get_partial_folio() "
-        "and truncate_inode_partial_folio() (mm/truncate.c), which zeroes the bytes and splits a large "
-        "folio (try_folio_split: the PMD mapping goes). The model punches whole pages only and leaves "
-        "the THP alone.",
-        matcher=_m16,
+        "a read fault past EOF runs fault-around first: cached pages below EOF get mapped",
+        "do_read_fault() (mm/memory.c) calls do_fault_around() before __do_fault(); filemap_map_pages() "
+        "maps the window's cached pages up to EOF, and only then does shmem_fault() answer SIGBUS. The "
+        "model checks EOF first and maps nothing.",
+        matcher=_m20,
+        reproducer=_SETUP + "file write c 0 4100K; mmap 1 0x40000000 8M --file c --prot r --shared; fault 1 0x40403000",
+        number=20,
+    ),
+    Known(
+        "#21",
+        "open",
+        "punching pages out of a THP leaves large folios that the next fault maps whole",
+        "shmem_undo_range() -> truncate_inode_partial_folio() -> try_folio_split() (mm/truncate.c, "
+        "mm/huge_memory.c) splits a THP non-uniformly: large folios remain around the hole, and "
+        "finish_fault() maps every page of such a folio inside the VMA and the PMD. The model splits "
+        "to base pages and maps one (with fault-around).",
+        matcher=_m21,
         reproducer=_SETUP + "mmap 1 0x40000000 4M --file c --prot rw --shared; madvise 1 0x40000000 4M hugepage; "
-        "fault 1 0x40000000; file punch c 100 10",
-        number=16,
+        "fault 1 0x40200000 --write; file punch c 3580K 4K; fault 1 0x40328000 --write",
+        number=21,
+    ),
+    Known(
+        "#22",
+        "open",
+        "MADV_DONTNEED frees empty PTE tables, so a later fault can map a PMD there",
+        "zap_pte_range() reclaims a PTE table that the zap left empty (CONFIG_PT_RECLAIM, 6.13+: "
+        "try_get_and_clear_pmd(), mm/pt_reclaim.c) for MADV_DONTNEED; the PMD slot is none again and "
+        "do_set_pmd() can map a THP. The model keeps the empty table and maps with PTEs.",
+        matcher=_m22,
+        reproducer=_SETUP + "mmap 1 0x40000000 4M --file c --prot rw --shared; fault 1 0x40200000; "
+        "madvise 1 0x40000000 4M dontneed; madvise 1 0x40000000 4M hugepage; file punch c 2M 2M; fault 1 0x40200000",
+        number=22,
     ),
 )
 
@@ -1106,8 +996,11 @@ class SequenceResult:
     unsupported: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (family, reason)
     divergence: Divergence | None = None
     inconclusive: str = ""  # why the comparison stopped without a verdict (#14)
-    noise: bool = False  # a vmstat-only divergence that did not come back on a second run
+    noise: bool = False  # a divergence that did not come back on a second run
+    noise_report: str = ""
     diverging_family: str = ""
+    scans: int = 0  # wait-scans steps that agreed
+    collapsing_scans: int = 0  # ... during which the kernel's khugepaged collapsed something
 
     @property
     def unexpected(self) -> bool:
@@ -1136,9 +1029,6 @@ class Harness:
         self.model_factory: Callable[[Settings], Backend] = model or ModelBackend
         self.known = tuple(known)
         self._models: dict[Settings, Backend] = {}
-
-    def with_settings(self, settings: Settings) -> Harness:
-        return Harness(self.kernel, settings, self.model_factory, self.known)
 
     def _model(self) -> Backend:
         model = self._models.get(self.settings)
@@ -1184,16 +1074,23 @@ class Harness:
             if diffs:
                 div = Divergence(i, steps[: i + 1], diffs, ko, mo, kb, ka, mb, ma, self.settings, seed)
                 div.known = self.classify(div)
-                if confirm and self.settings.vmstat and all(d.what == "vmstat" for d in diffs):
+                vmstat_only = all(d.what == "vmstat" for d in diffs)
+                if confirm and (div.known is None or vmstat_only):
+                    # Reported only if it comes back: the kernel side is not deterministic to
+                    # the page (see docs/CONFORMANCE.md, "Noise").
                     again = self.run(steps[: i + 1], seed, confirm=False).divergence
                     if again is None or again.index != i or again.signature() != div.signature():
                         result.noise = True
+                        result.noise_report = div.report()
                         result.diverging_family = fam
                         return result
                 result.divergence = div
                 result.diverging_family = fam
                 return result
             result.agreed.append(fam)
+            if step.op == "wait-scans":
+                result.scans += 1
+                result.collapsing_scans += _vmstat_delta(ka, kb, "thp_collapse_alloc") > 0
             kb, mb = ka, ma
         return result
 
@@ -1237,18 +1134,28 @@ class KnownCheck:
         return self.verdict.startswith(("now agrees", "diverges differently"))
 
 
-def check_known(harness: Harness, table: Sequence[Known] | None = None, ids: Iterable[str] | None = None) -> list[KnownCheck]:
-    """Run every entry's reproducer: an entry that no longer diverges (or diverges otherwise than
-    its matcher recognises) is stale."""
+def check_known(
+    harness_for: Callable[[Settings], Harness | None],
+    base: Settings | None = None,
+    table: Sequence[Known] = KNOWN,
+    ids: Iterable[str] | None = None,
+) -> list[KnownCheck]:
+    """Run every entry's reproducer (on the harness ``harness_for`` gives for the entry's settings,
+    None: no kernel backend for them): an entry that no longer diverges (or diverges otherwise
+    than its matcher recognises) is stale."""
     out = []
+    base = base or Settings()
     wanted = set(ids) if ids is not None else None
-    for k in table if table is not None else harness.known:
+    for k in table:
         if wanted is not None and k.id not in wanted:
             continue
         if not k.reproducer:
             out.append(KnownCheck(k, "not checkable", k.unreachable))
             continue
-        h = harness.with_settings(k.settings(harness.settings))
+        h = harness_for(k.settings(base))
+        if h is None:
+            out.append(KnownCheck(k, "not checkable", f"no kernel backend for huge={k.huge} in this run"))
+            continue
         res = h.run(parse_steps_text(k.reproducer))
         div = res.divergence
         if div is None:
@@ -1339,7 +1246,7 @@ _STEP_FAMILIES = (
     ("truncate", 4),
     ("punch", 5),
     ("write", 3),
-    ("other-syscall", 3),
+    ("other-syscall", 6),
 )
 # The khugepaged mode's set-up: no MADV_COLLAPSE, no truncation (what khugepaged finds is the point).
 _KH_FAMILIES = (
@@ -1458,8 +1365,11 @@ def generate(draw: Draw, steps: int = 12, mode: str = "step", exact: bool = True
             assert isinstance(off, int)
             prot = draw.choice(("rw", "r"))
             kind = "--shared" if draw.chance(60) else "--private"
+            reopen = " --reopen" if draw.chance(20) else ""  # a new open(2): no merge with the first
             lines.append(
-                f"mmap {pid} {where:#x} {_size(length)} --file {FILE}" + (f" --offset {_size(off)}" if off else "") + f" --prot {prot} {kind}"
+                f"mmap {pid} {where:#x} {_size(length)} --file {FILE}"
+                + (f" --offset {_size(off)}" if off else "")
+                + f" --prot {prot} {kind}{reopen}"
             )
         elif fam == "fork":
             if len(pids) < 3:
@@ -1576,8 +1486,12 @@ class KernelSession:
     def settings(self, base: Settings) -> Settings:
         return base.replace(kernel_knobs=self.kernel_knobs)
 
-    def harness(self, base: Settings) -> Harness:
-        return Harness(KernelSide(self.backends[base.huge]), self.settings(base))
+    def harness(self, base: Settings, known: Sequence[Known] = KNOWN) -> Harness:
+        """A harness on the backend for ``base.huge`` (KeyError: the session has none)."""
+        return Harness(KernelSide(self.backends[base.huge]), self.settings(base), known=known)
+
+    def harness_for(self, base: Settings) -> Harness | None:
+        return self.harness(base) if base.huge in self.backends else None
 
 
 FAMILY_COLUMNS = ("agreed", "known", "unexpected", "noise", "inconclusive", "unsupported")
@@ -1596,7 +1510,10 @@ class Figures:
     families: dict[str, Counter[str]] = dataclasses.field(default_factory=dict)
     known: Counter[str] = dataclasses.field(default_factory=Counter)
     unexpected: list[Divergence] = dataclasses.field(default_factory=list)
+    noise_reports: list[str] = dataclasses.field(default_factory=list)
     steps_compared: int = 0
+    scans: int = 0
+    collapsing_scans: int = 0
     seconds: float = 0.0
 
     def _fam(self, name: str) -> Counter[str]:
@@ -1609,6 +1526,8 @@ class Figures:
         for fam, _ in r.unsupported:
             self._fam(fam)["unsupported"] += 1
         self.steps_compared += len(r.agreed)
+        self.scans += r.scans
+        self.collapsing_scans += r.collapsing_scans
         if r.divergence is not None:
             self.steps_compared += 1
             if r.divergence.known is not None:
@@ -1619,6 +1538,7 @@ class Figures:
                 self._fam(r.diverging_family)["unexpected"] += 1
         elif r.noise:
             self.noise += 1
+            self.noise_reports.append(r.noise_report)
             self._fam(r.diverging_family)["noise"] += 1
         elif r.inconclusive:
             self.inconclusive += 1
@@ -1645,6 +1565,8 @@ class Figures:
                 f"{name:34} {c['agreed']:7} {c['known']:6} {c['unexpected']:6} {c['noise']:5} {c['inconclusive']:6} "
                 f"{c['unsupported']:7} {pct:>9}"
             )
+        if self.scans:
+            out += ["", f"wait-scans steps agreed: {self.scans}, in {self.collapsing_scans} of them khugepaged collapsed a range"]
         if self.known:
             out += ["", "stopped at known differences: " + ", ".join(f"{k} {n}" for k, n in sorted(self.known.items(), key=_id_order))]
         return "\n".join(out)
@@ -1655,12 +1577,15 @@ class Figures:
             "huge": self.huge,
             "sequences": self.sequences,
             "steps_compared": self.steps_compared,
+            "scans": self.scans,
+            "collapsing_scans": self.collapsing_scans,
             "agreed": self.agreed,
             "noise": self.noise,
             "inconclusive": self.inconclusive,
             "known": dict(self.known),
             "families": {k: dict(v) for k, v in sorted(self.families.items())},
             "unexpected": [d.to_json() for d in self.unexpected],
+            "noise_reports": self.noise_reports,
             "seconds": round(self.seconds, 1),
         }
 
@@ -1764,6 +1689,7 @@ def _model_knob_pairs(items: Sequence[str]) -> tuple[tuple[str, str], ...]:
 
 def run_cli(args: argparse.Namespace, stdout: TextIO, stderr: TextIO, program: str = "thpctl conformance") -> int:
     """The command: figures or a replay; the exit status (see the module docstring)."""
+    logs.configure("warning", stream=stderr)  # the model's trace events stay out of the figures
     as_json = bool(getattr(args, "json", False))
     try:
         knobs = _model_knob_pairs(args.model_knob)
@@ -1797,24 +1723,41 @@ def run_cli(args: argparse.Namespace, stdout: TextIO, stderr: TextIO, program: s
     modes = ("step", "khugepaged") if args.mode == "both" else (args.mode,)
     base = Settings(vmstat=args.vmstat, fine=args.fine, model_knobs=knobs)
     try:
-        session = KernelSession(huges).__enter__()
+        # The known-difference reproducers need both tmpfs huge= settings.
+        session = KernelSession(HUGE_CHOICES if args.check_known and replay_steps is None else huges).__enter__()
     except BackendError as err:
         stderr.write(f"{program}: the kernel side cannot run here: {err}\n")
         return EXIT_OK if args.skip_unavailable else EXIT_UNAVAILABLE
     status = EXIT_OK
     try:
         if replay_steps is not None:
+            replays = []
             for huge in huges:
                 h = session.harness(base.replace(huge=huge))
-                if len(huges) > 1:
-                    stdout.write(f"== huge={huge}\n")
-                r = trace(h, replay_steps, stdout)
+                if as_json:
+                    r = h.run(replay_steps, confirm=False)
+                    replays.append(
+                        {
+                            "huge": huge,
+                            "steps": [s.line() for s in replay_steps],
+                            "agreed": len(r.agreed),
+                            "unsupported": [{"family": f, "reason": why} for f, why in r.unsupported],
+                            "inconclusive": r.inconclusive or None,
+                            "divergence": r.divergence.to_json() if r.divergence else None,
+                        }
+                    )
+                else:
+                    if len(huges) > 1:
+                        stdout.write(f"== huge={huge}\n")
+                    r = trace(h, replay_steps, stdout)
                 if r.unexpected:
                     status = EXIT_DIVERGED
+            if as_json:
+                stdout.write(json.dumps({"replays": replays, "status": status}) + "\n")
             return status
         document: dict[str, Any] = {"runs": [], "known": []}
         if args.check_known:
-            checks = check_known(session.harness(base))
+            checks = check_known(session.harness_for, base)
             stale = [c for c in checks if c.stale]
             document["known"] = [
                 {"id": c.known.id, "status": c.known.status, "verdict": c.verdict, "detail": c.detail} for c in checks

@@ -711,6 +711,7 @@ def read_khugepaged() -> dict[str, int]:
     return {n: int(read_knob(f"khugepaged/{n}")) for n in ("full_scans", "pages_collapsed")}
 
 
+_HEX_DIGITS = frozenset("0123456789abcdef")
 _SMAPS_HEADER = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S{4}) ([0-9a-f]+) \S+ \d+\s*(.*)$")
 
 
@@ -720,7 +721,20 @@ def parse_smaps(text: str, under: str | None = None) -> list[dict[str, Any]]:
     string, as the model's), hg/nh booleans."""
     out: list[dict[str, Any]] = []
     cur: dict[str, Any] | None = None
-    for line in text.splitlines():
+    lines = text.splitlines()
+    if under is not None:
+        # Keep only the blocks of VMAs under ``under`` before parsing: a worker's smaps is mostly
+        # the interpreter's hundreds of VMAs. A header starts with a hex digit, a field with a
+        # capital letter.
+        inside = False
+        mine = []
+        for line in lines:
+            if line[:1] in _HEX_DIGITS:
+                inside = under in line
+            if inside:
+                mine.append(line)
+        lines = mine
+    for line in lines:
         m = _SMAPS_HEADER.match(line)
         if m:
             cur = {
