@@ -764,10 +764,6 @@ def _m16(div: Divergence) -> bool:
     )
 
 
-def _m19(div: Divergence) -> bool:
-    return div.aspects() == {"smaps.Locked"} and any(kr["Locked"] > mr["Locked"] for _, kr, mr in _smaps_pairs(div))
-
-
 def _m20(div: Divergence) -> bool:
     s = div.step
     if s.op not in ACCESS_OPS or s.args["write"] or div.aspects() != {"smaps.Rss"}:
@@ -924,18 +920,6 @@ KNOWN: tuple[Known, ...] = (
         reproducer=_SETUP + "file write c 0 4M; mmap 1 0x40000000 4M --file c --prot rw --shared; "
         "madvise 1 0x40000000 4M hugepage; madvise 1 0x40000000 4M hugepage; sysfs set khugepaged/max_ptes_none 255",
         number=17,
-    ),
-    Known(
-        "#19",
-        "open",
-        "smaps Locked is 0 for an mlocked VMA in the model",
-        "show_smap() reports the locked Pss of a VM_LOCKED VMA (smaps_account: mss->pss_locked, "
-        "fs/proc/task_mmu.c). World.smaps comes from remapd/procfs.py, which still assumes no VMA is "
-        "VM_LOCKED and never adds to pss_locked, though mlock/munlock now set VM_LOCKED (VmFlags lo) "
-        "and remapd/report.py computes it.",
-        matcher=_m19,
-        reproducer=_SETUP + "mmap 1 0x40000000 4M --file c --prot rw --shared; mlock 1 0x40000000 4M",
-        number=19,
     ),
     Known(
         "#20",
