@@ -1634,7 +1634,7 @@ def add_arguments(p: argparse.ArgumentParser, json_flag: bool = True) -> None:
     p.add_argument("--seeds", type=int, default=20, metavar="N", help="random sequences to run per mode (default 20)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="the first seed (default 0)")
     p.add_argument("--steps", type=int, default=12, metavar="K", help="random steps per sequence (default 12)")
-    p.add_argument("--mode", choices=("step", "khugepaged", "both"), default="step")
+    p.add_argument("--mode", choices=("step", "khugepaged", "both"), default="step", help="step by step, after khugepaged scans, or both (default: %(default)s)")
     p.add_argument("--huge", choices=(*HUGE_CHOICES, "both"), default="advise", help="tmpfs huge= (the model's shmem_enabled)")
     p.add_argument("--max-ptes-none", type=int, choices=MAX_PTES_NONE, default=None, help="khugepaged mode: pin it (default: drawn per sequence)")
     p.add_argument("--replay", metavar="FILE", help="run the steps of FILE ('-': stdin) step by step and show both sides")
