@@ -64,6 +64,8 @@ class Files(Mapping[int, FileMirror]):
         if f is None:
             f = self._by_ino[msg.ino] = FileMirror(msg.ino, msg.name, msg.size, msg.shmem, msg.gen)
             self.by_name[msg.name] = f
+            if msg.shmem:
+                self.shmem_inos.add(msg.ino)
         elif f.gen != msg.gen:
             return
         elif f.name != msg.name:
@@ -71,8 +73,6 @@ class Files(Mapping[int, FileMirror]):
                 del self.by_name[f.name]
             f.name = msg.name
             self.by_name[msg.name] = f
-            if msg.shmem:
-                self.shmem_inos.add(msg.ino)
         f.size = msg.size
 
     def lookup(self, name: str) -> FileMirror:
