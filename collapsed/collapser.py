@@ -182,6 +182,8 @@ class Collapser(Actor):
             self.cache.unlock(msg.pfn)
         elif isinstance(msg, m.MadvCollapse):
             self.spawn(self.khugepaged.madvise_collapse_file(msg), name="madv_collapse")
+        elif isinstance(msg, m.PunchHole):
+            self.spawn(self._punch_hole(msg), name="punch_hole")
         elif isinstance(msg, m.KnobsChanged):
             for name, value in msg.values.items():
                 self.knobs.set(name, str(value))  # every value was validated first
@@ -268,6 +270,13 @@ class Collapser(Actor):
             if value > 0:
                 mem.ino[value] = new
         self.send(m.FileInfo(f.ino, f.name, f.size, f.shmem, f.gen))
+
+    def _punch_hole(self, msg: m.PunchHole) -> Generator[Any, Any, None]:
+        """MADV_REMOVE's fallocate(PUNCH_HOLE), the same as a client's ``file punch``."""
+        f = self.cache.files.get(msg.ino)
+        if f is not None:
+            yield from self.fileops.punch_hole(f.name, msg.offset, msg.length)
+        self.send(m.Punched(msg.req))
 
     # -- fault lookups (filemap_fault / shmem_fault) ------------------------------------------
 

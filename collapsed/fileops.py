@@ -236,12 +236,18 @@ class FileOps:
         flags = mem.flags
         done = self.actor.now + self.knobs.writeback_millisecs
         queued = len(self.writeback)
-        for _, value in list(f.entries()):
+        mapped = []
+        for index, value in list(f.entries()):
             head = mem.head(value) if value > 0 else 0
             # A locked page is being truncated or collapsed: writeback leaves it to its owner.
             if head and flags[head] & PG_DIRTY and not flags[head] & (PG_WRITEBACK | PG_LOCKED):
                 flags[head] = (flags[head] & ~PG_DIRTY) | PG_WRITEBACK
                 self.writeback.append((done, head))
+                if mem.total_mapcount(head):
+                    mapped.append(index)
+        if mapped:
+            # folio_mkclean: the mapping PTEs go read-only, so a later write faults and re-dirties.
+            self.actor.send(m.Mkclean(f.ino, tuple(mapped)))
         # One task per batch that started now; a sync with nothing dirty starts none.
         if len(self.writeback) > queued:
             self.actor.spawn(self._end_writeback(done), name="writeback")

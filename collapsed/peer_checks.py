@@ -281,8 +281,16 @@ def _page_query(c: Collapser, msg: m.PageQuery) -> None:
             raise PeerError(f"{msg.TAG}: bad range ({ino}, {start}, {end})")
 
 
+def _punch_hole(c: Collapser, msg: m.PunchHole) -> None:
+    # MADV_REMOVE: the file operation checks its range as fallocate does (EINVAL/EFBIG in the
+    # answer); here only what would index the model wrongly.
+    if msg.offset < 0 or msg.length < 0:
+        raise PeerError(f"{msg.TAG}: negative offset or length")
+
+
 _CHECKS: dict[type[Message], Callable[[Collapser, Any], None]] = {
     m.PageQuery: _page_query,
+    m.PunchHole: _punch_hole,
     m.LookupPage: _lookup_page,
     m.RmapDelta: _rmap_delta,
     m.MarkDirty: _mark_dirty,

@@ -26,7 +26,7 @@ from remapd.mm import (
 )
 from remapd.pagetable import PageTables
 from remapd.uprobes import Uprobes
-from shared.actor import Actor
+from shared.actor import Actor, Call
 from shared.errors import UserError
 from shared.protocol import messages as m
 from shared.units import (
@@ -207,6 +207,15 @@ class AddressSpace:
                     self.pagetables.zap_page_range(mm, max(vma.start, addr), min(vma.end, end))
             finally:
                 self.locks.mmap_read_unlock(mm)
+        elif advice == "free":
+            # madvise_free_single_vma: only anonymous VMAs (there are none here): EINVAL at the
+            # first VMA; a range of holes alone is ENOMEM.
+            if covered:
+                return {"result": "EINVAL"}
+        elif advice == "remove":
+            error = yield from self._madvise_remove(mm, addr, end)
+            if error:
+                return {"result": error}
         elif advice == "pageout":
             yield from self.locks.mmap_read_lock(mm)
             try:
@@ -236,6 +245,32 @@ class AddressSpace:
                 else:
                     page += PAGE_SIZE
         return {"result": "ENOMEM" if unmapped else 0}
+
+    def _madvise_remove(self, mm: Mm, start: int, end: int) -> Generator[Any, Any, str | None]:
+        """MADV_REMOVE (madvise_remove), VMA by VMA: a VM_LOCKED VMA is EINVAL, one that is not
+        shared and may-write (vma_is_shared_maywrite; files are opened read-write) EACCES; else
+        the collapser punches the file range it maps (vfs_fallocate PUNCH_HOLE, which unmaps it
+        from every mapping), with the mmap lock dropped as the kernel drops it. Returns the
+        errno name, or None."""
+        pos = start
+        while pos < end:
+            yield from self.locks.mmap_read_lock(mm)
+            try:
+                vmas = mm.overlapping(pos, end)
+                if not vmas:
+                    break
+                vma = vmas[0]
+                lo, hi = max(vma.start, pos), min(vma.end, end)
+                if vma.locked:
+                    return "EINVAL"
+                if not vma.shared:
+                    return "EACCES"
+                punch = m.PunchHole(self.actor.new_req(), vma.ino, vma.pgoff_at(lo) << PAGE_SHIFT, hi - lo)
+            finally:
+                self.locks.mmap_read_unlock(mm)
+            yield Call(punch)
+            pos = hi
+        return None
 
     def mprotect(self, pid: int, addr: int, length: int, prot: str) -> Generator[Any, Any, dict[str, Any]]:
         """mprotect(2) (do_mprotect_pkey): each VMA in the range takes the protection through

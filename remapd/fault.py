@@ -70,6 +70,7 @@ class FaultPath:
         self.knobs = knobs
         self.mms = mms
         self.files = files
+        self.shmem_inos = files.shmem_inos
         self.locks = locks
         self.pagetables = pagetables
         self.rmap = rmap
@@ -133,11 +134,14 @@ class FaultPath:
                     return "minor"
                 return self._cow(mm, vma, pidx, slot, pte)
             haddr = addr & ~(HPAGE_PMD_SIZE - 1)
-            # The VMA could hold a PMD-order folio here (thp_vma_suitable_order, not
-            # VM_NOHUGEPAGE): shmem allocates one on that alone (shmem_get_folio_gfp), a CoW
-            # source too; a PMD also needs the PMD none and no CoW.
-            thp_ok = not vma.nohugepage and vma.pmd_suitable(haddr)
-            pmd_ok = thp_ok and not cow and entry is None
+            pmd_ok = not cow and entry is None and not vma.nohugepage and vma.pmd_suitable(haddr)
+            # shmem sizes a new folio by the VMA and the page cache alone (shmem_get_folio_gfp):
+            # PMD-order wherever the VMA could hold one (thp_vma_suitable_order, not
+            # VM_NOHUGEPAGE), whatever the page table holds, for a CoW source too. Only shmem
+            # allocates at fault, so a regular file's fault does not work it out.
+            thp_ok = pmd_ok or (
+                vma.ino in self.shmem_inos and not vma.nohugepage and vma.pmd_suitable(haddr)
+            )
             purpose = COPY if cow else MAP
             # should_fault_around: a read fault with fault_around_bytes above a page.
             nr_around = 0 if write else self.knobs.fault_around_pages()
@@ -205,26 +209,30 @@ class FaultPath:
                 continue
             # A PMD-order folio that lies inside the VMA and this PMD's page table is mapped whole
             # (finish_fault, filemap_map_folio_range), a regular file's only inside i_size.
-            whole = reply.thp and vma.pmd_suitable(haddr) and self._can_map_large(vma, addr, reply.shmem)
-            if whole and current is None and not vma.nohugepage:
-                # finish_fault: the table went (retracted while we waited on the page lock), so
-                # do_set_pmd maps the THP rather than a PTE in a new table.
-                self.rmap.add(reply.pfn, pte=-1)
-                self.pagetables.do_set_pmd(mm, pidx, reply.head, reply.shmem, accounted=False)
-                self._map_around(mm, vma, reply, install=False)
-                return "pmd"
-            if whole and (nr_around <= 1 or reply.major or reply.allocated) and current is not None and current.nr:
-                # finish_fault (no fault-around ran, or the folio was not in the cache for it):
-                # the whole folio only where every PTE of it is none (pte_range_none), else the
-                # one page. Fault-around (filemap_map_pages) maps it around what is present.
-                whole = False
+            whole = False
+            if reply.thp and vma.pmd_suitable(haddr) and self._can_map_large(vma, addr, reply.shmem):
+                if current is None and not vma.nohugepage:
+                    # finish_fault: the table went (retracted while we waited on the page lock),
+                    # so do_set_pmd maps the THP rather than a PTE in a new table.
+                    self.rmap.add(reply.pfn, pte=-1)
+                    self.pagetables.do_set_pmd(mm, pidx, reply.head, reply.shmem, accounted=False)
+                    self._map_around(mm, vma, reply, install=False)
+                    return "pmd"
+                # finish_fault (no fault-around ran, or the folio was not in the cache for it)
+                # maps the whole folio only where every PTE of it is none (pte_range_none), else
+                # the one page; fault-around (filemap_map_folio_range) maps it around what is
+                # present.
+                whole = current is None or not current.nr or (
+                    nr_around > 1 and not reply.major and not reply.allocated
+                )
             flags = (PTE_THP if reply.thp else 0) | (PTE_SHMEM if reply.shmem else 0)
             if write:
                 flags |= PTE_WRITE | PTE_DIRTY
             elif reply.shmem and vma.writes_file:
                 flags |= PTE_WRITE  # shmem wants no write-notify: vm_page_prot is writable
             self.pagetables.set_pte_at(mm, pidx, slot, pte_make(reply.pfn, flags))
-            self._map_around(mm, vma, reply, install=True)
+            if reply.around:
+                self._map_around(mm, vma, reply, install=True)
             if whole:
                 self.pagetables.map_folio_ptes(mm, pidx, reply.head, flags)
             return "major" if reply.major else "minor"
@@ -271,6 +279,26 @@ class FaultPath:
                 self.rmap.add(pfn, pte=-1)
                 continue
             self.pagetables.set_pte_at(mm, pidx, slot, pte_make(pfn, (PTE_THP if thp else 0) | shmem))
+
+    def page_mkclean(self, ino: int, indices: tuple[int, ...]) -> None:
+        """folio_mkclean for pages of a regular file going under writeback: every PTE of a shared
+        writable mapping that maps one goes read-only and clean, so the next write is a
+        write-protect fault (page_mkwrite) that dirties the page again. An rmap walk: no mmap
+        lock. Private mappings' file PTEs are read-only already."""
+        for mm, vma in self.files.mappings(ino):
+            if not vma.writes_file:
+                continue
+            lo, hi = vma.pgoff, vma.pgoff_at(vma.end)
+            for index in indices:
+                if not lo <= index < hi:
+                    continue
+                addr = vma.addr_of(index)
+                table = mm.pmds.get(addr >> HPAGE_PMD_SHIFT)
+                if isinstance(table, PteTable):
+                    slot = (addr >> PAGE_SHIFT) & (HPAGE_PMD_NR - 1)
+                    pte = table.ptes[slot]
+                    if pte & PTE_WRITE and not pte & PTE_ANON:
+                        table.ptes[slot] = pte & ~(PTE_WRITE | PTE_DIRTY)
 
     def _cow(self, mm: Mm, vma: Vma, pidx: int, slot: int, pte: int) -> str:
         """wp_page_copy (or reuse of an exclusive anon page)."""

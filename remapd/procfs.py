@@ -8,7 +8,7 @@ mapcounts, and shmem swap entries) is the collapser's, so a report that needs it
 walk is a snapshot: a page freed before the answer comes back reads as unmapped and clean).
 
 Paths: a regular file is ``/thpsplit/NAME`` on device ``fe:01``, a shmem file ``/dev/shm/NAME``
-on tmpfs' anonymous device ``00:19``. Deliberate differences: no VMA is VM_LOCKED (Locked is 0),
+on tmpfs' anonymous device ``00:19``. Locked is a VM_LOCKED VMA's Pss. Deliberate differences:
 every mapped page counts as referenced (the model maps pages only when they are accessed), and
 the reports take no mmap lock (a busy ``thpctl lock`` never blocks them).
 """
@@ -267,6 +267,8 @@ class Procfs:
                 # shmem_swap_usage: swap entries where nothing (not even a CoW copy) is mapped.
                 present = {vma.pgoff_at(addr) for addr, _, n in entries if n == 1}
                 mss.swap += sum(1 for i in next(swapped, ()) if i not in present) * PAGE_SIZE
+            if vma.locked:
+                mss.pss_locked = mss.pss  # smaps_page_accumulate: a VM_LOCKED VMA's Pss is locked
             out.append((vma, mss))
         return mm, out
 

@@ -117,6 +117,8 @@ class Remapper(Actor):
             req = getattr(msg, "req", None)  # a reply to one of our calls
             if req is not None:
                 self.deliver_reply(req, msg)
+            elif isinstance(msg, m.Mkclean):  # rare: tested after the replies, which are not
+                self.faults.page_mkclean(msg.ino, msg.indices)
         self.flush()
 
     # -- losing and regaining the peer --------------------------------------------------------
@@ -286,4 +288,6 @@ def _answer_for_lost_peer(request: Message) -> Message:
         return m.CollapseResult(request.req, R.SCAN_FAIL)
     if isinstance(request, m.PageQuery):
         return m.PageInfo(request.req, ())
+    if isinstance(request, m.PunchHole):
+        return m.Punched(request.req)  # the page cache is gone with the collapser
     raise TypeError(f"no answer for {request!r}")

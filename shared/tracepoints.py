@@ -17,6 +17,10 @@ from typing import Any
 
 import structlog
 
+# Importing shared.logs applies the default configuration (warnings and errors only) before the
+# model's first event: an unconfigured structlog would print every debug event.
+import shared.logs  # noqa: F401
+
 Sink = Callable[[str, str, dict[str, Any]], None]
 
 # (unsigned long)-1: what the kernel's tracepoints record for "no folio".

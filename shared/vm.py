@@ -40,6 +40,8 @@ class Advice(enum.StrEnum):
     POPULATE_READ = "populate_read"
     POPULATE_WRITE = "populate_write"
     PAGEOUT = "pageout"
+    FREE = "free"
+    REMOVE = "remove"
 
 
 ADVICE = tuple(Advice)

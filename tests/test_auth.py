@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -89,6 +90,7 @@ async def test_over_tcp_beyond_loopback_clients_and_the_peer_prove_their_secrets
     (workdir / "wrong").write_text("not-the-secret-at-all\n")
     async with running_daemons(workdir, "tcp", host="0.0.0.0", remapd_args=ONE_PAGE_FLAGS, env=BOTH) as d:
         secret = workdir / "secret"
+        assert (await thpctl(d, "sync", secret_file=secret))[0] == 0  # remapd is connected
         status, out, err = await thpctl(d, "--json", "status", secret_file=secret)
         assert status == 0 and '"peer": true' in out, err
         await thpctl(d, "file", "create", "f", "--size", "2M", secret_file=secret)
@@ -168,11 +170,15 @@ async def test_loopback_tcp_works_without_secrets_and_checks_them_when_set(workd
         running_daemons(workdir, "tcp", remapd_args=ONE_PAGE_FLAGS) as d,
         open_client(d.collapsed.address, COLLAPSED, Secrets()) as c,
     ):
+        with trio.fail_after(20):
+            await c.call(m.Sync)  # answered once remapd is connected
         assert (await c.call(m.Status))["peer"] is True
     peer_only = {"THPSPLIT_PEER_SECRET": PEER_SECRET}
     async with running_daemons(workdir / "p", "tcp", remapd_args=ONE_PAGE_FLAGS, env=peer_only) as d:
         # Clients need nothing on loopback, and still cannot be the peer: that role has a secret.
         async with open_client(d.collapsed.address, COLLAPSED, Secrets()) as c:
+            with trio.fail_after(20):
+                await c.call(m.Sync)
             assert (await c.call(m.Status))["peer"] is True
         stream = await connect(parse_address(d.collapsed.address))
         _, _, refusal = await raw_hello(stream, "remapd", None)
@@ -186,3 +192,12 @@ def test_daemon_help_names_the_secret_flags_and_variables():
         for word in ("--secret-file", "--peer-secret-file", "THPSPLIT_SECRET", "THPSPLIT_PEER_SECRET_FILE"):
             assert word in out, (daemon, word)
 
+
+
+async def test_thpctl_refuses_an_unusable_secret_in_one_line(workdir, monkeypatch):
+    d = types.SimpleNamespace(thpctl_args=["--collapsed", f"unix:{workdir}/c.sock", "--remapd", f"unix:{workdir}/r.sock"])
+    status, out, err = await thpctl(d, "status", secret_file=workdir / "missing")
+    assert (status, out) == (2, "") and err.count("\n") == 1 and "cannot read the secret file" in err
+    monkeypatch.setenv("THPSPLIT_SECRET", "short")
+    status, _, err = await thpctl(d, "status")
+    assert status == 2 and "at least 16" in err

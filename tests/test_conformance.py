@@ -259,7 +259,7 @@ def test_unsupported_steps_are_detected_from_the_world():
 
     m = ModelBackend(world_factory=lambda knobs: Lacking(knobs, codec=False))
     assert m.unsupported(parse_step("mprotect 1 0x40000000 4K r")) == "mprotect is not modelled (World has no mprotect)"
-    assert m.unsupported(parse_step("madvise 1 0x40000000 4K free")) == "MADV_FREE is not modelled"
+    assert m.unsupported(parse_step("madvise 1 0x40000000 4K willneed")) == "MADV_WILLNEED is not modelled"
     assert m.unsupported(parse_step("madvise 1 0x40000000 4K hugepage")) is None
     assert m.unsupported(parse_step("mmap 1 0x40000000 4K --file c --prot wx")) == "prot wx is not modelled"
 

@@ -50,6 +50,8 @@ async def test_clients_beyond_the_limit_get_emfile_and_the_peer_is_not_counted(w
                 async with open_client(d.collapsed.address, COLLAPSED, NO_SECRETS):
                     pass
             assert info.value.errno_name == "EMFILE" and "at most 3 clients" in info.value.message
+            with trio.fail_after(20):
+                await clients[0].call(m.Sync)  # answered once remapd is connected
             for client in clients:
                 status = await client.call(m.Status)
                 # remapd, the peer, holds its own slot: 3 clients and the peer.

@@ -181,6 +181,14 @@ def test_cached_thp_in_a_nohugepage_vma_is_mapped_whole_with_ptes(make_world):
     assert world.fault(3, A + H // 2, write=True) == "minor"
     assert world.smaps(3)[0]["Rss"] == 2048
     assert world.fault(3, A, write=True) == "hit"
+    # finish_fault does not look at fault_around_bytes: with fault-around off (one page; this
+    # kernel's lockdown keeps debugfs from setting it) a read fault maps the whole folio too.
+    world.sysfs_set("thpsplit/fault_around_bytes", "4096")
+    world.spawn(4)
+    d = world.mmap(4, A, H, "c", prot="r")
+    world.madvise(4, d, H, "nohugepage")
+    assert world.fault(4, A + H // 2) == "minor"
+    assert world.smaps(4)[0]["Rss"] == 2048
 
 
 def test_fault_around_maps_a_split_pmd_thp_whole_around_a_cow_page(make_world):
@@ -404,3 +412,28 @@ def test_the_new_peer_fields_keep_protocol_2_wire_compatible():
     assert isinstance(msg, m.PageAnswer) and msg.allocated is False and msg.major is True
     new = m.LookupPage(1, 2, 3, m.Purpose.COPY, True, False, True, (), True)
     assert from_wire(to_wire(new)) == new
+
+
+def test_a_write_after_writeback_faults_again_on_a_regular_file(make_world):
+    """mm/page-writeback.c folio_clear_dirty_for_io() -> mm/rmap.c folio_mkclean(): writeback
+    write-protects the PTEs of a page it cleans, so with write-notify (vma_wants_writenotify) the
+    next write through a shared mapping is a write-protect fault that dirties the page again
+    (page_mkwrite). Kernel, ext4 on a loop device here, per page of a MAP_SHARED
+    PROT_READ|PROT_WRITE mapping: first write 1 minor fault, second write 0, fsync, third write 1."""
+    world = make_world(fault_around_bytes=4096, writeback_millisecs=100)
+    world.file_create("f", 8 * P)
+    world.file_write("f", 0, 8 * P)
+    world.spawn(1)
+    a = world.mmap(1, A, 8 * P, "f", prot="rw")
+    pfn = cache_pfn(world, "f", 3)
+    mem = world.collapser.mem
+    assert world.fault(1, a + 3 * P, write=True) == "minor"
+    assert world.fault(1, a + 3 * P, write=True) == "hit"
+    world.file_sync("f")
+    world.advance(200)  # writeback ends: the page is clean, its PTE read-only
+    assert not mem.flags[pfn] & PG_DIRTY
+    assert not pte_at(world, 1, a + 3 * P) & PTE_WRITE
+    assert world.fault(1, a + 3 * P) == "hit"  # still mapped
+    assert world.fault(1, a + 3 * P, write=True) == "minor"
+    assert mem.flags[pfn] & PG_DIRTY
+    assert world.fault(1, a + 3 * P, write=True) == "hit"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import struct
 import tracemalloc
 from typing import Any
@@ -133,7 +134,7 @@ def test_any_split_yields_the_same_messages(cuts: list[int]) -> None:
     points = sorted({c % (len(stream) + 1) for c in cuts} | {0, len(stream)})
     decoder = FrameDecoder()
     got = []
-    for start, end in zip(points, points[1:]):
+    for start, end in itertools.pairwise(points):
         decoder.feed(memoryview(stream)[start:end])
         got.extend(drain(decoder))
     assert got == MESSAGES

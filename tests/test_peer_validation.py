@@ -334,7 +334,7 @@ def test_forged_file_info_is_refused(world, state, fields, match):
         pytest.param({"no/such": 1}, "no such knob", id="unknown"),
         pytest.param({"enabled": "sometimes"}, "not one of", id="bad-choice"),
         pytest.param({"khugepaged/max_ptes_none": 512}, "outside", id="out-of-range"),
-        pytest.param({"khugepaged/scan_sleep_millisecs": -1}, "outside", id="negative"),
+        pytest.param({"khugepaged/scan_sleep_millisecs": -1}, "not a decimal number", id="negative"),
         pytest.param({"khugepaged/full_scans": 3}, "read-only", id="read-only"),
         pytest.param({"thpsplit/install_pmd": "yes"}, "decimal", id="not-a-number"),
         pytest.param({"enabled": "always", "defrag": "bogus"}, "defrag", id="half-good"),

@@ -566,3 +566,67 @@ def test_mprotect_of_a_locked_private_vma_to_writable_breaks_cow_at_once(make_wo
     assert layout(world, 1, "Rss", "Anonymous", "Locked", "VmFlags") == [
         (A, A + M, 1024, 1024, 1024, "rd wr mr mw me lo ac")
     ]
+
+
+# -- MADV_FREE and MADV_REMOVE --------------------------------------------------------------------
+
+
+def test_madv_free_of_a_file_mapping_is_einval(make_world):
+    """mm/madvise.c madvise_free_single_vma() works on anonymous VMAs only: on a file or shmem
+    mapping, shared or private (with CoW copies or not), MADV_FREE is EINVAL and nothing
+    changes; over holes alone it is ENOMEM.
+
+    Kernel: a private rw mapping with one CoW copy, and a shared rw one touched: EINVAL, Rss 4
+    and 2048 kept; a hole: ENOMEM.
+    """
+    world = make_world(shmem_enabled="never", fault_around_bytes=65536)
+    world.file_create("c", 8 * M, shmem=True)
+    world.file_write("c", 0, 8 * M)
+    world.spawn(1)
+    world.mmap(1, A, 2 * M, "c", prot="rw", shared=False)
+    world.fault(1, A, write=True)
+    world.mmap(1, A + 2 * M, 2 * M, "c", offset=2 * M, prot="rw")
+    world.touch(1, A + 2 * M, 2 * M, stride=64 * 1024)
+    assert world.madvise(1, A, 2 * M, "free") == "EINVAL"
+    assert world.madvise(1, A + 2 * M, 2 * M, "free") == "EINVAL"
+    assert layout(world, 1, "Rss", "Anonymous") == [(A, A + 2 * M, 4, 4), (A + 2 * M, A + 4 * M, 2048, 0)]
+    assert world.madvise(1, A + 6 * M, P, "free") == "ENOMEM"
+
+
+def test_madv_remove_punches_the_file_behind_a_shared_mapping(make_world):
+    """mm/madvise.c madvise_remove(): a VM_LOCKED VMA is EINVAL, one that is not shared and
+    may-write (vma_is_shared_maywrite: a MAP_SHARED mapping of a file open read-write, even
+    PROT_READ) EACCES; otherwise vfs_fallocate(PUNCH_HOLE | KEEP_SIZE) on the file range it
+    maps, which unmaps the range from every process and frees its pages.
+
+    Kernel (tmpfs huge=never, the 8M file written): remove of 64K of a touched shared rw
+    mapping: 0, Rss 2048 -> 1984; of a private mapping: EACCES; of 64K inside a shared r
+    mapping: 0, Rss 1984; over [A+2M, A+6M) after a fork whose child touched the r mapping: 0,
+    Rss 0 in both processes; mlock of 64K then remove: EINVAL, the locked 64K kept; a hole:
+    ENOMEM.
+    """
+    world = make_world(shmem_enabled="never", fault_around_bytes=65536)
+    world.file_create("c", 8 * M, shmem=True)
+    world.file_write("c", 0, 8 * M)
+    world.spawn(1)
+    world.mmap(1, A, 2 * M, "c", prot="rw", shared=False)
+    world.mmap(1, A + 2 * M, 2 * M, "c", offset=2 * M, prot="rw")
+    world.touch(1, A + 2 * M, 2 * M, stride=64 * 1024)
+    assert world.madvise(1, A + 2 * M, 64 * 1024, "remove") == 0
+    assert layout(world, 1, "Rss")[1] == (A + 2 * M, A + 4 * M, 1984)
+    nrpages = {f["name"]: f["nrpages"] for f in world.file_ls()}["c"]
+    assert nrpages == 2048 - 16
+    assert world.madvise(1, A, 64 * 1024, "remove") == "EACCES"
+    world.mmap(1, A + 4 * M, 2 * M, "c", offset=4 * M, prot="r")
+    world.touch(1, A + 4 * M, 2 * M, stride=64 * 1024)
+    assert world.madvise(1, A + 4 * M + 64 * 1024, 64 * 1024, "remove") == 0
+    assert layout(world, 1, "Rss")[2] == (A + 4 * M, A + 6 * M, 1984)
+    world.fork(1, 2)
+    world.touch(2, A + 4 * M, 2 * M, stride=64 * 1024)
+    assert world.madvise(1, A + 2 * M, 4 * M, "remove") == 0
+    assert [rss for _, _, rss in layout(world, 1, "Rss")[1:]] == [0, 0]
+    assert [rss for _, _, rss in layout(world, 2, "Rss")[1:]] == [0, 0]
+    assert world.mlock(1, A + 2 * M, 64 * 1024) == 0
+    assert world.madvise(1, A + 2 * M, 4 * M, "remove") == "EINVAL"
+    assert layout(world, 1, "Rss", "Locked")[1] == (A + 2 * M, A + 2 * M + 64 * 1024, 64, 64)
+    assert world.madvise(1, A + 6 * M, P, "remove") == "ENOMEM"

@@ -220,6 +220,17 @@ class MadvCollapse(Message):
     pgoff: int
 
 
+@message("peer.punch_hole")
+class PunchHole(Message):
+    """MADV_REMOVE: vfs_fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE) on [offset,
+    offset+length) of ``ino``, as ``file punch`` does; answered by :class:`Punched`."""
+
+    req: int
+    ino: int
+    offset: int
+    length: int
+
+
 @message("peer.visit_mm")
 class VisitMmDone(Message):
     """Answer to :class:`VisitMm`."""
@@ -307,6 +318,13 @@ class Unmapped(Message):
     req: int
 
 
+@message("peer.punched")
+class Punched(Message):
+    """Answer to :class:`PunchHole`: the hole is punched (the unmaps went ahead)."""
+
+    req: int
+
+
 @message("peer.retract")
 class Retract(Message):
     """retract_page_tables(mapping, pgoff) for the new PMD-order folio at ``head`` (locked)."""
@@ -382,6 +400,17 @@ class FileInfo(Message):
     size: int
     shmem: bool
     gen: int = 0
+
+
+@message("peer.mkclean")
+class Mkclean(Message):
+    """folio_clear_dirty_for_io -> folio_mkclean: these pages of regular file ``ino`` (by index)
+    were mapped when writeback took their dirty bit. The remapper write-protects every PTE
+    mapping them, so the next write through a shared mapping is a write-protect fault that
+    dirties the page again (page_mkwrite). Added within protocol 2."""
+
+    ino: int
+    indices: tuple[int, ...]
 
 
 @message("peer.knobs")

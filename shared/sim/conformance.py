@@ -769,10 +769,6 @@ def _m16(div: Divergence) -> bool:
     )
 
 
-def _m19(div: Divergence) -> bool:
-    return div.aspects() == {"smaps.Locked"} and any(kr["Locked"] > mr["Locked"] for _, kr, mr in _smaps_pairs(div))
-
-
 def _m20(div: Divergence) -> bool:
     s = div.step
     if s.op not in ACCESS_OPS or s.args["write"] or div.aspects() != {"smaps.Rss"}:
@@ -932,18 +928,6 @@ KNOWN: tuple[Known, ...] = (
         reproducer=_SETUP + "file write c 0 4M; mmap 1 0x40000000 4M --file c --prot rw --shared; "
         "madvise 1 0x40000000 4M hugepage; madvise 1 0x40000000 4M hugepage; sysfs set khugepaged/max_ptes_none 255",
         number=17,
-    ),
-    Known(
-        "#19",
-        "open",
-        "smaps Locked is 0 for an mlocked VMA in the model",
-        "show_smap() reports the locked Pss of a VM_LOCKED VMA (smaps_account: mss->pss_locked, "
-        "fs/proc/task_mmu.c). World.smaps comes from remapd/procfs.py, which still assumes no VMA is "
-        "VM_LOCKED and never adds to pss_locked, though mlock/munlock now set VM_LOCKED (VmFlags lo) "
-        "and remapd/report.py computes it.",
-        matcher=_m19,
-        reproducer=_SETUP + "mmap 1 0x40000000 4M --file c --prot rw --shared; mlock 1 0x40000000 4M",
-        number=19,
     ),
     Known(
         "#20",
@@ -1665,7 +1649,7 @@ def add_arguments(p: argparse.ArgumentParser, json_flag: bool = True) -> None:
     p.add_argument("--seeds", type=int, default=20, metavar="N", help="random sequences to run per mode (default 20)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="the first seed (default 0)")
     p.add_argument("--steps", type=int, default=12, metavar="K", help="random steps per sequence (default 12)")
-    p.add_argument("--mode", choices=("step", "khugepaged", "both"), default="step")
+    p.add_argument("--mode", choices=("step", "khugepaged", "both"), default="step", help="step by step, after khugepaged scans, or both (default: %(default)s)")
     p.add_argument("--huge", choices=(*HUGE_CHOICES, "both"), default="advise", help="tmpfs huge= (the model's shmem_enabled)")
     p.add_argument("--max-ptes-none", type=int, choices=MAX_PTES_NONE, default=None, help="khugepaged mode: pin it (default: drawn per sequence)")
     p.add_argument("--replay", metavar="FILE", help="run the steps of FILE ('-': stdin) step by step and show both sides")

@@ -9,7 +9,8 @@ operation. It raises ``AssertionError`` naming the first broken rule. It checks:
   every page; mapcount and entire_mapcount match the page tables exactly;
 * every PTE and PMD maps, at its address, the page the VMA's file offset says it should, and
   lies inside a VMA; a PMD maps only a PMD-order page whose index is 512-aligned; a file PTE is
-  writable only in a shared writable VMA, and dirty only if writable;
+  writable only in a shared writable VMA, and dirty only if writable; a regular file's writable
+  PTE maps a dirty page (write-notify, mkclean at writeback);
 * mm counters and nr_ptes match the tables; each table's counts and mark agree with its
   entries; anon mapcounts match; VMAs are sorted, disjoint, merged where the kernel would
   merge them (is_mergeable_vma, is_mergeable_anon_vma), an anon page only in a VMA with an
@@ -28,7 +29,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import TYPE_CHECKING
 
-from collapsed.pagecache import PG_ALLOCATED, PG_HEAD, PG_LOCKED, PG_LRU, PG_TAIL
+from collapsed.pagecache import PG_ALLOCATED, PG_DIRTY, PG_HEAD, PG_LOCKED, PG_LRU, PG_TAIL
 from remapd.mm import (
     PTE_ANON,
     PTE_DIRTY,
@@ -95,11 +96,11 @@ def check(c: Collapser, r: Remapper, connected: bool = True) -> None:
             if isinstance(entry, int):
                 head = pte_pfn(entry)
                 assert connected, f"pid {pid}: PMD at {base:#x} maps file pfn {head} with the peer gone"
-                vma = mm.find_vma(base)
-                assert vma is not None and vma.end >= base + HPAGE_PMD_SIZE, f"pid {pid}: PMD at {base:#x} outside a VMA"
+                pmd_vma = mm.find_vma(base)
+                assert pmd_vma is not None and pmd_vma.end >= base + HPAGE_PMD_SIZE, f"pid {pid}: PMD at {base:#x} outside a VMA"
                 assert mem.allocated(head) and mem.flags[head] & PG_HEAD, f"pid {pid}: PMD at {base:#x} maps non-THP {head}"
                 assert mem.index[head] % HPAGE_PMD_NR == 0, f"pid {pid}: PMD maps misaligned THP"
-                assert mem.ino[head] == vma.ino and mem.index[head] == vma.pgoff_at(base), (
+                assert mem.ino[head] == pmd_vma.ino and mem.index[head] == pmd_vma.pgoff_at(base), (
                     f"pid {pid}: PMD at {base:#x} maps the wrong THP"
                 )
                 pmd_maps[head] += 1
@@ -132,6 +133,12 @@ def check(c: Collapser, r: Remapper, connected: bool = True) -> None:
                 # only where the VMA is (vm_page_prot); the dirty bit only on a writable PTE.
                 assert not pte & PTE_WRITE or vma.writes_file, f"pid {pid}: writable file PTE at {addr:#x} in {vma}"
                 assert not pte & PTE_DIRTY or pte & PTE_WRITE, f"pid {pid}: dirty read-only PTE at {addr:#x}"
+                if pte & PTE_WRITE and not pte & PTE_SHMEM:
+                    # A regular file is write-notified: writable only after a write fault dirtied
+                    # the page, and read-only again once writeback takes the dirty bit (mkclean).
+                    assert pte & PTE_DIRTY and mem.flags[mem.head(pfn)] & PG_DIRTY, (
+                        f"pid {pid}: writable PTE at {addr:#x} of a clean page of a regular file"
+                    )
                 assert mem.ino[head] == vma.ino and mem.index[pfn] == vma.pgoff + ((addr - vma.start) >> PAGE_SHIFT), (
                     f"pid {pid}: PTE at {addr:#x} maps pfn {pfn} (ino {mem.ino[mem.head(pfn)]} index "
                     f"{mem.index[pfn]}), not the file page for its offset ({vma})"
@@ -146,11 +153,11 @@ def check(c: Collapser, r: Remapper, connected: bool = True) -> None:
         for key, value in mm.rss.items():
             assert value == rss[key], f"pid {pid}: {key} {value} != {rss[key]} mapped"
     for pid, pidx in r.marked:
-        mm = r.mms.get(pid)
-        assert mm is not None and isinstance(mm.pmds.get(pidx), PteTable), f"marked ({pid}, {pidx:#x}) has no table"
-    for ino, vmas in r.files.i_mmap.items():
-        for key in vmas:
-            assert key in seen_vmas, f"i_mmap of {ino} holds an unlinked VMA"
+        marked_mm = r.mms.get(pid)
+        assert marked_mm is not None and isinstance(marked_mm.pmds.get(pidx), PteTable), f"marked ({pid}, {pidx:#x}) has no table"
+    for ino, mapped in r.files.i_mmap.items():
+        for vma_key in mapped:
+            assert vma_key in seen_vmas, f"i_mmap of {ino} holds an unlinked VMA"
     assert dict(anon_maps) == {p: n for p, n in r.anon.mapcount.items() if n}, "anon mapcounts disagree"
     for pfn, n in r.anon.mapcount.items():
         assert n or r.anon.pins.get(pfn), f"anon page {pfn} unmapped, unpinned, not freed"

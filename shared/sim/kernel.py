@@ -1316,7 +1316,7 @@ class KernelBackend:
 
     def run(self, scenario: str | list[str] | list[Step]) -> list[dict[str, Any]]:
         steps = scenario if scenario and isinstance(scenario[0], Step) else parse_scenario(scenario)  # type: ignore[arg-type]
-        return [self.step(s) for s in steps]  # type: ignore[arg-type]
+        return [self.step(s) for s in steps]
 
     def step(self, step: Step | str) -> dict[str, Any]:
         """Run one step; its outcome (see the module docstring)."""

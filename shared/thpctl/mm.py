@@ -200,10 +200,10 @@ def register(sub: Any) -> None:
         _render_result,
         "mprotect 1 0x7effffc00000 2M r",
     )
-    p.add_argument("pid", type=int, metavar="PID")
-    p.add_argument("addr", type=address, metavar="ADDR")
-    p.add_argument("length", type=size, metavar="LENGTH")
-    p.add_argument("prot", choices=PROTS, metavar="|".join(PROTS))
+    p.add_argument("pid", type=int, metavar="PID", help="the modelled process")
+    p.add_argument("addr", type=address, metavar="ADDR", help="virtual address")
+    p.add_argument("length", type=size, metavar="LENGTH", help="bytes from the start")
+    p.add_argument("prot", choices=PROTS, metavar="|".join(PROTS), help="the new protection")
     p.set_defaults(on_error=_errno_error)
 
     p = command(
@@ -215,9 +215,9 @@ def register(sub: Any) -> None:
         _render_result,
         "mlock 1 0x7effffc00000 2M",
     )
-    p.add_argument("pid", type=int, metavar="PID")
-    p.add_argument("addr", type=address, metavar="ADDR")
-    p.add_argument("length", type=size, metavar="LENGTH")
+    p.add_argument("pid", type=int, metavar="PID", help="the modelled process")
+    p.add_argument("addr", type=address, metavar="ADDR", help="virtual address")
+    p.add_argument("length", type=size, metavar="LENGTH", help="bytes from the start")
     p.add_argument("--onfault", action="store_true", help="MLOCK_ONFAULT: lock pages as they fault in")
     p.set_defaults(on_error=_errno_error)
 
@@ -229,9 +229,9 @@ def register(sub: Any) -> None:
         _render_result,
         "munlock 1 0x7effffc00000 2M",
     )
-    p.add_argument("pid", type=int, metavar="PID")
-    p.add_argument("addr", type=address, metavar="ADDR")
-    p.add_argument("length", type=size, metavar="LENGTH")
+    p.add_argument("pid", type=int, metavar="PID", help="the modelled process")
+    p.add_argument("addr", type=address, metavar="ADDR", help="virtual address")
+    p.add_argument("length", type=size, metavar="LENGTH", help="bytes from the start")
     p.set_defaults(on_error=_errno_error)
 
     p = command(
