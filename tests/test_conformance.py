@@ -350,8 +350,8 @@ async def test_thpctl_conformance_is_a_command(monkeypatch):
 # -- the real kernel ----------------------------------------------------------------------------
 
 # Sequences per test: a few hundred in all (docs/CONFORMANCE.md has the timing).
-EXAMPLES = {("step", "advise"): 250, ("step", "never"): 150, ("khugepaged", "advise"): 60}
-MAX_STEPS = 8
+EXAMPLES = {("step", "advise"): 300, ("step", "never"): 200, ("khugepaged", "advise"): 80}
+MAX_STEPS = 12
 
 
 def _knob_snapshot() -> dict[str, str]:
