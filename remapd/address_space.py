@@ -306,7 +306,14 @@ class AddressSpace:
             for lo, hi in pieces:
                 self._move_vma(mm, lo, hi - lo, hi - lo, lo + delta, dontunmap)
             return 0, to, None
-        if old_len > vma.end - addr:
+        if to is None and new_len <= old_len:
+            # Nothing new is mapped (check_prep_vma stops here): the range may span VMAs, and a
+            # shrink unmaps the tail, whatever is there.
+            if new_len < old_len:
+                self._do_munmap(mm, addr + new_len, addr + old_len)
+            return 0, addr, None
+        # A grow or a move stays inside one VMA (MREMAP_FIXED first drops what a shrink drops).
+        if (old_len if to is None else min(old_len, new_len)) > vma.end - addr:
             return "EFAULT", None, None
         if to is not None:
             self._do_munmap(mm, to, to + new_len)
@@ -314,10 +321,6 @@ class AddressSpace:
                 self._do_munmap(mm, addr + new_len, addr + old_len)
                 old_len = new_len
             return 0, to, self._move_vma(mm, addr, old_len, new_len, to, dontunmap)
-        if new_len <= old_len:
-            if new_len < old_len:
-                self._do_munmap(mm, addr + new_len, addr + old_len)
-            return 0, addr, None
         end = addr + new_len
         if old_len and addr + old_len == vma.end and end <= TASK_SIZE and not mm.overlapping(vma.end, end):
             # vma_expandable: grow in place (vma_merge_extend merges with the next VMA).

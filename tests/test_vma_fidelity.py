@@ -738,3 +738,30 @@ def test_mremap_moves_ptes_pins_anon_pages_and_whole_ranges_of_vmas(make_world):
     assert world.mremap(1, A + 52 * M, 0, M) == {"result": "ENOMEM", "addr": None}
     assert [(s, e) for s, e in layout(world, 1)][4] == (A + 60 * M, A + 61 * M)
     assert world.mremap(1, A + 64 * M, 0, M, to=A + 72 * M)["result"] == "EINVAL"  # private
+
+
+def test_mremap_that_maps_nothing_new_may_span_vmas(make_world):
+    """mm/mremap.c check_prep_vma(): only a grow or a move must stay inside the VMA at the
+    address (EFAULT otherwise); an unchanged size returns the address and a shrink unmaps the
+    tail whatever VMAs it covers. With MREMAP_FIXED the shrunk length is what must fit.
+
+    Kernel: a 4M private rw mapping whose first 2M is r: 4M -> 4M (with or without
+    MREMAP_MAYMOVE): the address; 4M -> 3M: [A, A+2M) and [A+2M, A+3M); 3M -> 4M --maymove:
+    EFAULT; 3M -> 1M: [A, A+1M); 3M -> 3M --to A+16M moves it; 2M -> 1M --to A+32M from there:
+    [A+32M, A+33M); 4M -> 2M --to A+48M: EFAULT.
+    """
+    world = make_world(shmem_enabled="never")
+    world.file_create("c", 16 * M, shmem=True)
+    world.spawn(1)
+    world.mmap(1, A, 4 * M, "c", prot="rw", shared=False)
+    assert world.mprotect(1, A, 2 * M, "r") == 0
+    assert world.mremap(1, A, 4 * M, 4 * M) == {"result": 0, "addr": A}
+    assert world.mremap(1, A, 4 * M, 4 * M, maymove=True) == {"result": 0, "addr": A}
+    assert world.mremap(1, A, 4 * M, 3 * M) == {"result": 0, "addr": A}
+    assert [(s, e) for s, e in layout(world, 1)] == [(A, A + 2 * M), (A + 2 * M, A + 3 * M)]
+    assert world.mremap(1, A, 3 * M, 4 * M, maymove=True)["result"] == "EFAULT"
+    assert world.mremap(1, A, 3 * M, M) == {"result": 0, "addr": A}
+    assert world.mremap(1, A, 3 * M, 3 * M, to=A + 16 * M)["result"] == 0
+    assert world.mremap(1, A + 16 * M, 2 * M, M, to=A + 32 * M) == {"result": 0, "addr": A + 32 * M}
+    assert [(s, e) for s, e in layout(world, 1)] == [(A + 32 * M, A + 33 * M)]
+    assert world.mremap(1, A + 32 * M, 4 * M, 2 * M, to=A + 48 * M)["result"] == "EFAULT"
