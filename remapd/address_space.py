@@ -260,8 +260,8 @@ class AddressSpace:
         moves it with MREMAP_MAYMOVE (ENOMEM without); a move (move_vma) copies the VMA to the
         new place (merging there), moves the page tables (:meth:`PageTables.move_page_tables`:
         a PMD moves whole when both addresses are aligned), and unmaps the old range unless
-        MREMAP_DONTUNMAP, which leaves the old VMA, unlocked. With
-        MREMAP_FIXED and an unchanged size, every VMA in the range moves, gaps kept
+        MREMAP_DONTUNMAP, which leaves the old VMA, unlocked. With MREMAP_FIXED and an unchanged
+        size, every VMA in the range moves, gaps kept, and what is mapped opposite a gap stays
         (remap_move). ``old_length`` 0 maps a shared mapping a second time. A VM_LOCKED VMA's
         new tail is faulted in."""
         mm = find_mm(self.mms, pid)
@@ -299,11 +299,12 @@ class AddressSpace:
         if old_len == 0 and not vma.shared:
             return "EINVAL", None, None  # only a shared mapping can be mapped twice
         if to is not None and old_len == new_len and old_len:
-            # remap_move: every VMA in the range moves by the same distance, gaps kept.
-            self._do_munmap(mm, to, to + new_len)
+            # remap_move: every VMA in the range moves by the same distance, each replacing what
+            # was at its own target; what lies opposite a gap stays.
             delta = to - addr
             pieces = [(max(v.start, addr), min(v.end, addr + old_len)) for v in mm.overlapping(addr, addr + old_len)]
             for lo, hi in pieces:
+                self._do_munmap(mm, lo + delta, hi + delta)
                 self._move_vma(mm, lo, hi - lo, hi - lo, lo + delta, dontunmap)
             return 0, to, None
         if to is None and new_len <= old_len:

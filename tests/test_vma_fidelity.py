@@ -765,3 +765,26 @@ def test_mremap_that_maps_nothing_new_may_span_vmas(make_world):
     assert world.mremap(1, A + 16 * M, 2 * M, M, to=A + 32 * M) == {"result": 0, "addr": A + 32 * M}
     assert [(s, e) for s, e in layout(world, 1)] == [(A + 32 * M, A + 33 * M)]
     assert world.mremap(1, A + 32 * M, 4 * M, 2 * M, to=A + 48 * M)["result"] == "EFAULT"
+
+
+def test_mremap_fixed_move_of_several_vmas_leaves_what_is_opposite_a_gap(make_world):
+    """mm/mremap.c remap_move() (6.17+): with MREMAP_FIXED and an unchanged size each VMA in
+    the range moves by the same distance, replacing only what was at its own target; a mapping
+    opposite a gap in the source stays.
+
+    Kernel: [A, A+4M) shared rw with [A+0x3d3000, +~846K) unmapped, a second open's r mapping
+    at [A+4M, A+8M); mremap [A+2M, A+4M) --to A+4M: [A+4M, A+0x5d3000) rw and
+    [A+0x5d3000, A+8M) r (the r mapping's part opposite the gap kept).
+    """
+    world = make_world(shmem_enabled="advise")
+    world.file_create("c", 8 * M, shmem=True)
+    world.spawn(1)
+    world.mmap(1, A, 4 * M, "c", prot="rw")
+    world.munmap(1, A + 0x3D3000, 866503)
+    world.mmap(1, A + 4 * M, 4 * M, "c", prot="r", reopen=True)
+    assert world.mremap(1, A + 2 * M, 2 * M, 2 * M, to=A + 4 * M) == {"result": 0, "addr": A + 4 * M}
+    assert layout(world, 1, "perms") == [
+        (A, A + 2 * M, "rw-s"),
+        (A + 4 * M, A + 0x5D3000, "rw-s"),
+        (A + 0x5D3000, A + 8 * M, "r--s"),
+    ]
