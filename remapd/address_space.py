@@ -246,6 +246,142 @@ class AddressSpace:
                     page += PAGE_SIZE
         return {"result": "ENOMEM" if unmapped else 0}
 
+    def mremap(
+        self,
+        pid: int,
+        addr: int,
+        old_length: int,
+        new_length: int,
+        to: int | None = None,
+        maymove: bool = False,
+        dontunmap: bool = False,
+    ) -> Generator[Any, Any, dict[str, Any]]:
+        """mremap(2): ``to`` is MREMAP_FIXED (with MREMAP_MAYMOVE), ``dontunmap``
+        MREMAP_DONTUNMAP (with MREMAP_MAYMOVE). Returns ``{"result": 0, "addr": new address}``
+        or ``{"result": errno name, "addr": None}``; bad arguments are EINVAL as results too.
+
+        As 6.18's mm/mremap.c: a shrink unmaps the tail; a grow extends the VMA in place when
+        it ends the range and the space after it is free (merging with the next VMA), else
+        moves it with MREMAP_MAYMOVE (ENOMEM without); a move (move_vma) copies the VMA to the
+        new place (merging there), moves the page tables (:meth:`PageTables.move_page_tables`:
+        a PMD moves whole when both addresses are aligned), and unmaps the old range unless
+        MREMAP_DONTUNMAP, which leaves the old VMA, unlocked. With MREMAP_FIXED and an unchanged
+        size, every VMA in the range moves, gaps kept, and what is mapped opposite a gap stays
+        (remap_move). ``old_length`` 0 maps a shared mapping a second time. A VM_LOCKED VMA's
+        new tail is faulted in."""
+        mm = find_mm(self.mms, pid)
+        fixed = to is not None
+        maymove = maymove or fixed or dontunmap
+        old_len = (old_length + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+        new_len = (new_length + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+        if addr % PAGE_SIZE or old_length < 0 or new_length <= 0 or addr + old_len > TASK_SIZE:
+            return {"result": "EINVAL", "addr": None}
+        if dontunmap and old_len != new_len:
+            return {"result": "EINVAL", "addr": None}
+        if to is not None and (
+            to % PAGE_SIZE
+            or to < MMAP_MIN_ADDR
+            or to + new_len > TASK_SIZE
+            or (to < addr + old_len and addr < to + new_len)
+        ):
+            return {"result": "EINVAL", "addr": None}
+        populate: tuple[int, int] | None = None
+        yield from self.locks.mmap_write_lock(mm)
+        try:
+            result, new_addr, populate = self._mremap(mm, addr, old_len, new_len, to, maymove, dontunmap)
+        finally:
+            self.locks.mmap_write_unlock(mm)
+        if populate is not None:
+            yield from self._mm_populate(mm, *populate)  # a VM_LOCKED VMA's new tail
+        return {"result": result, "addr": new_addr}
+
+    def _mremap(
+        self, mm: Mm, addr: int, old_len: int, new_len: int, to: int | None, maymove: bool, dontunmap: bool
+    ) -> tuple[int | str, int | None, tuple[int, int] | None]:
+        vma = mm.find_vma(addr)
+        if vma is None:
+            return "EFAULT", None, None
+        if old_len == 0 and not vma.shared:
+            return "EINVAL", None, None  # only a shared mapping can be mapped twice
+        if to is not None and old_len == new_len and old_len:
+            # remap_move: every VMA in the range moves by the same distance, each replacing what
+            # was at its own target; what lies opposite a gap stays.
+            delta = to - addr
+            pieces = [(max(v.start, addr), min(v.end, addr + old_len)) for v in mm.overlapping(addr, addr + old_len)]
+            for lo, hi in pieces:
+                self._do_munmap(mm, lo + delta, hi + delta)
+                self._move_vma(mm, lo, hi - lo, hi - lo, lo + delta, dontunmap)
+            return 0, to, None
+        if to is None and new_len <= old_len:
+            # Nothing new is mapped (check_prep_vma stops here): the range may span VMAs, and a
+            # shrink unmaps the tail, whatever is there.
+            if new_len < old_len:
+                self._do_munmap(mm, addr + new_len, addr + old_len)
+            return 0, addr, None
+        # A grow or a move stays inside one VMA (MREMAP_FIXED first drops what a shrink drops).
+        if (old_len if to is None else min(old_len, new_len)) > vma.end - addr:
+            return "EFAULT", None, None
+        if to is not None:
+            self._do_munmap(mm, to, to + new_len)
+            if old_len > new_len:
+                self._do_munmap(mm, addr + new_len, addr + old_len)
+                old_len = new_len
+            return 0, to, self._move_vma(mm, addr, old_len, new_len, to, dontunmap)
+        end = addr + new_len
+        if old_len and addr + old_len == vma.end and end <= TASK_SIZE and not mm.overlapping(vma.end, end):
+            # vma_expandable: grow in place (vma_merge_extend merges with the next VMA).
+            grown = vma.copy(vma.start, end)
+            self.vma_unlink(mm, vma)
+            self.vma_link(mm, grown)
+            self._vma_merge(mm, grown)
+            return 0, addr, ((addr + old_len, end) if grown.locked else None)
+        if not maymove:
+            return "ENOMEM", None, None
+        new_addr = self._get_unmapped_area(mm, new_len, vma.pgoff_at(addr))
+        return 0, new_addr, self._move_vma(mm, addr, old_len, new_len, new_addr, dontunmap)
+
+    def _move_vma(
+        self, mm: Mm, old: int, old_len: int, new_len: int, new: int, dontunmap: bool
+    ) -> tuple[int, int] | None:
+        """move_vma: a copy of the VMA holding ``old`` at [new, new+new_len) (copy_vma, which
+        merges it there), the page tables and GUP pins moved, the old range unmapped (or, with
+        ``dontunmap``, its VMA kept without VM_LOCKED, and without its anon_vma when it moved
+        whole). Returns the range to populate for a VM_LOCKED VMA that grew, else None."""
+        vma = mm.find_vma(old)
+        assert vma is not None
+        copy = vma.copy(old, vma.end)
+        copy.start, copy.end = new, new + new_len
+        self.vma_link(mm, copy)
+        copy = self._vma_merge(mm, copy)
+        if not old_len:
+            return None  # a second mapping of a shared one: nothing moves
+        self.pagetables.move_page_tables(mm, old, new, old_len)
+        for page in [p for p in mm.pins if old <= p < old + old_len]:
+            mm.pins[page - old + new] = mm.pins.pop(page)
+        if not dontunmap:
+            self._do_munmap(mm, old, old + old_len)
+        elif vma.locked or (vma.anon_vma is not None and (vma.start, vma.end) == (old, old + old_len)):
+            kept = vma.copy(vma.start, vma.end)
+            kept.locked = kept.lockonfault = False  # the old VMA loses VM_LOCKED_MASK, whole
+            if (vma.start, vma.end) == (old, old + old_len):
+                kept.anon_vma, kept.fork_child = None, False  # unlink_anon_vmas
+            self.vma_unlink(mm, vma)
+            self.vma_link(mm, kept)
+            self._note_unmerged(mm, kept)
+        if copy.locked and new_len > old_len:
+            return new + old_len, new + new_len
+        return None
+
+    @staticmethod
+    def _note_unmerged(mm: Mm, vma: Vma) -> None:
+        """``vma`` changed in place, with no merge attempt (as the kernel's vm_flags_clear):
+        remember the boundaries where it now could merge and did not."""
+        i = bisect.bisect_left(mm.starts, vma.start)
+        if i > 0 and mergeable_neighbours(mm.vmas[i - 1], vma):
+            mm.unmerged.add(vma.start)
+        if i + 1 < len(mm.vmas) and mergeable_neighbours(vma, mm.vmas[i + 1]):
+            mm.unmerged.add(vma.end)
+
     def _madvise_remove(self, mm: Mm, start: int, end: int) -> Generator[Any, Any, str | None]:
         """MADV_REMOVE (madvise_remove), VMA by VMA: a VM_LOCKED VMA is EINVAL, one that is not
         shared and may-write (vma_is_shared_maywrite; files are opened read-write) EACCES; else

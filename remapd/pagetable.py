@@ -31,6 +31,7 @@ from shared.units import (
     HPAGE_PMD_SHIFT,
     HPAGE_PMD_SIZE,
     PAGE_SHIFT,
+    PAGE_SIZE,
 )
 from shared.vm import PROT_WRITE
 
@@ -186,6 +187,40 @@ class PageTables:
                 if pfns is not None and pte_pfn(pte) not in pfns:
                     continue
                 self.zap_pte(mm, entry, slot)
+
+    def move_page_tables(self, mm: Mm, old: int, new: int, length: int) -> None:
+        """mremap's move_page_tables: what maps [old, old+length) maps [new, new+length) after,
+        each page keeping its mapcount. A PMD mapping moves whole (move_huge_pmd) when both
+        addresses are PMD-aligned with a whole PMD left to move and nothing is at the target;
+        otherwise it is split first (split_huge_pmd: for a file THP the PMD is just cleared).
+        PTEs move one by one (the kernel may move a whole table; the model keeps the old, now
+        empty table until the range is unmapped)."""
+        end = old + length
+        while old < end:
+            pidx = old >> HPAGE_PMD_SHIFT
+            nxt = min((pidx + 1) << HPAGE_PMD_SHIFT, end)
+            extent = min(nxt - old, HPAGE_PMD_SIZE - (new & (HPAGE_PMD_SIZE - 1)))
+            entry = mm.pmds.get(pidx)
+            if isinstance(entry, int):
+                if extent == HPAGE_PMD_SIZE and (new >> HPAGE_PMD_SHIFT) not in mm.pmds:
+                    mm.pmds[new >> HPAGE_PMD_SHIFT] = mm.pmds.pop(pidx)
+                    old, new = old + extent, new + extent
+                    continue
+                self.zap_huge_pmd(mm, pidx, split=True)
+            elif entry is not None and entry.nr:
+                for off in range(0, extent, PAGE_SIZE):
+                    slot = ((old + off) >> PAGE_SHIFT) & (HPAGE_PMD_NR - 1)
+                    pte = entry.ptes[slot]
+                    if not pte:
+                        continue
+                    entry.set(slot, 0)
+                    mm.rss[mm_counter(pte)] -= 1  # set_pte_at counts it again
+                    to = new + off
+                    target = mm.pmds.get(to >> HPAGE_PMD_SHIFT)
+                    if isinstance(target, int):
+                        self.zap_huge_pmd(mm, to >> HPAGE_PMD_SHIFT, split=True)
+                    self.set_pte_at(mm, to >> HPAGE_PMD_SHIFT, (to >> PAGE_SHIFT) & (HPAGE_PMD_NR - 1), pte)
+            old, new = old + extent, new + extent
 
     def zap_file_pages(self, mm: Mm) -> None:
         """Clear every mapping of a file page, keeping anon pages (the page cache is gone)."""

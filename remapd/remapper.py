@@ -229,6 +229,18 @@ class Remapper(Actor):
     def mprotect(self, pid: int, addr: int, length: int, prot: str) -> Generator[Any, Any, dict[str, Any]]:
         return self.address_space.mprotect(pid, addr, length, prot)
 
+    def mremap(
+        self,
+        pid: int,
+        addr: int,
+        old_length: int,
+        new_length: int,
+        to: int | None = None,
+        maymove: bool = False,
+        dontunmap: bool = False,
+    ) -> Generator[Any, Any, dict[str, Any]]:
+        return self.address_space.mremap(pid, addr, old_length, new_length, to, maymove, dontunmap)
+
     def mlock(self, pid: int, addr: int, length: int, onfault: bool = False) -> Generator[Any, Any, dict[str, Any]]:
         return self.address_space.mlock(pid, addr, length, onfault)
 

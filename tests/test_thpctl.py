@@ -136,6 +136,24 @@ async def test_madvise_prints_zero_or_the_errno(d):
     assert (status, out, err) == (1, "ENOMEM\n", "")
 
 
+async def test_mprotect_mlock_munlock_mremap_print_zero_the_address_or_the_errno(d):
+    addr = await setup_mapping(d, prot="rw")
+    assert await ok(d, "mprotect", "1", hex(addr), "2M", "r") == "0\n"
+    assert await ok(d, "mlock", "1", hex(addr + 1), "8K", "--onfault") == "0\n"
+    smaps = json.loads(await ok(d, "--json", "smaps", "1"))
+    assert [e["perms"] for e in smaps] == ["r--p", "r--p", "rw-p"]
+    assert smaps[0]["VmFlags"] == "rd mr mw me lo lf ac" and smaps[0]["end"] == addr + 12288  # the range widened to whole pages
+    assert await ok(d, "munlock", "1", hex(addr), "4M") == "0\n"
+    # An errno the call returns is its result: printed, exit 1, nothing on stderr.
+    assert await thpctl(d, "mlock", "1", hex(addr + (8 << 20)), "4K") == (1, "ENOMEM\n", "")
+    out, err = await fails(d, "mprotect", "1", hex(addr + 1), "4K", "r")
+    assert out == "EINVAL\n" and "page-aligned" in err
+    to = addr - (8 << 20)
+    assert await ok(d, "mremap", "1", hex(addr), "4M", "4M", "--to", hex(to)) == f"{to:#x}\n"
+    assert await thpctl(d, "mremap", "1", hex(addr), "4M", "8M") == (1, "EFAULT\n", "")
+    assert json.loads(await ok(d, "--json", "mremap", "1", hex(to), "4M", "2M")) == {"result": 0, "addr": to}
+
+
 async def test_proc_file_pin_lock_uprobe_commands(d):
     addr = await setup_mapping(d)
     await ok(d, "touch", "1", hex(addr), "4M")

@@ -630,3 +630,161 @@ def test_madv_remove_punches_the_file_behind_a_shared_mapping(make_world):
     assert world.madvise(1, A + 2 * M, 4 * M, "remove") == "EINVAL"
     assert layout(world, 1, "Rss", "Locked")[1] == (A + 2 * M, A + 2 * M + 64 * 1024, 64, 64)
     assert world.madvise(1, A + 6 * M, P, "remove") == "ENOMEM"
+
+
+# -- mremap ---------------------------------------------------------------------------------------
+
+
+def test_mremap_shrinks_grows_in_place_and_moves_pmds_whole_when_aligned(make_world):
+    """mm/mremap.c: a shrink unmaps the tail (a whole PMD is unmapped, not split); a grow
+    extends the VMA in place when the space after it is free (vma_merge_extend merges it with
+    the next VMA), else ENOMEM without MREMAP_MAYMOVE; move_vma() moves the page tables
+    (move_page_tables: move_huge_pmd moves a PMD whole when both addresses are PMD-aligned,
+    else split_huge_pmd clears a file THP's PMD first) and unmaps the old range.
+
+    Kernel (tmpfs huge=advise), a 4M shared hg mapping with two PMDs: 4M -> 4M: the address,
+    nothing changes; -> 6M in place: [A, A+6M), Rss 4096; -> 4M; -> 2M: Rss 2048,
+    nr_shmem_pmdmapped -1, thp_split_pmd +0; 2M -> 4M --to A+8M: [A+8M, A+12M) Rss 2048,
+    ShmemPmdMapped 2048 (the PMD moved); 2M of it --to A+17M (unaligned): [A+10M, A+12M) left,
+    [A+17M, A+19M) Rss 0, thp_split_pmd +1. A grow blocked by a neighbour: ENOMEM. New length
+    0, an unaligned address: EINVAL; no VMA at the address: EFAULT.
+    """
+    world = make_world(shmem_enabled="advise")
+    world.file_create("c", 16 * M, shmem=True)
+    world.spawn(1)
+    world.mmap(1, A, 4 * M, "c", prot="rw")
+    world.madvise(1, A, 4 * M, "hugepage")
+    assert world.touch(1, A, 4 * M, stride=2 * M) == {"pmd": 2}
+    splits = world.vmstat()["thp_split_pmd"]
+    assert world.mremap(1, A, 4 * M, 4 * M) == {"result": 0, "addr": A}
+    assert world.mremap(1, A, 4 * M, 6 * M) == {"result": 0, "addr": A}
+    assert layout(world, 1, "Rss") == [(A, A + 6 * M, 4096)]
+    assert world.mremap(1, A, 6 * M, 4 * M)["result"] == 0
+    assert world.mremap(1, A, 4 * M, 2 * M)["result"] == 0
+    assert layout(world, 1, "Rss", "ShmemPmdMapped") == [(A, A + 2 * M, 2048, 2048)]
+    assert world.vmstat()["thp_split_pmd"] == splits
+
+    assert world.mremap(1, A, 2 * M, 4 * M, to=A + 8 * M) == {"result": 0, "addr": A + 8 * M}
+    assert layout(world, 1, "Rss", "ShmemPmdMapped") == [(A + 8 * M, A + 12 * M, 2048, 2048)]
+    assert world.mremap(1, A + 8 * M, 2 * M, 2 * M, to=A + 17 * M)["result"] == 0
+    assert layout(world, 1, "Rss") == [(A + 10 * M, A + 12 * M, 0), (A + 17 * M, A + 19 * M, 0)]
+    assert world.vmstat()["thp_split_pmd"] == splits + 1
+
+    world.mmap(1, A + 19 * M, M, "c", offset=8 * M, prot="rw")
+    assert world.mremap(1, A + 17 * M, 2 * M, 4 * M) == {"result": "ENOMEM", "addr": None}
+    assert world.mremap(1, A + 17 * M, P, 0)["result"] == "EINVAL"
+    assert world.mremap(1, A + 17 * M + 1, P, P)["result"] == "EINVAL"
+    assert world.mremap(1, A + 40 * M, M, M)["result"] == "EFAULT"
+    assert world.mremap(1, A + 8 * M, 2 * M, 4 * M, maymove=True)["result"] == "EFAULT"
+
+
+def test_mremap_moves_ptes_pins_anon_pages_and_whole_ranges_of_vmas(make_world):
+    """mm/mremap.c move_vma() / move_page_tables(): PTEs move with their pages (file pages and
+    CoW copies, Rss and Anonymous kept, mapcounts unchanged); copy_vma() merges the moved VMA
+    with a compatible neighbour at its new place; with MREMAP_FIXED and an unchanged size every
+    VMA in the range moves, gaps kept (remap_move, 6.17+); a VM_LOCKED VMA's new tail is
+    faulted in; MREMAP_DONTUNMAP leaves the old VMA in place, emptied and without VM_LOCKED
+    (all of it, unsplit); an old length of 0 maps a shared mapping again (MREMAP_MAYMOVE
+    needed: ENOMEM without).
+
+    Kernel (tmpfs huge=never, the file written, fault_around_bytes 64K): a 4M private rw
+    mapping touched every 64K and written every 256K of its first 1M (Rss 4096, Anonymous 16)
+    moved --to A+17M: same Rss and Anonymous there; grown to 6M --to A+32M: Rss 4096. Its first
+    2M mlocked (Anonymous 2048: the populate's write faults) cannot grow in place past the
+    rest (ENOMEM); with the rest unmapped it grows to 3M: [A+32M, A+35M) lo, Rss 3072,
+    Anonymous 3072. [A+48M, +1M) rw and [A+50M, +1M) r moved 3M --to A+52M:
+    [A+52M, +1M) and [A+54M, +1M); the first --to A+56M with DONTUNMAP: both VMAs. DONTUNMAP of
+    512K of a locked private 2M: the old VMA whole, not lo, Rss 1536; the new one lo, Rss 512.
+    Shared mapping 0 -> 1M --to A+60M: a second VMA.
+    """
+    world = make_world(shmem_enabled="never", fault_around_bytes=65536)
+    world.file_create("c", 16 * M, shmem=True)
+    world.file_write("c", 0, 16 * M)
+    world.spawn(1)
+    world.mmap(1, A, 4 * M, "c", prot="rw", shared=False)
+    world.touch(1, A, 4 * M, stride=64 * 1024)
+    world.touch(1, A, M, write=True, stride=256 * 1024)
+    assert layout(world, 1, "Rss", "Anonymous") == [(A, A + 4 * M, 4096, 16)]
+    world.pin(1, A)
+    assert world.mremap(1, A, 4 * M, 4 * M, to=A + 17 * M)["result"] == 0
+    assert layout(world, 1, "Rss", "Anonymous") == [(A + 17 * M, A + 21 * M, 4096, 16)]
+    assert world.remapper.mms[1].pins.keys() == {A + 17 * M}
+    assert world.mremap(1, A + 17 * M, 4 * M, 6 * M, to=A + 32 * M)["result"] == 0
+    assert world.mlock(1, A + 32 * M, 2 * M) == 0
+    assert world.mremap(1, A + 32 * M, 2 * M, 3 * M) == {"result": "ENOMEM", "addr": None}
+    world.munmap(1, A + 34 * M, 4 * M)
+    assert world.mremap(1, A + 32 * M, 2 * M, 3 * M) == {"result": 0, "addr": A + 32 * M}
+    assert layout(world, 1, "Rss", "Anonymous", "VmFlags")[0] == (A + 32 * M, A + 35 * M, 3072, 3072, "rd wr mr mw me lo ac")
+
+    world.mmap(1, A + 48 * M, M, "c", prot="rw")
+    world.mmap(1, A + 50 * M, M, "c", offset=2 * M, prot="r")
+    assert world.mremap(1, A + 48 * M, 3 * M, 3 * M, to=A + 52 * M)["result"] == 0
+    assert [(s, e) for s, e in layout(world, 1)][1:] == [(A + 52 * M, A + 53 * M), (A + 54 * M, A + 55 * M)]
+    assert world.mremap(1, A + 52 * M, M, M, to=A + 56 * M, dontunmap=True)["result"] == 0
+    assert [(s, e) for s, e in layout(world, 1)][1:] == [
+        (A + 52 * M, A + 53 * M),
+        (A + 54 * M, A + 55 * M),
+        (A + 56 * M, A + 57 * M),
+    ]
+
+    world.mmap(1, A + 64 * M, 2 * M, "c", prot="rw", shared=False)
+    assert world.mlock(1, A + 64 * M, 2 * M) == 0
+    assert world.mremap(1, A + 65 * M, 512 * 1024, 512 * 1024, to=A + 68 * M, dontunmap=True)["result"] == 0
+    assert layout(world, 1, "Rss", "Locked", "VmFlags")[-2:] == [
+        (A + 64 * M, A + 66 * M, 1536, 0, "rd wr mr mw me ac"),
+        (A + 68 * M, A + 68 * M + 512 * 1024, 512, 512, "rd wr mr mw me lo ac"),
+    ]
+    assert world.mremap(1, A + 52 * M, 0, M, to=A + 60 * M) == {"result": 0, "addr": A + 60 * M}
+    assert world.mremap(1, A + 52 * M, 0, M) == {"result": "ENOMEM", "addr": None}
+    assert [(s, e) for s, e in layout(world, 1)][4] == (A + 60 * M, A + 61 * M)
+    assert world.mremap(1, A + 64 * M, 0, M, to=A + 72 * M)["result"] == "EINVAL"  # private
+
+
+def test_mremap_that_maps_nothing_new_may_span_vmas(make_world):
+    """mm/mremap.c check_prep_vma(): only a grow or a move must stay inside the VMA at the
+    address (EFAULT otherwise); an unchanged size returns the address and a shrink unmaps the
+    tail whatever VMAs it covers. With MREMAP_FIXED the shrunk length is what must fit.
+
+    Kernel: a 4M private rw mapping whose first 2M is r: 4M -> 4M (with or without
+    MREMAP_MAYMOVE): the address; 4M -> 3M: [A, A+2M) and [A+2M, A+3M); 3M -> 4M --maymove:
+    EFAULT; 3M -> 1M: [A, A+1M); 3M -> 3M --to A+16M moves it; 2M -> 1M --to A+32M from there:
+    [A+32M, A+33M); 4M -> 2M --to A+48M: EFAULT.
+    """
+    world = make_world(shmem_enabled="never")
+    world.file_create("c", 16 * M, shmem=True)
+    world.spawn(1)
+    world.mmap(1, A, 4 * M, "c", prot="rw", shared=False)
+    assert world.mprotect(1, A, 2 * M, "r") == 0
+    assert world.mremap(1, A, 4 * M, 4 * M) == {"result": 0, "addr": A}
+    assert world.mremap(1, A, 4 * M, 4 * M, maymove=True) == {"result": 0, "addr": A}
+    assert world.mremap(1, A, 4 * M, 3 * M) == {"result": 0, "addr": A}
+    assert [(s, e) for s, e in layout(world, 1)] == [(A, A + 2 * M), (A + 2 * M, A + 3 * M)]
+    assert world.mremap(1, A, 3 * M, 4 * M, maymove=True)["result"] == "EFAULT"
+    assert world.mremap(1, A, 3 * M, M) == {"result": 0, "addr": A}
+    assert world.mremap(1, A, 3 * M, 3 * M, to=A + 16 * M)["result"] == 0
+    assert world.mremap(1, A + 16 * M, 2 * M, M, to=A + 32 * M) == {"result": 0, "addr": A + 32 * M}
+    assert [(s, e) for s, e in layout(world, 1)] == [(A + 32 * M, A + 33 * M)]
+    assert world.mremap(1, A + 32 * M, 4 * M, 2 * M, to=A + 48 * M)["result"] == "EFAULT"
+
+
+def test_mremap_fixed_move_of_several_vmas_leaves_what_is_opposite_a_gap(make_world):
+    """mm/mremap.c remap_move() (6.17+): with MREMAP_FIXED and an unchanged size each VMA in
+    the range moves by the same distance, replacing only what was at its own target; a mapping
+    opposite a gap in the source stays.
+
+    Kernel: [A, A+4M) shared rw with [A+0x3d3000, +~846K) unmapped, a second open's r mapping
+    at [A+4M, A+8M); mremap [A+2M, A+4M) --to A+4M: [A+4M, A+0x5d3000) rw and
+    [A+0x5d3000, A+8M) r (the r mapping's part opposite the gap kept).
+    """
+    world = make_world(shmem_enabled="advise")
+    world.file_create("c", 8 * M, shmem=True)
+    world.spawn(1)
+    world.mmap(1, A, 4 * M, "c", prot="rw")
+    world.munmap(1, A + 0x3D3000, 866503)
+    world.mmap(1, A + 4 * M, 4 * M, "c", prot="r", reopen=True)
+    assert world.mremap(1, A + 2 * M, 2 * M, 2 * M, to=A + 4 * M) == {"result": 0, "addr": A + 4 * M}
+    assert layout(world, 1, "perms") == [
+        (A, A + 2 * M, "rw-s"),
+        (A + 4 * M, A + 0x5D3000, "rw-s"),
+        (A + 0x5D3000, A + 8 * M, "r--s"),
+    ]

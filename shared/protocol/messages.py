@@ -495,6 +495,11 @@ class SyscallResult(TypedDict):
     result: int | str  # 0 or the errno name
 
 
+class RemapResult(TypedDict):
+    result: int | str  # 0 or the errno name
+    addr: int | None  # the mapping's address after the call (None on error)
+
+
 class FaultResult(TypedDict):
     result: str  # hit, minor, major, pmd, sigsegv, sigbus (or nomem)
 
@@ -850,6 +855,22 @@ class Mprotect(Request[SyscallResult]):
     addr: int
     length: int
     prot: Prot
+
+
+@request("client.mremap", REMAPD, run="mremap")
+class Mremap(Request[RemapResult]):
+    """mremap(2) of [addr, addr+old_length) to ``new_length`` bytes. ``to``: MREMAP_FIXED at
+    that address; ``maymove``: MREMAP_MAYMOVE (implied by ``to`` and ``dontunmap``);
+    ``dontunmap``: MREMAP_DONTUNMAP. Errors are results, as for madvise."""
+
+    id: int
+    pid: int
+    addr: int
+    old_length: int
+    new_length: int
+    to: int | None = None
+    maymove: bool = False
+    dontunmap: bool = False
 
 
 @request("client.mlock", REMAPD, run="mlock", unwrap="result")

@@ -1,5 +1,5 @@
-"""thpctl mmap/munmap/madvise/mprotect/mlock/munlock/fault/touch/lock/pin/unpin/uprobe: address
-spaces (remapd)."""
+"""thpctl mmap/munmap/mremap/madvise/mprotect/mlock/munlock/fault/touch/lock/pin/unpin/uprobe:
+address spaces (remapd)."""
 
 from __future__ import annotations
 
@@ -52,6 +52,15 @@ def _render_result(args: argparse.Namespace, results: list[Any]) -> Outcome:
     if result != 0:
         out.status = EXIT_FAIL
     return out
+
+
+def _render_mremap(args: argparse.Namespace, results: list[Any]) -> Outcome:
+    r = results[0]
+    if r["result"] != 0:
+        out = Outcome(data=r, text=lines(str(r["result"])))
+        out.status = EXIT_FAIL
+        return out
+    return ok(r, lines(f"{r['addr']:#x}"))
 
 
 def _errno_error(args: argparse.Namespace, err: UserError) -> Outcome:
@@ -204,6 +213,36 @@ def register(sub: Any) -> None:
     p.add_argument("addr", type=address, metavar="ADDR", help="virtual address")
     p.add_argument("length", type=size, metavar="LENGTH", help="bytes from the start")
     p.add_argument("prot", choices=PROTS, metavar="|".join(PROTS), help="the new protection")
+    p.set_defaults(on_error=_errno_error)
+
+    p = command(
+        sub,
+        "mremap",
+        "mremap(2) [ADDR, ADDR+OLD) to NEW bytes (--to: MREMAP_FIXED there; --maymove; "
+        "--dontunmap); prints the address or the errno name (and exits 1)",
+        lambda a: [
+            req(
+                REMAPD,
+                m.Mremap,
+                pid=a.pid,
+                addr=a.addr,
+                old_length=a.old_length,
+                new_length=a.new_length,
+                to=a.to,
+                maymove=a.maymove,
+                dontunmap=a.dontunmap,
+            )
+        ],
+        _render_mremap,
+        "mremap 1 0x7effffc00000 2M 4M --maymove",
+    )
+    p.add_argument("pid", type=int, metavar="PID")
+    p.add_argument("addr", type=address, metavar="ADDR")
+    p.add_argument("old_length", type=size, metavar="OLD")
+    p.add_argument("new_length", type=size, metavar="NEW")
+    p.add_argument("--to", type=address, default=None, metavar="ADDR", help="MREMAP_FIXED: move to ADDR")
+    p.add_argument("--maymove", action="store_true", help="MREMAP_MAYMOVE")
+    p.add_argument("--dontunmap", action="store_true", help="MREMAP_DONTUNMAP (keep the old mapping)")
     p.set_defaults(on_error=_errno_error)
 
     p = command(
