@@ -96,7 +96,7 @@ class Collapser(Actor):
         self.knobs = knobs or Knobs()
         self.vm: Counter[str] = Counter({name: 0 for name in VM_EVENTS})
         self.mem = PhysMem(seed, lambda: self.knobs.mem_total_mb << (20 - PAGE_SHIFT))
-        self.cache = PageCache(self.mem, self.knobs, self.notify)
+        self.cache = PageCache(self.mem, self.knobs, self.notify, self._waits.keys)
         self.boot = boot
         self.cache.gen = boot
         self.fileops = FileOps(self, self.cache, self.knobs, self.vm, resched_pages)

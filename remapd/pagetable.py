@@ -12,10 +12,14 @@ from __future__ import annotations
 
 from collections import Counter
 
+import numpy as np
+
 from remapd.mm import (
     PTE_ANON,
     PTE_DIRTY,
+    PTE_SHIFT,
     PTE_SHMEM,
+    PTE_THP,
     PTE_WRITE,
     Mm,
     PteTable,
@@ -171,6 +175,7 @@ class PageTables:
     ) -> None:
         """Clear PTEs and PMDs in [start, end); a PMD the range cuts is split. ``anon=False``
         keeps private CoW copies; ``pfns`` limits the zap to mappings of those pages (try_to_unmap)."""
+        only = np.fromiter(pfns, dtype=np.uint64, count=len(pfns)) if pfns is not None else None
         for pidx in mm.pmd_indices(start, end):
             entry = mm.pmds[pidx]
             base = pidx << HPAGE_PMD_SHIFT
@@ -178,15 +183,40 @@ class PageTables:
                 if pfns is None:
                     self.zap_huge_pmd(mm, pidx, split=not (start <= base and base + HPAGE_PMD_SIZE <= end))
                 continue
+            if not entry.nr:
+                continue
             lo = max(start, base)
             hi = min(end, base + HPAGE_PMD_SIZE)
-            for slot in range((lo - base) >> PAGE_SHIFT, (hi - base) >> PAGE_SHIFT):
-                pte = entry.ptes[slot]
-                if not pte or (pte & PTE_ANON and not anon):
-                    continue
-                if pfns is not None and pte_pfn(pte) not in pfns:
-                    continue
-                self.zap_pte(mm, entry, slot)
+            self._zap_ptes(mm, entry, (lo - base) >> PAGE_SHIFT, (hi - base) >> PAGE_SHIFT, anon, only)
+
+    def _zap_ptes(self, mm: Mm, table: PteTable, first: int, stop: int, anon: bool, only: np.ndarray | None) -> None:
+        """:meth:`zap_pte` of every present PTE in slots [first, stop) of ``table`` (anon ones
+        only with ``anon``; with ``only``, those mapping one of its pfns), the file pages' in one
+        go: their rmap rows in slot order, the table's counts and the mm counters."""
+        ptes = np.frombuffer(table.ptes, dtype=np.uint64)
+        window = ptes[first:stop]
+        chosen = window != 0
+        if only is not None:
+            chosen &= np.isin(window >> np.uint64(PTE_SHIFT), only)
+        is_anon = (window & np.uint64(PTE_ANON)) != 0
+        file_slots = np.flatnonzero(chosen & ~is_anon) + first
+        anon_slots = np.flatnonzero(chosen & is_anon) + first if anon else ()
+        if len(file_slots):
+            gone = ptes[file_slots]
+            belongs = ((gone & np.uint64(PTE_THP)) != 0) & (
+                ((gone >> np.uint64(PTE_SHIFT)) & np.uint64(HPAGE_PMD_NR - 1)) == file_slots.astype(np.uint64)
+            )
+            ptes[file_slots] = 0
+            n = len(file_slots)
+            shmem = int(np.count_nonzero(gone & np.uint64(PTE_SHMEM)))
+            table.nr -= n
+            table.nr_foreign -= n - int(np.count_nonzero(belongs))
+            mm.rss["MM_SHMEMPAGES"] -= shmem
+            mm.rss["MM_FILEPAGES"] -= n - shmem
+            self.rmap.unmap_ptes((gone >> np.uint64(PTE_SHIFT)).tolist())
+        del ptes, window
+        for slot in anon_slots:
+            self.zap_pte(mm, table, int(slot))
 
     def move_page_tables(self, mm: Mm, old: int, new: int, length: int) -> None:
         """mremap's move_page_tables: what maps [old, old+length) maps [new, new+length) after,
