@@ -90,13 +90,13 @@ def run_ops(w: World, ops: list[tuple[str, int, int, bool]]) -> tuple[int, float
     """Run ``ops``; (events, seconds, outcomes)."""
     counts: Counter[str] = Counter()
     fault, touch = w.fault, w.touch
-    t = time.perf_counter()
+    t = time.process_time()
     for op, pid, addr, write in ops:
         if op == "fault":
             counts[fault(pid, addr, write)] += 1
         else:
             counts.update(touch(pid, addr, 16 * PAGE_SIZE))
-    dt = time.perf_counter() - t
+    dt = time.process_time() - t
     return sum(counts.values()), dt, counts
 
 
@@ -130,14 +130,14 @@ def kind_costs(w: World, pairs: list[tuple[int, int]]) -> tuple[float, float]:
     each page cached and not yet mapped by that process (fault-around off: one fault maps one
     page), then the same accesses again, each a hit now."""
     fault = w.fault
-    t = time.perf_counter()
+    t = time.process_time()
     for pid, addr in pairs:
         fault(pid, addr)
-    minor = time.perf_counter() - t
-    t = time.perf_counter()
+    minor = time.process_time() - t
+    t = time.process_time()
     for pid, addr in pairs:
         fault(pid, addr)
-    hit = time.perf_counter() - t
+    hit = time.process_time() - t
     return minor / len(pairs) * 1e6, hit / len(pairs) * 1e6
 
 
@@ -213,28 +213,28 @@ def bench_faults(size: int) -> None:
     w.file_create("data", size)
     w.spawn(1)
     addr = w.mmap(1, None, size, "data")
-    t = time.perf_counter()
+    t = time.process_time()
     counts = w.touch(1, addr, size)
-    dt = time.perf_counter() - t
+    dt = time.process_time() - t
     n = size // PAGE_SIZE
     print(f"faults (major, PTE, 1 process):   {n / dt:>12,.0f} /s  ({n:,} faults in {dt:.2f} s) {counts}")
-    t = time.perf_counter()
+    t = time.process_time()
     w.touch(1, addr, size)
-    dt = time.perf_counter() - t
+    dt = time.process_time() - t
     print(f"accesses to mapped pages (hit):   {n / dt:>12,.0f} /s")
     w.spawn(2)
     addr2 = w.mmap(2, None, size, "data")
-    t = time.perf_counter()
+    t = time.process_time()
     w.touch(2, addr2, size)
-    dt = time.perf_counter() - t
+    dt = time.process_time() - t
     print(f"faults (minor, cached page):      {n / dt:>12,.0f} /s")
     w = World(_quiet(), codec=False)
     w.file_create("data", size)
     w.spawn(1)
     addr = w.mmap(1, None, size, "data")
-    t = time.perf_counter()
+    t = time.process_time()
     counts = w.touch(1, addr, size)
-    dt = time.perf_counter() - t
+    dt = time.process_time() - t
     print(f"pages mapped, kernel defaults:    {n / dt:>12,.0f} /s  (read-around 128K, fault-around 64K: {counts})")
 
 
@@ -244,9 +244,9 @@ def bench_collapse(size: int) -> None:
     w.spawn(1)
     addr = w.mmap(1, None, size, "data", prot="rx", shared=False)
     w.touch(1, addr, size)
-    t = time.perf_counter()
+    t = time.process_time()
     w.wait_scans(1)
-    dt = time.perf_counter() - t
+    dt = time.process_time() - t
     n = w.collapser.khugepaged.pages_collapsed
     pmd = sum(e["FilePmdMapped"] for e in w.smaps(1)) // 2048
     verdict = "met" if n / dt >= TARGET_THPS else "NOT met"
@@ -255,16 +255,16 @@ def bench_collapse(size: int) -> None:
 
 def bench_framing(n: int = 200_000) -> None:
     msg = LookupPage(1, 7, 123456, "map", False, True, False)
-    t = time.perf_counter()
+    t = time.process_time()
     blob = b"".join(encode_message(LookupPage(i, 7, i, "map", False, True, False)) for i in range(n))
-    enc = time.perf_counter() - t
+    enc = time.process_time() - t
     dec = FrameDecoder()
-    t = time.perf_counter()
+    t = time.process_time()
     dec.feed(blob)
     got = 0
     while dec.next_message() is not None:
         got += 1
-    dt = time.perf_counter() - t
+    dt = time.process_time() - t
     assert got == n, got
     print(f"frames encoded:                   {n / enc:>12,.0f} /s  ({len(blob) / n:.0f} B each, e.g. {msg.TAG})")
     print(f"frames decoded + validated:       {n / dt:>12,.0f} /s")
