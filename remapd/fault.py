@@ -298,12 +298,14 @@ class FaultPath:
         haddr = addr & ~(HPAGE_PMD_SIZE - 1)
         lo = max(addr & ~((nr << PAGE_SHIFT) - 1), vma.start, haddr)
         hi = min(lo + (nr << PAGE_SHIFT), vma.end, haddr + HPAGE_PMD_SIZE)
-        ptes = entry.ptes if entry is not None else None
-        return tuple(
-            vma.pgoff_at(a)
-            for a in range(lo, hi, PAGE_SIZE)
-            if a != addr and (ptes is None or not ptes[(a >> PAGE_SHIFT) & (HPAGE_PMD_NR - 1)])
-        )
+        first = vma.pgoff_at(lo)
+        skip = vma.pgoff_at(addr)
+        pgoffs = range(first, first + ((hi - lo) >> PAGE_SHIFT))
+        if entry is None:
+            return tuple(p for p in pgoffs if p != skip)
+        ptes = entry.ptes
+        slot0 = ((lo >> PAGE_SHIFT) & (HPAGE_PMD_NR - 1)) - first
+        return tuple(p for p in pgoffs if p != skip and not ptes[slot0 + p])
 
     def _map_around(self, mm: Mm, vma: Vma, reply: m.PageAnswer, install: bool) -> None:
         """Map the fault-around pages the collapser accounted; hand back those that lost a race.
@@ -311,15 +313,20 @@ class FaultPath:
         shared writable shmem mapping; read-only elsewhere."""
         if not reply.around:
             return
+        if not install:
+            self.rmap.unmap_ptes([pfn for _, pfn, _ in reply.around])
+            return
         shmem = (PTE_SHMEM | PTE_WRITE if vma.writes_file else PTE_SHMEM) if reply.shmem else 0
+        base = vma.start - (vma.pgoff << PAGE_SHIFT)  # vma.addr_of(index) is base + index pages
+        pmds, set_pte_at, rmap = mm.pmds, self.pagetables.set_pte_at, self.rmap
         for index, pfn, thp in reply.around:
-            addr = vma.addr_of(index)
+            addr = base + (index << PAGE_SHIFT)
             pidx, slot = addr >> HPAGE_PMD_SHIFT, (addr >> PAGE_SHIFT) & (HPAGE_PMD_NR - 1)
-            entry = mm.pmds.get(pidx)
-            if not install or isinstance(entry, int) or (entry is not None and entry.ptes[slot]):
-                self.rmap.add(pfn, pte=-1)
+            entry = pmds.get(pidx)
+            if isinstance(entry, int) or (entry is not None and entry.ptes[slot]):
+                rmap.add(pfn, pte=-1)
                 continue
-            self.pagetables.set_pte_at(mm, pidx, slot, pte_make(pfn, (PTE_THP if thp else 0) | shmem))
+            set_pte_at(mm, pidx, slot, pte_make(pfn, (PTE_THP if thp else 0) | shmem))
 
     def page_mkclean(self, ino: int, indices: tuple[int, ...]) -> None:
         """folio_mkclean for pages of a regular file going under writeback: every PTE of a shared

@@ -24,7 +24,6 @@ from remapd.mm import (
     Mm,
     PteTable,
     Vma,
-    pte_belongs,
     pte_make,
     pte_pfn,
 )
@@ -98,8 +97,8 @@ class PageTables:
         if not isinstance(table, PteTable):  # every fault comes here: no call when it exists
             table = self.pte_alloc(mm, pidx)
         table.set(slot, pte)
-        mm.rss[mm_counter(pte)] += 1
-        if pte_belongs(pte, slot):
+        mm.rss["MM_ANONPAGES" if pte & PTE_ANON else "MM_SHMEMPAGES" if pte & PTE_SHMEM else "MM_FILEPAGES"] += 1
+        if pte & PTE_THP and (pte >> PTE_SHIFT) & (HPAGE_PMD_NR - 1) == slot:  # pte_belongs
             if not table.mark:
                 self.set_mark(mm, pidx, table, "fault")
         elif table.mark:
