@@ -304,16 +304,16 @@ class Khugepaged:
         if chunk is None:
             return 0, -1
         values = view(chunk)
-        if (values < 0).any():
+        if np.count_nonzero(values < 0):
             return None
         pfns = values[values > 0]
         if not len(pfns):
             return 0, -1
         mem = self.cache.mem
         flags = view(mem.flags)[pfns]
-        if (flags & (PG_HEAD | PG_TAIL)).any() or not (flags & PG_LRU).all():
+        if np.count_nonzero(flags & (PG_HEAD | PG_TAIL)) or np.count_nonzero(flags & PG_LRU) != len(pfns):
             return None
-        if (view(mem.ref)[pfns] != view(mem.mapcount)[pfns] + 1).any():
+        if np.count_nonzero(view(mem.ref)[pfns] != view(mem.mapcount)[pfns] + 1):
             return None
         return len(pfns), int(pfns[-1])
 
@@ -328,16 +328,16 @@ class Khugepaged:
         if chunk is None:
             return None
         pfns = view(chunk).copy()
-        if not (pfns > 0).all():
+        if np.count_nonzero(pfns > 0) != HPAGE_PMD_NR:
             return None
         mem = self.cache.mem
         flags = view(mem.flags)
         got = flags[pfns]
         refuse = PG_LOCKED | PG_HEAD | PG_TAIL | (0 if f.shmem else PG_DIRTY | PG_WRITEBACK)
         need = PG_UPTODATE | PG_LRU
-        if (got & refuse).any() or ((got & need) != need).any():
+        if np.count_nonzero(got & refuse) or np.count_nonzero((got & need) != need):
             return None
-        if (view(mem.ino)[pfns] != f.ino).any():
+        if np.count_nonzero(view(mem.ino)[pfns] != f.ino):
             return None
         flags[pfns] = (got | PG_LOCKED) & (~PG_LRU & 0xFFFF)
         view(mem.ref)[pfns] += 2
@@ -349,7 +349,7 @@ class Khugepaged:
 
     def _refs_ok(self, pfns: np.ndarray) -> bool:
         """Every isolated page holds only the cache's reference and ours (the "3")."""
-        return bool((view(self.cache.mem.ref)[pfns] == 3).all())
+        return not np.count_nonzero(view(self.cache.mem.ref)[pfns] != 3)
 
     def _count(self, result: R) -> None:
         self.results[result.name] = self.results.get(result.name, 0) + 1

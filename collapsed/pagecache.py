@@ -87,7 +87,7 @@ def pte_drops(rows: Rows) -> Drops:
 
 def sum_by(keys: np.ndarray, deltas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(distinct keys, the sum of the deltas of each)."""
-    if (keys[1:] > keys[:-1]).all():
+    if not np.count_nonzero(keys[1:] <= keys[:-1]):
         return keys, deltas  # ascending, so distinct already (a zapped range's pages, often)
     distinct, where = np.unique(keys, return_inverse=True)
     sums = np.zeros(len(distinct), dtype=np.int64)
@@ -398,7 +398,7 @@ class PageCache:
         mem = self.mem
         ref = view(mem.ref)
         left = ref[pfns] - n
-        if (left < 0).any():
+        if np.count_nonzero(left < 0):
             bad = pfns[int(np.argmax(left < 0))]
             raise AssertionError(f"refcount underflow on pfn {bad}")
         ref[pfns] = left
@@ -429,7 +429,7 @@ class PageCache:
             distinct, sums = sum_by(heads, deltas)
             ref = view(mem.ref)
             left = ref[distinct] + sums
-            if (left > 0).all():
+            if not np.count_nonzero(left <= 0):
                 # No page is freed: the rows' order does not matter.
                 np.add.at(view(mem.mapcount), pfns, deltas)
                 ref[distinct] = left

@@ -174,7 +174,7 @@ class PageTables:
     ) -> None:
         """Clear PTEs and PMDs in [start, end); a PMD the range cuts is split. ``anon=False``
         keeps private CoW copies; ``pfns`` limits the zap to mappings of those pages (try_to_unmap)."""
-        only = np.fromiter(pfns, dtype=np.uint64, count=len(pfns)) if pfns is not None else None
+        only = np.unique(np.fromiter(pfns, dtype=np.uint64, count=len(pfns))) if pfns is not None else None
         for pidx in mm.pmd_indices(start, end):
             entry = mm.pmds[pidx]
             base = pidx << HPAGE_PMD_SHIFT
@@ -196,7 +196,11 @@ class PageTables:
         window = ptes[first:stop]
         chosen = window != 0
         if only is not None:
-            chosen &= np.isin(window >> np.uint64(PTE_SHIFT), only)
+            # Membership in the sorted pfns: where each would go, and whether it is there.
+            mapped = window >> np.uint64(PTE_SHIFT)
+            at = np.searchsorted(only, mapped)
+            at[at == len(only)] = 0
+            chosen &= only[at] == mapped
         is_anon = (window & np.uint64(PTE_ANON)) != 0
         file_slots = np.flatnonzero(chosen & ~is_anon) + first
         anon_slots = np.flatnonzero(chosen & is_anon) + first if anon else ()
