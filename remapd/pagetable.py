@@ -170,11 +170,19 @@ class PageTables:
     # -- ranges -------------------------------------------------------------------------------
 
     def zap_page_range(
-        self, mm: Mm, start: int, end: int, anon: bool = True, pfns: set[int] | None = None
+        self, mm: Mm, start: int, end: int, anon: bool = True, pfns: tuple[int, ...] | None = None
     ) -> None:
         """Clear PTEs and PMDs in [start, end); a PMD the range cuts is split. ``anon=False``
         keeps private CoW copies; ``pfns`` limits the zap to mappings of those pages (try_to_unmap)."""
-        only = np.unique(np.fromiter(pfns, dtype=np.uint64, count=len(pfns))) if pfns is not None else None
+        only = None
+        if pfns is not None:
+            try:
+                only = np.fromiter(pfns, dtype=np.int64, count=len(pfns))
+            except OverflowError:  # a pfn past 64 bits is no page's: it matches nothing
+                fits = [p for p in pfns if -(1 << 63) <= p < 1 << 63]
+                only = np.fromiter(fits, dtype=np.int64, count=len(fits))
+            if np.count_nonzero(only[1:] <= only[:-1]):  # collapse_file's come in ascending order
+                only = np.unique(only)
         for pidx in mm.pmd_indices(start, end):
             entry = mm.pmds[pidx]
             base = pidx << HPAGE_PMD_SHIFT
@@ -195,12 +203,14 @@ class PageTables:
         ptes = np.frombuffer(table.ptes, dtype=np.uint64)
         window = ptes[first:stop]
         chosen = window != 0
-        if only is not None:
+        if only is not None and len(only):
             # Membership in the sorted pfns: where each would go, and whether it is there.
-            mapped = window >> np.uint64(PTE_SHIFT)
+            mapped = (window >> np.uint64(PTE_SHIFT)).astype(np.int64)
             at = np.searchsorted(only, mapped)
             at[at == len(only)] = 0
             chosen &= only[at] == mapped
+        elif only is not None:
+            return
         is_anon = (window & np.uint64(PTE_ANON)) != 0
         file_slots = np.flatnonzero(chosen & ~is_anon) + first
         anon_slots = np.flatnonzero(chosen & is_anon) + first if anon else ()
