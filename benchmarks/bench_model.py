@@ -20,7 +20,7 @@ size in a fresh subprocess so freed memory of an earlier size does not hide the 
 Flatness compares like with like: the cost of a minor fault (one access to a cached page the
 process has not mapped, fault-around off, so one page each) and of a hit (the same accesses
 again), one access per operation, at each resident size and with 1 to 1,000 processes mapping
-one file; the best of three rounds; the ratio is the worse of the two kinds.
+one file; the best of seven rounds; the ratio is the worse of the two kinds.
 """
 
 from __future__ import annotations
@@ -127,12 +127,13 @@ def _rss() -> int:
 
 
 def kind_costs(
-    w: World, maps: list[tuple[int, int, int]], pairs: list[tuple[int, int]], rounds: int = 3
+    w: World, maps: list[tuple[int, int, int]], pairs: list[tuple[int, int]], rounds: int = 7
 ) -> tuple[float, float]:
     """Microseconds per minor fault and per hit: single read accesses at ``pairs`` (pid, addr)
     of cached pages that process has not mapped, with fault-around off (so each is one minor
     fault mapping one page, wherever the others fell), then the same accesses again, each a hit
-    now. The best of ``rounds`` (each unmaps the pages first, by MADV_DONTNEED)."""
+    now. The best of ``rounds`` (each unmaps the pages first, by MADV_DONTNEED): the machine is
+    shared, and the best is the model's own cost."""
     w.sysfs_set("thpsplit/fault_around_bytes", PAGE_SIZE)
     fault = w.fault
     minor = hit = float("inf")
@@ -251,19 +252,25 @@ def bench_faults(size: int) -> None:
     print(f"pages mapped, kernel defaults:    {n / dt:>12,.0f} /s  (read-around 128K, fault-around 64K: {counts})")
 
 
-def bench_collapse(size: int) -> None:
-    w = World(Knobs(scan_sleep_millisecs=10, pages_to_scan=1 << 20, free_huge_pages=1 << 20, enabled="always"), codec=False)
-    w.file_create("data", size)
-    w.spawn(1)
-    addr = w.mmap(1, None, size, "data", prot="rx", shared=False)
-    w.touch(1, addr, size)
-    t = time.process_time()
-    w.wait_scans(1)
-    dt = time.process_time() - t
-    n = w.collapser.khugepaged.pages_collapsed
-    pmd = sum(e["FilePmdMapped"] for e in w.smaps(1)) // 2048
-    verdict = "met" if n / dt >= TARGET_THPS else "NOT met"
-    print(f"collapse_file + retract + PMD:    {n / dt:>12,.0f} THP/s  target >= {TARGET_THPS:,} ({verdict}; {n} THPs, {pmd} PMD-mapped, {dt:.2f} s)")
+def bench_collapse(size: int, rounds: int = 2) -> None:
+    """khugepaged's pass over a file mapped with PTEs: every 2 MiB collapsed, retracted and
+    mapped with a PMD. The best of ``rounds`` fresh worlds (the first also warms numpy up)."""
+    best = 0.0
+    for _ in range(rounds):
+        knobs = Knobs(scan_sleep_millisecs=10, pages_to_scan=1 << 20, free_huge_pages=1 << 20, enabled="always")
+        w = World(knobs, codec=False)
+        w.file_create("data", size)
+        w.spawn(1)
+        addr = w.mmap(1, None, size, "data", prot="rx", shared=False)
+        w.touch(1, addr, size)
+        t = time.process_time()
+        w.wait_scans(1)
+        dt = time.process_time() - t
+        n = w.collapser.khugepaged.pages_collapsed
+        pmd = sum(e["FilePmdMapped"] for e in w.smaps(1)) // 2048
+        best = max(best, n / dt)
+    verdict = "met" if best >= TARGET_THPS else "NOT met"
+    print(f"collapse_file + retract + PMD:    {best:>12,.0f} THP/s  target >= {TARGET_THPS:,} ({verdict}; {n} THPs, {pmd} PMD-mapped)")
 
 
 def bench_framing(n: int = 200_000) -> None:
@@ -297,7 +304,7 @@ def main() -> None:
     size = int(args.gib * GIB) // HPAGE_PMD_SIZE * HPAGE_PMD_SIZE
     print(f"python {sys.version.split()[0]}, file of {size / GIB:g} GiB")
     bench_mixed(min(size, GIB // 4), 4 * args.ops)
-    bench_collapse(min(size, GIB // 4))
+    bench_collapse(min(size, GIB // 2))
     bench_sizes(args.max_pages, args.ops)
     bench_procs(args.procs, args.ops)
     bench_faults(size)
