@@ -15,12 +15,14 @@ Kernel defaults (read-around 128 KiB, fault-around 64 KiB), khugepaged asleep. A
 access: a hit, a minor, major or PMD fault, each counted in the line's breakdown.
 
 Memory per resident page (``--max-pages``) is the growth of the process's RSS (``VmRSS``) while
-a file of that many pages is written into the page cache and mapped whole by one process, each
-size in a fresh subprocess so freed memory of an earlier size does not hide the growth.
+a file of that many pages is written into the page cache and mapped whole by one process, the
+sizes one after the other in a fresh subprocess that keeps every world, so no freed memory
+hides the growth.
 Flatness compares like with like: the cost of a minor fault (one access to a cached page the
 process has not mapped, fault-around off, so one page each) and of a hit (the same accesses
 again), one access per operation, at each resident size and with 1 to 1,000 processes mapping
-one file; the best of seven rounds; the ratio is the worse of the two kinds.
+one file; the worlds take turns, seven rounds, each keeping its best; the ratio is the worse
+of the two kinds.
 """
 
 from __future__ import annotations
@@ -126,29 +128,38 @@ def _rss() -> int:
     raise RuntimeError("no VmRSS")
 
 
-def kind_costs(
-    w: World, maps: list[tuple[int, int, int]], pairs: list[tuple[int, int]], rounds: int = 7
-) -> tuple[float, float]:
-    """Microseconds per minor fault and per hit: single read accesses at ``pairs`` (pid, addr)
-    of cached pages that process has not mapped, with fault-around off (so each is one minor
-    fault mapping one page, wherever the others fell), then the same accesses again, each a hit
-    now. The best of ``rounds`` (each unmaps the pages first, by MADV_DONTNEED): the machine is
-    shared, and the best is the model's own cost."""
+# A flatness trial: a world, the mappings its accesses go through, the accesses (pid, addr).
+Trial = tuple[World, list[tuple[int, int, int]], list[tuple[int, int]]]
+
+
+def trial(w: World, maps: list[tuple[int, int, int]], pairs: list[tuple[int, int]]) -> Trial:
+    """Single read accesses at ``pairs`` of cached pages their process has not mapped, with
+    fault-around off: each a minor fault mapping one page, wherever the others fell."""
     w.sysfs_set("thpsplit/fault_around_bytes", PAGE_SIZE)
-    fault = w.fault
-    minor = hit = float("inf")
+    return w, maps, pairs
+
+
+def kind_costs(trials: list[Trial], rounds: int = 7) -> list[tuple[float, float]]:
+    """Microseconds per minor fault and per hit for each trial: its accesses (minor faults),
+    then the same again (hits). Rounds go round the trials in turn, so the machine's load
+    changes them alike; each keeps its best round (each round unmaps its pages first, by
+    MADV_DONTNEED): the machine is shared, and the best is the model's own cost."""
+    best = [(float("inf"), float("inf"))] * len(trials)
     for _ in range(rounds):
-        for pid, addr, length in maps:
-            w.madvise(pid, addr, length, "dontneed")
-        t = time.process_time()
-        for pid, addr in pairs:
-            fault(pid, addr)
-        minor = min(minor, time.process_time() - t)
-        t = time.process_time()
-        for pid, addr in pairs:
-            fault(pid, addr)
-        hit = min(hit, time.process_time() - t)
-    return minor / len(pairs) * 1e6, hit / len(pairs) * 1e6
+        for i, (w, maps, pairs) in enumerate(trials):
+            for pid, addr, length in maps:
+                w.madvise(pid, addr, length, "dontneed")
+            fault = w.fault
+            t = time.process_time()
+            for pid, addr in pairs:
+                fault(pid, addr)
+            minor = time.process_time() - t
+            t = time.process_time()
+            for pid, addr in pairs:
+                fault(pid, addr)
+            hit = time.process_time() - t
+            best[i] = (min(best[i][0], minor), min(best[i][1], hit))
+    return [(m / len(t[2]) * 1e6, h / len(t[2]) * 1e6) for (m, h), t in zip(best, trials)]
 
 
 def _flat(label: str, rows: list[tuple[int, float, float]]) -> None:
@@ -157,56 +168,59 @@ def _flat(label: str, rows: list[tuple[int, float, float]]) -> None:
     print(f"per-event cost, {label}: {ratio:>5.2f}x   target <= {TARGET_FLAT}x ({verdict})")
 
 
-def _one_size(pages: int, nops: int) -> dict[str, Any]:
-    """In a fresh process: RSS growth per resident page (written into the page cache and mapped
-    whole by one process), then the per-kind fault costs of a second process over them."""
-    size = pages * PAGE_SIZE
-    gc.collect()
-    before = _rss()
-    # Memory as large as the file and then some (the default, 8 GiB, would cut the write short).
-    w = World(_quiet(mem_total_mb=max(8192, size * 2 >> 20)), codec=False)
-    w.file_create("data", size)
-    w.file_write("data", 0, size)
-    w.spawn(1)
-    addr = w.mmap(1, None, size, "data")
-    w.touch(1, addr, size)
-    gc.collect()
-    grown = _rss() - before
-    resident = w.collapser.by_name["data"].nrpages
-    assert resident == pages, f"{resident} of {pages} pages resident"
-    w.spawn(2)
-    addr2 = w.mmap(2, None, size, "data")
-    # The same locality at every size: pages of 16 PMD ranges picked across the file, so each
-    # size allocates as many page tables for its faults.
-    rng = random.Random(2)
-    ranges = rng.sample(range(pages // 512), min(16, pages // 512))
-    pages_hit = rng.sample([r * 512 + i for r in ranges for i in range(512)], min(nops, len(ranges) * 512))
-    minor, hit = kind_costs(w, [(2, addr2, size)], [(2, addr2 + p * PAGE_SIZE) for p in pages_hit])
-    return {"bytes_per_page": grown / pages, "minor_us": minor, "hit_us": hit}
+def _sizes(sizes: list[int], nops: int) -> list[dict[str, Any]]:
+    """In a fresh process: for each size in turn, the RSS growth per resident page while a file
+    of that many pages is written into the page cache and mapped whole by one process (every
+    world is kept, so no freed memory is reused); then the per-kind fault costs of a second
+    process over each world's pages, the worlds taking turns."""
+    built = []
+    for pages in sizes:
+        size = pages * PAGE_SIZE
+        gc.collect()
+        before = _rss()
+        # Memory as large as the file and then some (the default, 8 GiB, would cut the write short).
+        w = World(_quiet(mem_total_mb=max(8192, size * 2 >> 20)), codec=False)
+        w.file_create("data", size)
+        w.file_write("data", 0, size)
+        w.spawn(1)
+        addr = w.mmap(1, None, size, "data")
+        w.touch(1, addr, size)
+        gc.collect()
+        grown = _rss() - before
+        resident = w.collapser.by_name["data"].nrpages
+        assert resident == pages, f"{resident} of {pages} pages resident"
+        w.spawn(2)
+        addr2 = w.mmap(2, None, size, "data")
+        # The same locality at every size: pages of 16 PMD ranges picked across the file, so
+        # each size allocates as many page tables for its faults.
+        rng = random.Random(2)
+        ranges = rng.sample(range(pages // 512), min(16, pages // 512))
+        picked = rng.sample([r * 512 + i for r in ranges for i in range(512)], min(nops, len(ranges) * 512))
+        built.append((grown / pages, trial(w, [(2, addr2, size)], [(2, addr2 + p * PAGE_SIZE) for p in picked])))
+    costs = kind_costs([t for _, t in built])
+    return [{"bytes_per_page": b, "minor_us": m, "hit_us": h} for (b, _), (m, h) in zip(built, costs)]
 
 
 def bench_sizes(max_pages: int, nops: int) -> None:
     sizes = sorted({n // 512 * 512 for n in (10_000, 100_000, 1_000_000, 4 * MIB, max_pages) if n <= max_pages})
+    out = subprocess.run(
+        [sys.executable, __file__, "--sizes", ",".join(map(str, sizes)), "--ops", str(nops)],
+        check=True, capture_output=True, text=True,
+    ).stdout
     rows = []
-    for pages in sizes:
-        out = subprocess.run(
-            [sys.executable, __file__, "--one-size", str(pages), "--ops", str(nops)],
-            check=True, capture_output=True, text=True,
-        ).stdout
-        r = json.loads(out)
+    for pages, r in zip(sizes, json.loads(out)):
         rows.append((pages, r["minor_us"], r["hit_us"]))
         print(f"resident pages {pages:>9,}: {r['bytes_per_page']:>6.1f} B/page  minor fault {r['minor_us']:>5.2f} us  hit {r['hit_us']:>5.2f} us")
-    last = json.loads(out)["bytes_per_page"]
+    last = r["bytes_per_page"]
     print(f"memory at {sizes[-1]:,} pages:   {last:>6.1f} B/page   target <= {TARGET_BYTES} ({'met' if last <= TARGET_BYTES else 'NOT met'})")
     _flat(f"{sizes[-1]:,} vs {sizes[0]:,} pages", rows)
 
 
 def bench_procs(max_procs: int, nops: int) -> None:
     size = 16 * MIB
-    rows = []
-    for n in (1, 10, 100, 1000):
-        if n > max_procs:
-            break
+    counts = [n for n in (1, 10, 100, 1000) if n <= max_procs]
+    trials = []
+    for n in counts:
         w = World(_quiet(), codec=False)
         w.file_create("data", size)
         w.file_write("data", 0, size)
@@ -214,10 +228,19 @@ def bench_procs(max_procs: int, nops: int) -> None:
         addrs = [(pid, addr) for pid, addr, _ in maps]
         rng = random.Random(3)
         picks = rng.sample(range(n * (size // PAGE_SIZE)), min(nops, n * (size // PAGE_SIZE)))
-        pairs = [(addrs[i % n][0], addrs[i % n][1] + (i // n) * PAGE_SIZE) for i in picks]
-        minor, hit = kind_costs(w, maps, pairs)
+        trials.append(trial(w, maps, [(addrs[i % n][0], addrs[i % n][1] + (i // n) * PAGE_SIZE) for i in picks]))
+    # A control: the most processes, but the single process's accesses (its pid, its pages).
+    # Equal to the single process's costs, the rest of the growth is the spread of the accesses
+    # over that many address spaces (the caches), not the number of processes.
+    w, maps, _ = trials[-1]
+    trials.append((w, maps[:1], [(maps[0][0], maps[0][1] + (addr - trials[0][1][0][1])) for _, addr in trials[0][2]]))
+    costs = kind_costs(trials)
+    rows = []
+    for n, (minor, hit) in zip(counts, costs):
         rows.append((n, minor, hit))
         print(f"processes {n:>5,}:         minor fault {minor:>5.2f} us  hit {hit:>5.2f} us")
+    minor, hit = costs[-1]
+    print(f"  {counts[-1]:,}, one process faulting: minor fault {minor:>5.2f} us  hit {hit:>5.2f} us")
     _flat(f"{rows[-1][0]:,} vs 1 process", rows)
 
 
@@ -296,10 +319,10 @@ def main() -> None:
     parser.add_argument("--max-pages", type=int, default=4 * MIB, help="largest resident set measured (pages)")
     parser.add_argument("--procs", type=int, default=1000, help="most processes in the flatness run")
     parser.add_argument("--ops", type=int, default=20_000, help="operations of the mixed workload per run")
-    parser.add_argument("--one-size", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--sizes", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.one_size:
-        print(json.dumps(_one_size(args.one_size, args.ops)))
+    if args.sizes:
+        print(json.dumps(_sizes([int(n) for n in args.sizes.split(",")], args.ops)))
         return
     size = int(args.gib * GIB) // HPAGE_PMD_SIZE * HPAGE_PMD_SIZE
     print(f"python {sys.version.split()[0]}, file of {size / GIB:g} GiB")
