@@ -15,9 +15,9 @@ from collections import Counter
 from collections.abc import Generator
 from typing import Any
 
-from collapsed.fileops import FileOps
 import numpy as np
 
+from collapsed.fileops import FileOps
 from collapsed.pagecache import (
     PG_DIRTY,
     PG_HEAD,

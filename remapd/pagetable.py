@@ -196,7 +196,9 @@ class PageTables:
             hi = min(end, base + HPAGE_PMD_SIZE)
             self._zap_ptes(mm, entry, (lo - base) >> PAGE_SHIFT, (hi - base) >> PAGE_SHIFT, anon, only)
 
-    def _zap_ptes(self, mm: Mm, table: PteTable, first: int, stop: int, anon: bool, only: np.ndarray | None) -> None:
+    def _zap_ptes(
+        self, mm: Mm, table: PteTable, first: int, stop: int, anon: bool, only: np.ndarray | None
+    ) -> None:
         """:meth:`zap_pte` of every present PTE in slots [first, stop) of ``table`` (anon ones
         only with ``anon``; with ``only``, those mapping one of its pfns), the file pages' in one
         go: their rmap rows in slot order, the table's counts and the mm counters."""
