@@ -7,8 +7,9 @@ once (collapse_file and its scan, freeing the pages a collapse replaced, a long 
 does so through numpy views of these arrays (:func:`view`), never kept across a yield.
 
 Physical memory comes in 2 MiB blocks: a PMD-order compound page is one whole block, so its head
-is ``pfn & ~511`` and subpage ``i`` is ``head + i``, as in the kernel. Small pages are carved from blocks of their own. Huge allocations
-draw on ``free_huge_pages`` (a knob) and may fail to fragmentation. Memory has a size, the knob
+is ``pfn & ~511`` and subpage ``i`` is ``head + i``, as in the kernel. Small pages are carved from
+blocks of their own. Huge allocations draw on ``free_huge_pages`` (a knob) and may fail to
+fragmentation. Memory has a size, the knob
 ``thpsplit/mem_total_mb``: once every block it allows is in use (and no page is free in them), an
 allocation fails, as the page allocator's does when reclaim cannot help. Blocks are not compacted:
 a block that held small pages stays theirs, so a huge allocation may fail while small pages are
