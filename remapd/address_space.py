@@ -414,8 +414,7 @@ class AddressSpace:
         the range's edges (splitting a PMD there) and merges the result with its neighbours. A
         hole at the start is ENOMEM before anything changes; one further on is ENOMEM after the
         VMAs before it changed. Mappings stay: change_protection keeps a PMD the range covers
-        whole, and a PTE keeps its write bit for when writing is allowed again (in the kernel
-        MM_CP_TRY_CHANGE_WRITABLE makes dirty shared and exclusive anon PTEs writable again)."""
+        whole and sets each PTE's write bit as the new protection has it."""
         mm = find_mm(self.mms, pid)
         if prot not in PROTS:
             raise UserError("EINVAL", f"prot must be one of {', '.join(PROTS)}")
@@ -451,7 +450,8 @@ class AddressSpace:
             account = vma.account or (not vma.shared and bool(newprot & PROT_WRITE))
             if vma.locked and not vma.shared and not vma.prot & PROT_WRITE and newprot & PROT_WRITE:
                 populate.append((lo, hi))
-            self._vma_modify(mm, lo, hi, prot=newprot, account=account)
+            vma = self._vma_modify(mm, lo, hi, prot=newprot, account=account)
+            self.pagetables.change_protection(mm, vma, lo, hi)
         return 0 if pos >= end else "ENOMEM"
 
     def mlock(self, pid: int, addr: int, length: int, onfault: bool = False) -> Generator[Any, Any, dict[str, Any]]:

@@ -124,6 +124,40 @@ class PageTables:
             if not table.mark:
                 self.set_mark(mm, pidx, table, "fault")
 
+    def change_protection(self, mm: Mm, vma: Vma, start: int, end: int) -> None:
+        """change_pte_range over [start, end) of ``vma``, which has its new protection: where it
+        may not write, every PTE loses its write bit (pte_modify); where it
+        may, a shared mapping's shmem PTEs take vm_page_prot's write bit (shmem wants no
+        write-notify), and under MM_CP_TRY_CHANGE_WRITABLE a regular file's dirty PTEs
+        (can_change_shared_pte_writable) and a private mapping's exclusive anon PTEs
+        (can_change_private_pte_writable) become writable again. PMD mappings keep no write bit
+        in the model, and a file PTE made read-only loses its dirty bit too (the folio is dirty
+        already: the model marks it at the write), so a regular file's page takes a
+        write-protect fault where the kernel's kept dirty PTE would not. Only tables that exist
+        are visited."""
+        writable = bool(vma.prot & PROT_WRITE)
+        lo, hi = start >> HPAGE_PMD_SHIFT, ((end - 1) >> HPAGE_PMD_SHIFT) + 1
+        pidxs = range(lo, hi) if hi - lo <= len(mm.pmds) else sorted(p for p in mm.pmds if lo <= p < hi)
+        for pidx in pidxs:
+            table = mm.pmds.get(pidx)
+            if not isinstance(table, PteTable) or not table.nr:
+                continue
+            base = pidx << HPAGE_PMD_SHIFT
+            first = max(start - base, 0) >> PAGE_SHIFT
+            last = min((end - base) >> PAGE_SHIFT, HPAGE_PMD_NR)
+            ptes = table.ptes
+            for slot in range(first, last):
+                pte = ptes[slot]
+                if not pte:
+                    continue
+                if not writable:
+                    ptes[slot] = pte & ~PTE_WRITE if pte & PTE_ANON else pte & ~(PTE_WRITE | PTE_DIRTY)
+                elif pte & PTE_ANON:
+                    if self.anon.exclusive(pte_pfn(pte)):
+                        ptes[slot] = pte | PTE_WRITE
+                elif vma.shared and pte & (PTE_SHMEM | PTE_DIRTY):
+                    ptes[slot] = pte | PTE_WRITE
+
     def zap_pte(self, mm: Mm, table: PteTable, slot: int) -> None:
         """Clear one present PTE and drop the mapping it held (zap_present_ptes)."""
         pte = table.ptes[slot]

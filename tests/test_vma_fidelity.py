@@ -289,6 +289,35 @@ def test_install_pmd_never_maps_a_pmd_into_a_nohugepage_vma(make_world):
 # -- mprotect -------------------------------------------------------------------------------------
 
 
+def _pte(world, pid: int, addr: int) -> int:
+    table = world.remapper.mms[pid].pmds[addr >> HPAGE_PMD_SHIFT]
+    return table.ptes[(addr >> 12) & 511]
+
+
+def test_mprotect_write_protects_ptes_and_makes_shmem_and_exclusive_anon_ones_writable_again(make_world):
+    """mm/mprotect.c change_pte_range(): pte_modify() with the new vm_page_prot takes the write bit
+    away from every PTE of a VMA that may no longer write (the invariant checker: no writable
+    file PTE where the VMA does not write the file); made writable again, shared shmem PTEs
+    take vm_page_prot's write bit (shmem wants no write-notify) and, under
+    MM_CP_TRY_CHANGE_WRITABLE, a private mapping's exclusive anon PTEs become writable
+    (can_change_private_pte_writable): a write after the round trip is a hit, no fault."""
+    from remapd.mm import PTE_WRITE
+
+    world = make_world()
+    world.file_create("c", 4 * M, shmem=True)
+    world.spawn(1)
+    world.mmap(1, A, 2 * M, "c", prot="rw", shared=True)
+    world.mmap(1, A + 2 * M, 2 * M, "c", offset=2 * M, prot="rw", shared=False)
+    assert world.touch(1, A, 4 * M, write=True, stride=M) == {"minor": 4}
+    for prot in ("none", "r"):
+        assert world.mprotect(1, A, 4 * M, prot) == 0
+        assert not _pte(world, 1, A) & PTE_WRITE and not _pte(world, 1, A + 2 * M) & PTE_WRITE
+        assert world.fault(1, A, write=True) == "sigsegv"
+    assert world.mprotect(1, A, 4 * M, "rw") == 0
+    assert _pte(world, 1, A) & PTE_WRITE and _pte(world, 1, A + 2 * M) & PTE_WRITE
+    assert world.touch(1, A, 4 * M, write=True, stride=M) == {"hit": 4}
+
+
 def test_mprotect_splits_vmas_and_pmds_at_its_edges_and_keeps_covered_pmds(make_world):
     """mm/mprotect.c do_mprotect_pkey() / mprotect_fixup(): a VMA that already has the
     protection is left alone; otherwise vma_modify_flags() splits it at the range's edges
