@@ -13,7 +13,7 @@ from typing import Any
 
 from collapsed import peer_checks, procfs
 from collapsed.fileops import FileOps
-from collapsed.khugepaged import Khugepaged
+from collapsed.khugepaged import ALLOC_SLEEP_WAKE, SCAN_SLEEP_WAKE, Khugepaged
 from collapsed.pagecache import (
     PG_HEAD,
     PG_LOCKED,
@@ -24,7 +24,7 @@ from collapsed.pagecache import (
 )
 from shared import messages as m
 from shared.actor import Actor, Wait
-from shared.knobs import Knobs
+from shared.knobs import KHUGEPAGED_SLEEP_KNOBS, KHUGEPAGED_START_STOP_KNOBS, Knobs
 from shared.message import Message
 from shared.scan_result import ScanResult
 from shared.thp import shmem_huge_global_enabled
@@ -187,7 +187,11 @@ class Collapser(Actor):
         elif isinstance(msg, m.KnobsChanged):
             for name, value in msg.values.items():
                 self.knobs.set(name, str(value))  # every value was validated first
-            self.notify("khugepaged_wake")
+            if not KHUGEPAGED_SLEEP_KNOBS.isdisjoint(msg.values):
+                self.notify(SCAN_SLEEP_WAKE)
+                self.notify(ALLOC_SLEEP_WAKE)
+            elif not KHUGEPAGED_START_STOP_KNOBS.isdisjoint(msg.values):
+                self.notify(ALLOC_SLEEP_WAKE)
         elif isinstance(msg, m.FileInfo):
             self._adopt_file(msg)
         elif isinstance(msg, m.PageQuery):

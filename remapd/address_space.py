@@ -29,6 +29,7 @@ from remapd.uprobes import Uprobes
 from shared.actor import Actor, Call
 from shared.errors import UserError
 from shared.protocol import messages as m
+from shared.thp import hugepage_pmd_enabled, thp_vma_allowable_order
 from shared.units import (
     HPAGE_PMD_SHIFT,
     HPAGE_PMD_SIZE,
@@ -120,6 +121,7 @@ class AddressSpace:
             )
             self.vma_link(mm, vma)
             vma = self._vma_merge(mm, vma)
+            self.khugepaged_enter_vma(mm, vma)  # __mmap_new_vma, for the VMA as mapped
             yield from self.uprobes.uprobe_mmap(mm, vma)
         finally:
             self.locks.mmap_write_unlock(mm)
@@ -193,6 +195,15 @@ class AddressSpace:
             yield from self.locks.mmap_write_lock(mm)
             try:
                 for vma, lo, hi in self._walk_vmas(mm, addr, end):
+                    if hg:
+                        # hugepage_madvise -> khugepaged_enter_vma(vma, new flags), before the
+                        # VMA changes. For shmem, 6.18's shmem_allowable_huge_orders() reads
+                        # vma->vm_flags, still without VM_HUGEPAGE: under huge=advise the first
+                        # MADV_HUGEPAGE does not register the mm, a second one does.
+                        shmem = self.files.is_shmem(vma.ino)
+                        self.khugepaged_enter_vma(
+                            mm, vma, hugepage=vma.hugepage if shmem else True, nohugepage=vma.nohugepage and shmem
+                        )
                     if vma.hugepage == hg and vma.nohugepage != hg:
                         continue  # madvise_update_vma: the flags do not change, nothing is split
                     self._vma_modify(mm, lo, hi, hugepage=hg, nohugepage=not hg)
@@ -333,7 +344,8 @@ class AddressSpace:
             grown = vma.copy(vma.start, end)
             self.vma_unlink(mm, vma)
             self.vma_link(mm, grown)
-            self._vma_merge(mm, grown)
+            # vma_merge_new_range -> vma_expand succeeds with or without a next VMA to take in.
+            self.khugepaged_enter_vma(mm, self._vma_merge(mm, grown))
             return 0, addr, ((addr + old_len, end) if grown.locked else None)
         if not maymove:
             return "ENOMEM", None, None
@@ -570,6 +582,7 @@ class AddressSpace:
         """fork, under the parent's mmap write lock: copy every VMA; page tables only where the
         VMA has an anon_vma (vma_needs_copy), since file pages simply refault in the child."""
         mm.fdtable.update(parent.fdtable)  # the child shares the parent's open files
+        mm.khugepaged_entered = parent.khugepaged_entered  # khugepaged_fork
         prev: Vma | None = None
         for vma in parent.vmas:
             child = vma.copy(vma.start, vma.end)
@@ -614,6 +627,31 @@ class AddressSpace:
                 if self._khugepaged_suitable(vma):
                     self.actor.send(self._register_range(mm, vma))
 
+    def khugepaged_enter_vma(self, mm: Mm, vma: Vma, hugepage: bool | None = None, nohugepage: bool | None = None) -> None:
+        """khugepaged_enter_vma(vma, vm_flags): the first VMA found eligible for khugepaged
+        (thp_vma_allowable_order with TVA_KHUGEPAGED, under ``hugepage``/``nohugepage`` as the
+        flags it is given, the VMA's own by default) puts the mm on khugepaged's list for good
+        (MMF_VM_HUGEPAGE). Called where 6.18 calls it: mmap, a successful VMA merge or expand,
+        MADV_HUGEPAGE; fork inherits the flag (khugepaged_fork)."""
+        if mm.khugepaged_entered or not self._khugepaged_suitable(vma):
+            return
+        f = self.files.get(vma.ino)
+        knobs = self.khugepaged.knobs
+        if f is None or not hugepage_pmd_enabled(knobs):
+            return
+        if not thp_vma_allowable_order(
+            knobs,
+            shmem=f.shmem,
+            i_size=f.size,
+            pgoff=vma.pgoff,
+            vm_hugepage=vma.hugepage if hugepage is None else hugepage,
+            vm_nohugepage=vma.nohugepage if nohugepage is None else nohugepage,
+            open_for_write=self.files.open_for_write(vma.ino),
+        ):
+            return
+        mm.khugepaged_entered = True
+        self.actor.send(self._register_range(mm, vma))
+
     # -- VMA bookkeeping (link/unlink/split/merge) --------------------------------------------
 
     def vma_link(self, mm: Mm, vma: Vma) -> None:
@@ -643,7 +681,9 @@ class AddressSpace:
 
     @staticmethod
     def _register_range(mm: Mm, vma: Vma) -> m.RegisterRange:
-        return m.RegisterRange(mm.pid, vma.start, vma.end, vma.ino, vma.pgoff, vma.hugepage, vma.nohugepage)
+        return m.RegisterRange(
+            mm.pid, vma.start, vma.end, vma.ino, vma.pgoff, vma.hugepage, vma.nohugepage, mm.khugepaged_entered
+        )
 
     def _khugepaged_suitable(self, vma: Vma) -> bool:
         """What khugepaged_enter_vma needs on this side: not VM_NOHUGEPAGE, an aligned 2 MiB."""
@@ -724,4 +764,5 @@ class AddressSpace:
         for part in dict.fromkeys((first, vma, last)):
             self.vma_unlink(mm, part)
         self.vma_link(mm, merged)
+        self.khugepaged_enter_vma(mm, merged)  # vma_merge_new_range / vma_merge_existing_range
         return merged

@@ -105,6 +105,17 @@ SPECS: dict[str, _Spec] = {
 }
 
 
+# Knob writes that wake khugepaged. scan_sleep_millisecs_store() and alloc_sleep_millisecs_store()
+# (mm/khugepaged.c) reset khugepaged_sleep_expire and wake it out of either sleep; enabled_store(),
+# thpsize_enabled_store() and the two shmem_enabled stores call start_stop_khugepaged(), whose
+# wake_up_interruptible() only ends the alloc sleep: khugepaged_wait_work()'s scan sleep waits
+# for khugepaged_should_wakeup(), which the sleep knobs alone make true. Every other knob just
+# stores its value, to be read at the next pass.
+KHUGEPAGED_SLEEP_KNOBS = frozenset({"khugepaged/scan_sleep_millisecs", "khugepaged/alloc_sleep_millisecs"})
+KHUGEPAGED_START_STOP_KNOBS = frozenset(
+    {"enabled", "shmem_enabled", f"{PER_SIZE}/enabled", f"{PER_SIZE}/shmem_enabled"}
+)
+
 @dataclasses.dataclass
 class Knobs:
     """Current knob values. Attribute names are the sysfs paths with ``/`` → ``_``, minus prefixes."""

@@ -148,8 +148,10 @@ class MarkDirty(Message):
 
 @message("peer.register_range")
 class RegisterRange(Message):
-    """khugepaged_enter_vma: a file VMA khugepaged should visit ([start, end) maps ``ino`` from
-    ``pgoff``). Sent again whenever the VMA changes; the scan re-checks eligibility each visit."""
+    """A file VMA khugepaged visits once its mm is on khugepaged's list ([start, end) maps ``ino``
+    from ``pgoff``). Sent again whenever the VMA changes; the scan re-checks eligibility each
+    visit. ``entered``: the mm is on the list (MMF_VM_HUGEPAGE: a khugepaged_enter_vma() call
+    found a VMA of it eligible), so khugepaged scans it; until then its ranges are only kept."""
 
     pid: int
     start: int
@@ -158,6 +160,7 @@ class RegisterRange(Message):
     pgoff: int
     vm_hugepage: bool
     vm_nohugepage: bool
+    entered: bool
 
 
 @message("peer.unregister_range")
