@@ -299,8 +299,14 @@ class Collapser(Actor):
         mem = self.mem
         cache = self.cache
         f = cache.files.get(msg.ino)
-        if f is None or msg.index >= f.nr_pages_size:
+        if f is None:
             self.send(m.PageAnswer(msg.req, _SIGBUS))
+            return None
+        if msg.index >= f.nr_pages_size:
+            # do_read_fault: do_fault_around maps the window's cached pages below EOF before
+            # ->fault (shmem_fault, filemap_fault) answers SIGBUS for the page itself.
+            around = self._fault_around(f, msg.around) if msg.around and msg.purpose == "map" else ()
+            self.send(m.PageAnswer(msg.req, _SIGBUS, around=around))
             return None
         value = f.get(msg.index)
         if value > 0 and mem.flags[mem.head(value)] & PG_LOCKED:

@@ -57,6 +57,25 @@ def test_fault_around_window_is_shifted_not_shortened_at_a_vma_start(make_world)
     assert rss(world) == [128]
 
 
+def test_read_fault_past_eof_maps_the_window_below_eof_first(make_world):
+    """Conformance #20. do_read_fault() (mm/memory.c) calls do_fault_around() before __do_fault():
+    filemap_map_pages() maps the window's cached pages up to EOF, and only then does
+    shmem_fault() answer SIGBUS for the page itself. A write fault has no fault-around.
+    (Kernel: file write c 0 4100K; mmap 1 0x40000000 8M --prot r --shared; fault 1 0x40403000
+    -> sigbus, Rss 4.)"""
+    world = shmem_world(make_world, fault_around_bytes=64 * KB)
+    world.file_write("c", 0, 4100 * KB)  # 1025 pages: the last cached index is 1024
+    a = world.mmap(1, A, 4 * H, "c", prot="rw")
+    assert world.fault(1, a + 0x403000, write=True) == "sigbus"
+    assert rss(world) == [0]
+    assert world.fault(1, a + 0x403000) == "sigbus"
+    assert rss(world) == [4]
+    assert mapped(world, a + 0x400000, a + 0x410000) == [0]
+    assert world.fault(1, a + 0x400000) == "hit"
+    world.munmap(1, a, 4 * H)
+    world.check()
+
+
 def test_fault_around_window_is_cut_at_the_vma_end_and_at_the_pmd(make_world):
     """mm/memory.c do_fault_around(): the end is cut at the VMA's end and at the PMD (the
     ``PTRS_PER_PTE`` and ``vma_pages`` terms of ``to_pte``); the start never moves down."""

@@ -266,7 +266,8 @@ class PageAnswer(Message):
     fault-around pages, each already accounted as a PTE mapping. ``allocated``: the lookup filled
     a shmem hole with this folio, so fault-around (which runs first) did not see it and
     finish_fault maps it (a large one whole only where every PTE of it is none). Added within
-    protocol 2 with a default.
+    protocol 2 with a default. A SIGBUS answer past EOF may carry ``around`` too: fault-around
+    runs before ->fault refuses the page.
     """
 
     req: int

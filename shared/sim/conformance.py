@@ -752,15 +752,6 @@ def _m16(div: Divergence) -> bool:
     )
 
 
-def _m20(div: Divergence) -> bool:
-    s = div.step
-    if s.op not in ACCESS_OPS or s.args["write"] or div.aspects() != {"smaps.Rss"}:
-        return False
-    acc = (div.kernel_outcome.get("result"), div.model_outcome.get("result"))
-    past_eof = all("sigbus" in (a if isinstance(a, dict) else {a: 1}) for a in acc)
-    return past_eof and any(kr["Rss"] > mr["Rss"] for _, kr, mr in _smaps_pairs(div))
-
-
 def _m21(div: Divergence) -> bool:
     if not _faulting(div) or not _only(div, ("smaps.Rss", "smaps.Anonymous")):
         return False
@@ -884,17 +875,6 @@ KNOWN: tuple[Known, ...] = (
         reproducer=_SETUP + "mmap 1 0x40000000 4M --file c --prot rw --shared; madvise 1 0x40000000 4M hugepage; "
         "fault 1 0x40000000; file punch c 100 10",
         number=16,
-    ),
-    Known(
-        "#20",
-        "open",
-        "a read fault past EOF runs fault-around first: cached pages below EOF get mapped",
-        "do_read_fault() (mm/memory.c) calls do_fault_around() before __do_fault(); filemap_map_pages() "
-        "maps the window's cached pages up to EOF, and only then does shmem_fault() answer SIGBUS. The "
-        "model checks EOF first and maps nothing.",
-        matcher=_m20,
-        reproducer=_SETUP + "file write c 0 4100K; mmap 1 0x40000000 8M --file c --prot r --shared; fault 1 0x40403000",
-        number=20,
     ),
     Known(
         "#21",
