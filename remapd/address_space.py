@@ -215,7 +215,7 @@ class AddressSpace:
                 for vma in mm.overlapping(addr, end):
                     if vma.locked:
                         return {"result": "EINVAL"}  # madvise_dontneed_free_valid_vma
-                    self.pagetables.zap_page_range(mm, max(vma.start, addr), min(vma.end, end))
+                    self.pagetables.zap_page_range(mm, max(vma.start, addr), min(vma.end, end), reclaim_pt=True)
             finally:
                 self.locks.mmap_read_unlock(mm)
         elif advice == "free":

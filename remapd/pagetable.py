@@ -167,10 +167,19 @@ class PageTables:
     # -- ranges -------------------------------------------------------------------------------
 
     def zap_page_range(
-        self, mm: Mm, start: int, end: int, anon: bool = True, pfns: set[int] | None = None
+        self,
+        mm: Mm,
+        start: int,
+        end: int,
+        anon: bool = True,
+        pfns: set[int] | None = None,
+        reclaim_pt: bool = False,
     ) -> None:
         """Clear PTEs and PMDs in [start, end); a PMD the range cuts is split. ``anon=False``
-        keeps private CoW copies; ``pfns`` limits the zap to mappings of those pages (try_to_unmap)."""
+        keeps private CoW copies; ``pfns`` limits the zap to mappings of those pages (try_to_unmap).
+        ``reclaim_pt`` (MADV_DONTNEED's zap_details, CONFIG_PT_RECLAIM, 6.13+): zap_pte_range()
+        frees a PTE table the zap covered whole (reclaim_pt_is_enabled: at least PMD_SIZE of it)
+        and left empty (try_get_and_clear_pmd, mm/pt_reclaim.c), so the PMD is none again."""
         for pidx in mm.pmd_indices(start, end):
             entry = mm.pmds[pidx]
             base = pidx << HPAGE_PMD_SHIFT
@@ -187,6 +196,8 @@ class PageTables:
                 if pfns is not None and pte_pfn(pte) not in pfns:
                     continue
                 self.zap_pte(mm, entry, slot)
+            if reclaim_pt and hi - lo == HPAGE_PMD_SIZE and not entry.nr:
+                self.pte_free(mm, pidx)
 
     def move_page_tables(self, mm: Mm, old: int, new: int, length: int) -> None:
         """mremap's move_page_tables: what maps [old, old+length) maps [new, new+length) after,

@@ -760,12 +760,6 @@ def _m21(div: Divergence) -> bool:
     return punched and split and any(kr["Rss"] > mr["Rss"] for _, kr, mr in _smaps_pairs(div))
 
 
-def _m22(div: Divergence) -> bool:
-    if not _faulting(div) or not any(h.op == "madvise" and h.args["advice"] == "dontneed" for h in div.history):
-        return False
-    return any(kr["ShmemPmdMapped"] > mr["ShmemPmdMapped"] for _, kr, mr in _smaps_pairs(div))
-
-
 def _install_pmd(div: Divergence) -> bool:
     s = div.step
     if ("thpsplit/install_pmd", "1") not in div.settings.model_knobs:
@@ -888,18 +882,6 @@ KNOWN: tuple[Known, ...] = (
         reproducer=_SETUP + "mmap 1 0x40000000 4M --file c --prot rw --shared; madvise 1 0x40000000 4M hugepage; "
         "fault 1 0x40200000 --write; file punch c 3580K 4K; fault 1 0x40328000 --write",
         number=21,
-    ),
-    Known(
-        "#22",
-        "open",
-        "MADV_DONTNEED frees empty PTE tables, so a later fault can map a PMD there",
-        "zap_pte_range() reclaims a PTE table that the zap left empty (CONFIG_PT_RECLAIM, 6.13+: "
-        "try_get_and_clear_pmd(), mm/pt_reclaim.c) for MADV_DONTNEED; the PMD slot is none again and "
-        "do_set_pmd() can map a THP. The model keeps the empty table and maps with PTEs.",
-        matcher=_m22,
-        reproducer=_SETUP + "mmap 1 0x40000000 4M --file c --prot rw --shared; fault 1 0x40200000; "
-        "madvise 1 0x40000000 4M dontneed; madvise 1 0x40000000 4M hugepage; file punch c 2M 2M; fault 1 0x40200000",
-        number=22,
     ),
 )
 
