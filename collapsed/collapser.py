@@ -174,7 +174,7 @@ class Collapser(Actor):
             if f is not None:
                 f.collapse_pmd = True
         elif isinstance(msg, m.Reclaim):
-            self.spawn(self.fileops.reclaim(msg.pfns), name="reclaim")
+            self.spawn(self.fileops.reclaim(msg.pfns, msg.split), name="reclaim")
         elif isinstance(msg, m.LockFolio):
             self.spawn(self._lock_folio(msg), name="lock_folio")
         elif isinstance(msg, m.UnlockFolio):

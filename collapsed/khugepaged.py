@@ -421,7 +421,7 @@ class Khugepaged:
             f.nrpages -= 1
             mem.ino[p] = 0
         mem.ref[new] = 1
-        cache.add_huge_page(f, start, new)
+        cache.add_huge_page(f, start, new, dirty=f.shmem)  # collapse_file: folio_mark_dirty for shmem
         for p in pagelist:
             cache.unlock(p)
             cache.put(p, 3)

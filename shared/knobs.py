@@ -96,6 +96,7 @@ SPECS: dict[str, _Spec] = {
     "thpsplit/fragmentation": _Spec("int", lo=0, hi=100),
     "thpsplit/remap_sleep_millisecs": _Spec("int", lo=0, hi=(1 << 32) - 1),
     "thpsplit/writeback_millisecs": _Spec("int", lo=0, hi=(1 << 32) - 1),
+    "thpsplit/swap": _Spec("bool"),
     # /sys/block/<dev>/queue/read_ahead_kb (regular files) and debugfs fault_around_bytes.
     "thpsplit/read_ahead_kb": _Spec("int", lo=0, hi=1 << 20),
     "thpsplit/fault_around_bytes": _Spec("int", lo=0, hi=2 << 20),
@@ -145,6 +146,9 @@ class Knobs:
     remap_sleep_millisecs: int = 10000
     # How long a page stays under writeback after sync or pageout before it is clean.
     writeback_millisecs: int = 100
+    # A swap device is active (total_swap_pages): reclaim writes dirty shmem pages to swap;
+    # without one, shmem_writeout() re-dirties them and they stay in the page cache.
+    swap: int = 1
     # A major fault on a regular file reads this much around the page (mmap read-around).
     read_ahead_kb: int = 128
     # A read fault maps the cached pages of this aligned window too (do_fault_around).

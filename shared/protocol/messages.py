@@ -193,9 +193,12 @@ class SetCollapsePmd(Message):
 
 @message("peer.reclaim")
 class Reclaim(Message):
-    """MADV_PAGEOUT: try to reclaim these pages (the remapper already unmapped its own PTEs)."""
+    """MADV_PAGEOUT: try to reclaim these pages and folios (a head for a large one), which the
+    remapper found mapped by the caller alone and unmapped; split the folios of ``split`` (heads),
+    which the range covers in part and the remapper unmapped everywhere (split_folio)."""
 
     pfns: tuple[int, ...]
+    split: tuple[int, ...] = ()
 
 
 @message("peer.lock_folio")
