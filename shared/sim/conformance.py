@@ -398,7 +398,9 @@ class ModelBackend:
             self.pids.discard(a["pid"])
         if op in ("fault", "touch", "madvise"):
             return {"result": value}
-        if op in ("mmap", "mremap"):
+        if op == "mremap":
+            return {"result": value["result"], "addr": value["addr"]}  # errors are results
+        if op == "mmap":
             return {"result": 0, "addr": value if isinstance(value, int) else (value or {}).get("addr")}
         if isinstance(value, (int, str)) and not isinstance(value, bool):
             return {"result": value}
@@ -1304,7 +1306,10 @@ def generate(draw: Draw, steps: int = 12, mode: str = "step", exact: bool = True
             elif call == "mremap":
                 old = draw.choice((PMD, M))
                 new = draw.choice((M, 4 * M, PMD))
-                lines.append(f"mremap {pid} {draw.choice((A, A + PMD)):#x} {_size(old)} {_size(new)}" + (" --maymove" if draw.chance(50) else ""))
+                # A move goes to a fixed address: where mremap(MREMAP_MAYMOVE) puts a mapping is the
+                # kernel's get_unmapped_area (randomized), which the model does not reproduce.
+                to = f" --to {A + 16 * M:#x}" if draw.chance(50) else ""
+                lines.append(f"mremap {pid} {draw.choice((A, A + PMD)):#x} {_size(old)} {_size(new)}{to}")
             else:
                 lines.append(f"{call} {pid} {s:#x} {ln}")
     if mode == "khugepaged":
