@@ -160,7 +160,7 @@ class RegisterRange(Message):
     pgoff: int
     vm_hugepage: bool
     vm_nohugepage: bool
-    entered: bool
+    entered: bool = True
 
 
 @message("peer.unregister_range")
