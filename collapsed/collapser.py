@@ -13,7 +13,7 @@ from typing import Any
 
 from collapsed import peer_checks, procfs
 from collapsed.fileops import FileOps
-from collapsed.khugepaged import Khugepaged
+from collapsed.khugepaged import ALLOC_SLEEP_WAKE, SCAN_SLEEP_WAKE, Khugepaged
 from collapsed.pagecache import (
     PG_HEAD,
     PG_LOCKED,
@@ -25,7 +25,7 @@ from collapsed.pagecache import (
 )
 from shared import messages as m
 from shared.actor import Actor, Wait
-from shared.knobs import Knobs
+from shared.knobs import KHUGEPAGED_SLEEP_KNOBS, KHUGEPAGED_START_STOP_KNOBS, Knobs
 from shared.message import Message
 from shared.scan_result import ScanResult
 from shared.thp import shmem_huge_global_enabled
@@ -175,7 +175,7 @@ class Collapser(Actor):
             if f is not None:
                 f.collapse_pmd = True
         elif isinstance(msg, m.Reclaim):
-            self.spawn(self.fileops.reclaim(msg.pfns), name="reclaim")
+            self.spawn(self.fileops.reclaim(msg.pfns, msg.split), name="reclaim")
         elif isinstance(msg, m.LockFolio):
             self.spawn(self._lock_folio(msg), name="lock_folio")
         elif isinstance(msg, m.UnlockFolio):
@@ -188,7 +188,11 @@ class Collapser(Actor):
         elif isinstance(msg, m.KnobsChanged):
             for name, value in msg.values.items():
                 self.knobs.set(name, str(value))  # every value was validated first
-            self.notify("khugepaged_wake")
+            if not KHUGEPAGED_SLEEP_KNOBS.isdisjoint(msg.values):
+                self.notify(SCAN_SLEEP_WAKE)
+                self.notify(ALLOC_SLEEP_WAKE)
+            elif not KHUGEPAGED_START_STOP_KNOBS.isdisjoint(msg.values):
+                self.notify(ALLOC_SLEEP_WAKE)
         elif isinstance(msg, m.FileInfo):
             self._adopt_file(msg)
         elif isinstance(msg, m.PageQuery):
@@ -296,8 +300,14 @@ class Collapser(Actor):
         mem = self.mem
         cache = self.cache
         f = cache.files.get(msg.ino)
-        if f is None or msg.index >= f.nr_pages_size:
+        if f is None:
             self.send(m.PageAnswer(msg.req, _SIGBUS))
+            return None
+        if msg.index >= f.nr_pages_size:
+            # do_read_fault: do_fault_around maps the window's cached pages below EOF before
+            # ->fault (shmem_fault, filemap_fault) answers SIGBUS for the page itself.
+            around = self._fault_around(f, msg.around) if msg.around and msg.purpose == "map" else ()
+            self.send(m.PageAnswer(msg.req, _SIGBUS, around=around))
             return None
         value = f.get(msg.index)
         if value > 0 and mem.flags[mem.head(value)] & PG_LOCKED:

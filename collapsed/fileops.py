@@ -408,10 +408,25 @@ class FileOps:
                 cache.remove_page(f, head)
         return {"dropped_pages": dropped}
 
-    def reclaim(self, pfns: tuple[int, ...]) -> Generator[Any, Any, None]:
-        """shrink_folio_list for MADV_PAGEOUT: unmapped pages leave memory (shmem to swap)."""
+    def reclaim(self, pfns: tuple[int, ...], split: tuple[int, ...] = ()) -> Generator[Any, Any, None]:
+        """MADV_PAGEOUT's reclaim_pages -> shrink_folio_list (mm/vmscan.c) of pages and folios
+        the remapper unmapped. A clean page (a shmem hole a read fault filled) is dropped
+        (__remove_mapping), a large folio whole. A dirty shmem folio goes to swap
+        (shmem_writeout, split to pages here) or, with no swap device, is re-dirtied and stays
+        in the cache; a dirty regular-file page is written back. First the folios of ``split``
+        are split (madvise's split_folio of a folio the range covers in part)."""
         cache = self.cache
         mem = cache.mem
+        for head in split:
+            if not mem.allocated(head) or not mem.flags[head] & PG_HEAD:
+                continue
+            f = cache.files.get(mem.ino[head])
+            if f is None or not cache.trylock(head):
+                continue
+            if self.split_thp(f, head):
+                self._unlock_split(head)
+            else:
+                cache.unlock(head)
         resched = self.resched_pages or -1
         left = resched
         for pfn in pfns:
@@ -432,6 +447,11 @@ class FileOps:
             if mem.flags[head] & PG_HEAD:
                 if not f.shmem:
                     continue  # a read-only file THP is dropped whole by drop_caches, not pageout
+                if not mem.flags[head] & PG_DIRTY:
+                    cache.remove_page(f, head)
+                    continue
+                if not self.knobs.swap:
+                    continue  # shmem_writeout without swap: redirty, before any split
                 cache.trylock(head)
                 if not self.split_thp(f, head):
                     cache.unlock(head)
@@ -444,10 +464,10 @@ class FileOps:
                 self._reclaim_small(f, sub)
 
     def _reclaim_small(self, f: File, pfn: int) -> None:
-        if f.shmem:
+        if not self.cache.mem.flags[pfn] & PG_DIRTY:
+            self.cache.remove_page(f, pfn)
+        elif not f.shmem:
+            self.start_writeback(f)
+        elif self.knobs.swap:
             self.cache.swap_out(f, pfn)
             self.vm["pswpout"] += 1
-        elif self.cache.mem.flags[pfn] & PG_DIRTY:
-            self.start_writeback(f)
-        else:
-            self.cache.remove_page(f, pfn)

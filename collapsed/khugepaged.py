@@ -41,6 +41,10 @@ from shared.units import HPAGE_PMD_NR, HPAGE_PMD_SIZE, PAGE_SHIFT
 
 log = get_logger("collapsed.khugepaged")
 
+# What ends khugepaged's two sleeps early (see shared.knobs.KHUGEPAGED_SLEEP_KNOBS).
+SCAN_SLEEP_WAKE = "khugepaged_sleep_expire"
+ALLOC_SLEEP_WAKE = "khugepaged_wait"
+
 
 @dataclasses.dataclass
 class Range:
@@ -87,8 +91,8 @@ class Khugepaged:
         self.fileops = fileops
         self.knobs = knobs
         self.vm = vm
-        self.slots: dict[int, MmSlot] = {}
-        self.order: list[int] = []  # mm slot list, in registration order
+        self.slots: dict[int, MmSlot] = {}  # every mm with a file VMA, entered or not
+        self.order: list[int] = []  # khugepaged's mm list: the entered mms, in order of entry
         self.cursor_pid: int | None = None
         self.cursor_addr = 0
         self.pages_collapsed = 0
@@ -100,13 +104,16 @@ class Khugepaged:
 
     def register(self, msg: m.RegisterRange) -> None:
         slot = self.slots.get(msg.pid)
-        wakeup = slot is None
         if slot is None:
             slot = self.slots[msg.pid] = MmSlot(msg.pid)
-            self.order.append(msg.pid)
         if msg.start not in slot.ranges:
             bisect.insort(slot.starts, msg.start)
         slot.ranges[msg.start] = Range(msg.start, msg.end, msg.ino, msg.pgoff, msg.vm_hugepage, msg.vm_nohugepage)
+        if not msg.entered or msg.pid in self.order:
+            return
+        # __khugepaged_enter: the mm joins the list; khugepaged is woken when it was empty.
+        wakeup = not self.order
+        self.order.append(msg.pid)
         if wakeup:
             # The wakeup runs the kthread at once: the VMA must be in the slot by then, as
             # khugepaged_enter_vma comes after the VMA is linked.
@@ -118,7 +125,7 @@ class Khugepaged:
             slot.starts.remove(start)
 
     def mm_exit(self, pid: int) -> None:
-        if self.slots.pop(pid, None) is not None:
+        if self.slots.pop(pid, None) is not None and pid in self.order:
             self.order.remove(pid)
             if self.cursor_pid == pid:
                 self.cursor_pid = None
@@ -128,11 +135,11 @@ class Khugepaged:
     def thread(self) -> Generator[Any, Any, None]:
         """khugepaged(): scan a pass, sleep scan_sleep_millisecs (a knob write wakes it early)."""
         while True:
-            if not self.slots:
+            if not self.order:
                 yield Wait("khugepaged_work")
                 continue
             yield from self.do_scan()
-            yield Sleep(self.actor.now + self.knobs.scan_sleep_millisecs, wake="khugepaged_wake")
+            yield Sleep(self.actor.now + self.knobs.scan_sleep_millisecs, wake=SCAN_SLEEP_WAKE)
 
     def do_scan(self) -> Generator[Any, Any, None]:
         """khugepaged_do_scan: spend ``pages_to_scan`` progress; one alloc-failure sleep per pass."""
@@ -145,7 +152,7 @@ class Khugepaged:
         while True:
             if self.cursor_pid is None:
                 pass_through_head += 1
-            if self.slots and pass_through_head < 2:
+            if self.order and pass_through_head < 2:
                 got, result = yield from self.scan_mm_slot(pages - progress)
                 progress += got
             else:
@@ -156,7 +163,7 @@ class Khugepaged:
                 if not wait:
                     return
                 wait = False
-                yield Sleep(self.actor.now + self.knobs.alloc_sleep_millisecs, wake="khugepaged_wake")
+                yield Sleep(self.actor.now + self.knobs.alloc_sleep_millisecs, wake=ALLOC_SLEEP_WAKE)
 
     def _eligible(self, r: Range, f: File) -> bool:
         """hugepage_vma_check: thp_vma_allowable_order with TVA_ENFORCE_SYSFS for the range's VMA."""
@@ -478,7 +485,7 @@ class Khugepaged:
         f.nrpages -= len(pfns)
         view(mem.ino)[pfns] = 0
         mem.ref[new] = 1
-        cache.add_huge_page(f, start, new)
+        cache.add_huge_page(f, start, new, dirty=f.shmem)  # collapse_file: folio_mark_dirty for shmem
         cache.unlock_pages(pfns)
         cache.put_small_pages(pfns, 3)
         reply = yield Call(m.Retract(self.actor.new_req(), f.ino, start, new))

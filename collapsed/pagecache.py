@@ -505,18 +505,19 @@ class PageCache:
 
     def add_small_page(self, f: File, index: int, dirty: bool = False) -> int:
         """Allocate a small page, insert it at ``index`` (ref 1 for the cache), uptodate, on LRU.
-        A shmem swap entry there is replaced (swapin). Returns 0, changing nothing, when memory
-        is full."""
+        A shmem swap entry there is replaced (swapin, which marks the page dirty). Returns 0,
+        changing nothing, when memory is full. A shmem page is clean until written: a hole a
+        read fault fills is zeroes that reclaim may simply drop."""
         mem = self.mem
         pfn = mem.alloc_small()
         if not pfn:
             return 0
-        mem.flags[pfn] |= PG_UPTODATE | (PG_SWAPBACKED | PG_DIRTY if f.shmem else 0)
-        if dirty:
+        old = f.get(index)
+        mem.flags[pfn] |= PG_UPTODATE | (PG_SWAPBACKED if f.shmem else 0)
+        if dirty or old < 0:
             mem.flags[pfn] |= PG_DIRTY
         mem.index[pfn] = index
         mem.ino[pfn] = f.ino
-        old = f.get(index)
         if old < 0 or not (f.shmem or dirty):
             self.pages_read += 1
         if old < 0:
@@ -536,10 +537,11 @@ class PageCache:
             k.free_huge_pages -= 1
         return head
 
-    def add_huge_page(self, f: File, start: int, head: int) -> None:
-        """Publish a PMD-order folio at ``start`` (one multi-index entry: 512 slots)."""
+    def add_huge_page(self, f: File, start: int, head: int, dirty: bool = False) -> None:
+        """Publish a PMD-order folio at ``start`` (one multi-index entry: 512 slots); a shmem
+        one allocated at fault is clean until written, a collapsed one is ``dirty``."""
         mem = self.mem
-        mem.flags[head] |= PG_UPTODATE | (PG_SWAPBACKED | PG_DIRTY if f.shmem else 0)
+        mem.flags[head] |= PG_UPTODATE | (PG_SWAPBACKED if f.shmem else 0) | (PG_DIRTY if dirty else 0)
         view(mem.index)[head : head + _NR] = np.arange(start, start + _NR)
         view(mem.ino)[head : head + _NR] = f.ino
         assert not start & _MASK, f"a PMD-order folio at unaligned index {start}"

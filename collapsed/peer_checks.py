@@ -224,7 +224,7 @@ def _reclaim(c: Collapser, msg: m.Reclaim) -> None:
     # Only the range is checked: the remapper sends the pfns after unmapping them, and another
     # operation may free a page (or even reuse its pfn) before the message is handled, which
     # reclaim tolerates by looking at each page afresh.
-    for pfn in msg.pfns:
+    for pfn in (*msg.pfns, *msg.split):
         _pfn(c, pfn, "reclaim")
 
 

@@ -15,6 +15,7 @@ from remapd.files import Files
 from remapd.khugepaged import Khugepaged
 from remapd.mm import (
     PTE_ANON,
+    PTE_THP,
     Mm,
     MmapLocks,
     Vma,
@@ -29,7 +30,9 @@ from remapd.uprobes import Uprobes
 from shared.actor import Actor, Call
 from shared.errors import UserError
 from shared.protocol import messages as m
+from shared.thp import hugepage_pmd_enabled, thp_vma_allowable_order
 from shared.units import (
+    HPAGE_PMD_NR,
     HPAGE_PMD_SHIFT,
     HPAGE_PMD_SIZE,
     MAX_LFS_FILESIZE,
@@ -120,6 +123,7 @@ class AddressSpace:
             )
             self.vma_link(mm, vma)
             vma = self._vma_merge(mm, vma)
+            self.khugepaged_enter_vma(mm, vma)  # __mmap_new_vma, for the VMA as mapped
             yield from self.uprobes.uprobe_mmap(mm, vma)
         finally:
             self.locks.mmap_write_unlock(mm)
@@ -193,6 +197,15 @@ class AddressSpace:
             yield from self.locks.mmap_write_lock(mm)
             try:
                 for vma, lo, hi in self._walk_vmas(mm, addr, end):
+                    if hg:
+                        # hugepage_madvise -> khugepaged_enter_vma(vma, new flags), before the
+                        # VMA changes. For shmem, 6.18's shmem_allowable_huge_orders() reads
+                        # vma->vm_flags, still without VM_HUGEPAGE: under huge=advise the first
+                        # MADV_HUGEPAGE does not register the mm, a second one does.
+                        shmem = self.files.is_shmem(vma.ino)
+                        self.khugepaged_enter_vma(
+                            mm, vma, hugepage=vma.hugepage if shmem else True, nohugepage=vma.nohugepage and shmem
+                        )
                     if vma.hugepage == hg and vma.nohugepage != hg:
                         continue  # madvise_update_vma: the flags do not change, nothing is split
                     self._vma_modify(mm, lo, hi, hugepage=hg, nohugepage=not hg)
@@ -204,7 +217,7 @@ class AddressSpace:
                 for vma in mm.overlapping(addr, end):
                     if vma.locked:
                         return {"result": "EINVAL"}  # madvise_dontneed_free_valid_vma
-                    self.pagetables.zap_page_range(mm, max(vma.start, addr), min(vma.end, end))
+                    self.pagetables.zap_page_range(mm, max(vma.start, addr), min(vma.end, end), reclaim_pt=True)
             finally:
                 self.locks.mmap_read_unlock(mm)
         elif advice == "free":
@@ -333,7 +346,8 @@ class AddressSpace:
             grown = vma.copy(vma.start, end)
             self.vma_unlink(mm, vma)
             self.vma_link(mm, grown)
-            self._vma_merge(mm, grown)
+            # vma_merge_new_range -> vma_expand succeeds with or without a next VMA to take in.
+            self.khugepaged_enter_vma(mm, self._vma_merge(mm, grown))
             return 0, addr, ((addr + old_len, end) if grown.locked else None)
         if not maymove:
             return "ENOMEM", None, None
@@ -546,23 +560,105 @@ class AddressSpace:
         return 0
 
     def _pageout(self, mm: Mm, start: int, end: int) -> None:
-        """MADV_PAGEOUT: unmap this process's file pages in the range and ask for reclaim."""
-        pfns: list[int] = []
-        for pidx in mm.pmd_indices(start, end):
-            entry = mm.pmds[pidx]
-            base = pidx << HPAGE_PMD_SHIFT
-            if isinstance(entry, int):
-                pfns.append(pte_pfn(entry))
-                self.pagetables.zap_huge_pmd(mm, pidx, split=not (start <= base and base + HPAGE_PMD_SIZE <= end))
+        """MADV_PAGEOUT, madvise_cold_or_pageout_pte_range() (mm/madvise.c, 6.18), VMA by VMA:
+        a folio mapped by another mm (folio_maybe_mapped_shared), or a small one mapped more than
+        once, is left alone; a large folio the walk covers only in part (a PMD cut by the range,
+        or fewer than all its PTEs in a row: madvise_folio_pte_batch) is split (split_folio, which
+        unmaps it everywhere and does not map a file folio again) and nothing of it is paged out;
+        any other is unmapped (try_to_unmap, a PMD through TTU_SPLIT_HUGE_PMD) and goes to
+        reclaim, which the collapser does (shrink_folio_list). Anon CoW pages are not file pages:
+        without swap they stay, so the model leaves them."""
+        reclaim: list[int] = []
+        split: list[int] = []
+        for vma in mm.overlapping(start, end):
+            lo, hi = max(vma.start, start), min(vma.end, end)
+            for pidx in mm.pmd_indices(lo, hi):
+                entry = mm.pmds.get(pidx)  # an earlier split may have unmapped it
+                base = pidx << HPAGE_PMD_SHIFT
+                if isinstance(entry, int):
+                    head = pte_pfn(entry)
+                    first = vma.pgoff_at(base)
+                    if len(self._folio_mappers(vma.ino, first, head)) > 1:
+                        continue
+                    self._unmap_folio(vma.ino, first, head)
+                    (reclaim if lo <= base and base + HPAGE_PMD_SIZE <= hi else split).append(head)
+                    continue
+                if entry is None:
+                    continue
+                slot, stop = (max(lo, base) - base) >> PAGE_SHIFT, (min(hi, base + HPAGE_PMD_SIZE) - base) >> PAGE_SHIFT
+                while slot < stop:
+                    pte = entry.ptes[slot]
+                    if not pte or pte & PTE_ANON:
+                        slot += 1
+                        continue
+                    pfn = pte_pfn(pte)
+                    index = vma.pgoff_at(base + (slot << PAGE_SHIFT))
+                    if not pte & PTE_THP:
+                        if sum(self._folio_mappers(vma.ino, index, pfn, 1).values()) == 1:
+                            self.pagetables.zap_pte(mm, entry, slot)
+                            reclaim.append(pfn)
+                        slot += 1
+                        continue
+                    head = pfn & ~(HPAGE_PMD_NR - 1)
+                    first = index - (pfn - head)
+                    nr = 1
+                    while (
+                        slot + nr < stop
+                        and pfn + nr < head + HPAGE_PMD_NR
+                        and (p := entry.ptes[slot + nr])
+                        and not p & PTE_ANON
+                        and pte_pfn(p) == pfn + nr
+                    ):
+                        nr += 1
+                    mappers = self._folio_mappers(vma.ino, first, head)
+                    if nr < HPAGE_PMD_NR:
+                        if len(mappers) <= 1:
+                            self._unmap_folio(vma.ino, first, head)
+                            split.append(head)
+                    elif sum(mappers.values()) == HPAGE_PMD_NR:
+                        self._unmap_folio(vma.ino, first, head)
+                        reclaim.append(head)
+                    slot += nr
+        if reclaim or split:
+            self.actor.send(m.Reclaim(tuple(reclaim), tuple(split)))
+
+    def _folio_mappers(self, ino: int, first: int, head: int, nr: int = HPAGE_PMD_NR) -> dict[int, int]:
+        """The rmap walk behind folio_mapcount: for each mm mapping the folio of ``nr`` pages from
+        ``head`` (file index ``first``), its mappings of it (a PMD counts one, a PTE one)."""
+        out: dict[int, int] = {}
+        for mm, vma in self.files.mappings(ino):
+            lo, hi = max(first, vma.pgoff), min(first + nr, vma.pgoff_at(vma.end))
+            n = 0
+            index = lo
+            while index < hi:
+                addr = vma.addr_of(index)
+                entry = mm.pmds.get(addr >> HPAGE_PMD_SHIFT)
+                if isinstance(entry, int):
+                    n += pte_pfn(entry) == head
+                    index = vma.pgoff_at((addr | (HPAGE_PMD_SIZE - 1)) + 1)
+                    continue
+                if entry is not None:
+                    pte = entry.ptes[(addr >> PAGE_SHIFT) & (HPAGE_PMD_NR - 1)]
+                    n += bool(pte) and not pte & PTE_ANON and pte_pfn(pte) == head + (index - first)
+                index += 1
+            if n:
+                out[mm.pid] = out.get(mm.pid, 0) + n
+        return out
+
+    def _unmap_folio(self, ino: int, first: int, head: int) -> None:
+        """try_to_unmap / unmap_folio of a large folio (or, for a small one, its one page) from
+        every mm: a PMD mapping is split (TTU_SPLIT_HUGE_PMD counts thp_split_pmd), PTEs zapped."""
+        pfns = tuple(range(head, head + HPAGE_PMD_NR))
+        for mm, vma in self.files.mappings(ino):
+            lo, hi = max(first, vma.pgoff), min(first + HPAGE_PMD_NR, vma.pgoff_at(vma.end))
+            if lo >= hi:
                 continue
-            lo, hi = max(start, base), min(end, base + HPAGE_PMD_SIZE)
-            for slot in range((lo - base) >> PAGE_SHIFT, (hi - base) >> PAGE_SHIFT):
-                pte = entry.ptes[slot]
-                if pte and not pte & PTE_ANON:
-                    pfns.append(pte_pfn(pte))
-                    self.pagetables.zap_pte(mm, entry, slot)
-        if pfns:
-            self.actor.send(m.Reclaim(tuple(pfns)))
+            a, b = vma.addr_of(lo), vma.addr_of(hi)
+            for pidx in mm.pmd_indices(a, b):
+                entry = mm.pmds[pidx]
+                if isinstance(entry, int) and pte_pfn(entry) == head:
+                    self.pagetables.zap_huge_pmd(mm, pidx, split=True)
+            self.pagetables.zap_page_range(mm, a, b, anon=False, pfns=pfns)
 
     # -- fork, exit, and the collapser's requests ---------------------------------------------
 
@@ -570,6 +666,7 @@ class AddressSpace:
         """fork, under the parent's mmap write lock: copy every VMA; page tables only where the
         VMA has an anon_vma (vma_needs_copy), since file pages simply refault in the child."""
         mm.fdtable.update(parent.fdtable)  # the child shares the parent's open files
+        mm.khugepaged_entered = parent.khugepaged_entered  # khugepaged_fork
         prev: Vma | None = None
         for vma in parent.vmas:
             child = vma.copy(vma.start, vma.end)
@@ -614,6 +711,31 @@ class AddressSpace:
                 if self._khugepaged_suitable(vma):
                     self.actor.send(self._register_range(mm, vma))
 
+    def khugepaged_enter_vma(self, mm: Mm, vma: Vma, hugepage: bool | None = None, nohugepage: bool | None = None) -> None:
+        """khugepaged_enter_vma(vma, vm_flags): the first VMA found eligible for khugepaged
+        (thp_vma_allowable_order with TVA_KHUGEPAGED, under ``hugepage``/``nohugepage`` as the
+        flags it is given, the VMA's own by default) puts the mm on khugepaged's list for good
+        (MMF_VM_HUGEPAGE). Called where 6.18 calls it: mmap, a successful VMA merge or expand,
+        MADV_HUGEPAGE; fork inherits the flag (khugepaged_fork)."""
+        if mm.khugepaged_entered or not self._khugepaged_suitable(vma):
+            return
+        f = self.files.get(vma.ino)
+        knobs = self.khugepaged.knobs
+        if f is None or not hugepage_pmd_enabled(knobs):
+            return
+        if not thp_vma_allowable_order(
+            knobs,
+            shmem=f.shmem,
+            i_size=f.size,
+            pgoff=vma.pgoff,
+            vm_hugepage=vma.hugepage if hugepage is None else hugepage,
+            vm_nohugepage=vma.nohugepage if nohugepage is None else nohugepage,
+            open_for_write=self.files.open_for_write(vma.ino),
+        ):
+            return
+        mm.khugepaged_entered = True
+        self.actor.send(self._register_range(mm, vma))
+
     # -- VMA bookkeeping (link/unlink/split/merge) --------------------------------------------
 
     def vma_link(self, mm: Mm, vma: Vma) -> None:
@@ -643,7 +765,9 @@ class AddressSpace:
 
     @staticmethod
     def _register_range(mm: Mm, vma: Vma) -> m.RegisterRange:
-        return m.RegisterRange(mm.pid, vma.start, vma.end, vma.ino, vma.pgoff, vma.hugepage, vma.nohugepage)
+        return m.RegisterRange(
+            mm.pid, vma.start, vma.end, vma.ino, vma.pgoff, vma.hugepage, vma.nohugepage, mm.khugepaged_entered
+        )
 
     def _khugepaged_suitable(self, vma: Vma) -> bool:
         """What khugepaged_enter_vma needs on this side: not VM_NOHUGEPAGE, an aligned 2 MiB."""
@@ -724,4 +848,5 @@ class AddressSpace:
         for part in dict.fromkeys((first, vma, last)):
             self.vma_unlink(mm, part)
         self.vma_link(mm, merged)
+        self.khugepaged_enter_vma(mm, merged)  # vma_merge_new_range / vma_merge_existing_range
         return merged

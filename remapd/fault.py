@@ -207,6 +207,8 @@ class FaultPath:
             if reply.status != OK:
                 while not mm.lock.try_read():
                     yield self.locks.wait(mm)
+                # Past EOF, fault-around has mapped what the cache holds below it first.
+                self._map_around(mm, vma, reply, install=not mm.exiting and mm.find_vma(addr) is vma)
                 return reply.status
             relocked = mm.lock.try_read()
             if not relocked or mm.exiting or mm.find_vma(addr) is not vma:

@@ -42,8 +42,9 @@ log = get_logger("remapd.khugepaged")
 
 MAX_PTE_MAPPED_THP = 8
 
-# Notified to cut the remapper's sleep short when a knob changes.
+# Notified to cut the remapper's sleep short when its sleep knob changes.
 REMAP_WAKE = "remap_wake"
+REMAP_SLEEP_KNOB = "thpsplit/remap_sleep_millisecs"
 
 # madvise_collapse() carries on past these results (the kernel's "whitelisted" set).
 _MADV_CONTINUE = {
@@ -110,7 +111,7 @@ class Khugepaged:
         self.actor.send(m.VisitMmDone(msg.req))
 
     def remap_thread(self) -> Generator[Any, Any, None]:
-        """The remapper's kthread: every remap_sleep_millisecs (or when a knob changes), a pass
+        """The remapper's kthread: every remap_sleep_millisecs (or when that knob changes), a pass
         over marked tables under the per-pmd policy."""
         while True:
             yield Sleep(self.actor.now + self.knobs.remap_sleep_millisecs, wake=REMAP_WAKE)

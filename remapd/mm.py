@@ -364,6 +364,8 @@ class Mm:
         self.anon_vmas = 0  # anon_vmas made for this mm: the last identity handed out
         self.fdtable: dict[int, int] = {}  # inode -> the open file mmap uses for it (struct file)
         self.locked_vm = 0  # pages in VM_LOCKED VMAs (VmLck)
+        # MMF_VM_HUGEPAGE: khugepaged_enter_vma() put the mm on khugepaged's list (for good).
+        self.khugepaged_entered = False
         # Boundaries between neighbours the kernel leaves unmerged though they could merge: fork
         # clears VM_LOCKED in the child's copies (dup_mmap) without merging them.
         self.unmerged: set[int] = set()

@@ -204,10 +204,19 @@ class PageTables:
     # -- ranges -------------------------------------------------------------------------------
 
     def zap_page_range(
-        self, mm: Mm, start: int, end: int, anon: bool = True, pfns: tuple[int, ...] | None = None
+        self,
+        mm: Mm,
+        start: int,
+        end: int,
+        anon: bool = True,
+        pfns: tuple[int, ...] | None = None,
+        reclaim_pt: bool = False,
     ) -> None:
         """Clear PTEs and PMDs in [start, end); a PMD the range cuts is split. ``anon=False``
-        keeps private CoW copies; ``pfns`` limits the zap to mappings of those pages (try_to_unmap)."""
+        keeps private CoW copies; ``pfns`` limits the zap to mappings of those pages (try_to_unmap).
+        ``reclaim_pt`` (MADV_DONTNEED's zap_details, CONFIG_PT_RECLAIM, 6.13+): zap_pte_range()
+        frees a PTE table the zap covered whole (reclaim_pt_is_enabled: at least PMD_SIZE of it)
+        and left empty (try_get_and_clear_pmd, mm/pt_reclaim.c), so the PMD is none again."""
         only = None
         if pfns is not None:
             try:
@@ -224,11 +233,12 @@ class PageTables:
                 if pfns is None:
                     self.zap_huge_pmd(mm, pidx, split=not (start <= base and base + HPAGE_PMD_SIZE <= end))
                 continue
-            if not entry.nr:
-                continue
             lo = max(start, base)
             hi = min(end, base + HPAGE_PMD_SIZE)
-            self._zap_ptes(mm, entry, (lo - base) >> PAGE_SHIFT, (hi - base) >> PAGE_SHIFT, anon, only)
+            if entry.nr:
+                self._zap_ptes(mm, entry, (lo - base) >> PAGE_SHIFT, (hi - base) >> PAGE_SHIFT, anon, only)
+            if reclaim_pt and hi - lo == HPAGE_PMD_SIZE and not entry.nr:
+                self.pte_free(mm, pidx)
 
     def _zap_ptes(
         self, mm: Mm, table: PteTable, first: int, stop: int, anon: bool, only: np.ndarray | None

@@ -24,7 +24,7 @@ from typing import Any
 from remapd.address_space import AddressSpace
 from remapd.fault import FaultPath
 from remapd.files import Files
-from remapd.khugepaged import REMAP_WAKE, Khugepaged
+from remapd.khugepaged import REMAP_SLEEP_KNOB, REMAP_WAKE, Khugepaged
 from remapd.mm import ANON_PFN_BASE, Mm, MmapLocks, find_mm
 from remapd.pagetable import PageTables
 from remapd.procfs import Procfs
@@ -112,7 +112,8 @@ class Remapper(Actor):
         elif isinstance(msg, m.KnobsChanged):
             for name, value in msg.values.items():
                 self.knobs.set(name, str(value))
-            self.notify(REMAP_WAKE)
+            if REMAP_SLEEP_KNOB in msg.values:
+                self.notify(REMAP_WAKE)  # as scan_sleep_millisecs_store() wakes khugepaged
         else:
             req = getattr(msg, "req", None)  # a reply to one of our calls
             if req is not None:

@@ -96,6 +96,7 @@ SPECS: dict[str, _Spec] = {
     "thpsplit/fragmentation": _Spec("int", lo=0, hi=100),
     "thpsplit/remap_sleep_millisecs": _Spec("int", lo=0, hi=(1 << 32) - 1),
     "thpsplit/writeback_millisecs": _Spec("int", lo=0, hi=(1 << 32) - 1),
+    "thpsplit/swap": _Spec("bool"),
     # /sys/block/<dev>/queue/read_ahead_kb (regular files) and debugfs fault_around_bytes.
     "thpsplit/read_ahead_kb": _Spec("int", lo=0, hi=1 << 20),
     "thpsplit/fault_around_bytes": _Spec("int", lo=0, hi=2 << 20),
@@ -104,6 +105,17 @@ SPECS: dict[str, _Spec] = {
     "thpsplit/mem_total_mb": _Spec("int", lo=4, hi=1 << 16),
 }
 
+
+# Knob writes that wake khugepaged. scan_sleep_millisecs_store() and alloc_sleep_millisecs_store()
+# (mm/khugepaged.c) reset khugepaged_sleep_expire and wake it out of either sleep; enabled_store(),
+# thpsize_enabled_store() and the two shmem_enabled stores call start_stop_khugepaged(), whose
+# wake_up_interruptible() only ends the alloc sleep: khugepaged_wait_work()'s scan sleep waits
+# for khugepaged_should_wakeup(), which the sleep knobs alone make true. Every other knob just
+# stores its value, to be read at the next pass.
+KHUGEPAGED_SLEEP_KNOBS = frozenset({"khugepaged/scan_sleep_millisecs", "khugepaged/alloc_sleep_millisecs"})
+KHUGEPAGED_START_STOP_KNOBS = frozenset(
+    {"enabled", "shmem_enabled", f"{PER_SIZE}/enabled", f"{PER_SIZE}/shmem_enabled"}
+)
 
 @dataclasses.dataclass
 class Knobs:
@@ -134,6 +146,9 @@ class Knobs:
     remap_sleep_millisecs: int = 10000
     # How long a page stays under writeback after sync or pageout before it is clean.
     writeback_millisecs: int = 100
+    # A swap device is active (total_swap_pages): reclaim writes dirty shmem pages to swap;
+    # without one, shmem_writeout() re-dirties them and they stay in the page cache.
+    swap: int = 1
     # A major fault on a regular file reads this much around the page (mmap read-around).
     read_ahead_kb: int = 128
     # A read fault maps the cached pages of this aligned window too (do_fault_around).

@@ -29,6 +29,13 @@ def shmem_huge_global_enabled(knobs: Knobs, i_size: int, index: int, vm_hugepage
     return False
 
 
+def hugepage_pmd_enabled(knobs: Knobs) -> bool:
+    """hugepage_pmd_enabled(): some policy allows PMD-size THPs at all (anon or file through
+    ``enabled``, shmem through ``shmem_enabled``); khugepaged_enter_vma() registers nothing
+    otherwise."""
+    return knobs.enabled != "never" or knobs.shmem_enabled not in ("never", "deny")
+
+
 def thp_vma_allowable_order(
     knobs: Knobs,
     *,

@@ -124,6 +124,91 @@ def test_writing_scan_sleep_millisecs_wakes_khugepaged(make_world):
     assert k.passes == 3
 
 
+def test_first_madv_hugepage_on_shmem_does_not_register_the_mm(make_world):
+    """Conformance #15. hugepage_madvise() calls khugepaged_enter_vma(vma, new flags) before the
+    VMA changes, and for shmem 6.18's __thp_vma_allowable_orders() -> shmem_allowable_huge_orders()
+    reads vma->vm_flags, still without VM_HUGEPAGE: under shmem_enabled=advise the mm is not put
+    on khugepaged's list, so khugepaged never scans it. A second MADV_HUGEPAGE registers it; so
+    does a merge (vma_merge_existing_range() calls khugepaged_enter_vma() on the merged VMA), and
+    fork passes the registration on (khugepaged_fork). A regular file is checked under the new
+    flags. (Kernel: file write c 0 4M; mmap 4M shared; madvise hugepage; touch; wait-scans 2:
+    Rss 4096, ShmemPmdMapped 0; with the madvise twice, nr_shmem_hugepages +2.)"""
+    world = make_world(shmem_enabled="advise")
+    world.file_create("s", 2 * HPAGE_PMD_SIZE, shmem=True)
+    world.file_write("s", 0, 2 * HPAGE_PMD_SIZE)
+    world.spawn(1)
+    addr = world.mmap(1, None, 2 * HPAGE_PMD_SIZE, "s", prot="rw")
+    k = world.collapser.khugepaged
+    world.madvise(1, addr, 2 * HPAGE_PMD_SIZE, "hugepage")
+    world.advance(100_000)
+    assert k.order == [] and k.passes == 0 and world.collapser.by_name["s"].nr_thps == 0
+    world.fork(1, 2)
+    world.madvise(1, addr, 2 * HPAGE_PMD_SIZE, "hugepage")  # flags unchanged: still called
+    assert k.order == [1] and k.pages_collapsed == 2  # the wakeup's pass
+    world.fork(1, 3)
+    assert k.order == [1, 3]  # 2 forked before 1 entered
+
+    world.spawn(4)
+    addr = world.mmap(4, None, 2 * HPAGE_PMD_SIZE, "s", prot="rw")
+    world.madvise(4, addr, HPAGE_PMD_SIZE, "hugepage")  # splits the VMA: not registered
+    assert k.order == [1, 3]
+    world.madvise(4, addr + HPAGE_PMD_SIZE, HPAGE_PMD_SIZE, "hugepage")  # merges: registered
+    assert k.order == [1, 3, 4]
+
+    world.file_create("f", HPAGE_PMD_SIZE)
+    world.spawn(5)
+    addr = world.mmap(5, None, HPAGE_PMD_SIZE, "f")
+    assert k.order == [1, 3, 4]  # enabled=madvise, no VM_HUGEPAGE yet
+    world.madvise(5, addr, HPAGE_PMD_SIZE, "hugepage")
+    assert k.order == [1, 3, 4, 5]
+
+
+def test_only_the_sleep_knobs_end_khugepaged_scan_sleep(make_world):
+    """Conformance #17. scan_sleep_millisecs_store() and alloc_sleep_millisecs_store()
+    (mm/khugepaged.c) set khugepaged_sleep_expire = 0 and wake khugepaged; the other knobs only
+    store a value, and enabled_store()/shmem_enabled_store()'s start_stop_khugepaged() wakes the
+    wait queue but khugepaged_wait_work() goes back to sleep: khugepaged_should_wakeup() is false.
+    (Kernel: sysfs set khugepaged/max_ptes_none 255 with a registered mm: full_scans unchanged.)"""
+    world = make_world(enabled="always", shmem_enabled="advise")
+    addr = mapped(world, touch=0)
+    world.touch(1, addr, HPAGE_PMD_SIZE)
+    k = world.collapser.khugepaged
+    assert k.passes == 1 and k.pages_collapsed == 0
+    for knob, value in (
+        ("khugepaged/max_ptes_none", 255),
+        ("khugepaged/max_ptes_swap", 0),
+        ("khugepaged/max_ptes_shared", 0),
+        ("khugepaged/pages_to_scan", 8192),
+        ("khugepaged/defrag", 0),
+        ("defrag", "always"),
+        ("enabled", "always"),
+        ("shmem_enabled", "always"),
+        ("hugepages-2048kB/enabled", "always"),
+        ("thpsplit/remap_sleep_millisecs", 5),
+    ):
+        world.sysfs_set(knob, value)
+        assert k.passes == 1, knob
+    world.sysfs_set("khugepaged/alloc_sleep_millisecs", 60000)
+    assert k.passes == 2 and k.pages_collapsed == 1
+
+
+def test_enabled_write_ends_khugepaged_alloc_sleep(make_world):
+    """start_stop_khugepaged() (enabled_store, shmem_enabled_store) calls wake_up_interruptible()
+    while an mm is registered, and khugepaged_alloc_sleep() is a plain schedule_timeout() on that
+    wait queue: the write ends it; a max_ptes_none write does not."""
+    world = make_world(enabled="always", free_huge_pages=0)
+    addr = mapped(world, size=2 * HPAGE_PMD_SIZE, touch=0)
+    world.touch(1, addr, 2 * HPAGE_PMD_SIZE)
+    world.advance(10_000)
+    k = world.collapser.khugepaged
+    assert results(world)["SCAN_ALLOC_HUGE_PAGE_FAIL"] == 1  # asleep for alloc_sleep_millisecs
+    world.sysfs_set("khugepaged/max_ptes_none", 100)
+    assert results(world)["SCAN_ALLOC_HUGE_PAGE_FAIL"] == 1
+    world.sysfs_set("enabled", "always")
+    assert results(world)["SCAN_ALLOC_HUGE_PAGE_FAIL"] == 2
+    assert k.passes == 2
+
+
 def test_full_scans_counts_wraps_over_every_mm(make_world):
     world = make_world(enabled="always")
     world.file_create("f", HPAGE_PMD_SIZE)
@@ -247,9 +332,11 @@ def shmem_with_swap(world, nswap: int) -> int:
 
 @pytest.mark.parametrize("nswap, result", [(64, "SCAN_SUCCEED"), (65, "SCAN_EXCEED_SWAP_PTE")])
 def test_scan_exceed_swap_pte_shmem(make_world, nswap, result):
-    world = make_world(shmem_enabled="never")  # khugepaged stays away until the test is ready
-    shmem_with_swap(world, nswap)
-    world.sysfs_set("shmem_enabled", "always")  # the write wakes khugepaged
+    world = make_world(shmem_enabled="advise")
+    addr = shmem_with_swap(world, nswap)  # not eligible without VM_HUGEPAGE: not registered
+    world.madvise(1, addr, HPAGE_PMD_SIZE, "hugepage")  # 6.18: the first one registers nothing
+    assert results(world) == {}
+    world.madvise(1, addr, HPAGE_PMD_SIZE, "hugepage")  # the mm enters; khugepaged wakes
     assert results(world) == {result: 1}
     f = world.collapser.by_name["s"]
     vm = world.vmstat()
@@ -264,6 +351,7 @@ def test_scan_exceed_swap_pte_shmem(make_world, nswap, result):
 def test_madv_collapse_ignores_max_ptes_swap(make_world):
     world = make_world(max_ptes_swap=0)
     shmem_with_swap(world, 3)
+    world.collapser.cache.lru_add_drain()
     assert scan(world, "s") == R.SCAN_EXCEED_SWAP_PTE
     assert scan(world, "s", khugepaged=False) == R.SCAN_PTE_MAPPED_HUGEPAGE
     assert world.vmstat()["pswpin"] == 3 and world.collapser.by_name["s"].nr_thps == 1
@@ -397,8 +485,9 @@ def test_scan_fail_file_open_for_write(make_world):
     world = make_world(enabled="always")
     addr = mapped(world, prot="rw")  # a shared writable mapping: i_writecount 1
     assert world.collapser.by_name["f"].writecount == 1
-    world.wait_scans(1)
-    assert results(world) == {}  # hugepage_vma_check refuses the VMA: no scan at all
+    world.advance(60_000)
+    # khugepaged_enter_vma refuses the VMA (file_thp_enabled): the mm is not even registered.
+    assert results(world) == {} and world.collapser.khugepaged.order == []
     world.collapser.cache.lru_add_drain()
     assert scan(world, addr=addr) == R.SCAN_FAIL  # collapse_file's own check after locking
     assert world.collapser.by_name["f"].nr_thps == 0
@@ -688,8 +777,10 @@ def test_khugepaged_skips_shmem_when_shmem_enabled_never(make_world):
     world.file_write("s", 0, HPAGE_PMD_SIZE)
     world.spawn(1)
     world.mmap(1, None, HPAGE_PMD_SIZE, "s")
-    world.wait_scans(2)
+    world.madvise(1, world.smaps(1)[0]["start"], HPAGE_PMD_SIZE, "hugepage")
+    world.advance(60_000)
     assert results(world) == {} and world.collapser.by_name["s"].nr_thps == 0
+    assert world.collapser.khugepaged.order == []  # khugepaged_enter_vma: shmem_enabled refuses
 
 
 # -- shmem THP allocation at fault ----------------------------------------------------------------------

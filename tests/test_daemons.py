@@ -355,5 +355,7 @@ def test_huge_rmap_deltas_are_split_into_frames_the_peer_accepts():
     with pytest.raises(ValueError):
         encode_message(m.RmapDelta(tuple((1 << 40, -1, 0, 0) for _ in range(MAX_FRAME_BYTES // 8))))
     pfns = tuple(range(1, MAX_ROWS_PER_FRAME + 2))
-    assert [p.pfns for p in split_for_frames(m.Reclaim(pfns))] == [pfns[:MAX_ROWS_PER_FRAME], pfns[MAX_ROWS_PER_FRAME:]]
+    parts = split_for_frames(m.Reclaim(pfns, (512, 1024)))
+    assert [p.pfns for p in parts] == [pfns[:MAX_ROWS_PER_FRAME], pfns[MAX_ROWS_PER_FRAME:]]
+    assert [p.split for p in parts] == [(512, 1024), ()]  # the splits go once, with the first frame
     assert split_for_frames(m.MmExit(3)) == [m.MmExit(3)]

@@ -57,6 +57,25 @@ def test_fault_around_window_is_shifted_not_shortened_at_a_vma_start(make_world)
     assert rss(world) == [128]
 
 
+def test_read_fault_past_eof_maps_the_window_below_eof_first(make_world):
+    """Conformance #20. do_read_fault() (mm/memory.c) calls do_fault_around() before __do_fault():
+    filemap_map_pages() maps the window's cached pages up to EOF, and only then does
+    shmem_fault() answer SIGBUS for the page itself. A write fault has no fault-around.
+    (Kernel: file write c 0 4100K; mmap 1 0x40000000 8M --prot r --shared; fault 1 0x40403000
+    -> sigbus, Rss 4.)"""
+    world = shmem_world(make_world, fault_around_bytes=64 * KB)
+    world.file_write("c", 0, 4100 * KB)  # 1025 pages: the last cached index is 1024
+    a = world.mmap(1, A, 4 * H, "c", prot="rw")
+    assert world.fault(1, a + 0x403000, write=True) == "sigbus"
+    assert rss(world) == [0]
+    assert world.fault(1, a + 0x403000) == "sigbus"
+    assert rss(world) == [4]
+    assert mapped(world, a + 0x400000, a + 0x410000) == [0]
+    assert world.fault(1, a + 0x400000) == "hit"
+    world.munmap(1, a, 4 * H)
+    world.check()
+
+
 def test_fault_around_window_is_cut_at_the_vma_end_and_at_the_pmd(make_world):
     """mm/memory.c do_fault_around(): the end is cut at the VMA's end and at the PMD (the
     ``PTRS_PER_PTE`` and ``vma_pages`` terms of ``to_pte``); the start never moves down."""
@@ -437,3 +456,30 @@ def test_a_write_after_writeback_faults_again_on_a_regular_file(make_world):
     assert world.fault(1, a + 3 * P, write=True) == "minor"
     assert mem.flags[pfn] & PG_DIRTY
     assert world.fault(1, a + 3 * P, write=True) == "hit"
+
+
+# -- zap_pte_range's PT reclaim ------------------------------------------------------------------
+
+
+def test_dontneed_frees_the_pte_tables_it_empties(make_world):
+    """Conformance #22. MADV_DONTNEED zaps with zap_details.reclaim_pt (CONFIG_PT_RECLAIM=y here):
+    zap_pte_range() frees a PTE table whose whole PMD range it zapped and left empty
+    (reclaim_pt_is_enabled, try_get_and_clear_pmd in mm/pt_reclaim.c). The PMD is none again, so
+    the next fault can map a THP with a PMD (do_set_pmd needs pmd_none). A zap of part of a PMD
+    range keeps the table. (Kernel: mmap 4M shared; fault 0x40200000; madvise 4M dontneed;
+    madvise 4M hugepage; file punch c 2M 2M; fault 0x40200000 -> ShmemPmdMapped 2048.)"""
+    world = shmem_world(make_world)
+    world.mmap(1, A, 2 * H, "c", prot="rw")
+    world.fault(1, A + H)
+    world.fault(1, A)
+    mm = world.remapper.mms[1]
+    assert mm.nr_ptes == 2
+    assert world.madvise(1, A, H - P, "dontneed") == 0
+    assert mm.nr_ptes == 2  # a part of the first PMD: its table stays
+    assert world.madvise(1, A, 2 * H, "dontneed") == 0
+    assert mm.nr_ptes == 0 and not mm.pmds
+    assert world.madvise(1, A, 2 * H, "hugepage") == 0
+    world.file_punch("c", H, H)
+    assert world.fault(1, A + H) == "pmd"
+    assert [e["ShmemPmdMapped"] for e in world.smaps(1)] == [2048]
+    world.check()

@@ -436,14 +436,89 @@ def test_pageout_skips_shmem_pages_mapped_elsewhere(world):
     assert world.vmstat()["pswpout"] == 1
 
 
-def test_pageout_splits_a_shmem_thp_to_swap(world):
+def test_pageout_drops_a_clean_shmem_thp_whole_and_splits_a_dirty_one_to_swap(world):
+    """shrink_folio_list: try_to_unmap (TTU_SPLIT_HUGE_PMD: thp_split_pmd), then a clean folio
+    (read-faulted: zeroes) leaves the cache whole (__remove_mapping), a dirty one goes to swap
+    (shmem_writeout, split here). (Kernel, for the clean one: Rss 0, nrpages 0, thp_split_pmd
+    +1, no thp_split_page.)"""
     addr, head = shmem_thp(world)
-    world.madvise(1, addr, HPAGE_PMD_SIZE, "pageout")
     f = world.collapser.by_name["s"]
+    world.madvise(1, addr, HPAGE_PMD_SIZE, "pageout")
+    vm = world.vmstat()
+    assert vm["thp_split_pmd"] == 1 and vm["thp_split_page"] == 0 and vm["pswpout"] == 0
+    assert f.nrpages == 0 and f.nr_thps == 0 and f.nrswap == 0
+    assert world.fault(1, addr, write=True) == "pmd"
+    world.madvise(1, addr, HPAGE_PMD_SIZE, "pageout")
     vm = world.vmstat()
     assert vm["thp_split_page"] == 1 and vm["pswpout"] == HPAGE_PMD_NR
     assert f.nrswap == HPAGE_PMD_NR and f.nrpages == 0 and f.nr_thps == 0
     assert world.collapser.mem.nr_allocated == 0
+
+
+def test_pageout_without_swap_keeps_dirty_shmem_and_drops_clean(world):
+    """Conformance #10 (b). With no swap device shmem_writeout() re-dirties a dirty folio
+    (!total_swap_pages, before any split): unmapped, it stays cached, whole; a clean one is
+    dropped. (Kernel: populate_read 2M, populate_write the next 2M, pageout 4M: 512 pages left,
+    Rss 0; a dirty PMD-mapped THP paged out maps again by a PMD at the next fault.)"""
+    world.sysfs_set("thpsplit/swap", 0)
+    addr, head = shmem_thp(world, size=2 * HPAGE_PMD_SIZE)
+    f = world.collapser.by_name["s"]
+    assert world.fault(1, addr, write=True) == "hit"
+    world.file_write("s", HPAGE_PMD_SIZE, 4 * PAGE_SIZE)
+    world.sysfs_set("shmem_enabled", "never")
+    world.touch(1, addr + HPAGE_PMD_SIZE, 8 * PAGE_SIZE)  # 4 written, 4 read-faulted holes
+    world.madvise(1, addr, 2 * HPAGE_PMD_SIZE, "pageout")
+    assert [e["Rss"] for e in world.smaps(1)] == [0]
+    assert f.nr_thps == 1 and f.nrpages == HPAGE_PMD_NR + 4 and f.nrswap == 0
+    assert world.vmstat()["pswpout"] == 0 and world.vmstat()["thp_split_page"] == 0
+    assert world.fault(1, addr) == "pmd"
+
+
+def test_pageout_leaves_pages_mapped_twice_and_splits_a_folio_it_covers_in_part(world):
+    """Conformance #10 (a), (c). madvise_cold_or_pageout_pte_range() (mm/madvise.c) skips a small
+    folio whose mapcount is not 1 (two mappings in one mm here) and a large one another mm maps
+    (folio_maybe_mapped_shared); a large folio the range covers in part (a PMD cut by the range,
+    or fewer than its 512 PTEs in a row) is split (split_folio -> unmap_folio: every mapping of it
+    goes, and a file folio is not mapped again), and nothing of it is paged out. (Kernel: a THP
+    PTE-mapped over three VMAs, pageout of 64K of one: Rss 0 in all three, thp_split_page +1,
+    the 512 pages still cached.)"""
+    world.sysfs_set("thpsplit/swap", 0)
+    world.file_create("s", 4 * HPAGE_PMD_SIZE, shmem=True)
+    world.spawn(1)
+    a = world.mmap(1, None, HPAGE_PMD_SIZE, "s", prot="rw")
+    b = world.mmap(1, None, HPAGE_PMD_SIZE, "s", prot="rw")
+    world.madvise(1, a, HPAGE_PMD_SIZE, "populate_read")
+    world.madvise(1, b, HPAGE_PMD_SIZE, "populate_read")
+    world.madvise(1, a, HPAGE_PMD_SIZE, "pageout")
+    f = world.collapser.by_name["s"]
+    assert [e["Rss"] for e in world.smaps(1)] == [2048, 2048] and f.nrpages == HPAGE_PMD_NR
+    world.munmap(1, b, HPAGE_PMD_SIZE)
+    world.madvise(1, a, HPAGE_PMD_SIZE, "pageout")  # mapped once now, clean: dropped
+    assert [e["Rss"] for e in world.smaps(1)] == [0] and f.nrpages == 0
+
+    world.sysfs_set("shmem_enabled", "always")
+    c = world.mmap(1, None, 2 * HPAGE_PMD_SIZE, "s", offset=2 * HPAGE_PMD_SIZE, prot="rw")
+    assert world.fault(1, c, write=True) == "pmd"
+    assert world.fault(1, c + HPAGE_PMD_SIZE, write=True) == "pmd"
+    world.spawn(2)
+    d = world.mmap(2, None, HPAGE_PMD_SIZE, "s", offset=3 * HPAGE_PMD_SIZE, prot="rw")
+    assert world.fault(2, d) == "pmd"
+    world.madvise(1, c + HPAGE_PMD_SIZE, 64 * PAGE_SIZE, "pageout")  # shared with pid 2: left
+    assert world.vmstat()["thp_split_page"] == 0
+    world.madvise(1, c, 16 * PAGE_SIZE, "pageout")  # a part of an exclusive PMD: split
+    vm = world.vmstat()
+    assert vm["thp_split_page"] == 1 and vm["thp_split_pmd"] == 1 and vm["pswpout"] == 0
+    assert f.nr_thps == 1 and f.nrpages == 2 * HPAGE_PMD_NR
+    assert sorted(e["Rss"] for e in world.smaps(1)) == [0, 2048] and [e["Rss"] for e in world.smaps(2)] == [2048]
+
+    world.sysfs_set("shmem_enabled", "never")
+    world.munmap(2, d, HPAGE_PMD_SIZE)
+    world.madvise(1, c + HPAGE_PMD_SIZE + PAGE_SIZE, PAGE_SIZE, "nohugepage")  # the PMD is split
+    world.touch(1, c + HPAGE_PMD_SIZE, HPAGE_PMD_SIZE)  # mapped again by PTEs, in three VMAs
+    assert sum(e["Rss"] for e in world.smaps(1)) == 2048
+    world.madvise(1, c + HPAGE_PMD_SIZE + HPAGE_PMD_SIZE // 2, 16 * PAGE_SIZE, "pageout")
+    assert world.vmstat()["thp_split_page"] == 2 and f.nr_thps == 0
+    assert sum(e["Rss"] for e in world.smaps(1)) == 0 and f.nrpages == 2 * HPAGE_PMD_NR
 
 
 def test_pageout_regular_file_drops_clean_and_writes_back_dirty(world):

@@ -276,7 +276,7 @@ def test_reclaim_of_a_page_freed_meanwhile_is_no_error(world, state):
 )
 def test_forged_register_range_is_refused(world, state, fields, match):
     base = {"pid": 1, "start": DATA, "end": DATA + H, "ino": state.data, "pgoff": 0,
-            "vm_hugepage": True, "vm_nohugepage": False}
+            "vm_hugepage": True, "vm_nohugepage": False, "entered": True}
     refused(world, m.RegisterRange(**{**base, **fields}), match)
 
 
@@ -284,7 +284,7 @@ def test_a_range_past_the_largest_file_is_registered_and_finds_nothing(world, st
     """Not refused (the remapper registers its ranges again at every reconnection): the scan
     visits it and finds no page there."""
     c = world.collapser
-    c.deliver(m.RegisterRange(1, DATA + 2 * H, DATA + 3 * H, state.lib, 1 << 60, True, False))
+    c.deliver(m.RegisterRange(1, DATA + 2 * H, DATA + 3 * H, state.lib, 1 << 60, True, False, True))
     before = c.khugepaged.results.get("SCAN_EXCEED_NONE_PTE", 0)
     world.advance(30_000)
     assert c.khugepaged.results.get("SCAN_EXCEED_NONE_PTE", 0) > before

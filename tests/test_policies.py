@@ -185,7 +185,8 @@ def test_switching_to_lockless_collapses_under_the_read_lock(make_world):
     world, addr = deferred(make_world, "none", hold=100 * TICK)
     world.wait_scans(2)
     assert smaps1(world, 1)["FilePmdMapped"] == 0
-    world.sysfs_set("thpsplit/retry_policy", "lockless")  # wakes khugepaged
+    world.sysfs_set("thpsplit/retry_policy", "lockless")
+    world.sysfs_set("khugepaged/scan_sleep_millisecs", world.collapser.knobs.scan_sleep_millisecs)  # wakes it
     assert world.remapper.mms[1].lock.readers == 1
     assert smaps1(world, 1)["FilePmdMapped"] == 2048
     assert world.collapser.khugepaged.pages_collapsed == 2
@@ -197,7 +198,8 @@ def test_switching_to_per_pmd_picks_up_marks_set_by_faults(make_world):
     world.advance(HOLD)
     assert world.remapper.marked == {(1, pidx)}  # the re-fault marked it; nobody acted
     assert smaps1(world, 1)["FilePmdMapped"] == 0
-    world.sysfs_set("thpsplit/retry_policy", "per-pmd")  # wakes the remapper
+    world.sysfs_set("thpsplit/retry_policy", "per-pmd")
+    world.sysfs_set("thpsplit/remap_sleep_millisecs", world.remapper.knobs.remap_sleep_millisecs)  # wakes it
     assert world.remapper.marked == set()
     assert smaps1(world, 1)["FilePmdMapped"] == 2048
 

@@ -81,7 +81,7 @@ def test_dirty_pages_copies_and_shmem_swap(world):
     shm = world.mmap(1, FIXED + 2 * H, H, "shm", prot="rw", shared=True)
     world.touch(1, shared, 16 * P, write=True)  # dirties the page cache pages
     world.touch(1, private, 8 * P, write=True)  # copies: anon, dirty, private
-    world.touch(1, shm, 4 * P)
+    world.touch(1, shm, 4 * P, write=True)  # dirty: pageout swaps them (a clean page is dropped)
     assert world.madvise(1, shm, 2 * P, "pageout") == 0
     e = {row["start"]: row for row in world.smaps(1)}
     assert (e[shared]["Private_Dirty"], e[shared]["Pss_Dirty"], e[shared]["Anonymous"]) == (64, 64, 0)

@@ -166,6 +166,55 @@ def test_translation_keep_alive_and_late_names() -> None:
         translate([], [])
 
 
+def test_translation_of_mremap() -> None:
+    """mremap of a file mapping is ``mremap`` with the call's own arguments (old and new length,
+    MREMAP_MAYMOVE/FIXED/DONTUNMAP); where the kernel moved it, MREMAP_FIXED at the address it
+    returned, since the model would choose its own. The mapping's new place is followed (faults
+    there are in the file), a failed call does nothing, and an anonymous mapping moved over a
+    file mapping unmaps it. The trace replays to the same layout."""
+    lib2, lib3, anon = LIB + 0x100000, LIB + 0x200000, 0x7E0000000000
+    snaps = [Snapshot(1_000, 100, "exec", parse_smaps(EXEC_SMAPS))]
+    fds = [FdInfo(1_990, 100, 3, "/lib/libx.so", 0xFE, 0, 20, 0x9000)]
+    raws = [
+        raw(2_000, "enter", "mmap", addr=0, len=0x4000, prot=1, flags=1, fd=3, off=0x2000),
+        raw(2_010, "exit", "mmap", ret=LIB),
+        raw(2_100, "enter", "mremap", addr=LIB, old_len=0x4000, new_len=0x2000, flags=0, new_addr=0),
+        raw(2_110, "exit", "mremap", ret=LIB),  # shrunk in place
+        raw(2_200, "enter", "mremap", addr=LIB, old_len=0x2000, new_len=0x6000, flags=1, new_addr=0),
+        raw(2_210, "exit", "mremap", ret=lib2),  # grown by a move
+        raw(2_300, "fault", "page_fault_user", address=lib2 + 0x5000, error_code=4),
+        raw(2_310, "fault", "page_fault_user", address=LIB + 0x1000, error_code=4),  # gone from here
+        raw(2_400, "enter", "mremap", addr=lib2, old_len=0x1000, new_len=0x3000, flags=1, new_addr=0),
+        raw(2_410, "exit", "mremap", ret=-12),  # ENOMEM: nothing
+        raw(2_500, "enter", "mremap", addr=lib2, old_len=0x2000, new_len=0x2000, flags=7, new_addr=lib3),
+        raw(2_510, "exit", "mremap", ret=lib3),  # MREMAP_DONTUNMAP: the old VMA stays
+        raw(2_600, "enter", "mremap", addr=anon, old_len=0x1000, new_len=0x1000, flags=3, new_addr=lib3),
+        raw(2_610, "exit", "mremap", ret=lib3),  # an anonymous page over the file mapping
+        raw(2_700, "fault", "page_fault_user", address=lib3 + 0x1000, error_code=4),
+    ]
+    events, _, stats = translate(raws, snaps, fds)
+    ops = [(e["op"], {k: v for k, v in e.items() if k not in ("t_ms", "op")}) for e in events
+           if e["op"] in ("mremap", "munmap", "fault")]
+    assert ops == [
+        ("mremap", {"pid": 100, "addr": LIB, "old_length": 0x4000, "new_length": 0x2000, "to": None,
+                    "maymove": False, "dontunmap": False}),
+        ("mremap", {"pid": 100, "addr": LIB, "old_length": 0x2000, "new_length": 0x6000, "to": lib2,
+                    "maymove": True, "dontunmap": False}),
+        ("fault", {"pid": 100, "addr": lib2 + 0x5000, "write": False}),
+        ("mremap", {"pid": 100, "addr": lib2, "old_length": 0x2000, "new_length": 0x2000, "to": lib3,
+                    "maymove": True, "dontunmap": True}),
+        ("munmap", {"pid": 100, "addr": lib3, "length": 0x1000}),
+        ("fault", {"pid": 100, "addr": lib3 + 0x1000, "write": False}),
+    ]
+    assert stats["mremap_of_file_mapping"] == 3 and stats["faults_elsewhere"] == 1
+    assert next(e for e in events if e["op"] == "file_create" and e["name"] == "libx.so")["size"] == 0x9000
+    world = CheckedWorld(Knobs())
+    res = replay(loads_trace(dumps_trace(events)), world)
+    assert res.counts["errors"] == {}
+    assert [(e["start"], e["end"]) for e in world.smaps(100) if e["start"] >= LIB] == [
+        (lib2, lib2 + 0x6000), (lib3 + 0x1000, lib3 + 0x2000)]
+
+
 # -- recording for real -----------------------------------------------------------------------
 
 REASON = rec.unavailable()

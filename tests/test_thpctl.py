@@ -216,7 +216,9 @@ async def test_sysfs_get_prints_like_the_kernel(d):
 async def test_wait_scans_returns_after_n_passes_or_times_out(d):
     out, err = await fails(d, "wait-scans", "3", "--timeout", "0.2")
     assert err == "thpctl wait-scans: ETIMEDOUT: khugepaged did not finish 3 full scans within 0.2 s\n"
-    await setup_mapping(d)  # a registered range: khugepaged has an mm to scan now
+    addr = await setup_mapping(d)
+    # enabled=madvise: VM_HUGEPAGE makes the VMA eligible, and khugepaged_enter_vma registers the mm.
+    await ok(d, "madvise", "1", hex(addr), "4M", "hugepage")
     await ok(d, "sysfs", "set", "khugepaged/scan_sleep_millisecs", "5")
     before = json.loads(await ok(d, "--json", "sysfs", "get", "khugepaged/full_scans"))["khugepaged/full_scans"]
     doc = json.loads(await ok(d, "--json", "wait-scans", "3", "--timeout", "20"))

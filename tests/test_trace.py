@@ -79,6 +79,8 @@ def test_every_op_round_trips_and_has_a_run_line() -> None:
         "fork": {'pid': 1, 'child': 2},
         "mmap": {'pid': 1, 'addr': None, 'length': 4096, 'name': "my lib.so", 'offset': 4096, 'prot': "rw", 'shared': False},
         "munmap": {'pid': 1, 'addr': FIXED, 'length': 4096},
+        "mremap": {'pid': 1, 'addr': FIXED, 'old_length': 4096, 'new_length': 8192, 'to': FIXED + (1 << 21),
+                   'maymove': True, 'dontunmap': False},
         "madvise": {'pid': 1, 'addr': FIXED, 'length': 4096, 'advice': "pageout"},
         "fault": {'pid': 1, 'addr': FIXED, 'write': True},
         "touch": {'pid': 1, 'addr': FIXED, 'length': 8192, 'write': True, 'stride': 8192},
@@ -103,7 +105,7 @@ def test_every_op_round_trips_and_has_a_run_line() -> None:
             assert line is None
             continue
         args = parser.parse_args(shlex.split(line))
-        for key in ("pid", "child", "offset", "length", "n", "action"):
+        for key in ("pid", "child", "offset", "length", "n", "action", "old_length", "new_length", "to", "maymove"):
             if key in ev and hasattr(args, key):
                 assert getattr(args, key) == ev[key], (line, key)
     mmap = parser.parse_args(shlex.split(to_run_line(evs[9])))

@@ -148,8 +148,10 @@ class MarkDirty(Message):
 
 @message("peer.register_range")
 class RegisterRange(Message):
-    """khugepaged_enter_vma: a file VMA khugepaged should visit ([start, end) maps ``ino`` from
-    ``pgoff``). Sent again whenever the VMA changes; the scan re-checks eligibility each visit."""
+    """A file VMA khugepaged visits once its mm is on khugepaged's list ([start, end) maps ``ino``
+    from ``pgoff``). Sent again whenever the VMA changes; the scan re-checks eligibility each
+    visit. ``entered``: the mm is on the list (MMF_VM_HUGEPAGE: a khugepaged_enter_vma() call
+    found a VMA of it eligible), so khugepaged scans it; until then its ranges are only kept."""
 
     pid: int
     start: int
@@ -158,6 +160,7 @@ class RegisterRange(Message):
     pgoff: int
     vm_hugepage: bool
     vm_nohugepage: bool
+    entered: bool = True
 
 
 @message("peer.unregister_range")
@@ -190,9 +193,12 @@ class SetCollapsePmd(Message):
 
 @message("peer.reclaim")
 class Reclaim(Message):
-    """MADV_PAGEOUT: try to reclaim these pages (the remapper already unmapped its own PTEs)."""
+    """MADV_PAGEOUT: try to reclaim these pages and folios (a head for a large one), which the
+    remapper found mapped by the caller alone and unmapped; split the folios of ``split`` (heads),
+    which the range covers in part and the remapper unmapped everywhere (split_folio)."""
 
     pfns: tuple[int, ...]
+    split: tuple[int, ...] = ()
 
 
 @message("peer.lock_folio")
@@ -263,7 +269,8 @@ class PageAnswer(Message):
     fault-around pages, each already accounted as a PTE mapping. ``allocated``: the lookup filled
     a shmem hole with this folio, so fault-around (which runs first) did not see it and
     finish_fault maps it (a large one whole only where every PTE of it is none). Added within
-    protocol 2 with a default.
+    protocol 2 with a default. A SIGBUS answer past EOF may carry ``around`` too: fault-around
+    runs before ->fault refuses the page.
     """
 
     req: int

@@ -41,7 +41,11 @@ def split_for_frames(msg: Message) -> list[Message]:
         return [m.RmapDelta(rows[i : i + MAX_ROWS_PER_FRAME]) for i in range(0, len(rows), MAX_ROWS_PER_FRAME)]
     if isinstance(msg, m.Reclaim) and len(msg.pfns) > MAX_ROWS_PER_FRAME:
         pfns = msg.pfns
-        return [m.Reclaim(pfns[i : i + MAX_ROWS_PER_FRAME]) for i in range(0, len(pfns), MAX_ROWS_PER_FRAME)]
+        # The splits (one head per 2 MiB at most) travel whole, with the first frame.
+        return [
+            m.Reclaim(pfns[i : i + MAX_ROWS_PER_FRAME], msg.split if i == 0 else ())
+            for i in range(0, len(pfns), MAX_ROWS_PER_FRAME)
+        ]
     return [msg]
 
 

@@ -338,9 +338,10 @@ class _RangeClock:
                     self.done.setdefault(pid, set()).add(pidx)
         elif op == "exit":
             self._forget(ev["pid"], None)
-        elif op == "munmap":
+        elif op in ("munmap", "mremap"):  # what a mremap moves starts afresh at its new place
+            length = ev["length"] if op == "munmap" else ev["old_length"]
             lo = ev["addr"] >> HPAGE_PMD_SHIFT
-            hi = (ev["addr"] + max(ev["length"], 1) - 1) >> HPAGE_PMD_SHIFT
+            hi = (ev["addr"] + max(length, 1) - 1) >> HPAGE_PMD_SHIFT
             self._forget(ev["pid"], range(lo, hi + 1))
 
     def _forget(self, pid: int, pidxs: range | None) -> None:

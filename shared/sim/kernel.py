@@ -509,6 +509,13 @@ class _MachineLock:
             cls.fd = None
 
 
+def swap_active() -> bool:
+    """Whether a swap device is in use (a line under /proc/swaps' header): reclaim of dirty
+    shmem depends on it (shmem_writeout's !total_swap_pages)."""
+    with open("/proc/swaps") as fh:
+        return len(fh.read().strip().splitlines()) > 1
+
+
 def read_knob(name: str) -> str:
     """A knob's current value: the bracketed choice for choice knobs, else the text."""
     with open(os.path.join(THP, name)) as f:

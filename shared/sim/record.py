@@ -15,7 +15,7 @@ How it works
   ``options/event-fork`` with the command's pid in ``set_event_pid`` (so its children and
   threads are traced, nobody else), and the events ``exceptions:page_fault_user``,
   ``syscalls:sys_enter_mmap``/``sys_exit_mmap``/``sys_enter_munmap``/``sys_enter_mprotect``/
-  ``sys_enter_madvise``/``sys_enter_mremap`` and ``sched:sched_process_fork``/
+  ``sys_enter_madvise``/``sys_enter_mremap``/``sys_exit_mremap`` and ``sched:sched_process_fork``/
   ``sched_process_exit``. A thread drains ``trace_pipe`` into a temporary file while the command
   runs, so the ring buffer (``buffer_kb`` per CPU) only has to absorb bursts; events the kernel
   still dropped are counted in ``meta.stats.lost_events``.
@@ -41,7 +41,9 @@ How it works
   the snapshot (and ``madvise hugepage`` where it has ``hg``); a fork that makes a process (not a
   thread) is ``fork``; an ``mmap`` call of a file is ``mmap`` at the address it returned (the
   model's mmap with an address replaces what was there, as MAP_FIXED); an anonymous mmap over a
-  file mapping, ``munmap`` and ``mremap`` of one are ``munmap``; ``madvise`` on one is
+  file mapping and ``munmap`` of one are ``munmap``; a successful ``mremap`` of one is
+  ``mremap`` (old and new length, MREMAP_MAYMOVE/DONTUNMAP, and MREMAP_FIXED at the returned
+  address where the kernel moved it), an anonymous mapping moved over one ``munmap``; ``madvise`` on one is
   ``madvise`` (hugepage, nohugepage, collapse, dontneed, pageout, populate_read/write);
   ``mprotect`` is not modelled: a mapping gets the union of the protections it had (the model
   has no PROT_NONE, no mprotect); a user page fault (error code bit 1: write) inside a file
@@ -53,7 +55,7 @@ How it works
   faults the kernel handles without a user fault (faults from the kernel's own accesses,
   e.g. read(2) into a buffer), accesses that hit pages already mapped (they cost no fault),
   file pages mapped by fault-around (no fault of their own), mappings whose file cannot be
-  identified, mremap's new location.
+  identified.
 
 API: :func:`record` (→ :class:`RecordResult`), :func:`translate`, :func:`parse_trace_line`,
 :func:`unavailable`, :func:`main`.
@@ -96,7 +98,7 @@ INSTANCE_PREFIX = "thpsplit-record-"
 REQUIRED_EVENTS = ("exceptions/page_fault_user", "syscalls/sys_enter_mmap", "syscalls/sys_exit_mmap",
                    "syscalls/sys_enter_munmap")
 OPTIONAL_EVENTS = ("syscalls/sys_enter_mprotect", "syscalls/sys_enter_madvise", "syscalls/sys_enter_mremap",
-                   "sched/sched_process_fork", "sched/sched_process_exit")
+                   "syscalls/sys_exit_mremap", "sched/sched_process_fork", "sched/sched_process_exit")
 
 # ptrace
 PTRACE_TRACEME, PTRACE_CONT, PTRACE_GETREGS = 0, 7, 12
@@ -114,6 +116,7 @@ SECCOMP_RET_ALLOW, SECCOMP_RET_TRACE = 0x7FFF0000, 0x7FF00000
 # mmap
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
 MAP_SHARED, MAP_ANONYMOUS = 0x01, 0x20
+MREMAP_MAYMOVE, MREMAP_FIXED, MREMAP_DONTUNMAP = 1, 2, 4
 MADVICE = {4: "dontneed", 14: "hugepage", 15: "nohugepage", 21: "pageout", 22: "populate_read",
            23: "populate_write", 25: "collapse"}
 
@@ -318,6 +321,7 @@ class Translator:
         self.stats: dict[str, int] = defaultdict(int)
         self._fds: dict[int, deque[FdInfo]] = defaultdict(deque)
         self._pending: dict[int, dict[str, Any]] = {}
+        self._pending_mremap: dict[int, dict[str, int]] = {}
         self._snapshots: dict[int, list[Snapshot]] = defaultdict(list)
         self.t0: int | None = None
 
@@ -401,19 +405,20 @@ class Translator:
                 info = queue.popleft() if queue else None
             self._pending[r.tid] = {**a, "fd": fd, "info": info}
             return
+        if r.name == "mremap":
+            self._pending_mremap[r.tid] = a  # its effect depends on the address it returns
+            return
         space = self.spaces.get(pid)
         if space is None:
             return
-        if r.name in ("munmap", "mremap"):
+        if r.name == "munmap":
             start = a.get("addr", 0)
-            length = a.get("len", a.get("old_len", 0))
+            length = a.get("len", 0)
             end = min(start + _page_up(length), TASK_SIZE)
             if start % PAGE_SIZE or not length or start >= end:
                 return
             if space.remove(start, end):
                 self._emit(r.ts_us, "munmap", pid=pid, addr=start, length=end - start)
-                if r.name == "mremap":
-                    self.stats["mremap_of_file_mapping"] += 1
         elif r.name == "mprotect":
             start, end = a.get("start", 0), a.get("start", 0) + _page_up(a.get("len", 0))
             for v in space.overlapping(start, end):
@@ -478,6 +483,55 @@ class Translator:
             return
         self._file(key, bool(shmem), bool(deleted), size)
         self._mmap(r.ts_us, pid, start, end, key, off, prot, bool(call.get("flags", 0) & MAP_SHARED))
+
+    def _mremap_exit(self, r: Raw, pid: int) -> None:
+        """A successful mremap of a file mapping is ``mremap`` with its own arguments; where the
+        kernel moved it, MREMAP_FIXED at the address it returned (the model would choose its own
+        place). A moved anonymous mapping replaces the file VMAs it lands on (``munmap``)."""
+        a = self._pending_mremap.pop(r.tid, None)
+        space = self.spaces.get(pid)
+        ret = r.args["ret"]
+        if a is None or space is None or ret < 0 or ret % PAGE_SIZE:
+            return
+        addr, flags = a.get("addr", 0), a.get("flags", 0)
+        old_len, new_len = _page_up(a.get("old_len", 0)), _page_up(a.get("new_len", 0))
+        if addr % PAGE_SIZE or not new_len or addr + old_len > TASK_SIZE or ret + new_len > TASK_SIZE:
+            return
+        dontunmap = bool(flags & MREMAP_DONTUNMAP)
+        pieces = [(max(v.start, addr), min(v.end, addr + old_len), v) for v in space.overlapping(addr, addr + old_len)]
+        if old_len == 0 and (v0 := space.find(addr)) is not None:
+            pieces = [(addr, addr, v0)]  # a second mapping of a shared one
+        if not pieces:
+            if ret != addr and space.remove(ret, ret + new_len):
+                self._emit(r.ts_us, "munmap", pid=pid, addr=ret, length=new_len)
+            return
+        self.stats["mremap_of_file_mapping"] += 1
+        moved = ret != addr
+        self._emit(r.ts_us, "mremap", pid=pid, addr=addr, old_length=old_len, new_length=new_len,
+                   to=ret if moved else None, maymove=bool(flags & (MREMAP_MAYMOVE | MREMAP_FIXED)) or moved,
+                   dontunmap=dontunmap)
+        if not moved:
+            if new_len < old_len:
+                space.remove(addr + new_len, addr + old_len)
+            elif new_len > old_len:
+                lo, hi, v = pieces[-1]
+                self._grow_file(v, hi, addr + new_len)
+                space.add(_Vma(hi, addr + new_len, v.key, v.offset + (hi - v.start), v.event))
+            return
+        if not dontunmap and old_len:
+            space.remove(addr, addr + old_len)
+        space.remove(ret, ret + new_len)
+        for i, (lo, hi, v) in enumerate(pieces):
+            start = ret + (lo - addr)
+            end = ret + new_len if i == len(pieces) - 1 and new_len > old_len else min(ret + (hi - addr), ret + new_len)
+            if start < end:
+                self._grow_file(v, lo, lo + (end - start))
+                space.add(_Vma(start, end, v.key, v.offset + (lo - v.start), v.event))
+
+    def _grow_file(self, v: _Vma, start: int, end: int) -> None:
+        """A file is as large as what its mappings reach (as procfs_import sizes it)."""
+        f = self.files[v.key]
+        f["size"] = max(f["size"], _page_up(v.offset + (end - v.start)))
 
     def _fault(self, r: Raw, pid: int) -> None:
         self.stats["faults"] += 1
@@ -554,6 +608,8 @@ class Translator:
                 self._syscall_enter(item, self._tgid(item))
             elif item.kind == "exit" and item.name == "mmap":
                 self._mmap_exit(item, self._tgid(item))
+            elif item.kind == "exit" and item.name == "mremap":
+                self._mremap_exit(item, self._tgid(item))
             elif item.kind == "fork":
                 self._fork(item)
             elif item.kind == "pexit":

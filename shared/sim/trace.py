@@ -270,6 +270,15 @@ OPS: dict[str, tuple[Field, ...]] = {
         _f("shared", _k_bool, True),
     ),
     "munmap": (_f("pid", _k_pid), _f("addr", _k_u64), _f("length", _k_size)),
+    "mremap": (
+        _f("pid", _k_pid),
+        _f("addr", _k_u64),
+        _f("old_length", _k_size),
+        _f("new_length", _k_size),
+        _f("to", _k_addr_or_null, None),
+        _f("maymove", _k_bool, False),
+        _f("dontunmap", _k_bool, False),
+    ),
     "madvise": (_f("pid", _k_pid), _f("addr", _k_u64), _f("length", _k_size), _f("advice", _choice(ADVICE))),
     "fault": (_f("pid", _k_pid), _f("addr", _k_u64), _f("write", _k_bool, False)),
     "touch": (
@@ -682,6 +691,10 @@ def to_run_line(ev: dict[str, Any]) -> str | None:
                 f"--prot {e['prot']} {'--shared' if e['shared'] else '--private'}")
     if op == "munmap":
         return f"munmap {e['pid']} {hx(e['addr'])} {e['length']}"
+    if op == "mremap":
+        return (f"mremap {e['pid']} {hx(e['addr'])} {e['old_length']} {e['new_length']}"
+                + ("" if e["to"] is None else f" --to {hx(e['to'])}")
+                + (" --maymove" if e["maymove"] else "") + (" --dontunmap" if e["dontunmap"] else ""))
     if op == "madvise":
         return f"madvise {e['pid']} {hx(e['addr'])} {e['length']} {e['advice']}"
     if op == "fault":
@@ -709,7 +722,7 @@ _WRITE_ADVICE = ("hugepage", "nohugepage")
 
 def _lock_mode(ev: dict[str, Any]) -> str | None:
     op = ev["op"]
-    if op in ("mmap", "munmap", "fork", "uprobe"):
+    if op in ("mmap", "munmap", "mremap", "fork", "uprobe"):
         return "write"
     if op == "madvise":
         return "write" if ev["advice"] in _WRITE_ADVICE else "read"
