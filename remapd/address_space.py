@@ -169,6 +169,8 @@ class AddressSpace:
         return {"addr": addr, "length": end - addr}
 
     def _do_munmap(self, mm: Mm, start: int, end: int) -> None:
+        if mm.overlapping(start, end):
+            mm.update_hiwater_vm()
         self._split_vma(mm, start)
         self._split_vma(mm, end)
         for vma in mm.overlapping(start, end):

@@ -364,6 +364,8 @@ class Mm:
         self.anon_vmas = 0  # anon_vmas made for this mm: the last identity handed out
         self.fdtable: dict[int, int] = {}  # inode -> the open file mmap uses for it (struct file)
         self.locked_vm = 0  # pages in VM_LOCKED VMAs (VmLck)
+        self.hiwater_rss = 0  # pages: the rss before its last fall (VmHWM)
+        self.hiwater_vm = 0  # pages: total_vm before its last munmap (VmPeak)
         # MMF_VM_HUGEPAGE: khugepaged_enter_vma() put the mm on khugepaged's list (for good).
         self.khugepaged_entered = False
         # Boundaries between neighbours the kernel leaves unmerged though they could merge: fork
@@ -374,6 +376,21 @@ class Mm:
         """A new anon_vma's identity (anon_vma_alloc), unique in this mm."""
         self.anon_vmas += 1
         return self.anon_vmas
+
+    def update_hiwater_rss(self) -> None:
+        """Called before the rss falls (zap, unmap), as the kernel does, so the high-water mark
+        is the peak without a check on every fault."""
+        rss = self.rss["MM_FILEPAGES"] + self.rss["MM_ANONPAGES"] + self.rss["MM_SHMEMPAGES"]
+        if rss > self.hiwater_rss:
+            self.hiwater_rss = rss
+
+    def total_vm(self) -> int:
+        """Pages in all VMAs."""
+        return sum(v.end - v.start for v in self.vmas) >> PAGE_SHIFT
+
+    def update_hiwater_vm(self) -> None:
+        """Called before a munmap shrinks total_vm (vms_complete_munmap_vmas)."""
+        self.hiwater_vm = max(self.hiwater_vm, self.total_vm())
 
     def pmd_indices(self, start: int, end: int) -> list[int]:
         """The PMD slots in [start, end) that hold a PTE table or a PMD mapping, in order: the

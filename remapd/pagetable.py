@@ -162,6 +162,7 @@ class PageTables:
         """Clear one present PTE and drop the mapping it held (zap_present_ptes)."""
         pte = table.ptes[slot]
         table.set(slot, 0)
+        mm.update_hiwater_rss()
         mm.rss[mm_counter(pte)] -= 1
         pfn = pte_pfn(pte)
         if pte & PTE_ANON:
@@ -196,6 +197,7 @@ class PageTables:
         entry = mm.pmds.pop(pidx)
         assert isinstance(entry, int)
         rss = "MM_SHMEMPAGES" if entry & PTE_SHMEM else "MM_FILEPAGES"
+        mm.update_hiwater_rss()
         mm.rss[rss] -= HPAGE_PMD_NR
         self.rmap.add(pte_pfn(entry), pmd=-1)
         if split:
@@ -270,6 +272,7 @@ class PageTables:
             shmem = int(np.count_nonzero(gone & np.uint64(PTE_SHMEM)))
             table.nr -= n
             table.nr_foreign -= n - int(np.count_nonzero(belongs))
+            mm.update_hiwater_rss()
             mm.rss["MM_SHMEMPAGES"] -= shmem
             mm.rss["MM_FILEPAGES"] -= n - shmem
             self.rmap.unmap_ptes((gone >> np.uint64(PTE_SHIFT)).tolist())

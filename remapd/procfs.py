@@ -344,22 +344,23 @@ class Procfs:
     # -- status -------------------------------------------------------------------------------
 
     def status(self, pid: int) -> dict[str, int]:
-        """/proc/PID/status: task_mem()'s lines (kB) and the few others the model has. No
-        high-water marks are kept, so VmPeak and VmHWM equal VmSize and VmRSS."""
+        """/proc/PID/status: task_mem()'s lines (kB) and the few others the model has. The
+        high-water marks are taken where the kernel takes them (before a zap lowers the rss, before
+        a munmap lowers total_vm), and shown at least as high as now, as task_mem() does."""
         mm = find_mm(self.mms, pid)
         kb = PAGE_SIZE >> 10
-        total_vm = sum(v.end - v.start for v in mm.vmas) >> PAGE_SHIFT
+        total_vm = mm.total_vm()
         data_vm = sum(v.end - v.start for v in mm.vmas if v.prot & PROT_WRITE and not v.shared) >> PAGE_SHIFT
         exec_vm = sum(v.end - v.start for v in mm.vmas if v.prot & PROT_EXEC and not v.prot & PROT_WRITE) >> PAGE_SHIFT
         anon, file, shmem = mm.rss["MM_ANONPAGES"], mm.rss["MM_FILEPAGES"], mm.rss["MM_SHMEMPAGES"]
         rss = anon + file + shmem
         return {
             "Pid": pid,
-            "VmPeak": total_vm * kb,
+            "VmPeak": max(mm.hiwater_vm, total_vm) * kb,
             "VmSize": total_vm * kb,
-            "VmLck": 0,
+            "VmLck": mm.locked_vm * kb,
             "VmPin": 0,
-            "VmHWM": rss * kb,
+            "VmHWM": max(mm.hiwater_rss, rss) * kb,
             "VmRSS": rss * kb,
             "RssAnon": anon * kb,
             "RssFile": file * kb,

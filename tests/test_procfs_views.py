@@ -101,6 +101,27 @@ def test_dirty_pages_copies_and_shmem_swap(world):
     assert render_maps(world.maps(1)).count("\n") == 3
 
 
+def test_status_high_water_marks_and_locked_memory(world):
+    """fs/proc/task_mmu.c task_mem(): VmHWM is max(hiwater_rss, rss), and the kernel raises
+    hiwater_rss before each zap lowers the rss (update_hiwater_rss in unmap_vmas' callers,
+    try_to_unmap_one); VmPeak likewise from hiwater_vm, taken before a munmap
+    (update_hiwater_vm); VmLck is locked_vm, the pages of VM_LOCKED VMAs."""
+    world.file_create("data", 4 * H)
+    world.spawn(1)
+    a = world.mmap(1, FIXED, 4 * H, "data", prot="r", shared=True)
+    world.touch(1, a, 4 * H, stride=P)
+    full = world.proc_status(1)
+    assert full["VmHWM"] == full["VmRSS"] == 4 * 2048 and full["VmPeak"] == full["VmSize"] == 4 * 2048
+    world.munmap(1, a + 2 * H, 2 * H)
+    assert world.madvise(1, a, H, "dontneed") == 0
+    status = world.proc_status(1)
+    assert (status["VmRSS"], status["VmHWM"]) == (2048, 4 * 2048)
+    assert (status["VmSize"], status["VmPeak"]) == (2 * 2048, 4 * 2048)
+    assert status["VmLck"] == 0
+    assert world.mlock(1, a, H) == 0
+    assert world.proc_status(1)["VmLck"] == 2048
+
+
 def test_psutil_parses_our_smaps_and_rollup(world, tmp_path, monkeypatch):
     psutil = pytest.importorskip("psutil")
     from psutil import _pslinux
