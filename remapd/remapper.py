@@ -18,7 +18,7 @@ are generators; the shell or the in-process world spawns them and gets their res
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from typing import Any
 
 from remapd.address_space import AddressSpace
@@ -70,6 +70,9 @@ class Remapper(Actor):
         self.address_space = AddressSpace(
             self, self.mms, self.files, self.locks, self.pagetables, self.faults, self.khugepaged, self.uprobes
         )
+        # Set by remapd.snapshot.restore: the task that revalidates the restored file mappings,
+        # started by the first resync.
+        self.after_restore: Callable[[], Generator[Any, Any, None]] | None = None
         if start_threads:
             self.spawn(self.khugepaged.remap_thread(), name="remap")
 
@@ -144,6 +147,9 @@ class Remapper(Actor):
         for f in self.files.values():
             self.send(m.FileInfo(f.ino, f.name, f.size, f.shmem, f.gen))
         self.address_space.resync()
+        if self.after_restore is not None:
+            task, self.after_restore = self.after_restore, None
+            self.spawn(task(), name="revalidate")
 
     # -- lookups ------------------------------------------------------------------------------
 
@@ -271,4 +277,6 @@ def _answer_for_lost_peer(request: Message) -> Message:
         return m.FolioAnswer(request.req, 0, 0)
     if isinstance(request, m.MadvCollapse):
         return m.CollapseResult(request.req, R.SCAN_FAIL)
+    if isinstance(request, m.Remap):
+        return m.Remapped(request.req, ())
     raise TypeError(f"no answer for {request!r}")

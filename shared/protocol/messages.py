@@ -198,6 +198,18 @@ class VisitMmDone(Message):
     req: int
 
 
+@message("peer.remap")
+class Remap(Message):
+    """A remapper restored from a snapshot names the file pages its restored page tables and
+    pins hold, before it maps them again: rows of (pfn, ino, index, kind), kind 0 a PTE, 1 a PMD
+    (pfn the THP's head, index its first), 2 a pin. The collapser accounts each row whose page is
+    still the one cached at that index of that file (unlocked; for a PMD, a PMD-order page), as a
+    fault's lookup would, and answers :class:`Remapped`. At most 65,536 rows a request."""
+
+    req: int
+    rows: tuple[tuple[int, int, int, int], ...]
+
+
 # -- collapser -> remapper ----------------------------------------------------------------------
 
 
@@ -229,6 +241,15 @@ class FolioAnswer(Message):
     req: int
     pfn: int
     order: int
+
+
+@message("peer.remapped")
+class Remapped(Message):
+    """Answer to :class:`Remap`: for each row, whether it was accounted (the remapper maps it
+    again, or hands the accounting back if its page table changed meanwhile)."""
+
+    req: int
+    accepted: tuple[bool, ...]
 
 
 @message("peer.collapse_result")
