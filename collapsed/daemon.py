@@ -12,6 +12,7 @@ from __future__ import annotations
 import secrets
 from typing import Any
 
+from collapsed import snapshot
 from collapsed.collapser import Collapser
 from shared.errors import UserError
 from shared.knobs import Knobs, sysfs_entries
@@ -22,13 +23,20 @@ from shared.shell.job import Job, Work
 from shared.shell.peer import PeerLink
 from shared.shell.requests import operation_handlers
 from shared.shell.server import Server
+from shared.shell.state import StateDir
 
 
 class Collapsed:
-    def __init__(self, knobs: Knobs, seed: int = 0):
-        # A random boot identity: inode numbers restart at every start, so the files a remapper
-        # still maps from an earlier boot are told apart by their generation (issue 14, item 4).
-        self.core = Collapser(knobs, seed=seed, boot=new_boot_id())
+    def __init__(self, knobs: Knobs, seed: int = 0, core: Collapser | None = None, state: StateDir | None = None):
+        """``core``: a collapser restored from ``state``'s snapshot (--state-dir), else a new one."""
+        self.state = state
+        if core is None:
+            # A random boot identity: inode numbers restart at every start, so the files a remapper
+            # still maps from an earlier boot are told apart by their generation (issue 14, item 4).
+            core = Collapser(knobs, seed=seed, boot=new_boot_id())
+        self.core = core
+        if state is not None:
+            state.take = lambda: snapshot.snapshot(self.core)
         self.driver = Driver(self.core, COLLAPSED)
         self.link = PeerLink(self.driver, peer_role=REMAPD)
         self.handlers = operation_handlers(COLLAPSED, self.driver, self)
@@ -74,7 +82,12 @@ class Collapsed:
         }
 
     async def serve(self, listen: str, ready_file: str | None) -> None:
-        await Server(self.driver, self.link, {REMAPD, CLIENT}, self.handlers).serve(listen, ready_file)
+        state = self.state
+        background = [state.periodically] if state is not None else []
+        before_stop = state.save_logged if state is not None else None
+        await Server(self.driver, self.link, {REMAPD, CLIENT}, self.handlers).serve(
+            listen, ready_file, background=background, before_stop=before_stop
+        )
 
 
 def new_boot_id() -> int:
