@@ -11,6 +11,7 @@ from collections import Counter
 from collections.abc import Generator
 from typing import Any
 
+from collapsed.audit import audit
 from collapsed.fileops import FileOps
 from collapsed.khugepaged import Khugepaged
 from collapsed.pagecache import (
@@ -157,6 +158,8 @@ class Collapser(Actor):
             self.notify("khugepaged_wake")
         elif isinstance(msg, m.FileInfo):
             self._adopt_file(msg)
+        elif isinstance(msg, m.Audit):
+            self.send(audit(self, msg))
         elif isinstance(msg, m.Remap):
             self.send(m.Remapped(msg.req, tuple(self._remap(*row) for row in msg.rows)))
         elif (req := getattr(msg, "req", None)) is not None:

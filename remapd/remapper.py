@@ -21,6 +21,7 @@ from collections import Counter
 from collections.abc import Callable, Generator
 from typing import Any
 
+from remapd import audit
 from remapd.address_space import AddressSpace
 from remapd.fault import FaultPath
 from remapd.files import Files
@@ -256,6 +257,10 @@ class Remapper(Actor):
     def vmstat(self) -> dict[str, int]:
         return dict(self.vm)
 
+    def check(self) -> Generator[Any, Any, dict[str, Any]]:
+        """``thpctl check``: see :mod:`remapd.audit`."""
+        return audit.check(self)
+
     def status(self, pid: int) -> dict[str, Any]:
         mm = self.mm(pid)
         return {
@@ -279,4 +284,6 @@ def _answer_for_lost_peer(request: Message) -> Message:
         return m.CollapseResult(request.req, R.SCAN_FAIL)
     if isinstance(request, m.Remap):
         return m.Remapped(request.req, ())
+    if isinstance(request, m.Audit):
+        return m.Audited(request.req, ("collapsed went away during the check",))
     raise TypeError(f"no answer for {request!r}")
