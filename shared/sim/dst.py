@@ -60,11 +60,11 @@ from typing import Any
 from collapsed import snapshot as collapsed_snapshot
 from collapsed.collapser import Collapser
 from collapsed.pagecache import PG_HEAD
-from remapd.mm import ANON_PFN_BASE, PTE_ANON, PteTable, pte_pfn
 from remapd import snapshot as remapd_snapshot
+from remapd.mm import ANON_PFN_BASE, PTE_ANON, PteTable, pte_pfn
 from remapd.remapper import Remapper
-from shared import persist
 from remapd.uprobes import uprobe_add, uprobe_del
+from shared import persist
 from shared.errors import UserError
 from shared.knobs import RETRY_POLICIES, Knobs
 from shared.protocol import messages as m
@@ -453,6 +453,11 @@ class Simulation:
         self._drain()
         self._check()
         check_end(w, self.pool_base)
+        # The daemons' own consistency check (thpctl check) must agree with the checker.
+        w.manual = False
+        audit = w.audit()
+        w.manual = True
+        _assert(audit["ok"], f"thpctl check disagrees with the checker: {audit['problems'][:3]}")
         self.result.checks += 1
 
     # -- the link -------------------------------------------------------------------------
