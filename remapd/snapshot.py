@@ -197,16 +197,16 @@ def revalidate(r: Remapper, rows: list[Restored], marks: set[tuple[int, int]]) -
         by_pid.setdefault(row.pid, []).append(row)
     for pid, mine in by_pid.items():
         mm = r.mms.get(pid)
-        if mm is None or mm.exiting:
+        # Under the mmap read lock, as a fault maps what its lookup found; and like a fault, not
+        # by waiting for it while holding what the collapser accounted: a busy process (an
+        # application thread holds its lock for writing) gets those pages by faulting them.
+        if mm is None or mm.exiting or not mm.lock.try_read():
             for row in mine:
                 _hand_back(r, row)
             continue
-        # Under the mmap read lock, as a fault maps what its lookup found.
-        while not mm.lock.try_read():
-            yield r.locks.wait(mm)
         try:
             for row in mine:
-                if mm.exiting or not _install(r, mm, row):
+                if not _install(r, mm, row):
                     _hand_back(r, row)
             _reconcile_marks(r, [mm], marks)
         finally:

@@ -129,6 +129,25 @@ def test_a_restored_remapper_keeps_only_the_mappings_the_cache_still_holds():
     assert w.touch(1, a, 2 * MB) == {"hit": 512}
 
 
+def test_a_restored_process_whose_lock_is_held_refaults_rather_than_wait_holding_pages():
+    """Found by the simulation (seed 157 of 2000): the revalidation waited for a process's mmap
+    lock (an application thread held it) with the collapser's accounting of its pages in hand,
+    which the checker sees as mappings nobody maps. Like a fault, it hands them back instead."""
+    w = CheckedWorld(Knobs(read_ahead_kb=0, fault_around_bytes=4096))
+    w.file_create("lib", 2 * MB)
+    w.spawn(1)
+    a = w.mmap(1, None, 2 * MB, "lib", prot="r")
+    w.touch(1, a, 2 * MB)
+    rstate = through_the_file(rsnap, w.remapper)
+    w.restart_remapper(reconnect=False, state=rstate)
+    held = w.start(w.remapper, w.remapper.hold_lock(1, 100.0, True))
+    assert held.done
+    w.connect()  # the revalidation's answer finds the lock taken: the pages go back
+    assert w.smaps(1)[0]["Rss"] == 0
+    w.advance(150)
+    assert w.touch(1, a, 2 * MB) == {"minor": 512}
+
+
 def test_a_snapshot_of_an_older_boot_meets_files_created_since():
     w = busy_world()
     cstate = through_the_file(csnap, w.collapser)
