@@ -306,7 +306,9 @@ async def test_periodic_snapshots_survive_kill_9(workdir):
         pages = 512
         for delay in (0.0, 0.013, 0.05):
             await ok(d, "file", "write", "lib", str(pages * 4096), "4K")
-            await trio.sleep(0.3)  # many snapshots later: this write is saved
+            with trio.fail_after(20):
+                while _saved_pages(state) < pages + 1:  # a snapshot has saved this write
+                    await trio.sleep(0.02)
             await ok(d, "file", "write", "lib", str((pages + 1) * 4096), "4K")  # may not be
             await trio.sleep(delay)
             assert d.collapsed.proc is not None
@@ -320,6 +322,21 @@ async def test_periodic_snapshots_survive_kill_9(workdir):
             assert int(ls[4]) in (pages + 1, pages + 2), (delay, ls)
             pages = int(ls[4])
             await ok(d, "--deadline", "20", "sync")
+
+
+def _saved_pages(state: Path) -> int:
+    """Pages of the first file in collapsed's snapshot (0 without one)."""
+    from array import array
+
+    saved = persist.load(state, "collapsed")
+    if saved is None or not saved["files"]:
+        return 0
+    total = 0
+    for _, data in saved["files"][0]["chunks"]:
+        slots = array("q")
+        slots.frombytes(data)
+        total += sum(1 for v in slots if v > 0)
+    return total
 
 
 def test_the_daemons_document_the_state_flags():
