@@ -9,8 +9,11 @@ from typing import TYPE_CHECKING
 
 from shared.knobs import KnobError, Knobs
 from shared.persist import SnapshotError
+from shared.protocol.schema import CLIENT, REMAPD
+from shared.shell.auth import Secrets
 from shared.shell.config import (
     ENV_SEED,
+    Limits,
     add_daemon_flags,
     add_knob_flags,
     default_address,
@@ -52,12 +55,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"collapsed: {err}: refusing to start (move it away to start empty)", file=sys.stderr)
         return 2
 
-    async def start(knobs: Knobs) -> None:
+    async def start(knobs: Knobs, secrets: Secrets, limits: Limits) -> None:
         from collapsed.daemon import Collapsed
 
-        await Collapsed(knobs, seed=args.seed, core=core, state=state).serve(listen, args.ready_file)
+        await Collapsed(knobs, seed=args.seed, secrets=secrets, limits=limits, core=core, state=state).serve(
+            listen, args.ready_file
+        )
 
-    return daemon_main("collapsed", args, (listen,), start)
+    # Who connects: remapd (the peer) and clients, as collapsed.daemon.ACCEPTS.
+    return daemon_main("collapsed", args, listen, {REMAPD, CLIENT}, start)
 
 
 def _restore(args: argparse.Namespace) -> tuple[StateDir | None, Collapser | None]:
@@ -69,6 +75,7 @@ def _restore(args: argparse.Namespace) -> tuple[StateDir | None, Collapser | Non
     if not args.state_dir:
         return None, None
     from collapsed import snapshot
+    from collapsed.collapser import RESCHED_PAGES
     from collapsed.daemon import new_boot_id
 
     state = StateDir(args.state_dir, snapshot.DAEMON, args.snapshot_interval)
@@ -79,7 +86,9 @@ def _restore(args: argparse.Namespace) -> tuple[StateDir | None, Collapser | Non
         knobs = knobs_from(args)
     except KnobError:
         return state, None  # daemon_main reports the bad knob and exits
-    return state, snapshot.restore(saved, knobs, boot=new_boot_id(), seed=args.seed, keep=explicit_knobs(args))
+    return state, snapshot.restore(
+        saved, knobs, boot=new_boot_id(), seed=args.seed, keep=explicit_knobs(args), resched_pages=RESCHED_PAGES
+    )
 
 
 if __name__ == "__main__":

@@ -40,7 +40,10 @@ def _rows(c: Collapser, rows: tuple[tuple[int, int, int, int, int, int], ...], p
             continue
         head = mem.head(pfn)
         f = c.files.get(ino)
-        if mem.ino[head] != ino or mem.index[pfn] != index or f is None or f.get(index) != pfn:
+        # Only pinned and truncated or punched out of the cache since: the pin keeps the page.
+        pinned_off_cache = not ptes and not pmds and not mem.ino[head]
+        misplaced = mem.ino[head] != ino or mem.index[pfn] != index or f is None or f.get(index) != pfn
+        if misplaced and not pinned_off_cache:
             problems.append(
                 f"pfn {pfn} is mapped as index {index} of ino {ino}; it is index {mem.index[pfn]} of ino {mem.ino[head]}"
                 + ("" if f is not None and f.get(index) == pfn else ", not cached there")

@@ -11,13 +11,13 @@ from collections import Counter
 from collections.abc import Generator
 from typing import Any
 
+from collapsed import peer_checks, procfs
 from collapsed.audit import audit
 from collapsed.fileops import FileOps
 from collapsed.khugepaged import Khugepaged
 from collapsed.pagecache import (
     PG_HEAD,
     PG_LOCKED,
-    PG_SWAPBACKED,
     PG_UPTODATE,
     File,
     PageCache,
@@ -29,7 +29,19 @@ from shared.knobs import Knobs
 from shared.message import Message
 from shared.scan_result import ScanResult
 from shared.thp import shmem_huge_global_enabled
-from shared.units import HPAGE_PMD_NR, PAGE_SIZE
+from shared.units import HPAGE_PMD_NR, PAGE_SHIFT, PAGE_SIZE
+
+# A fault lookup's answers (looked up once: faults are hot).
+_OK, _SIGBUS, _NOMEM = m.PageStatus.OK, m.PageStatus.SIGBUS, m.PageStatus.NOMEM
+
+# What a daemon passes as ``resched_pages``: ~10 ms of a write's work between two yields.
+RESCHED_PAGES = 4096
+
+# peer_lost() answers the calls waiting on the remapper at most this many rounds (each answer may
+# lead a task to its next call; none loops on them, so a few rounds always suffice).
+_MAX_LOST_PEER_ROUNDS = 100
+
+# Bound once, as in remapd/fault.py: faults are hot.
 
 # peer_lost() answers the calls waiting on the remapper at most this many rounds (each answer may
 # lead a task to its next call; none loops on them, so a few rounds always suffice).
@@ -38,6 +50,7 @@ _MAX_LOST_PEER_ROUNDS = 100
 # The vmstat event counters this side owns, in /proc/vmstat order (mm/vmstat.c vmstat_text).
 VM_EVENTS = (
     "pgmajfault",
+    "drop_pagecache",
     "pswpin",
     "pswpout",
     "thp_collapse_alloc",
@@ -65,18 +78,29 @@ class Collapser(Actor):
     """
 
     def __init__(
-        self, knobs: Knobs | None = None, seed: int = 0, start_khugepaged: bool = True, boot: int = 1
+        self,
+        knobs: Knobs | None = None,
+        seed: int = 0,
+        start_khugepaged: bool = True,
+        resched_pages: int | None = None,
+        boot: int = 1,
     ):
-        """``boot``: this boot's identity, the generation of the files it makes (a daemon draws a
+        """``resched_pages``: the long loops of file operations, drop_caches and reclaim give the
+        CPU away (cond_resched) after this many pages, so a daemon serves others between the
+        chunks of one huge request; each yield lets a jiffy (RESCHED_MS) of model time pass from
+        the second in a burst on. None (in-process worlds on a virtual clock): a request runs to
+        its end at once, as every World operation expects. Daemons pass :data:`RESCHED_PAGES`.
+
+        ``boot``: this boot's identity, the generation of the files it makes (a daemon draws a
         random one at every start; an in-process world counts its restarts)."""
         super().__init__()
         self.knobs = knobs or Knobs()
         self.vm: Counter[str] = Counter({name: 0 for name in VM_EVENTS})
-        self.mem = PhysMem(seed)
+        self.mem = PhysMem(seed, lambda: self.knobs.mem_total_mb << (20 - PAGE_SHIFT))
         self.cache = PageCache(self.mem, self.knobs, self.notify)
         self.boot = boot
         self.cache.gen = boot
-        self.fileops = FileOps(self, self.cache, self.knobs, self.vm)
+        self.fileops = FileOps(self, self.cache, self.knobs, self.vm, resched_pages)
         self.khugepaged = Khugepaged(self, self.cache, self.fileops, self.knobs, self.vm)
         # Bumped when the remapper is lost: a lookup begun for the old one must not account.
         self.peer_epoch = 0
@@ -118,12 +142,19 @@ class Collapser(Actor):
         return self.fileops.ls()
 
     def drop_caches(self) -> Generator[Any, Any, dict[str, int]]:
+        self.vm["drop_pagecache"] += 1
         return self.fileops.drop_caches()
 
     # -- peer messages ------------------------------------------------------------------------
 
     def deliver(self, msg: Message) -> None:
-        """Handle one message from the remapper."""
+        """Handle one message from the remapper.
+
+        Raises:
+            PeerError: the message does not fit the model (:mod:`collapsed.peer_checks`); it
+            changed nothing, and the connection to that remapper must be closed.
+        """
+        peer_checks.check(self, msg)
         if isinstance(msg, m.LookupPage):
             if self.lookup_page(msg) is not None:
                 self.spawn(self._lookup(msg), name="lookup")
@@ -144,7 +175,7 @@ class Collapser(Actor):
             if f is not None:
                 f.collapse_pmd = True
         elif isinstance(msg, m.Reclaim):
-            self.fileops.reclaim(msg.pfns)
+            self.spawn(self.fileops.reclaim(msg.pfns), name="reclaim")
         elif isinstance(msg, m.LockFolio):
             self.spawn(self._lock_folio(msg), name="lock_folio")
         elif isinstance(msg, m.UnlockFolio):
@@ -152,9 +183,11 @@ class Collapser(Actor):
             self.cache.unlock(msg.pfn)
         elif isinstance(msg, m.MadvCollapse):
             self.spawn(self.khugepaged.madvise_collapse_file(msg), name="madv_collapse")
+        elif isinstance(msg, m.PunchHole):
+            self.spawn(self._punch_hole(msg), name="punch_hole")
         elif isinstance(msg, m.KnobsChanged):
             for name, value in msg.values.items():
-                self.knobs.set(name, str(value))
+                self.knobs.set(name, str(value))  # every value was validated first
             self.notify("khugepaged_wake")
         elif isinstance(msg, m.FileInfo):
             self._adopt_file(msg)
@@ -162,9 +195,16 @@ class Collapser(Actor):
             self.send(audit(self, msg))
         elif isinstance(msg, m.Remap):
             self.send(m.Remapped(msg.req, tuple(self._remap(*row) for row in msg.rows)))
+        elif isinstance(msg, m.PageQuery):
+            self.send(procfs.page_info(self, msg))
         elif (req := getattr(msg, "req", None)) is not None:
             self.deliver_reply(req, msg)  # a reply to one of our requests
         self.flush()
+
+    def pending_request(self, req: int) -> Message | None:
+        """Our request ``req`` to the remapper, while it waits for the reply."""
+        entry = self._calls.get(req)
+        return entry[1] if entry is not None else None
 
     # -- losing and regaining the peer --------------------------------------------------------
 
@@ -258,6 +298,13 @@ class Collapser(Actor):
             return False
         return True
 
+    def _punch_hole(self, msg: m.PunchHole) -> Generator[Any, Any, None]:
+        """MADV_REMOVE's fallocate(PUNCH_HOLE), the same as a client's ``file punch``."""
+        f = self.cache.files.get(msg.ino)
+        if f is not None:
+            yield from self.fileops.punch_hole(f.name, msg.offset, msg.length)
+        self.send(m.Punched(msg.req))
+
     # -- fault lookups (filemap_fault / shmem_fault) ------------------------------------------
 
     def _lookup(self, msg: m.LookupPage) -> Generator[Any, Any, None]:
@@ -276,33 +323,46 @@ class Collapser(Actor):
         cache = self.cache
         f = cache.files.get(msg.ino)
         if f is None or msg.index >= f.nr_pages_size:
-            self.send(m.PageAnswer(msg.req, "sigbus"))
+            self.send(m.PageAnswer(msg.req, _SIGBUS))
             return None
         value = f.get(msg.index)
         if value > 0 and mem.flags[mem.head(value)] & PG_LOCKED:
             return mem.head(value)
         # do_fault_around runs first: it maps what the cache holds around the fault.
         around = self._fault_around(f, msg.around) if msg.around and msg.purpose == "map" else ()
-        major = False
+        major = allocated = False
         if value > 0:
             pfn = value
         elif value < 0:
             pfn = cache.add_small_page(f, msg.index)
-            self.vm["pswpin"] += 1
+            if pfn:
+                self.vm["pswpin"] += 1
             major = True
         elif f.shmem:
-            pfn = self._shmem_alloc(f, msg.index, msg.pmd_ok, msg.vm_hugepage)
+            # shmem_get_folio_gfp: the folio's size depends on the VMA and the page cache only
+            # (pmd_ok implies thp_ok; an older remapper sends pmd_ok alone).
+            pfn = self._shmem_alloc(f, msg.index, msg.thp_ok or msg.pmd_ok, msg.vm_hugepage)
+            allocated = True
         else:
             pfn = cache.add_small_page(f, msg.index)
-            self._read_around(f, msg.index, msg.vm_hugepage)
+            if pfn:
+                self._read_around(f, msg.index, msg.vm_hugepage)
             major = True
+        if not pfn:
+            # Memory is full: VM_FAULT_OOM. The fault-around mappings go back with the answer
+            # (the remapper maps nothing for a failed lookup).
+            for _, around_pfn, _ in around:
+                cache.apply_rmap(((around_pfn, -1, 0, 0),))
+            self.send(m.PageAnswer(msg.req, _NOMEM))
+            return None
         if major:
             self.vm["pgmajfault"] += 1
         head = mem.head(pfn)
         thp = bool(mem.flags[head] & PG_HEAD)
         pmd = False
         if msg.purpose == "map":
-            if thp and msg.pmd_ok:
+            # A regular file's THP is PMD-mapped only inside i_size (finish_fault, 6.18).
+            if thp and msg.pmd_ok and (f.shmem or mem.index[head] + HPAGE_PMD_NR <= f.nr_pages_size):
                 pmd = True
                 cache.apply_rmap(((head, 0, 1, 0),))
             else:
@@ -311,17 +371,20 @@ class Collapser(Actor):
                 cache.set_dirty(head)
         elif msg.purpose == "pin":
             cache.apply_rmap(((pfn, 0, 0, 1),))
-        self.send(m.PageAnswer(msg.req, "ok", pfn, head, thp, pmd, major, f.shmem, around))
+        self.send(m.PageAnswer(msg.req, _OK, pfn, head, thp, pmd, major, f.shmem, around, allocated))
         return None
 
     def _fault_around(self, f: File, indices: tuple[int, ...]) -> tuple[tuple[int, int, bool], ...]:
-        """filemap_map_pages: map the cached, uptodate, unlocked pages among ``indices``."""
+        """filemap_map_pages: map the cached, uptodate, unlocked pages among ``indices`` that lie
+        inside i_size (its window ends at the file's last page). The remapper maps the rest of a
+        large folio itself (filemap_map_folio_range)."""
         mem = self.mem
         apply_rmap = self.cache.apply_rmap
+        eof = f.nr_pages_size
         out = []
         for index in indices:
             value = f.get(index)
-            if value <= 0:
+            if value <= 0 or index >= eof:
                 continue
             head = mem.head(value)
             if mem.flags[head] & PG_LOCKED or not mem.flags[head] & PG_UPTODATE:
@@ -344,13 +407,15 @@ class Collapser(Actor):
                 return
             start = max(0, index - size // 2)
         for i in range(start, min(start + size, f.nr_pages_size)):
-            if f.get(i) == 0:
-                self.cache.add_small_page(f, i)
+            if f.get(i) == 0 and not self.cache.add_small_page(f, i):
+                return  # memory is full: readahead is best effort
 
-    def _shmem_alloc(self, f: File, index: int, pmd_ok: bool, vm_hugepage: bool) -> int:
-        """shmem_get_folio_gfp for a hole: a PMD-order folio when shmem_enabled allows it here."""
+    def _shmem_alloc(self, f: File, index: int, thp_ok: bool, vm_hugepage: bool) -> int:
+        """shmem_get_folio_gfp for a hole: a PMD-order folio when the VMA allows one here
+        (``thp_ok``: shmem_allowable_huge_orders, thp_vma_suitable_orders), shmem_enabled does,
+        and no page of its range is cached (shmem_suitable_orders). 0 when memory is full."""
         start = index & ~(HPAGE_PMD_NR - 1)
-        if pmd_ok and shmem_huge_global_enabled(self.knobs, f.size, start, vm_hugepage):
+        if thp_ok and shmem_huge_global_enabled(self.knobs, f.size, start, vm_hugepage):
             chunk = f.chunk(start)
             if chunk is None or not any(chunk):
                 k = self.knobs
@@ -387,50 +452,12 @@ class Collapser(Actor):
     # -- reports ------------------------------------------------------------------------------
 
     def meminfo(self) -> dict[str, int]:
-        """The THP lines of /proc/meminfo, in kB, plus the page-cache totals they sit beside."""
-        mem = self.mem
-        file_pages = shmem_pages = file_thp = shmem_thp = file_pmd = shmem_pmd = 0
-        for f in self.cache.files.values():
-            if f.shmem:
-                shmem_pages += f.nrpages
-                shmem_thp += f.nr_thps
-            else:
-                file_thp += f.nr_thps
-            file_pages += f.nrpages
-        for head, count in mem.entire.items():
-            if count > 0:
-                if mem.flags[head] & PG_SWAPBACKED:
-                    shmem_pmd += 1
-                else:
-                    file_pmd += 1
-        kb = PAGE_SIZE // 1024
-        huge_kb = HPAGE_PMD_NR * kb
-        return {
-            "Cached": file_pages * kb,
-            "Shmem": shmem_pages * kb,
-            "SwapCached": 0,
-            "ShmemHugePages": shmem_thp * huge_kb,
-            "ShmemPmdMapped": shmem_pmd * huge_kb,
-            "FileHugePages": file_thp * huge_kb,
-            "FilePmdMapped": file_pmd * huge_kb,
-        }
+        """/proc/meminfo's lines the model has, in kB (:func:`collapsed.procfs.meminfo`)."""
+        return procfs.meminfo(self)
 
     def vmstat(self) -> dict[str, int]:
-        """This side's /proc/vmstat lines under the kernel's names (mm/vmstat.c vmstat_text), plus
-        one of ours under ``thpsplit_``: the shmem swap entries of every file, which the kernel
-        counts per inode (``shmem_inode_info.swapped``) but not in vmstat."""
-        stats = self.meminfo()
-        out = {
-            "nr_file_pages": stats["Cached"] // 4,
-            "nr_shmem": stats["Shmem"] // 4,
-            "nr_shmem_hugepages": stats["ShmemHugePages"] // 2048,
-            "nr_shmem_pmdmapped": stats["ShmemPmdMapped"] // 2048,
-            "nr_file_hugepages": stats["FileHugePages"] // 2048,
-            "nr_file_pmdmapped": stats["FilePmdMapped"] // 2048,
-            "thpsplit_nr_swap_entries": self.cache.nr_swap_entries,
-        }
-        out.update(self.vm)
-        return out
+        """This side's /proc/vmstat lines (:func:`collapsed.procfs.vmstat`)."""
+        return procfs.vmstat(self)
 
 
 def _answer_for_lost_peer(request: Message) -> Message:
@@ -440,7 +467,7 @@ def _answer_for_lost_peer(request: Message) -> Message:
     if isinstance(request, m.Retract):
         return m.Retracted(request.req, 0, 0, 0, 0)
     if isinstance(request, m.CollapsePteMapped):
-        return m.CollapsePteMappedResult(request.req, int(ScanResult.SCAN_ANY_PROCESS))
+        return m.CollapsePteMappedResult(request.req, ScanResult.SCAN_ANY_PROCESS)
     if isinstance(request, m.VisitMm):
         return m.VisitMmDone(request.req)
     raise TypeError(f"no answer for {request!r}")

@@ -21,10 +21,34 @@ from shared import messages as m
 from shared.actor import Actor, Call, Sleep, Wait
 from shared.errors import UserError
 from shared.knobs import Knobs
-from shared.units import HPAGE_PMD_NR, PAGE_SIZE, pages
+from shared.units import HPAGE_PMD_NR, MAX_LFS_FILESIZE, PAGE_SHIFT, PAGE_SIZE, pages
 
 # NAME_MAX.
 _MAX_NAME = 255
+
+
+def file_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name a file here, or None. One rule for the names clients create and
+    the names a remapper reports back after a restart (which must have passed it)."""
+    if not name:
+        return "empty"
+    if len(name) > _MAX_NAME:
+        return f"longer than {_MAX_NAME} characters"
+    if name in (".", ".."):
+        return "a directory entry"
+    for bad in ("/", "\0", "\n"):
+        if bad in name:
+            return f"contains {bad!r}"
+    return None
+
+
+def _check_new_size(size: int) -> None:
+    """inode_newsize_ok for truncate(2) (and the size a new file is created with): EINVAL for a
+    negative size, EFBIG past s_maxbytes (MAX_LFS_FILESIZE)."""
+    if size < 0:
+        raise UserError("EINVAL", "size must not be negative")
+    if size > MAX_LFS_FILESIZE:
+        raise UserError("EFBIG", f"size {size} is larger than {MAX_LFS_FILESIZE}")
 
 
 class FileOps:
@@ -36,22 +60,28 @@ class FileOps:
     vmstat event counters (splits, swap-outs).
     """
 
-    def __init__(self, actor: Actor, cache: PageCache, knobs: Knobs, vm: Counter[str]) -> None:
+    def __init__(
+        self, actor: Actor, cache: PageCache, knobs: Knobs, vm: Counter[str], resched_pages: int | None = None
+    ) -> None:
         self.actor = actor
         self.cache = cache
         self.knobs = knobs
         self.vm = vm
         self.writeback: list[tuple[float, int]] = []  # (done at, head pfn)
+        # cond_resched: the long loops (write, truncate, punch, drop_caches, reclaim) give the CPU
+        # away after this many pages (None: never, a request runs to its end in one go).
+        self.resched_pages = resched_pages
 
     # -- file operations (client requests) ----------------------------------------------------
 
     def create(self, name: str, size: int, shmem: bool) -> dict[str, Any]:
-        if not name or len(name) > _MAX_NAME or "/" in name or "\0" in name:
-            raise UserError("EINVAL", f"bad file name {name!r}")
+        problem = file_name_problem(name)
+        if problem is not None:
+            shown = name if len(name) <= 64 else name[:61] + "..."
+            raise UserError("EINVAL", f"bad file name {shown!r}: {problem}")
         if name in self.cache.by_name:
             raise UserError("EEXIST", f"file {name!r} exists")
-        if size < 0:
-            raise UserError("EINVAL", "size must not be negative")
+        _check_new_size(size)  # creat(2) then ftruncate(2) to the size
         f = File(self.cache.next_ino, name, size, shmem)
         self.cache.add_file(f)
         self.actor.send(m.FileInfo(f.ino, name, size, shmem, f.gen))
@@ -81,30 +111,75 @@ class FileOps:
         return [self.stat(f) for f in sorted(self.cache.files.values(), key=lambda f: f.name)]
 
     def write(self, name: str, offset: int, length: int) -> Generator[Any, Any, dict[str, Any]]:
-        """write(2): dirty the pages, reading in (or allocating) missing ones; extends i_size."""
+        """write(2), as generic_perform_write under the inode lock: page by page, dirty the page,
+        allocating a missing one (a shmem swap entry is read back in); i_size grows with what
+        has been written.
+
+        When memory runs out the write ends short, as the kernel's does, keeping what it wrote:
+        the result's ``written`` (the bytes that went in) says so, and the write fails with
+        ENOMEM only if nothing did.
+        """
         f = self.lookup(name)
         if offset < 0 or length < 0:
             raise UserError("EINVAL", "offset and length must not be negative")
+        if offset + length > MAX_LFS_FILESIZE:
+            # rw_verify_area: pos + count overflows loff_t. (generic_write_check_limits' EFBIG
+            # for pos >= s_maxbytes is never reached first: s_maxbytes is MAX_LFS_FILESIZE here.)
+            raise UserError("EINVAL", f"the range [{offset}, {offset + length}) passes {MAX_LFS_FILESIZE}")
         if length == 0:
-            return self.stat(f)
+            return {**self.stat(f), "written": 0}
+        cache = self.cache
+        yield from cache.inode_lock(f)
+        try:
+            done = yield from self._perform_write(f, offset, offset + length)
+        except Exception:
+            cache.inode_unlock(f)
+            raise
+        cache.inode_unlock(f)
+        if done <= offset:
+            raise UserError("ENOMEM", f"no memory for the page at {offset // PAGE_SIZE * PAGE_SIZE}")
+        return {**self.stat(f), "written": done - offset}
+
+    def _perform_write(self, f: File, offset: int, end: int) -> Generator[Any, Any, int]:
+        """The page loop of generic_perform_write; returns where the written bytes end."""
         cache = self.cache
         mem = cache.mem
-        end = offset + length
-        if end > f.size:
-            self._set_size(f, end)
-        for index in range(offset // PAGE_SIZE, pages(end)):
-            while True:
+        index = offset >> PAGE_SHIFT
+        last = pages(end)
+        chunk = self.resched_pages or last
+        while True:
+            stop = min(last, index + chunk)
+            while index < stop:
                 value = f.get(index)
                 if value > 0:
                     head = mem.head(value)
                     if mem.flags[head] & PG_LOCKED:
+                        # i_size covers what is written before anyone else runs (generic_write_end
+                        # moves it page by page).
+                        self._grow(f, offset, min(end, index << PAGE_SHIFT))
                         yield Wait(("page", head))
                         continue
                     cache.set_dirty(head)
-                else:
-                    cache.add_small_page(f, index, dirty=True)
+                elif not cache.add_small_page(f, index, dirty=True):
+                    last = index  # memory is full: the write ends here
+                    break
+                index += 1
+            if index >= last:
                 break
-        return self.stat(f)
+            # cond_resched(), between two pages: no page lock is held and i_size covers what is
+            # written, so whatever runs now sees the file as if the write were sleeping on a
+            # page lock here (faults, khugepaged, the remapper may; another write, truncate or
+            # punch of this file waits for the inode lock).
+            self._grow(f, offset, min(end, index << PAGE_SHIFT))
+            yield Sleep(self.actor.now)
+        done = min(end, index << PAGE_SHIFT)
+        self._grow(f, offset, done)
+        return done
+
+    def _grow(self, f: File, offset: int, done: int) -> None:
+        """i_size_write when the write from ``offset`` has written up to ``done``, past the end."""
+        if done > offset and done > f.size:
+            self._set_size(f, done)
 
     def sync(self, name: str) -> dict[str, Any]:
         f = self.lookup(name)
@@ -114,12 +189,17 @@ class FileOps:
     def truncate(self, name: str, size: int) -> Generator[Any, Any, dict[str, Any]]:
         """truncate(2): unmap, then drop every page at or past the new EOF (split a THP it cuts)."""
         f = self.lookup(name)
-        if size < 0:
-            raise UserError("EINVAL", "size must not be negative")
-        old = f.size
-        self._set_size(f, size)
-        if size < old:
-            yield from self.truncate_range(f, pages(size), pages(old))
+        _check_new_size(size)
+        yield from self.cache.inode_lock(f)
+        try:
+            old = f.size
+            self._set_size(f, size)
+            if size < old:
+                yield from self.truncate_range(f, pages(size), pages(old))
+        except Exception:
+            self.cache.inode_unlock(f)
+            raise
+        self.cache.inode_unlock(f)
         return self.stat(f)
 
     def punch_hole(self, name: str, offset: int, length: int) -> Generator[Any, Any, dict[str, Any]]:
@@ -127,10 +207,19 @@ class FileOps:
         f = self.lookup(name)
         if offset < 0 or length <= 0:
             raise UserError("EINVAL", "punch needs a non-negative offset and a positive length")
-        start = pages(offset)
-        end = min((offset + length) // PAGE_SIZE, f.nr_pages_size)
-        if start < end:
-            yield from self.truncate_range(f, start, end)
+        if offset + length > MAX_LFS_FILESIZE:
+            # vfs_fallocate: offset + len past s_maxbytes (or wrapping through zero).
+            raise UserError("EFBIG", f"the range [{offset}, {offset + length}) passes {MAX_LFS_FILESIZE}")
+        yield from self.cache.inode_lock(f)
+        try:
+            start = pages(offset)
+            end = min((offset + length) // PAGE_SIZE, f.nr_pages_size)
+            if start < end:
+                yield from self.truncate_range(f, start, end)
+        except Exception:
+            self.cache.inode_unlock(f)
+            raise
+        self.cache.inode_unlock(f)
         return self.stat(f)
 
     def _set_size(self, f: File, size: int) -> None:
@@ -147,12 +236,18 @@ class FileOps:
         flags = mem.flags
         done = self.actor.now + self.knobs.writeback_millisecs
         queued = len(self.writeback)
-        for _, value in list(f.entries()):
+        mapped = []
+        for index, value in list(f.entries()):
             head = mem.head(value) if value > 0 else 0
             # A locked page is being truncated or collapsed: writeback leaves it to its owner.
             if head and flags[head] & PG_DIRTY and not flags[head] & (PG_WRITEBACK | PG_LOCKED):
                 flags[head] = (flags[head] & ~PG_DIRTY) | PG_WRITEBACK
                 self.writeback.append((done, head))
+                if mem.total_mapcount(head):
+                    mapped.append(index)
+        if mapped:
+            # folio_mkclean: the mapping PTEs go read-only, so a later write faults and re-dirties.
+            self.actor.send(m.Mkclean(f.ino, tuple(mapped)))
         # One task per batch that started now; a sync with nothing dirty starts none.
         if len(self.writeback) > queued:
             self.actor.spawn(self._end_writeback(done), name="writeback")
@@ -195,9 +290,17 @@ class FileOps:
         cache = self.cache
         mem = cache.mem
         kept: set[int] = set()  # THPs that would not split: one attempt each, not one per subpage
+        resched = self.resched_pages or -1
+        left = resched
         for index, value in list(f.entries(start, end)):
+            if not left:
+                left = resched
+                # cond_resched(), between two entries and outside every page lock: each entry is
+                # looked at afresh below, as after the writeback and page-lock sleeps of this loop.
+                yield Sleep(self.actor.now)
+            left -= 1
             if f.get(index) != value:
-                continue  # went with a THP removed earlier in this loop
+                continue  # went with a THP removed earlier in this loop, or changed meanwhile
             if value > 0 and mem.head(value) in kept:
                 continue
             if value < 0:
@@ -282,9 +385,16 @@ class FileOps:
         cache.lru_add_drain()
         mem = cache.mem
         dropped = 0
+        resched = self.resched_pages or -1
+        left = resched
         for f in list(cache.files.values()):
-            for _, value in list(f.entries()):
-                if value <= 0:
+            for index, value in list(f.entries()):
+                if not left:
+                    left = resched
+                    # cond_resched(): nothing is held; the entry is looked at afresh below.
+                    yield Sleep(self.actor.now)
+                left -= 1
+                if value <= 0 or f.get(index) != value:
                     continue
                 head = mem.head(value)
                 if not mem.allocated(head) or mem.ino[head] != f.ino:
@@ -296,14 +406,20 @@ class FileOps:
                     continue  # mapped or pinned: invalidate_mapping_pages leaves it
                 dropped += cache_refs
                 cache.remove_page(f, head)
-        yield from ()
         return {"dropped_pages": dropped}
 
-    def reclaim(self, pfns: tuple[int, ...]) -> None:
+    def reclaim(self, pfns: tuple[int, ...]) -> Generator[Any, Any, None]:
         """shrink_folio_list for MADV_PAGEOUT: unmapped pages leave memory (shmem to swap)."""
         cache = self.cache
         mem = cache.mem
+        resched = self.resched_pages or -1
+        left = resched
         for pfn in pfns:
+            if not left:
+                left = resched
+                # cond_resched(): nothing is held; each page is looked at afresh below.
+                yield Sleep(self.actor.now)
+            left -= 1
             if not mem.allocated(pfn):
                 continue
             head = mem.head(pfn)

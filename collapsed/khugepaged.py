@@ -30,9 +30,9 @@ from collapsed.pagecache import (
 from shared import messages as m
 from shared.actor import Actor, Call, Sleep, Wait
 from shared.knobs import Knobs
-from shared.logs import get_logger
 from shared.scan_result import ScanResult as R
 from shared.thp import thp_vma_allowable_order
+from shared.tracepoints import NO_PFN, get_logger, mm_pointer
 from shared.units import HPAGE_PMD_NR, HPAGE_PMD_SIZE, PAGE_SHIFT
 
 log = get_logger("collapsed.khugepaged")
@@ -277,8 +277,8 @@ class Khugepaged:
                 result = yield from self.collapse_file(f, start, cc)
         log.debug(
             "mm_khugepaged_scan_file",
-            pid=cc.pid,
-            pfn=scan_pfn,
+            mm=mm_pointer(cc.pid),
+            scan_pfn=mem.head(scan_pfn) if scan_pfn > 0 else NO_PFN,
             filename=f.name,
             present=present,
             swap=swap,
@@ -301,7 +301,7 @@ class Khugepaged:
         if not new:
             self.vm["thp_collapse_alloc_failed"] += 1
             result = R.SCAN_ALLOC_HUGE_PAGE_FAIL
-            self._trace_collapse(f, 0, start, cc, result)
+            self._trace_collapse(f, 0, 0, cc, result)
             return result
         self.vm["thp_collapse_alloc"] += 1
         mem.flags[new] |= PG_LOCKED | (PG_SWAPBACKED if f.shmem else 0)
@@ -323,6 +323,9 @@ class Khugepaged:
                 if value < 0:
                     # shmem_get_folio(SGP_NOALLOC): swap it in; the new page comes back locked.
                     pfn = cache.add_small_page(f, index)
+                    if not pfn:
+                        result = R.SCAN_FAIL  # memory is full: shmem_get_folio fails
+                        break
                     self.vm["pswpin"] += 1
                     cache.lru_add_drain()
                     cache.trylock(pfn)
@@ -339,6 +342,9 @@ class Khugepaged:
                         result = R.SCAN_FAIL
                         break
                     pfn = cache.add_small_page(f, index)
+                    if not pfn:
+                        result = R.SCAN_FAIL  # memory is full: readahead brought nothing
+                        break
                     cache.lru_add_drain()
                     cache.trylock(pfn)
                 else:
@@ -399,7 +405,7 @@ class Khugepaged:
             mem.flags[new] &= ~PG_LOCKED
             mem.ino[new] = 0
             cache.put(new)
-            self._trace_collapse(f, 0, start, cc, result)
+            self._trace_collapse(f, new, end if len(pagelist) + nr_none == HPAGE_PMD_NR else index, cc, result)
             return result
 
         # Success: copy, publish the multi-index entry, free the old pages, retract.
@@ -417,16 +423,16 @@ class Khugepaged:
                   installed=reply.installed, deferred=reply.deferred, skipped=reply.skipped)
         result = R.SCAN_SUCCEED if cc.is_khugepaged else R.SCAN_PTE_MAPPED_HUGEPAGE
         cache.unlock(new)
-        self._trace_collapse(f, new, start, cc, result)
+        self._trace_collapse(f, new, end, cc, result)
         return result
 
     def _trace_collapse(self, f: File, hpfn: int, index: int, cc: CollapseControl, result: R) -> None:
         log.info(
             "mm_khugepaged_collapse_file",
-            pid=cc.pid,
-            hpage_pfn=hex(hpfn) if hpfn else -1,
+            mm=mm_pointer(cc.pid),
+            hpage_pfn=hpfn or NO_PFN,
             index=index,
-            addr=hex(cc.addr),
+            addr=cc.addr,
             is_shmem=int(f.shmem),
             filename=f.name,
             nr=HPAGE_PMD_NR,
@@ -451,4 +457,4 @@ class Khugepaged:
             self.cache.lru_add_drain()  # lru_add_drain_all()
             cc = CollapseControl(False, msg.pid, msg.addr)
             result = yield from self.hpage_collapse_scan_file(f, msg.pgoff, cc)
-        self.actor.send(m.CollapseResult(msg.req, int(result)))
+        self.actor.send(m.CollapseResult(msg.req, result))

@@ -5,7 +5,11 @@ Per-page state is kept as parallel arrays indexed by pfn (a ``mem_map``), 34 byt
 for its xarray slot) instead of a Python object per page. Physical memory comes in 2 MiB blocks: a
 PMD-order compound page is one whole block, so its head is ``pfn & ~511`` and subpage ``i`` is
 ``head + i``, as in the kernel. Small pages are carved from blocks of their own. Huge allocations
-draw on ``free_huge_pages`` (a knob) and may fail to fragmentation; small allocations never fail.
+draw on ``free_huge_pages`` (a knob) and may fail to fragmentation. Memory has a size, the knob
+``thpsplit/mem_total_mb``: once every block it allows is in use (and no page is free in them), an
+allocation fails, as the page allocator's does when reclaim cannot help. Blocks are not compacted:
+a block that held small pages stays theirs, so a huge allocation may fail while small pages are
+free.
 
 A file's page cache is a dict of 512-slot ``array('q')`` chunks (an xarray node per 2 MiB that has
 ever held a page): slot value 0 is a hole, > 0 a pfn, < 0 a shmem swap entry. A compound page
@@ -47,7 +51,9 @@ _MASK = _NR - 1
 class PhysMem:
     """``mem_map`` plus the allocator. Refcount lives on the head of a compound page."""
 
-    def __init__(self, seed: int = 0) -> None:
+    def __init__(self, seed: int = 0, max_pages: Callable[[], int] | None = None) -> None:
+        # The memory size in pages, asked when a new block is needed (None: unlimited).
+        self.max_pages = max_pages
         self.ref = array("l")
         self.mapcount = array("l")  # per-PTE mappings of this (sub)page
         self.flags = array("H")
@@ -73,20 +79,27 @@ class PhysMem:
         self.ino.extend(array("l", bytes(self.ino.itemsize * n)))
 
     def _new_block(self) -> int:
+        """A free 2 MiB block's first pfn; 0 when memory is full."""
         if self._free_blocks:
             return self._free_blocks.pop()
+        if self.max_pages is not None and (self.nr_blocks - _FIRST_BLOCK + 1) * _NR > self.max_pages():
+            return 0
         block = self.nr_blocks
         self.nr_blocks += 1
         self._grow(1)
         return block * _NR
 
     def alloc_small(self) -> int:
+        """A page with one reference; 0 when memory is full."""
         if self._free_small:
             pfn = self._free_small.pop()
         else:
             if self._small_block_next == self._small_block_end:
-                self._small_block_next = self._new_block()
-                self._small_block_end = self._small_block_next + _NR
+                block = self._new_block()
+                if not block:
+                    return 0
+                self._small_block_next = block
+                self._small_block_end = block + _NR
             pfn = self._small_block_next
             self._small_block_next += 1
         self.ref[pfn] = 1
@@ -101,6 +114,8 @@ class PhysMem:
         if not direct_compaction and fragmentation and self._rng.randrange(100) < fragmentation:
             return 0
         head = self._new_block()
+        if not head:
+            return 0
         self.ref[head] = 1
         self.flags[head] = PG_ALLOCATED | PG_HEAD
         for pfn in range(head + 1, head + _NR):
@@ -175,6 +190,7 @@ class File:
     writecount: int = 0  # i_writecount: open for write (shared writable mappings, writers)
     collapse_pmd: bool = False  # AS_COLLAPSE_PMD, per-mapping policy only
     nr_thps: int = 0
+    i_rwsem: bool = False  # the inode lock, held by a write, truncate or punch-hole
     gen: int = 0  # the collapser boot that made it: (ino, gen) is the file's identity
 
     def get(self, index: int) -> int:
@@ -240,6 +256,8 @@ class PageCache:
         self.nr_swap_entries = 0
         self._next_swap = 1
         self._lru_batch: list[int] = []
+        # Pages read from storage (regular-file pages added clean, shmem swap-ins): vmstat pgpgin.
+        self.pages_read = 0
 
     # -- files --------------------------------------------------------------------------------
 
@@ -272,6 +290,20 @@ class PageCache:
         """folio_unlock: wake whoever sleeps on the page (faults, truncate, writers)."""
         self.mem.flags[pfn] &= ~PG_LOCKED
         self.wake(("page", pfn))
+
+    # -- the inode lock -----------------------------------------------------------------------
+
+    def inode_lock(self, f: File) -> Generator[Wait, None, None]:
+        """inode_lock (i_rwsem for write): write(2), truncate(2) and fallocate(2) of one file run
+        one at a time, whatever they sleep on. Taken before any page lock; faults, khugepaged and
+        reclaim do not take it."""
+        while f.i_rwsem:
+            yield Wait(("inode", f.ino))
+        f.i_rwsem = True
+
+    def inode_unlock(self, f: File) -> None:
+        f.i_rwsem = False
+        self.wake(("inode", f.ino))
 
     # -- references and mappings --------------------------------------------------------------
 
@@ -359,15 +391,20 @@ class PageCache:
 
     def add_small_page(self, f: File, index: int, dirty: bool = False) -> int:
         """Allocate a small page, insert it at ``index`` (ref 1 for the cache), uptodate, on LRU.
-        A shmem swap entry there is replaced (swapin)."""
+        A shmem swap entry there is replaced (swapin). Returns 0, changing nothing, when memory
+        is full."""
         mem = self.mem
         pfn = mem.alloc_small()
+        if not pfn:
+            return 0
         mem.flags[pfn] |= PG_UPTODATE | (PG_SWAPBACKED | PG_DIRTY if f.shmem else 0)
         if dirty:
             mem.flags[pfn] |= PG_DIRTY
         mem.index[pfn] = index
         mem.ino[pfn] = f.ino
         old = f.get(index)
+        if old < 0 or not (f.shmem or dirty):
+            self.pages_read += 1
         if old < 0:
             f.nrswap -= 1
             self.nr_swap_entries -= 1

@@ -86,16 +86,22 @@ def snapshot(c: Collapser) -> dict[str, Any]:
 
 
 def restore(
-    state: Mapping[str, Any], knobs: Knobs | None = None, boot: int = 1, seed: int = 0, keep: Iterable[str] = ()
+    state: Mapping[str, Any],
+    knobs: Knobs | None = None,
+    boot: int = 1,
+    seed: int = 0,
+    keep: Iterable[str] = (),
+    resched_pages: int | None = None,
 ) -> Collapser:
     """A new collapser holding ``state``'s world. ``knobs``: the values to start from (the
     command line's); the snapshot's replace them except those named in ``keep``.
+    ``resched_pages``: as :class:`~collapsed.collapser.Collapser`'s.
 
     Errors:
         SnapshotError: the state is malformed or contradicts itself.
     """
     try:
-        return _restore(state, knobs or Knobs(), boot, seed, set(keep))
+        return _restore(state, knobs or Knobs(), boot, seed, set(keep), resched_pages)
     except SnapshotError:
         raise
     except (KeyError, TypeError, ValueError, IndexError, OverflowError, AttributeError) as err:
@@ -115,9 +121,11 @@ def merged_knobs(saved: Mapping[str, Any], given: Knobs, keep: set[str]) -> Knob
     return knobs
 
 
-def _restore(state: Mapping[str, Any], given: Knobs, boot: int, seed: int, keep: set[str]) -> Collapser:
+def _restore(
+    state: Mapping[str, Any], given: Knobs, boot: int, seed: int, keep: set[str], resched_pages: int | None
+) -> Collapser:
     knobs = merged_knobs(state["knobs"], given, keep)
-    c = Collapser(knobs, seed=seed, boot=boot)
+    c = Collapser(knobs, seed=seed, resched_pages=resched_pages, boot=boot)
     mem, cache = c.mem, c.cache
     saved = state["mem"]
     nr_blocks = int(saved["nr_blocks"])

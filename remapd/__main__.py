@@ -8,8 +8,11 @@ from typing import TYPE_CHECKING
 
 from shared.knobs import KnobError, Knobs
 from shared.persist import SnapshotError
+from shared.protocol.schema import CLIENT
+from shared.shell.auth import Secrets
 from shared.shell.config import (
     ENV_COLLAPSED,
+    Limits,
     add_daemon_flags,
     add_knob_flags,
     default_address,
@@ -52,12 +55,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"remapd: {err}: refusing to start (move it away to start empty)", file=sys.stderr)
         return 2
 
-    async def start(knobs: Knobs) -> None:
+    async def start(knobs: Knobs, secrets: Secrets, limits: Limits) -> None:
         from remapd.daemon import Remapd
 
-        await Remapd(knobs, core=core, state=state).serve(listen, args.ready_file, collapsed)
+        await Remapd(knobs, secrets, limits, core=core, state=state).serve(listen, args.ready_file, collapsed)
 
-    return daemon_main("remapd", args, (listen, collapsed), start)
+    # Who connects: clients only, as remapd.daemon.ACCEPTS; remapd is the peer link's client.
+    return daemon_main("remapd", args, listen, {CLIENT}, start, peer=collapsed)
 
 
 def _restore(args: argparse.Namespace) -> tuple[StateDir | None, Remapper | None]:

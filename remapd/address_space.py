@@ -7,7 +7,7 @@ though the file rmap that lives there (:class:`remapd.files.Files`) is kept up t
 from __future__ import annotations
 
 import bisect
-from collections.abc import Generator
+from collections.abc import Generator, Iterator
 from typing import Any
 
 from remapd.fault import FaultPath
@@ -18,17 +18,21 @@ from remapd.mm import (
     Mm,
     MmapLocks,
     Vma,
+    anon_vmas_compatible,
     find_mm,
+    is_mergeable_anon_vma,
+    mergeable_neighbours,
     pte_pfn,
 )
 from remapd.pagetable import PageTables
 from remapd.uprobes import Uprobes
-from shared.actor import Actor
+from shared.actor import Actor, Call
 from shared.errors import UserError
 from shared.protocol import messages as m
 from shared.units import (
     HPAGE_PMD_SHIFT,
     HPAGE_PMD_SIZE,
+    MAX_LFS_FILESIZE,
     PAGE_SHIFT,
     PAGE_SIZE,
     TASK_SIZE,
@@ -75,7 +79,11 @@ class AddressSpace:
         offset: int = 0,
         prot: str = "r",
         shared: bool = True,
+        reopen: bool = False,
     ) -> Generator[Any, Any, dict[str, Any]]:
+        """mmap(2) of file ``name``. Its struct file (vm_file) is the process's one open file of
+        ``name``, opened at the first mmap of it and inherited across fork, as a program that
+        maps one fd several times; ``reopen``: a new open(2) for this mapping alone."""
         mm = find_mm(self.mms, pid)
         f = self.files.lookup(name)
         if prot not in PROTS:
@@ -84,6 +92,9 @@ class AddressSpace:
             raise UserError("EINVAL", "length must be positive")
         if offset < 0 or offset % PAGE_SIZE:
             raise UserError("EINVAL", "offset must be a non-negative multiple of the page size")
+        if offset + length > MAX_LFS_FILESIZE:
+            # file_mmap_ok: the mapping would reach past the largest file offset.
+            raise UserError("EOVERFLOW", f"offset {offset:#x} + length {length:#x} passes MAX_LFS_FILESIZE")
         length = (length + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
         if addr is None:
             addr = self._get_unmapped_area(mm, length, offset >> PAGE_SHIFT)
@@ -93,9 +104,22 @@ class AddressSpace:
         try:
             if mm.overlapping(addr, addr + length):
                 self._do_munmap(mm, addr, addr + length)  # MAP_FIXED replaces what was there
-            vma = Vma(addr, addr + length, offset >> PAGE_SHIFT, f.ino, PROTS[prot], shared)
+            if reopen:
+                file = self.files.open_file()
+            else:
+                file = mm.fdtable.get(f.ino) or mm.fdtable.setdefault(f.ino, self.files.open_file())
+            vma = Vma(
+                addr,
+                addr + length,
+                offset >> PAGE_SHIFT,
+                f.ino,
+                PROTS[prot],
+                shared,
+                file=file,
+                account=not shared and bool(PROTS[prot] & PROT_WRITE),  # accountable_mapping
+            )
             self.vma_link(mm, vma)
-            self._vma_merge(mm, addr, addr + length)
+            vma = self._vma_merge(mm, vma)
             yield from self.uprobes.uprobe_mmap(mm, vma)
         finally:
             self.locks.mmap_write_unlock(mm)
@@ -129,7 +153,8 @@ class AddressSpace:
 
     def munmap(self, pid: int, addr: int, length: int) -> Generator[Any, Any, dict[str, Any]]:
         mm = find_mm(self.mms, pid)
-        if addr % PAGE_SIZE or length <= 0 or addr + length > TASK_SIZE:
+        # __do_munmap: start beyond TASK_SIZE (a negative address is a huge unsigned one) is EINVAL.
+        if addr % PAGE_SIZE or not 0 <= addr < TASK_SIZE or length <= 0 or addr + length > TASK_SIZE:
             raise UserError("EINVAL", "munmap needs a page-aligned address and a positive length")
         end = addr + ((length + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1))
         yield from self.locks.mmap_write_lock(mm)
@@ -163,30 +188,42 @@ class AddressSpace:
         covered = mm.overlapping(addr, end)
         unmapped = sum(min(v.end, end) - max(v.start, addr) for v in covered) != end - addr
         if advice in ("hugepage", "nohugepage"):
+            # hugepage_madvise: VM_HUGEPAGE and VM_NOHUGEPAGE exclude each other.
+            hg = advice == "hugepage"
             yield from self.locks.mmap_write_lock(mm)
             try:
-                self._split_vma(mm, addr)
-                self._split_vma(mm, end)
-                for vma in mm.overlapping(addr, end):
-                    new = vma.copy(vma.start, vma.end)
-                    new.hugepage = advice == "hugepage"
-                    new.nohugepage = advice == "nohugepage"
-                    self.vma_unlink(mm, vma)
-                    self.vma_link(mm, new)
-                self._vma_merge(mm, addr, end)
+                for vma, lo, hi in self._walk_vmas(mm, addr, end):
+                    if vma.hugepage == hg and vma.nohugepage != hg:
+                        continue  # madvise_update_vma: the flags do not change, nothing is split
+                    self._vma_modify(mm, lo, hi, hugepage=hg, nohugepage=not hg)
             finally:
                 self.locks.mmap_write_unlock(mm)
         elif advice == "dontneed":
             yield from self.locks.mmap_read_lock(mm)
             try:
-                for vma in covered:
+                for vma in mm.overlapping(addr, end):
+                    if vma.locked:
+                        return {"result": "EINVAL"}  # madvise_dontneed_free_valid_vma
                     self.pagetables.zap_page_range(mm, max(vma.start, addr), min(vma.end, end))
             finally:
                 self.locks.mmap_read_unlock(mm)
+        elif advice == "free":
+            # madvise_free_single_vma: only anonymous VMAs (there are none here): EINVAL at the
+            # first VMA; a range of holes alone is ENOMEM.
+            if covered:
+                return {"result": "EINVAL"}
+        elif advice == "remove":
+            error = yield from self._madvise_remove(mm, addr, end)
+            if error:
+                return {"result": error}
         elif advice == "pageout":
             yield from self.locks.mmap_read_lock(mm)
             try:
-                self._pageout(mm, addr, end)
+                # can_madv_lru_vma: a VM_LOCKED VMA is EINVAL; the VMAs before it are paged out.
+                stop = next((v.start for v in mm.overlapping(addr, end) if v.locked), None)
+                self._pageout(mm, addr, end if stop is None else max(addr, stop))
+                if stop is not None:
+                    return {"result": "EINVAL"}
             finally:
                 self.locks.mmap_read_unlock(mm)
         else:
@@ -208,6 +245,305 @@ class AddressSpace:
                 else:
                     page += PAGE_SIZE
         return {"result": "ENOMEM" if unmapped else 0}
+
+    def mremap(
+        self,
+        pid: int,
+        addr: int,
+        old_length: int,
+        new_length: int,
+        to: int | None = None,
+        maymove: bool = False,
+        dontunmap: bool = False,
+    ) -> Generator[Any, Any, dict[str, Any]]:
+        """mremap(2): ``to`` is MREMAP_FIXED (with MREMAP_MAYMOVE), ``dontunmap``
+        MREMAP_DONTUNMAP (with MREMAP_MAYMOVE). Returns ``{"result": 0, "addr": new address}``
+        or ``{"result": errno name, "addr": None}``; bad arguments are EINVAL as results too.
+
+        As 6.18's mm/mremap.c: a shrink unmaps the tail; a grow extends the VMA in place when
+        it ends the range and the space after it is free (merging with the next VMA), else
+        moves it with MREMAP_MAYMOVE (ENOMEM without); a move (move_vma) copies the VMA to the
+        new place (merging there), moves the page tables (:meth:`PageTables.move_page_tables`:
+        a PMD moves whole when both addresses are aligned), and unmaps the old range unless
+        MREMAP_DONTUNMAP, which leaves the old VMA, unlocked. With MREMAP_FIXED and an unchanged
+        size, every VMA in the range moves, gaps kept, and what is mapped opposite a gap stays
+        (remap_move). ``old_length`` 0 maps a shared mapping a second time. A VM_LOCKED VMA's
+        new tail is faulted in."""
+        mm = find_mm(self.mms, pid)
+        fixed = to is not None
+        maymove = maymove or fixed or dontunmap
+        old_len = (old_length + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+        new_len = (new_length + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+        if addr % PAGE_SIZE or old_length < 0 or new_length <= 0 or addr + old_len > TASK_SIZE:
+            return {"result": "EINVAL", "addr": None}
+        if dontunmap and old_len != new_len:
+            return {"result": "EINVAL", "addr": None}
+        if to is not None and (
+            to % PAGE_SIZE
+            or to < MMAP_MIN_ADDR
+            or to + new_len > TASK_SIZE
+            or (to < addr + old_len and addr < to + new_len)
+        ):
+            return {"result": "EINVAL", "addr": None}
+        populate: tuple[int, int] | None = None
+        yield from self.locks.mmap_write_lock(mm)
+        try:
+            result, new_addr, populate = self._mremap(mm, addr, old_len, new_len, to, maymove, dontunmap)
+        finally:
+            self.locks.mmap_write_unlock(mm)
+        if populate is not None:
+            yield from self._mm_populate(mm, *populate)  # a VM_LOCKED VMA's new tail
+        return {"result": result, "addr": new_addr}
+
+    def _mremap(
+        self, mm: Mm, addr: int, old_len: int, new_len: int, to: int | None, maymove: bool, dontunmap: bool
+    ) -> tuple[int | str, int | None, tuple[int, int] | None]:
+        vma = mm.find_vma(addr)
+        if vma is None:
+            return "EFAULT", None, None
+        if old_len == 0 and not vma.shared:
+            return "EINVAL", None, None  # only a shared mapping can be mapped twice
+        if to is not None and old_len == new_len and old_len:
+            # remap_move: every VMA in the range moves by the same distance, each replacing what
+            # was at its own target; what lies opposite a gap stays.
+            delta = to - addr
+            pieces = [(max(v.start, addr), min(v.end, addr + old_len)) for v in mm.overlapping(addr, addr + old_len)]
+            for lo, hi in pieces:
+                self._do_munmap(mm, lo + delta, hi + delta)
+                self._move_vma(mm, lo, hi - lo, hi - lo, lo + delta, dontunmap)
+            return 0, to, None
+        if to is None and new_len <= old_len:
+            # Nothing new is mapped (check_prep_vma stops here): the range may span VMAs, and a
+            # shrink unmaps the tail, whatever is there.
+            if new_len < old_len:
+                self._do_munmap(mm, addr + new_len, addr + old_len)
+            return 0, addr, None
+        # A grow or a move stays inside one VMA (MREMAP_FIXED first drops what a shrink drops).
+        if (old_len if to is None else min(old_len, new_len)) > vma.end - addr:
+            return "EFAULT", None, None
+        if to is not None:
+            self._do_munmap(mm, to, to + new_len)
+            if old_len > new_len:
+                self._do_munmap(mm, addr + new_len, addr + old_len)
+                old_len = new_len
+            return 0, to, self._move_vma(mm, addr, old_len, new_len, to, dontunmap)
+        end = addr + new_len
+        if old_len and addr + old_len == vma.end and end <= TASK_SIZE and not mm.overlapping(vma.end, end):
+            # vma_expandable: grow in place (vma_merge_extend merges with the next VMA).
+            grown = vma.copy(vma.start, end)
+            self.vma_unlink(mm, vma)
+            self.vma_link(mm, grown)
+            self._vma_merge(mm, grown)
+            return 0, addr, ((addr + old_len, end) if grown.locked else None)
+        if not maymove:
+            return "ENOMEM", None, None
+        new_addr = self._get_unmapped_area(mm, new_len, vma.pgoff_at(addr))
+        return 0, new_addr, self._move_vma(mm, addr, old_len, new_len, new_addr, dontunmap)
+
+    def _move_vma(
+        self, mm: Mm, old: int, old_len: int, new_len: int, new: int, dontunmap: bool
+    ) -> tuple[int, int] | None:
+        """move_vma: a copy of the VMA holding ``old`` at [new, new+new_len) (copy_vma, which
+        merges it there), the page tables and GUP pins moved, the old range unmapped (or, with
+        ``dontunmap``, its VMA kept without VM_LOCKED, and without its anon_vma when it moved
+        whole). Returns the range to populate for a VM_LOCKED VMA that grew, else None."""
+        vma = mm.find_vma(old)
+        assert vma is not None
+        copy = vma.copy(old, vma.end)
+        copy.start, copy.end = new, new + new_len
+        self.vma_link(mm, copy)
+        copy = self._vma_merge(mm, copy)
+        if not old_len:
+            return None  # a second mapping of a shared one: nothing moves
+        self.pagetables.move_page_tables(mm, old, new, old_len)
+        for page in [p for p in mm.pins if old <= p < old + old_len]:
+            mm.pins[page - old + new] = mm.pins.pop(page)
+        if not dontunmap:
+            self._do_munmap(mm, old, old + old_len)
+        elif vma.locked or (vma.anon_vma is not None and (vma.start, vma.end) == (old, old + old_len)):
+            kept = vma.copy(vma.start, vma.end)
+            kept.locked = kept.lockonfault = False  # the old VMA loses VM_LOCKED_MASK, whole
+            if (vma.start, vma.end) == (old, old + old_len):
+                kept.anon_vma, kept.fork_child = None, False  # unlink_anon_vmas
+            self.vma_unlink(mm, vma)
+            self.vma_link(mm, kept)
+            self._note_unmerged(mm, kept)
+        if copy.locked and new_len > old_len:
+            return new + old_len, new + new_len
+        return None
+
+    @staticmethod
+    def _note_unmerged(mm: Mm, vma: Vma) -> None:
+        """``vma`` changed in place, with no merge attempt (as the kernel's vm_flags_clear):
+        remember the boundaries where it now could merge and did not."""
+        i = bisect.bisect_left(mm.starts, vma.start)
+        if i > 0 and mergeable_neighbours(mm.vmas[i - 1], vma):
+            mm.unmerged.add(vma.start)
+        if i + 1 < len(mm.vmas) and mergeable_neighbours(vma, mm.vmas[i + 1]):
+            mm.unmerged.add(vma.end)
+
+    def _madvise_remove(self, mm: Mm, start: int, end: int) -> Generator[Any, Any, str | None]:
+        """MADV_REMOVE (madvise_remove), VMA by VMA: a VM_LOCKED VMA is EINVAL, one that is not
+        shared and may-write (vma_is_shared_maywrite; files are opened read-write) EACCES; else
+        the collapser punches the file range it maps (vfs_fallocate PUNCH_HOLE, which unmaps it
+        from every mapping), with the mmap lock dropped as the kernel drops it. Returns the
+        errno name, or None."""
+        pos = start
+        while pos < end:
+            yield from self.locks.mmap_read_lock(mm)
+            try:
+                vmas = mm.overlapping(pos, end)
+                if not vmas:
+                    break
+                vma = vmas[0]
+                lo, hi = max(vma.start, pos), min(vma.end, end)
+                if vma.locked:
+                    return "EINVAL"
+                if not vma.shared:
+                    return "EACCES"
+                punch = m.PunchHole(self.actor.new_req(), vma.ino, vma.pgoff_at(lo) << PAGE_SHIFT, hi - lo)
+            finally:
+                self.locks.mmap_read_unlock(mm)
+            yield Call(punch)
+            pos = hi
+        return None
+
+    def mprotect(self, pid: int, addr: int, length: int, prot: str) -> Generator[Any, Any, dict[str, Any]]:
+        """mprotect(2) (do_mprotect_pkey): each VMA in the range takes the protection through
+        mprotect_fixup, which leaves a VMA that already has it alone and otherwise splits it at
+        the range's edges (splitting a PMD there) and merges the result with its neighbours. A
+        hole at the start is ENOMEM before anything changes; one further on is ENOMEM after the
+        VMAs before it changed. Mappings stay: change_protection keeps a PMD the range covers
+        whole, and a PTE keeps its write bit for when writing is allowed again (in the kernel
+        MM_CP_TRY_CHANGE_WRITABLE makes dirty shared and exclusive anon PTEs writable again)."""
+        mm = find_mm(self.mms, pid)
+        if prot not in PROTS:
+            raise UserError("EINVAL", f"prot must be one of {', '.join(PROTS)}")
+        if addr % PAGE_SIZE or length < 0:
+            raise UserError("EINVAL", "mprotect needs a page-aligned address")
+        end = addr + ((length + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1))
+        if end == addr:
+            return {"result": 0}
+        newprot = PROTS[prot]
+        populate: list[tuple[int, int]] = []
+        yield from self.locks.mmap_write_lock(mm)
+        try:
+            result = self._mprotect(mm, addr, end, newprot, populate)
+        finally:
+            self.locks.mmap_write_unlock(mm)
+        # A private VM_LOCKED VMA made writable is populated with write faults (breaking CoW at
+        # once rather than at the next access); in the kernel still under the write lock.
+        for lo, hi in populate:
+            yield from self._mm_populate(mm, lo, hi)
+        return {"result": result}
+
+    def _mprotect(self, mm: Mm, start: int, end: int, newprot: int, populate: list[tuple[int, int]]) -> int | str:
+        if mm.find_vma(start) is None:
+            return "ENOMEM"
+        pos = start
+        for vma, lo, hi in self._walk_vmas(mm, start, end):
+            if lo != pos:
+                return "ENOMEM"  # a hole: what came before it stays changed
+            pos = hi
+            if vma.prot == newprot:
+                continue  # mprotect_fixup: the flags do not change
+            # A private mapping made writable is charged (VM_ACCOUNT), for good.
+            account = vma.account or (not vma.shared and bool(newprot & PROT_WRITE))
+            if vma.locked and not vma.shared and not vma.prot & PROT_WRITE and newprot & PROT_WRITE:
+                populate.append((lo, hi))
+            self._vma_modify(mm, lo, hi, prot=newprot, account=account)
+        return 0 if pos >= end else "ENOMEM"
+
+    def mlock(self, pid: int, addr: int, length: int, onfault: bool = False) -> Generator[Any, Any, dict[str, Any]]:
+        """mlock(2), or mlock2(MLOCK_ONFAULT) with ``onfault`` (do_mlock): the range is widened to
+        whole pages, every VMA in it gets VM_LOCKED (and VM_LOCKONFAULT, or loses it) through
+        mlock_fixup (apply_vma_lock_flags: a VMA that has the flags already is left alone, a
+        hole is ENOMEM), then __mm_populate faults the range in: write faults in a private
+        writable VMA (breaking CoW), read faults elsewhere, nothing in a VM_LOCKONFAULT VMA. A
+        PROT_NONE VMA or a page past EOF (EFAULT) makes it ENOMEM (__mlock_posix_error_return),
+        the VMAs staying locked. RLIMIT_MEMLOCK is not modelled (root has CAP_IPC_LOCK)."""
+        mm = find_mm(self.mms, pid)
+        start, end = self._lock_range(addr, length)
+        if start == end:
+            return {"result": 0}
+        yield from self.locks.mmap_write_lock(mm)
+        try:
+            error = self._apply_vma_lock_flags(mm, start, end, True, onfault)
+        finally:
+            self.locks.mmap_write_unlock(mm)
+        if error:
+            return {"result": error}
+        result = yield from self._mm_populate(mm, start, end)
+        return {"result": result}
+
+    def munlock(self, pid: int, addr: int, length: int) -> Generator[Any, Any, dict[str, Any]]:
+        """munlock(2): apply_vma_lock_flags with no lock flags (ENOMEM for a hole)."""
+        mm = find_mm(self.mms, pid)
+        start, end = self._lock_range(addr, length)
+        if start == end:
+            return {"result": 0}
+        yield from self.locks.mmap_write_lock(mm)
+        try:
+            error = self._apply_vma_lock_flags(mm, start, end, False, False)
+        finally:
+            self.locks.mmap_write_unlock(mm)
+        return {"result": error or 0}
+
+    @staticmethod
+    def _lock_range(addr: int, length: int) -> tuple[int, int]:
+        """mlock's and munlock's range: from ``addr`` rounded down, ``length`` plus the offset into
+        the first page rounded up (they take an unaligned address, unlike madvise and mprotect)."""
+        if addr < 0 or length < 0:
+            raise UserError("EINVAL", "address and length must not be negative")
+        start = addr & ~(PAGE_SIZE - 1)
+        end = start + ((length + (addr - start) + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1))
+        if end > TASK_SIZE:
+            raise UserError("ENOMEM", "range beyond the address space")
+        return start, end
+
+    def _apply_vma_lock_flags(self, mm: Mm, start: int, end: int, locked: bool, onfault: bool) -> str | None:
+        """apply_vma_lock_flags: mlock_fixup on each VMA; the errno name, or None."""
+        if mm.find_vma(start) is None:
+            return "ENOMEM"
+        pos = start
+        for vma, lo, hi in self._walk_vmas(mm, start, end):
+            if lo != pos:
+                return "ENOMEM"
+            pos = hi
+            if vma.locked == locked and vma.lockonfault == (locked and onfault):
+                continue  # mlock_fixup: the flags do not change
+            self._vma_modify(mm, lo, hi, locked=locked, lockonfault=locked and onfault)
+        return None if pos >= end else "ENOMEM"
+
+    def _mm_populate(self, mm: Mm, start: int, end: int) -> Generator[Any, Any, int | str]:
+        """__mm_populate -> populate_vma_page_range over [start, end), VMA by VMA, under the
+        mmap read lock each fault takes: 0, or ENOMEM (EFAULT, as mlock reports it)."""
+        page = start
+        while page < end:
+            vma = mm.find_vma(page)
+            if vma is None:
+                nxt = mm.overlapping(page, end)
+                if not nxt:
+                    break
+                page = nxt[0].start
+                continue
+            stop = min(vma.end, end)
+            if vma.lockonfault:
+                page = stop  # VM_LOCKONFAULT: populate_vma_page_range does nothing
+                continue
+            if not vma.prot:
+                return "ENOMEM"  # never faults in PROT_NONE: -EFAULT
+            # FOLL_WRITE where a write would break CoW (private writable), else a read fault.
+            write = bool(vma.prot & PROT_WRITE) and not vma.shared
+            while page < stop:
+                result = yield from self.faults.do_user_addr_fault(mm.pid, page, write)
+                if result in ("sigsegv", "sigbus"):
+                    return "ENOMEM"
+                if isinstance(mm.pmds.get(page >> HPAGE_PMD_SHIFT), int):
+                    page = (page | (HPAGE_PMD_SIZE - 1)) + 1  # the PMD mapped the rest
+                else:
+                    page += PAGE_SIZE
+        return 0
 
     def _pageout(self, mm: Mm, start: int, end: int) -> None:
         """MADV_PAGEOUT: unmap this process's file pages in the range and ask for reclaim."""
@@ -233,9 +569,21 @@ class AddressSpace:
     def dup_mmap(self, parent: Mm, mm: Mm) -> None:
         """fork, under the parent's mmap write lock: copy every VMA; page tables only where the
         VMA has an anon_vma (vma_needs_copy), since file pages simply refault in the child."""
+        mm.fdtable.update(parent.fdtable)  # the child shares the parent's open files
+        prev: Vma | None = None
         for vma in parent.vmas:
-            self.vma_link(mm, vma.copy(vma.start, vma.end))
-            if vma.anon_vma:
+            child = vma.copy(vma.start, vma.end)
+            child.locked = child.lockonfault = False  # VM_LOCKED_MASK is not inherited
+            if vma.anon_vma is not None:
+                # anon_vma_fork: the child's VMA gets an anon_vma of its own, chained to the
+                # parent's (so a fork child: its chain is not singular).
+                child.anon_vma, child.fork_child = mm.new_anon_vma(), True
+            self.vma_link(mm, child)
+            if prev is not None and mergeable_neighbours(prev, child):
+                # Neighbours only VM_LOCKED kept apart stay apart: dup_mmap merges nothing.
+                mm.unmerged.add(child.start)
+            prev = child
+            if vma.anon_vma is not None:
                 self.pagetables.copy_page_range(mm, parent, vma)
 
     def exit_mmap(self, mm: Mm) -> None:
@@ -304,6 +652,23 @@ class AddressSpace:
         haddr = (vma.start + HPAGE_PMD_SIZE - 1) & ~(HPAGE_PMD_SIZE - 1)
         return vma.pmd_suitable(haddr)
 
+    @staticmethod
+    def _walk_vmas(mm: Mm, start: int, end: int) -> Iterator[tuple[Vma, int, int]]:
+        """madvise_walk_vmas and mprotect's loop: each VMA overlapping [start, end) with the part
+        of it in the range, looked up afresh after the caller changed the previous one (a split
+        or a merge replaces VMAs)."""
+        pos = start
+        while pos < end:
+            i = bisect.bisect_right(mm.starts, pos) - 1
+            if i < 0 or mm.vmas[i].end <= pos:
+                i += 1
+            if i >= len(mm.vmas) or mm.vmas[i].start >= end:
+                return
+            vma = mm.vmas[i]
+            lo, hi = max(vma.start, pos), min(vma.end, end)
+            yield vma, lo, hi
+            pos = hi
+
     def _split_vma(self, mm: Mm, addr: int) -> None:
         """Split the VMA containing ``addr`` so that a VMA starts there (__split_vma). A PMD
         mapping across the new boundary is split first (vma_adjust_trans_huge)."""
@@ -317,18 +682,46 @@ class AddressSpace:
         self.vma_link(mm, vma.copy(vma.start, addr))
         self.vma_link(mm, vma.copy(addr, vma.end))
 
-    def _vma_merge(self, mm: Mm, start: int, end: int) -> None:
-        """vma_merge: fold VMAs in [start, end] with identical, contiguous neighbours."""
-        i = max(0, bisect.bisect_left(mm.starts, start) - 1)
-        while i + 1 < len(mm.vmas):
-            a, b = mm.vmas[i], mm.vmas[i + 1]
-            if a.start > end:
-                break
-            if a.end == b.start and a.same_flags(b) and a.pgoff_at(a.end) == b.pgoff:
-                merged = a.copy(a.start, b.end)
-                merged.anon_vma = a.anon_vma or b.anon_vma
-                self.vma_unlink(mm, a)
-                self.vma_unlink(mm, b)
-                self.vma_link(mm, merged)
-                continue
-            i += 1
+    def _vma_modify(self, mm: Mm, start: int, end: int, **changes: Any) -> Vma:
+        """vma_modify_flags: [start, end), inside one VMA, takes ``changes`` (Vma attributes); the
+        rest of that VMA is split off, and the changed part merges with its neighbours where it can
+        (vma_merge_existing_range). Returns the VMA that now holds [start, end)."""
+        self._split_vma(mm, start)
+        self._split_vma(mm, end)
+        old = mm.find_vma(start)
+        assert old is not None and (old.start, old.end) == (start, end)
+        new = old.copy(start, end)
+        for name, value in changes.items():
+            setattr(new, name, value)
+        self.vma_unlink(mm, old)
+        self.vma_link(mm, new)
+        return self._vma_merge(mm, new)
+
+    def _vma_merge(self, mm: Mm, vma: Vma) -> Vma:
+        """Merge ``vma`` (new, or just changed) with its previous and next neighbours where they
+        are compatible and contiguous in the file (vma_merge_new_range /
+        vma_merge_existing_range). Returns the VMA that now holds ``vma``'s range."""
+        i = bisect.bisect_left(mm.starts, vma.start)
+        assert mm.vmas[i] is vma
+        prev = mm.vmas[i - 1] if i > 0 and mm.vmas[i - 1].end == vma.start else None
+        nxt = mm.vmas[i + 1] if i + 1 < len(mm.vmas) and mm.vmas[i + 1].start == vma.end else None
+        left = prev is not None and prev.can_merge(vma) and is_mergeable_anon_vma(prev, vma)
+        right = (
+            nxt is not None
+            and vma.can_merge(nxt)
+            and is_mergeable_anon_vma(nxt, vma)
+            and (not left or prev is None or anon_vmas_compatible(prev, nxt))
+        )
+        if not (left or right):
+            return vma
+        first = prev if left and prev is not None else vma
+        last = nxt if right and nxt is not None else vma
+        merged = first.copy(first.start, last.end)
+        # The merged VMA has the one anon_vma among them (dup_anon_vma), with its chain.
+        owner = next((v for v in (first, vma, last) if v.anon_vma is not None), None)
+        if owner is not None:
+            merged.anon_vma, merged.fork_child = owner.anon_vma, owner.fork_child
+        for part in dict.fromkeys((first, vma, last)):
+            self.vma_unlink(mm, part)
+        self.vma_link(mm, merged)
+        return merged

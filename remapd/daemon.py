@@ -19,12 +19,15 @@ from shared.errors import UserError
 from shared.knobs import KnobError, Knobs, sysfs_entries
 from shared.protocol import messages as m
 from shared.protocol.schema import CLIENT, COLLAPSED, REMAPD
+from shared.shell.auth import Secrets
+from shared.shell.config import Limits
 from shared.shell.driver import Driver
-from shared.shell.job import Job, Work
+from shared.shell.job import Job, Stream, Work
 from shared.shell.peer import PeerLink, connect_peer
 from shared.shell.requests import operation_handlers
 from shared.shell.server import Server
 from shared.shell.state import StateDir
+from shared.shell.trace import trace_stream
 
 # The first retry after a failed connect; each failure doubles the wait up to the maximum.
 BACKOFF_MIN_S = 0.05
@@ -33,9 +36,22 @@ BACKOFF_MAX_S = 2.0
 POOL_KNOB = "thpsplit/free_huge_pages"
 
 
+# Who connects to remapd: clients only (remapd connects to collapsed itself).
+ACCEPTS = frozenset({CLIENT})
+
+
 class Remapd:
-    def __init__(self, knobs: Knobs, core: Remapper | None = None, state: StateDir | None = None):
+    def __init__(
+        self,
+        knobs: Knobs,
+        secrets: Secrets | None = None,
+        limits: Limits | None = None,
+        core: Remapper | None = None,
+        state: StateDir | None = None,
+    ):
         """``core``: a remapper restored from ``state``'s snapshot (--state-dir), else a new one."""
+        self.secrets = secrets
+        self.limits = limits
         self.state = state
         self.core = core if core is not None else Remapper(knobs)
         if state is not None:
@@ -55,6 +71,9 @@ class Remapd:
 
     def handle_sysfs_set(self, q: m.SysfsSet) -> Job:
         return self.driver.start(self._sysfs_set, q.name, q.value)
+
+    def handle_trace(self, q: m.Trace) -> Stream:
+        return trace_stream(self.driver, q)
 
     def handle_sync(self, q: m.Sync) -> Work:
         async def sync() -> None:
@@ -94,11 +113,10 @@ class Remapd:
 
     async def serve(self, listen: str, ready_file: str | None, collapsed: str) -> None:
         async def peer() -> None:
-            await connect_peer(self.link, collapsed, BACKOFF_MIN_S, BACKOFF_MAX_S)
+            await connect_peer(self.link, collapsed, BACKOFF_MIN_S, BACKOFF_MAX_S, self.secrets)
 
         state = self.state
         background = [peer, state.periodically] if state is not None else [peer]
         before_stop = state.save_logged if state is not None else None
-        await Server(self.driver, self.link, {CLIENT}, self.handlers).serve(
-            listen, ready_file, background=background, before_stop=before_stop
-        )
+        server = Server(self.driver, self.link, ACCEPTS, self.handlers, self.secrets, self.limits)
+        await server.serve(listen, ready_file, background=background, before_stop=before_stop)

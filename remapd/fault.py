@@ -11,9 +11,11 @@ from collections import Counter
 from collections.abc import Generator
 from typing import Any
 
+from remapd.files import Files
 from remapd.mm import (
     ANON_PFN_BASE,
     PTE_ANON,
+    PTE_DIRTY,
     PTE_SHMEM,
     PTE_THP,
     PTE_WRITE,
@@ -48,7 +50,8 @@ MAP, COPY, OK = m.Purpose.MAP, m.Purpose.COPY, m.PageStatus.OK
 
 class FaultPath:
     """Page faults and GUP pins of every process. ``actor`` runs the tasks and carries the
-    page-cache lookups to the collapser; ``vm`` is the remapper's vmstat (``pgfault``,
+    page-cache lookups to the collapser; ``files`` is the file mirror (i_size decides whether a
+    regular file's THP may be mapped whole); ``vm`` is the remapper's vmstat (``pgfault``,
     ``thpsplit_cow_fault``)."""
 
     def __init__(
@@ -56,6 +59,7 @@ class FaultPath:
         actor: Actor,
         knobs: Knobs,
         mms: dict[int, Mm],
+        files: Files,
         locks: MmapLocks,
         pagetables: PageTables,
         rmap: RmapBatch,
@@ -65,6 +69,8 @@ class FaultPath:
         self.actor = actor
         self.knobs = knobs
         self.mms = mms
+        self.files = files
+        self.shmem_inos = files.shmem_inos
         self.locks = locks
         self.pagetables = pagetables
         self.rmap = rmap
@@ -110,29 +116,51 @@ class FaultPath:
                 self.pagetables.zap_huge_pmd(mm, pidx, split=True)  # CoW on a PMD-mapped file THP splits it
                 continue
             if entry is not None and (pte := entry.ptes[slot]):
-                if not write or pte & PTE_WRITE:
+                if not write:
+                    return "hit"
+                if pte & PTE_WRITE:
+                    if not pte & (PTE_DIRTY | PTE_ANON):
+                        # Writable but clean (read-faulted on shared writable shmem): no fault,
+                        # the CPU sets the dirty bit, which the kernel moves to the folio when it
+                        # unmaps the page.
+                        entry.ptes[slot] = pte | PTE_DIRTY
+                        self.actor.send(m.MarkDirty(pte_pfn(pte)))
                     return "hit"
                 if vma.shared:
-                    entry.ptes[slot] = pte | PTE_WRITE  # write-protect fault: page_mkwrite
+                    # Write-protect fault (wp_page_shared): a regular file's shared writable
+                    # mapping wants write-notify, so its read faults mapped the page read-only.
+                    entry.ptes[slot] = pte | PTE_WRITE | PTE_DIRTY
                     self.actor.send(m.MarkDirty(pte_pfn(pte)))
                     return "minor"
                 return self._cow(mm, vma, pidx, slot, pte)
             haddr = addr & ~(HPAGE_PMD_SIZE - 1)
-            pmd_ok = (
-                not cow
-                and entry is None
-                and not vma.nohugepage
-                and vma.pmd_suitable(haddr)
+            pmd_ok = not cow and entry is None and not vma.nohugepage and vma.pmd_suitable(haddr)
+            # shmem sizes a new folio by the VMA and the page cache alone (shmem_get_folio_gfp):
+            # PMD-order wherever the VMA could hold one (thp_vma_suitable_order, not
+            # VM_NOHUGEPAGE), whatever the page table holds, for a CoW source too. Only shmem
+            # allocates at fault, so a regular file's fault does not work it out.
+            thp_ok = pmd_ok or (
+                vma.ino in self.shmem_inos and not vma.nohugepage and vma.pmd_suitable(haddr)
             )
             purpose = COPY if cow else MAP
-            around = () if write else self._around(mm, vma, addr, entry)
+            # should_fault_around: a read fault with fault_around_bytes above a page.
+            nr_around = 0 if write else self.knobs.fault_around_pages()
+            around = self._around(vma, addr, entry, nr_around) if nr_around > 1 else ()
             # The page-cache lookup is the collapser's: mmap_lock is not held across it (it stands
             # for microseconds of filemap_fault, or for I/O that drops the lock), so a fault in
             # flight does not fail khugepaged's trylock. Everything is revalidated after.
             self.locks.mmap_read_unlock(mm)
             reply = yield Call(
                 m.LookupPage(
-                    self.actor.new_req(), vma.ino, vma.pgoff_at(addr), purpose, write, pmd_ok, vma.hugepage, around
+                    self.actor.new_req(),
+                    vma.ino,
+                    vma.pgoff_at(addr),
+                    purpose,
+                    write,
+                    pmd_ok,
+                    vma.hugepage,
+                    around,
+                    thp_ok,
                 )
             )
             if reply.status != OK:
@@ -179,30 +207,56 @@ class FaultPath:
                 self.rmap.add(reply.pfn, pte=-1)
                 self._map_around(mm, vma, reply, install=False)
                 continue
-            if current is None and reply.thp and not vma.nohugepage and vma.pmd_suitable(haddr):
-                # finish_fault: the table went (retracted while we waited on the page lock), so
-                # do_set_pmd maps the THP rather than a PTE in a new table.
-                self.rmap.add(reply.pfn, pte=-1)
-                self.pagetables.do_set_pmd(mm, pidx, reply.head, reply.shmem, accounted=False)
-                self._map_around(mm, vma, reply, install=False)
-                return "pmd"
+            # A PMD-order folio that lies inside the VMA and this PMD's page table is mapped whole
+            # (finish_fault, filemap_map_folio_range), a regular file's only inside i_size.
+            whole = False
+            if reply.thp and vma.pmd_suitable(haddr) and self._can_map_large(vma, addr, reply.shmem):
+                if current is None and not vma.nohugepage:
+                    # finish_fault: the table went (retracted while we waited on the page lock),
+                    # so do_set_pmd maps the THP rather than a PTE in a new table.
+                    self.rmap.add(reply.pfn, pte=-1)
+                    self.pagetables.do_set_pmd(mm, pidx, reply.head, reply.shmem, accounted=False)
+                    self._map_around(mm, vma, reply, install=False)
+                    return "pmd"
+                # finish_fault (no fault-around ran, or the folio was not in the cache for it)
+                # maps the whole folio only where every PTE of it is none (pte_range_none), else
+                # the one page; fault-around (filemap_map_folio_range) maps it around what is
+                # present.
+                whole = current is None or not current.nr or (
+                    nr_around > 1 and not reply.major and not reply.allocated
+                )
             flags = (PTE_THP if reply.thp else 0) | (PTE_SHMEM if reply.shmem else 0)
             if write:
-                flags |= PTE_WRITE
+                flags |= PTE_WRITE | PTE_DIRTY
+            elif reply.shmem and vma.writes_file:
+                flags |= PTE_WRITE  # shmem wants no write-notify: vm_page_prot is writable
             self.pagetables.set_pte_at(mm, pidx, slot, pte_make(reply.pfn, flags))
-            self._map_around(mm, vma, reply, install=True)
+            if reply.around:
+                self._map_around(mm, vma, reply, install=True)
+            if whole:
+                self.pagetables.map_folio_ptes(mm, pidx, reply.head, flags)
             return "major" if reply.major else "minor"
 
-    def _around(self, mm: Mm, vma: Vma, addr: int, entry: PteTable | None) -> tuple[int, ...]:
-        """do_fault_around's window: the fault_around_bytes-aligned block holding ``addr``, inside
-        the VMA and the PMD, minus the fault itself and the PTEs already present."""
-        nr = self.knobs.fault_around_pages()
-        if nr <= 1:
-            return ()
-        size = nr << PAGE_SHIFT
+    def _can_map_large(self, vma: Vma, addr: int, shmem: bool) -> bool:
+        """The i_size rule of finish_fault and filemap_map_pages (6.18, "mm/memory: do not
+        populate page table entries beyond i_size"): a regular file's large folio is mapped whole,
+        or by a PMD, only if it ends inside i_size, so an access past EOF still raises SIGBUS;
+        shmem is exempt (it has long mapped PMDs across i_size)."""
+        if shmem:
+            return True
+        f = self.files.get(vma.ino)
+        last = vma.pgoff_at(addr) | (HPAGE_PMD_NR - 1)  # a PMD-order folio is naturally aligned
+        return f is not None and last < (f.size + PAGE_SIZE - 1) >> PAGE_SHIFT
+
+    def _around(self, vma: Vma, addr: int, entry: PteTable | None, nr: int) -> tuple[int, ...]:
+        """do_fault_around's window, minus the fault itself and the PTEs already present: it
+        starts at the fault_around_bytes-aligned block holding ``addr``, raised to the VMA's start
+        (and the PMD's), and runs fault_around_pages from there, cut at the VMA's end and the
+        PMD's. Raised at a VMA start, the window is shifted, not shortened (``to_pte = from_pte +
+        nr_pages``)."""
         haddr = addr & ~(HPAGE_PMD_SIZE - 1)
-        lo = max(addr & ~(size - 1), vma.start, haddr)
-        hi = min((addr & ~(size - 1)) + size, vma.end, haddr + HPAGE_PMD_SIZE)
+        lo = max(addr & ~((nr << PAGE_SHIFT) - 1), vma.start, haddr)
+        hi = min(lo + (nr << PAGE_SHIFT), vma.end, haddr + HPAGE_PMD_SIZE)
         ptes = entry.ptes if entry is not None else None
         return tuple(
             vma.pgoff_at(a)
@@ -211,8 +265,12 @@ class FaultPath:
         )
 
     def _map_around(self, mm: Mm, vma: Vma, reply: m.PageAnswer, install: bool) -> None:
-        """Map the fault-around pages the collapser accounted; hand back those that lost a race."""
-        shmem = PTE_SHMEM if reply.shmem else 0
+        """Map the fault-around pages the collapser accounted; hand back those that lost a race.
+        They are mapped with vm_page_prot (set_pte_range on a read fault): writable, clean, in a
+        shared writable shmem mapping; read-only elsewhere."""
+        if not reply.around:
+            return
+        shmem = (PTE_SHMEM | PTE_WRITE if vma.writes_file else PTE_SHMEM) if reply.shmem else 0
         for index, pfn, thp in reply.around:
             addr = vma.addr_of(index)
             pidx, slot = addr >> HPAGE_PMD_SHIFT, (addr >> PAGE_SHIFT) & (HPAGE_PMD_NR - 1)
@@ -221,6 +279,26 @@ class FaultPath:
                 self.rmap.add(pfn, pte=-1)
                 continue
             self.pagetables.set_pte_at(mm, pidx, slot, pte_make(pfn, (PTE_THP if thp else 0) | shmem))
+
+    def page_mkclean(self, ino: int, indices: tuple[int, ...]) -> None:
+        """folio_mkclean for pages of a regular file going under writeback: every PTE of a shared
+        writable mapping that maps one goes read-only and clean, so the next write is a
+        write-protect fault (page_mkwrite) that dirties the page again. An rmap walk: no mmap
+        lock. Private mappings' file PTEs are read-only already."""
+        for mm, vma in self.files.mappings(ino):
+            if not vma.writes_file:
+                continue
+            lo, hi = vma.pgoff, vma.pgoff_at(vma.end)
+            for index in indices:
+                if not lo <= index < hi:
+                    continue
+                addr = vma.addr_of(index)
+                table = mm.pmds.get(addr >> HPAGE_PMD_SHIFT)
+                if isinstance(table, PteTable):
+                    slot = (addr >> PAGE_SHIFT) & (HPAGE_PMD_NR - 1)
+                    pte = table.ptes[slot]
+                    if pte & PTE_WRITE and not pte & PTE_ANON:
+                        table.ptes[slot] = pte & ~(PTE_WRITE | PTE_DIRTY)
 
     def _cow(self, mm: Mm, vma: Vma, pidx: int, slot: int, pte: int) -> str:
         """wp_page_copy (or reuse of an exclusive anon page)."""
@@ -241,11 +319,22 @@ class FaultPath:
         """Fault every ``stride`` bytes of [addr, addr+length); counts per outcome."""
         if stride <= 0 or length < 0:
             raise UserError("EINVAL", "stride must be positive and length non-negative")
-        find_mm(self.mms, pid)
+        mm = find_mm(self.mms, pid)
         counts: Counter[str] = Counter()
-        for a in range(addr, addr + length, stride):
+        a, end = addr, addr + length
+        while a < end:
             result = yield from self.do_user_addr_fault(pid, a, write)
             counts[result] += 1
+            a += stride
+            if result == "sigsegv" and a < end:
+                # Every access up to the end of this hole (or of the VMA that refused it) faults
+                # the same way: count them at once, so a touch costs O(what is mapped), not
+                # O(its length) -- 100 TiB of nothing must not hold the daemon for hours.
+                skip = -(-(min(mm.sigsegv_end(a - stride), end) - a) // stride)
+                if skip > 0:
+                    counts["sigsegv"] += skip
+                    self.vm["pgfault"] += skip
+                    a += skip * stride
         return dict(counts)
 
     # -- GUP pins -----------------------------------------------------------------------------

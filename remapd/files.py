@@ -34,8 +34,15 @@ class Files(Mapping[int, FileMirror]):
     def __init__(self) -> None:
         self._by_ino: dict[int, FileMirror] = {}
         self.by_name: dict[str, FileMirror] = {}
+        self.shmem_inos: set[int] = set()  # the shmem files' inode numbers, for the fault path
         # ino -> {id(vma): (mm, vma)}: insertion-ordered, so walks visit mappings oldest first.
         self.i_mmap: dict[int, dict[int, tuple[Mm, Vma]]] = {}
+        self.opens = 0  # struct files made by open(2): the last identity handed out
+
+    def open_file(self) -> int:
+        """A new struct file's identity (what a VMA's vm_file points at)."""
+        self.opens += 1
+        return self.opens
 
     def __getitem__(self, ino: int) -> FileMirror:
         return self._by_ino[ino]
@@ -57,6 +64,8 @@ class Files(Mapping[int, FileMirror]):
         if f is None:
             f = self._by_ino[msg.ino] = FileMirror(msg.ino, msg.name, msg.size, msg.shmem, msg.gen)
             self.by_name[msg.name] = f
+            if msg.shmem:
+                self.shmem_inos.add(msg.ino)
         elif f.gen != msg.gen:
             return
         elif f.name != msg.name:

@@ -32,10 +32,10 @@ from remapd.pagetable import PageTables
 from shared.actor import Actor, Call, Sleep
 from shared.errors import UserError
 from shared.knobs import Knobs
-from shared.logs import get_logger
 from shared.protocol import messages as m
 from shared.scan_result import ScanResult as R
 from shared.scan_result import madvise_collapse_errno
+from shared.tracepoints import get_logger, mm_pointer
 from shared.units import HPAGE_PMD_NR, HPAGE_PMD_SHIFT, HPAGE_PMD_SIZE
 
 log = get_logger("remapd.khugepaged")
@@ -119,7 +119,8 @@ class Khugepaged:
 
     def retract_page_tables(self, msg: m.Retract) -> m.Retracted:
         """For every VMA mapping ``pgoff`` of the file: free its PTE table for the new THP and, with
-        ``install_pmd``, map the THP with a PMD. Runs with the THP locked by the collapser."""
+        ``install_pmd``, map the THP with a PMD where do_set_pmd would (:meth:`Vma.can_set_pmd`).
+        Runs with the THP locked by the collapser."""
         policy = self.knobs.retry_policy
         install = bool(self.knobs.install_pmd)
         shmem = self.files.is_shmem(msg.ino)
@@ -129,7 +130,7 @@ class Khugepaged:
             pidx = addr >> HPAGE_PMD_SHIFT
             entry = mm.pmds.get(pidx)
             if (
-                vma.anon_vma  # MAP_PRIVATE written to: the PMD mapping would be split again
+                vma.anon_vma is not None  # MAP_PRIVATE written to: the PMD mapping would be split again
                 or addr & (HPAGE_PMD_SIZE - 1)
                 or addr < vma.start
                 or vma.end < addr + HPAGE_PMD_SIZE
@@ -148,8 +149,11 @@ class Khugepaged:
                     continue
                 self.pagetables.pte_free(mm, pidx)
                 retracted += 1
-                log.debug("retract", pid=mm.pid, addr=hex(addr), pfn=msg.head)
-                if install:
+                log.debug("retract", mm=mm_pointer(mm.pid), addr=addr, hpage_pfn=msg.head)
+                # The PMD only where a fault's do_set_pmd would map it: not in a VM_NOHUGEPAGE
+                # VMA, whose table is retracted all the same (retract_page_tables does not look
+                # at the VMA's THP flags).
+                if install and vma.can_set_pmd(addr):
                     self.pagetables.do_set_pmd(mm, pidx, msg.head, shmem, accounted=False)
                     installed += 1
             finally:
@@ -300,7 +304,11 @@ class Khugepaged:
             s, e = max(vma.start, start), min(vma.end, end)
             hstart = (s + HPAGE_PMD_SIZE - 1) & ~(HPAGE_PMD_SIZE - 1)
             hend = e & ~(HPAGE_PMD_SIZE - 1)
-            if not self._vma_thp_allowed(vma):
+            # thp_vma_allowable_order(TVA_FORCED_COLLAPSE): the VMA must allow a THP and hold an
+            # aligned PMD somewhere (__thp_vma_allowable_orders outside the fault path); the
+            # first VMA that fails ends the walk (madvise_walk_vmas), before any later one is
+            # collapsed and before a hole is reported.
+            if not self._vma_thp_allowed(vma) or not vma.thp_suitable():
                 return "EINVAL"
             if hstart > hend:
                 return "EINVAL"  # the kernel's (hend - hstart) wraps: observed on 6.18

@@ -7,6 +7,9 @@ allocated with the table (4 KiB, as the kernel's page); a PMD range with nothing
 A PTE is ``pfn << PTE_SHIFT | flags``. ``PTE_THP`` marks a subpage of a PMD-order compound page;
 the entry "belongs" in its table (Kirill's per-PMD mark) when ``pfn % 512 == slot``. Everything else
 (a small page, an anon page, another THP's subpage) is foreign and counted in ``nr_foreign``.
+``PTE_DIRTY`` is the bit the CPU sets on a write through a writable PTE: a file page mapped writable
+but clean (a read fault on a shared writable shmem mapping) is dirtied by the first write, which
+is no fault.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Any
 
 from shared.actor import Wait
 from shared.errors import UserError
-from shared.units import HPAGE_PMD_NR, HPAGE_PMD_SHIFT, PAGE_SHIFT
+from shared.units import HPAGE_PMD_NR, HPAGE_PMD_SHIFT, PAGE_SHIFT, TASK_SIZE
 from shared.vm import PROT_WRITE
 
 PTE_PRESENT = 1 << 0
@@ -26,7 +29,8 @@ PTE_WRITE = 1 << 1
 PTE_ANON = 1 << 2
 PTE_THP = 1 << 3
 PTE_SHMEM = 1 << 4
-PTE_SHIFT = 5
+PTE_DIRTY = 1 << 5
+PTE_SHIFT = 6
 
 # Anonymous pages live in a pfn space of their own (the remapper allocates them without asking
 # the collapser): pfns at or above this are anon.
@@ -78,7 +82,33 @@ class PteTable:
 
 
 class Vma:
-    __slots__ = ("anon_vma", "end", "hugepage", "ino", "nohugepage", "pgoff", "prot", "shared", "start")
+    """vm_area_struct. ``anon_vma`` is the identity of the VMA's anon_vma (None until the first
+    private anon page, anon_vma_prepare), shared by the pieces of a split and taken over by a
+    merge; ``fork_child`` says its anon_vma_chain is not singular (the VMA was copied by fork
+    from one with an anon_vma: vma_is_fork_child). ``file`` is the identity of vm_file, the open
+    file of inode ``ino`` it maps (0: none given). ``account`` is VM_ACCOUNT: a private mapping
+    that is or was writable counts in the commit charge (accountable_mapping at mmap, set by
+    mprotect and never cleared for a file mapping). ``locked`` and ``lockonfault`` are VM_LOCKED
+    and VM_LOCKONFAULT (mlock, mlock2(MLOCK_ONFAULT)). ``mm`` is vm_mm, set when the VMA is
+    linked."""
+
+    __slots__ = (
+        "account",
+        "anon_vma",
+        "end",
+        "file",
+        "fork_child",
+        "hugepage",
+        "ino",
+        "locked",
+        "lockonfault",
+        "mm",
+        "nohugepage",
+        "pgoff",
+        "prot",
+        "shared",
+        "start",
+    )
 
     def __init__(
         self,
@@ -90,7 +120,12 @@ class Vma:
         shared: bool,
         hugepage: bool = False,
         nohugepage: bool = False,
-        anon_vma: bool = False,
+        anon_vma: int | None = None,
+        fork_child: bool = False,
+        file: int = 0,
+        account: bool = False,
+        locked: bool = False,
+        lockonfault: bool = False,
     ):
         self.start = start
         self.end = end
@@ -101,6 +136,12 @@ class Vma:
         self.hugepage = hugepage
         self.nohugepage = nohugepage
         self.anon_vma = anon_vma
+        self.fork_child = fork_child
+        self.file = file
+        self.account = account
+        self.locked = locked
+        self.lockonfault = lockonfault
+        self.mm: Mm | None = None
 
     def pgoff_at(self, addr: int) -> int:
         return self.pgoff + ((addr - self.start) >> PAGE_SHIFT)
@@ -114,17 +155,44 @@ class Vma:
         return self.shared and bool(self.prot & PROT_WRITE)
 
     def same_flags(self, other: Vma) -> bool:
-        # anon_vma is no bar: is_mergeable_anon_vma accepts one on a side only (observed on 6.18),
-        # and the model cannot tell two anon_vmas apart.
+        """is_mergeable_vma: the same open file (vm_file) and the same vm_flags."""
         return (
-            self.ino == other.ino
+            self.file == other.file
+            and self.ino == other.ino
             and self.prot == other.prot
             and self.shared == other.shared
             and self.hugepage == other.hugepage
             and self.nohugepage == other.nohugepage
+            and self.account == other.account
+            and self.locked == other.locked
+            and self.lockonfault == other.lockonfault
+        )
+
+    def can_merge(self, nxt: Vma) -> bool:
+        """Whether ``nxt``, which starts where this VMA ends, is compatible with it and contiguous
+        in the file (is_mergeable_vma and the pgoff test of can_vma_merge_after/_before); the
+        anon_vmas are :func:`is_mergeable_anon_vma`'s to judge."""
+        return self.end == nxt.start and self.same_flags(nxt) and self.pgoff_at(self.end) == nxt.pgoff
+
+    def anon_vma_compatible(self, nxt: Vma) -> bool:
+        """anon_vma_compatible(self, nxt): neighbours that could share an anon_vma. Like
+        :meth:`can_merge`, but the access flags (VM_READ/WRITE/EXEC) may differ."""
+        return (
+            self.end == nxt.start
+            and self.file == nxt.file
+            and self.ino == nxt.ino
+            and self.shared == nxt.shared
+            and self.hugepage == nxt.hugepage
+            and self.nohugepage == nxt.nohugepage
+            and self.account == nxt.account
+            and self.locked == nxt.locked
+            and self.lockonfault == nxt.lockonfault
+            and self.pgoff_at(self.end) == nxt.pgoff
         )
 
     def copy(self, start: int, end: int) -> Vma:
+        """A VMA like this one over [start, end): __split_vma's new piece (vm_area_dup), sharing
+        the anon_vma and its chain."""
         return Vma(
             start,
             end,
@@ -135,12 +203,44 @@ class Vma:
             self.hugepage,
             self.nohugepage,
             self.anon_vma,
+            self.fork_child,
+            self.file,
+            self.account,
+            self.locked,
+            self.lockonfault,
         )
 
     def anon_vma_prepare(self) -> None:
-        """The VMA now holds private anon pages (a CoW copy, a uprobe breakpoint): from here on
-        retract_page_tables leaves its page tables alone."""
-        self.anon_vma = True
+        """The VMA now holds private anon pages (a CoW copy, a uprobe breakpoint): give it an
+        anon_vma if it has none (__anon_vma_prepare). find_mergeable_anon_vma reuses the next
+        VMA's, else the previous one's, when that neighbour is anon_vma_compatible and its chain
+        is singular (reusable_anon_vma); otherwise a new one. From here on retract_page_tables
+        leaves the VMA's page tables alone."""
+        if self.anon_vma is not None:
+            return
+        mm = self.mm
+        assert mm is not None, f"{self} is not linked"
+        i = bisect.bisect_left(mm.starts, self.start)
+        nxt = mm.vmas[i + 1] if i + 1 < len(mm.vmas) else None
+        prev = mm.vmas[i - 1] if i > 0 else None
+        if nxt is not None and nxt.anon_vma is not None and not nxt.fork_child and self.anon_vma_compatible(nxt):
+            self.anon_vma = nxt.anon_vma
+        elif prev is not None and prev.anon_vma is not None and not prev.fork_child and prev.anon_vma_compatible(self):
+            self.anon_vma = prev.anon_vma
+        else:
+            self.anon_vma = mm.new_anon_vma()
+
+    def thp_suitable(self) -> bool:
+        """Whether some 2 MiB-aligned range inside the VMA can hold a PMD mapping: the last one
+        before vm_end passes thp_vma_suitable_order (__thp_vma_allowable_orders' test outside
+        the fault path)."""
+        return self.pmd_suitable((self.end - (1 << HPAGE_PMD_SHIFT)) & ~((1 << HPAGE_PMD_SHIFT) - 1))
+
+    def can_set_pmd(self, haddr: int) -> bool:
+        """What do_set_pmd checks of the VMA before it maps a PMD-order folio at ``haddr``: THPs
+        not disabled for it (vma_thp_disabled: VM_NOHUGEPAGE; prctl(PR_SET_THP_DISABLE) is not
+        modelled) and the range suitable (thp_vma_suitable_order)."""
+        return not self.nohugepage and self.pmd_suitable(haddr)
 
     def pmd_suitable(self, haddr: int) -> bool:
         """thp_vma_suitable_order: the VMA covers [haddr, haddr+2M) with matching alignment."""
@@ -150,6 +250,29 @@ class Vma:
 
     def __repr__(self) -> str:
         return f"Vma({self.start:#x}-{self.end:#x} ino={self.ino} pgoff={self.pgoff:#x})"
+
+
+def is_mergeable_anon_vma(tgt: Vma, src: Vma) -> bool:
+    """mm/vma.c is_mergeable_anon_vma(): may ``src`` (the new or changed range) merge into its
+    neighbour ``tgt``? An anon_vma on one side only is taken over by the merge, unless the VMA
+    that has it is a fork child (vma_is_fork_child); on both sides it must be the same."""
+    if tgt.anon_vma is None:
+        return src.anon_vma is None or not src.fork_child
+    if src.anon_vma is None:
+        return not tgt.fork_child
+    return tgt.anon_vma == src.anon_vma
+
+
+def mergeable_neighbours(a: Vma, b: Vma) -> bool:
+    """Whether neighbours ``a`` and ``b`` (``b`` starting where ``a`` ends) could be one VMA: a
+    change to either would merge them (vma_merge_existing_range, with either as the middle)."""
+    return a.can_merge(b) and (is_mergeable_anon_vma(a, b) or is_mergeable_anon_vma(b, a))
+
+
+def anon_vmas_compatible(a: Vma, b: Vma) -> bool:
+    """can_vma_merge_right's extra test when a range merges with both neighbours: their own
+    anon_vmas must not differ."""
+    return a.anon_vma is None or b.anon_vma is None or a.anon_vma == b.anon_vma
 
 
 class MmapLock:
@@ -237,6 +360,17 @@ class Mm:
         self.exiting = False
         self.pte_mapped_thp: list[int] = []  # mm-slot policy: v5.4's mm_slot array
         self.pins: dict[int, list[int]] = {}  # page-aligned addr -> pinned pfns (GUP)
+        self.anon_vmas = 0  # anon_vmas made for this mm: the last identity handed out
+        self.fdtable: dict[int, int] = {}  # inode -> the open file mmap uses for it (struct file)
+        self.locked_vm = 0  # pages in VM_LOCKED VMAs (VmLck)
+        # Boundaries between neighbours the kernel leaves unmerged though they could merge: fork
+        # clears VM_LOCKED in the child's copies (dup_mmap) without merging them.
+        self.unmerged: set[int] = set()
+
+    def new_anon_vma(self) -> int:
+        """A new anon_vma's identity (anon_vma_alloc), unique in this mm."""
+        self.anon_vmas += 1
+        return self.anon_vmas
 
     def pmd_indices(self, start: int, end: int) -> list[int]:
         """The PMD slots in [start, end) that hold a PTE table or a PMD mapping, in order: the
@@ -253,6 +387,19 @@ class Mm:
             return self.vmas[i]
         return None
 
+    def sigsegv_end(self, addr: int) -> int:
+        """Where the run of addresses that fault like ``addr`` (a SIGSEGV: no VMA, or one whose
+        protection refuses the access) ends: the next VMA's start, or the refusing VMA's end."""
+        if addr < 0:
+            return 0
+        if addr >= TASK_SIZE:
+            return 1 << 64
+        vma = self.find_vma(addr)
+        if vma is not None:
+            return vma.end
+        i = bisect.bisect_right(self.starts, addr)
+        return self.vmas[i].start if i < len(self.vmas) else TASK_SIZE
+
     def overlapping(self, start: int, end: int) -> list[Vma]:
         i = max(bisect.bisect_right(self.starts, start) - 1, 0)
         out = []
@@ -263,11 +410,16 @@ class Mm:
         return out
 
     def insert_vma(self, vma: Vma) -> None:
+        vma.mm = self
+        if vma.locked:
+            self.locked_vm += (vma.end - vma.start) >> PAGE_SHIFT
         i = bisect.bisect_left(self.starts, vma.start)
         self.starts.insert(i, vma.start)
         self.vmas.insert(i, vma)
 
     def remove_vma(self, vma: Vma) -> None:
+        if vma.locked:
+            self.locked_vm -= (vma.end - vma.start) >> PAGE_SHIFT
         i = bisect.bisect_left(self.starts, vma.start)
         assert self.vmas[i] is vma
         del self.starts[i]

@@ -14,6 +14,7 @@ from collections import Counter
 
 from remapd.mm import (
     PTE_ANON,
+    PTE_DIRTY,
     PTE_SHMEM,
     PTE_WRITE,
     Mm,
@@ -24,12 +25,13 @@ from remapd.mm import (
     pte_pfn,
 )
 from remapd.rmap import AnonPages, RmapBatch
-from shared.logs import get_logger
+from shared.tracepoints import get_logger, mm_pointer
 from shared.units import (
     HPAGE_PMD_NR,
     HPAGE_PMD_SHIFT,
     HPAGE_PMD_SIZE,
     PAGE_SHIFT,
+    PAGE_SIZE,
 )
 from shared.vm import PROT_WRITE
 
@@ -75,12 +77,12 @@ class PageTables:
         if not table.nr_foreign and not table.mark:
             table.mark = True
             self.marked.add((mm.pid, pidx))
-            log.debug("mark_set", pid=mm.pid, addr=hex(pidx << HPAGE_PMD_SHIFT), why=why)
+            log.debug("mark_set", mm=mm_pointer(mm.pid), addr=pidx << HPAGE_PMD_SHIFT, why=why)
 
     def clear_mark(self, mm: Mm, pidx: int, table: PteTable, why: str) -> None:
         table.mark = False
         self.marked.discard((mm.pid, pidx))
-        log.debug("mark_cleared", pid=mm.pid, addr=hex(pidx << HPAGE_PMD_SHIFT), why=why)
+        log.debug("mark_cleared", mm=mm_pointer(mm.pid), addr=pidx << HPAGE_PMD_SHIFT, why=why)
 
     # -- PTEs ---------------------------------------------------------------------------------
 
@@ -98,6 +100,26 @@ class PageTables:
                 self.set_mark(mm, pidx, table, "fault")
         elif table.mark:
             self.clear_mark(mm, pidx, table, "foreign")
+
+    def map_folio_ptes(self, mm: Mm, pidx: int, head: int, flags: int) -> None:
+        """Map with PTEs every subpage of the PMD-order folio ``head`` whose PTE is none, in the
+        table at ``pidx`` that the folio fills (set_pte_range over a whole folio, as finish_fault
+        and filemap_map_folio_range do), each with its rmap row (a PTE mapping and a page
+        reference). Subpage *i* goes to slot *i*: each belongs, so the table keeps its mark."""
+        table = self.pte_alloc(mm, pidx)
+        ptes = table.ptes
+        add = self.rmap.add
+        n = 0
+        for slot in range(HPAGE_PMD_NR):
+            if not ptes[slot]:
+                pfn = head + slot
+                table.set(slot, pte_make(pfn, flags))
+                add(pfn, pte=1)
+                n += 1
+        if n:
+            mm.rss[mm_counter(flags)] += n
+            if not table.mark:
+                self.set_mark(mm, pidx, table, "fault")
 
     def zap_pte(self, mm: Mm, table: PteTable, slot: int) -> None:
         """Clear one present PTE and drop the mapping it held (zap_present_ptes)."""
@@ -129,7 +151,7 @@ class PageTables:
         if not accounted:
             self.rmap.add(head, pmd=1)
         self.vm["thp_file_mapped"] += 1
-        log.debug("pmd_install", pid=mm.pid, addr=hex(pidx << HPAGE_PMD_SHIFT), pfn=head)
+        log.debug("pmd_install", mm=mm_pointer(mm.pid), addr=pidx << HPAGE_PMD_SHIFT, hpage_pfn=head)
 
     def zap_huge_pmd(self, mm: Mm, pidx: int, split: bool) -> None:
         """Clear a PMD mapping. ``split``: the PMD is being split rather than unmapped whole
@@ -165,6 +187,40 @@ class PageTables:
                 if pfns is not None and pte_pfn(pte) not in pfns:
                     continue
                 self.zap_pte(mm, entry, slot)
+
+    def move_page_tables(self, mm: Mm, old: int, new: int, length: int) -> None:
+        """mremap's move_page_tables: what maps [old, old+length) maps [new, new+length) after,
+        each page keeping its mapcount. A PMD mapping moves whole (move_huge_pmd) when both
+        addresses are PMD-aligned with a whole PMD left to move and nothing is at the target;
+        otherwise it is split first (split_huge_pmd: for a file THP the PMD is just cleared).
+        PTEs move one by one (the kernel may move a whole table; the model keeps the old, now
+        empty table until the range is unmapped)."""
+        end = old + length
+        while old < end:
+            pidx = old >> HPAGE_PMD_SHIFT
+            nxt = min((pidx + 1) << HPAGE_PMD_SHIFT, end)
+            extent = min(nxt - old, HPAGE_PMD_SIZE - (new & (HPAGE_PMD_SIZE - 1)))
+            entry = mm.pmds.get(pidx)
+            if isinstance(entry, int):
+                if extent == HPAGE_PMD_SIZE and (new >> HPAGE_PMD_SHIFT) not in mm.pmds:
+                    mm.pmds[new >> HPAGE_PMD_SHIFT] = mm.pmds.pop(pidx)
+                    old, new = old + extent, new + extent
+                    continue
+                self.zap_huge_pmd(mm, pidx, split=True)
+            elif entry is not None and entry.nr:
+                for off in range(0, extent, PAGE_SIZE):
+                    slot = ((old + off) >> PAGE_SHIFT) & (HPAGE_PMD_NR - 1)
+                    pte = entry.ptes[slot]
+                    if not pte:
+                        continue
+                    entry.set(slot, 0)
+                    mm.rss[mm_counter(pte)] -= 1  # set_pte_at counts it again
+                    to = new + off
+                    target = mm.pmds.get(to >> HPAGE_PMD_SHIFT)
+                    if isinstance(target, int):
+                        self.zap_huge_pmd(mm, to >> HPAGE_PMD_SHIFT, split=True)
+                    self.set_pte_at(mm, to >> HPAGE_PMD_SHIFT, (to >> PAGE_SHIFT) & (HPAGE_PMD_NR - 1), pte)
+            old, new = old + extent, new + extent
 
     def zap_file_pages(self, mm: Mm) -> None:
         """Clear every mapping of a file page, keeping anon pages (the page cache is gone)."""
@@ -217,4 +273,5 @@ class PageTables:
                     self.anon.dup(pte_pfn(pte))
                 else:
                     self.rmap.add(pte_pfn(pte), pte=1)
+                    pte &= ~PTE_DIRTY  # copy_present_pte: pte_mkclean in the child
                 self.set_pte_at(dst, pidx, slot, pte)

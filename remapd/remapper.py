@@ -28,7 +28,7 @@ from remapd.files import Files
 from remapd.khugepaged import REMAP_WAKE, Khugepaged
 from remapd.mm import ANON_PFN_BASE, Mm, MmapLocks, find_mm
 from remapd.pagetable import PageTables
-from remapd.report import smaps
+from remapd.procfs import Procfs
 from remapd.rmap import AnonPages, RmapBatch
 from remapd.uprobes import Uprobes
 from shared.actor import Actor, Sleep
@@ -62,7 +62,7 @@ class Remapper(Actor):
         self.locks = MmapLocks(self.notify)
         self.pagetables = PageTables(self.rmap, self.anon, self.vm)
         self.faults = FaultPath(
-            self, self.knobs, self.mms, self.locks, self.pagetables, self.rmap, self.anon, self.vm
+            self, self.knobs, self.mms, self.files, self.locks, self.pagetables, self.rmap, self.anon, self.vm
         )
         self.khugepaged = Khugepaged(self, self.knobs, self.mms, self.files, self.locks, self.pagetables)
         self.uprobes = Uprobes(
@@ -74,6 +74,8 @@ class Remapper(Actor):
         # Set by remapd.snapshot.restore: the task that revalidates the restored file mappings,
         # started by the first resync.
         self.after_restore: Callable[[], Generator[Any, Any, None]] | None = None
+        self.procfs = Procfs(self, self.mms, self.files, self.knobs, self.anon, self.pagetables.marked)
+        self.procfs.stats = self.khugepaged.stats
         if start_threads:
             self.spawn(self.khugepaged.remap_thread(), name="remap")
 
@@ -119,6 +121,8 @@ class Remapper(Actor):
             req = getattr(msg, "req", None)  # a reply to one of our calls
             if req is not None:
                 self.deliver_reply(req, msg)
+            elif isinstance(msg, m.Mkclean):  # rare: tested after the replies, which are not
+                self.faults.page_mkclean(msg.ino, msg.indices)
         self.flush()
 
     # -- losing and regaining the peer --------------------------------------------------------
@@ -219,14 +223,36 @@ class Remapper(Actor):
         offset: int = 0,
         prot: str = "r",
         shared: bool = True,
+        reopen: bool = False,
     ) -> Generator[Any, Any, dict[str, Any]]:
-        return self.address_space.mmap(pid, addr, length, name, offset, prot, shared)
+        return self.address_space.mmap(pid, addr, length, name, offset, prot, shared, reopen)
 
     def munmap(self, pid: int, addr: int, length: int) -> Generator[Any, Any, dict[str, Any]]:
         return self.address_space.munmap(pid, addr, length)
 
     def madvise(self, pid: int, addr: int, length: int, advice: str) -> Generator[Any, Any, dict[str, Any]]:
         return self.address_space.madvise(pid, addr, length, advice)
+
+    def mprotect(self, pid: int, addr: int, length: int, prot: str) -> Generator[Any, Any, dict[str, Any]]:
+        return self.address_space.mprotect(pid, addr, length, prot)
+
+    def mremap(
+        self,
+        pid: int,
+        addr: int,
+        old_length: int,
+        new_length: int,
+        to: int | None = None,
+        maymove: bool = False,
+        dontunmap: bool = False,
+    ) -> Generator[Any, Any, dict[str, Any]]:
+        return self.address_space.mremap(pid, addr, old_length, new_length, to, maymove, dontunmap)
+
+    def mlock(self, pid: int, addr: int, length: int, onfault: bool = False) -> Generator[Any, Any, dict[str, Any]]:
+        return self.address_space.mlock(pid, addr, length, onfault)
+
+    def munlock(self, pid: int, addr: int, length: int) -> Generator[Any, Any, dict[str, Any]]:
+        return self.address_space.munlock(pid, addr, length)
 
     def fault(self, pid: int, addr: int, write: bool = False) -> Generator[Any, Any, dict[str, Any]]:
         return self.faults.fault(pid, addr, write)
@@ -250,12 +276,12 @@ class Remapper(Actor):
 
     # -- reports ------------------------------------------------------------------------------
 
-    def smaps(self, pid: int) -> list[dict[str, Any]]:
-        """Per-VMA /proc/PID/smaps fields (kB), as task_mmu.c computes them."""
-        return smaps(self.mm(pid), self.files, self.knobs)
+    def smaps(self, pid: int) -> Generator[Any, Any, list[dict[str, Any]]]:
+        """Per-VMA /proc/PID/smaps fields (kB), as task_mmu.c computes them (remapd/procfs.py)."""
+        return self.procfs.smaps(pid)
 
     def vmstat(self) -> dict[str, int]:
-        return dict(self.vm)
+        return {**self.procfs.vmstat(), **self.vm}
 
     def check(self) -> Generator[Any, Any, dict[str, Any]]:
         """``thpctl check``: see :mod:`remapd.audit`."""
@@ -266,6 +292,7 @@ class Remapper(Actor):
         return {
             "pid": pid,
             "vmas": len(mm.vmas),
+            "locked_vm": mm.locked_vm,
             "nr_ptes": mm.nr_ptes,
             "rss": dict(mm.rss),
             "marked": sum(1 for p, _ in self.marked if p == pid),
@@ -286,4 +313,8 @@ def _answer_for_lost_peer(request: Message) -> Message:
         return m.Remapped(request.req, ())
     if isinstance(request, m.Audit):
         return m.Audited(request.req, ("collapsed went away during the check",))
+    if isinstance(request, m.PageQuery):
+        return m.PageInfo(request.req, ())
+    if isinstance(request, m.PunchHole):
+        return m.Punched(request.req)  # the page cache is gone with the collapser
     raise TypeError(f"no answer for {request!r}")

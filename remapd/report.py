@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Iterable
 from typing import Any
 
 from remapd.files import Files
 from remapd.mm import (
     PTE_ANON,
     PTE_SHMEM,
+    PTE_THP,
     Mm,
     PteTable,
     Vma,
+    pte_pfn,
 )
 from shared.knobs import Knobs
 from shared.thp import thp_vma_allowable_order
 from shared.units import (
+    HPAGE_PMD_NR,
     HPAGE_PMD_SHIFT,
     HPAGE_PMD_SIZE,
     PAGE_SHIFT,
@@ -57,6 +62,12 @@ def vm_flags(vma: Vma) -> str:
     flags += ["mr", "mw", "me"]
     if vma.shared:
         flags.append("ms")
+    if vma.locked:
+        flags.append("lo")
+    if vma.lockonfault:
+        flags.append("lf")
+    if vma.account:
+        flags.append("ac")
     if vma.hugepage:
         flags.append("hg")
     if vma.nohugepage:
@@ -64,9 +75,45 @@ def vm_flags(vma: Vma) -> str:
     return " ".join(flags)
 
 
-def smaps(mm: Mm, files: Files, knobs: Knobs) -> list[dict[str, Any]]:
+# smaps_account() sums proportional sizes in units of 1 << PSS_SHIFT of a byte.
+PSS_SHIFT = 12
+
+
+class Mapcounts:
+    """folio_precise_page_mapcount() for every page mapped anywhere: its PTE mappings in every
+    mm, plus the PMD mappings of its THP (the remapper holds every page table, so it can count
+    them; the kernel reads _mapcount and _entire_mapcount)."""
+
+    def __init__(self, mms: Iterable[Mm]):
+        self.ptes: Counter[int] = Counter()
+        self.pmds: Counter[int] = Counter()
+        for mm in mms:
+            for entry in mm.pmds.values():
+                if isinstance(entry, int):
+                    self.pmds[pte_pfn(entry)] += 1
+                else:
+                    for _, pte in entry.present():
+                        self.ptes[pte_pfn(pte)] += 1
+
+    def pss(self, pte: int) -> int:
+        """The proportional size of the page a PTE maps, in 1 << PSS_SHIFT of a byte."""
+        pfn = pte_pfn(pte)
+        mapcount = self.ptes[pfn] + (self.pmds[pfn & ~(HPAGE_PMD_NR - 1)] if pte & PTE_THP else 0)
+        return (PAGE_SIZE << PSS_SHIFT) // max(mapcount, 1)
+
+    def pss_pmd(self, entry: int) -> int:
+        """The proportional size of a PMD-mapped THP: page by page (smaps_account)."""
+        head = pte_pfn(entry)
+        pmds = self.pmds[head]
+        return sum((PAGE_SIZE << PSS_SHIFT) // max(self.ptes[head + i] + pmds, 1) for i in range(HPAGE_PMD_NR))
+
+
+def smaps(mm: Mm, files: Files, knobs: Knobs, mms: Iterable[Mm] = ()) -> list[dict[str, Any]]:
+    """``mms``: every process (their mappings share the pages a VM_LOCKED VMA's Locked divides)."""
     out = []
+    counts = Mapcounts(mms or (mm,)) if any(v.locked for v in mm.vmas) else None
     for vma in mm.vmas:
+        pss_locked = 0
         rss = anon = file_pmd = shmem_pmd = 0
         for pidx in mm.pmd_indices(vma.start, vma.end):
             entry = mm.pmds[pidx]
@@ -78,6 +125,8 @@ def smaps(mm: Mm, files: Files, knobs: Knobs) -> list[dict[str, Any]]:
                         shmem_pmd += HPAGE_PMD_SIZE
                     else:
                         file_pmd += HPAGE_PMD_SIZE
+                    if counts is not None and vma.locked:
+                        pss_locked += counts.pss_pmd(entry)
                 continue
             assert isinstance(entry, PteTable)
             lo = max(vma.start, base)
@@ -88,6 +137,8 @@ def smaps(mm: Mm, files: Files, knobs: Knobs) -> list[dict[str, Any]]:
                     rss += PAGE_SIZE
                     if pte & PTE_ANON:
                         anon += PAGE_SIZE
+                    if counts is not None and vma.locked:
+                        pss_locked += counts.pss(pte)
         f = files.get(vma.ino)
         prot = vma.prot
         perms = (
@@ -116,7 +167,8 @@ def smaps(mm: Mm, files: Files, knobs: Knobs) -> list[dict[str, Any]]:
                 "Shared_Hugetlb": 0,
                 "Private_Hugetlb": 0,
                 "Swap": 0,
-                "Locked": 0,
+                # Locked is the VMA's Pss when VM_LOCKED: a page mapped N times counts 1/N.
+                "Locked": (pss_locked >> PSS_SHIFT) // kb,
                 "THPeligible": int(thp_eligible(vma, files, knobs)),
                 "VmFlags": vm_flags(vma),
             }

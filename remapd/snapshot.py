@@ -2,8 +2,9 @@
 remapper built from one, and the revalidation of its file mappings.
 
 Saved: the knobs (remapd owns them), vmstat and the retry policies' counters, the file mirror
-(with each file's identity), the processes with their VMAs, page tables, pins, the mm-slot
-policy's queue and the per-PMD marks, anon pages and uprobes. Not saved: tasks (a fault, an
+(with each file's identity and the open files' count), the processes with their VMAs (flags,
+anon_vma and open file identities), open-file tables, page tables, pins, the mm-slot policy's
+queue and the per-PMD marks, anon pages and uprobes. Not saved: tasks (a fault, an
 mmap lock held by an application thread) and the collapser's accounting of our mappings.
 
 A file page a restored page table maps, or a restored pin holds, is not trusted: the collapser
@@ -63,6 +64,7 @@ def snapshot(r: Remapper) -> dict[str, Any]:
         "vm": dict(r.vm),
         "stats": dict(r.khugepaged.stats),
         "files": [[f.ino, f.gen, f.name, f.size, f.shmem] for f in r.files.values()],
+        "opens": r.files.opens,
         "anon": {
             "mapcount": [[p, n] for p, n in r.anon.mapcount.items()],
             "pins": [[p, n] for p, n in r.anon.pins.items()],
@@ -74,9 +76,15 @@ def snapshot(r: Remapper) -> dict[str, Any]:
             {
                 "pid": mm.pid,
                 "vmas": [
-                    [v.start, v.end, v.pgoff, v.ino, v.prot, v.shared, v.hugepage, v.nohugepage, v.anon_vma]
+                    [
+                        v.start, v.end, v.pgoff, v.ino, v.prot, v.shared, v.hugepage, v.nohugepage,
+                        v.anon_vma, v.fork_child, v.file, v.account, v.locked, v.lockonfault,
+                    ]
                     for v in mm.vmas
                 ],
+                "anon_vmas": mm.anon_vmas,
+                "fdtable": [[ino, file] for ino, file in mm.fdtable.items()],
+                "unmerged": sorted(mm.unmerged),
                 "tables": [[pidx, e.ptes.tobytes()] for pidx, e in mm.pmds.items() if isinstance(e, PteTable)],
                 "pmds": [[pidx, e] for pidx, e in mm.pmds.items() if isinstance(e, int)],
                 "pte_mapped_thp": list(mm.pte_mapped_thp),
@@ -113,6 +121,7 @@ def _restore(state: Mapping[str, Any], given: Knobs, keep: set[str]) -> Remapper
     for name in keep:
         knobs.set(name, str(given.get(name)))
     r = Remapper(knobs)
+    r.files.opens = int(state["opens"])
     for ino, gen, name, size, shmem in state["files"]:
         r.files.file_info(m.FileInfo(int(ino), str(name), int(size), bool(shmem), int(gen)))
     anon = state["anon"]
@@ -125,12 +134,23 @@ def _restore(state: Mapping[str, Any], given: Knobs, keep: set[str]) -> Remapper
         if pid in r.mms:
             raise SnapshotError(f"{DAEMON} snapshot: process {pid} twice")
         mm = r.mms[pid] = Mm(pid)
-        for start, end, pgoff, ino, prot, shared, hugepage, nohugepage, anon_vma in saved["vmas"]:
+        mm.anon_vmas = int(saved["anon_vmas"])
+        mm.fdtable = {int(ino): int(file) for ino, file in saved["fdtable"]}
+        mm.unmerged = {int(addr) for addr in saved["unmerged"]}
+        for row in saved["vmas"]:
+            start, end, pgoff, ino, prot, shared, hugepage, nohugepage, anon_vma = row[:9]
+            fork_child, file, account, locked, lockonfault = row[9:]
             if int(ino) not in r.files or not 0 <= start < end or start % PAGE_SIZE or end % PAGE_SIZE:
                 raise SnapshotError(f"{DAEMON} snapshot: process {pid}: bad VMA {start:#x}-{end:#x}")
             if mm.overlapping(start, end):
                 raise SnapshotError(f"{DAEMON} snapshot: process {pid}: overlapping VMAs at {start:#x}")
-            vma = Vma(start, end, pgoff, ino, prot, bool(shared), bool(hugepage), bool(nohugepage), bool(anon_vma))
+            if anon_vma is not None and not 0 < anon_vma <= mm.anon_vmas or not 0 <= file <= r.files.opens:
+                raise SnapshotError(f"{DAEMON} snapshot: process {pid}: VMA {start:#x} names an anon_vma or file never made")
+            vma = Vma(
+                start, end, pgoff, ino, prot, bool(shared), bool(hugepage), bool(nohugepage),
+                None if anon_vma is None else int(anon_vma), bool(fork_child), int(file), bool(account),
+                bool(locked), bool(lockonfault),
+            )
             mm.insert_vma(vma)
             r.files.i_mmap_insert(mm, vma)
         for pidx, data in saved["tables"]:

@@ -7,18 +7,49 @@ and then applied to both. Defaults are the kernel's (6.x, ``enabled=madvise`` as
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 from typing import Any
 
+from shared.clip import clip, quote
 from shared.errors import UserError
 
 ENABLED_CHOICES = ("always", "madvise", "never")
+# hugepages-2048kB/enabled and shmem_enabled: the per-size (mTHP) controls of PMD order.
+PER_SIZE_ENABLED_CHOICES = ("always", "inherit", "madvise", "never")
+PER_SIZE_SHMEM_CHOICES = ("always", "inherit", "within_size", "advise", "never")
+# hugepages-2048kB/stats/*: mm/huge_memory.c's per-order counters (6.18), as sysfs lists them.
+MTHP_STATS = (
+    "anon_fault_alloc",
+    "anon_fault_fallback",
+    "anon_fault_fallback_charge",
+    "nr_anon",
+    "nr_anon_partially_mapped",
+    "shmem_alloc",
+    "shmem_fallback",
+    "shmem_fallback_charge",
+    "split",
+    "split_deferred",
+    "split_failed",
+    "swpin",
+    "swpin_fallback",
+    "swpin_fallback_charge",
+    "swpout",
+    "swpout_fallback",
+    "zswpout",
+)
+PER_SIZE = "hugepages-2048kB"
 DEFRAG_CHOICES = ("always", "defer", "defer+madvise", "madvise", "never")
 SHMEM_ENABLED_CHOICES = ("always", "within_size", "advise", "never", "deny", "force")
 RETRY_POLICIES = ("per-pmd", "mm-slot", "per-mapping", "lockless", "none")
 
 # max_ptes_* accept 0..HPAGE_PMD_NR-1, as khugepaged's sysfs store functions do.
 _MAX_PTES = 511
+# What kstrtoul(buf, 10, ...) takes: ASCII decimal digits after an optional plus sign. Python's
+# int() would also take "1_0", non-ASCII digits ("١٠") and surrounding whitespace.
+_DECIMAL = re.compile(r"\+?[0-9]+", re.ASCII)
+# More digits than any knob's range needs: refused without converting (kstrtoul's ERANGE).
+_MAX_DIGITS = 24
 
 
 class KnobError(ValueError):
@@ -31,7 +62,7 @@ class KnobError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class _Spec:
-    kind: str  # "choice", "int", "bool"
+    kind: str  # "choice", "int", "bool", "const" (a fixed value, read-only)
     choices: tuple[str, ...] = ()
     lo: int = 0
     hi: int = 1 << 62
@@ -42,6 +73,13 @@ SPECS: dict[str, _Spec] = {
     "enabled": _Spec("choice", ENABLED_CHOICES),
     "defrag": _Spec("choice", DEFRAG_CHOICES),
     "shmem_enabled": _Spec("choice", SHMEM_ENABLED_CHOICES),
+    "hpage_pmd_size": _Spec("const", writable=False),
+    # Anon THP only (the huge zero page, the underused-THP shrinker): kept, no effect on files.
+    "use_zero_page": _Spec("bool"),
+    "shrink_underused": _Spec("bool"),
+    # Anon THP (enabled) and anon shmem (shmem_enabled) only; tmpfs files follow shmem_enabled.
+    f"{PER_SIZE}/enabled": _Spec("choice", PER_SIZE_ENABLED_CHOICES),
+    f"{PER_SIZE}/shmem_enabled": _Spec("choice", PER_SIZE_SHMEM_CHOICES),
     "khugepaged/pages_to_scan": _Spec("int", lo=1, hi=(1 << 32) - 1),
     "khugepaged/scan_sleep_millisecs": _Spec("int", lo=0, hi=(1 << 32) - 1),
     "khugepaged/alloc_sleep_millisecs": _Spec("int", lo=0, hi=(1 << 32) - 1),
@@ -51,6 +89,7 @@ SPECS: dict[str, _Spec] = {
     "khugepaged/defrag": _Spec("bool"),
     "khugepaged/pages_collapsed": _Spec("int", writable=False),
     "khugepaged/full_scans": _Spec("int", writable=False),
+    **{f"{PER_SIZE}/stats/{name}": _Spec("int", writable=False) for name in MTHP_STATS},
     "thpsplit/retry_policy": _Spec("choice", RETRY_POLICIES),
     "thpsplit/install_pmd": _Spec("bool"),
     "thpsplit/free_huge_pages": _Spec("int", lo=0, hi=1 << 40),
@@ -60,6 +99,9 @@ SPECS: dict[str, _Spec] = {
     # /sys/block/<dev>/queue/read_ahead_kb (regular files) and debugfs fault_around_bytes.
     "thpsplit/read_ahead_kb": _Spec("int", lo=0, hi=1 << 20),
     "thpsplit/fault_around_bytes": _Spec("int", lo=0, hi=2 << 20),
+    # The modelled physical memory (MemTotal), in MiB: at least two 2 MiB blocks; at most 64 GiB,
+    # whose model state (~45 bytes a page) is ~0.7 GB.
+    "thpsplit/mem_total_mb": _Spec("int", lo=4, hi=1 << 16),
 }
 
 
@@ -70,6 +112,11 @@ class Knobs:
     enabled: str = "madvise"
     defrag: str = "madvise"
     shmem_enabled: str = "never"
+    hpage_pmd_size: int = 2 << 20
+    use_zero_page: int = 1
+    shrink_underused: int = 1
+    per_size_enabled: str = "inherit"
+    per_size_shmem_enabled: str = "inherit"
     pages_to_scan: int = 4096
     scan_sleep_millisecs: int = 10000
     alloc_sleep_millisecs: int = 60000
@@ -91,6 +138,9 @@ class Knobs:
     read_ahead_kb: int = 128
     # A read fault maps the cached pages of this aligned window too (do_fault_around).
     fault_around_bytes: int = 65536
+    # Physical memory the collapser models, in MiB: an allocation past it fails (ENOMEM, a
+    # short write, a fault's VM_FAULT_OOM). 8 GiB = 2M pages, ~90 MB of model state.
+    mem_total_mb: int = 8192
 
     def fault_around_pages(self) -> int:
         """fault_around_bytes as the kernel uses it: a power of two of pages, at least 1."""
@@ -101,26 +151,29 @@ class Knobs:
         return getattr(self, _attr(name))
 
     def validate(self, name: str, text: str) -> Any:
-        """Parse ``text`` for knob ``name`` as sysfs would.
+        """Parse ``text`` for knob ``name`` as sysfs would: a number is plain ASCII decimal
+        digits (an optional leading ``+``, as kstrtoul takes), surrounding whitespace ignored
+        (``echo`` adds a newline).
 
         Raises:
             KnobError: unknown knob (ENOENT), read-only (EACCES), or a value sysfs refuses (EINVAL).
         """
         spec = SPECS.get(name)
         if spec is None:
-            raise KnobError(f"no such knob: {name}", "ENOENT")
+            raise KnobError(f"no such knob: {clip(name)}", "ENOENT")
         if not spec.writable:
             raise KnobError(f"{name} is read-only", "EACCES")
         text = str(text).strip()
         if spec.kind == "choice":
             if text not in spec.choices:
-                raise KnobError(f"{name}: {text!r} is not one of {', '.join(spec.choices)}")
+                raise KnobError(f"{name}: {quote(text)} is not one of {', '.join(spec.choices)}")
             return text
-        try:
-            value = int(text, 10)
-        except ValueError:
-            raise KnobError(f"{name}: {text!r} is not a decimal number") from None
         lo, hi = (0, 1) if spec.kind == "bool" else (spec.lo, spec.hi)
+        if not _DECIMAL.fullmatch(text):
+            raise KnobError(f"{name}: {quote(text)} is not a decimal number")
+        if len(text) > _MAX_DIGITS:
+            raise KnobError(f"{name}: {quote(text)} is outside {lo}..{hi}")
+        value = int(text, 10)
         if not lo <= value <= hi:
             raise KnobError(f"{name}: {value} is outside {lo}..{hi}")
         return value
@@ -142,11 +195,18 @@ class Knobs:
         return {n: self.get(n) for n, s in SPECS.items() if s.writable}
 
 
+_ATTRS = {
+    "khugepaged/defrag": "khugepaged_defrag",
+    f"{PER_SIZE}/enabled": "per_size_enabled",
+    f"{PER_SIZE}/shmem_enabled": "per_size_shmem_enabled",
+}
+
+
 def _attr(name: str) -> str:
-    if name == "khugepaged/defrag":
-        return "khugepaged_defrag"
+    if name in _ATTRS:
+        return _ATTRS[name]
     if name not in SPECS:
-        raise KnobError(f"no such knob: {name}", "ENOENT")
+        raise KnobError(f"no such knob: {clip(name)}", "ENOENT")
     return name.rsplit("/", 1)[-1]
 
 
@@ -162,8 +222,8 @@ def sysfs_entries(knobs: Knobs, name: str | None, counters: Mapping[str, int] | 
     for knob in names:
         spec = SPECS.get(knob)
         if spec is None:
-            raise UserError("ENOENT", f"no such knob: {knob}")
-        if not spec.writable:
+            raise UserError("ENOENT", f"no such knob: {clip(knob)}")
+        if not spec.writable and spec.kind != "const":
             if counters is None:
                 if name is None:
                     continue

@@ -9,23 +9,33 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import TextIO
 
 import structlog
 
 
-def configure(level: str = "warning", json: bool | None = None, stream=None) -> None:
-    """Set the level and renderer: JSON lines when not on a TTY (or ``json=True``), else console."""
+def configure(level: str = "warning", json: bool | None = None, stream: TextIO | None = None) -> None:
+    """Set the level and renderer: JSON lines when not on a TTY (or ``json=True``), else console.
+
+    An event logged with ``exc_info`` (``log.exception(...)``) carries its formatted traceback: in
+    JSON as the ``exception`` string, on the console below the line.
+    """
     stream = stream or sys.stderr
     if json is None:
         json = not stream.isatty()
-    renderer = structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
+    processors: list[structlog.typing.Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    if json:
+        # Without it the JSON renderer writes "exc_info": true and loses the traceback (the
+        # console renderer formats exceptions itself).
+        processors += [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
+    else:
+        processors.append(structlog.dev.ConsoleRenderer(colors=False))
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            renderer,
-        ],
+        processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
         logger_factory=structlog.PrintLoggerFactory(stream),
         cache_logger_on_first_use=True,

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import msgpack  # type: ignore[import-untyped]
+import msgpack
 
 FORMAT = "thpsplit-snapshot"
 VERSION = 1

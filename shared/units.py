@@ -14,6 +14,11 @@ HPAGE_PMD_SIZE = 1 << HPAGE_PMD_SHIFT
 # Largest address a modelled process may map: 47-bit user address space, as x86-64 4-level paging.
 TASK_SIZE = 1 << 47
 
+# Largest file size (include/linux/fs.h MAX_LFS_FILESIZE on 64-bit: LLONG_MAX), and the index of
+# the page holding its last byte: no page of any file lies beyond it.
+MAX_LFS_FILESIZE = (1 << 63) - 1
+MAX_PAGE_INDEX = MAX_LFS_FILESIZE >> PAGE_SHIFT
+
 _SUFFIX = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _NUMBER = re.compile(r"^(0[xX][0-9a-fA-F]+|[0-9]+)([KkMmGgTt]?)(?:[iI]?[bB])?$")
 

@@ -11,8 +11,9 @@ PROT_EXEC = 0x4
 
 
 class Prot(enum.StrEnum):
-    """mmap's protections by their thpctl names."""
+    """mmap's and mprotect's protections by their thpctl names."""
 
+    NONE = "none"
     R = "r"
     RW = "rw"
     RX = "rx"
@@ -21,6 +22,7 @@ class Prot(enum.StrEnum):
 
 # Each protection's PROT_* bits (keys are Prot members, which equal their plain strings).
 PROTS: dict[str, int] = {
+    Prot.NONE: 0,
     Prot.R: PROT_READ,
     Prot.RW: PROT_READ | PROT_WRITE,
     Prot.RX: PROT_READ | PROT_EXEC,
@@ -38,22 +40,45 @@ class Advice(enum.StrEnum):
     POPULATE_READ = "populate_read"
     POPULATE_WRITE = "populate_write"
     PAGEOUT = "pageout"
+    FREE = "free"
+    REMOVE = "remove"
 
 
 ADVICE = tuple(Advice)
 
-# The smaps fields we print, in the kernel's order (kB unless said otherwise).
+# The smaps fields we print (kB), in the kernel's order (6.18 show_smap and __show_smap).
 SMAPS_FIELDS = (
     "Size",
     "KernelPageSize",
     "MMUPageSize",
     "Rss",
+    "Pss",
+    "Pss_Dirty",
+    "Shared_Clean",
+    "Shared_Dirty",
+    "Private_Clean",
+    "Private_Dirty",
+    "Referenced",
     "Anonymous",
+    "KSM",
+    "LazyFree",
     "AnonHugePages",
     "ShmemPmdMapped",
     "FilePmdMapped",
     "Shared_Hugetlb",
     "Private_Hugetlb",
     "Swap",
+    "SwapPss",
     "Locked",
+)
+
+# /proc/PID/smaps_rollup's fields (kB): __show_smap with rollup, which adds Pss_Anon/File/Shmem.
+SMAPS_ROLLUP_FIELDS = (
+    "Rss",
+    "Pss",
+    "Pss_Dirty",
+    "Pss_Anon",
+    "Pss_File",
+    "Pss_Shmem",
+    *SMAPS_FIELDS[6:],
 )

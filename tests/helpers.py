@@ -5,6 +5,10 @@ from __future__ import annotations
 import io
 
 from collapsed.pagecache import PG_HEAD
+from shared.protocol import PROTOCOL_VERSION
+from shared.protocol import messages as m
+from shared.protocol.framing import FrameDecoder, encode_message
+from shared.shell.auth import CONNECT, new_nonce, proof
 from shared.thpctl.cli import amain
 from shared.units import (
     HPAGE_PMD_NR,
@@ -72,3 +76,27 @@ async def ok(d, *argv: str) -> str:
     status, out, err = await thpctl(d, *argv)
     assert (status, err) == (0, ""), (argv, out, err)
     return out
+
+
+async def next_message(stream, decoder):
+    """The next message on a raw stream, or None at end of stream."""
+    while (msg := decoder.next_message()) is None:
+        data = await stream.receive_some()
+        if not data:
+            return None
+        decoder.feed(data)
+    return msg
+
+
+async def raw_hello(stream, role: str = "client", secret: bytes | None = None):
+    """The hello of a raw connection, as a client (or ``role``) holding ``secret`` says it:
+    returns (decoder, the daemon's hello or refusal, the daemon's peer.auth or refusal or None)."""
+    nonce = new_nonce()
+    await stream.send_all(encode_message(m.PeerHello(role, PROTOCOL_VERSION, nonce)))
+    decoder = FrameDecoder()
+    theirs = await next_message(stream, decoder)
+    if not isinstance(theirs, m.PeerHello):
+        return decoder, theirs, None
+    mine = proof(secret, CONNECT, role, theirs.role, nonce, theirs.nonce) if secret is not None else ""
+    await stream.send_all(encode_message(m.PeerAuth(mine)))
+    return decoder, theirs, await next_message(stream, decoder)

@@ -568,3 +568,54 @@ def test_decoding_does_not_resolve_annotations_per_call(monkeypatch: pytest.Monk
     monkeypatch.setattr(typing, "get_type_hints", fail)
     assert from_wire(wire) == Small(5)
     assert to_wire(Small(6)) == ["test.wire.small", {"n": 6}]
+
+
+# ---- integer ranges: addresses, offsets, lengths (issue 14, item 10) -----------------------------
+
+
+@pytest.mark.parametrize(
+    ("fields", "where_reason"),
+    [
+        ({"offset": (1 << 64) - 4096}, "field 'offset': 18446744073709547520 is outside 0..9223372036854775807"),
+        ({"offset": -4096}, "field 'offset': -4096 is outside 0..9223372036854775807"),
+        ({"addr": -1}, "field 'addr': -1 is outside 0..18446744073709551615"),
+        ({"length": -4096}, "field 'length': -4096 is outside 0..18446744073709551615"),
+        ({"offset": True}, "field 'offset': expected int, got bool"),
+    ],
+)
+def test_addresses_offsets_and_lengths_have_their_c_types_range(fields: dict[str, Any], where_reason: str) -> None:
+    wire = ["client.mmap", {"id": 1, "pid": 1, "addr": None, "length": 4096, "name": "f", **fields}]
+    with pytest.raises(ProtocolError) as info:
+        from_wire(wire)
+    assert str(info.value) == f"client.mmap: {where_reason}"
+    # The sender refuses it too, so the client library answers EINVAL without sending.
+    kwargs = {"pid": 1, "addr": None, "length": 4096, "name": "f", **fields}
+    with pytest.raises(ProtocolError) as info:
+        to_wire(m.Mmap(1, **kwargs))
+    assert str(info.value) == f"client.mmap: {where_reason}"
+
+
+def test_integer_ranges_leave_valid_values_alone() -> None:
+    for msg in (
+        m.Mmap(1, 1, None, 4096, "f", offset=(1 << 63) - 4096),
+        m.Mmap(1, 1, (1 << 64) - 4096, 4096, "f"),
+        m.Munmap(2, 1, 0, (1 << 64) - 1),
+        m.FileWrite(3, "f", (1 << 63) - 1, 0),
+        m.Touch(4, 1, 0x7F0000000000, 1 << 40),
+    ):
+        assert from_wire(to_wire(msg)) == msg
+    # Ints beyond the request fields keep their plain annotation (a pid, a peer's deltas).
+    assert from_wire(to_wire(m.RmapDelta(((5, -1, 0, 0),)))) == m.RmapDelta(((5, -1, 0, 0),))
+    assert from_wire(to_wire(m.FileInfo(1, "f", -1, False))).size == -1
+
+
+def test_an_int_range_needs_int_bounds() -> None:
+    @message("test.bad_int_range")
+    class BadIntRange(Message):
+        x: Annotated[int, Range(0.0, 1.5)]
+
+    try:
+        with pytest.raises(TypeError, match="int bounds"):
+            to_wire(BadIntRange(1))
+    finally:
+        del REGISTRY["test.bad_int_range"]

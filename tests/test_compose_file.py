@@ -104,13 +104,13 @@ def test_the_schema_check_rejects_a_broken_file(compose, validator, breakage):
 
 @pytest.mark.skipif(shutil.which("docker") is None, reason="no docker CLI")
 def test_docker_compose_config_accepts_the_file():
-    probe = subprocess.run(["docker", "compose", "version"], capture_output=True, text=True)
+    probe = subprocess.run(["docker", "compose", "version"], capture_output=True, text=True, check=False)
     if probe.returncode != 0:
         pytest.skip("no docker compose v2 plugin (.ci/compose installs one)")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("THPSPLIT_", "COMPOSE_"))}
     out = subprocess.run(
         ["docker", "compose", "-f", str(COMPOSE_FILE), "config", "--quiet"],
-        capture_output=True, text=True, env=env, cwd=ROOT,
+        capture_output=True, text=True, env=env, cwd=ROOT, check=False,
     )
     assert out.returncode == 0, out.stderr
 
@@ -192,16 +192,24 @@ def test_demo_plays_the_story_against_the_daemons(compose):
     assert options["--remapd"] == env["THPSPLIT_REMAPD"]
 
 
-def test_every_service_has_the_demo_secret(compose):
-    for name, service in compose["services"].items():
-        env = environment(service)
-        assert env.get("THPSPLIT_SECRET"), f"{name} has no THPSPLIT_SECRET"
-    assert "demo" in environment(compose["services"]["collapsed"])["THPSPLIT_SECRET"]
-    # A real secret from the environment replaces the demo value.
-    raw = compose["services"]["collapsed"]["environment"]["THPSPLIT_SECRET"]
-    assert resolve(raw, {"THPSPLIT_SECRET": "s3cret"}) == "s3cret"
+def test_the_daemons_have_both_secrets_and_the_demo_only_the_client_one(compose):
+    services = compose["services"]
+    for name in DAEMONS:
+        env = environment(services[name])
+        assert env.get("THPSPLIT_SECRET") and env.get("THPSPLIT_PEER_SECRET"), f"{name} lacks a secret"
+        assert env["THPSPLIT_SECRET"] != env["THPSPLIT_PEER_SECRET"]
+        assert "demo" in env["THPSPLIT_SECRET"] and "demo" in env["THPSPLIT_PEER_SECRET"]
+        assert len(env["THPSPLIT_SECRET"]) >= 16 and len(env["THPSPLIT_PEER_SECRET"]) >= 16
+    demo = environment(services["demo"])
+    assert demo.get("THPSPLIT_SECRET") == environment(services["collapsed"])["THPSPLIT_SECRET"]
+    # The client must not be able to pose as the peer: it never gets the peer secret.
+    assert "THPSPLIT_PEER_SECRET" not in demo and "THPSPLIT_PEER_SECRET_FILE" not in demo
+    # Real secrets from the environment replace the demo values.
+    for var in ("THPSPLIT_SECRET", "THPSPLIT_PEER_SECRET"):
+        raw = services["collapsed"]["environment"][var]
+        assert resolve(raw, {var: "s3cret-from-the-environment"}) == "s3cret-from-the-environment"
     text = COMPOSE_FILE.read_text()
-    assert re.search(r"#.*demo only.*set your own", text, re.IGNORECASE), "the demo secret must be marked as such"
+    assert len(re.findall(r"#.*demo only.*set your own", text, re.IGNORECASE)) == 2, "each demo secret must be marked"
 
 
 def test_traffic_stays_on_the_compose_network(compose):
@@ -214,14 +222,13 @@ def test_traffic_stays_on_the_compose_network(compose):
 
 
 def _documented_variables(module: str) -> set[str]:
-    out = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd=ROOT)
+    out = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd=ROOT, check=False)
     assert out.returncode == 0, out.stderr
     return set(re.findall(r"\$(THPSPLIT_[A-Z0-9_]+)", out.stdout))
 
 
 def test_every_thpsplit_variable_is_one_the_programs_read(compose):
     known = _documented_variables("collapsed") | _documented_variables("remapd")
-    known |= {"THPSPLIT_SECRET"}  # for the authentication the daemons will get (issue 8)
     for name, service in compose["services"].items():
         for var in environment(service):
             if var.startswith("THPSPLIT_"):

@@ -16,6 +16,7 @@ import pytest
 from conftest import CheckedWorld
 from helpers import ONE_PAGE_FLAGS, ok
 
+from remapd.mm import pte_pfn
 from shared.knobs import Knobs
 from shared.sim.invariants import check
 from shared.thpctl.launch import running_daemons
@@ -34,7 +35,7 @@ def mapped_files(world, pid: int) -> set[str]:
     mem = world.collapser.mem
     names = set()
     for entry in world.remapper.mms[pid].pmds.values():
-        pfns = [entry >> 5] if isinstance(entry, int) else [pte >> 5 for _, pte in entry.present()]
+        pfns = [pte_pfn(entry)] if isinstance(entry, int) else [pte_pfn(pte) for _, pte in entry.present()]
         for pfn in pfns:
             names.add(world.collapser.files[mem.ino[mem.head(pfn)]].name)
     return names
@@ -148,7 +149,7 @@ async def test_a_restarted_collapsed_does_not_map_a_new_file_into_old_mappings(w
         assert set(ls) == {"lib", "other"}
         assert ls["lib"][1] == "1" and ls["other"][1] != "1"
         smaps = await ok(d, "smaps", "1")
-        assert smaps.splitlines()[0].split()[-1] == "/lib"
+        assert smaps.splitlines()[0].split()[-1] == "/thpsplit/lib"
         assert await ok(d, "touch", "1", hex(ADDR), "4M", "--stride", "256K") == "major 16\n"
         ls = {line.split()[0]: line.split() for line in (await ok(d, "file", "ls")).splitlines()[1:]}
         # The faults filled lib's page cache, not other's (the NRPAGES column).

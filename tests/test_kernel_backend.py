@@ -34,6 +34,7 @@ def test_parse_and_format_round_trip():
         "proc fork 1 2",
         "mmap 1 0x40000000 4M --file c --offset 2M --prot rw --private",
         "mmap 1 auto 4M --file c --prot r --shared",
+        "mmap 1 0x40400000 2M --file c --prot rw --shared --reopen",
         "munmap 1 0x40001000 8K",
         "madvise 1 0x40000000 2M collapse",
         "mprotect 1 0x40000000 4K none",
@@ -230,3 +231,16 @@ def test_quiet_khugepaged_keeps_a_registered_mm_unscanned(make_backend):
         assert obs["khugepaged"] == {"full_scans": 0, "pages_collapsed": 0}
         assert obs["vmstat"]["thp_collapse_alloc"] == 0
     assert read_knob("khugepaged/scan_sleep_millisecs") == guard_value_before
+
+
+def test_reopen_maps_a_new_open_file_that_never_merges(make_backend):
+    # is_mergeable_vma compares vm_file: the worker's one fd per file merges, a new open does not.
+    kb = make_backend("advise")
+    run(kb, f"""
+        file create c --size 4M --shmem
+        proc spawn 1
+        mmap 1 {A:#x} 1M --file c --prot rw --shared
+        mmap 1 {A + M:#x} 1M --file c --offset 1M --prot rw --shared
+        mmap 1 {A + 2 * M:#x} 1M --file c --offset 2M --prot rw --shared --reopen
+    """)
+    assert [(e["start"], e["end"]) for e in kb.smaps(1)] == [(A, A + 2 * M), (A + 2 * M, A + 3 * M)]

@@ -142,7 +142,8 @@ def test_fork_copies_vmas_and_ptes_only_where_anon_vma(world):
 
     child = world.remapper.mms[2]
     assert vmas(world, 2) == vmas(world, 1)
-    assert [v.anon_vma for v in child.vmas] == [False, True, False]
+    assert [v.anon_vma is not None for v in child.vmas] == [False, True, False]
+    assert [v.fork_child for v in child.vmas] == [False, True, False]  # anon_vma_fork
     smaps = {e["start"]: e for e in world.smaps(2)}
     assert smaps[shared]["Rss"] == 0
     assert smaps[clean]["Rss"] == 0
@@ -414,10 +415,10 @@ def test_anon_vma_on_one_side_does_not_stop_a_merge(world):
     a = world.mmap(1, FIXED, 4 * P, "f", prot="rw", shared=False)
     world.madvise(1, a + 2 * P, 2 * P, "hugepage")
     world.fault(1, a, write=True)
-    assert [v.anon_vma for v in world.remapper.mms[1].vmas] == [True, False]
+    assert [v.anon_vma is not None for v in world.remapper.mms[1].vmas] == [True, False]
     world.madvise(1, a, 2 * P, "hugepage")
     (vma,) = world.remapper.mms[1].vmas
-    assert (vma.start, vma.end, vma.anon_vma) == (a, a + 4 * P, True)
+    assert (vma.start, vma.end, vma.anon_vma is not None) == (a, a + 4 * P, True)
     assert world.smaps(1)[0]["Anonymous"] == 4
     # A new mapping next to it merges too.
     world.mmap(1, a + 4 * P, P, "f", offset=4 * P, prot="rw", shared=False)

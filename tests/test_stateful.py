@@ -119,9 +119,10 @@ class ModelMachine(RuleBasedStateMachine):
         offset=st.sampled_from((0, PAGE_SIZE, HPAGE_PMD_SIZE)),
         prot=st.sampled_from(("r", "rw", "rx")),
         shared=st.booleans(),
+        reopen=st.booleans(),
     )
-    def mmap(self, pid, addr, length, name, offset, prot, shared):
-        self._do("r", lambda: self.world.remapper.mmap(pid, addr, length, name, offset, prot, shared))
+    def mmap(self, pid, addr, length, name, offset, prot, shared, reopen):
+        self._do("r", lambda: self.world.remapper.mmap(pid, addr, length, name, offset, prot, shared, reopen))
 
     def _some_addr(self, data, pid):
         mm = self.world.remapper.mms.get(pid)
@@ -140,7 +141,17 @@ class ModelMachine(RuleBasedStateMachine):
         pid=st.sampled_from(PIDS),
         length=st.sampled_from((PAGE_SIZE, HPAGE_PMD_SIZE, 4 * MB)),
         advice=st.sampled_from(
-            ("hugepage", "nohugepage", "collapse", "dontneed", "populate_read", "populate_write", "pageout")
+            (
+                "hugepage",
+                "nohugepage",
+                "collapse",
+                "dontneed",
+                "populate_read",
+                "populate_write",
+                "pageout",
+                "free",
+                "remove",
+            )
         ),
     )
     def madvise(self, data, pid, length, advice):
@@ -148,6 +159,43 @@ class ModelMachine(RuleBasedStateMachine):
         if advice in ("hugepage", "collapse"):
             addr &= ~(HPAGE_PMD_SIZE - 1)
         self._do("r", lambda: self.world.remapper.madvise(pid, addr, length, advice))
+
+    @rule(
+        data=st.data(),
+        pid=st.sampled_from(PIDS),
+        length=st.sampled_from((PAGE_SIZE, HPAGE_PMD_SIZE, 4 * MB)),
+        prot=st.sampled_from(("none", "r", "rw", "rx", "rwx")),
+    )
+    def mprotect(self, data, pid, length, prot):
+        addr = self._some_addr(data, pid)
+        self._do("r", lambda: self.world.remapper.mprotect(pid, addr, length, prot))
+
+    @rule(
+        data=st.data(),
+        pid=st.sampled_from(PIDS),
+        length=st.sampled_from((PAGE_SIZE, 64 * 1024, HPAGE_PMD_SIZE)),
+        lock=st.booleans(),
+        onfault=st.booleans(),
+    )
+    def mlock(self, data, pid, length, lock, onfault):
+        addr = self._some_addr(data, pid)
+        if lock:
+            self._do("r", lambda: self.world.remapper.mlock(pid, addr, length, onfault))
+        else:
+            self._do("r", lambda: self.world.remapper.munlock(pid, addr, length))
+
+    @rule(
+        data=st.data(),
+        pid=st.sampled_from(PIDS),
+        old=st.sampled_from((0, PAGE_SIZE, HPAGE_PMD_SIZE, 4 * MB)),
+        new=st.sampled_from((PAGE_SIZE, HPAGE_PMD_SIZE, 4 * MB)),
+        to=st.sampled_from((None, *ADDRS)),
+        maymove=st.booleans(),
+        dontunmap=st.booleans(),
+    )
+    def mremap(self, data, pid, old, new, to, maymove, dontunmap):
+        addr = self._some_addr(data, pid)
+        self._do("r", lambda: self.world.remapper.mremap(pid, addr, old, new, to, maymove, dontunmap))
 
     @rule(data=st.data(), pid=st.sampled_from(PIDS), write=st.booleans(), pages=st.integers(1, 600))
     def touch(self, data, pid, write, pages):

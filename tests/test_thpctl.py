@@ -97,8 +97,8 @@ async def test_mmap_prints_the_address_and_json_the_document(d):
         (addr, 0, "r-xp"),
     ]
     # The name starts in column 74, as in the kernel's (64-bit) maps and smaps.
-    prefix = "600000000000-600000200000 r--s 00200000 00:00 1"
-    assert (await ok(d, "smaps", "1")).splitlines()[0] == prefix + " " * (73 - len(prefix)) + "/lib"
+    prefix = "600000000000-600000200000 r--s 00200000 fe:01 1"
+    assert (await ok(d, "smaps", "1")).splitlines()[0] == prefix + " " * (73 - len(prefix)) + "/thpsplit/lib"
     await ok(d, "munmap", "1", "0x600000000000", "2M")
     assert len(json.loads(await ok(d, "--json", "smaps", "1"))) == 1
 
@@ -134,6 +134,24 @@ async def test_madvise_prints_zero_or_the_errno(d):
     # A range with a hole in it: the advice is applied, and the hole is ENOMEM (no stderr line).
     status, out, err = await thpctl(d, "madvise", "1", hex(addr - 4096), "8K", "nohugepage")
     assert (status, out, err) == (1, "ENOMEM\n", "")
+
+
+async def test_mprotect_mlock_munlock_mremap_print_zero_the_address_or_the_errno(d):
+    addr = await setup_mapping(d, prot="rw")
+    assert await ok(d, "mprotect", "1", hex(addr), "2M", "r") == "0\n"
+    assert await ok(d, "mlock", "1", hex(addr + 1), "8K", "--onfault") == "0\n"
+    smaps = json.loads(await ok(d, "--json", "smaps", "1"))
+    assert [e["perms"] for e in smaps] == ["r--p", "r--p", "rw-p"]
+    assert smaps[0]["VmFlags"] == "rd mr mw me lo lf ac" and smaps[0]["end"] == addr + 12288  # the range widened to whole pages
+    assert await ok(d, "munlock", "1", hex(addr), "4M") == "0\n"
+    # An errno the call returns is its result: printed, exit 1, nothing on stderr.
+    assert await thpctl(d, "mlock", "1", hex(addr + (8 << 20)), "4K") == (1, "ENOMEM\n", "")
+    out, err = await fails(d, "mprotect", "1", hex(addr + 1), "4K", "r")
+    assert out == "EINVAL\n" and "page-aligned" in err
+    to = addr - (8 << 20)
+    assert await ok(d, "mremap", "1", hex(addr), "4M", "4M", "--to", hex(to)) == f"{to:#x}\n"
+    assert await thpctl(d, "mremap", "1", hex(addr), "4M", "8M") == (1, "EFAULT\n", "")
+    assert json.loads(await ok(d, "--json", "mremap", "1", hex(to), "4M", "2M")) == {"result": 0, "addr": to}
 
 
 async def test_proc_file_pin_lock_uprobe_commands(d):
@@ -240,7 +258,7 @@ async def test_run_json_and_stop_at_the_first_failure(d, tmp_path):
     script.write_text("proc spawn 3\nproc spawn 3\nfile create late --size 4K\n")
     status, out, err = await thpctl(d, "--json", "run", str(script))
     assert status == 1
-    assert json.loads(out) == [{"pid": 3}, None]
+    assert json.loads(out) == [{"pid": 3}, {"error": {"errno": "EEXIST", "message": "process 3 exists"}}]
     assert err == "thpctl run: line 2: proc spawn: EEXIST: process 3 exists\n"
     # The failure came before the switch to collapsed: line 3 never ran.
     assert json.loads(await ok(d, "--json", "file", "ls")) == []

@@ -10,6 +10,9 @@ Field annotations the messages use, and so the only ones supported:
 * ``int``, ``str``, ``bool`` (exact: a bool is never an int, nor an int a bool), ``None``;
 * ``Annotated[float, Range(lo, hi)]``: finite and within the bounds, both ways (an int is
   accepted for it);
+* ``Annotated[int, Range(lo, hi)]``: an int (not a bool) within the bounds, both ways (addresses,
+  offsets, lengths: the range of their C type, so a negative address or a 2**64 offset is refused
+  before the model sees it);
 * ``IntEnum`` / ``StrEnum`` subclasses: sent as the plain value (a plain value of a member is
   accepted when sending), decoded to the member;
 * ``X | None``, and unions of the scalars above (``int | str``);
@@ -30,6 +33,7 @@ import typing
 from collections.abc import Callable
 from typing import Any
 
+from shared.clip import quote
 from shared.protocol.schema import REGISTRY, Message, Range
 
 __all__ = ["ProtocolError", "from_wire", "to_wire"]
@@ -78,8 +82,7 @@ class _Codec:
 
 
 def _quote(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= _QUOTE_CHARS else text[: _QUOTE_CHARS - 3] + "..."
+    return quote(value, _QUOTE_CHARS)
 
 
 def _type_name(value: Any) -> str:
@@ -114,10 +117,10 @@ def _compile(tp: Any) -> _Codec:
     if tp in _SCALARS:
         return _Codec(tp, _exact_check(tp), None, 0)
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is typing.Annotated and args[0] is float:
+    if origin is typing.Annotated and args[0] in (float, int):
         ranges = [a for a in args[1:] if isinstance(a, Range)]
         if len(ranges) == 1:
-            return _float_codec(ranges[0])
+            return _float_codec(ranges[0]) if args[0] is float else _int_codec(ranges[0])
     if isinstance(tp, type) and issubclass(tp, enum.Enum) and issubclass(tp, (int, str)):
         return _enum_codec(tp)
     if _is_typeddict(tp):
@@ -174,6 +177,23 @@ def _float_codec(bounds: Range) -> _Codec:
         return float(value)
 
     # No exact type: every float is checked (a NaN is a float too).
+    return _Codec(None, check, check, 0)
+
+
+def _int_codec(bounds: Range) -> _Codec:
+    lo, hi = bounds.lo, bounds.hi
+    if type(lo) is not int or type(hi) is not int:
+        raise TypeError("an int range needs int bounds")
+    span = f"{lo}..{hi}"
+
+    def check(value: Any) -> int:
+        if type(value) is not int:
+            raise _mismatch("int", value)
+        if not lo <= value <= hi:
+            raise _Invalid(f"{_quote(value)} is outside {span}")
+        return value
+
+    # No exact type: every value is range-checked, on the way out too.
     return _Codec(None, check, check, 0)
 
 
@@ -343,7 +363,7 @@ def _dict_codec(element: _Codec) -> _Codec:
 def _typeddict_codec(cls: type) -> _Codec:
     hints = typing.get_type_hints(cls, include_extras=True)
     items = {name: _compile(tp) for name, tp in hints.items()}
-    required: frozenset[str] = getattr(cls, "__required_keys__")
+    required: frozenset[str] = typing.cast(Any, cls).__required_keys__
     encoders = {name: c.encode for name, c in items.items() if c.encode is not None}
     expected = f"{cls.__name__} map"
 

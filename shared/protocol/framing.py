@@ -14,6 +14,7 @@ from typing import Any
 
 import msgpack
 
+from shared.clip import clip
 from shared.protocol.codec import MAX_DEPTH, ProtocolError, from_wire, to_wire
 from shared.protocol.schema import Message
 
@@ -26,8 +27,8 @@ __all__ = [
     "FrameDecoder",
     "FrameDecoderStatistics",
     "FrameError",
-    "encode_frame",
     "decode_message",
+    "encode_frame",
     "encode_message",
 ]
 
@@ -241,8 +242,8 @@ class FrameDecoder:
                 f"frame body has {len(exc.extra)} trailing bytes after its msgpack value"
             ) from exc
         except ValueError as exc:
-            # FormatError carries no text; its class name is the explanation.
-            raise self._poison(f"undecodable frame body: {exc or type(exc).__name__}") from exc
+            # FormatError carries no text; its class name is the explanation then.
+            raise self._poison(f"undecodable frame body: {clip(str(exc)) or type(exc).__name__}") from exc
         if not _within_depth(obj, MAX_DEPTH):
             raise self._poison(f"frame nests deeper than {MAX_DEPTH} levels")
         self._offset = end
@@ -263,6 +264,16 @@ class FrameDecoder:
         """
         obj = self.next_object()
         return None if obj is None else from_wire(obj)
+
+    @property
+    def max_frame_bytes(self) -> int:
+        """Largest frame body accepted; may be changed between frames (a connection takes only
+        small frames until it has said hello)."""
+        return self._max_frame_bytes
+
+    @max_frame_bytes.setter
+    def max_frame_bytes(self, value: int) -> None:
+        self._max_frame_bytes = value
 
     def statistics(self) -> FrameDecoderStatistics:
         """Return counters describing the decoder; works on a poisoned decoder too."""

@@ -42,6 +42,18 @@ ModelMs = Annotated[float, Range(0.0, MAX_MODEL_MS)]
 HoldMs = Annotated[float, Range(0.0, MAX_HOLD_MS)]
 Seconds = Annotated[float, Range(0.0, MAX_MODEL_MS)]
 
+# Integers with the range of their C type, checked by the codec both ways (the model checks the
+# rest as the kernel does: alignment, TASK_SIZE, MAX_LFS_FILESIZE, ...). A value outside is a
+# protocol error (EINVAL from the client library), not a model error.
+MAX_ULONG = 2**64 - 1
+MAX_LOFF = 2**63 - 1
+# A user address (unsigned long): never negative.
+Addr = Annotated[int, Range(0, MAX_ULONG)]
+# A length in bytes (size_t).
+Length = Annotated[int, Range(0, MAX_ULONG)]
+# A file size or offset (loff_t, off_t): 63 bits, never negative.
+FileOffset = Annotated[int, Range(0, MAX_LOFF)]
+
 
 class Purpose(enum.StrEnum):
     """Why the remapper looks a page up (:class:`LookupPage`)."""
@@ -73,11 +85,22 @@ class UprobeAction(enum.StrEnum):
 
 @message("peer.hello")
 class PeerHello(Message):
-    """First message on every connection, in both directions: the sender's role and
-    :data:`~shared.protocol.schema.PROTOCOL_VERSION`."""
+    """First message on every connection, in both directions: the sender's role,
+    :data:`~shared.protocol.schema.PROTOCOL_VERSION`, and a fresh challenge for the other side
+    (64 hex digits; :mod:`shared.shell.auth`)."""
 
     role: str
     protocol: int
+    nonce: str = ""
+
+
+@message("peer.auth")
+class PeerAuth(Message):
+    """Second message on every connection, in both directions: the sender's proof that it knows
+    the connection's secret (HMAC-SHA256 over the hello transcript, 64 hex digits), or empty when
+    it holds no secret for it (:mod:`shared.shell.auth`)."""
+
+    proof: str
 
 
 @message("peer.lookup_page")
@@ -88,6 +111,11 @@ class LookupPage(Message):
     matching alignment, not VM_NOHUGEPAGE). ``vm_hugepage``: the VMA has VM_HUGEPAGE (shmem advise).
     ``around``: other indices whose PTEs are empty in the fault-around window (do_fault_around):
     those the cache holds, uptodate and unlocked, are mapped too and come back in the answer.
+    ``thp_ok``: the VMA allows a PMD-order folio here whatever its page table holds, the CoW
+    source of a private write fault included (not VM_NOHUGEPAGE, VMA covers the aligned range with
+    matching alignment: shmem_allowable_huge_orders, shmem_suitable_orders): shmem allocates one
+    on it. Added within protocol 2 with a default: a sender that predates it sends only
+    ``pmd_ok``, which implies it.
     """
 
     req: int
@@ -98,6 +126,7 @@ class LookupPage(Message):
     pmd_ok: bool
     vm_hugepage: bool
     around: tuple[int, ...] = ()
+    thp_ok: bool = False
 
 
 @message("peer.rmap_delta")
@@ -191,6 +220,17 @@ class MadvCollapse(Message):
     pgoff: int
 
 
+@message("peer.punch_hole")
+class PunchHole(Message):
+    """MADV_REMOVE: vfs_fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE) on [offset,
+    offset+length) of ``ino``, as ``file punch`` does; answered by :class:`Punched`."""
+
+    req: int
+    ino: int
+    offset: int
+    length: int
+
+
 @message("peer.visit_mm")
 class VisitMmDone(Message):
     """Answer to :class:`VisitMm`."""
@@ -210,6 +250,18 @@ class Remap(Message):
     rows: tuple[tuple[int, int, int, int], ...]
 
 
+@message("peer.page_query")
+class PageQuery(Message):
+    """The /proc reports' question (smaps, pagemap, kpageflags): for each pfn its kpageflags bits
+    and its mapcount (folio_precise_page_mapcount: the subpage's PTE mappings plus the folio's PMD
+    mappings), and for each (ino, start, end) the indices of shmem swap entries there. Changes
+    nothing; answered with :class:`PageInfo`."""
+
+    req: int
+    pfns: tuple[int, ...]
+    swap_ranges: tuple[tuple[int, int, int], ...] = ()
+
+
 # -- collapser -> remapper ----------------------------------------------------------------------
 
 
@@ -220,7 +272,10 @@ class PageAnswer(Message):
     ``pfn`` is the (sub)page for the index; ``head`` its compound head (== pfn for a small page);
     ``thp`` whether it is PMD-order; ``pmd`` whether the mapping was accounted as a PMD mapping;
     ``major`` whether it had to be read in (or allocated); ``around``: (index, pfn, thp) of the
-    fault-around pages, each already accounted as a PTE mapping.
+    fault-around pages, each already accounted as a PTE mapping. ``allocated``: the lookup filled
+    a shmem hole with this folio, so fault-around (which runs first) did not see it and
+    finish_fault maps it (a large one whole only where every PTE of it is none). Added within
+    protocol 2 with a default.
     """
 
     req: int
@@ -232,6 +287,7 @@ class PageAnswer(Message):
     major: bool = False
     shmem: bool = False
     around: tuple[tuple[int, int, bool], ...] = ()
+    allocated: bool = False
 
 
 @message("peer.folio")
@@ -309,6 +365,13 @@ class Unmapped(Message):
     req: int
 
 
+@message("peer.punched")
+class Punched(Message):
+    """Answer to :class:`PunchHole`: the hole is punched (the unmaps went ahead)."""
+
+    req: int
+
+
 @message("peer.retract")
 class Retract(Message):
     """retract_page_tables(mapping, pgoff) for the new PMD-order folio at ``head`` (locked)."""
@@ -354,6 +417,18 @@ class VisitMm(Message):
     pid: int
 
 
+@message("peer.page_info")
+class PageInfo(Message):
+    """Answer to :class:`PageQuery`: ``pages`` rows (pfn, kpageflags, mapcount) for the asked pfns
+    below ``max_pfn`` (the end of the collapser's memory, where /proc/kpageflags ends), in order;
+    ``swapped`` the swap entries' indices of each asked range."""
+
+    req: int
+    pages: tuple[tuple[int, int, int], ...]
+    max_pfn: int = 0
+    swapped: tuple[tuple[int, ...], ...] = ()
+
+
 # -- both ways ----------------------------------------------------------------------------------
 
 
@@ -372,6 +447,17 @@ class FileInfo(Message):
     size: int
     shmem: bool
     gen: int = 0
+
+
+@message("peer.mkclean")
+class Mkclean(Message):
+    """folio_clear_dirty_for_io -> folio_mkclean: these pages of regular file ``ino`` (by index)
+    were mapped when writeback took their dirty bit. The remapper write-protects every PTE
+    mapping them, so the next write through a shared mapping is a write-protect fault that
+    dirties the page again (page_mkwrite). Added within protocol 2."""
+
+    ino: int
+    indices: tuple[int, ...]
 
 
 @message("peer.knobs")
@@ -423,6 +509,13 @@ class FileStat(TypedDict):
     open_for_write: int
 
 
+class WriteResult(FileStat):
+    """write(2)'s answer: the file after it, and how many bytes went in (fewer than asked for
+    when the modelled memory ran out: a short write, as generic_perform_write returns)."""
+
+    written: int
+
+
 class Dropped(TypedDict):
     dropped_pages: int
 
@@ -443,6 +536,15 @@ class MappedRange(TypedDict):
 
 class MadviseResult(TypedDict):
     result: int | str  # 0 or the errno name
+
+
+class SyscallResult(TypedDict):
+    result: int | str  # 0 or the errno name
+
+
+class RemapResult(TypedDict):
+    result: int | str  # 0 or the errno name
+    addr: int | None  # the mapping's address after the call (None on error)
 
 
 class FaultResult(TypedDict):
@@ -471,6 +573,23 @@ class UprobeResult(_UprobeTarget, total=False):
     collapse_pte_mapped_thp: list[str]  # del: the result of each collapse it ran
 
 
+class MapsEntry(TypedDict):
+    """One line of /proc/PID/maps: the VMA's range, permissions, file offset, device, inode and
+    path (``/thpsplit/NAME`` for a regular file, ``/dev/shm/NAME`` for shmem; ``name`` is the
+    file's own name)."""
+
+    start: int
+    end: int
+    perms: str
+    offset: int
+    dev: str
+    ino: int
+    name: str
+    path: str
+
+
+# /proc/PID/smaps: the VMA's maps fields, then the kB fields in the kernel's order (6.18
+# show_smap/__show_smap), THPeligible and VmFlags.
 SmapsEntry = TypedDict(
     "SmapsEntry",
     {
@@ -478,24 +597,128 @@ SmapsEntry = TypedDict(
         "end": int,
         "perms": str,
         "offset": int,
+        "dev": str,
         "ino": int,
         "name": str,
+        "path": str,
         "Size": int,
         "KernelPageSize": int,
         "MMUPageSize": int,
         "Rss": int,
+        "Pss": int,
+        "Pss_Dirty": int,
+        "Shared_Clean": int,
+        "Shared_Dirty": int,
+        "Private_Clean": int,
+        "Private_Dirty": int,
+        "Referenced": int,
         "Anonymous": int,
+        "KSM": int,
+        "LazyFree": int,
         "AnonHugePages": int,
         "ShmemPmdMapped": int,
         "FilePmdMapped": int,
         "Shared_Hugetlb": int,
         "Private_Hugetlb": int,
         "Swap": int,
+        "SwapPss": int,
         "Locked": int,
         "THPeligible": int,
         "VmFlags": str,
     },
 )
+
+# /proc/PID/smaps_rollup: the span of the VMAs, then the sums (with Pss_Anon, Pss_File, Pss_Shmem).
+SmapsRollup = TypedDict(
+    "SmapsRollup",
+    {
+        "start": int,
+        "end": int,
+        "Rss": int,
+        "Pss": int,
+        "Pss_Dirty": int,
+        "Pss_Anon": int,
+        "Pss_File": int,
+        "Pss_Shmem": int,
+        "Shared_Clean": int,
+        "Shared_Dirty": int,
+        "Private_Clean": int,
+        "Private_Dirty": int,
+        "Referenced": int,
+        "Anonymous": int,
+        "KSM": int,
+        "LazyFree": int,
+        "AnonHugePages": int,
+        "ShmemPmdMapped": int,
+        "FilePmdMapped": int,
+        "Shared_Hugetlb": int,
+        "Private_Hugetlb": int,
+        "Swap": int,
+        "SwapPss": int,
+        "Locked": int,
+    },
+)
+
+
+class PageFlags(TypedDict):
+    """/proc/kpageflags and /proc/kpagecount from ``pfn`` on: one u64 of KPF_* bits and one
+    mapcount per page (fewer than asked at the end of memory, as a read there is short)."""
+
+    pfn: int
+    flags: list[int]
+    counts: list[int]
+
+
+class PmdMapRow(TypedDict):
+    """``thpctl map``: a VMA and one letter per 2 MiB range it overlaps (from ``start`` rounded
+    down to 2 MiB): P PMD-mapped, M a PTE table marked for a collapse retry, T other PTE-mapped
+    THP subpages, s small pages only, . nothing mapped."""
+
+    start: int
+    end: int
+    perms: str
+    path: str
+    cells: str
+
+
+class ProcessTop(TypedDict):
+    """One process in ``thpctl top`` (kB): file RSS, how much of it a PMD maps, how much is THP
+    subpages mapped by PTEs, and the marked PTE tables."""
+
+    pid: int
+    vmas: int
+    size_kb: int
+    rss_kb: int
+    pmd_kb: int
+    pte_thp_kb: int
+    marked: int
+    lock: str
+
+
+class TopStats(TypedDict):
+    """``thpctl top``'s remapd half: per process, and the retry machinery's counters."""
+
+    processes: list[ProcessTop]
+    counters: dict[str, int]
+
+
+class TraceEvent(TypedDict):
+    """One event of a daemon's log as ``thpctl trace`` streams it: when (seconds since the daemon
+    started), the daemon, the event's name and its fields."""
+
+    ts: Seconds
+    daemon: str
+    task: str  # the thread that logged it, as trace_pipe's "comm-pid" (khugepaged-1234)
+    event: str
+    fields: dict[str, int | str]
+
+
+class TraceBatch(TypedDict):
+    """A reply of a trace subscription: events in order, and how many were dropped before them
+    because the client read too slowly (the queue is bounded)."""
+
+    events: list[TraceEvent]
+    dropped: int
 
 
 class CheckResult(TypedDict):
@@ -526,6 +749,8 @@ _Figures = TypedDict(
         "mm_slots": int,
         "khugepaged/pages_collapsed": int,
         "khugepaged/full_scans": int,
+        "khugepaged/passes": int,  # wake-ups that scanned (khugepaged_do_scan)
+        "khugepaged/scans": int,  # 2 MiB ranges scanned (hpage_collapse_scan_file calls)
         # remapd
         "processes": list[int],
         "marked_tables": int,
@@ -561,16 +786,16 @@ class Status(Request[DaemonStatus]):
 class FileCreate(Request[FileStat]):
     id: int
     name: str
-    size: int
+    size: FileOffset
     shmem: bool = False
 
 
 @request("client.file_write", COLLAPSED, run="file_write")
-class FileWrite(Request[FileStat]):
+class FileWrite(Request[WriteResult]):
     id: int
     name: str
-    offset: int
-    length: int
+    offset: FileOffset
+    length: FileOffset
 
 
 @request("client.file_sync", COLLAPSED, run="file_sync")
@@ -583,7 +808,7 @@ class FileSync(Request[FileStat]):
 class FileTruncate(Request[FileStat]):
     id: int
     name: str
-    size: int
+    size: FileOffset
 
 
 @request("client.file_punch", COLLAPSED, run="file_punch")
@@ -592,8 +817,8 @@ class FilePunch(Request[FileStat]):
 
     id: int
     name: str
-    offset: int
-    length: int
+    offset: FileOffset
+    length: FileOffset
 
 
 @request("client.file_ls", COLLAPSED, run="file_ls")
@@ -643,40 +868,91 @@ class ProcFork(Request[Forked]):
 
 @request("client.mmap", REMAPD, run="mmap", unwrap="addr")
 class Mmap(Request[MappedRange]):
-    """``addr`` None: the kernel picks (mmap(NULL, ...))."""
+    """``addr`` None: the kernel picks (mmap(NULL, ...)). The mapping's file is the process's
+    one open file of ``name`` (opened at its first mmap of it, inherited across fork), or with
+    ``reopen`` a new open(2) of its own: VMAs merge only within one open file (vm_file)."""
 
     id: int
     pid: int
-    addr: int | None
-    length: int
+    addr: Addr | None
+    length: Length
     name: str
-    offset: int = 0
+    offset: FileOffset = 0
     prot: Prot = Prot.R
     shared: bool = True
+    reopen: bool = False
 
 
 @request("client.munmap", REMAPD, run="munmap")
 class Munmap(Request[MappedRange]):
     id: int
     pid: int
-    addr: int
-    length: int
+    addr: Addr
+    length: Length
 
 
 @request("client.madvise", REMAPD, run="madvise", unwrap="result")
 class Madvise(Request[MadviseResult]):
     id: int
     pid: int
+    addr: Addr
+    length: Length
+    advice: Advice
+
+
+@request("client.mprotect", REMAPD, run="mprotect", unwrap="result")
+class Mprotect(Request[SyscallResult]):
+    """mprotect(2) of [addr, addr+length): 0 or the errno name; bad arguments are refused."""
+
+    id: int
+    pid: int
     addr: int
     length: int
-    advice: Advice
+    prot: Prot
+
+
+@request("client.mremap", REMAPD, run="mremap")
+class Mremap(Request[RemapResult]):
+    """mremap(2) of [addr, addr+old_length) to ``new_length`` bytes. ``to``: MREMAP_FIXED at
+    that address; ``maymove``: MREMAP_MAYMOVE (implied by ``to`` and ``dontunmap``);
+    ``dontunmap``: MREMAP_DONTUNMAP. Errors are results, as for madvise."""
+
+    id: int
+    pid: int
+    addr: int
+    old_length: int
+    new_length: int
+    to: int | None = None
+    maymove: bool = False
+    dontunmap: bool = False
+
+
+@request("client.mlock", REMAPD, run="mlock", unwrap="result")
+class Mlock(Request[SyscallResult]):
+    """mlock(2), or mlock2(MLOCK_ONFAULT) with ``onfault``: 0 or the errno name."""
+
+    id: int
+    pid: int
+    addr: int
+    length: int
+    onfault: bool = False
+
+
+@request("client.munlock", REMAPD, run="munlock", unwrap="result")
+class Munlock(Request[SyscallResult]):
+    """munlock(2): 0 or the errno name."""
+
+    id: int
+    pid: int
+    addr: int
+    length: int
 
 
 @request("client.fault", REMAPD, run="fault", unwrap="result")
 class Fault(Request[FaultResult]):
     id: int
     pid: int
-    addr: int
+    addr: Addr
     write: bool = False
 
 
@@ -686,10 +962,10 @@ class Touch(Request[dict[str, int]]):
 
     id: int
     pid: int
-    addr: int
-    length: int
+    addr: Addr
+    length: Length
     write: bool = False
-    stride: int = 4096
+    stride: Length = 4096
 
 
 @request("client.lock", REMAPD, run="hold_lock", world="lock", waits=True)
@@ -707,14 +983,14 @@ class Lock(Request[LockHeld]):
 class Pin(Request[Pinned]):
     id: int
     pid: int
-    addr: int
+    addr: Addr
 
 
 @request("client.unpin", REMAPD, run="unpin")
 class Unpin(Request[Pinned]):
     id: int
     pid: int
-    addr: int
+    addr: Addr
 
 
 @request("client.uprobe", REMAPD, world="uprobe")
@@ -722,7 +998,7 @@ class Uprobe(Request[UprobeResult]):
     id: int
     action: UprobeAction
     name: str
-    offset: int
+    offset: FileOffset
 
 
 @request("client.smaps", REMAPD, run="smaps")
@@ -763,3 +1039,75 @@ class SysfsGet(Request[dict[str, SysfsEntry]]):
 
     id: int
     name: str | None = None
+
+
+# -- requests: the /proc and sysfs views of issue 12 (remapd asks collapsed for page state) ------
+
+
+@request("client.maps", REMAPD, run="procfs.maps", world="maps")
+class Maps(Request[list[MapsEntry]]):
+    """/proc/PID/maps."""
+
+    id: int
+    pid: int
+
+
+@request("client.smaps_rollup", REMAPD, run="procfs.smaps_rollup", world="smaps_rollup")
+class SmapsRollupRequest(Request[SmapsRollup]):
+    """/proc/PID/smaps_rollup."""
+
+    id: int
+    pid: int
+
+
+@request("client.proc_status", REMAPD, run="procfs.status", world="proc_status")
+class ProcStatus(Request[dict[str, int]]):
+    """/proc/PID/status: the memory lines (kB: VmSize, VmRSS, RssAnon, RssFile, RssShmem, ...) and
+    Pid, Threads, THP_enabled."""
+
+    id: int
+    pid: int
+
+
+@request("client.pagemap", REMAPD, run="procfs.pagemap", world="pagemap")
+class Pagemap(Request[list[int]]):
+    """/proc/PID/pagemap: one u64 per page of [addr, addr+length), at most MAX_ENTRIES pages."""
+
+    id: int
+    pid: int
+    addr: int
+    length: int
+
+
+@request("client.kpageflags", REMAPD, run="procfs.kpageflags", world="kpageflags")
+class KPageFlags(Request[PageFlags]):
+    """/proc/kpageflags and /proc/kpagecount for ``count`` pages from ``pfn`` (at most MAX_ENTRIES)."""
+
+    id: int
+    pfn: int
+    count: int = 1
+
+
+@request("client.pmd_map", REMAPD, run="procfs.pmd_map", world="pmd_map")
+class PmdMap(Request[list[PmdMapRow]]):
+    """What each 2 MiB range of each VMA of ``pid`` holds (``thpctl map``)."""
+
+    id: int
+    pid: int
+
+
+@request("client.top", REMAPD, run="procfs.top", world="top")
+class Top(Request[TopStats]):
+    """``thpctl top``'s figures of every process."""
+
+    id: int
+
+
+@request("client.trace", (COLLAPSED, REMAPD), world=None)
+class Trace(Request[TraceBatch]):
+    """Subscribe to the daemon's log events (``events`` empty: all): replies stream, each a batch,
+    until the client closes the connection. Events wait in a bounded queue; when the client reads
+    too slowly the newest are dropped and counted in the next batch's ``dropped``."""
+
+    id: int
+    events: tuple[str, ...] = ()

@@ -5,7 +5,8 @@ A message is a frozen, slotted dataclass with a wire ``TAG``, registered by :fun
 peer message) or :func:`request` (a client request, which also gets its reply class and its
 :class:`Op`). The set of messages is closed: only registered classes are sent or received.
 Field annotations say what travels (:mod:`shared.protocol.codec` lists what it supports); a float
-is always ``Annotated[float, Range(lo, hi)]``, so every float on the wire has a documented range.
+is always ``Annotated[float, Range(lo, hi)]``, so every float on the wire has a documented range,
+and an address, offset or length is ``Annotated[int, Range(lo, hi)]`` (its C type's range).
 
 There is one protocol version, :data:`PROTOCOL_VERSION`, exchanged in the hello; messages carry
 none of their own.
@@ -18,8 +19,10 @@ import typing
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar, dataclass_transform
 
-# Version 2: frames are [tag, fields] (version 1 sent [tag, 1, fields]), replies are typed.
-PROTOCOL_VERSION = 2
+# Version 3: the hello carries a challenge and a peer.auth answers it (challenge-response with
+# the shared secrets). Version 2: frames are [tag, fields] (version 1 sent [tag, 1, fields]),
+# replies are typed.
+PROTOCOL_VERSION = 3
 
 # The roles a connection says it has in its hello: the two actors and their clients.
 COLLAPSED = "collapsed"
@@ -48,7 +51,9 @@ class Message:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Range:
-    """Bounds of a float field: ``Annotated[float, Range(lo, hi)]`` accepts finite ``lo <= x <= hi``."""
+    """Bounds of a field: ``Annotated[float, Range(lo, hi)]`` accepts finite ``lo <= x <= hi``;
+    ``Annotated[int, Range(lo, hi)]`` an int (never a bool) with ``lo <= x <= hi`` (give int
+    bounds: a float cannot hold 2**64 - 1)."""
 
     lo: float
     hi: float

@@ -8,23 +8,40 @@ memory.
 
 A protocol error (a bad frame, an unknown message, a wrong first message) is delivered in stream
 order, after every good message before it, as a :class:`ChannelError` raised from
-:meth:`Channel.receive`; nothing more is read. The owner answers with an ``ErrorReply`` and
+:meth:`Channel.receive`; nothing more is read. So is a frame left incomplete for longer than the
+channel's ``read_timeout`` (ETIMEDOUT: a stalled or trickling sender), or one that would take the
+daemon's shared :class:`ReadBudget` for partly received frames beyond its limit (ENOBUFS). Until
+its hello is done a channel takes frames of at most :data:`HELLO_FRAME_BYTES`. The owner answers with an ``ErrorReply`` and
 closes: leaving the ``async with`` flushes what is queued (for at most :data:`CLOSE_TIMEOUT_S`)
 and closes the stream.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Collection, Iterator
+from collections.abc import AsyncIterator, Callable, Collection, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import trio
 
+from shared.clip import MAX_ERROR_CHARS, clip, quote
 from shared.protocol.codec import ProtocolError, from_wire
 from shared.protocol.framing import MAX_FRAME_BYTES, FrameDecoder, encode_message
-from shared.protocol.messages import ErrorReply, PeerHello
+from shared.protocol.messages import ErrorReply, PeerAuth, PeerHello
 from shared.protocol.schema import PROTOCOL_VERSION, Message
+from shared.shell import config
+from shared.shell.auth import (
+    ACCEPT,
+    CONNECT,
+    NONCE_HEX,
+    PROOF_HEX,
+    Secrets,
+    is_hex,
+    new_nonce,
+    proof,
+    proof_matches,
+    secret_hint,
+)
 
 # Bytes asked of the stream per read.
 RECV_CHUNK = 64 * 1024
@@ -32,10 +49,17 @@ RECV_CHUNK = 64 * 1024
 QUEUE_DEPTH = 64
 # Frames coalesced into one write when several are queued.
 WRITE_BATCH_BYTES = 256 * 1024
-# How long the other side has to send its hello.
-HELLO_TIMEOUT_S = 5.0
+# How long the other side has to send its hello (a daemon's --hello-timeout).
+HELLO_TIMEOUT_S = config.HELLO_TIMEOUT_S
+# The largest frame taken before the hello is done: hellos and proofs are a few hundred bytes.
+HELLO_FRAME_BYTES = 4096
 # How long closing waits for queued frames to reach the stream.
 CLOSE_TIMEOUT_S = 1.0
+# A lingering close (a daemon closing a connection the other side has not closed): how long, and
+# how many bytes, it reads and drops after its last frame, so that unread bytes do not make the
+# kernel reset the connection before the other side has read that frame (an error reply).
+LINGER_S = 0.5
+LINGER_BYTES = 2 * MAX_FRAME_BYTES
 
 
 class ChannelError(Exception):
@@ -62,16 +86,40 @@ def _request_id(obj: Any) -> int:
     return 0
 
 
+class ReadBudget:
+    """Bytes of partly received frames that a daemon's connections may hold together."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+
+
 class Channel:
     """Typed messages over a stream. Create with :func:`open_channel`."""
 
-    def __init__(self, stream: trio.abc.Stream, max_frame_bytes: int, queue_depth: int):
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        max_frame_bytes: int,
+        queue_depth: int,
+        read_timeout: float | None = None,
+        budget: ReadBudget | None = None,
+        linger: bool = False,
+    ):
         self.stream = stream
+        self._linger = linger
+        self._eof = False  # the other side closed its end
         self.hello: PeerHello | None = None
+        self._max_frame_bytes = max_frame_bytes
         self._decoder = FrameDecoder(max_frame_bytes)
         self._failed = False
         self._out_send, self._out_recv = trio.open_memory_channel[bytes](queue_depth)
         self._writer_done = trio.Event()
+        self._read_timeout = read_timeout
+        # When the frame now being received began to arrive (None: between frames).
+        self._partial_since: float | None = None
+        self._budget = budget
+        self._charged = 0  # bytes of ours counted in the budget
 
     # -- sending -------------------------------------------------------------------------------
 
@@ -104,17 +152,68 @@ class Channel:
             try:
                 obj = self._decoder.next_object()
                 if obj is not None:
+                    self._partial_since = None
+                    self._charge()
                     return from_wire(obj)
             except ProtocolError as err:
                 self._failed = True
+                self._charge()
                 raise ChannelError(str(err), reply_to=_request_id(obj)) from None
-            try:
-                data = await self.stream.receive_some(RECV_CHUNK)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                data = b""
+            data = await self._read()
             if not data:
+                self._eof = True
                 raise trio.EndOfChannel
+            budget = self._budget
+            if budget is not None and budget.used + len(data) > budget.limit:
+                self._fail()
+                raise ChannelError(
+                    f"the daemon holds its limit of partly received frames ({budget.limit >> 20} MiB) "
+                    f"for its connections: try again",
+                    "ENOBUFS",
+                )
             self._decoder.feed(data)
+            self._charge()
+
+    async def _read(self) -> bytes | bytearray:
+        """The next bytes from the stream (b"" at its end), within the read timeout once a frame
+        has begun."""
+        if self._decoder.statistics().bytes_buffered and self._read_timeout is not None:
+            if self._partial_since is None:
+                self._partial_since = trio.current_time()
+            with trio.move_on_at(self._partial_since + self._read_timeout):
+                return await self._receive_some()
+            self._fail()
+            raise ChannelError(f"a frame still incomplete {self._read_timeout:g} s after it began", "ETIMEDOUT")
+        return await self._receive_some()
+
+    async def _receive_some(self) -> bytes | bytearray:
+        try:
+            return await self.stream.receive_some(RECV_CHUNK)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return b""
+
+    def _charge(self) -> None:
+        """Count what the decoder holds now in the shared budget."""
+        if self._budget is not None:
+            held = self._decoder.statistics().bytes_buffered
+            self._budget.used += held - self._charged
+            self._charged = held
+
+    def _fail(self) -> None:
+        self._failed = True
+        self._release()
+
+    def _release(self) -> None:
+        if self._budget is not None:
+            self._budget.used -= self._charged
+            self._charged = 0
+
+    def trust(self) -> None:
+        """The authenticated peer link: its large frames are neither counted against the shared
+        budget nor timed (one connection, and losing it costs a resync)."""
+        self._release()
+        self._budget = None
+        self._read_timeout = None
 
     def __aiter__(self) -> Channel:
         return self
@@ -126,33 +225,103 @@ class Channel:
             raise StopAsyncIteration from None
 
     async def handshake(
-        self, role: str, accept: Collection[str] | None = None, timeout: float = HELLO_TIMEOUT_S
+        self,
+        role: str,
+        accept: Collection[str] | None = None,
+        timeout: float = HELLO_TIMEOUT_S,
+        *,
+        secrets: Secrets | None = None,
+        initiator: bool = True,
+        admit: Callable[[PeerHello], None] | None = None,
     ) -> PeerHello:
-        """Send our hello and read theirs (both sides send first, so neither waits on the other).
+        """Say hello and prove who we are; read the other side's hello and check its proof.
+
+        Both sides send ``PeerHello(role, protocol, nonce)`` first (neither waits on the other),
+        then ``PeerAuth(proof)``: the connecting side (``initiator``) right away, the listener
+        only once the connecting side's proof checks out. The secret is the one of the
+        connecting side's role (:meth:`Secrets.for_role`); a side without it sends an empty
+        proof and checks nothing (:mod:`shared.shell.auth`). All within ``timeout``, in frames of
+        at most :data:`HELLO_FRAME_BYTES`. A listener's ``admit(their_hello)`` runs once the
+        other side has proved itself, before our proof goes out; it may refuse the connection by
+        raising ChannelError (EMFILE: too many clients).
 
         Errors:
             ChannelError: no hello within ``timeout`` (ETIMEDOUT), the first message is not a
-            hello (EPROTO), another protocol version (EPROTONOSUPPORT), or a role not in
-            ``accept`` (EPERM).
+            hello (EPROTO), another protocol version (EPROTONOSUPPORT), a role not in ``accept``
+            (EPERM), a missing or wrong proof (EACCES); or the other side refused us (its errno).
             trio.EndOfChannel: closed before saying hello.
         """
-        await self.send(PeerHello(role, PROTOCOL_VERSION))
+        nonce = new_nonce()
+        await self.send(PeerHello(role, PROTOCOL_VERSION, nonce))
+        self._decoder.max_frame_bytes = min(HELLO_FRAME_BYTES, self._max_frame_bytes)
         with trio.move_on_after(timeout):
-            msg = await self.receive()
-            if not isinstance(msg, PeerHello):
-                raise ChannelError(
-                    f"expected peer.hello first, got {msg.TAG}", reply_to=_request_id([msg.TAG, msg.fields()])
-                )
-            if msg.protocol != PROTOCOL_VERSION:
-                raise ChannelError(
-                    f"protocol version {msg.protocol} is not supported (this side speaks {PROTOCOL_VERSION})",
-                    "EPROTONOSUPPORT",
-                )
-            if accept is not None and msg.role not in accept:
-                raise ChannelError(f"role {msg.role!r} is not accepted here", "EPERM")
-            self.hello = msg
-            return msg
+            theirs = await self._read_hello(nonce, accept)
+            connector = role if initiator else theirs.role
+            key = secrets.for_role(connector) if secrets is not None else None
+            if initiator:
+                await self._send_proof(key, CONNECT, role, theirs, nonce)
+                await self._check_proof(key, ACCEPT, role, theirs, nonce, connector)
+            else:
+                await self._check_proof(key, CONNECT, role, theirs, nonce, connector)
+                if admit is not None:
+                    admit(theirs)
+                await self._send_proof(key, ACCEPT, role, theirs, nonce)
+            self._decoder.max_frame_bytes = self._max_frame_bytes
+            self.hello = theirs
+            return theirs
         raise ChannelError(f"no hello within {timeout:g} s", "ETIMEDOUT")
+
+    async def _receive_handshake(self) -> Message:
+        msg = await self.receive()
+        if isinstance(msg, ErrorReply):
+            errno = clip(msg.errno, 32)
+            raise ChannelError(f"refused: {errno}: {clip(msg.message, MAX_ERROR_CHARS)}", errno)
+        return msg
+
+    async def _read_hello(self, nonce: str, accept: Collection[str] | None) -> PeerHello:
+        msg = await self._receive_handshake()
+        if not isinstance(msg, PeerHello):
+            raise ChannelError(
+                f"expected peer.hello first, got {msg.TAG}", reply_to=_request_id([msg.TAG, msg.fields()])
+            )
+        if msg.protocol != PROTOCOL_VERSION:
+            raise ChannelError(
+                f"protocol version {msg.protocol} is not supported (this side speaks {PROTOCOL_VERSION})",
+                "EPROTONOSUPPORT",
+            )
+        if accept is not None and msg.role not in accept:
+            raise ChannelError(f"role {quote(msg.role)} is not accepted here", "EPERM")
+        if not is_hex(msg.nonce, NONCE_HEX) or msg.nonce == nonce:
+            raise ChannelError(f"peer.hello: the nonce must be {NONCE_HEX} fresh lowercase hex digits")
+        return msg
+
+    async def _send_proof(self, key: bytes | None, direction: str, role: str, theirs: PeerHello, nonce: str) -> None:
+        mine = proof(key, direction, role, theirs.role, nonce, theirs.nonce) if key is not None else ""
+        await self.send(PeerAuth(mine))
+
+    async def _check_proof(
+        self, key: bytes | None, direction: str, role: str, theirs: PeerHello, nonce: str, connector: str
+    ) -> None:
+        msg = await self._receive_handshake()
+        if not isinstance(msg, PeerAuth):
+            raise ChannelError(f"expected peer.auth after the hello, got {msg.TAG}")
+        if msg.proof and not is_hex(msg.proof, PROOF_HEX):
+            raise ChannelError(f"peer.auth: the proof must be empty or {PROOF_HEX} lowercase hex digits")
+        if key is None:
+            return  # nothing to check it against: the local case (auth.startup_problem)
+        if not msg.proof:
+            if direction == CONNECT:
+                raise ChannelError(
+                    f"authentication required: the {quote(connector)} role needs the shared secret "
+                    f"({secret_hint(connector)})",
+                    "EACCES",
+                )
+            raise ChannelError(
+                f"{quote(theirs.role)} did not prove it knows the secret (it has none set?)", "EACCES"
+            )
+        expected = proof(key, direction, theirs.role, role, theirs.nonce, nonce)
+        if not proof_matches(msg.proof, expected):
+            raise ChannelError(f"authentication failed: {quote(theirs.role)} does not know the secret", "EACCES")
 
     # -- the two tasks -------------------------------------------------------------------------
 
@@ -176,11 +345,35 @@ class Channel:
             self._writer_done.set()
 
     async def _close(self) -> None:
+        self._release()
         self._out_send.close()
         with trio.CancelScope(shield=True):
             with trio.move_on_after(CLOSE_TIMEOUT_S):
                 await self._writer_done.wait()
+            if self._linger and not self._eof:
+                await self._drain()
             await trio.aclose_forcefully(self.stream)
+
+    async def _drain(self) -> None:
+        await drain(self.stream)
+
+
+async def drain(stream: trio.abc.Stream) -> None:
+    """Half-close ``stream``, then read and drop what the other side still sends until it closes
+    too (within LINGER_S and LINGER_BYTES): closing with unread bytes would make the kernel reset
+    the connection, and the other side could lose the last frame we sent it."""
+    try:
+        if isinstance(stream, trio.abc.HalfCloseableStream):
+            await stream.send_eof()
+        with trio.move_on_after(LINGER_S):
+            dropped = 0
+            while dropped < LINGER_BYTES:
+                data = await stream.receive_some(RECV_CHUNK)
+                if not data:
+                    break
+                dropped += len(data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
+        pass
 
 
 @contextmanager
@@ -200,10 +393,16 @@ async def open_channel(
     stream: trio.abc.Stream,
     max_frame_bytes: int = MAX_FRAME_BYTES,
     queue_depth: int = QUEUE_DEPTH,
+    read_timeout: float | None = None,
+    budget: ReadBudget | None = None,
+    linger: bool = False,
 ) -> AsyncIterator[Channel]:
     """Run a :class:`Channel` over ``stream`` for the duration of the block; the stream is closed
-    when the block ends (after queued frames are flushed, within :data:`CLOSE_TIMEOUT_S`)."""
-    channel = Channel(stream, max_frame_bytes, queue_depth)
+    when the block ends (after queued frames are flushed, within :data:`CLOSE_TIMEOUT_S`).
+    ``read_timeout``: how long a begun frame may take to arrive in full (None: as long as it
+    takes); ``budget``: the shared bound on partly received frames this channel counts against;
+    ``linger``: close gracefully when the other side has not closed (a daemon's connections)."""
+    channel = Channel(stream, max_frame_bytes, queue_depth, read_timeout, budget, linger)
     with unwrap_single():
         async with trio.open_nursery() as nursery:
             nursery.start_soon(channel._writer)
@@ -216,11 +415,13 @@ async def open_channel(
 
 __all__ = [
     "CLOSE_TIMEOUT_S",
+    "HELLO_FRAME_BYTES",
     "HELLO_TIMEOUT_S",
     "PROTOCOL_VERSION",
     "QUEUE_DEPTH",
     "Channel",
     "ChannelError",
+    "ReadBudget",
     "open_channel",
     "unwrap_single",
 ]

@@ -9,6 +9,10 @@ each event :meth:`Driver.settle` wakes whoever waits: the peer link's pump, the 
 
 While no peer is connected nothing can be sent: whatever the core queues for the peer, and every
 call it waits on, is answered through ``core.peer_lost()``.
+
+A peer message the core refuses (``deliver`` raises :class:`~shared.errors.PeerError`: a forged
+or corrupt message) ends that peer connection (:meth:`Driver.deliver`); any other exception out of
+the core is a bug in it, logged as ``model_error``, and the daemon carries on.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import Any, Protocol
 
 import trio
 
-from shared.errors import UserError
+from shared.errors import PeerError, UserError
 from shared.logs import get_logger
 from shared.protocol.schema import Message
 from shared.shell.job import Job
@@ -57,6 +61,8 @@ class Driver:
         # Kept by the peer link: whether a peer is connected, how many messages it has taken
         # from the outbox, and how a reply waits for the peer to have seen an operation.
         self.connected = False
+        # Whether this loss of the peer has been reported as leaving the core not quiet.
+        self._not_quiet_reported = False
         self.sent = 0
         self.barrier_after: Callable[[int], Awaitable[None]] = _no_barrier
         self.clients = 0
@@ -84,6 +90,30 @@ class Driver:
             "model_ms": self.core.now,
         }
 
+    # -- the peer -----------------------------------------------------------------------------
+
+    def peer_connected(self) -> None:
+        self.connected = True
+        self._not_quiet_reported = False
+
+    def peer_disconnected(self) -> None:
+        self.connected = False
+
+    def deliver(self, msg: Message) -> None:
+        """Hand a peer message to the core (after moving its clock to now).
+
+        Errors:
+            PeerError: the core refuses the message; it is left as it was, and the caller must
+            close the peer connection. A bug in the core is logged, not raised.
+        """
+        self.guard(self.core.advance, self.now_ms())
+        try:
+            self.core.deliver(msg)
+        except PeerError:
+            raise
+        except Exception:
+            log.exception("model_error", call="deliver", tag=msg.TAG)
+
     # -- events -------------------------------------------------------------------------------
 
     def guard(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -104,8 +134,11 @@ class Driver:
             while (core.outbox or core.pending_calls()) and rounds < MAX_LOST_PEER_ROUNDS:
                 self.guard(core.peer_lost)
                 rounds += 1
-            if core.outbox or core.pending_calls():
-                log.error("peer_lost_not_quiet", queued=len(core.outbox), calls=core.pending_calls())
+            if (core.outbox or core.pending_calls()) and not self._not_quiet_reported:
+                # A core task that keeps calling the absent peer (a retry loop) is answered again
+                # at every event: said once per loss, not at every event.
+                self._not_quiet_reported = True
+                log.warning("peer_lost_not_quiet", queued=len(core.outbox), calls=core.pending_calls())
         if not from_clock:
             deadline = core.next_deadline()
             if deadline is not None and (self._planned is None or deadline < self._planned):

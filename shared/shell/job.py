@@ -40,9 +40,18 @@ class Job:
         return self._value
 
 
-# What a request handler returns: a job already started, or work to await in the connection's
-# task before its next request starts.
-Work = Job | Callable[[], Awaitable[Any]]
+class Stream:
+    """A request answered by many replies: ``run(send)`` awaits ``send(result)`` for each, in
+    its own task beside the connection's other requests, until the client closes the connection
+    (which cancels it)."""
+
+    def __init__(self, run: Callable[[Callable[[Any], Awaitable[None]]], Awaitable[None]]):
+        self.run = run
+
+
+# What a request handler returns: a job already started, work to await in the connection's
+# task before its next request starts, or a stream of replies.
+Work = Job | Stream | Callable[[], Awaitable[Any]]
 Handler = Callable[[Any], Work]
 
-__all__ = ["Handler", "Job", "Work"]
+__all__ = ["Handler", "Job", "Stream", "Work"]

@@ -16,10 +16,13 @@ from collections.abc import Callable
 import structlog
 import trio
 
+from shared.clip import clip
+from shared.errors import PeerError
 from shared.logs import get_logger
 from shared.protocol import messages as m
 from shared.protocol.codec import ProtocolError
 from shared.protocol.schema import Message
+from shared.shell.auth import Secrets
 from shared.shell.channel import Channel, ChannelError, open_channel, send_quietly
 from shared.shell.config import parse_address
 from shared.shell.driver import Driver
@@ -89,7 +92,7 @@ class PeerLink:
         if self.channel is not None:
             raise ChannelError(f"a {self.peer_role} is already connected", "EBUSY")
         self.channel = ch
-        driver.connected = True
+        driver.peer_connected()
         log.info("peer_connected")
         try:
             if self.on_connect is not None:
@@ -100,7 +103,7 @@ class PeerLink:
                 self._receive(msg)
         finally:
             self.channel = None
-            driver.connected = False
+            driver.peer_disconnected()
             log.warning("peer_lost")
             driver.guard(driver.core.peer_lost)
             # Barriers still waiting stay in the table: their waiters see the peer went away.
@@ -110,20 +113,28 @@ class PeerLink:
 
     def _receive(self, msg: Message) -> None:
         driver = self.driver
-        if isinstance(msg, m.Sync):
-            driver.core.send(m.Sync.REPLY(msg.id, None))
-        elif isinstance(msg, m.Sync.REPLY):
-            event = self._barriers.pop(msg.id, None)
-            if event is not None:
-                event.set()
-        elif isinstance(msg, m.ErrorReply):
-            raise ChannelError(f"{self.peer_role} refused: {msg.errno}: {msg.message}", msg.errno)
-        elif not msg.TAG.startswith("peer.") or isinstance(msg, m.PeerHello):
-            raise ChannelError(f"{msg.TAG} is not a peer message", reply_to=getattr(msg, "id", 0))
-        else:
-            driver.guard(driver.core.advance, driver.now_ms())
-            driver.guard(driver.core.deliver, msg)
-        driver.settle()
+        try:
+            if isinstance(msg, m.Sync):
+                driver.core.send(m.Sync.REPLY(msg.id, None))
+            elif isinstance(msg, m.Sync.REPLY):
+                event = self._barriers.pop(msg.id, None)
+                if event is not None:
+                    event.set()
+            elif isinstance(msg, m.ErrorReply):
+                errno = clip(msg.errno, 32)
+                raise ChannelError(f"{self.peer_role} refused: {errno}: {clip(msg.message)}", errno)
+            elif not msg.TAG.startswith("peer.") or isinstance(msg, m.PeerHello):
+                raise ChannelError(f"{msg.TAG} is not a peer message", reply_to=getattr(msg, "id", 0))
+            else:
+                try:
+                    driver.deliver(msg)
+                except PeerError as err:
+                    # A forged or corrupt message: this peer is not trusted any more. Closing
+                    # the connection answers what it held through peer_lost(); a peer that
+                    # comes back is resynchronised from scratch.
+                    raise ChannelError(f"{msg.TAG} refused: {clip(str(err))}", "EPROTO") from None
+        finally:
+            driver.settle()
 
     async def pump(self) -> None:
         """Move the core's outbox onto the peer channel, as fast as the channel takes it."""
@@ -145,9 +156,12 @@ class PeerLink:
                 log.exception("unsendable_peer_message", tag=msg.TAG)
 
 
-async def connect_peer(link: PeerLink, address: str, backoff_min_s: float, backoff_max_s: float) -> None:
+async def connect_peer(
+    link: PeerLink, address: str, backoff_min_s: float, backoff_max_s: float, secrets: Secrets | None = None
+) -> None:
     """The remapper's side of the peer channel: connect, and again after every loss, waiting
-    twice as long after each failed attempt (up to ``backoff_max_s``)."""
+    twice as long after each failed attempt (up to ``backoff_max_s``). With a peer secret in
+    ``secrets`` both sides prove it in the hello."""
     addr = parse_address(address)
     delay = backoff_min_s
     with structlog.contextvars.bound_contextvars(peer=str(addr)):
@@ -162,7 +176,7 @@ async def connect_peer(link: PeerLink, address: str, backoff_min_s: float, backo
             started = trio.current_time()
             async with open_channel(stream) as ch:
                 try:
-                    await ch.handshake(link.driver.name, accept={link.peer_role})
+                    await ch.handshake(link.driver.name, accept={link.peer_role}, secrets=secrets)
                     await link.serve(ch)
                 except ChannelError as err:
                     log.warning("peer_protocol_error", errno=err.errno, reason=err.reason)

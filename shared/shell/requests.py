@@ -8,6 +8,7 @@ from typing import Any
 
 import trio
 
+from shared.clip import MAX_ERROR_CHARS, clip
 from shared.errors import UserError
 from shared.logs import get_logger
 from shared.protocol import messages as m
@@ -15,7 +16,7 @@ from shared.protocol.codec import ProtocolError
 from shared.protocol.schema import Message, Request, ops_of, resolve
 from shared.shell.channel import Channel, ChannelError, send_quietly
 from shared.shell.driver import Driver
-from shared.shell.job import Handler, Job
+from shared.shell.job import Handler, Job, Stream
 
 log = get_logger("thpsplit.requests")
 
@@ -59,28 +60,82 @@ def _starter(driver: Driver, fn: Any) -> Handler:
     return start
 
 
-async def serve_client(driver: Driver, ch: Channel, handlers: Handlers) -> None:
+class _Activity:
+    """A client connection's requests in flight and when it last did anything, for the idle
+    timeout: a client waiting on a reply (wait-scans, a lock) is not idle."""
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self.last = trio.current_time()
+        self._changed = trio.Event()
+
+    def touch(self) -> None:
+        self.last = trio.current_time()
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def started(self) -> None:
+        self.in_flight += 1
+        self.touch()
+
+    def finished(self) -> None:
+        self.in_flight -= 1
+        self.touch()
+
+    async def idle_for(self, timeout: float) -> None:
+        """Return once nothing has been in flight, nor arrived, for ``timeout`` seconds."""
+        while True:
+            if self.in_flight:
+                await self._changed.wait()
+                continue
+            deadline = self.last + timeout
+            if trio.current_time() >= deadline:
+                return
+            with trio.move_on_at(deadline):
+                await self._changed.wait()
+
+
+async def serve_client(driver: Driver, ch: Channel, handlers: Handlers, idle_timeout: float = 0.0) -> None:
     """Answer a client's requests until it closes; the hello is done.
 
     One connection's requests run one after another, in the order sent, as syscalls from
     one thread do; a reply goes out as soon as it is ready, and one that waits for the peer
     round trip may be overtaken by the next. Concurrency comes from more connections. When
-    the client closes, whatever it still waits for is abandoned at once.
+    the client closes, whatever it still waits for is abandoned at once. A client with nothing
+    in flight that sends nothing for ``idle_timeout`` seconds (0: no limit) gets
+    ``ErrorReply(0, ETIMEDOUT)`` and is closed.
     """
     queue_send, queue_recv = trio.open_memory_channel[Request[Any]](MAX_PENDING_PER_CLIENT)
+    activity = _Activity()
+    idle = False
     driver.clients += 1
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_execute, driver, ch, handlers, queue_recv, nursery)
+            nursery.start_soon(_execute, driver, ch, handlers, queue_recv, nursery, activity)
+            if idle_timeout > 0:
+
+                async def watch_idle() -> None:
+                    nonlocal idle
+                    await activity.idle_for(idle_timeout)
+                    idle = True
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(watch_idle)
             try:
                 async for msg in ch:
                     if not isinstance(msg, Request):
                         raise ChannelError(f"{msg.TAG} is not a client request")
+                    activity.started()
                     await queue_send.send(msg)
             except ChannelError as err:
                 log.warning("protocol_error", errno=err.errno, reason=err.reason)
                 await send_quietly(ch, err.reply())
             nursery.cancel_scope.cancel()
+        if idle:
+            log.info("client_idle", idle_s=idle_timeout)
+            await send_quietly(
+                ch, m.ErrorReply(0, "ETIMEDOUT", f"no request for {idle_timeout:g} s: {driver.name} closes the connection")
+            )
     finally:
         driver.clients -= 1
 
@@ -91,21 +146,28 @@ async def _execute(
     handlers: Handlers,
     requests: trio.MemoryReceiveChannel[Request[Any]],
     nursery: trio.Nursery,
+    activity: _Activity,
 ) -> None:
     # Replies still waiting for the peer round trip count against the same limit.
     limiter = trio.Semaphore(MAX_PENDING_PER_CLIENT)
     async for msg in requests:
         await limiter.acquire()
         job = await _run_request(driver, handlers.get(type(msg)), msg)
-        nursery.start_soon(_answer, driver, ch, msg, job, limiter)
+        if isinstance(job, Stream):
+            limiter.release()
+            nursery.start_soon(_stream, ch, msg, job, activity)
+            continue
+        nursery.start_soon(_answer, driver, ch, msg, job, limiter, activity)
 
 
-async def _run_request(driver: Driver, handler: Handler | None, msg: Request[Any]) -> Job:
+async def _run_request(driver: Driver, handler: Handler | None, msg: Request[Any]) -> Job | Stream:
     driver.active_requests += 1
     try:
         if handler is None:
             return driver.done(UserError("EOPNOTSUPP", f"{driver.name} does not serve {msg.TAG}"))
         work = handler(msg)
+        if isinstance(work, Stream):
+            return work
         if isinstance(work, Job):
             await work.finished_wait()
             return work
@@ -121,13 +183,33 @@ async def _run_request(driver: Driver, handler: Handler | None, msg: Request[Any
         driver.active_requests -= 1
 
 
-async def _answer(driver: Driver, ch: Channel, msg: Request[Any], job: Job, limiter: trio.Semaphore) -> None:
+async def _stream(ch: Channel, msg: Request[Any], stream: Stream, activity: _Activity) -> None:
+    """Send a stream's replies until it ends or the client goes (a daemon shutting down does
+    not wait for streams: they are not counted as requests in flight). A subscriber that is
+    being sent events is not idle."""
+
+    async def send(result: Any) -> None:
+        await ch.send(msg.REPLY(msg.id, result))
+        activity.touch()
+
+    try:
+        await stream.run(send)
+    except UserError as err:
+        await send_quietly(ch, m.ErrorReply(msg.id, err.errno_name, err.message))
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+
+
+async def _answer(
+    driver: Driver, ch: Channel, msg: Request[Any], job: Job, limiter: trio.Semaphore, activity: _Activity
+) -> None:
     driver.active_requests += 1
     try:
         try:
             reply: Message = msg.REPLY(msg.id, await job.result())
         except UserError as err:
-            reply = m.ErrorReply(msg.id, err.errno_name, err.message)
+            # A message may embed a bad value the client sent (a 1 MiB name): never echo it whole.
+            reply = m.ErrorReply(msg.id, err.errno_name, clip(err.message, MAX_ERROR_CHARS))
         try:
             await ch.send(reply)
         except ProtocolError as exc:
@@ -140,6 +222,7 @@ async def _answer(driver: Driver, ch: Channel, msg: Request[Any], job: Job, limi
     finally:
         driver.active_requests -= 1
         limiter.release()
+        activity.finished()
         driver.wake()
 
 

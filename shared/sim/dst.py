@@ -617,7 +617,7 @@ class Simulation:
         format and back."""
         w = self.world
         for module, actor in ((collapsed_snapshot, w.collapser), (remapd_snapshot, w.remapper)):
-            data = persist.encode(module.DAEMON, module.snapshot(actor))  # type: ignore[arg-type]
+            data = persist.encode(module.DAEMON, module.snapshot(actor))
             self.saved[module.DAEMON] = persist.decode(data, module.DAEMON)
         self._log("snapshot")
 

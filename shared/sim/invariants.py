@@ -8,12 +8,16 @@ operation. It raises ``AssertionError`` naming the first broken rule. It checks:
 * refcount = cache references (1, or 512 for a THP) + PTE mappings + PMD mappings + pins, for
   every page; mapcount and entire_mapcount match the page tables exactly;
 * every PTE and PMD maps, at its address, the page the VMA's file offset says it should, and
-  lies inside a VMA; a PMD maps only a PMD-order page whose index is 512-aligned;
+  lies inside a VMA; a PMD maps only a PMD-order page whose index is 512-aligned; a file PTE is
+  writable only in a shared writable VMA, and dirty only if writable; a regular file's writable
+  PTE maps a dirty page (write-notify, mkclean at writeback);
 * mm counters and nr_ptes match the tables; each table's counts and mark agree with its
-  entries; anon mapcounts match; VMAs are sorted, disjoint, merged where identical, and
-  the file rmap (i_mmap) and write counts match them;
-* nothing is left locked, and no freed page is reachable; every cached page is on the LRU or in
-  the add batch (only a collapse, with the page locked, takes one off);
+  entries; anon mapcounts match; VMAs are sorted, disjoint, merged where the kernel would
+  merge them (is_mergeable_vma, is_mergeable_anon_vma), an anon page only in a VMA with an
+  anon_vma, and the file rmap (i_mmap) and write counts match them;
+* nothing is left locked (no folio stays locked for the remapper), and no freed page is
+  reachable; no file is larger than MAX_LFS_FILESIZE; every cached page is on the LRU or in the
+  add batch (only a collapse, with the page locked, takes one off);
 * files are matched by identity, inode number and generation: with the link up, every file on
   either side is on the other with the same identity, name, size and kind (so a PTE that maps a
   page of its VMA's inode number maps a page of the very file the VMA maps); with the link down,
@@ -25,9 +29,24 @@ from __future__ import annotations
 from collections import Counter
 from typing import TYPE_CHECKING
 
-from collapsed.pagecache import PG_ALLOCATED, PG_HEAD, PG_LOCKED, PG_LRU, PG_TAIL
-from remapd.mm import PTE_ANON, PTE_SHMEM, PteTable, pte_belongs, pte_pfn
-from shared.units import HPAGE_PMD_NR, HPAGE_PMD_SHIFT, HPAGE_PMD_SIZE, PAGE_SHIFT
+from collapsed.pagecache import PG_ALLOCATED, PG_DIRTY, PG_HEAD, PG_LOCKED, PG_LRU, PG_TAIL
+from remapd.mm import (
+    PTE_ANON,
+    PTE_DIRTY,
+    PTE_SHMEM,
+    PTE_WRITE,
+    PteTable,
+    mergeable_neighbours,
+    pte_belongs,
+    pte_pfn,
+)
+from shared.units import (
+    HPAGE_PMD_NR,
+    HPAGE_PMD_SHIFT,
+    HPAGE_PMD_SIZE,
+    MAX_LFS_FILESIZE,
+    PAGE_SHIFT,
+)
 
 if TYPE_CHECKING:
     from collapsed.collapser import Collapser
@@ -54,15 +73,22 @@ def check(c: Collapser, r: Remapper, connected: bool = True) -> None:
             assert vma.start % 4096 == 0 and vma.end % 4096 == 0, f"pid {pid}: unaligned {vma}"
             if prev is not None:
                 assert prev.end <= vma.start, f"pid {pid}: {prev} overlaps {vma}"
-                mergeable = prev.end == vma.start and prev.same_flags(vma) and prev.pgoff_at(prev.end) == vma.pgoff
+                mergeable = mergeable_neighbours(prev, vma) and vma.start not in mm.unmerged
                 assert not mergeable, f"pid {pid}: {prev} and {vma} should have merged"
             prev = vma
+            assert vma.mm is mm, f"pid {pid}: {vma} has the wrong vm_mm"
+            if vma.anon_vma is not None:
+                assert 0 < vma.anon_vma <= mm.anon_vmas, f"pid {pid}: {vma} has an anon_vma never made"
+            assert vma.anon_vma is not None or not vma.fork_child, f"pid {pid}: {vma} has a chain, no anon_vma"
             assert r.files.i_mmap.get(vma.ino, {}).get(id(vma)) == (mm, vma), f"pid {pid}: {vma} not in i_mmap"
             seen_vmas.add(id(vma))
             mirror = r.files.get(vma.ino)
             if vma.writes_file and mirror is not None and not mirror.shmem:
                 writers[vma.ino] += 1
         assert mm.starts == [v.start for v in mm.vmas], f"pid {pid}: VMA index out of order"
+        locked = sum((v.end - v.start) >> PAGE_SHIFT for v in mm.vmas if v.locked)
+        assert mm.locked_vm == locked, f"pid {pid}: locked_vm {mm.locked_vm} != {locked} pages in VM_LOCKED VMAs"
+        assert all(v.locked for v in mm.vmas if v.lockonfault), f"pid {pid}: VM_LOCKONFAULT without VM_LOCKED"
         rss: Counter[str] = Counter()
         tables = 0
         for pidx, entry in mm.pmds.items():
@@ -70,11 +96,11 @@ def check(c: Collapser, r: Remapper, connected: bool = True) -> None:
             if isinstance(entry, int):
                 head = pte_pfn(entry)
                 assert connected, f"pid {pid}: PMD at {base:#x} maps file pfn {head} with the peer gone"
-                vma = mm.find_vma(base)
-                assert vma is not None and vma.end >= base + HPAGE_PMD_SIZE, f"pid {pid}: PMD at {base:#x} outside a VMA"
+                pmd_vma = mm.find_vma(base)
+                assert pmd_vma is not None and pmd_vma.end >= base + HPAGE_PMD_SIZE, f"pid {pid}: PMD at {base:#x} outside a VMA"
                 assert mem.allocated(head) and mem.flags[head] & PG_HEAD, f"pid {pid}: PMD at {base:#x} maps non-THP {head}"
                 assert mem.index[head] % HPAGE_PMD_NR == 0, f"pid {pid}: PMD maps misaligned THP"
-                assert mem.ino[head] == vma.ino and mem.index[head] == vma.pgoff_at(base), (
+                assert mem.ino[head] == pmd_vma.ino and mem.index[head] == pmd_vma.pgoff_at(base), (
                     f"pid {pid}: PMD at {base:#x} maps the wrong THP"
                 )
                 pmd_maps[head] += 1
@@ -96,12 +122,23 @@ def check(c: Collapser, r: Remapper, connected: bool = True) -> None:
                 pfn = pte_pfn(pte)
                 if pte & PTE_ANON:
                     assert pfn in r.anon.mapcount, f"pid {pid}: PTE at {addr:#x} maps freed anon page"
+                    assert vma.anon_vma is not None, f"pid {pid}: anon page at {addr:#x} in {vma} without anon_vma"
                     anon_maps[pfn] += 1
                     rss["MM_ANONPAGES"] += 1
                     continue
                 assert connected, f"pid {pid}: PTE at {addr:#x} maps file pfn {pfn} with the peer gone"
                 assert 0 < pfn < len(pte_flags) and pte_flags[pfn] & PG_ALLOCATED, f"pid {pid}: PTE at {addr:#x} maps freed pfn {pfn}"
                 head = pfn & ~(HPAGE_PMD_NR - 1) if pte_flags[pfn] & PG_TAIL else pfn
+                # A private mapping's file PTEs are read-only (CoW); a shared one's are writable
+                # only where the VMA is (vm_page_prot); the dirty bit only on a writable PTE.
+                assert not pte & PTE_WRITE or vma.writes_file, f"pid {pid}: writable file PTE at {addr:#x} in {vma}"
+                assert not pte & PTE_DIRTY or pte & PTE_WRITE, f"pid {pid}: dirty read-only PTE at {addr:#x}"
+                if pte & PTE_WRITE and not pte & PTE_SHMEM:
+                    # A regular file is write-notified: writable only after a write fault dirtied
+                    # the page, and read-only again once writeback takes the dirty bit (mkclean).
+                    assert pte & PTE_DIRTY and mem.flags[mem.head(pfn)] & PG_DIRTY, (
+                        f"pid {pid}: writable PTE at {addr:#x} of a clean page of a regular file"
+                    )
                 assert mem.ino[head] == vma.ino and mem.index[pfn] == vma.pgoff + ((addr - vma.start) >> PAGE_SHIFT), (
                     f"pid {pid}: PTE at {addr:#x} maps pfn {pfn} (ino {mem.ino[mem.head(pfn)]} index "
                     f"{mem.index[pfn]}), not the file page for its offset ({vma})"
@@ -116,11 +153,11 @@ def check(c: Collapser, r: Remapper, connected: bool = True) -> None:
         for key, value in mm.rss.items():
             assert value == rss[key], f"pid {pid}: {key} {value} != {rss[key]} mapped"
     for pid, pidx in r.marked:
-        mm = r.mms.get(pid)
-        assert mm is not None and isinstance(mm.pmds.get(pidx), PteTable), f"marked ({pid}, {pidx:#x}) has no table"
-    for ino, vmas in r.files.i_mmap.items():
-        for key in vmas:
-            assert key in seen_vmas, f"i_mmap of {ino} holds an unlinked VMA"
+        marked_mm = r.mms.get(pid)
+        assert marked_mm is not None and isinstance(marked_mm.pmds.get(pidx), PteTable), f"marked ({pid}, {pidx:#x}) has no table"
+    for ino, mapped in r.files.i_mmap.items():
+        for vma_key in mapped:
+            assert vma_key in seen_vmas, f"i_mmap of {ino} holds an unlinked VMA"
     assert dict(anon_maps) == {p: n for p, n in r.anon.mapcount.items() if n}, "anon mapcounts disagree"
     for pfn, n in r.anon.mapcount.items():
         assert n or r.anon.pins.get(pfn), f"anon page {pfn} unmapped, unpinned, not freed"
@@ -128,8 +165,10 @@ def check(c: Collapser, r: Remapper, connected: bool = True) -> None:
     # -- the page cache -----------------------------------------------------------------------
     cached: set[int] = set()
     swap_entries = 0
+    assert not c.peer_locked, f"folios {sorted(c.peer_locked)} left locked for the remapper"
     lru_batch = set(c.cache._lru_batch)
     for f in c.files.values():
+        assert 0 <= f.size <= MAX_LFS_FILESIZE, f"{f.name}: size {f.size} out of range"
         nrpages = nrswap = thps = 0
         # The per-slot rules, with the page arrays read directly: this loop visits every cached
         # page after every operation of every model test.

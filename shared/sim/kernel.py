@@ -1,7 +1,8 @@
 """The real kernel as a backend of the differential conformance harness (issue 9).
 
 A *scenario* is a list of steps in the ``thpctl run`` line syntax (a subset: files, processes,
-mmap/munmap/madvise/mprotect/mremap/mlock/munlock, fault/touch, truncate/punch/write).
+mmap/munmap/madvise/mprotect/mremap/mlock/munlock, fault/touch, truncate/punch/write, and
+``sysfs set`` / ``wait-scans`` for khugepaged).
 :class:`KernelBackend` performs them on the running Linux kernel, one step at a time, and
 :meth:`KernelBackend.observe` reads back what the model reports too: per process and per VMA the
 ``/proc/PID/smaps`` fields, and ``/proc/vmstat`` deltas.
@@ -56,14 +57,21 @@ the flock). Per-access sigsegv/sigbus exactly; hit/minor/major exactly; pmd on a
 Not comparable: addresses of ``mmap auto`` (the model's MMAP_BASE is not the kernel's),
 Pss/Referenced/Shared_* (the model does not report them), page-sized vmstat counters.
 
-khugepaged: it only scans mms registered with it (MADV_HUGEPAGE, or a VMA khugepaged_enter_vma
-finds eligible). With some mm registered it sleeps ``khugepaged/scan_sleep_millisecs`` between
-passes (10 s by default); with none it sleeps until the first registration and then scans at
-once, so the first MADV_HUGEPAGE of a scenario would start a pass racing its next steps
-(observed: a collapse right after ``madvise hugepage``). :func:`quiet_khugepaged` registers a
-sentinel mm, sets the sleep to a day through a :class:`SysfsGuard` and waits for the one pass
-that write triggers; see its docstring. :meth:`KernelBackend.observe` reports
+khugepaged: it only scans mms registered with it (a VMA khugepaged_enter_vma finds eligible; on
+6.18 a *first* MADV_HUGEPAGE on a shmem VMA does not register its mm, a second one does: the
+check reads the VMA's old flags). With some mm registered it sleeps
+``khugepaged/scan_sleep_millisecs`` between passes (10 s by default); with none it sleeps until
+the first registration and then scans at once, racing the scenario's next steps.
+:func:`quiet_khugepaged` registers a sentinel mm, sets the sleep to a day through a
+:class:`SysfsGuard` and waits until the one pass that write triggers is over (khugepaged asleep in
+its wait again); see its docstring. :meth:`KernelBackend.observe` reports
 ``khugepaged/full_scans`` and ``pages_collapsed`` deltas so a harness can tell if it ran anyway.
+
+With a guard (``KernelBackend(guard=...)``) a scenario may also ``sysfs set`` the khugepaged
+limits (:data:`SCENARIO_KNOBS`; put back by :meth:`KernelBackend.reset`) and ``wait-scans N``:
+``scan_sleep_millisecs`` at 1 ms until ``full_scans`` has grown by N, then back to its quiet value
+(waiting for the pass that write starts). At 1 ms khugepaged scans every registered mm on the
+machine, so machine-wide counters may move for others' reasons during that step.
 """
 
 from __future__ import annotations
@@ -165,8 +173,17 @@ ADVICE = {
     "collapse": 25,
 }
 
+# The knobs a scenario may set with ``sysfs set`` (through the backend's SysfsGuard; reset to the
+# session's values by :meth:`KernelBackend.reset`). scan_sleep_millisecs belongs to ``wait-scans``.
+SCENARIO_KNOBS = (
+    "khugepaged/max_ptes_none",
+    "khugepaged/max_ptes_swap",
+    "khugepaged/max_ptes_shared",
+    "khugepaged/pages_to_scan",
+)
+
 # op → (positional argument kinds, {flag: kind or None for a boolean}). Kinds: "name", "pid",
-# "size", "addr" (a size or "auto"), "prot", "advice".
+# "size", "addr" (a size or "auto"), "prot", "advice", "knob", "int", "seconds".
 _GRAMMAR: dict[str, tuple[tuple[str, ...], dict[str, str | None]]] = {
     "file create": (("name",), {"--size": "size", "--shmem": None}),
     "file write": (("name", "size", "size"), {}),
@@ -177,7 +194,7 @@ _GRAMMAR: dict[str, tuple[tuple[str, ...], dict[str, str | None]]] = {
     "proc exit": (("pid",), {}),
     "mmap": (
         ("pid", "addr", "size"),
-        {"--file": "name", "--offset": "size", "--prot": "prot", "--shared": None, "--private": None},
+        {"--file": "name", "--offset": "size", "--prot": "prot", "--shared": None, "--private": None, "--reopen": None},
     ),
     "munmap": (("pid", "size", "size"), {}),
     "madvise": (("pid", "size", "size", "advice"), {}),
@@ -187,6 +204,8 @@ _GRAMMAR: dict[str, tuple[tuple[str, ...], dict[str, str | None]]] = {
     "mremap": (("pid", "size", "size", "size"), {"--to": "size", "--maymove": None, "--dontunmap": None}),
     "fault": (("pid", "size"), {"--write": None}),
     "touch": (("pid", "size", "size"), {"--write": None, "--stride": "size"}),
+    "sysfs set": (("knob", "int"), {}),
+    "wait-scans": (("int",), {"--timeout": "seconds"}),
 }
 
 # Positional names per op, in order, as Step.args keys.
@@ -207,6 +226,8 @@ _NAMES: dict[str, tuple[str, ...]] = {
     "mremap": ("pid", "addr", "old_length", "new_length"),
     "fault": ("pid", "addr"),
     "touch": ("pid", "addr", "length"),
+    "sysfs set": ("knob", "value"),
+    "wait-scans": ("n",),
 }
 
 
@@ -250,6 +271,22 @@ def _convert(kind: str, text: str) -> Any:
         if text not in ADVICE:
             raise ScenarioError(f"unknown advice {text!r}")
         return text
+    if kind == "knob":
+        if text not in SCENARIO_KNOBS:
+            raise ScenarioError(f"sysfs set: a scenario may set only {', '.join(SCENARIO_KNOBS)}")
+        return text
+    if kind == "int":
+        if not text.isdigit():
+            raise ScenarioError(f"not a non-negative integer: {text!r}")
+        return int(text)
+    if kind == "seconds":
+        try:
+            value = float(text)
+        except ValueError:
+            value = -1.0
+        if not 0 < value < 3600:
+            raise ScenarioError(f"not a timeout in seconds: {text!r}")
+        return value
     raise AssertionError(kind)
 
 
@@ -265,7 +302,7 @@ def parse_step(line: str) -> Step | None:
         raise ScenarioError(str(err)) from None
     if not tokens:
         return None
-    if tokens[0] in ("file", "proc"):
+    if tokens[0] in ("file", "proc", "sysfs"):
         if len(tokens) < 2:
             raise ScenarioError(f"{tokens[0]} needs a subcommand")
         op, rest = f"{tokens[0]} {tokens[1]}", tokens[2:]
@@ -316,6 +353,7 @@ def parse_step(line: str) -> Step | None:
         args["shared"] = not args.pop("private", False)
         args.setdefault("offset", 0)
         args.setdefault("prot", "r")
+        args.setdefault("reopen", False)
     elif op in ("fault", "touch"):
         args.setdefault("write", False)
         if op == "touch":
@@ -326,6 +364,8 @@ def parse_step(line: str) -> Step | None:
         args.setdefault("to", None)
         args.setdefault("maymove", False)
         args.setdefault("dontunmap", False)
+    elif op == "wait-scans":
+        args.setdefault("timeout", 10.0)
     return Step(op, args)
 
 
@@ -371,7 +411,8 @@ def format_step(step: Step) -> str:
         s = f"mmap {a['pid']} {addr} {_sz(a['length'])} --file {a['file']}"
         if a["offset"]:
             s += f" --offset {_sz(a['offset'])}"
-        return s + f" --prot {a['prot']} " + ("--shared" if a["shared"] else "--private")
+        s += f" --prot {a['prot']} " + ("--shared" if a["shared"] else "--private")
+        return s + (" --reopen" if a.get("reopen") else "")
     if op in ("munmap", "munlock"):
         return f"{op} {a['pid']} {_hex(a['addr'])} {_sz(a['length'])}"
     if op == "mlock":
@@ -394,6 +435,10 @@ def format_step(step: Step) -> str:
         if a["stride"] != PAGE_SIZE:
             s += f" --stride {_sz(a['stride'])}"
         return s
+    if op == "sysfs set":
+        return f"sysfs set {a['knob']} {a['value']}"
+    if op == "wait-scans":
+        return f"wait-scans {a['n']}" + (f" --timeout {a['timeout']:g}" if a["timeout"] != 10.0 else "")
     raise AssertionError(op)
 
 
@@ -534,6 +579,78 @@ class SysfsGuard:
 
 
 QUIET_SCAN_SLEEP_MS = 24 * 3600 * 1000
+FAST_SCAN_SLEEP_MS = 1
+SCAN_SETTLE_S = 0.05
+
+
+def _khugepaged_pid() -> int | None:
+    """The khugepaged kernel thread's pid (None when THP is off and it does not run)."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/comm") as f:
+                if f.read().strip() != "khugepaged":
+                    continue
+            with open(f"/proc/{entry}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[1] == "2":  # a child of kthreadd
+                    return int(entry)
+        except OSError:
+            continue
+    return None
+
+
+def _khugepaged_state(pid: int) -> tuple[int, bool]:
+    """(voluntary context switches, sleeping in its own wait): the thread is in state S with
+    khugepaged() itself, not a callee, at the top of its kernel stack (khugepaged_wait_work() is
+    inlined there). Without a readable stack, state S alone."""
+    with open(f"/proc/{pid}/status") as f:
+        switches = next(int(line.split()[1]) for line in f if line.startswith("voluntary_ctxt_switches"))
+    with open(f"/proc/{pid}/stat") as f:
+        state = f.read().rsplit(")", 1)[1].split()[0]
+    if state != "S":
+        return switches, False
+    try:
+        with open(f"/proc/{pid}/stack") as f:
+            top = f.readline()
+    except OSError:
+        return switches, True
+    return switches, " khugepaged+" in top
+
+
+def _wait_khugepaged_asleep(switches_before: int, deadline: float, pid: int | None) -> None:
+    """After a ``scan_sleep_millisecs`` write (which wakes khugepaged): wait until khugepaged has
+    slept again since ``switches_before`` and stays asleep in its wait for :data:`SCAN_SETTLE_S`.
+
+    ``full_scans`` cannot tell: with other mms on khugepaged's list one wake-up scans
+    ``pages_to_scan`` pages and need not finish a full scan before the long sleep starts.
+    """
+    if pid is None:
+        return
+    last: int | None = None
+    since = 0.0
+    while True:
+        switches, waiting = _khugepaged_state(pid)
+        now = time.monotonic()
+        if switches > switches_before and waiting:
+            if switches != last:
+                last, since = switches, now
+            elif now - since >= SCAN_SETTLE_S:
+                return
+        else:
+            last = None
+        if now > deadline:
+            raise BackendError("khugepaged did not go back to sleep after the scan_sleep_millisecs write")
+        time.sleep(0.002)
+
+
+def set_scan_sleep(guard: SysfsGuard, ms: int, timeout: float = 10.0) -> None:
+    """Write ``khugepaged/scan_sleep_millisecs`` through ``guard`` and wait for the pass the write
+    starts to end (khugepaged asleep again)."""
+    pid = _khugepaged_pid()
+    before = _khugepaged_state(pid)[0] if pid is not None else 0
+    guard.set("khugepaged/scan_sleep_millisecs", ms)
+    _wait_khugepaged_asleep(before, time.monotonic() + timeout, pid)
 
 
 class _Sentinel:
@@ -572,20 +689,15 @@ def quiet_khugepaged(guard: SysfsGuard, sleep_ms: int = QUIET_SCAN_SLEEP_MS, tim
     the first mm is added (MADV_HUGEPAGE): it would scan that scenario's mm at once, racing
     the next steps. So a *sentinel* mm (this process: an anonymous MADV_HUGEPAGE region with
     one anon THP faulted in, 2 MiB) is registered first; the sysfs write then wakes khugepaged for one pass (over the
-    sentinel: nothing to do), this waits for that pass (``full_scans`` moves), and from then on
+    sentinel, and whatever else on the machine is registered), this waits until that pass is over
+    (khugepaged asleep in its wait again: see :func:`set_scan_sleep`), and from then on
     khugepaged sleeps ``sleep_ms``: later registrations find the list non-empty and do not wake
     it, and khugepaged_should_wakeup() stays false. The sentinel lives until the guard exits
     (after the knobs are restored).
     """
     sentinel = _Sentinel()
     guard.cleanups.append(sentinel.close)
-    scans = read_khugepaged()["full_scans"]
-    guard.set("khugepaged/scan_sleep_millisecs", sleep_ms)
-    deadline = time.monotonic() + timeout
-    while read_khugepaged()["full_scans"] == scans:
-        if time.monotonic() > deadline:
-            raise RuntimeError("khugepaged did not finish a pass after the scan_sleep_millisecs write")
-        time.sleep(0.01)
+    set_scan_sleep(guard, sleep_ms, timeout)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -607,6 +719,7 @@ def read_khugepaged() -> dict[str, int]:
     return {n: int(read_knob(f"khugepaged/{n}")) for n in ("full_scans", "pages_collapsed")}
 
 
+_HEX_DIGITS = frozenset("0123456789abcdef")
 _SMAPS_HEADER = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S{4}) ([0-9a-f]+) \S+ \d+\s*(.*)$")
 
 
@@ -616,7 +729,20 @@ def parse_smaps(text: str, under: str | None = None) -> list[dict[str, Any]]:
     string, as the model's), hg/nh booleans."""
     out: list[dict[str, Any]] = []
     cur: dict[str, Any] | None = None
-    for line in text.splitlines():
+    lines = text.splitlines()
+    if under is not None:
+        # Keep only the blocks of VMAs under ``under`` before parsing: a worker's smaps is mostly
+        # the interpreter's hundreds of VMAs. A header starts with a hex digit, a field with a
+        # capital letter.
+        inside = False
+        mine = []
+        for line in lines:
+            if line[:1] in _HEX_DIGITS:
+                inside = under in line
+            if inside:
+                mine.append(line)
+        lines = mine
+    for line in lines:
         m = _SMAPS_HEADER.match(line)
         if m:
             cur = {
@@ -879,17 +1005,29 @@ class _Worker:
                     return False
         return True
 
-    def op_mmap(self, addr: int | None, length: int, file: str, offset: int, prot: str, shared: bool) -> dict:
+    def op_mmap(
+        self, addr: int | None, length: int, file: str, offset: int, prot: str, shared: bool, reopen: bool = False
+    ) -> dict:
         lib = _lib()
         # One open file per name and process (inherited across fork), as a program mapping one
         # fd several times: vma_merge needs the same struct file (is_mergeable_vma compares
-        # vm_file), so an open per mmap would keep neighbouring mappings apart.
-        fd = self.fds.get(file)
+        # vm_file), so an open per mmap would keep neighbouring mappings apart. --reopen maps a
+        # new open(2) of its own (closed after the mmap: the mapping keeps the struct file).
+        fd = None if reopen else self.fds.get(file)
         if fd is None:
             try:
-                fd = self.fds[file] = os.open(self._path(file), os.O_RDWR)
+                fd = os.open(self._path(file), os.O_RDWR)
             except OSError as err:
                 return {"result": _errno_name(err.errno), "addr": None}
+            if not reopen:
+                self.fds[file] = fd
+        try:
+            return self._mmap_fd(lib, fd, addr, length, offset, prot, shared)
+        finally:
+            if reopen:
+                os.close(fd)
+
+    def _mmap_fd(self, lib: Any, fd: int, addr: int | None, length: int, offset: int, prot: str, shared: bool) -> dict:
         flags = MAP_SHARED if shared else MAP_PRIVATE
         if addr is None:
             ret = lib.mmap(None, length, PROTS[prot], flags, fd, offset)
@@ -1063,13 +1201,25 @@ class KernelBackend:
         size: the tmpfs ``size=`` limit.
         lock_timeout: how long to wait for another backend on this machine to finish (vmstat
             deltas are system-wide, so backends take an flock on :data:`LOCK_PATH`).
+        guard: the :class:`SysfsGuard` through which ``sysfs set`` and ``wait-scans`` steps
+            change knobs (without one they fail with a :class:`BackendError`); a ``wait-scans``
+            expects :func:`quiet_khugepaged` to have run on it.
     """
 
-    def __init__(self, huge: str = DEFAULT_HUGE, size: str = "256M", lock_timeout: float = 300.0):
+    def __init__(
+        self,
+        huge: str = DEFAULT_HUGE,
+        size: str = "256M",
+        lock_timeout: float = 300.0,
+        guard: SysfsGuard | None = None,
+    ):
         reason = thp_available()
         if reason:
             raise BackendError(reason)
         self.huge = huge
+        self.guard = guard
+        # Knobs the scenario set (sysfs set), with the value each had before: reset() puts them back.
+        self.scenario_knobs: dict[str, str] = {}
         # vmstat is system-wide: one backend (or knob guard) at a time per machine.
         _MachineLock.acquire(lock_timeout)
         self._locked = True
@@ -1122,6 +1272,10 @@ class KernelBackend:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(self.root, name))
         self.files.clear()
+        if self.guard is not None:
+            for knob, value in self.scenario_knobs.items():
+                self.guard.set(knob, value)
+        self.scenario_knobs.clear()
         self.reset_counters()
 
     def close(self) -> None:
@@ -1162,7 +1316,7 @@ class KernelBackend:
 
     def run(self, scenario: str | list[str] | list[Step]) -> list[dict[str, Any]]:
         steps = scenario if scenario and isinstance(scenario[0], Step) else parse_scenario(scenario)  # type: ignore[arg-type]
-        return [self.step(s) for s in steps]  # type: ignore[arg-type]
+        return [self.step(s) for s in steps]
 
     def step(self, step: Step | str) -> dict[str, Any]:
         """Run one step; its outcome (see the module docstring)."""
@@ -1181,8 +1335,14 @@ class KernelBackend:
             return self._file_io(a["name"], lambda fd: os.ftruncate(fd, a["size"]))
         if op == "file punch":
             return self._file_punch(a["name"], a["offset"], a["length"])
+        if op == "sysfs set":
+            return self._sysfs_set(a["knob"], a["value"])
+        if op == "wait-scans":
+            return self._wait_scans(a["n"], a["timeout"])
         if op == "proc spawn":
             return self._spawn(a["pid"])
+        if (op in ("proc fork", "proc exit") or "pid" in a) and a["pid"] not in self.procs:
+            return {"result": "ESRCH"}  # as the model (and kill(2)) for a process that is not there
         if op == "proc fork":
             return self._fork(a["pid"], a["child"])
         if op == "proc exit":
@@ -1192,6 +1352,47 @@ class KernelBackend:
         name = op
         value, _ = chan.call(name, **a)
         return value
+
+    def _need_guard(self, op: str) -> SysfsGuard:
+        if self.guard is None:
+            raise BackendError(f"{op} changes sysfs knobs: give the backend a SysfsGuard")
+        return self.guard
+
+    def _sysfs_set(self, knob: str, value: int) -> dict[str, Any]:
+        guard = self._need_guard("sysfs set")
+        before = read_knob(knob)
+        try:
+            guard.set(knob, value)
+        except OSError as err:
+            return {"result": _errno_name(err.errno)}
+        self.scenario_knobs.setdefault(knob, before)
+        return {"result": 0}
+
+    def _wait_scans(self, n: int, timeout: float) -> dict[str, Any]:
+        """khugepaged runs ``n`` full scans, then is quiet again (as after :func:`quiet_khugepaged`).
+
+        ``scan_sleep_millisecs`` goes to :data:`FAST_SCAN_SLEEP_MS` (the write wakes khugepaged)
+        until ``full_scans`` has grown by ``n``, then back to its quiet value. That write wakes
+        khugepaged once more: one more khugepaged_do_scan() runs before it sleeps again, and this
+        waits for it (:func:`set_scan_sleep`). The outcome reports how many full scans ran in all
+        (timing: not compared).
+        """
+        guard = self._need_guard("wait-scans")
+        knob = "khugepaged/scan_sleep_millisecs"
+        quiet = int(read_knob(knob))
+        start = read_khugepaged()["full_scans"]
+        deadline = time.monotonic() + timeout
+        result: int | str = 0
+        guard.set(knob, FAST_SCAN_SLEEP_MS)
+        try:
+            while read_khugepaged()["full_scans"] < start + n:
+                if time.monotonic() > deadline:
+                    result = "ETIMEDOUT"
+                    break
+                time.sleep(0.002)
+        finally:
+            set_scan_sleep(guard, quiet)
+        return {"result": result, "scans": read_khugepaged()["full_scans"] - start}
 
     def _chan(self, pid: int) -> _Channel:
         chan = self.procs.get(pid)

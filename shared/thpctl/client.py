@@ -18,19 +18,25 @@ from __future__ import annotations
 import itertools
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import Any, TypeVar
+from types import TracebackType
+from typing import Any, Self, TypeVar
 
 import trio
 
+from shared.clip import MAX_ERROR_CHARS, clip
 from shared.errors import UserError
 from shared.protocol import messages as m
 from shared.protocol.codec import ProtocolError
 from shared.protocol.schema import CLIENT, COLLAPSED, REMAPD, Reply, Request, routes
+from shared.shell.auth import Secrets, load_secrets
 from shared.shell.channel import Channel, ChannelError, open_channel, unwrap_single
 from shared.shell.config import AddressError, default_address, parse_address
 from shared.shell.transport import connect
 
 R = TypeVar("R")
+
+# Replies of a stream (thpctl trace) waiting for the client to read them.
+STREAM_DEPTH = 256
 
 # Which daemon serves each request that names none: from the operation tables.
 ROUTES: dict[type[Request[Any]], str] = routes()
@@ -74,6 +80,7 @@ class Client:
         self._ch = ch
         self._ids = itertools.count(1)
         self._pending: dict[int, Pending] = {}
+        self._streams: dict[int, trio.MemorySendChannel[Any]] = {}
         self._gone: UserError | None = None
 
     async def start(self, cls: type[Request[Any]], **fields: Any) -> Pending:
@@ -81,8 +88,8 @@ class Client:
 
         Errors:
             UserError: EINVAL for a value the protocol refuses (a float out of range, an
-            unknown enum value), EOVERFLOW when a value cannot be encoded (an int beyond 64
-            bits); ConnectError: the connection is gone.
+            unknown enum value) or cannot encode (an int beyond 64 bits); ConnectError: the
+            connection is gone.
         """
         if self._gone is not None:
             raise self._gone
@@ -95,10 +102,29 @@ class Client:
             raise UserError("EINVAL", str(err)) from None
         except (ValueError, TypeError, OverflowError) as err:
             del self._pending[msg.id]
-            raise UserError("EOVERFLOW", f"cannot send {cls.TAG}: {err}") from None
+            raise UserError("EINVAL", f"a value does not fit in the request ({err})") from None
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self._fail(ConnectError("ECONNRESET", f"{self.name} closed the connection"))
         return pending
+
+    @asynccontextmanager
+    async def stream(self, cls: type[Request[R]], **fields: Any) -> AsyncIterator[trio.MemoryReceiveChannel[R]]:
+        """Send a request whose replies stream (``Trace``) and yield a channel of their results,
+        until the block ends (then the connection should be closed: the daemon streams until it
+        is). A refusal or a lost connection ends the channel with a UserError."""
+        if self._gone is not None:
+            raise self._gone
+        send, recv = trio.open_memory_channel[Any](STREAM_DEPTH)
+        msg = cls(next(self._ids), **fields)
+        self._streams[msg.id] = send
+        try:
+            await self._ch.send(msg)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._fail(ConnectError("ECONNRESET", f"{self.name} closed the connection"))
+        try:
+            yield recv
+        finally:
+            self._streams.pop(msg.id, None)
 
     async def call(self, cls: type[Request[R]], **fields: Any) -> R:
         """Send a request and wait for its result (of the request's result type)."""
@@ -110,17 +136,28 @@ class Client:
         for pending in self._pending.values():
             pending._resolve(err)
         self._pending.clear()
+        for stream in self._streams.values():
+            _end_stream(stream, err)
+        self._streams.clear()
 
     async def _reader(self) -> None:
         try:
             async for msg in self._ch:
                 if isinstance(msg, m.ErrorReply) and msg.id == 0:
-                    self._fail(UserError(msg.errno, f"{self.name}: {msg.message}"))
+                    self._fail(UserError(clip(msg.errno, 32), f"{self.name}: {clip(msg.message, MAX_ERROR_CHARS)}"))
                     return
+                if isinstance(msg, (m.ErrorReply, Reply)) and msg.id in self._streams:
+                    stream = self._streams[msg.id]
+                    if isinstance(msg, m.ErrorReply):
+                        _end_stream(stream, UserError(msg.errno, msg.message))
+                        del self._streams[msg.id]
+                    elif isinstance(msg, Reply):
+                        await stream.send(msg.result)
+                    continue
                 if isinstance(msg, m.ErrorReply):
                     pending = self._pending.pop(msg.id, None)
                     if pending is not None:
-                        pending._resolve(UserError(msg.errno, msg.message))
+                        pending._resolve(UserError(clip(msg.errno, 32), clip(msg.message, MAX_ERROR_CHARS)))
                     continue
                 if isinstance(msg, Reply):
                     pending = self._pending.get(msg.id)
@@ -139,13 +176,28 @@ class Client:
         self._fail(ConnectError("ECONNRESET", f"{self.name} closed the connection"))
 
 
+def _end_stream(stream: trio.MemorySendChannel[Any], err: UserError) -> None:
+    """A stream's last item is the error that ended it."""
+    try:
+        stream.send_nowait(err)
+    except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    stream.close()
+
+
 @asynccontextmanager
-async def open_client(address: str, name: str = "daemon") -> AsyncIterator[Client]:
-    """Connect to the daemon at ``address`` and say hello.
+async def open_client(address: str, name: str = "daemon", secrets: Secrets | None = None) -> AsyncIterator[Client]:
+    """Connect to the daemon at ``address`` and say hello, proving the client secret of
+    ``secrets`` (default: ``$THPSPLIT_SECRET`` / ``$THPSPLIT_SECRET_FILE``, if set) and checking
+    the daemon's proof of it.
 
     Errors:
-        ConnectError: bad address, nothing listening, or the hello failed.
+        ConnectError: bad address, nothing listening, or the hello failed (EACCES: a missing or
+        wrong secret on either side).
+        SecretError: the secret in the environment cannot be used.
     """
+    if secrets is None:
+        secrets = load_secrets(peer=False)
     try:
         addr = parse_address(address)
     except AddressError as err:
@@ -156,7 +208,7 @@ async def open_client(address: str, name: str = "daemon") -> AsyncIterator[Clien
         raise ConnectError("ECONNREFUSED", f"cannot reach {name} at {addr}: {err.strerror or err}") from None
     async with open_channel(stream) as ch:
         try:
-            hello = await ch.handshake(CLIENT)
+            hello = await ch.handshake(CLIENT, secrets=secrets)
         except ChannelError as err:
             raise ConnectError(err.errno, f"{name} at {addr}: {err.reason}") from None
         except trio.EndOfChannel:
@@ -172,27 +224,35 @@ async def open_client(address: str, name: str = "daemon") -> AsyncIterator[Clien
 
 
 class Session:
-    """Connections to both daemons, each opened when first needed (from the owning task)."""
+    """Connections to both daemons, each opened when first needed (from the owning task), with
+    the client secret of ``secrets`` (default: from the environment, read now).
 
-    def __init__(self, collapsed: str | None = None, remapd: str | None = None):
+    Errors:
+        SecretError: the secret in the environment cannot be used.
+    """
+
+    def __init__(self, collapsed: str | None = None, remapd: str | None = None, secrets: Secrets | None = None):
         self.addresses = {
             COLLAPSED: collapsed or default_address(COLLAPSED),
             REMAPD: remapd or default_address(REMAPD),
         }
+        self.secrets = secrets if secrets is not None else load_secrets(peer=False)
         self._clients: dict[str, Client] = {}
         self._stack = AsyncExitStack()
 
-    async def __aenter__(self) -> Session:
+    async def __aenter__(self) -> Self:
         await self._stack.__aenter__()
         return self
 
-    async def __aexit__(self, *exc: Any) -> bool | None:
-        return await self._stack.__aexit__(*exc)
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool | None:
+        return await self._stack.__aexit__(exc_type, exc, tb)
 
     async def client(self, daemon: str) -> Client:
         client = self._clients.get(daemon)
         if client is None:
-            client = await self._stack.enter_async_context(open_client(self.addresses[daemon], daemon))
+            client = await self._stack.enter_async_context(open_client(self.addresses[daemon], daemon, self.secrets))
             self._clients[daemon] = client
         return client
 

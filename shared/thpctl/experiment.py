@@ -29,6 +29,7 @@ from shared.thpctl.cli import (
     EXIT_OK,
     EXIT_USAGE,
     Outcome,
+    RawHelpFormatter,
     emit,
     milliseconds,
     ok,
@@ -223,7 +224,7 @@ def register(sub: Any) -> None:
         help="compare retry policies in-process on a workload or trace: table, JSON, CSV, plot",
         description=__doc__,
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=RawHelpFormatter,
     )
     p.add_argument("sources", nargs="*", metavar="WORKLOAD|TRACE",
                    help=f"a workload ({', '.join(ex.workload_names())}) or a trace file")
@@ -243,11 +244,11 @@ def register(sub: Any) -> None:
     p.add_argument("--no-plot", action="store_true", help="with --out: no experiment.png")
     p.add_argument("--check", action="store_true", help="run the model's invariant checker at the end of each run")
     legacy = p.add_argument_group("busy-lock's parameters (the table of the README without a workload)")
-    legacy.add_argument("--procs", type=int, metavar="N")
-    legacy.add_argument("--size", type=size, metavar="SIZE")
-    legacy.add_argument("--busy", type=int, metavar="N")
-    legacy.add_argument("--busy-ms", type=milliseconds, metavar="MS")
-    legacy.add_argument("--run-ms", type=milliseconds, metavar="MS")
-    legacy.add_argument("--install-pmd", type=int, choices=(0, 1))
+    legacy.add_argument("--procs", type=int, metavar="N", help="processes mapping the file")
+    legacy.add_argument("--size", type=size, metavar="SIZE", help="the text file's size")
+    legacy.add_argument("--busy", type=int, metavar="N", help="processes holding their mmap lock")
+    legacy.add_argument("--busy-ms", type=milliseconds, metavar="MS", help="how long each busy one holds it")
+    legacy.add_argument("--run-ms", type=milliseconds, metavar="MS", help="model time to run")
+    legacy.add_argument("--install-pmd", type=int, choices=(0, 1), help="thpsplit/install_pmd")
     p.set_defaults(runner=_runner, name="thpctl experiment")
 

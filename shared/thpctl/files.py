@@ -21,6 +21,12 @@ def _render_stat(args: argparse.Namespace, results: list[Any]) -> Outcome:
     return ok(results[0], lines(_stat_line(results[0])))
 
 
+def _render_write(args: argparse.Namespace, results: list[Any]) -> Outcome:
+    result = results[0]
+    short = [f"short write: {result['written']} of {args.length} bytes"] if result["written"] < args.length else []
+    return ok(result, lines(_stat_line(result), *short))
+
+
 def _render_ls(args: argparse.Namespace, results: list[Any]) -> Outcome:
     files = results[0]
     header = f"{'NAME':<24} {'INO':>5} {'SIZE':>12} {'KIND':<5} {'PAGES':>8} {'THPS':>5} {'SWAP':>6} {'DIRTY':>6} {'WRITERS':>7}"
@@ -44,8 +50,8 @@ def register(sub: Any) -> None:
         _render_stat,
         "file create libfoo.so --size 4M",
     )
-    p.add_argument("name", metavar="NAME")
-    p.add_argument("--size", type=size, required=True, metavar="SIZE")
+    p.add_argument("name", metavar="NAME", help="the file's name")
+    p.add_argument("--size", type=size, required=True, metavar="SIZE", help="i_size in bytes")
     p.add_argument("--shmem", action="store_true", help="a shmem (tmpfs/memfd) file")
 
     p = command(
@@ -53,12 +59,12 @@ def register(sub: Any) -> None:
         "write",
         "write(2) LENGTH bytes at OFFSET: dirties the pages (and extends the file)",
         lambda a: [req(COLLAPSED, m.FileWrite, name=a.name, offset=a.offset, length=a.length)],
-        _render_stat,
+        _render_write,
         "file write libfoo.so 0 2M",
     )
-    p.add_argument("name", metavar="NAME")
-    p.add_argument("offset", type=size, metavar="OFFSET")
-    p.add_argument("length", type=size, metavar="LENGTH")
+    p.add_argument("name", metavar="NAME", help="the file's name")
+    p.add_argument("offset", type=size, metavar="OFFSET", help="byte offset in the file")
+    p.add_argument("length", type=size, metavar="LENGTH", help="bytes from the start")
 
     p = command(
         gsub,
@@ -68,7 +74,7 @@ def register(sub: Any) -> None:
         _render_stat,
         "file sync libfoo.so",
     )
-    p.add_argument("name", metavar="NAME")
+    p.add_argument("name", metavar="NAME", help="the file's name")
 
     p = command(
         gsub,
@@ -78,8 +84,8 @@ def register(sub: Any) -> None:
         _render_stat,
         "file truncate libfoo.so 1M",
     )
-    p.add_argument("name", metavar="NAME")
-    p.add_argument("size", type=size, metavar="SIZE")
+    p.add_argument("name", metavar="NAME", help="the file's name")
+    p.add_argument("size", type=size, metavar="SIZE", help="the new i_size in bytes")
 
     p = command(
         gsub,
@@ -89,9 +95,9 @@ def register(sub: Any) -> None:
         _render_stat,
         "file punch libfoo.so 1M 64K",
     )
-    p.add_argument("name", metavar="NAME")
-    p.add_argument("offset", type=size, metavar="OFFSET")
-    p.add_argument("length", type=size, metavar="LENGTH")
+    p.add_argument("name", metavar="NAME", help="the file's name")
+    p.add_argument("offset", type=size, metavar="OFFSET", help="byte offset in the file")
+    p.add_argument("length", type=size, metavar="LENGTH", help="bytes from the start")
 
     command(
         gsub,

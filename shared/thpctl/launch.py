@@ -10,12 +10,14 @@ daemon that exits before it is ready raises with the end of its log.
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 import trio
 
@@ -29,11 +31,17 @@ class DaemonError(RuntimeError):
 
 
 class DaemonProcess:
-    def __init__(self, name: str, workdir: Path, listen: str, extra: Sequence[str] = ()):
+    """One daemon as a child process; ``env`` is laid over this process's environment (an empty
+    value unsets a THPSPLIT_* variable as far as the daemon is concerned)."""
+
+    def __init__(
+        self, name: str, workdir: Path, listen: str, extra: Sequence[str] = (), env: Mapping[str, str] | None = None
+    ):
         self.name = name
         self.workdir = workdir
         self.listen = listen
         self.extra = list(extra)
+        self.env = dict(env or {})
         self.ready_file = workdir / f"{name}.ready"
         self.log_file = workdir / f"{name}.log"
         self.address = ""
@@ -42,10 +50,13 @@ class DaemonProcess:
     async def start(self) -> None:
         self.ready_file.unlink(missing_ok=True)
         argv = [sys.executable, "-m", self.name, "--listen", self.listen, "--ready-file", str(self.ready_file)]
-        with open(self.log_file, "ab") as log:
+        with self._open_log() as log:
             self.proc = await trio.lowlevel.open_process(
-                argv + self.extra, stdin=subprocess.DEVNULL, stdout=log, stderr=log
+                argv + self.extra, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env={**os.environ, **self.env}
             )
+
+    def _open_log(self) -> BinaryIO:
+        return open(self.log_file, "ab")  # the child's stdout and stderr; appended across restarts
 
     async def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> str:
         assert self.proc is not None
@@ -95,23 +106,28 @@ async def running_daemons(
     transport: str = "unix",
     collapsed_args: Sequence[str] = (),
     remapd_args: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+    host: str = "127.0.0.1",
 ) -> AsyncIterator[Daemons]:
-    """Both daemons on Unix sockets in ``workdir`` or on TCP 127.0.0.1 (ports chosen by the
-    kernel); stopped with SIGTERM on exit (each exit status is in ``proc.returncode``)."""
+    """Both daemons on Unix sockets in ``workdir`` (created 0700) or on TCP ``host`` (ports
+    chosen by the kernel), with ``env`` over this process's environment (e.g. the secrets);
+    stopped with SIGTERM on exit (each exit status is in ``proc.returncode``)."""
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
     if transport == "unix":
-        collapsed = DaemonProcess("collapsed", workdir, f"unix:{workdir / 'collapsed.sock'}", collapsed_args)
+        collapsed = DaemonProcess("collapsed", workdir, f"unix:{workdir / 'collapsed.sock'}", collapsed_args, env)
         remapd_listen = f"unix:{workdir / 'remapd.sock'}"
     elif transport == "tcp":
-        collapsed = DaemonProcess("collapsed", workdir, "tcp:127.0.0.1:0", collapsed_args)
-        remapd_listen = "tcp:127.0.0.1:0"
+        collapsed = DaemonProcess("collapsed", workdir, f"tcp:{host}:0", collapsed_args, env)
+        remapd_listen = f"tcp:{host}:0"
     else:
         raise ValueError(f"transport must be unix or tcp, not {transport!r}")
     await collapsed.start()
     try:
         await collapsed.wait_ready()
-        remapd = DaemonProcess("remapd", workdir, remapd_listen, ["--collapsed", collapsed.address, *remapd_args])
+        remapd = DaemonProcess(
+            "remapd", workdir, remapd_listen, ["--collapsed", collapsed.address, *remapd_args], env
+        )
         await remapd.start()
         try:
             await remapd.wait_ready()

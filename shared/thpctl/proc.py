@@ -6,6 +6,7 @@ from typing import Any
 
 from shared.protocol import messages as m
 from shared.thpctl.cli import REMAPD, command, ok, req
+from shared.thpctl.render import render_status
 
 
 def register(sub: Any) -> None:
@@ -20,7 +21,7 @@ def register(sub: Any) -> None:
         lambda a, r: ok(r[0]),
         "proc spawn 1",
     )
-    p.add_argument("pid", type=int, metavar="PID")
+    p.add_argument("pid", type=int, metavar="PID", help="the modelled process")
 
     p = command(
         gsub,
@@ -30,7 +31,7 @@ def register(sub: Any) -> None:
         lambda a, r: ok(r[0]),
         "proc exit 1",
     )
-    p.add_argument("pid", type=int, metavar="PID")
+    p.add_argument("pid", type=int, metavar="PID", help="the modelled process")
 
     p = command(
         gsub,
@@ -40,5 +41,15 @@ def register(sub: Any) -> None:
         lambda a, r: ok(r[0]),
         "proc fork 1 2",
     )
-    p.add_argument("pid", type=int, metavar="PID")
-    p.add_argument("child", type=int, metavar="CHILD")
+    p.add_argument("pid", type=int, metavar="PID", help="the modelled process")
+    p.add_argument("child", type=int, metavar="CHILD", help="the new process's pid")
+
+    p = command(
+        gsub,
+        "status",
+        "/proc/PID/status: VmSize, VmRSS, RssAnon, RssFile, RssShmem, VmPTE ... (kB)",
+        lambda a: [req(REMAPD, m.ProcStatus, pid=a.pid)],
+        lambda a, r: ok(r[0], render_status(r[0])),
+        "proc status 1",
+    )
+    p.add_argument("pid", type=int, metavar="PID", help="the modelled process")

@@ -26,6 +26,7 @@ from typing import Any
 
 from shared.protocol import messages as m
 from shared.protocol.schema import Request, requests
+from shared.shell.auth import Secrets
 from shared.sim.trace import OPS, make_header, write_trace
 from shared.thpctl.client import Pending, Session
 
@@ -110,8 +111,8 @@ def _plain(value: Any) -> Any:
 class RecordingSession(Session):
     """A Session that records what it sends (see the module docstring)."""
 
-    def __init__(self, collapsed: str | None, remapd: str | None, recorder: Recorder):
-        super().__init__(collapsed, remapd)
+    def __init__(self, collapsed: str | None, remapd: str | None, recorder: Recorder, secrets: Secrets | None = None):
+        super().__init__(collapsed, remapd, secrets)
         self.recorder = recorder
 
     async def start(self, cls: type[Request[Any]], daemon: str | None = None, **fields: Any) -> Pending:
@@ -135,17 +136,17 @@ record_path.__name__ = "FILE"
 
 
 @asynccontextmanager
-async def session_for(args: Any) -> AsyncIterator[Session]:
+async def session_for(args: Any, secrets: Secrets | None = None) -> AsyncIterator[Session]:
     """thpctl's session: a plain one, or with ``--record FILE`` one that records (the trace is
     written when it closes, also after a failure)."""
     path = getattr(args, "record", None)
     if not path:
-        async with Session(args.collapsed, args.remapd) as session:
+        async with Session(args.collapsed, args.remapd, secrets) as session:
             yield session
         return
     recorder = Recorder(path, getattr(args, "name", "thpctl"))
     try:
-        async with RecordingSession(args.collapsed, args.remapd, recorder) as session:
+        async with RecordingSession(args.collapsed, args.remapd, recorder, secrets) as session:
             yield session
     finally:
         recorder.write()

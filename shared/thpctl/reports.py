@@ -5,16 +5,20 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from shared.protocol import messages as m
+from shared.errors import UserError
 from shared.knobs import SPECS
+from shared.protocol import messages as m
 from shared.thpctl.cli import (
     COLLAPSED,
+    EXIT_FAIL,
     REMAPD,
     Outcome,
     Request,
     command,
+    count,
     ok,
     pairs,
+    plain,
     req,
     seconds,
 )
@@ -46,11 +50,44 @@ def _plan_wait_scans(args: argparse.Namespace) -> list[Request]:
     return [request]
 
 
+def _plan_status(args: argparse.Namespace) -> list[Request]:
+    out = []
+    for daemon in _daemons(args.daemon):
+        request = req(daemon, m.Status)
+        request.tolerate = True  # a daemon that is down is part of the answer
+        out.append(request)
+    return out
+
+
+def _status_value(key: str, value: Any) -> str:
+    if key == "peer":
+        return "connected" if value else "not connected"
+    if key == "uptime_s":
+        return f"{value:.1f}"
+    if key == "model_ms":
+        return f"{value:.0f}"
+    return plain(value)
+
+
 def _render_status(args: argparse.Namespace, results: list[Any]) -> Outcome:
+    """A dict keyed by daemon, whatever was asked; a daemon that cannot be reached is shown down
+    (``{"state": "down", "errno": ..., "message": ...}``). Exit 1 only if every daemon asked is down."""
+    data: dict[str, Any] = {}
     text = ""
-    for status in results:
-        text += f"{status['daemon']}:\n" + "".join(f"  {k} {v}\n" for k, v in status.items() if k != "daemon")
-    return ok(results if len(results) > 1 else results[0], text)
+    for daemon, status in zip(_daemons(args.daemon), results, strict=True):
+        if isinstance(status, UserError):
+            data[daemon] = {"state": "down", "errno": status.errno_name, "message": status.message}
+            text += f"{daemon}: down ({status.errno_name}: {status.message})\n"
+            continue
+        data[daemon] = {"state": "up", **{k: v for k, v in status.items() if k != "daemon"}}
+        text += f"{daemon}: up\n" + "".join(
+            f"  {k} {_status_value(k, v)}\n" for k, v in status.items() if k != "daemon"
+        )
+    out = ok(data, text)
+    if all(isinstance(s, UserError) for s in results):
+        out.status = EXIT_FAIL
+        out.error = "ECONNREFUSED: no daemon is reachable"
+    return out
 
 
 def _render_check(args: argparse.Namespace, results: list[Any]) -> Outcome:
@@ -77,7 +114,7 @@ def register(sub: Any) -> None:
         lambda a, r: ok(r[0], render_smaps(r[0])),
         "smaps 1",
     )
-    p.add_argument("pid", type=int, metavar="PID")
+    p.add_argument("pid", type=int, metavar="PID", help="the modelled process")
 
     command(
         sub,
@@ -116,8 +153,8 @@ def register(sub: Any) -> None:
         lambda a, r: ok(r[0]),
         "sysfs set khugepaged/scan_sleep_millisecs 100",
     )
-    p.add_argument("knob", metavar="KNOB")
-    p.add_argument("value", metavar="VALUE")
+    p.add_argument("knob", metavar="KNOB", help="the knob's path under /sys/kernel/mm/transparent_hugepage")
+    p.add_argument("value", metavar="VALUE", help="what to write to it")
 
     p = command(
         sub,
@@ -128,8 +165,8 @@ def register(sub: Any) -> None:
         "wait-scans 2 --timeout 10",
         barrier=True,
     )
-    p.add_argument("n", type=int, metavar="N")
-    p.add_argument("--timeout", type=seconds, metavar="SECONDS", help="give up (exit 1) after SECONDS")
+    p.add_argument("n", type=count, metavar="N", help="how many more full scans to wait for")
+    p.add_argument("--timeout", type=seconds, metavar="SECONDS", help="give up (exit 1) after SECONDS (default: wait)")
 
     p = command(
         sub,
@@ -141,7 +178,7 @@ def register(sub: Any) -> None:
         "sync",
         barrier=True,
     )
-    p.add_argument("daemon", nargs="?", choices=(COLLAPSED, REMAPD, "both"), default="both")
+    p.add_argument("daemon", nargs="?", choices=(COLLAPSED, REMAPD, "both"), default="both", help="which daemon")
 
     command(
         sub,
@@ -157,9 +194,10 @@ def register(sub: Any) -> None:
     p = command(
         sub,
         "status",
-        "each daemon's peer connection, clients, uptime and size",
-        lambda a: [req(d, m.Status) for d in _daemons(a.daemon)],
+        "each daemon's state (up or down), peer connection, clients, uptime and size; exits 1 "
+        "only when every daemon asked is down",
+        _plan_status,
         _render_status,
         "status",
     )
-    p.add_argument("daemon", nargs="?", choices=(COLLAPSED, REMAPD, "both"), default="both")
+    p.add_argument("daemon", nargs="?", choices=(COLLAPSED, REMAPD, "both"), default="both", help="which daemon")

@@ -22,6 +22,7 @@ from shared.thpctl.cli import (
     EXIT_OK,
     EXIT_USAGE,
     Outcome,
+    RawHelpFormatter,
     Request,
     UsageError,
     build_parser,
@@ -88,8 +89,8 @@ async def _run(session: Session, args: argparse.Namespace, stdout: TextIO, stder
                 # madvise's errno: printed as its result, named again here as the reason to stop.
                 result = outcome.data.get("result") if isinstance(outcome.data, dict) else None
                 outcome.error = str(result) if result is not None else f"exit status {outcome.status}"
-            documents.append(outcome.data)
-            label = f"thpctl run: line {lineno}: {cmd.name.removeprefix('thpctl ')}"
+            documents.append(outcome.error_document() if outcome.status and outcome.data is None else outcome.data)
+            label = f"thpctl run: line {lineno}: {cmd.prog.removeprefix('thpctl ')}"
             emit(outcome, False, _NULL if args.json else stdout, stderr, label)
             if outcome.status:
                 status = outcome.status
@@ -130,9 +131,9 @@ def register(sub: Any) -> None:
         "run",
         help="run commands from FILE (- for stdin), one per line, pipelined",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=RawHelpFormatter,
         epilog="example: printf 'proc spawn 1\\nvmstat\\n' | thpctl run -",
     )
-    p.add_argument("file", metavar="FILE|-")
+    p.add_argument("file", metavar="FILE|-", help="the script to run; - reads standard input")
     p.add_argument("-k", "--keep-going", action="store_true", help="run every line; exit 1 if any failed")
     p.set_defaults(runner=_run, name="thpctl run")

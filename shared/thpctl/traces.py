@@ -367,8 +367,9 @@ def register(sub: Any) -> None:
         "validated before anything is sent.",
         epilog="examples: thpctl replay text.jsonl --timing fast | thpctl replay text.jsonl --in-process",
     )
-    p.add_argument("file", metavar="FILE")
-    p.add_argument("--timing", type=timing, default="original", metavar="original|fast|SCALE")
+    p.add_argument("file", metavar="FILE", help="the trace (JSON lines)")
+    p.add_argument("--timing", type=timing, default="original", metavar="original|fast|SCALE",
+                   help="original: at the trace's times; fast: as fast as answered; SCALE: times scaled")
     p.add_argument("--in-process", action="store_true", help="into an in-process model, not the daemons")
     p.set_defaults(runner=_replay, name="thpctl replay")
 
@@ -383,7 +384,7 @@ def register(sub: Any) -> None:
         "permissions, offsets, MADV_HUGEPAGE and residency (Rss).",
         epilog="example: thpctl import procfs $(pidof hhvm) -o hhvm.jsonl",
     )
-    p.add_argument("target", metavar="PID|DIR")
+    p.add_argument("target", metavar="PID|DIR", help="a live process, or a directory with saved maps/smaps")
     p.add_argument("-o", "--out", metavar="FILE", help="write the trace here (default: stdout)")
     p.add_argument("--pid", type=int, metavar="N", help="the pid in the model (default: the process's own)")
     p.add_argument("--residency", choices=RESIDENCY, default="start",
@@ -398,12 +399,12 @@ def register(sub: Any) -> None:
         "the instance is removed afterwards.",
         epilog="example: thpctl record -o ls.jsonl -- ls -l /usr/lib",
     )
-    p.add_argument("-o", "--out", metavar="FILE", default="thpsplit-record.jsonl")
+    p.add_argument("-o", "--out", metavar="FILE", default="thpsplit-record.jsonl", help="where to write the trace")
     p.add_argument("--timeout", type=float, metavar="SECONDS", help="kill the command after this long")
     p.add_argument("--keep-alive", action="store_true", help="leave the exits out (the replay ends with every "
                    "process still mapped)")
     p.add_argument("--buffer-kb", type=int, default=8192, metavar="KB", help="ring buffer per CPU")
-    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ...")
+    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ...", help="the command to run and record")
     p.set_defaults(runner=_record, name="thpctl record")
 
     p = sub.add_parser(
@@ -414,7 +415,7 @@ def register(sub: Any) -> None:
         epilog="example: thpctl workload text --seed 3 -p scale=1/16 -p procs=4 -o text.jsonl",
     )
     p.add_argument("name", nargs="?", metavar="NAME", help=", ".join(ex.workload_names()))
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the workload generator's seed")
     p.add_argument("-p", "--param", type=_key_value, action="append", default=[], metavar="K=V",
                    help="a parameter (sizes take K/M/G, scale takes 1/64)")
     p.add_argument("-o", "--out", metavar="FILE", help="write here (default: stdout)")
