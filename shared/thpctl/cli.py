@@ -391,26 +391,10 @@ async def amain(argv: list[str], stdout: TextIO = sys.stdout, stderr: TextIO = s
 def progress(args: argparse.Namespace, stderr: TextIO) -> Iterator[None]:
     """On a terminal, a progress bar (rich) for a command sent as several requests (a large
     touch), shown once it has run a second; ``finish`` ticks it as replies come in."""
-    if not _isatty(stderr):
+    if not isatty(stderr):
         yield
         return
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-    )
-
-    bar = Progress(
-        TextColumn(args.prog),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=Console(file=stderr),
-        transient=True,
-    )
+    bar = progress_bar(args.prog, stderr)
     started = time.monotonic()
     task: list[Any] = []
 
@@ -419,7 +403,7 @@ def progress(args: argparse.Namespace, stderr: TextIO) -> Iterator[None]:
             return
         if not task:
             bar.start()
-            task.append(bar.add_task(args.prog, total=total))
+            task.append(bar.add_task("", total=total))
         bar.update(task[0], completed=done)
 
     args.tick = tick
@@ -431,7 +415,16 @@ def progress(args: argparse.Namespace, stderr: TextIO) -> Iterator[None]:
             bar.stop()
 
 
-def _isatty(stream: TextIO) -> bool:
+def progress_bar(label: str, stderr: TextIO) -> Any:
+    """A transient rich bar on stderr: label, bar, done/total, elapsed time."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TextColumn("{task.description}"), console=Console(file=stderr), transient=True)
+
+
+def isatty(stream: TextIO) -> bool:
     try:
         return bool(stream.isatty())
     except (AttributeError, ValueError):

@@ -34,6 +34,7 @@ from shared.shell.auth import SecretError, Secrets, load_secrets
 from shared.sim.experiment import Workload, compare, render
 from shared.thpctl.client import COLLAPSED, REMAPD, Session
 from shared.thpctl.launch import DaemonError, running_daemons
+from shared.thpctl.mm import ordered_counts
 from shared.thpctl.render import render_smaps
 
 MB = 1 << 20
@@ -65,6 +66,11 @@ class Tally:
         return f"tally: pmd_mapped_kb={self.pmd_mapped_kb} thp_file_mapped={self.thp_file_mapped} collapses={self.collapses}"
 
 
+def _touched(counts: dict[str, int]) -> str:
+    """A touch's outcomes as ``thpctl touch`` names them: ``pmd 2, hit 1022``."""
+    return ", ".join(f"{o} {n}" for o, n in ordered_counts(counts))
+
+
 def _pmd_kb(smaps: list[m.SmapsEntry]) -> int:
     return sum(e["FilePmdMapped"] for e in smaps)
 
@@ -89,7 +95,7 @@ async def scenario(s: Session, say: Say, pids: tuple[int, int, int] = (1, 2, 3),
         addrs[pid] = (await s.call(m.Mmap, pid=pid, addr=None, length=SIZE, name=name, prot="rx", shared=False))["addr"]
         await s.call(m.Madvise, pid=pid, addr=addrs[pid], length=SIZE, advice="hugepage")
         counts = await s.call(m.Touch, pid=pid, addr=addrs[pid], length=SIZE)
-        say(f"   pid {pid}: mmap {SIZE // MB} MiB of {name} r-x at {addrs[pid]:#x}, MADV_HUGEPAGE, touch: {counts}")
+        say(f"   pid {pid}: mmap {SIZE // MB} MiB of {name} r-x at {addrs[pid]:#x}, MADV_HUGEPAGE, touch: {_touched(counts)}")
     say(f"2. A thread of pid {p1} holds its mmap_lock for {HOLD_MS} ms while khugepaged collapses the file.")
     await s.call(m.Lock, pid=p1, hold_ms=HOLD_MS)
     await s.call(m.SysfsSet, name="khugepaged/scan_sleep_millisecs", value=str(SCAN_MS))  # wakes it
@@ -102,7 +108,7 @@ async def scenario(s: Session, say: Say, pids: tuple[int, int, int] = (1, 2, 3),
     # The lock is held for read: p1's other threads keep faulting meanwhile.
     counts = await s.call(m.Touch, pid=p1, addr=addrs[p1], length=SIZE)
     status = await s.call(m.Status, REMAPD)
-    say(f"3. pid {p1} runs its text meanwhile: {counts} -- the THPs come back PTE-mapped (pte-mapped THP);")
+    say(f"3. pid {p1} runs its text meanwhile ({_touched(counts)}) -- the THPs come back PTE-mapped (pte-mapped THP);")
     say(f"   its PTE tables carry the per-PMD mark (remapd status: {status.get('marked_tables')} marked).")
 
     async def p1_recovered() -> bool:
@@ -116,7 +122,7 @@ async def scenario(s: Session, say: Say, pids: tuple[int, int, int] = (1, 2, 3),
     await s.call(m.ProcSpawn, pid=p3)
     a3 = (await s.call(m.Mmap, pid=p3, addr=None, length=SIZE, name=name, prot="rx", shared=False))["addr"]
     counts = await s.call(m.Touch, pid=p3, addr=a3, length=SIZE)
-    say(f"5. A new mapping (pid {p3}) gets PMDs at its first faults: {counts}.\n")
+    say(f"5. A new mapping (pid {p3}) gets PMDs at its first faults: {_touched(counts)}.\n")
     say(f"smaps of pid {p1} (thpctl smaps {p1}):")
     say(render_smaps(await s.call(m.Smaps, pid=p1)).rstrip())
     vm = await s.vmstat()

@@ -31,8 +31,10 @@ from shared.thpctl.cli import (
     Outcome,
     RawHelpFormatter,
     emit,
+    isatty,
     milliseconds,
     ok,
+    progress_bar,
     size,
 )
 from shared.thpctl.client import Session
@@ -115,19 +117,13 @@ def _legacy_params(args: argparse.Namespace) -> dict[str, str]:
 
 
 def _progress(total: int, stdout: TextIO, stderr: TextIO) -> Any:
-    """A tqdm bar on stderr, only when both stdout and stderr are terminals."""
-    if total < 2 or not (_isatty(stdout) and _isatty(stderr)):
+    """A progress bar on stderr, only when both stdout and stderr are terminals."""
+    if total < 2 or not (isatty(stdout) and isatty(stderr)):
         return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, file=stderr, unit="run", desc="experiment", leave=False, dynamic_ncols=True)
-
-
-def _isatty(f: TextIO) -> bool:
-    try:
-        return bool(f.isatty())
-    except (AttributeError, ValueError):
-        return False
+    bar = progress_bar("experiment", stderr)
+    bar.start()
+    bar.add_task("", total=total)
+    return bar
 
 
 def run_experiment(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> Outcome:
@@ -158,8 +154,8 @@ def run_experiment(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> 
 
     def done(i: int, result: dict[str, Any]) -> None:
         if bar is not None:
-            bar.set_postfix_str(f"{result['source']} {result['policy']} seed {result['seed']}", refresh=False)
-            bar.update(1)
+            bar.update(bar.task_ids[0], advance=1,
+                       description=f"{result['source']} {result['policy']} seed {result['seed']}")
 
     t0 = time.perf_counter()
     try:
@@ -169,7 +165,7 @@ def run_experiment(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> 
         return Outcome(error=str(err), status=EXIT_USAGE)
     finally:
         if bar is not None:
-            bar.close()
+            bar.stop()
     wall = time.perf_counter() - t0
     info = {"jobs": jobs, "engine": args.engine or "local", "n_runs": len(results), "total_wall_s": round(wall, 3)}
     doc = ex.results_document(plan, results)

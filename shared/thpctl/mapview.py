@@ -103,7 +103,7 @@ def _render(args: argparse.Namespace, results: list[Any]) -> Outcome:
         except OSError as err:
             return failed(UserError("EIO", f"{args.png}: {err.strerror or err}"))
         except ImportError:
-            return failed(UserError("ENOPKG", "--png needs matplotlib (pip install matplotlib)"))
+            return failed(UserError("ENOPKG", "--png needs matplotlib (pip install 'thpsplit[plot]')"))
         return ok(rows, f"{args.png}\n")
     return ok(rows, render_text(rows, color=getattr(args, "color", False)))
 

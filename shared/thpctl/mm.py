@@ -100,13 +100,18 @@ def _plan_touch(args: argparse.Namespace) -> list[Request]:
     ]
 
 
+def ordered_counts(counts: dict[str, int]) -> list[tuple[str, int]]:
+    """A touch's outcome counts in the order of :data:`OUTCOMES`, then any others by name."""
+    order = [o for o in OUTCOMES if o in counts] + sorted(set(counts) - set(OUTCOMES))
+    return [(o, counts[o]) for o in order]
+
+
 def _render_touch(args: argparse.Namespace, results: list[Any]) -> Outcome:
     counts: dict[str, int] = {}
     for chunk in results:
         for outcome, n in chunk.items():
             counts[outcome] = counts.get(outcome, 0) + n
-    order = [o for o in OUTCOMES if o in counts] + sorted(set(counts) - set(OUTCOMES))
-    out = ok(counts, lines(*(f"{o} {counts[o]}" for o in order)))
+    out = ok(counts, lines(*(f"{o} {n}" for o, n in ordered_counts(counts))))
     bad = {s: counts[s] for s in SIGNALS if counts.get(s)}
     if bad:
         out.status = EXIT_FAIL
@@ -236,10 +241,10 @@ def register(sub: Any) -> None:
         _render_mremap,
         "mremap 1 0x7effffc00000 2M 4M --maymove",
     )
-    p.add_argument("pid", type=int, metavar="PID")
-    p.add_argument("addr", type=address, metavar="ADDR")
-    p.add_argument("old_length", type=size, metavar="OLD")
-    p.add_argument("new_length", type=size, metavar="NEW")
+    p.add_argument("pid", type=int, metavar="PID", help="the process")
+    p.add_argument("addr", type=address, metavar="ADDR", help="start of the mapping to remap (page aligned)")
+    p.add_argument("old_length", type=size, metavar="OLD", help="its length (0: duplicate a shared mapping)")
+    p.add_argument("new_length", type=size, metavar="NEW", help="the new length")
     p.add_argument("--to", type=address, default=None, metavar="ADDR", help="MREMAP_FIXED: move to ADDR")
     p.add_argument("--maymove", action="store_true", help="MREMAP_MAYMOVE")
     p.add_argument("--dontunmap", action="store_true", help="MREMAP_DONTUNMAP (keep the old mapping)")
