@@ -188,6 +188,9 @@ class Remapper(Actor):
             raise UserError("EINVAL", f"pid {pid} out of range 1..{PID_MAX - 1}")
         if pid in self.mms:
             raise UserError("EEXIST", f"process {pid} exists")
+        if len(self.mms) >= self.knobs.max_threads():
+            # copy_process: nr_threads >= max_threads. Bounds the model's memory as the kernel's.
+            raise UserError("EAGAIN", f"{len(self.mms)} processes: threads-max for thpsplit/mem_total_mb {self.knobs.mem_total_mb}")
         self.mms[pid] = Mm(pid)
         return {"pid": pid}
 
