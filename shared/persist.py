@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import time
 from pathlib import Path
 from typing import Any
@@ -101,7 +102,7 @@ def decode(data: bytes, daemon: str, where: str = "snapshot") -> dict[str, Any]:
 def write_atomically(path: Path, data: bytes) -> None:
     """Replace ``path`` with ``data``: temporary file, fsync, rename, fsync of the directory."""
     directory = path.parent
-    directory.mkdir(parents=True, exist_ok=True)
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = directory / f".{path.name}.tmp-{os.getpid()}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
@@ -132,14 +133,34 @@ def save(state_dir: str | os.PathLike[str], daemon: str, state: dict[str, Any]) 
     return len(data)
 
 
+def _check_private(path: Path, what: str) -> None:
+    """Whoever may write the state directory or the snapshot decides the world a daemon starts
+    with (the checksum only detects damage): both must be this user's and nobody else's to
+    write, as the socket directory must be (shared.shell.transport.prepare_socket_dir).
+
+    Errors:
+        SnapshotError: they are not. FileNotFoundError: ``path`` does not exist.
+    """
+    st = path.stat()
+    if st.st_uid != os.geteuid():
+        raise SnapshotError(f"{path}: the {what} belongs to uid {st.st_uid}, not to this user (uid {os.geteuid()})")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise SnapshotError(
+            f"{path}: the {what} is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o}); chmod go-w"
+        )
+
+
 def load(state_dir: str | os.PathLike[str], daemon: str) -> dict[str, Any] | None:
     """``daemon``'s snapshot in ``state_dir``, or None if there is none.
 
     Errors:
-        SnapshotError: the file cannot be read or used (see :func:`decode`).
+        SnapshotError: the file cannot be read or used (see :func:`decode`), or the directory
+        or the file may be written by another user.
     """
     path = snapshot_path(state_dir, daemon)
     try:
+        _check_private(path.parent, "directory")
+        _check_private(path, "snapshot")
         data = path.read_bytes()
     except FileNotFoundError:
         return None

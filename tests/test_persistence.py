@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -292,6 +293,28 @@ def test_a_daemon_refuses_to_start_from_an_unusable_snapshot(workdir):
         )
         assert proc.returncode == 2, proc.stderr
         assert why in proc.stderr and "refusing to start" in proc.stderr and len(proc.stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize("target, mode", [("dir", 0o777), ("dir", 0o770), ("file", 0o666)])
+def test_a_state_dir_or_snapshot_others_may_write_is_refused(tmp_path, target, mode):
+    """Whoever may write them decides the world the daemon starts with: refused, as an unsafe
+    socket directory is, before anything is read."""
+    state = tmp_path / "state"
+    persist.save(state, "collapsed", csnap.snapshot(CheckedWorld().collapser))
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
+    assert stat.S_IMODE((state / "collapsed.snapshot").stat().st_mode) == 0o600
+    assert persist.load(state, "collapsed") is not None
+    (state if target == "dir" else state / "collapsed.snapshot").chmod(mode)
+    with pytest.raises(SnapshotError, match="writable by group or others"):
+        persist.load(state, "collapsed")
+
+
+def test_a_snapshot_of_another_user_is_refused(tmp_path):
+    state = tmp_path / "state"
+    persist.save(state, "collapsed", csnap.snapshot(CheckedWorld().collapser))
+    os.chown(state / "collapsed.snapshot", 65534, 65534)
+    with pytest.raises(SnapshotError, match="belongs to uid 65534"):
+        persist.load(state, "collapsed")
 
 
 async def test_periodic_snapshots_survive_kill_9(workdir):
