@@ -22,7 +22,7 @@ from array import array
 from collections.abc import Generator, Iterable, Mapping
 from typing import Any
 
-from remapd.mm import ANON_PFN_BASE, PTE_ANON, PTE_SHMEM, Mm, PteTable, Vma, pte_pfn
+from remapd.mm import ANON_PFN_BASE, PTE_ANON, PTE_DIRTY, PTE_SHMEM, PTE_WRITE, Mm, PteTable, Vma, pte_pfn
 from remapd.remapper import Remapper
 from shared.actor import Call
 from shared.knobs import KnobError, Knobs
@@ -252,7 +252,13 @@ def _install(r: Remapper, mm: Mm, row: Restored) -> bool:
     slot = (row.addr >> PAGE_SHIFT) & (HPAGE_PMD_NR - 1)
     if isinstance(entry, int) or (entry is not None and entry.ptes[slot]):
         return False
-    r.pagetables.set_pte_at(mm, pidx, slot, row.entry)
+    pte = row.entry
+    if not pte & PTE_SHMEM:
+        # Writeback may have cleaned the page since the snapshot (folio_mkclean would have
+        # write-protected this PTE): a regular file's PTE comes back clean and read-only, and
+        # the next write faults (wp_page_shared) and dirties the page again.
+        pte &= ~(PTE_WRITE | PTE_DIRTY)
+    r.pagetables.set_pte_at(mm, pidx, slot, pte)
     return True
 
 

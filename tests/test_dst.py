@@ -23,7 +23,7 @@ from shared.sim.world import Pending
 MB = 1 << 20
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The suite's share of the seeds; `python -m shared.sim.dst --seeds 0:N` runs any number.
-SEEDS = range(300)
+SEEDS = range(200)
 STEPS = 120
 
 

@@ -105,6 +105,27 @@ def test_a_collapse_in_flight_at_the_snapshot_is_rolled_back():
     assert c.by_name["lib"].nr_thps == 1 and c.knobs.free_huge_pages == pool - 1
 
 
+def test_a_written_page_cleaned_while_remapd_was_down_comes_back_write_protected():
+    """DST seed 323: a restored PTE kept the write and dirty bits of the snapshot, but writeback
+    had cleaned the page since (folio_mkclean would have write-protected the PTE): a writable PTE
+    of a clean page, whose next write would not dirty it. It comes back read-only and clean."""
+    w = CheckedWorld(Knobs(read_ahead_kb=0, fault_around_bytes=4096, writeback_millisecs=10))
+    w.file_create("data", 64 * 1024)
+    w.spawn(1)
+    a = w.mmap(1, None, 64 * 1024, "data", prot="rw", shared=True)
+    assert w.touch(1, a, 4096, write=True) == {"major": 1}
+    rstate = through_the_file(rsnap, w.remapper)
+    w.restart_remapper()  # remapd dies; its mapping goes
+    w.file_sync("data")
+    w.advance(20)  # written back: clean
+    assert w.collapser.by_name["data"].nrpages == 1 and not w.vmstat()["nr_dirty"]
+    w.restart_remapper(state=rstate)  # back from the snapshot: the page is still cached, mapped again
+    assert w.smaps(1)[0]["Rss"] == 4
+    assert w.touch(1, a, 4096) == {"hit": 1}
+    assert w.touch(1, a, 4096, write=True) == {"minor": 1}  # a write-protect fault dirties it again
+    assert w.vmstat()["nr_dirty"] == 1
+
+
 def test_a_restored_remapper_keeps_only_the_mappings_the_cache_still_holds():
     w = CheckedWorld(Knobs(enabled="always", scan_sleep_millisecs=10, read_ahead_kb=0, fault_around_bytes=4096))
     w.file_create("lib", 4 * MB)
