@@ -22,7 +22,17 @@ from array import array
 from collections.abc import Generator, Iterable, Mapping
 from typing import Any
 
-from remapd.mm import ANON_PFN_BASE, PTE_ANON, PTE_DIRTY, PTE_SHMEM, PTE_WRITE, Mm, PteTable, Vma, pte_pfn
+from remapd.mm import (
+    ANON_PFN_BASE,
+    PTE_ANON,
+    PTE_DIRTY,
+    PTE_SHMEM,
+    PTE_WRITE,
+    Mm,
+    PteTable,
+    Vma,
+    pte_pfn,
+)
 from remapd.remapper import Remapper
 from shared.actor import Call
 from shared.knobs import KnobError, Knobs
