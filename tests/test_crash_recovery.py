@@ -67,6 +67,20 @@ def test_the_check_names_each_kind_of_damage(damage, found):
     assert not result["ok"] and any(found in p for p in result["problems"]), result
 
 
+def test_a_pinned_page_truncated_out_of_the_cache_is_not_damage():
+    """DST seed 213: a GUP pin keeps a page a truncate took out of the cache (and out of every
+    mapping); the check compared the page's cleared file and index with the pin's."""
+    w = World(Knobs(read_ahead_kb=0, fault_around_bytes=4096))
+    w.file_create("f", 4 * 4096)
+    w.spawn(1)
+    a = w.mmap(1, None, 4 * 4096, "f")
+    w.pin(1, a + 3 * 4096)
+    pfn = w.collapser.by_name["f"].get(3)
+    w.file_truncate("f", 4096)
+    assert w.collapser.mem.pins == {pfn: 1} and w.collapser.mem.ino[pfn] == 0  # pinned, uncached
+    assert w.audit() == {"ok": True, "problems": [], "pages": 1, "files": 1}
+
+
 def test_the_check_waits_for_a_quiet_pair():
     from shared.sim.dst import LinkWorld
 
