@@ -18,6 +18,7 @@ from collapsed.khugepaged import Khugepaged
 from collapsed.pagecache import (
     PG_HEAD,
     PG_LOCKED,
+    PG_TAIL,
     PG_UPTODATE,
     File,
     PageCache,
@@ -97,7 +98,7 @@ class Collapser(Actor):
         self.knobs = knobs or Knobs()
         self.vm: Counter[str] = Counter({name: 0 for name in VM_EVENTS})
         self.mem = PhysMem(seed, lambda: self.knobs.mem_total_mb << (20 - PAGE_SHIFT))
-        self.cache = PageCache(self.mem, self.knobs, self.notify)
+        self.cache = PageCache(self.mem, self.knobs, self.notify, self._waits.keys)
         self.boot = boot
         self.cache.gen = boot
         self.fileops = FileOps(self, self.cache, self.knobs, self.vm, resched_pages)
@@ -379,18 +380,23 @@ class Collapser(Actor):
         inside i_size (its window ends at the file's last page). The remapper maps the rest of a
         large folio itself (filemap_map_folio_range)."""
         mem = self.mem
-        apply_rmap = self.cache.apply_rmap
+        flags, mapcount, ref = mem.flags, mem.mapcount, mem.ref
+        chunks = f.chunks
         eof = f.nr_pages_size
         out = []
         for index in indices:
-            value = f.get(index)
+            chunk = chunks.get(index >> 9)  # f.get and mem.head written out: 16 pages a fault
+            value = chunk[index & (HPAGE_PMD_NR - 1)] if chunk is not None else 0
             if value <= 0 or index >= eof:
                 continue
-            head = mem.head(value)
-            if mem.flags[head] & PG_LOCKED or not mem.flags[head] & PG_UPTODATE:
+            head = value & ~(HPAGE_PMD_NR - 1) if flags[value] & PG_TAIL else value
+            page_flags = flags[head]
+            if page_flags & PG_LOCKED or not page_flags & PG_UPTODATE:
                 continue
-            apply_rmap(((value, 1, 0, 0),))
-            out.append((index, value, bool(mem.flags[head] & PG_HEAD)))
+            # apply_rmap's row (value, 1, 0, 0): a PTE mapping and its reference on the head.
+            mapcount[value] += 1
+            ref[head] += 1
+            out.append((index, value, bool(page_flags & PG_HEAD)))
         return tuple(out)
 
     def _read_around(self, f: File, index: int, vm_hugepage: bool) -> None:

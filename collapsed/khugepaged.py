@@ -15,6 +15,8 @@ from collections import Counter
 from collections.abc import Generator
 from typing import Any
 
+import numpy as np
+
 from collapsed.fileops import FileOps
 from collapsed.pagecache import (
     PG_DIRTY,
@@ -22,10 +24,12 @@ from collapsed.pagecache import (
     PG_LOCKED,
     PG_LRU,
     PG_SWAPBACKED,
+    PG_TAIL,
     PG_UPTODATE,
     PG_WRITEBACK,
     File,
     PageCache,
+    view,
 )
 from shared import messages as m
 from shared.actor import Actor, Call, Sleep, Wait
@@ -245,7 +249,10 @@ class Khugepaged:
         present = swap = 0
         result = R.SCAN_SUCCEED
         scan_pfn = -1
-        for index in range(start, start + HPAGE_PMD_NR):
+        quick = self._scan_range(f, start)
+        if quick is not None:
+            present, scan_pfn = quick
+        for index in range(start, start + HPAGE_PMD_NR if quick is None else start):
             value = f.get(index)
             if value == 0:
                 continue
@@ -287,6 +294,63 @@ class Khugepaged:
         self._count(result)
         return result
 
+    def _scan_range(self, f: File, start: int) -> tuple[int, int] | None:
+        """The scan's loop in one go when it cannot stop early: no swap entry, and every page
+        present is small, on the LRU and has no extra reference. (present, the last pfn seen);
+        None leaves the range to the loop, which finds where it stops."""
+        if start & (HPAGE_PMD_NR - 1):
+            return None
+        chunk = f.chunks.get(start >> 9)
+        if chunk is None:
+            return 0, -1
+        values = view(chunk)
+        if np.count_nonzero(values < 0):
+            return None
+        pfns = values[values > 0]
+        if not len(pfns):
+            return 0, -1
+        mem = self.cache.mem
+        flags = view(mem.flags)[pfns]
+        if np.count_nonzero(flags & (PG_HEAD | PG_TAIL)) or np.count_nonzero(flags & PG_LRU) != len(pfns):
+            return None
+        if np.count_nonzero(view(mem.ref)[pfns] != view(mem.mapcount)[pfns] + 1):
+            return None
+        return len(pfns), int(pfns[-1])
+
+    def _isolate_range(self, f: File, start: int) -> np.ndarray | None:
+        """collapse_file's page loop in one go when every slot holds a small page that passes
+        each check: lock, isolate from the LRU and take the two references of all 512 at once
+        and return them. None leaves the range to the loop (holes, swap, a locked, dirty or
+        compound page...), which finds where it stops; nothing has changed then."""
+        if start & (HPAGE_PMD_NR - 1):
+            return None
+        chunk = f.chunks.get(start >> 9)
+        if chunk is None:
+            return None
+        pfns = view(chunk).copy()
+        if np.count_nonzero(pfns > 0) != HPAGE_PMD_NR:
+            return None
+        mem = self.cache.mem
+        flags = view(mem.flags)
+        got = flags[pfns]
+        refuse = PG_LOCKED | PG_HEAD | PG_TAIL | (0 if f.shmem else PG_DIRTY | PG_WRITEBACK)
+        need = PG_UPTODATE | PG_LRU
+        if np.count_nonzero(got & refuse) or np.count_nonzero((got & need) != need):
+            return None
+        if np.count_nonzero(view(mem.ino)[pfns] != f.ino):
+            return None
+        flags[pfns] = (got | PG_LOCKED) & (~PG_LRU & 0xFFFF)
+        view(mem.ref)[pfns] += 2
+        return pfns
+
+    def _mapped(self, pfns: np.ndarray) -> tuple[int, ...]:
+        """The pages of ``pfns`` something maps with a PTE (try_to_unmap's work)."""
+        return tuple(pfns[view(self.cache.mem.mapcount)[pfns] != 0].tolist())
+
+    def _refs_ok(self, pfns: np.ndarray) -> bool:
+        """Every isolated page holds only the cache's reference and ours (the "3")."""
+        return not np.count_nonzero(view(self.cache.mem.ref)[pfns] != 3)
+
     def _count(self, result: R) -> None:
         self.results[result.name] = self.results.get(result.name, 0) + 1
 
@@ -308,10 +372,11 @@ class Khugepaged:
         mem.index[new] = start
         mem.ino[new] = f.ino
 
-        pagelist: list[int] = []
         nr_none = 0
         result = R.SCAN_SUCCEED
-        for index in range(start, end):
+        quick = self._isolate_range(f, start)
+        pagelist: list[int] = []
+        for index in range(start, end if quick is None else start):
             value = f.get(index)
             if f.shmem:
                 if value == 0:
@@ -380,15 +445,15 @@ class Khugepaged:
             mem.ref[head] += 2
             pagelist.append(head)
 
-        if result == R.SCAN_SUCCEED and pagelist:
-            mapped = tuple(p for p in pagelist if mem.mapcount[p])
+        # The isolated pages, as an array for the steps below.
+        pfns = quick if quick is not None else np.array(pagelist, dtype=np.int64)
+        if result == R.SCAN_SUCCEED and len(pfns):
+            mapped = self._mapped(pfns)
             if mapped:
                 # try_to_unmap(folio) for every mapped page, as one request to the remapper.
                 yield from self.fileops.unmap_range(f, start, end, mapped, even_cows=False)
-            for p in pagelist:
-                if mem.ref[p] != 3:
-                    result = R.SCAN_PAGE_COUNT
-                    break
+            if not self._refs_ok(pfns):
+                result = R.SCAN_PAGE_COUNT
         if result == R.SCAN_SUCCEED and not f.shmem and f.writecount > 0:
             result = R.SCAN_FAIL  # inode_is_open_for_write after filemap_nr_thps_inc
         if result == R.SCAN_SUCCEED and nr_none:
@@ -398,26 +463,24 @@ class Khugepaged:
                 result = R.SCAN_PAGE_FILLED
 
         if result != R.SCAN_SUCCEED:
-            for p in pagelist:
+            for p in pfns.tolist():
                 mem.ref[p] -= 2
                 cache.lru_add(p)
                 cache.unlock(p)
             mem.flags[new] &= ~PG_LOCKED
             mem.ino[new] = 0
             cache.put(new)
-            self._trace_collapse(f, new, end if len(pagelist) + nr_none == HPAGE_PMD_NR else index, cc, result)
+            self._trace_collapse(f, new, end if len(pfns) + nr_none == HPAGE_PMD_NR else index, cc, result)
             return result
 
-        # Success: copy, publish the multi-index entry, free the old pages, retract.
-        for p in pagelist:
-            f.set(mem.index[p], 0)
-            f.nrpages -= 1
-            mem.ino[p] = 0
+        # Success: copy, publish the multi-index entry (it takes every slot of the old pages,
+        # so theirs need no clearing first), free the old pages, retract.
+        f.nrpages -= len(pfns)
+        view(mem.ino)[pfns] = 0
         mem.ref[new] = 1
         cache.add_huge_page(f, start, new)
-        for p in pagelist:
-            cache.unlock(p)
-            cache.put(p, 3)
+        cache.unlock_pages(pfns)
+        cache.put_small_pages(pfns, 3)
         reply = yield Call(m.Retract(self.actor.new_req(), f.ino, start, new))
         log.debug("retract_page_tables", ino=f.ino, pgoff=start, retracted=reply.retracted,
                   installed=reply.installed, deferred=reply.deferred, skipped=reply.skipped)

@@ -2,10 +2,14 @@
 and :class:`PageCache`, the part that owns them and the page operations every other part uses.
 
 Per-page state is kept as parallel arrays indexed by pfn (a ``mem_map``), 34 bytes a page (8 more
-for its xarray slot) instead of a Python object per page. Physical memory comes in 2 MiB blocks: a
-PMD-order compound page is one whole block, so its head is ``pfn & ~511`` and subpage ``i`` is
-``head + i``, as in the kernel. Small pages are carved from blocks of their own. Huge allocations
-draw on ``free_huge_pages`` (a knob) and may fail to fragmentation. Memory has a size, the knob
+for its xarray slot) instead of a Python object per page. What works on a whole 512-page range at
+once (collapse_file and its scan, freeing the pages a collapse replaced, a long batch of rmap rows)
+does so through numpy views of these arrays (:func:`view`), never kept across a yield.
+
+Physical memory comes in 2 MiB blocks: a PMD-order compound page is one whole block, so its head
+is ``pfn & ~511`` and subpage ``i`` is ``head + i``, as in the kernel. Small pages are carved from
+blocks of their own. Huge allocations draw on ``free_huge_pages`` (a knob) and may fail to
+fragmentation. Memory has a size, the knob
 ``thpsplit/mem_total_mb``: once every block it allows is in use (and no page is free in them), an
 allocation fails, as the page allocator's does when reclaim cannot help. Blocks are not compacted:
 a block that held small pages stays theirs, so a huge allocation may fail while small pages are
@@ -20,8 +24,10 @@ from __future__ import annotations
 
 import random
 from array import array
-from collections.abc import Callable, Generator, Hashable, Iterator
+from collections.abc import Callable, Generator, Hashable, Iterable, Iterator
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from shared.actor import Wait
 from shared.knobs import Knobs
@@ -41,6 +47,57 @@ PG_ALLOCATED = 1 << 9
 
 # Pages wait in a per-CPU batch before they reach the LRU (folio_batch: PAGEVEC_SIZE in 6.x).
 LRU_BATCH = 15
+
+
+def view(a: array) -> np.ndarray:
+    """A numpy view of a per-page array, for operations on a whole 512-page range at once.
+    Never kept across a yield: an array that exports a view cannot grow (``PhysMem._grow``)."""
+    return np.frombuffer(a, dtype=a.typecode)
+
+
+# One block's worth of zeros for each per-page array's type: what a new block starts as.
+_ZERO_BLOCK = {code: array(code, bytes(array(code).itemsize * HPAGE_PMD_NR)) for code in "lHq"}
+
+# A batch of rmap rows at least this long is applied (and checked) with array operations.
+BULK_ROWS = 16
+
+
+Rows = tuple[tuple[int, int, int, int], ...]
+Drops = tuple[np.ndarray, np.ndarray] | None
+# The last batch pte_drops() looked at and its answer: the peer check and the accounting of one
+# RmapDelta ask about the same rows one after the other (the batch is kept alive here, so its
+# identity cannot be taken by another).
+_last_drops: tuple[Rows, Drops] = ((), None)
+
+
+def pte_drops(rows: Rows) -> Drops:
+    """(pfns, PTE deltas) of a long batch of rmap rows that only drop PTE mappings (a zapped
+    range: munmap, try_to_unmap, exit); None for anything else, which goes row by row."""
+    global _last_drops
+    if len(rows) < BULK_ROWS:
+        return None
+    if rows is _last_drops[0]:
+        return _last_drops[1]
+    pfns, ptes, pmds, pins = zip(*rows)
+    drops: Drops = None
+    if not (any(pmds) or any(pins) or max(ptes) >= 0):
+        try:
+            drops = np.fromiter(pfns, np.int64, len(pfns)), np.fromiter(ptes, np.int64, len(ptes))
+        except OverflowError:
+            pass
+    _last_drops = rows, drops
+    return drops
+
+
+def sum_by(keys: np.ndarray, deltas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct keys, the sum of the deltas of each)."""
+    if not np.count_nonzero(keys[1:] <= keys[:-1]):
+        return keys, deltas  # ascending, so distinct already (a zapped range's pages, often)
+    distinct, where = np.unique(keys, return_inverse=True)
+    sums = np.zeros(len(distinct), dtype=np.int64)
+    np.add.at(sums, where, deltas)
+    return distinct, sums
+
 
 # Block 0 is never handed out, so pfn 0 can mean "no page" in xarray slots and messages.
 _FIRST_BLOCK = 1
@@ -71,12 +128,10 @@ class PhysMem:
         self.nr_allocated = 0
 
     def _grow(self, blocks: int) -> None:
-        n = blocks * _NR
-        self.ref.extend(array("l", bytes(self.ref.itemsize * n)))
-        self.mapcount.extend(array("l", bytes(self.mapcount.itemsize * n)))
-        self.flags.extend(array("H", bytes(self.flags.itemsize * n)))
-        self.index.extend(array("q", bytes(self.index.itemsize * n)))
-        self.ino.extend(array("l", bytes(self.ino.itemsize * n)))
+        for a in (self.ref, self.mapcount, self.flags, self.index, self.ino):
+            zeros = _ZERO_BLOCK[a.typecode]
+            for _ in range(blocks):
+                a.extend(zeros)
 
     def _new_block(self) -> int:
         """A free 2 MiB block's first pfn; 0 when memory is full."""
@@ -118,17 +173,16 @@ class PhysMem:
             return 0
         self.ref[head] = 1
         self.flags[head] = PG_ALLOCATED | PG_HEAD
-        for pfn in range(head + 1, head + _NR):
-            self.flags[pfn] = PG_ALLOCATED | PG_TAIL
-            self.ref[pfn] = 0
+        view(self.flags)[head + 1 : head + _NR] = PG_ALLOCATED | PG_TAIL
+        view(self.ref)[head + 1 : head + _NR] = 0
         self.nr_allocated += _NR
         return head
 
     def free(self, pfn: int) -> None:
         """Return a page (small or compound head) whose last reference is gone."""
         if self.flags[pfn] & PG_HEAD:
-            for sub in range(pfn, pfn + _NR):
-                self._clear(sub)
+            for a in (self.ref, self.mapcount, self.flags, self.index, self.ino):
+                view(a)[pfn : pfn + _NR] = 0
             self.entire.pop(pfn, None)
             self._free_blocks.append(pfn)
             self.nr_allocated -= _NR
@@ -243,10 +297,19 @@ class PageCache:
     :meth:`lock` on it (key ``("page", pfn)``).
     """
 
-    def __init__(self, mem: PhysMem, knobs: Knobs, wake: Callable[[Hashable], None]) -> None:
+    def __init__(
+        self,
+        mem: PhysMem,
+        knobs: Knobs,
+        wake: Callable[[Hashable], None],
+        waiting: Callable[[], Iterable[Hashable]] = tuple,
+    ) -> None:
         self.mem = mem
         self.knobs = knobs
         self.wake = wake
+        # The keys someone sleeps on: unlocking 512 pages wakes only those, rather than calling
+        # ``wake`` 512 times for nobody.
+        self.waiting = waiting
         self.files: dict[int, File] = {}
         self.by_name: dict[str, File] = {}
         self.next_ino = 1
@@ -291,6 +354,18 @@ class PageCache:
         self.mem.flags[pfn] &= ~PG_LOCKED
         self.wake(("page", pfn))
 
+    def unlock_pages(self, pfns: np.ndarray) -> None:
+        """:meth:`unlock` of every page of ``pfns`` (small pages, distinct), waking sleepers in
+        that order."""
+        flags = view(self.mem.flags)
+        flags[pfns] &= ~PG_LOCKED & 0xFFFF
+        del flags
+        asleep = [key for key in self.waiting() if isinstance(key, tuple) and key[0] == "page"]
+        if asleep:
+            order = {pfn: i for i, pfn in enumerate(pfns.tolist())}
+            for key in sorted((k for k in asleep if k[1] in order), key=lambda k: order[k[1]]):
+                self.wake(key)
+
     # -- the inode lock -----------------------------------------------------------------------
 
     def inode_lock(self, f: File) -> Generator[Wait, None, None]:
@@ -321,10 +396,49 @@ class PageCache:
             if huge:
                 self.knobs.free_huge_pages += 1
 
+    def put_small_pages(self, pfns: np.ndarray, n: int) -> None:
+        """:meth:`put` of ``n`` references on each of ``pfns`` (small pages, distinct), in order:
+        collapse_file's release of the pages it replaced, without a call per page."""
+        mem = self.mem
+        ref = view(mem.ref)
+        left = ref[pfns] - n
+        if np.count_nonzero(left < 0):
+            bad = pfns[int(np.argmax(left < 0))]
+            raise AssertionError(f"refcount underflow on pfn {bad}")
+        ref[pfns] = left
+        freed = pfns[left == 0]
+        del ref
+        if not len(freed):
+            return
+        if self._lru_batch:
+            gone = set(freed.tolist())
+            self._lru_batch[:] = [p for p in self._lru_batch if p not in gone]
+        for a in (mem.mapcount, mem.flags, mem.index, mem.ino):
+            view(a)[freed] = 0
+        freed_list = freed.tolist()
+        mem._free_small.extend(freed_list)
+        mem.nr_allocated -= len(freed_list)
+        if mem.pins:
+            for pfn in freed_list:
+                mem.pins.pop(pfn, None)
+
     def apply_rmap(self, rows: tuple[tuple[int, int, int, int], ...]) -> None:
         """Account mapping changes, rows of (pfn, PTE maps, PMD maps, pins): each unit of mapping or
         pin holds one reference on the head, as the kernel's rmap does."""
         mem = self.mem
+        drops = pte_drops(rows)
+        if drops is not None:
+            pfns, deltas = drops
+            heads = np.where(view(mem.flags)[pfns] & PG_TAIL, pfns & ~_MASK, pfns)
+            distinct, sums = sum_by(heads, deltas)
+            ref = view(mem.ref)
+            left = ref[distinct] + sums
+            if not np.count_nonzero(left <= 0):
+                # No page is freed: the rows' order does not matter.
+                np.add.at(view(mem.mapcount), pfns, deltas)
+                ref[distinct] = left
+                return
+            del ref
         for pfn, pte, pmd, pin in rows:
             head = mem.head(pfn)
             if pte:
@@ -425,13 +539,14 @@ class PageCache:
     def add_huge_page(self, f: File, start: int, head: int) -> None:
         """Publish a PMD-order folio at ``start`` (one multi-index entry: 512 slots)."""
         mem = self.mem
-        mem.index[head] = start
-        mem.ino[head] = f.ino
         mem.flags[head] |= PG_UPTODATE | (PG_SWAPBACKED | PG_DIRTY if f.shmem else 0)
-        for i in range(_NR):
-            mem.index[head + i] = start + i
-            mem.ino[head + i] = f.ino
-            f.set(start + i, head + i)
+        view(mem.index)[head : head + _NR] = np.arange(start, start + _NR)
+        view(mem.ino)[head : head + _NR] = f.ino
+        assert not start & _MASK, f"a PMD-order folio at unaligned index {start}"
+        chunk = f.chunks.get(start >> 9)
+        if chunk is None:
+            chunk = f.chunks[start >> 9] = array("q", bytes(8 * _NR))
+        view(chunk)[:] = np.arange(head, head + _NR)
         mem.ref[head] += _NR - 1  # the cache holds one reference per subpage
         f.nrpages += _NR
         f.nr_thps += 1

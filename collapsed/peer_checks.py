@@ -21,8 +21,10 @@ from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from collapsed.fileops import file_name_problem
-from collapsed.pagecache import PG_ALLOCATED, PG_HEAD, PG_TAIL, File
+from collapsed.pagecache import PG_ALLOCATED, PG_HEAD, PG_TAIL, File, pte_drops, sum_by, view
 from shared import messages as m
 from shared.errors import PeerError
 from shared.knobs import KnobError
@@ -138,6 +140,15 @@ def _rmap_delta(c: Collapser, msg: m.RmapDelta) -> None:
     flags = mem.flags
     mapcount = mem.mapcount
     n = len(mem.ref)
+    drops = pte_drops(msg.rows)
+    if drops is not None:
+        # A zapped range: the counts only fall, so it is sound if each page's final count is.
+        # Otherwise the rows below find the first bad one.
+        pfns, deltas = drops
+        if not np.count_nonzero((pfns <= 0) | (pfns >= n)):
+            distinct, sums = sum_by(pfns, deltas)
+            if not np.count_nonzero(view(mapcount)[distinct] + sums < 0):
+                return
     pte_held: dict[int, int] = {}
     pmd_held: dict[int, int] = {}
     pin_held: dict[int, int] = {}

@@ -630,7 +630,7 @@ class AddressSpace:
 
     def unmap_mapping_range(self, msg: m.UnmapMapping) -> None:
         """unmap_mapping_range / try_to_unmap over every VMA mapping [start, end) of the file."""
-        pfns = set(msg.pfns) if msg.pfns else None
+        pfns = msg.pfns or None
         for mm, vma in self.files.mappings(msg.ino):
             lo = max(msg.start, vma.pgoff)
             hi = min(msg.end, vma.pgoff_at(vma.end))

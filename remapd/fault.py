@@ -81,7 +81,48 @@ class FaultPath:
 
     def fault(self, pid: int, addr: int, write: bool = False) -> Generator[Any, Any, dict[str, Any]]:
         """One access, as an operation: ``{"result": ...}`` of :meth:`do_user_addr_fault`."""
+        mm = self.mms.get(pid)
+        if mm is not None and self._hits(mm, addr, addr + 1, write, PAGE_SIZE):
+            return {"result": "hit"}
         return {"result": (yield from self.do_user_addr_fault(pid, addr, write))}
+
+    def _hits(self, mm: Mm, addr: int, end: int, write: bool, stride: int) -> int:
+        """How many of the accesses every ``stride`` bytes from ``addr`` (before ``end``) are hits
+        that change nothing, counted as :meth:`do_user_addr_fault` counts them (``pgfault``):
+        0 when the first is not. A hit is a present PTE or PMD the access may use (a read; a
+        write through a writable PTE that is dirty or anon already), in a VMA that allows it,
+        with the mmap lock free of writers (the read lock would be taken and dropped with no
+        one waiting: a waiter only sleeps while the lock is held). The run ends at the first
+        access that is not, at the VMA's end and at the PMD's."""
+        lock = mm.lock
+        if lock.writer or mm.exiting:
+            return 0
+        vma = mm.find_vma(addr)
+        if vma is None or not vma.prot & PROT_READ or (write and not vma.prot & PROT_WRITE):
+            return 0
+        entry = mm.pmds.get(addr >> HPAGE_PMD_SHIFT)
+        if entry is None:
+            return 0
+        limit = min(end, vma.end, (addr | (HPAGE_PMD_SIZE - 1)) + 1)
+        n = -(-(limit - addr) // stride)
+        if isinstance(entry, int):
+            if write:
+                return 0
+        else:
+            ptes = entry.ptes
+            slot = (addr >> PAGE_SHIFT) & (HPAGE_PMD_NR - 1)
+            pte = ptes[slot]
+            if not pte or (write and not (pte & PTE_WRITE and pte & (PTE_DIRTY | PTE_ANON))):
+                return 0
+            if write or stride != PAGE_SIZE:
+                n = 1
+            else:
+                try:
+                    n = ptes.index(0, slot, slot + n) - slot
+                except ValueError:
+                    pass  # every PTE of the run is present
+        self.vm["pgfault"] += n
+        return n
 
     def do_user_addr_fault(self, pid: int, addr: int, write: bool) -> Generator[Any, Any, str]:
         """An access by ``pid``: handle_mm_fault under mmap_read_lock. Returns ``hit`` (already
@@ -259,12 +300,14 @@ class FaultPath:
         haddr = addr & ~(HPAGE_PMD_SIZE - 1)
         lo = max(addr & ~((nr << PAGE_SHIFT) - 1), vma.start, haddr)
         hi = min(lo + (nr << PAGE_SHIFT), vma.end, haddr + HPAGE_PMD_SIZE)
-        ptes = entry.ptes if entry is not None else None
-        return tuple(
-            vma.pgoff_at(a)
-            for a in range(lo, hi, PAGE_SIZE)
-            if a != addr and (ptes is None or not ptes[(a >> PAGE_SHIFT) & (HPAGE_PMD_NR - 1)])
-        )
+        first = vma.pgoff_at(lo)
+        skip = vma.pgoff_at(addr)
+        pgoffs = range(first, first + ((hi - lo) >> PAGE_SHIFT))
+        if entry is None:
+            return tuple(p for p in pgoffs if p != skip)
+        ptes = entry.ptes
+        slot0 = ((lo >> PAGE_SHIFT) & (HPAGE_PMD_NR - 1)) - first
+        return tuple(p for p in pgoffs if p != skip and not ptes[slot0 + p])
 
     def _map_around(self, mm: Mm, vma: Vma, reply: m.PageAnswer, install: bool) -> None:
         """Map the fault-around pages the collapser accounted; hand back those that lost a race.
@@ -272,15 +315,20 @@ class FaultPath:
         shared writable shmem mapping; read-only elsewhere."""
         if not reply.around:
             return
+        if not install:
+            self.rmap.unmap_ptes([pfn for _, pfn, _ in reply.around])
+            return
         shmem = (PTE_SHMEM | PTE_WRITE if vma.writes_file else PTE_SHMEM) if reply.shmem else 0
+        base = vma.start - (vma.pgoff << PAGE_SHIFT)  # vma.addr_of(index) is base + index pages
+        pmds, set_pte_at, rmap = mm.pmds, self.pagetables.set_pte_at, self.rmap
         for index, pfn, thp in reply.around:
-            addr = vma.addr_of(index)
+            addr = base + (index << PAGE_SHIFT)
             pidx, slot = addr >> HPAGE_PMD_SHIFT, (addr >> PAGE_SHIFT) & (HPAGE_PMD_NR - 1)
-            entry = mm.pmds.get(pidx)
-            if not install or isinstance(entry, int) or (entry is not None and entry.ptes[slot]):
-                self.rmap.add(pfn, pte=-1)
+            entry = pmds.get(pidx)
+            if isinstance(entry, int) or (entry is not None and entry.ptes[slot]):
+                rmap.add(pfn, pte=-1)
                 continue
-            self.pagetables.set_pte_at(mm, pidx, slot, pte_make(pfn, (PTE_THP if thp else 0) | shmem))
+            set_pte_at(mm, pidx, slot, pte_make(pfn, (PTE_THP if thp else 0) | shmem))
 
     def page_mkclean(self, ino: int, indices: tuple[int, ...]) -> None:
         """folio_mkclean for pages of a regular file going under writeback: every PTE of a shared
@@ -331,8 +379,15 @@ class FaultPath:
             raise UserError("EINVAL", "stride must be positive and length non-negative")
         mm = find_mm(self.mms, pid)
         counts: Counter[str] = Counter()
+        mms, hits = self.mms, self._hits
         a, end = addr, addr + length
         while a < end:
+            # Accesses to what is mapped already are counted in runs, without a task step each;
+            # the mm must still be the one the touch began with (the slow path looks it up).
+            if mms.get(pid) is mm and (n := hits(mm, a, end, write, stride)):
+                counts["hit"] += n
+                a += n * stride
+                continue
             result = yield from self.do_user_addr_fault(pid, a, write)
             counts[result] += 1
             a += stride

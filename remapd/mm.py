@@ -61,17 +61,18 @@ class PteTable:
         self.mark = False
 
     def set(self, slot: int, pte: int) -> None:
-        old = self.ptes[slot]
+        # pte_belongs written out: every PTE installed or zapped comes here.
+        ptes = self.ptes
+        old = ptes[slot]
         if old:
-            self._account(old, slot, -1)
-        self.ptes[slot] = pte
+            self.nr -= 1
+            if not (old & PTE_THP and (old >> PTE_SHIFT) & (HPAGE_PMD_NR - 1) == slot):
+                self.nr_foreign -= 1
+        ptes[slot] = pte
         if pte:
-            self._account(pte, slot, 1)
-
-    def _account(self, pte: int, slot: int, sign: int) -> None:
-        self.nr += sign
-        if not pte_belongs(pte, slot):
-            self.nr_foreign += sign
+            self.nr += 1
+            if not (pte & PTE_THP and (pte >> PTE_SHIFT) & (HPAGE_PMD_NR - 1) == slot):
+                self.nr_foreign += 1
 
     def present(self) -> Iterator[tuple[int, int]]:
         """(slot, pte) of every present entry."""

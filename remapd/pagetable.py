@@ -12,15 +12,18 @@ from __future__ import annotations
 
 from collections import Counter
 
+import numpy as np
+
 from remapd.mm import (
     PTE_ANON,
     PTE_DIRTY,
+    PTE_SHIFT,
     PTE_SHMEM,
+    PTE_THP,
     PTE_WRITE,
     Mm,
     PteTable,
     Vma,
-    pte_belongs,
     pte_make,
     pte_pfn,
 )
@@ -94,8 +97,8 @@ class PageTables:
         if not isinstance(table, PteTable):  # every fault comes here: no call when it exists
             table = self.pte_alloc(mm, pidx)
         table.set(slot, pte)
-        mm.rss[mm_counter(pte)] += 1
-        if pte_belongs(pte, slot):
+        mm.rss["MM_ANONPAGES" if pte & PTE_ANON else "MM_SHMEMPAGES" if pte & PTE_SHMEM else "MM_FILEPAGES"] += 1
+        if pte & PTE_THP and (pte >> PTE_SHIFT) & (HPAGE_PMD_NR - 1) == slot:  # pte_belongs
             if not table.mark:
                 self.set_mark(mm, pidx, table, "fault")
         elif table.mark:
@@ -167,10 +170,19 @@ class PageTables:
     # -- ranges -------------------------------------------------------------------------------
 
     def zap_page_range(
-        self, mm: Mm, start: int, end: int, anon: bool = True, pfns: set[int] | None = None
+        self, mm: Mm, start: int, end: int, anon: bool = True, pfns: tuple[int, ...] | None = None
     ) -> None:
         """Clear PTEs and PMDs in [start, end); a PMD the range cuts is split. ``anon=False``
         keeps private CoW copies; ``pfns`` limits the zap to mappings of those pages (try_to_unmap)."""
+        only = None
+        if pfns is not None:
+            try:
+                only = np.fromiter(pfns, dtype=np.int64, count=len(pfns))
+            except OverflowError:  # a pfn past 64 bits is no page's: it matches nothing
+                fits = [p for p in pfns if -(1 << 63) <= p < 1 << 63]
+                only = np.fromiter(fits, dtype=np.int64, count=len(fits))
+            if np.count_nonzero(only[1:] <= only[:-1]):  # collapse_file's come in ascending order
+                only = np.unique(only)
         for pidx in mm.pmd_indices(start, end):
             entry = mm.pmds[pidx]
             base = pidx << HPAGE_PMD_SHIFT
@@ -178,15 +190,48 @@ class PageTables:
                 if pfns is None:
                     self.zap_huge_pmd(mm, pidx, split=not (start <= base and base + HPAGE_PMD_SIZE <= end))
                 continue
+            if not entry.nr:
+                continue
             lo = max(start, base)
             hi = min(end, base + HPAGE_PMD_SIZE)
-            for slot in range((lo - base) >> PAGE_SHIFT, (hi - base) >> PAGE_SHIFT):
-                pte = entry.ptes[slot]
-                if not pte or (pte & PTE_ANON and not anon):
-                    continue
-                if pfns is not None and pte_pfn(pte) not in pfns:
-                    continue
-                self.zap_pte(mm, entry, slot)
+            self._zap_ptes(mm, entry, (lo - base) >> PAGE_SHIFT, (hi - base) >> PAGE_SHIFT, anon, only)
+
+    def _zap_ptes(
+        self, mm: Mm, table: PteTable, first: int, stop: int, anon: bool, only: np.ndarray | None
+    ) -> None:
+        """:meth:`zap_pte` of every present PTE in slots [first, stop) of ``table`` (anon ones
+        only with ``anon``; with ``only``, those mapping one of its pfns), the file pages' in one
+        go: their rmap rows in slot order, the table's counts and the mm counters."""
+        ptes = np.frombuffer(table.ptes, dtype=np.uint64)
+        window = ptes[first:stop]
+        chosen = window != 0
+        if only is not None and len(only):
+            # Membership in the sorted pfns: where each would go, and whether it is there.
+            mapped = (window >> np.uint64(PTE_SHIFT)).astype(np.int64)
+            at = np.searchsorted(only, mapped)
+            at[at == len(only)] = 0
+            chosen &= only[at] == mapped
+        elif only is not None:
+            return
+        is_anon = (window & np.uint64(PTE_ANON)) != 0
+        file_slots = np.flatnonzero(chosen & ~is_anon) + first
+        anon_slots = np.flatnonzero(chosen & is_anon) + first if anon else ()
+        if len(file_slots):
+            gone = ptes[file_slots]
+            belongs = ((gone & np.uint64(PTE_THP)) != 0) & (
+                ((gone >> np.uint64(PTE_SHIFT)) & np.uint64(HPAGE_PMD_NR - 1)) == file_slots.astype(np.uint64)
+            )
+            ptes[file_slots] = 0
+            n = len(file_slots)
+            shmem = int(np.count_nonzero(gone & np.uint64(PTE_SHMEM)))
+            table.nr -= n
+            table.nr_foreign -= n - int(np.count_nonzero(belongs))
+            mm.rss["MM_SHMEMPAGES"] -= shmem
+            mm.rss["MM_FILEPAGES"] -= n - shmem
+            self.rmap.unmap_ptes((gone >> np.uint64(PTE_SHIFT)).tolist())
+        del ptes, window
+        for slot in anon_slots:
+            self.zap_pte(mm, table, int(slot))
 
     def move_page_tables(self, mm: Mm, old: int, new: int, length: int) -> None:
         """mremap's move_page_tables: what maps [old, old+length) maps [new, new+length) after,

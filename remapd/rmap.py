@@ -11,6 +11,8 @@ pfn space above ``ANON_PFN_BASE`` that the collapser never sees.
 
 from __future__ import annotations
 
+from itertools import repeat
+
 from remapd.mm import ANON_PFN_BASE
 
 # (pfn, PTE mappings, PMD mappings, pins): deltas, each unit also a page reference.
@@ -27,6 +29,10 @@ class RmapBatch:
 
     def add(self, pfn: int, pte: int = 0, pmd: int = 0, pin: int = 0) -> None:
         self.rows.append((pfn, pte, pmd, pin))
+
+    def unmap_ptes(self, pfns: list[int]) -> None:
+        """A row of one PTE mapping less for each of ``pfns``, in order (a zapped range)."""
+        self.rows.extend(zip(pfns, repeat(-1), repeat(0), repeat(0)))
 
     def take(self) -> tuple[RmapRow, ...]:
         """Every pending row, in order; the batch is empty afterwards."""

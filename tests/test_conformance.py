@@ -252,6 +252,38 @@ def test_the_model_against_itself_agrees_on_random_sequences():
             assert "mprotect" in unsupported or "mlock" in unsupported or "madvise willneed" in unsupported
 
 
+class ElsewhereKernel(FakeKernel):
+    """A kernel whose get_unmapped_area picks other addresses: a moving mremap's VMA lands
+    ``SHIFT`` higher than the model's."""
+
+    SHIFT = 0x10000000
+
+    def step(self, step: Step) -> dict[str, Any]:
+        out = super().step(step)
+        if step.op == "mremap" and out["addr"] not in (None, step.args["addr"]):
+            out = {**out, "addr": out["addr"] + self.SHIFT}
+        return out
+
+    def observe(self) -> dict[str, Any]:
+        obs = super().observe()
+        for rows in obs["smaps"].values():
+            for row in rows:
+                if row["start"] >= 0x7E0000000000:
+                    row["start"] += self.SHIFT
+                    row["end"] += self.SHIFT
+        return obs
+
+
+def test_a_moved_mapping_is_compared_at_the_models_address_in_the_process_and_its_children():
+    moved = "mremap 1 0x40000000 1M 2M --maymove; "
+    h = Harness(ElsewhereKernel(), known=())
+    r = h.run(parse_steps_text(BASE + moved + "proc fork 1 2; touch 2 0x40100000 1M"))
+    assert r.divergence is None and len(r.agreed) == 6
+    # An errno from mremap is a result like any other: refused in place, it is compared as such.
+    r = h.run(parse_steps_text(BASE + "mremap 1 0x40000000 1M 2M"))
+    assert r.divergence is None and h._model().step(parse_step("mremap 1 0x40000000 1M 2M"))["result"] == "ENOMEM"
+
+
 def test_unsupported_steps_are_detected_from_the_world():
     class Lacking(World):  # a model without these syscalls, as before it gained them
         mprotect = None
@@ -368,9 +400,10 @@ def _knob_snapshot() -> dict[str, str]:
     return out
 
 
-def _our_mounts() -> list[str]:
+def _our_mounts(roots: list[str]) -> list[str]:
+    """This session's tmpfs mounts still in /proc/mounts (other runs on the machine have their own)."""
     with open("/proc/mounts") as f:
-        return [line for line in f if "thpsplit-kernel-" in line]
+        return [line for line in f if line.split()[1] in roots]
 
 
 def _processes_under(roots: list[str]) -> list[int]:
@@ -414,7 +447,7 @@ def session():
             s.__exit__(None, None, None)
         after = _knob_snapshot()
     assert after == before, "a THP knob was not put back"
-    assert not _our_mounts(), "a tmpfs of the kernel backend is still mounted"
+    assert not _our_mounts(roots), "a tmpfs of the kernel backend is still mounted"
     assert not _processes_under(roots), "a worker or zygote of the kernel backend is still running"
 
 

@@ -287,6 +287,34 @@ def test_touch_counts_each_outcome(world):
     assert e.value.errno_name == "EINVAL"
 
 
+def test_touch_counts_runs_of_hits_up_to_what_is_not_mapped(world):
+    """A touch counts accesses to mapped pages in runs (FaultPath._hits): a run ends at a hole,
+    at the PMD's end and at the VMA's, every access counts in pgfault, and a write through a
+    read-only or clean PTE, or any access while a writer holds mmap_lock, is no hit."""
+    world.file_create("f", 2 * H)
+    world.file_write("f", 0, 2 * H)
+    world.spawn(1)
+    a = world.mmap(1, H, 2 * H, "f", prot="rw", shared=True)
+    world.touch(1, a, 2 * H, stride=2 * P)  # every other page of both PMD ranges
+    world.touch(1, a + H - 4 * P, 8 * P)  # four on each side of the PMD boundary
+    before = world.vmstat()["pgfault"]
+    # Pages 506..517: 506 mapped, 507 not, 508..515 (over the PMD boundary), 516, not 517.
+    assert world.touch(1, a + H - 6 * P, 12 * P) == {"hit": 10, "minor": 2}
+    assert world.vmstat()["pgfault"] == before + 12
+    # The last four pages mapped: a run reaches the VMA's end and no further.
+    world.touch(1, a + 2 * H - 4 * P, 4 * P)
+    assert world.touch(1, a + 2 * H - 4 * P, 8 * P) == {"hit": 4, "sigsegv": 4}
+    # Writes: read-faulted shared file PTEs are read-only (write-notify), so each write faults.
+    assert world.touch(1, a, 4 * P, write=True) == {"minor": 4}
+    assert world.touch(1, a, 4 * P, write=True) == {"hit": 4}
+    # A writer on mmap_lock: the access waits for it, hit or not.
+    held = world.lock(1, 5.0, True)
+    touch = world.start(world.remapper, world.remapper.faults.touch(1, a, 4 * P))
+    assert not touch.done
+    world.advance(5.0)
+    assert held.done and touch.result() == {"hit": 4}
+
+
 # -- MADV_POPULATE_*, MADV_DONTNEED ---------------------------------------------------------------
 
 

@@ -232,4 +232,4 @@ def resolve(core: Any, run: str) -> Callable[..., Any]:
     target = core
     for part in run.split("."):
         target = getattr(target, part)
-    return typing.cast(Callable[..., Any], target)
+    return typing.cast("Callable[..., Any]", target)  # a string: the subscription costs per call

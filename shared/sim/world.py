@@ -25,6 +25,7 @@ import itertools
 import random
 import typing
 from collections.abc import Callable, Generator
+from types import GeneratorType
 from typing import TYPE_CHECKING, Any
 
 from collapsed import snapshot as collapsed_snapshot
@@ -119,7 +120,7 @@ class World:
         """Run ``op`` (a generator, or a plain call's result) on ``actor``; settle; return it.
         ``answer`` turns the result (or the UserError) into what the caller gets."""
         pending = Pending(answer)
-        if isinstance(op, Generator):
+        if isinstance(op, GeneratorType):  # not the ABC: its isinstance costs a call per operation
             actor.spawn(op, pending.set)
         else:
             pending.set(op)
@@ -240,8 +241,6 @@ class World:
         run = fn if fn is not None else resolve(actor, msg.OP.run or "")
 
         def answer(value: Any) -> Any:
-            if not self.codec:
-                return value
             if isinstance(value, UserError):
                 self.wire(m.ErrorReply(msg.id, value.errno_name, value.message))
                 return value
@@ -250,11 +249,12 @@ class World:
         try:
             op = run(*msg.args())
         except UserError as err:
-            answer(err)
+            if self.codec:
+                answer(err)
             raise
         if waits:
-            return self.start(actor, op, answer)
-        return self.call(actor, op, answer)
+            return self.start(actor, op, answer if self.codec else None)
+        return self.call(actor, op, answer if self.codec else None)
 
     def _operate(self, cls: type[Request[Any]], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         op = cls.OP
