@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import TYPE_CHECKING
 
-from shared.knobs import Knobs
+from shared.knobs import KnobError, Knobs
+from shared.persist import SnapshotError
 from shared.protocol.schema import CLIENT, REMAPD
 from shared.shell.auth import Secrets
 from shared.shell.config import (
@@ -15,8 +17,13 @@ from shared.shell.config import (
     add_daemon_flags,
     add_knob_flags,
     default_address,
+    knobs_from,
 )
 from shared.shell.server import daemon_main
+from shared.shell.state import StateDir, add_state_flags, explicit_knobs
+
+if TYPE_CHECKING:
+    from collapsed.collapser import Collapser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,20 +42,53 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"seed for the modelled physical memory's fragmentation (${ENV_SEED}; default 0)",
     )
     add_knob_flags(parser)
+    add_state_flags(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     listen = args.listen or default_address("collapsed")
+    try:
+        state, core = _restore(args)
+    except SnapshotError as err:
+        print(f"collapsed: {err}: refusing to start (move it away to start empty)", file=sys.stderr)
+        return 2
 
     async def start(knobs: Knobs, secrets: Secrets, limits: Limits) -> None:
         from collapsed.daemon import Collapsed
 
-        await Collapsed(knobs, seed=args.seed, secrets=secrets, limits=limits).serve(listen, args.ready_file)
+        await Collapsed(knobs, seed=args.seed, secrets=secrets, limits=limits, core=core, state=state).serve(
+            listen, args.ready_file
+        )
 
     # Who connects: remapd (the peer) and clients, as collapsed.daemon.ACCEPTS.
     return daemon_main("collapsed", args, listen, {REMAPD, CLIENT}, start)
+
+
+def _restore(args: argparse.Namespace) -> tuple[StateDir | None, Collapser | None]:
+    """With --state-dir: where snapshots go, and the collapser its snapshot holds (if any).
+
+    Errors:
+        SnapshotError: the snapshot is unusable; nothing was applied.
+    """
+    if not args.state_dir:
+        return None, None
+    from collapsed import snapshot
+    from collapsed.collapser import RESCHED_PAGES
+    from collapsed.daemon import new_boot_id
+
+    state = StateDir(args.state_dir, snapshot.DAEMON, args.snapshot_interval)
+    saved = state.load()
+    if saved is None:
+        return state, None
+    try:
+        knobs = knobs_from(args)
+    except KnobError:
+        return state, None  # daemon_main reports the bad knob and exits
+    return state, snapshot.restore(
+        saved, knobs, boot=new_boot_id(), seed=args.seed, keep=explicit_knobs(args), resched_pages=RESCHED_PAGES
+    )
 
 
 if __name__ == "__main__":

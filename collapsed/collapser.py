@@ -12,6 +12,7 @@ from collections.abc import Generator
 from typing import Any
 
 from collapsed import peer_checks, procfs
+from collapsed.audit import audit
 from collapsed.fileops import FileOps
 from collapsed.khugepaged import ALLOC_SLEEP_WAKE, SCAN_SLEEP_WAKE, Khugepaged
 from collapsed.pagecache import (
@@ -195,6 +196,10 @@ class Collapser(Actor):
                 self.notify(ALLOC_SLEEP_WAKE)
         elif isinstance(msg, m.FileInfo):
             self._adopt_file(msg)
+        elif isinstance(msg, m.Audit):
+            self.send(audit(self, msg))
+        elif isinstance(msg, m.Remap):
+            self.send(m.Remapped(msg.req, tuple(self._remap(*row) for row in msg.rows)))
         elif isinstance(msg, m.PageQuery):
             self.send(procfs.page_info(self, msg))
         elif (req := getattr(msg, "req", None)) is not None:
@@ -275,6 +280,28 @@ class Collapser(Actor):
             if value > 0:
                 mem.ino[value] = new
         self.send(m.FileInfo(f.ino, f.name, f.size, f.shmem, f.gen))
+
+    def _remap(self, pfn: int, ino: int, index: int, kind: int) -> bool:
+        """A mapping a remapper restored from a snapshot names (see :class:`~shared.messages.Remap`):
+        account it if its page is still the one cached there, unlocked."""
+        mem = self.mem
+        f = self.cache.files.get(ino)
+        if f is None or index < 0 or f.get(index) != pfn or not mem.allocated(pfn):
+            return False
+        head = mem.head(pfn)
+        if mem.flags[head] & PG_LOCKED:
+            return False
+        if kind == 0:
+            self.cache.apply_rmap(((pfn, 1, 0, 0),))
+        elif kind == 1:
+            if pfn != head or not mem.flags[head] & PG_HEAD or index % HPAGE_PMD_NR:
+                return False
+            self.cache.apply_rmap(((head, 0, 1, 0),))
+        elif kind == 2:
+            self.cache.apply_rmap(((pfn, 0, 0, 1),))
+        else:
+            return False
+        return True
 
     def _punch_hole(self, msg: m.PunchHole) -> Generator[Any, Any, None]:
         """MADV_REMOVE's fallocate(PUNCH_HOLE), the same as a client's ``file punch``."""

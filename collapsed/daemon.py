@@ -12,7 +12,7 @@ from __future__ import annotations
 from secrets import randbits
 from typing import Any
 
-from collapsed import procfs
+from collapsed import procfs, snapshot
 from collapsed.collapser import RESCHED_PAGES, Collapser
 from shared.errors import UserError
 from shared.knobs import Knobs, sysfs_entries
@@ -25,6 +25,7 @@ from shared.shell.job import Job, Stream, Work
 from shared.shell.peer import PeerLink
 from shared.shell.requests import operation_handlers
 from shared.shell.server import Server
+from shared.shell.state import StateDir
 from shared.shell.trace import trace_stream
 
 # Who connects to collapsed: remapd (the peer, one at a time) and clients.
@@ -32,12 +33,26 @@ ACCEPTS = frozenset({REMAPD, CLIENT})
 
 
 class Collapsed:
-    def __init__(self, knobs: Knobs, seed: int = 0, secrets: Secrets | None = None, limits: Limits | None = None):
+    def __init__(
+        self,
+        knobs: Knobs,
+        seed: int = 0,
+        secrets: Secrets | None = None,
+        limits: Limits | None = None,
+        core: Collapser | None = None,
+        state: StateDir | None = None,
+    ):
+        """``core``: a collapser restored from ``state``'s snapshot (--state-dir), else a new one."""
         self.secrets = secrets
         self.limits = limits
-        # A random boot identity: inode numbers restart at every start, so the files a remapper
-        # still maps from an earlier boot are told apart by their generation (issue 14, item 4).
-        self.core = Collapser(knobs, seed=seed, resched_pages=RESCHED_PAGES, boot=new_boot_id())
+        self.state = state
+        if core is None:
+            # A random boot identity: inode numbers restart at every start, so the files a remapper
+            # still maps from an earlier boot are told apart by their generation (issue 14, item 4).
+            core = Collapser(knobs, seed=seed, resched_pages=RESCHED_PAGES, boot=new_boot_id())
+        self.core = core
+        if state is not None:
+            state.take = lambda: snapshot.snapshot(self.core)
         self.driver = Driver(self.core, COLLAPSED)
         self.link = PeerLink(self.driver, peer_role=REMAPD)
         self.handlers = operation_handlers(COLLAPSED, self.driver, self)
@@ -93,8 +108,11 @@ class Collapsed:
         }
 
     async def serve(self, listen: str, ready_file: str | None) -> None:
+        state = self.state
+        background = [state.periodically] if state is not None else []
+        before_stop = state.save_logged if state is not None else None
         server = Server(self.driver, self.link, ACCEPTS, self.handlers, self.secrets, self.limits)
-        await server.serve(listen, ready_file)
+        await server.serve(listen, ready_file, background=background, before_stop=before_stop)
 
 
 def new_boot_id() -> int:

@@ -17,6 +17,7 @@ replies that answer a request of their kind.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -299,7 +300,53 @@ def _punch_hole(c: Collapser, msg: m.PunchHole) -> None:
         raise PeerError(f"{msg.TAG}: negative offset or length")
 
 
+# Remap kinds (remapd/snapshot.py): a PTE, a PMD, a pin.
+_REMAP_KINDS = (0, 1, 2)
+
+
+def _remap(c: Collapser, msg: m.Remap) -> None:
+    """A restored remapper's mappings: each accepted row adds a mapping or a pin (one reference),
+    so the rows are bounded as a frame of rmap rows and their sums may not overflow a count.
+    Whether a row names the page cached there is the collapser's answer, not a refusal: a
+    remapper restored across a collapser restart names pfns this memory may not even have."""
+    rows = msg.rows
+    if len(rows) > MAX_QUERY_PFNS:
+        raise PeerError(f"{msg.TAG}: {len(rows)} rows (at most {MAX_QUERY_PFNS})")
+    mem = c.mem
+    n = len(mem.ref)
+    added: tuple[Counter[int], Counter[int], Counter[int]] = (Counter(), Counter(), Counter())
+    refs: Counter[int] = Counter()
+    for pfn, _ino, _index, kind in rows:
+        if kind not in _REMAP_KINDS:
+            raise PeerError(f"{msg.TAG}: kind {kind} is none of 0 (PTE), 1 (PMD), 2 (pin)")
+        if 0 < pfn < n:
+            head = pfn & ~(HPAGE_PMD_NR - 1) if mem.flags[pfn] & PG_TAIL else pfn
+            added[kind][pfn if kind == 0 else head] += 1
+            refs[head] += 1
+    ptes, pmds, pins = added
+    if (
+        any(mem.mapcount[pfn] + k > MAX_COUNT for pfn, k in ptes.items())
+        or any(mem.entire.get(head, 0) + k > MAX_COUNT for head, k in pmds.items())
+        or any(mem.pins.get(head, 0) + k > MAX_COUNT for head, k in pins.items())
+        or any(mem.ref[head] + k > MAX_COUNT for head, k in refs.items())
+    ):
+        raise PeerError(f"{msg.TAG}: a page's counts would overflow")
+
+
+# An audit's requests: as many rows as a Remap, plus the rest of the THP block the last row opened.
+MAX_AUDIT_ROWS = MAX_QUERY_PFNS + HPAGE_PMD_NR
+
+
+def _audit(c: Collapser, msg: m.Audit) -> None:
+    """Only the size of a request: an audit changes nothing, and whatever its rows claim (a pfn
+    outside memory, a negative count) is a disagreement the answer names, which is its purpose."""
+    if len(msg.rows) > MAX_AUDIT_ROWS:
+        raise PeerError(f"{msg.TAG}: {len(msg.rows)} rows (at most {MAX_AUDIT_ROWS})")
+
+
 _CHECKS: dict[type[Message], Callable[[Collapser, Any], None]] = {
+    m.Remap: _remap,
+    m.Audit: _audit,
     m.PageQuery: _page_query,
     m.PunchHole: _punch_hole,
     m.LookupPage: _lookup_page,

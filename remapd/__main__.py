@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
-from shared.knobs import Knobs
+from shared.knobs import KnobError, Knobs
+from shared.persist import SnapshotError
 from shared.protocol.schema import CLIENT
 from shared.shell.auth import Secrets
 from shared.shell.config import (
@@ -14,8 +16,13 @@ from shared.shell.config import (
     add_daemon_flags,
     add_knob_flags,
     default_address,
+    knobs_from,
 )
 from shared.shell.server import daemon_main
+from shared.shell.state import StateDir, add_state_flags, explicit_knobs
+
+if TYPE_CHECKING:
+    from remapd.remapper import Remapper
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"collapsed's address (${ENV_COLLAPSED}; default {default_address('collapsed')})",
     )
     add_knob_flags(parser)
+    add_state_flags(parser)
     return parser
 
 
@@ -41,14 +49,41 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     listen = args.listen or default_address("remapd")
     collapsed = args.collapsed or default_address("collapsed")
+    try:
+        state, core = _restore(args)
+    except SnapshotError as err:
+        print(f"remapd: {err}: refusing to start (move it away to start empty)", file=sys.stderr)
+        return 2
 
     async def start(knobs: Knobs, secrets: Secrets, limits: Limits) -> None:
         from remapd.daemon import Remapd
 
-        await Remapd(knobs, secrets, limits).serve(listen, args.ready_file, collapsed)
+        await Remapd(knobs, secrets, limits, core=core, state=state).serve(listen, args.ready_file, collapsed)
 
     # Who connects: clients only, as remapd.daemon.ACCEPTS; remapd is the peer link's client.
     return daemon_main("remapd", args, listen, {CLIENT}, start, peer=collapsed)
+
+
+def _restore(args: argparse.Namespace) -> tuple[StateDir | None, Remapper | None]:
+    """With --state-dir: where snapshots go, and the remapper its snapshot holds (if any; its file
+    mappings are revalidated with collapsed once connected).
+
+    Errors:
+        SnapshotError: the snapshot is unusable; nothing was applied.
+    """
+    if not args.state_dir:
+        return None, None
+    from remapd import snapshot
+
+    state = StateDir(args.state_dir, snapshot.DAEMON, args.snapshot_interval)
+    saved = state.load()
+    if saved is None:
+        return state, None
+    try:
+        knobs = knobs_from(args)
+    except KnobError:
+        return state, None  # daemon_main reports the bad knob and exits
+    return state, snapshot.restore(saved, knobs, keep=explicit_knobs(args))
 
 
 if __name__ == "__main__":

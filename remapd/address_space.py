@@ -45,6 +45,17 @@ from shared.vm import ADVICE, PROT_READ, PROT_WRITE, PROTS
 # Where mmap(NULL, ...) starts looking for room, top-down (x86-64 mmap_base, roughly).
 MMAP_BASE = 0x7F0000000000
 MMAP_MIN_ADDR = 0x10000
+# vm.max_map_count's default (DEFAULT_MAX_MAP_COUNT): VMAs per mm; a split or mmap past it is ENOMEM.
+MAX_MAP_COUNT = 65530
+
+
+class MapCountExceeded(UserError):
+    """The mm holds vm.max_map_count VMAs and the next step would add one: ENOMEM before that
+    step. mprotect, mlock, madvise and mremap answer it as their result (earlier VMAs of the
+    range stay changed, as for a hole); mmap and munmap raise it before changing anything."""
+
+    def __init__(self, mm: Mm):
+        super().__init__("ENOMEM", f"{len(mm.vmas)} VMAs: vm.max_map_count is {MAX_MAP_COUNT}")
 
 
 class AddressSpace:
@@ -101,10 +112,16 @@ class AddressSpace:
         length = (length + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
         if addr is None:
             addr = self._get_unmapped_area(mm, length, offset >> PAGE_SHIFT)
-        elif addr % PAGE_SIZE or addr < MMAP_MIN_ADDR or addr + length > TASK_SIZE:
+        elif addr + length > TASK_SIZE:
+            # __get_unmapped_area checks the range before the alignment: past the user address
+            # space is ENOMEM, as for a length no hole fits.
+            raise UserError("ENOMEM", f"[{addr:#x}, +{length:#x}) passes the user address space")
+        elif addr % PAGE_SIZE or addr < MMAP_MIN_ADDR:
             raise UserError("EINVAL", f"address {addr:#x} is not a page-aligned user address")
         yield from self.locks.mmap_write_lock(mm)
         try:
+            if len(mm.vmas) > MAX_MAP_COUNT:
+                raise MapCountExceeded(mm)  # do_mmap's check
             if mm.overlapping(addr, addr + length):
                 self._do_munmap(mm, addr, addr + length)  # MAP_FIXED replaces what was there
             if reopen:
@@ -169,6 +186,7 @@ class AddressSpace:
         return {"addr": addr, "length": end - addr}
 
     def _do_munmap(self, mm: Mm, start: int, end: int) -> None:
+        self._room_for_splits(mm, start, end)
         if mm.overlapping(start, end):
             mm.update_hiwater_vm()
         self._split_vma(mm, start)
@@ -211,6 +229,8 @@ class AddressSpace:
                     if vma.hugepage == hg and vma.nohugepage != hg:
                         continue  # madvise_update_vma: the flags do not change, nothing is split
                     self._vma_modify(mm, lo, hi, hugepage=hg, nohugepage=not hg)
+            except MapCountExceeded:
+                return {"result": "ENOMEM"}
             finally:
                 self.locks.mmap_write_unlock(mm)
         elif advice == "dontneed":
@@ -303,7 +323,10 @@ class AddressSpace:
         populate: tuple[int, int] | None = None
         yield from self.locks.mmap_write_lock(mm)
         try:
-            result, new_addr, populate = self._mremap(mm, addr, old_len, new_len, to, maymove, dontunmap)
+            try:
+                result, new_addr, populate = self._mremap(mm, addr, old_len, new_len, to, maymove, dontunmap)
+            except MapCountExceeded:
+                result, new_addr, populate = "ENOMEM", None, None
         finally:
             self.locks.mmap_write_unlock(mm)
         if populate is not None:
@@ -363,6 +386,8 @@ class AddressSpace:
         merges it there), the page tables and GUP pins moved, the old range unmapped (or, with
         ``dontunmap``, its VMA kept without VM_LOCKED, and without its anon_vma when it moved
         whole). Returns the range to populate for a VM_LOCKED VMA that grew, else None."""
+        if len(mm.vmas) >= MAX_MAP_COUNT - 3:
+            raise MapCountExceeded(mm)  # move_vma: the unmap after the copy may split one VMA in three
         vma = mm.find_vma(old)
         assert vma is not None
         copy = vma.copy(old, vma.end)
@@ -443,7 +468,10 @@ class AddressSpace:
         populate: list[tuple[int, int]] = []
         yield from self.locks.mmap_write_lock(mm)
         try:
-            result = self._mprotect(mm, addr, end, newprot, populate)
+            try:
+                result = self._mprotect(mm, addr, end, newprot, populate)
+            except MapCountExceeded:
+                result = "ENOMEM"
         finally:
             self.locks.mmap_write_unlock(mm)
         # A private VM_LOCKED VMA made writable is populated with write faults (breaking CoW at
@@ -519,6 +547,12 @@ class AddressSpace:
 
     def _apply_vma_lock_flags(self, mm: Mm, start: int, end: int, locked: bool, onfault: bool) -> str | None:
         """apply_vma_lock_flags: mlock_fixup on each VMA; the errno name, or None."""
+        try:
+            return self._mlock_fixups(mm, start, end, locked, onfault)
+        except MapCountExceeded:
+            return "ENOMEM"
+
+    def _mlock_fixups(self, mm: Mm, start: int, end: int, locked: bool, onfault: bool) -> str | None:
         if mm.find_vma(start) is None:
             return "ENOMEM"
         pos = start
@@ -795,6 +829,14 @@ class AddressSpace:
             yield vma, lo, hi
             pos = hi
 
+    @staticmethod
+    def _room_for_splits(mm: Mm, start: int, end: int) -> None:
+        """ENOMEM, before anything changes, if splitting the VMAs at ``start`` and ``end`` would
+        take the mm past vm.max_map_count (vms_gather_munmap_vmas and __split_vma's checks)."""
+        splits = sum(1 for a in (start, end) if (v := mm.find_vma(a)) is not None and v.start != a)
+        if splits and len(mm.vmas) + splits > MAX_MAP_COUNT:
+            raise MapCountExceeded(mm)
+
     def _split_vma(self, mm: Mm, addr: int) -> None:
         """Split the VMA containing ``addr`` so that a VMA starts there (__split_vma). A PMD
         mapping across the new boundary is split first (vma_adjust_trans_huge)."""
@@ -812,6 +854,7 @@ class AddressSpace:
         """vma_modify_flags: [start, end), inside one VMA, takes ``changes`` (Vma attributes); the
         rest of that VMA is split off, and the changed part merges with its neighbours where it can
         (vma_merge_existing_range). Returns the VMA that now holds [start, end)."""
+        self._room_for_splits(mm, start, end)
         self._split_vma(mm, start)
         self._split_vma(mm, end)
         old = mm.find_vma(start)

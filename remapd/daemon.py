@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from remapd import snapshot
 from remapd.remapper import Remapper
 from remapd.uprobes import uprobe_add, uprobe_del
 from shared.errors import UserError
@@ -25,6 +26,7 @@ from shared.shell.job import Job, Stream, Work
 from shared.shell.peer import PeerLink, connect_peer
 from shared.shell.requests import operation_handlers
 from shared.shell.server import Server
+from shared.shell.state import StateDir
 from shared.shell.trace import trace_stream
 
 # The first retry after a failed connect; each failure doubles the wait up to the maximum.
@@ -39,10 +41,21 @@ ACCEPTS = frozenset({CLIENT})
 
 
 class Remapd:
-    def __init__(self, knobs: Knobs, secrets: Secrets | None = None, limits: Limits | None = None):
+    def __init__(
+        self,
+        knobs: Knobs,
+        secrets: Secrets | None = None,
+        limits: Limits | None = None,
+        core: Remapper | None = None,
+        state: StateDir | None = None,
+    ):
+        """``core``: a remapper restored from ``state``'s snapshot (--state-dir), else a new one."""
         self.secrets = secrets
         self.limits = limits
-        self.core = Remapper(knobs)
+        self.state = state
+        self.core = core if core is not None else Remapper(knobs)
+        if state is not None:
+            state.take = lambda: snapshot.snapshot(self.core)
         self.driver = Driver(self.core, REMAPD)
         self.link = PeerLink(self.driver, peer_role=COLLAPSED, on_connect=self.push_knobs)
         self.handlers = operation_handlers(REMAPD, self.driver, self)
@@ -102,5 +115,8 @@ class Remapd:
         async def peer() -> None:
             await connect_peer(self.link, collapsed, BACKOFF_MIN_S, BACKOFF_MAX_S, self.secrets)
 
+        state = self.state
+        background = [peer, state.periodically] if state is not None else [peer]
+        before_stop = state.save_logged if state is not None else None
         server = Server(self.driver, self.link, ACCEPTS, self.handlers, self.secrets, self.limits)
-        await server.serve(listen, ready_file, background=[peer])
+        await server.serve(listen, ready_file, background=background, before_stop=before_stop)

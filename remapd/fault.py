@@ -233,6 +233,8 @@ class FaultPath:
                 current = mm.pmds.get(pidx)
                 if isinstance(current, int) or (current is not None and current.ptes[slot]):
                     continue
+                if self._anon_full():
+                    return "nomem"
                 vma.anon_vma_prepare()
                 self.pagetables.set_pte_at(mm, pidx, slot, pte_make(self.anon.alloc(), PTE_ANON | PTE_WRITE))
                 self.vm["thpsplit_cow_fault"] += 1
@@ -350,6 +352,12 @@ class FaultPath:
                     if pte & PTE_WRITE and not pte & PTE_ANON:
                         table.ptes[slot] = pte & ~(PTE_WRITE | PTE_DIRTY)
 
+    def _anon_full(self) -> bool:
+        """A CoW copy would take the anon pages past the modelled memory: VM_FAULT_OOM, which
+        the fault answers ``nomem`` as for a page-cache allocation that failed. (The page cache
+        has the same memory to itself on the collapser's side.)"""
+        return len(self.anon.mapcount) >= self.knobs.mem_total_mb << (20 - PAGE_SHIFT)
+
     def _cow(self, mm: Mm, vma: Vma, pidx: int, slot: int, pte: int) -> str:
         """wp_page_copy (or reuse of an exclusive anon page)."""
         table = mm.pmds[pidx]
@@ -357,6 +365,8 @@ class FaultPath:
         if pte & PTE_ANON and self.anon.exclusive(pte_pfn(pte)):
             table.ptes[slot] = pte | PTE_WRITE
             return "minor"
+        if self._anon_full():
+            return "nomem"
         self.pagetables.zap_pte(mm, table, slot)
         vma.anon_vma_prepare()
         self.pagetables.set_pte_at(mm, pidx, slot, pte_make(self.anon.alloc(), PTE_ANON | PTE_WRITE))

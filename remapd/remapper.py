@@ -18,9 +18,10 @@ are generators; the shell or the in-process world spawns them and gets their res
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from typing import Any
 
+from remapd import audit
 from remapd.address_space import AddressSpace
 from remapd.fault import FaultPath
 from remapd.files import Files
@@ -70,6 +71,9 @@ class Remapper(Actor):
         self.address_space = AddressSpace(
             self, self.mms, self.files, self.locks, self.pagetables, self.faults, self.khugepaged, self.uprobes
         )
+        # Set by remapd.snapshot.restore: the task that revalidates the restored file mappings,
+        # started by the first resync.
+        self.after_restore: Callable[[], Generator[Any, Any, None]] | None = None
         self.procfs = Procfs(self, self.mms, self.files, self.knobs, self.anon, self.pagetables.marked)
         self.procfs.stats = self.khugepaged.stats
         if start_threads:
@@ -149,6 +153,9 @@ class Remapper(Actor):
         for f in self.files.values():
             self.send(m.FileInfo(f.ino, f.name, f.size, f.shmem, f.gen))
         self.address_space.resync()
+        if self.after_restore is not None:
+            task, self.after_restore = self.after_restore, None
+            self.spawn(task(), name="revalidate")
 
     # -- lookups ------------------------------------------------------------------------------
 
@@ -182,6 +189,9 @@ class Remapper(Actor):
             raise UserError("EINVAL", f"pid {pid} out of range 1..{PID_MAX - 1}")
         if pid in self.mms:
             raise UserError("EEXIST", f"process {pid} exists")
+        if len(self.mms) >= self.knobs.max_threads():
+            # copy_process: nr_threads >= max_threads. Bounds the model's memory as the kernel's.
+            raise UserError("EAGAIN", f"{len(self.mms)} processes: threads-max for thpsplit/mem_total_mb {self.knobs.mem_total_mb}")
         self.mms[pid] = Mm(pid)
         return {"pid": pid}
 
@@ -277,6 +287,10 @@ class Remapper(Actor):
     def vmstat(self) -> dict[str, int]:
         return {**self.procfs.vmstat(), **self.vm}
 
+    def check(self) -> Generator[Any, Any, dict[str, Any]]:
+        """``thpctl check``: see :mod:`remapd.audit`."""
+        return audit.check(self)
+
     def status(self, pid: int) -> dict[str, Any]:
         mm = self.mm(pid)
         return {
@@ -299,6 +313,10 @@ def _answer_for_lost_peer(request: Message) -> Message:
         return m.FolioAnswer(request.req, 0, 0)
     if isinstance(request, m.MadvCollapse):
         return m.CollapseResult(request.req, R.SCAN_FAIL)
+    if isinstance(request, m.Remap):
+        return m.Remapped(request.req, ())
+    if isinstance(request, m.Audit):
+        return m.Audited(request.req, ("collapsed went away during the check",))
     if isinstance(request, m.PageQuery):
         return m.PageInfo(request.req, ())
     if isinstance(request, m.PunchHole):

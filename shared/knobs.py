@@ -117,6 +117,11 @@ KHUGEPAGED_START_STOP_KNOBS = frozenset(
     {"enabled", "shmem_enabled", f"{PER_SIZE}/enabled", f"{PER_SIZE}/shmem_enabled"}
 )
 
+# set_max_threads' inputs (kernel/fork.c, x86-64 without KASAN).
+THREAD_SIZE = 16 << 10
+MIN_THREADS = 20
+
+
 @dataclasses.dataclass
 class Knobs:
     """Current knob values. Attribute names are the sysfs paths with ``/`` → ``_``, minus prefixes."""
@@ -156,6 +161,12 @@ class Knobs:
     # Physical memory the collapser models, in MiB: an allocation past it fails (ENOMEM, a
     # short write, a fault's VM_FAULT_OOM). 8 GiB = 2M pages, ~90 MB of model state.
     mem_total_mb: int = 8192
+
+    def max_threads(self) -> int:
+        """kernel.threads-max as set_max_threads sizes it for mem_total_mb: kernel stacks
+        (THREAD_SIZE, 16 KiB on x86-64) in an eighth of memory, at least MIN_THREADS (20). fork
+        past it is EAGAIN; one modelled process is one thread."""
+        return max((self.mem_total_mb << 20) // (8 * THREAD_SIZE), MIN_THREADS)
 
     def fault_around_pages(self) -> int:
         """fault_around_bytes as the kernel uses it: a power of two of pages, at least 1."""

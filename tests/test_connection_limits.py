@@ -14,7 +14,12 @@ from helpers import ONE_PAGE_FLAGS, next_message, raw_hello
 
 from shared.errors import UserError
 from shared.protocol import messages as m
-from shared.protocol.framing import MAX_FRAME_BYTES, FrameDecoder, encode_frame
+from shared.protocol.framing import (
+    MAX_FRAME_BYTES,
+    FrameDecoder,
+    encode_frame,
+    encode_message,
+)
 from shared.shell.auth import Secrets
 from shared.shell.config import MAX_BUFFERED_BYTES, parse_address
 from shared.shell.transport import connect
@@ -204,6 +209,100 @@ async def test_floods_of_idle_connections_bad_frames_and_partial_frames_leave_me
     assert after_bad - before < 16 * 1024
     assert held - before < (MAX_BUFFERED_BYTES >> 10) * 2 + 32 * 1024
     assert after - before < 48 * 1024
+    assert (d.collapsed.proc.returncode, d.remapd.proc.returncode) == (0, 0)
+
+
+# Frames a daemon refuses, each on its own (EPROTO; the connection closed): oversized, not
+# msgpack, not a frame, deeply nested, wrong-typed, an unknown tag, random bytes.
+BAD_FRAMES = (
+    struct.pack(">I", 0xFFFFFFF0) + b"\0" * 16,
+    struct.pack(">I", 1) + b"\xc1",
+    b"GET / HTTP/1.1\r\n\r\n",
+    struct.pack(">I", 201) + b"\x91" * 200 + b"\xc0",  # 200 arrays deep
+    encode_frame(["client.file_create", {"id": "one", "name": 7, "size": -1}]),
+    encode_frame(["client.no_such_request", {"id": 1}]),
+    bytes(range(7, 250, 3)),
+)
+
+
+async def test_a_flood_of_100k_bad_frames_and_refused_requests_leaves_memory_bounded(workdir):
+    """100,000 bad frames on 1,000 connections (half before their hello, half after): each
+    connection sends 100 back to back; the daemon answers the first with EPROTO and closes,
+    reading and dropping the rest as it lingers, never buffering them. Then 10,000 well-formed
+    requests the model refuses, pipelined on 4 connections: each answered once with its errno,
+    the connections kept. Other clients are served throughout; RSS before and after."""
+    async with running_daemons(workdir, remapd_args=ONE_PAGE_FLAGS) as d:
+        pid = d.collapsed.proc.pid
+        address = d.collapsed.address
+        await status_within(address, COLLAPSED, 5)
+        before = rss_kb(pid)
+        errors: dict[str, int] = {}
+
+        async def bad(i: int) -> None:
+            stream = await open_raw(address)
+            decoder = FrameDecoder()
+            if i % 2:
+                decoder, _, _ = await raw_hello(stream)
+            frames = [BAD_FRAMES[(i + k) % len(BAD_FRAMES)] for k in range(100)]
+            try:
+                await stream.send_all(b"".join(frames))
+            except trio.BrokenResourceError:
+                pass  # closed on us already
+            while (msg := await next_message(stream, decoder)) is not None:
+                if isinstance(msg, m.ErrorReply):
+                    errors[msg.errno] = errors.get(msg.errno, 0) + 1
+            await stream.aclose()
+
+        with trio.fail_after(120):
+            for batch in range(0, 1000, 50):
+                async with trio.open_nursery() as nursery:
+                    for i in range(batch, batch + 50):
+                        nursery.start_soon(bad, i)
+                if batch % 250 == 0:
+                    assert (await status_within(address, COLLAPSED, 2))["daemon"] == "collapsed"
+        assert errors == {"EPROTO": 1000}
+        after_bad = rss_kb(pid)
+        async with open_client(address, COLLAPSED, NO_SECRETS) as c:
+            await c.call(m.FileCreate, name="f", size=4096)
+
+        refused = (
+            (lambda i: m.FileTruncate(i, "nosuch", 0), "ENOENT"),
+            (lambda i: m.FileCreate(i, "..", 4096), "EINVAL"),
+            (lambda i: m.FileWrite(i, "f", (1 << 63) - 1, (1 << 63) - 1), "EINVAL"),  # rw_verify_area
+            (lambda i: m.ProcSpawn(i, 1), "EOPNOTSUPP"),  # remapd's, not collapsed's
+        )
+        per_connection = 2500
+        answers: dict[int, str] = {}
+        expected: dict[int, str] = {}
+
+        async def refusals(c: int) -> None:
+            stream = await open_raw(address)
+            decoder, _, _ = await raw_hello(stream)
+            ids = range(c * per_connection + 1, (c + 1) * per_connection + 1)
+            blob = b""
+            for i in ids:
+                make, errno = refused[i % len(refused)]
+                blob += encode_message(make(i))
+                expected[i] = errno
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(stream.send_all, blob)
+                for _ in ids:
+                    reply = await next_message(stream, decoder)
+                    assert isinstance(reply, m.ErrorReply) and reply.id not in answers
+                    answers[reply.id] = reply.errno
+            await stream.aclose()
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                for c in range(4):
+                    nursery.start_soon(refusals, c)
+        assert answers == expected
+        assert (await status_within(address, COLLAPSED, 2))["clients"] == 1
+        await trio.sleep(0.5)
+        after = rss_kb(pid)
+    print(f"collapsed RSS kB: before {before}, after 100,000 bad frames {after_bad}, after 10,000 refused requests {after}")
+    assert after_bad - before < 16 * 1024
+    assert after - before < 16 * 1024
     assert (d.collapsed.proc.returncode, d.remapd.proc.returncode) == (0, 0)
 
 

@@ -288,7 +288,10 @@ def test_mmap_rounds_length_up_to_pages(world):
         (dict(offset=-P), "EINVAL"),
         (dict(addr=FIXED + 1), "EINVAL"),
         (dict(addr=0), "EINVAL"),
-        (dict(addr=(1 << 47) - P, length=2 * P), "EINVAL"),
+        (dict(addr=(1 << 47) - P, length=2 * P), "ENOMEM"),
+        (dict(addr=1 << 47), "ENOMEM"),
+        (dict(addr=(1 << 64) - P), "ENOMEM"),
+        (dict(addr=(1 << 47) + 1), "ENOMEM"),  # the range is checked before the alignment
         (dict(length=0), "EINVAL"),
         (dict(length=-P), "EINVAL"),
         (dict(addr=None, length=1 << 47), "ENOMEM"),

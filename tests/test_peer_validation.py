@@ -17,6 +17,7 @@ import pytest
 from helpers import FIXED, H, P, make_file_thp
 
 from collapsed.pagecache import PG_LOCKED
+from collapsed.peer_checks import MAX_AUDIT_ROWS, MAX_QUERY_PFNS
 from shared import messages as m
 from shared.actor import Call
 from shared.errors import PeerError, UserError
@@ -393,6 +394,57 @@ def test_a_reply_to_an_unknown_request_is_ignored(world, state):
     assert snapshot(world) == before
 
 
+# -- Remap and Audit (a restored remapper, thpctl check) ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    "rows, match",
+    [
+        pytest.param(lambda s: ((s.cached, s.data, 10, 3),), "kind 3", id="unknown-kind"),
+        pytest.param(lambda s: ((s.cached, s.data, 10, -1),), "kind -1", id="negative-kind"),
+        pytest.param(lambda s: ((s.cached, s.data, 10, 0),) * (MAX_QUERY_PFNS + 1), "rows", id="too-many-rows"),
+    ],
+)
+def test_forged_remap_is_refused(world, state, rows, match):
+    refused(world, m.Remap(1, rows(state)), match)
+
+
+def test_a_remap_row_the_cache_does_not_hold_is_answered_not_refused(world, state):
+    """A remapper restored across a collapsed restart names pfns of the old memory: the answer
+    says which rows were accounted, and only the one naming the page cached there is."""
+    c = world.collapser
+    before = snapshot(world)
+    rows = (
+        (state.n + 5, state.data, 10, 0),  # past this memory
+        (-3, state.data, 10, 0),  # would index from the end
+        (state.freed, state.data, 10, 0),  # free
+        (state.cached, state.lib, 10, 0),  # another file
+        (state.cached, state.data, 11, 1),  # another index, and no THP
+        (state.cached, state.data, 10, 0),  # the page cached there
+    )
+    c.deliver(m.Remap(7, rows))
+    assert c.outbox.pop() == m.Remapped(7, (False, False, False, False, False, True))
+    assert c.mem.mapcount[state.cached] == 1 and c.mem.ref[state.cached] == 2
+    c.deliver(m.RmapDelta(((state.cached, -1, 0, 0),)))  # the remapper hands it back
+    c.outbox.clear()
+    assert snapshot(world) == before
+
+
+def test_an_audit_names_what_it_cannot_match_and_refuses_only_its_size(world, state):
+    c = world.collapser
+    before = snapshot(world)
+    c.deliver(m.Audit(3, ((state.n + 5, state.data, 0, 1, 0, 0), (-1, state.data, 0, 1, 0, 0)), last=False))
+    reply = c.outbox.pop()
+    assert isinstance(reply, m.Audited) and reply.req == 3 and not reply.busy
+    assert reply.problems == (
+        f"pfn {state.n + 5} is mapped or pinned by remapd but free",
+        "pfn -1 is mapped or pinned by remapd but free",
+    )
+    assert snapshot(world) == before
+    rows = ((state.mapped, state.data, 0, 1, 0, 1),) * (MAX_AUDIT_ROWS + 1)
+    refused(world, m.Audit(4, rows, last=True), "rows")
+
+
 @pytest.mark.parametrize(
     "msg",
     [
@@ -401,6 +453,8 @@ def test_a_reply_to_an_unknown_request_is_ignored(world, state):
         m.UnmapMapping(1, 1, 0, 10, (), True),
         m.Retract(1, 1, 0, 512),
         m.CollapseResult(1, 1),
+        m.Remapped(1, (True,)),
+        m.Audited(1, ()),
         m.PeerHello("remapd", 1),
     ],
     ids=lambda msg: msg.TAG,

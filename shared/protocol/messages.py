@@ -244,6 +244,18 @@ class VisitMmDone(Message):
     req: int
 
 
+@message("peer.remap")
+class Remap(Message):
+    """A remapper restored from a snapshot names the file pages its restored page tables and
+    pins hold, before it maps them again: rows of (pfn, ino, index, kind), kind 0 a PTE, 1 a PMD
+    (pfn the THP's head, index its first), 2 a pin. The collapser accounts each row whose page is
+    still the one cached at that index of that file (unlocked; for a PMD, a PMD-order page), as a
+    fault's lookup would, and answers :class:`Remapped`. At most 65,536 rows a request."""
+
+    req: int
+    rows: tuple[tuple[int, int, int, int], ...]
+
+
 @message("peer.page_query")
 class PageQuery(Message):
     """The /proc reports' question (smaps, pagemap, kpageflags): for each pfn its kpageflags bits
@@ -292,6 +304,41 @@ class FolioAnswer(Message):
     req: int
     pfn: int
     order: int
+
+
+@message("peer.audit")
+class Audit(Message):
+    """``thpctl check``: what the remapper maps, for the collapser to check against its pages:
+    rows of (pfn, ino, index, ptes, pmds, pins), one per mapped or pinned page (PMDs on a THP's
+    head), at most 65,536 a request and never splitting a THP's block. The last request
+    (``last``) also carries the totals of the three counts and every file the remapper mirrors,
+    (ino, gen, name, size, shmem, writers), so the collapser can tell that nothing else is
+    mapped and that the two sides name the same files (and count the same writers)."""
+
+    req: int
+    rows: tuple[tuple[int, int, int, int, int, int], ...]
+    last: bool
+    totals: tuple[int, int, int] = (0, 0, 0)
+    files: tuple[tuple[int, int, str, int, bool, int], ...] = ()
+
+
+@message("peer.audited")
+class Audited(Message):
+    """Answer to :class:`Audit`: what disagrees (empty: all agrees); ``busy`` when the collapser
+    had a request of its own to the remapper in flight (a collapse), so could not judge."""
+
+    req: int
+    problems: tuple[str, ...]
+    busy: bool = False
+
+
+@message("peer.remapped")
+class Remapped(Message):
+    """Answer to :class:`Remap`: for each row, whether it was accounted (the remapper maps it
+    again, or hands the accounting back if its page table changed meanwhile)."""
+
+    req: int
+    accepted: tuple[bool, ...]
 
 
 @message("peer.collapse_result")
@@ -681,6 +728,13 @@ class TraceBatch(TypedDict):
     dropped: int
 
 
+class CheckResult(TypedDict):
+    ok: bool
+    problems: list[str]  # the first few, one line each
+    pages: int  # file pages mapped or pinned, checked against collapsed's
+    files: int
+
+
 class SysfsEntry(TypedDict):
     value: int | str
     text: str  # what reading the sysfs file shows
@@ -958,6 +1012,15 @@ class Uprobe(Request[UprobeResult]):
 class Smaps(Request[list[SmapsEntry]]):
     id: int
     pid: int
+
+
+@request("client.check", REMAPD, run="check", world="audit")
+class Check(Request[CheckResult]):
+    """Debug: remapd checks its page tables, pins and file mirror, and collapsed checks them
+    against its pages and page cache (the invariant checker's rules, across the two daemons).
+    EAGAIN while either has a request to the other in flight: retry on a quiet pair."""
+
+    id: int
 
 
 @request("client.sysfs_set", REMAPD, world="sysfs_set")

@@ -94,7 +94,11 @@ class Server:
         listen_addr: str,
         ready_file: str | None = None,
         background: Collection[Callable[[], Awaitable[None]]] = (),
+        before_stop: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
+        """Serve until SIGTERM/SIGINT. ``before_stop``: awaited once requests in flight had their
+        grace period, before the peer link and everything else is cancelled (the final snapshot
+        of --state-dir: remapd's page tables are still whole then)."""
         # Signals are ours from before the ready file exists, so a supervisor may stop us at once.
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             _raise_fd_limit(2 * self.limits.max_clients + SPARE_FDS)
@@ -124,6 +128,8 @@ class Server:
                             grace.start_soon(_then_cancel, self.driver.idle, grace.cancel_scope)
                             # A second signal cuts the grace period short.
                             grace.start_soon(_then_cancel, signals.__anext__, grace.cancel_scope)
+                    if before_stop is not None:
+                        await before_stop()
                     root.cancel_scope.cancel()
             finally:
                 if bound.kind == "unix":

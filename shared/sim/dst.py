@@ -24,7 +24,11 @@ and the faults (:data:`FAULT_KINDS`):
   resync (``cut_mid_collapse`` counts the cuts while collapse_file waited on the remapper);
 * ``crash_collapser`` / ``crash_remapper``: that daemon dies at a message boundary (what it had
   sent may still arrive; what was sent to it is lost) and a new one starts, empty (a new boot,
-  new inode generations), and reconnects some steps later.
+  new inode generations), and reconnects some steps later;
+* ``restore``: with this kind allowed, a ``snapshot`` step saves both daemons' state now and then
+  (through the real file format, :mod:`shared.persist`), and a crashed daemon comes back from its
+  last snapshot half the time (``restored_collapser`` / ``restored_remapper``): an older world
+  than its peer's, which the identities and the revalidation of mappings must reconcile.
 
 Within a direction, messages are never reordered: the link is a byte stream and the protocol
 depends on it (an ``RmapDelta`` travels ahead of the ``Unmapped`` it explains). ``--unsafe
@@ -53,11 +57,14 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from collapsed import snapshot as collapsed_snapshot
 from collapsed.collapser import Collapser
 from collapsed.pagecache import PG_HEAD
+from remapd import snapshot as remapd_snapshot
 from remapd.mm import ANON_PFN_BASE, PTE_ANON, PteTable, pte_pfn
 from remapd.remapper import Remapper
 from remapd.uprobes import uprobe_add, uprobe_del
+from shared import persist
 from shared.errors import UserError
 from shared.knobs import RETRY_POLICIES, Knobs
 from shared.protocol import messages as m
@@ -73,13 +80,14 @@ from shared.units import (
 )
 
 MB = 1 << 20
-FAULT_KINDS = ("delay", "duplicate", "cut", "crash_collapser", "crash_remapper")
+FAULT_KINDS = ("delay", "duplicate", "cut", "crash_collapser", "crash_remapper", "restore")
 UNSAFE_KINDS = ("reorder", "duplicate")
 # Client requests running at once (each as from its own connection).
 MAX_IN_FLIGHT_OPS = 6
 C2R, R2C = "c2r", "r2c"
 # The knob remapd never pushes: the collapser's own huge page pool.
 POOL_KNOB = "thpsplit/free_huge_pages"
+_PUSHED = tuple(k for k in Knobs().writable_items() if k != POOL_KNOB)
 
 # Messages a second copy of which changes nothing. Notices that restate state (what a reconnect's
 # resync sends again): the receiver sets, rather than adds. Replies: the first copy resumes the
@@ -235,6 +243,14 @@ def check_in_flight(world: World) -> None:
         _assert(accounted >= n, f"pfn {head}: {n} pins held, {accounted} accounted")
 
 
+def _pool_total(c: Collapser) -> int:
+    """Free huge pages, plus those allocated (THPs), plus those split into small pages: constant
+    over a collapser's life unless the pool knob is written."""
+    mem = c.mem
+    heads = sum(1 for b in range(0, len(mem.flags), HPAGE_PMD_NR) if mem.flags[b] & PG_HEAD)
+    return int(c.knobs.free_huge_pages) + heads + c.vm["thp_split_page"]
+
+
 def check_end(world: World, pool_base: int) -> None:
     """The end state, everything delivered and finished: nothing waits on the peer (so every
     collapse completed or rolled back: the checker has seen no page locked or isolated, and no
@@ -242,14 +258,8 @@ def check_end(world: World, pool_base: int) -> None:
     the cache, or was freed or split), and khugepaged's ranges are exactly the remapper's."""
     c, r = world.collapser, world.remapper
     _assert(not c.pending_calls() and not r.pending_calls(), "a request to the peer was never answered")
-    mem = c.mem
-    heads = sum(1 for b in range(0, len(mem.flags), HPAGE_PMD_NR) if mem.flags[b] & PG_HEAD)
-    pool = c.knobs.free_huge_pages
-    splits = c.vm["thp_split_page"]
-    _assert(
-        pool + heads + splits == pool_base,
-        f"huge page pool: {pool} free + {heads} THPs + {splits} split != {pool_base}",
-    )
+    total = _pool_total(c)
+    _assert(total == pool_base, f"huge page pool: {total} (free + THPs + split) != {pool_base}")
     expected: dict[tuple[int, int], tuple[int, int, int]] = {}
     for pid, mm in r.mms.items():
         for vma in mm.vmas:
@@ -296,6 +306,7 @@ class Simulation:
         # Client requests in flight: (pending, the actor object that runs it, what).
         self.ops: list[tuple[Pending, Collapser | Remapper, str]] = []
         self.step_no = 0
+        self.saved: dict[str, dict[str, Any]] = {}
 
     def _knobs(self) -> Knobs:
         rng = self.rng
@@ -373,6 +384,8 @@ class Simulation:
         if w.connected:
             choices += [(k, wt) for k, wt in (("delay", 2.0), ("duplicate", 2.0), ("cut", 1.0)) if k in allowed]
         choices += [(k, wt) for k, wt in (("crash_collapser", 0.6), ("crash_remapper", 0.4)) if k in allowed]
+        if "restore" in allowed:
+            choices.append(("snapshot", 1.0))
         if self._mid_collapse() and "cut" in allowed and w.connected:
             choices.append(("cut", 3.0))
         kind = rng.choices([k for k, _ in choices], [wt for _, wt in choices])[0]
@@ -397,6 +410,8 @@ class Simulation:
             self._log(f"fault: duplicate the next {d} message")
         elif kind == "cut":
             self._cut()
+        elif kind == "snapshot":
+            self._snapshot()
         elif kind == "crash_collapser":
             self._crash_collapser()
         elif kind == "crash_remapper":
@@ -438,6 +453,11 @@ class Simulation:
         self._drain()
         self._check()
         check_end(w, self.pool_base)
+        # The daemons' own consistency check (thpctl check) must agree with the checker.
+        w.manual = False
+        audit = w.audit()
+        w.manual = True
+        _assert(audit["ok"], f"thpctl check disagrees with the checker: {audit['problems'][:3]}")
         self.result.checks += 1
 
     # -- the link -------------------------------------------------------------------------
@@ -550,9 +570,17 @@ class Simulation:
         w.collapser.outbox.clear()
         w.remapper.outbox.clear()
         w.collapser.halt()
-        w.collapser = Collapser(dataclasses.replace(self.knobs), seed=self.rng.randrange(1 << 16), boot=w.collapser.boot + 1)
+        boot = w.collapser.boot + 1
+        seed = self.rng.randrange(1 << 16)
+        if self.saved.get(collapsed_snapshot.DAEMON) and self.rng.random() < 0.5:
+            res.faults["restored_collapser"] += 1
+            self._log("  restored from its last snapshot")
+            state = self.saved[collapsed_snapshot.DAEMON]
+            w.collapser = collapsed_snapshot.restore(state, dataclasses.replace(self.knobs), boot, seed, keep=_PUSHED)
+        else:
+            w.collapser = Collapser(dataclasses.replace(self.knobs), seed=seed, boot=boot)
         w.collapser.advance(w.now)
-        self.pool_base = w.collapser.knobs.free_huge_pages
+        self.pool_base = _pool_total(w.collapser)
         if w.connected:
             w.remapper.peer_lost()
         w.connected = False
@@ -571,13 +599,27 @@ class Simulation:
         w.collapser.outbox.clear()
         w.remapper.outbox.clear()
         w.remapper.halt()
-        w.remapper = Remapper(dataclasses.replace(self.knobs))
+        if self.saved.get(remapd_snapshot.DAEMON) and self.rng.random() < 0.5:
+            res.faults["restored_remapper"] += 1
+            self._log("  restored from its last snapshot")
+            w.remapper = remapd_snapshot.restore(self.saved[remapd_snapshot.DAEMON], dataclasses.replace(self.knobs))
+        else:
+            w.remapper = Remapper(dataclasses.replace(self.knobs))
         w.remapper.advance(w.now)
         if w.connected:
             w.collapser.peer_lost()
         w.connected = False
         w.settle()
         self.down_for = self.rng.randint(0, 15)
+
+    def _snapshot(self) -> None:
+        """Both daemons save their state (as --state-dir does periodically), through the file
+        format and back."""
+        w = self.world
+        for module, actor in ((collapsed_snapshot, w.collapser), (remapd_snapshot, w.remapper)):
+            data = persist.encode(module.DAEMON, module.snapshot(actor))
+            self.saved[module.DAEMON] = persist.decode(data, module.DAEMON)
+        self._log("snapshot")
 
     def _reconnect(self) -> None:
         """What the daemons do on a new peer connection: remapd pushes its knobs (not the pool)

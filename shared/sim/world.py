@@ -28,7 +28,9 @@ from collections.abc import Callable, Generator
 from types import GeneratorType
 from typing import TYPE_CHECKING, Any
 
+from collapsed import snapshot as collapsed_snapshot
 from collapsed.collapser import Collapser
+from remapd import snapshot as remapd_snapshot
 from remapd.remapper import Remapper
 from remapd.uprobes import uprobe_add, uprobe_del
 from shared.errors import UserError
@@ -39,6 +41,9 @@ from shared.protocol.framing import decode_message, encode_message
 from shared.protocol.schema import COLLAPSED, Message, Reply, Request, requests, resolve
 
 Actor = Collapser | Remapper
+# The knobs remapd pushes to a collapser that connects: a restored one takes them from the
+# remapper, its own pool from its snapshot.
+_PUSHED_KNOBS = tuple(k for k in Knobs().writable_items() if k != "thpsplit/free_huge_pages")
 Q = typing.TypeVar("Q", bound=Request[Any])
 # What an operation's result becomes on its way back (its reply through the codec).
 Answer = Callable[[Any], Any]
@@ -156,27 +161,33 @@ class World:
                 raise RuntimeError("khugepaged is not making progress")
             self.advance(max(min(nxt) - self.now, 0))
 
-    def restart_collapser(self, reconnect: bool = True) -> None:
+    def restart_collapser(self, reconnect: bool = True, state: dict[str, Any] | None = None) -> None:
         """collapsed dies and comes back with an empty page cache (a new boot, so new inode
-        generations); the remapper resyncs it. ``reconnect=False`` leaves the link down, so
-        the new collapser can serve clients before :meth:`connect`."""
+        generations), or with ``state`` (a snapshot, :func:`collapsed.snapshot.snapshot`); the
+        remapper resyncs it. ``reconnect=False`` leaves the link down, so the new collapser can
+        serve clients before :meth:`connect`."""
         knobs = dataclasses.replace(self.remapper.knobs)
         self.remapper.outbox.clear()
         self.collapser.halt()
-        self.collapser = Collapser(knobs, boot=self.collapser.boot + 1)
+        boot = self.collapser.boot + 1
+        if state is not None:
+            self.collapser = collapsed_snapshot.restore(state, knobs, boot=boot, keep=_PUSHED_KNOBS)
+        else:
+            self.collapser = Collapser(knobs, boot=boot)
         self.collapser.advance(self.now)
         self.remapper.peer_lost()
         self.connected = False
         if reconnect:
             self.connect()
 
-    def restart_remapper(self, reconnect: bool = True) -> None:
+    def restart_remapper(self, reconnect: bool = True, state: dict[str, Any] | None = None) -> None:
         """remapd dies (its processes with it) and a new one connects (``reconnect=False``: not
-        yet; see :meth:`connect`)."""
+        yet; see :meth:`connect`), or one restored from ``state`` (a snapshot,
+        :func:`remapd.snapshot.snapshot`), which revalidates its file mappings as it resyncs."""
         knobs = dataclasses.replace(self.collapser.knobs)
         self.collapser.outbox.clear()
         self.remapper.halt()
-        self.remapper = Remapper(knobs)
+        self.remapper = Remapper(knobs) if state is None else remapd_snapshot.restore(state, knobs)
         self.remapper.advance(self.now)
         self.collapser.peer_lost()
         self.connected = False

@@ -90,6 +90,17 @@ def _render_status(args: argparse.Namespace, results: list[Any]) -> Outcome:
     return out
 
 
+def _render_check(args: argparse.Namespace, results: list[Any]) -> Outcome:
+    result = results[0]
+    text = f"checked {result['pages']} mapped or pinned pages, {result['files']} files: "
+    if result["ok"]:
+        return ok(result, text + "consistent\n")
+    out = ok(result, text + f"{len(result['problems'])} problems\n" + "".join(f"  {p}\n" for p in result["problems"]))
+    out.status = 1
+    out.error = f"{result['problems'][0]}"
+    return out
+
+
 def _daemons(which: str) -> list[str]:
     return [COLLAPSED, REMAPD] if which == "both" else [which]
 
@@ -168,6 +179,17 @@ def register(sub: Any) -> None:
         barrier=True,
     )
     p.add_argument("daemon", nargs="?", choices=(COLLAPSED, REMAPD, "both"), default="both", help="which daemon")
+
+    command(
+        sub,
+        "check",
+        "debug: remapd's page tables, pins and files checked against collapsed's pages and "
+        "cache (exit 1 with the problems; EAGAIN while a collapse is in flight: retry)",
+        lambda a: [req(REMAPD, m.Check)],
+        _render_check,
+        "check",
+        barrier=True,
+    )
 
     p = command(
         sub,
