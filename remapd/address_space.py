@@ -237,6 +237,13 @@ class AddressSpace:
                     return {"result": "ENOMEM"}
                 if (write and not cur.prot & PROT_WRITE) or not cur.prot & PROT_READ:
                     return {"result": "EINVAL"}
+                if not write:
+                    nxt, failed = yield from self.faults.read_faults(mm, page, end, PAGE_SIZE, None)
+                    if failed is not None:
+                        return {"result": "EFAULT"}
+                    if nxt != page:
+                        page = nxt
+                        continue
                 result = yield from self.faults.do_user_addr_fault(pid, page, write)
                 if result in ("sigsegv", "sigbus"):
                     return {"result": "EFAULT"}
@@ -536,6 +543,13 @@ class AddressSpace:
             # FOLL_WRITE where a write would break CoW (private writable), else a read fault.
             write = bool(vma.prot & PROT_WRITE) and not vma.shared
             while page < stop:
+                if not write:
+                    resume, failed = yield from self.faults.read_faults(mm, page, stop, PAGE_SIZE, None)
+                    if failed is not None:
+                        return "ENOMEM"
+                    if resume != page:
+                        page = resume
+                        continue
                 result = yield from self.faults.do_user_addr_fault(mm.pid, page, write)
                 if result in ("sigsegv", "sigbus"):
                     return "ENOMEM"

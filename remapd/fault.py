@@ -45,7 +45,9 @@ from shared.vm import PROT_READ, PROT_WRITE
 
 # Bound once: reading an Enum member through its class runs a descriptor (Python 3.11), which
 # the fault path would pay on every fault.
-MAP, COPY, OK = m.Purpose.MAP, m.Purpose.COPY, m.PageStatus.OK
+MAP, COPY, OK, SIGBUS = m.Purpose.MAP, m.Purpose.COPY, m.PageStatus.OK, m.PageStatus.SIGBUS
+FAULT_PMD_OK, FAULT_THP_OK = m.FAULT_PMD_OK, m.FAULT_THP_OK
+MAX_BATCH_FAULTS, MAX_BATCH_WINDOW_PAGES = m.MAX_BATCH_FAULTS, m.MAX_BATCH_WINDOW_PAGES
 
 
 class FaultPath:
@@ -183,59 +185,72 @@ class FaultPath:
                 if mm.exiting:
                     return "sigsegv"
                 continue
-            if cow:
-                # do_cow_fault: a private anon copy of the file page, unless another fault mapped
-                # something here meanwhile (finish_fault's !pte_none: VM_FAULT_NOPAGE); a copy's
-                # lookup accounted nothing, so the fault just handles what is there now.
-                current = mm.pmds.get(pidx)
-                if isinstance(current, int) or (current is not None and current.ptes[slot]):
-                    continue
-                vma.anon_vma_prepare()
-                self.pagetables.set_pte_at(mm, pidx, slot, pte_make(self.anon.alloc(), PTE_ANON | PTE_WRITE))
-                self.vm["thpsplit_cow_fault"] += 1
-                return "major" if reply.major else "minor"
+            result = self._map_answer(mm, vma, addr, write, cow, nr_around, reply)
+            if result is not None:
+                return result
+
+    def _map_answer(
+        self, mm: Mm, vma: Vma, addr: int, write: bool, cow: bool, nr_around: int, reply: m.PageAnswer
+    ) -> str | None:
+        """finish_fault with the page-cache answer, mmap_lock held and the VMA revalidated: the
+        fault's outcome, or None when it lost a race (the answer handed back) and must start
+        again."""
+        pidx = addr >> HPAGE_PMD_SHIFT
+        slot = (addr >> PAGE_SHIFT) & (HPAGE_PMD_NR - 1)
+        haddr = addr & ~(HPAGE_PMD_SIZE - 1)
+        if cow:
+            # do_cow_fault: a private anon copy of the file page, unless another fault mapped
+            # something here meanwhile (finish_fault's !pte_none: VM_FAULT_NOPAGE); a copy's
+            # lookup accounted nothing, so the fault just handles what is there now.
             current = mm.pmds.get(pidx)
-            if reply.pmd:
-                if current is None:
-                    self.pagetables.do_set_pmd(mm, pidx, reply.head, reply.shmem, accounted=True)
-                    self._map_around(mm, vma, reply, install=False)
-                    return "pmd"
-                self.rmap.add(reply.head, pmd=-1)  # lost a race with another fault: look again
-                self._map_around(mm, vma, reply, install=False)
-                continue
             if isinstance(current, int) or (current is not None and current.ptes[slot]):
-                self.rmap.add(reply.pfn, pte=-1)
-                self._map_around(mm, vma, reply, install=False)
-                continue
-            # A PMD-order folio that lies inside the VMA and this PMD's page table is mapped whole
-            # (finish_fault, filemap_map_folio_range), a regular file's only inside i_size.
-            whole = False
-            if reply.thp and vma.pmd_suitable(haddr) and self._can_map_large(vma, addr, reply.shmem):
-                if current is None and not vma.nohugepage:
-                    # finish_fault: the table went (retracted while we waited on the page lock),
-                    # so do_set_pmd maps the THP rather than a PTE in a new table.
-                    self.rmap.add(reply.pfn, pte=-1)
-                    self.pagetables.do_set_pmd(mm, pidx, reply.head, reply.shmem, accounted=False)
-                    self._map_around(mm, vma, reply, install=False)
-                    return "pmd"
-                # finish_fault (no fault-around ran, or the folio was not in the cache for it)
-                # maps the whole folio only where every PTE of it is none (pte_range_none), else
-                # the one page; fault-around (filemap_map_folio_range) maps it around what is
-                # present.
-                whole = current is None or not current.nr or (
-                    nr_around > 1 and not reply.major and not reply.allocated
-                )
-            flags = (PTE_THP if reply.thp else 0) | (PTE_SHMEM if reply.shmem else 0)
-            if write:
-                flags |= PTE_WRITE | PTE_DIRTY
-            elif reply.shmem and vma.writes_file:
-                flags |= PTE_WRITE  # shmem wants no write-notify: vm_page_prot is writable
-            self.pagetables.set_pte_at(mm, pidx, slot, pte_make(reply.pfn, flags))
-            if reply.around:
-                self._map_around(mm, vma, reply, install=True)
-            if whole:
-                self.pagetables.map_folio_ptes(mm, pidx, reply.head, flags)
+                return None
+            vma.anon_vma_prepare()
+            self.pagetables.set_pte_at(mm, pidx, slot, pte_make(self.anon.alloc(), PTE_ANON | PTE_WRITE))
+            self.vm["thpsplit_cow_fault"] += 1
             return "major" if reply.major else "minor"
+        current = mm.pmds.get(pidx)
+        if reply.pmd:
+            if current is None:
+                self.pagetables.do_set_pmd(mm, pidx, reply.head, reply.shmem, accounted=True)
+                self._map_around(mm, vma, reply, install=False)
+                return "pmd"
+            self.rmap.add(reply.head, pmd=-1)  # lost a race with another fault: look again
+            self._map_around(mm, vma, reply, install=False)
+            return None
+        if isinstance(current, int) or (current is not None and current.ptes[slot]):
+            self.rmap.add(reply.pfn, pte=-1)
+            self._map_around(mm, vma, reply, install=False)
+            return None
+        # A PMD-order folio that lies inside the VMA and this PMD's page table is mapped whole
+        # (finish_fault, filemap_map_folio_range), a regular file's only inside i_size.
+        whole = False
+        if reply.thp and vma.pmd_suitable(haddr) and self._can_map_large(vma, addr, reply.shmem):
+            if current is None and not vma.nohugepage:
+                # finish_fault: the table went (retracted while we waited on the page lock),
+                # so do_set_pmd maps the THP rather than a PTE in a new table.
+                self.rmap.add(reply.pfn, pte=-1)
+                self.pagetables.do_set_pmd(mm, pidx, reply.head, reply.shmem, accounted=False)
+                self._map_around(mm, vma, reply, install=False)
+                return "pmd"
+            # finish_fault (no fault-around ran, or the folio was not in the cache for it)
+            # maps the whole folio only where every PTE of it is none (pte_range_none), else
+            # the one page; fault-around (filemap_map_folio_range) maps it around what is
+            # present.
+            whole = current is None or not current.nr or (
+                nr_around > 1 and not reply.major and not reply.allocated
+            )
+        flags = (PTE_THP if reply.thp else 0) | (PTE_SHMEM if reply.shmem else 0)
+        if write:
+            flags |= PTE_WRITE | PTE_DIRTY
+        elif reply.shmem and vma.writes_file:
+            flags |= PTE_WRITE  # shmem wants no write-notify: vm_page_prot is writable
+        self.pagetables.set_pte_at(mm, pidx, slot, pte_make(reply.pfn, flags))
+        if reply.around:
+            self._map_around(mm, vma, reply, install=True)
+        if whole:
+            self.pagetables.map_folio_ptes(mm, pidx, reply.head, flags)
+        return "major" if reply.major else "minor"
 
     def _can_map_large(self, vma: Vma, addr: int, shmem: bool) -> bool:
         """The i_size rule of finish_fault and filemap_map_pages (6.18, "mm/memory: do not
@@ -323,6 +338,11 @@ class FaultPath:
         counts: Counter[str] = Counter()
         a, end = addr, addr + length
         while a < end:
+            if not write:
+                nxt, _ = yield from self.read_faults(mm, a, end, stride, counts)
+                if nxt != a:
+                    a = nxt
+                    continue
             result = yield from self.do_user_addr_fault(pid, a, write)
             counts[result] += 1
             a += stride
@@ -336,6 +356,166 @@ class FaultPath:
                     self.vm["pgfault"] += skip
                     a += skip * stride
         return dict(counts)
+
+    # -- batched read faults (GUP's populate) --------------------------------------------------
+
+    def read_faults(
+        self, mm: Mm, addr: int, end: int, stride: int, counts: Counter[str] | None
+    ) -> Generator[Any, Any, tuple[int, str | None]]:
+        """Read faults every ``stride`` bytes of [addr, end) inside the VMA holding ``addr``,
+        looked up as one :class:`~shared.protocol.messages.LookupPages` (populate_vma_page_range
+        runs them inside one mmap_lock read section, so no khugepaged work comes between them),
+        with the outcomes :meth:`do_user_addr_fault` would have one after the other, added to
+        ``counts`` (a touch). Without ``counts`` (a populate) the batch stops at a SIGBUS and a
+        PMD mapping is passed over whole. Returns where to go on and ``"sigbus"`` when a populate
+        stopped there; where to go on is ``addr`` itself when the batch cannot take it (no
+        readable VMA: the caller faults it alone, which reports why)."""
+        yield from self.locks.mmap_read_lock(mm)
+        try:
+            return (yield from self._read_batch(mm, addr, end, stride, counts))
+        finally:
+            self.locks.mmap_read_unlock(mm)
+
+    def _read_batch(
+        self, mm: Mm, addr: int, end: int, stride: int, counts: Counter[str] | None
+    ) -> Generator[Any, Any, tuple[int, str | None]]:
+        vma = mm.find_vma(addr)
+        if vma is None or mm.exiting or not vma.prot & PROT_READ:
+            return addr, None
+        # Plan: the accesses that find a PTE (or a PMD) are hits now; each other one is a fault
+        # of the batch, with its do_fault_around window and the window's present pages.
+        nr = self.knobs.fault_around_pages()
+        limit = min(end, vma.end)
+        shmem = vma.ino in self.shmem_inos
+        pmds = mm.pmds
+        faults: list[tuple[int, int, int, int]] = []
+        addrs: list[int] = []
+        hits_before: list[int] = []  # hits planned before each fault
+        present: list[int] = []
+        windows: set[int] = set()
+        tables: set[int] = set()
+        hits = pages = 0
+        a = addr
+        while a < limit and len(faults) < MAX_BATCH_FAULTS and pages + nr <= MAX_BATCH_WINDOW_PAGES:
+            pidx = a >> HPAGE_PMD_SHIFT
+            entry = pmds.get(pidx)
+            if isinstance(entry, int):
+                # PMD-mapped: a touch hits at every access up to its end; a populate's one fault
+                # finds the PMD and goes on at its end.
+                nxt = min((pidx + 1) << HPAGE_PMD_SHIFT, limit)
+                n = -(-(nxt - a) // stride) if counts is not None else 1
+                hits += n
+                a = a + n * stride if counts is not None else nxt
+                continue
+            page = a & ~(PAGE_SIZE - 1)
+            if entry is not None and entry.ptes[(page >> PAGE_SHIFT) & (HPAGE_PMD_NR - 1)]:
+                hits += 1
+                a += stride
+                continue
+            haddr = pidx << HPAGE_PMD_SHIFT
+            suitable = not vma.nohugepage and vma.pmd_suitable(haddr)
+            # The first fault of the batch in a PMD without a table may map a PMD; the ones after
+            # it find the table it made (a fault that fails ends the batch: see LookupPages).
+            flags = FAULT_PMD_OK if suitable and entry is None and pidx not in tables else 0
+            if suitable and (flags or shmem):
+                flags |= FAULT_THP_OK
+            tables.add(pidx)
+            if nr > 1:
+                lo = max(page & ~((nr << PAGE_SHIFT) - 1), vma.start, haddr)
+                hi = min(lo + (nr << PAGE_SHIFT), vma.end, haddr + HPAGE_PMD_SIZE)
+                if entry is not None and lo not in windows:
+                    windows.add(lo)
+                    ptes = entry.ptes
+                    present.extend(
+                        vma.pgoff_at(p) for p in range(lo, hi, PAGE_SIZE) if ptes[(p >> PAGE_SHIFT) & (HPAGE_PMD_NR - 1)]
+                    )
+            else:
+                lo, hi = page, page + PAGE_SIZE
+            first = vma.pgoff_at(lo)
+            faults.append((vma.pgoff_at(page), first, first + ((hi - lo) >> PAGE_SHIFT), flags))
+            addrs.append(a)
+            hits_before.append(hits)
+            pages += (hi - lo) >> PAGE_SHIFT
+            a += stride
+        if not faults:
+            self._hits(counts, hits)
+            return a, None
+        self.locks.mmap_read_unlock(mm)
+        reply = yield Call(
+            m.LookupPages(
+                self.actor.new_req(), vma.ino, vma.hugepage, tuple(faults), tuple(present), counts is None
+            )
+        )
+        answers = reply.answers
+        relocked = mm.lock.try_read()
+        if not relocked or mm.exiting or mm.find_vma(addr) is not vma:
+            # As one fault does (VM_FAULT_RETRY): hand everything back and start again, here.
+            self._hand_back(mm, vma, answers, 0)
+            while not relocked:
+                yield self.locks.wait(mm)
+                relocked = mm.lock.try_read()
+            self._hits(counts, hits_before[0])
+            return addrs[0], None
+        if not reply.done:
+            self._hits(counts, hits_before[0])
+            return addrs[0], None
+        k = 0
+        for pos in range(reply.done):
+            self._hits(counts, hits_before[pos] - (hits_before[pos - 1] if pos else 0))
+            fa = addrs[pos]
+            page = fa & ~(PAGE_SIZE - 1)
+            entry = pmds.get(page >> HPAGE_PMD_SHIFT)
+            mapped = isinstance(entry, int) or (
+                entry is not None and bool(entry.ptes[(page >> PAGE_SHIFT) & (HPAGE_PMD_NR - 1)])
+            )
+            looked_up = k < len(answers) and answers[k][0] == pos
+            if looked_up == mapped:
+                # Our page table moved while the batch was out (another thread's fault mapped a
+                # page, or unmapped one): hand back what is left and go on from here.
+                self._hand_back(mm, vma, answers, k)
+                return fa, None
+            if not looked_up:
+                self._hits(counts, 1)
+                continue
+            answer = m.PageAnswer(0, *answers[k][1:])
+            k += 1
+            result = str(answer.status)
+            if answer.status == OK:
+                mapped_as = self._map_answer(mm, vma, page, False, False, nr, answer)
+                if mapped_as is None:
+                    self._hand_back(mm, vma, answers, k)
+                    return fa, None
+                result = mapped_as
+            self.vm["pgfault"] += 1
+            if counts is not None:
+                counts[result] += 1
+            elif result == SIGBUS:
+                return fa, result
+        if reply.done == len(faults):
+            self._hits(counts, hits - hits_before[-1])
+            return a, None
+        # The batch stopped after a large folio: go on after it (a populate past its PMD).
+        last = addrs[reply.done - 1]
+        if counts is None and isinstance(pmds.get(last >> HPAGE_PMD_SHIFT), int):
+            return (last | (HPAGE_PMD_SIZE - 1)) + 1, None
+        return last + stride, None
+
+    def _hits(self, counts: Counter[str] | None, n: int) -> None:
+        self.vm["pgfault"] += n
+        if counts is not None and n:
+            counts["hit"] += n
+
+    def _hand_back(self, mm: Mm, vma: Vma, answers: tuple[Any, ...], k: int) -> None:
+        """Give back the mappings the collapser accounted for the answers from the ``k``-th on."""
+        for row in answers[k:]:
+            answer = m.PageAnswer(0, *row[1:])
+            if answer.status != OK:
+                continue
+            if answer.pmd:
+                self.rmap.add(answer.head, pmd=-1)
+            else:
+                self.rmap.add(answer.pfn, pte=-1)
+            self._map_around(mm, vma, answer, install=False)
 
     # -- GUP pins -----------------------------------------------------------------------------
 

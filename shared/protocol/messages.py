@@ -71,6 +71,15 @@ class PageStatus(enum.StrEnum):
     NOMEM = "nomem"
 
 
+# Flags of a :class:`LookupPages` fault.
+FAULT_PMD_OK = 1
+FAULT_THP_OK = 2
+# The largest :class:`LookupPages`: faults, and pages of their fault-around windows together
+# (which bounds the answer's rows: its frame stays far below the frame limits).
+MAX_BATCH_FAULTS = 8192
+MAX_BATCH_WINDOW_PAGES = 32768
+
+
 class UprobeAction(enum.StrEnum):
     ADD = "add"
     DEL = "del"
@@ -127,6 +136,30 @@ class LookupPage(Message):
     vm_hugepage: bool
     around: tuple[int, ...] = ()
     thp_ok: bool = False
+
+
+@message("peer.lookup_pages")
+class LookupPages(Message):
+    """A populate's or a touch's read faults in one VMA, looked up in order as one step (GUP's
+    populate runs them inside one mmap_lock read section, with no khugepaged work between them).
+
+    Each of ``faults`` is ``(index, lo, hi, flags)``: the fault's page index, its fault-around
+    window ``[lo, hi)`` in page indices (``(index, index + 1)`` without fault-around), and flags
+    :data:`FAULT_PMD_OK` / :data:`FAULT_THP_OK` as :class:`LookupPage`'s ``pmd_ok`` / ``thp_ok``.
+    ``present``: the indices of those windows already mapped when the batch was planned. The
+    collapser runs the faults as the remapper would one after the other: a fault whose index an
+    earlier one of the batch mapped (its fault-around) is a hit and is not looked up; the others
+    are :class:`LookupPage` s (purpose map, read) whose ``around`` is their window minus what is
+    mapped. It stops after a fault whose page is PMD-order (the remapper may map it whole, which
+    the window arithmetic does not follow) and, with ``stop_at_sigbus`` (populate), after a
+    SIGBUS."""
+
+    req: int
+    ino: int
+    vm_hugepage: bool
+    faults: tuple[tuple[int, int, int, int], ...]
+    present: tuple[int, ...] = ()
+    stop_at_sigbus: bool = False
 
 
 @message("peer.rmap_delta")
@@ -276,6 +309,20 @@ class PageAnswer(Message):
     shmem: bool = False
     around: tuple[tuple[int, int, bool], ...] = ()
     allocated: bool = False
+
+
+@message("peer.page_answers")
+class PageAnswers(Message):
+    """Answer to :class:`LookupPages`: ``done`` faults of the batch were run (the rest were not
+    looked up and changed nothing); ``answers`` holds, for each of them that was looked up, its
+    position in the batch and the fields of its :class:`PageAnswer` after ``req``. A fault run
+    without an answer was a hit."""
+
+    req: int
+    done: int
+    answers: tuple[
+        tuple[int, PageStatus, int, int, bool, bool, bool, bool, tuple[tuple[int, int, bool], ...], bool], ...
+    ] = ()
 
 
 @message("peer.folio")
