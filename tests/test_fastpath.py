@@ -1,0 +1,117 @@
+"""The daemons' fault path: batched lookups, against the fidelity they buy.
+
+Both daemons' shells and cores run in this process over in-memory streams that take
+:data:`LATENCY_S` per write, on trio's virtual clock (autojump): a round trip costs model time
+as it costs real time between the daemons, deterministically.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+import trio.testing
+
+from collapsed.daemon import Collapsed
+from remapd.daemon import Remapd
+from remapd.mm import PTE_THP, PteTable
+from shared.knobs import Knobs
+from shared.protocol import messages as m
+from shared.shell.channel import open_channel
+from shared.shell.job import Job
+from shared.units import HPAGE_PMD_NR, HPAGE_PMD_SHIFT, HPAGE_PMD_SIZE, PAGE_SIZE
+
+# Per write on either stream: a round trip between the daemons costs twice this.
+LATENCY_S = 0.0005
+
+
+class SlowStream(trio.abc.Stream):
+    """A stream whose every write arrives ``LATENCY_S`` after it is made."""
+
+    def __init__(self, inner: trio.abc.Stream):
+        self.inner = inner
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await trio.sleep(LATENCY_S)
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+class Pair:
+    def __init__(self, collapsed: Collapsed, remapd: Remapd):
+        self.collapsed = collapsed
+        self.remapd = remapd
+        self._ids = iter(range(1, 1 << 30))
+
+    def start(self, cls: type[m.Request[Any]], **fields: Any) -> Any:
+        daemon = self.collapsed if cls.OP.route == "collapsed" else self.remapd
+        return daemon.handlers[cls](cls(next(self._ids), **fields))
+
+    async def call(self, cls: type[m.Request[Any]], **fields: Any) -> Any:
+        work = self.start(cls, **fields)
+        return await work.result() if isinstance(work, Job) else await work()
+
+
+@asynccontextmanager
+async def daemons(**knobs: Any) -> AsyncIterator[Pair]:
+    collapsed = Collapsed(Knobs(**knobs))
+    remapd = Remapd(Knobs(**knobs))
+    left, right = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        for d in (collapsed, remapd):
+            nursery.start_soon(d.driver.run_clock)
+            nursery.start_soon(d.link.pump)
+
+        async def side(d: Collapsed | Remapd, stream: trio.abc.Stream, role: str, initiator: bool) -> None:
+            async with open_channel(SlowStream(stream)) as ch:
+                await ch.handshake(role, initiator=initiator)
+                await d.link.serve(ch)
+
+        nursery.start_soon(side, collapsed, left, "collapsed", False)
+        nursery.start_soon(side, remapd, right, "remapd", True)
+        pair = Pair(collapsed, remapd)
+        await remapd.link.barrier(wait_for_peer=True)
+        yield pair
+        nursery.cancel_scope.cancel()
+
+
+async def test_populate_read_of_a_pmd_range_is_not_collapsed_in_the_middle(autojump_clock):
+    """The kernel selftest's max_ptes_none run on a regular file: fault 255 pages of a PMD, wait
+    for scans (257 holes exceed max_ptes_none 256: no collapse), re-fault the whole PMD range with
+    MADV_POPULATE_READ. The kernel's populate finishes long before khugepaged's next 10 ms
+    wake-up; one round trip per fault (~1 ms here) would let khugepaged collapse in its middle,
+    and the rest of the populate map the new THP by a PMD."""
+    knobs = dict(enabled="always", read_ahead_kb=0, fault_around_bytes=4096, max_ptes_none=256, scan_sleep_millisecs=10)
+    async with daemons(**knobs) as d:
+        await d.call(m.FileCreate, name="f", size=HPAGE_PMD_SIZE)
+        await d.call(m.ProcSpawn, pid=1)
+        addr = (await d.call(m.Mmap, pid=1, addr=None, length=HPAGE_PMD_SIZE, name="f", prot="r"))["addr"]
+        first = 255
+        assert (await d.call(m.Madvise, pid=1, addr=addr, length=first * PAGE_SIZE, advice="populate_read"))[
+            "result"
+        ] == 0
+        await d.call(m.WaitScans, n=2)
+        khugepaged = d.collapsed.core.khugepaged
+        assert khugepaged.pages_collapsed == 0  # 257 holes: SCAN_EXCEED_NONE_PTE
+
+        job = d.start(m.Madvise, pid=1, addr=addr, length=HPAGE_PMD_SIZE, advice="populate_read")
+        await job.finished_wait()
+        table = d.remapd.core.mms[1].pmds.get(addr >> HPAGE_PMD_SHIFT)
+        assert isinstance(table, PteTable), "collapsed in the middle of the populate: its end got a PMD"
+        assert all(table.ptes) and not any(pte & PTE_THP for pte in table.ptes)
+        assert (await job.result())["result"] == 0
+
+        # Then khugepaged collapses it at a later wake-up, as in the kernel.
+        await d.call(m.WaitScans, n=2)
+        assert khugepaged.pages_collapsed == 1
+        assert d.collapsed.core.by_name["f"].nrpages == HPAGE_PMD_NR
