@@ -33,6 +33,7 @@ from shared.units import HPAGE_PMD_NR, PAGE_SHIFT, PAGE_SIZE
 # A fault lookup's answers (looked up once: faults are hot).
 _OK, _SIGBUS, _NOMEM = m.PageStatus.OK, m.PageStatus.SIGBUS, m.PageStatus.NOMEM
 MAP = m.Purpose.MAP
+_STATUS_CODE = {status: code for code, status in enumerate(m.ANSWER_STATUS)}
 FAULT_PMD_OK, FAULT_THP_OK = m.FAULT_PMD_OK, m.FAULT_THP_OK
 # A PageAnswer's fields after ``req``: status, pfn, head, thp, pmd, major, shmem, around, allocated.
 PageAnswerFields = tuple[m.PageStatus, int, int, bool, bool, bool, bool, tuple[tuple[int, int, bool], ...], bool]
@@ -315,10 +316,12 @@ class Collapser(Actor):
         run), as one fault would."""
         epoch = self.peer_epoch
         mapped = set(msg.present)
-        answers = []
+        out: list[int] = []
         done = 0
         ino, vm_hugepage, stop_at_sigbus = msg.ino, msg.vm_hugepage, msg.stop_at_sigbus
-        for pos, (index, lo, hi, flags) in enumerate(msg.faults):
+        faults = msg.faults
+        for pos in range(len(faults) // 4):
+            index, lo, hi, flags = faults[4 * pos : 4 * pos + 4]
             done = pos + 1
             if index in mapped:
                 continue
@@ -329,15 +332,24 @@ class Collapser(Actor):
                 yield Wait(("page", answer))
                 if self.peer_epoch != epoch:
                     return
-            answers.append((pos, *answer))
-            status = answer[0]
+            status, pfn, head, thp, pmd, major, shmem, around_mapped, allocated = answer
+            out += (
+                pos,
+                _STATUS_CODE[status],
+                pfn,
+                head,
+                thp | pmd << 1 | major << 2 | shmem << 3 | allocated << 4,
+                len(around_mapped),
+            )
+            for a_index, a_pfn, a_thp in around_mapped:
+                out += (a_index, a_pfn, int(a_thp))
             # A PMD-order page may be mapped whole; a fault that failed made no page table.
-            if answer[3] or status == _NOMEM or (stop_at_sigbus and status == _SIGBUS):
+            if thp or status == _NOMEM or (stop_at_sigbus and status == _SIGBUS):
                 break
             if status == _OK:
                 mapped.add(index)
-                mapped.update(a[0] for a in answer[7])
-        self.send(m.PageAnswers(msg.req, done, tuple(answers)))
+                mapped.update(a[0] for a in around_mapped)
+        self.send(m.PageAnswers(msg.req, done, tuple(out)))
 
     def find_page(
         self,
@@ -409,18 +421,21 @@ class Collapser(Actor):
         inside i_size (its window ends at the file's last page). The remapper maps the rest of a
         large folio itself (filemap_map_folio_range)."""
         mem = self.mem
-        apply_rmap = self.cache.apply_rmap
+        flags = mem.flags
         eof = f.nr_pages_size
         out = []
+        rows = []
         for index in indices:
             value = f.get(index)
             if value <= 0 or index >= eof:
                 continue
             head = mem.head(value)
-            if mem.flags[head] & PG_LOCKED or not mem.flags[head] & PG_UPTODATE:
+            if flags[head] & PG_LOCKED or not flags[head] & PG_UPTODATE:
                 continue
-            apply_rmap(((value, 1, 0, 0),))
-            out.append((index, value, bool(mem.flags[head] & PG_HEAD)))
+            rows.append((value, 1, 0, 0))
+            out.append((index, value, bool(flags[head] & PG_HEAD)))
+        if rows:
+            self.cache.apply_rmap(tuple(rows))
         return tuple(out)
 
     def _read_around(self, f: File, index: int, vm_hugepage: bool) -> None:

@@ -132,15 +132,17 @@ def _lookup_page(c: Collapser, msg: m.LookupPage) -> None:
 
 
 def _lookup_pages(c: Collapser, msg: m.LookupPages) -> None:
-    """Every fault's index and window inside the page index range, the window within one PMD's
-    worth of pages and holding its fault; the batch no longer than a remapper plans one."""
+    """Four integers per fault; every fault's index and window inside the page index range, the
+    window within one PMD's worth of pages and holding its fault; the batch no longer than a
+    remapper plans one."""
     faults = msg.faults
-    if len(faults) > MAX_BATCH_FAULTS:
-        raise PeerError(f"lookup_pages: {len(faults)} faults (at most {MAX_BATCH_FAULTS})")
+    if len(faults) % 4 or len(faults) > 4 * MAX_BATCH_FAULTS:
+        raise PeerError(f"lookup_pages: {len(faults)} integers for faults (4 each, at most {MAX_BATCH_FAULTS})")
     if len(msg.present) > MAX_BATCH_WINDOW_PAGES:
         raise PeerError(f"lookup_pages: {len(msg.present)} present indices (at most {MAX_BATCH_WINDOW_PAGES})")
     pages = 0
-    for index, lo, hi, flags in faults:
+    for pos in range(0, len(faults), 4):
+        index, lo, hi, flags = faults[pos : pos + 4]
         if not (0 <= lo <= index < hi <= MAX_PAGE_INDEX + 1 and hi - lo <= MAX_AROUND and 0 <= flags <= 3):
             raise PeerError(f"lookup_pages: bad fault {_short((index, lo, hi, flags))}")
         pages += hi - lo

@@ -48,6 +48,9 @@ from shared.vm import PROT_READ, PROT_WRITE
 MAP, COPY, OK, SIGBUS = m.Purpose.MAP, m.Purpose.COPY, m.PageStatus.OK, m.PageStatus.SIGBUS
 FAULT_PMD_OK, FAULT_THP_OK = m.FAULT_PMD_OK, m.FAULT_THP_OK
 MAX_BATCH_FAULTS, MAX_BATCH_WINDOW_PAGES = m.MAX_BATCH_FAULTS, m.MAX_BATCH_WINDOW_PAGES
+ANSWER_STATUS = m.ANSWER_STATUS
+ANSWER_THP, ANSWER_PMD, ANSWER_MAJOR = m.ANSWER_THP, m.ANSWER_PMD, m.ANSWER_MAJOR
+ANSWER_SHMEM, ANSWER_ALLOCATED = m.ANSWER_SHMEM, m.ANSWER_ALLOCATED
 
 
 class FaultPath:
@@ -388,7 +391,8 @@ class FaultPath:
         limit = min(end, vma.end)
         shmem = vma.ino in self.shmem_inos
         pmds = mm.pmds
-        faults: list[tuple[int, int, int, int]] = []
+        start, pgoff = vma.start, vma.pgoff
+        faults: list[int] = []
         addrs: list[int] = []
         hits_before: list[int] = []  # hits planned before each fault
         present: list[int] = []
@@ -396,16 +400,21 @@ class FaultPath:
         tables: set[int] = set()
         hits = pages = 0
         a = addr
-        while a < limit and len(faults) < MAX_BATCH_FAULTS and pages + nr <= MAX_BATCH_WINDOW_PAGES:
+        window_bytes = nr << PAGE_SHIFT
+        while a < limit and len(addrs) < MAX_BATCH_FAULTS and pages + nr <= MAX_BATCH_WINDOW_PAGES:
             pidx = a >> HPAGE_PMD_SHIFT
             entry = pmds.get(pidx)
             if isinstance(entry, int):
                 # PMD-mapped: a touch hits at every access up to its end; a populate's one fault
                 # finds the PMD and goes on at its end.
                 nxt = min((pidx + 1) << HPAGE_PMD_SHIFT, limit)
-                n = -(-(nxt - a) // stride) if counts is not None else 1
-                hits += n
-                a = a + n * stride if counts is not None else nxt
+                if counts is not None:
+                    n = -(-(nxt - a) // stride)
+                    hits += n
+                    a += n * stride
+                else:
+                    hits += 1
+                    a = nxt
                 continue
             page = a & ~(PAGE_SIZE - 1)
             if entry is not None and entry.ptes[(page >> PAGE_SHIFT) & (HPAGE_PMD_NR - 1)]:
@@ -413,31 +422,36 @@ class FaultPath:
                 a += stride
                 continue
             haddr = pidx << HPAGE_PMD_SHIFT
-            suitable = not vma.nohugepage and vma.pmd_suitable(haddr)
-            # The first fault of the batch in a PMD without a table may map a PMD; the ones after
-            # it find the table it made (a fault that fails ends the batch: see LookupPages).
-            flags = FAULT_PMD_OK if suitable and entry is None and pidx not in tables else 0
-            if suitable and (flags or shmem):
-                flags |= FAULT_THP_OK
-            tables.add(pidx)
+            if pidx not in tables:
+                tables.add(pidx)
+                suitable = not vma.nohugepage and vma.pmd_suitable(haddr)
+                # The first fault of the batch in a PMD without a table may map a PMD; the ones
+                # after it find the table it made (a fault that fails ends the batch).
+                later = FAULT_THP_OK if suitable and shmem else 0
+                flags = FAULT_PMD_OK | FAULT_THP_OK if suitable and entry is None else later
+            else:
+                flags = later
             if nr > 1:
-                lo = max(page & ~((nr << PAGE_SHIFT) - 1), vma.start, haddr)
-                hi = min(lo + (nr << PAGE_SHIFT), vma.end, haddr + HPAGE_PMD_SIZE)
+                lo = max(page & ~(window_bytes - 1), start, haddr)
+                hi = min(lo + window_bytes, vma.end, haddr + HPAGE_PMD_SIZE)
                 if entry is not None and lo not in windows:
                     windows.add(lo)
                     ptes = entry.ptes
                     present.extend(
-                        vma.pgoff_at(p) for p in range(lo, hi, PAGE_SIZE) if ptes[(p >> PAGE_SHIFT) & (HPAGE_PMD_NR - 1)]
+                        pgoff + ((p - start) >> PAGE_SHIFT)
+                        for p in range(lo, hi, PAGE_SIZE)
+                        if ptes[(p >> PAGE_SHIFT) & (HPAGE_PMD_NR - 1)]
                     )
             else:
                 lo, hi = page, page + PAGE_SIZE
-            first = vma.pgoff_at(lo)
-            faults.append((vma.pgoff_at(page), first, first + ((hi - lo) >> PAGE_SHIFT), flags))
+            first = pgoff + ((lo - start) >> PAGE_SHIFT)
+            n = (hi - lo) >> PAGE_SHIFT
+            faults += (pgoff + ((page - start) >> PAGE_SHIFT), first, first + n, flags)
             addrs.append(a)
             hits_before.append(hits)
-            pages += (hi - lo) >> PAGE_SHIFT
+            pages += n
             a += stride
-        if not faults:
+        if not addrs:
             self._hits(counts, hits)
             return a, None
         self.locks.mmap_read_unlock(mm)
@@ -446,11 +460,11 @@ class FaultPath:
                 self.actor.new_req(), vma.ino, vma.hugepage, tuple(faults), tuple(present), counts is None
             )
         )
-        answers = reply.answers
+        records = _records(reply.answers)
         relocked = mm.lock.try_read()
         if not relocked or mm.exiting or mm.find_vma(addr) is not vma:
             # As one fault does (VM_FAULT_RETRY): hand everything back and start again, here.
-            self._hand_back(mm, vma, answers, 0)
+            self._hand_back(mm, vma, records, 0)
             while not relocked:
                 yield self.locks.wait(mm)
                 relocked = mm.lock.try_read()
@@ -460,55 +474,65 @@ class FaultPath:
             self._hits(counts, hits_before[0])
             return addrs[0], None
         k = 0
-        for pos in range(reply.done):
-            self._hits(counts, hits_before[pos] - (hits_before[pos - 1] if pos else 0))
-            fa = addrs[pos]
-            page = fa & ~(PAGE_SIZE - 1)
-            entry = pmds.get(page >> HPAGE_PMD_SHIFT)
-            mapped = isinstance(entry, int) or (
-                entry is not None and bool(entry.ptes[(page >> PAGE_SHIFT) & (HPAGE_PMD_NR - 1)])
-            )
-            looked_up = k < len(answers) and answers[k][0] == pos
-            if looked_up == mapped:
-                # Our page table moved while the batch was out (another thread's fault mapped a
-                # page, or unmapped one): hand back what is left and go on from here.
-                self._hand_back(mm, vma, answers, k)
-                return fa, None
-            if not looked_up:
-                self._hits(counts, 1)
-                continue
-            answer = m.PageAnswer(0, *answers[k][1:])
-            k += 1
-            result = str(answer.status)
-            if answer.status == OK:
-                mapped_as = self._map_answer(mm, vma, page, False, False, nr, answer)
-                if mapped_as is None:
-                    self._hand_back(mm, vma, answers, k)
+        n_records = len(records)
+        hit = 0
+        outcomes: Counter[str] = Counter()
+        try:
+            for pos in range(reply.done):
+                fa = addrs[pos]
+                page = fa & ~(PAGE_SIZE - 1)
+                entry = pmds.get(page >> HPAGE_PMD_SHIFT)
+                mapped = isinstance(entry, int) or (
+                    entry is not None and bool(entry.ptes[(page >> PAGE_SHIFT) & (HPAGE_PMD_NR - 1)])
+                )
+                looked_up = k < n_records and records[k][0] == pos
+                if looked_up == mapped:
+                    # Our page table moved while the batch was out (another thread's fault mapped
+                    # a page, or unmapped one): hand back what is left and go on from here.
+                    hit += hits_before[pos]
+                    self._hand_back(mm, vma, records, k)
                     return fa, None
-                result = mapped_as
-            self.vm["pgfault"] += 1
+                if not looked_up:
+                    hit += 1
+                    continue
+                answer = records[k][1]
+                k += 1
+                result = str(answer.status)
+                if answer.status == OK:
+                    mapped_as = self._map_answer(mm, vma, page, False, False, nr, answer)
+                    if mapped_as is None:
+                        hit += hits_before[pos]
+                        self._hand_back(mm, vma, records, k)
+                        return fa, None
+                    result = mapped_as
+                outcomes[result] += 1
+                if counts is None and result == SIGBUS:
+                    hit += hits_before[pos]
+                    return fa, result
+            if reply.done == len(addrs):
+                hit += hits
+                return a, None
+            # The batch stopped after a large folio: go on after it (a populate past its PMD).
+            hit += hits_before[reply.done - 1]
+            last = addrs[reply.done - 1]
+            if counts is None and isinstance(pmds.get(last >> HPAGE_PMD_SHIFT), int):
+                return (last | (HPAGE_PMD_SIZE - 1)) + 1, None
+            return last + stride, None
+        finally:
+            self.vm["pgfault"] += sum(outcomes.values())
             if counts is not None:
-                counts[result] += 1
-            elif result == SIGBUS:
-                return fa, result
-        if reply.done == len(faults):
-            self._hits(counts, hits - hits_before[-1])
-            return a, None
-        # The batch stopped after a large folio: go on after it (a populate past its PMD).
-        last = addrs[reply.done - 1]
-        if counts is None and isinstance(pmds.get(last >> HPAGE_PMD_SHIFT), int):
-            return (last | (HPAGE_PMD_SIZE - 1)) + 1, None
-        return last + stride, None
+                counts.update(outcomes)
+            self._hits(counts, hit)
 
     def _hits(self, counts: Counter[str] | None, n: int) -> None:
-        self.vm["pgfault"] += n
-        if counts is not None and n:
-            counts["hit"] += n
+        if n:
+            self.vm["pgfault"] += n
+            if counts is not None:
+                counts["hit"] += n
 
-    def _hand_back(self, mm: Mm, vma: Vma, answers: tuple[Any, ...], k: int) -> None:
+    def _hand_back(self, mm: Mm, vma: Vma, records: list[tuple[int, m.PageAnswer]], k: int) -> None:
         """Give back the mappings the collapser accounted for the answers from the ``k``-th on."""
-        for row in answers[k:]:
-            answer = m.PageAnswer(0, *row[1:])
+        for _, answer in records[k:]:
             if answer.status != OK:
                 continue
             if answer.pmd:
@@ -565,3 +589,32 @@ class FaultPath:
             for pfn in pfns:
                 self._unpin(pfn)
         mm.pins.clear()
+
+
+def _records(flat: tuple[int, ...]) -> list[tuple[int, m.PageAnswer]]:
+    """A :class:`~shared.protocol.messages.PageAnswers`' records: (position, answer)."""
+    out = []
+    i, n = 0, len(flat)
+    while i < n:
+        pos, status, pfn, head, flags, nr = flat[i : i + 6]
+        i += 6
+        around = tuple((flat[j], flat[j + 1], bool(flat[j + 2])) for j in range(i, i + 3 * nr, 3))
+        i += 3 * nr
+        out.append(
+            (
+                pos,
+                m.PageAnswer(
+                    0,
+                    ANSWER_STATUS[status],
+                    pfn,
+                    head,
+                    bool(flags & ANSWER_THP),
+                    bool(flags & ANSWER_PMD),
+                    bool(flags & ANSWER_MAJOR),
+                    bool(flags & ANSWER_SHMEM),
+                    around,
+                    bool(flags & ANSWER_ALLOCATED),
+                ),
+            )
+        )
+    return out

@@ -7,12 +7,16 @@ as it costs real time between the daemons, deterministically.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import pytest
 import trio
 import trio.testing
+from conftest import CheckedWorld
+from helpers import FIXED, H, P, make_file_thp
 
 from collapsed.daemon import Collapsed
 from remapd.daemon import Remapd
@@ -115,3 +119,54 @@ async def test_populate_read_of_a_pmd_range_is_not_collapsed_in_the_middle(autoj
         await d.call(m.WaitScans, n=2)
         assert khugepaged.pages_collapsed == 1
         assert d.collapsed.core.by_name["f"].nrpages == HPAGE_PMD_NR
+
+
+def _table(world, pid: int) -> dict[int, Any]:
+    return {
+        pidx: entry if isinstance(entry, int) else tuple(entry.ptes)
+        for pidx, entry in world.remapper.mms[pid].pmds.items()
+    }
+
+
+CASES = {
+    # name: (knobs, file size, shmem, madvise, stride, pages touched before, thp in the cache)
+    "defaults": ({}, 4 * H, False, None, P, 37, False),
+    "vm_hugepage": ({}, 4 * H, False, "hugepage", P, 0, False),
+    "past_eof": ({}, 3 * H + 5 * P, False, None, P, 0, False),
+    "stride_3000": ({}, 4 * H, False, None, 3000, 11, False),
+    "stride_8k_wide_around": ({"fault_around_bytes": 1 << 20}, 4 * H, False, None, 2 * P, 5, False),
+    "one_page": ({"read_ahead_kb": 0, "fault_around_bytes": P}, 2 * H, False, None, P, 3, False),
+    "shmem_thp": ({"shmem_enabled": "always"}, 4 * H, True, None, P, 0, False),
+    "file_thp": ({}, 4 * H, False, "hugepage", P, 0, True),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_batched_read_faults_end_as_the_faults_one_after_the_other(case):
+    """A touch's batch against the same accesses as single faults on an identical world: the same
+    outcomes, page tables, page-cache accounting and vmstat."""
+    knobs, size, shmem, advice, stride, before, thp = CASES[case]
+    worlds = [CheckedWorld(Knobs(**knobs), seed=1) for _ in range(2)]
+    for world in worlds:
+        if thp:
+            make_file_thp(world, "f", size)
+        else:
+            world.file_create("f", size, shmem=shmem)
+        world.spawn(1)
+        world.mmap(1, FIXED, 4 * H, "f")
+        if advice:
+            assert world.madvise(1, FIXED, 4 * H, advice) == 0
+        if before:
+            world.touch(1, FIXED + 3 * P, 4 * H - 3 * P, stride=before * P)
+    batched, single = worlds
+    counts = batched.touch(1, FIXED, 4 * H, stride=stride)
+    # The reference: thousands of steps, checked once at the end rather than after each.
+    single._checking = False
+    one_by_one: Counter[str] = Counter(single.fault(1, a) for a in range(FIXED, FIXED + 4 * H, stride))
+    single.check()
+    assert counts == dict(one_by_one)
+    assert _table(batched, 1) == _table(single, 1)
+    assert batched.vmstat() == single.vmstat()
+    assert batched.smaps(1) == single.smaps(1)
+    mem_b, mem_s = batched.collapser.mem, single.collapser.mem
+    assert (list(mem_b.ref), list(mem_b.mapcount)) == (list(mem_s.ref), list(mem_s.mapcount))

@@ -78,6 +78,9 @@ FAULT_THP_OK = 2
 # (which bounds the answer's rows: its frame stays far below the frame limits).
 MAX_BATCH_FAULTS = 8192
 MAX_BATCH_WINDOW_PAGES = 32768
+# A :class:`PageAnswers` record's status and flags.
+ANSWER_STATUS = (PageStatus.OK, PageStatus.SIGBUS, PageStatus.NOMEM)
+ANSWER_THP, ANSWER_PMD, ANSWER_MAJOR, ANSWER_SHMEM, ANSWER_ALLOCATED = 1, 2, 4, 8, 16
 
 
 class UprobeAction(enum.StrEnum):
@@ -143,21 +146,22 @@ class LookupPages(Message):
     """A populate's or a touch's read faults in one VMA, looked up in order as one step (GUP's
     populate runs them inside one mmap_lock read section, with no khugepaged work between them).
 
-    Each of ``faults`` is ``(index, lo, hi, flags)``: the fault's page index, its fault-around
-    window ``[lo, hi)`` in page indices (``(index, index + 1)`` without fault-around), and flags
-    :data:`FAULT_PMD_OK` / :data:`FAULT_THP_OK` as :class:`LookupPage`'s ``pmd_ok`` / ``thp_ok``.
-    ``present``: the indices of those windows already mapped when the batch was planned. The
-    collapser runs the faults as the remapper would one after the other: a fault whose index an
-    earlier one of the batch mapped (its fault-around) is a hit and is not looked up; the others
-    are :class:`LookupPage` s (purpose map, read) whose ``around`` is their window minus what is
-    mapped. It stops after a fault whose page is PMD-order (the remapper may map it whole, which
-    the window arithmetic does not follow) and, with ``stop_at_sigbus`` (populate), after a
-    SIGBUS."""
+    ``faults`` holds four integers per fault, flat (a batch holds thousands: flat integers cost
+    the codec least): the fault's page index, its fault-around window ``[lo, hi)`` in page indices
+    (``index, index + 1`` without fault-around), and flags :data:`FAULT_PMD_OK` /
+    :data:`FAULT_THP_OK` as :class:`LookupPage`'s ``pmd_ok`` / ``thp_ok``. ``present``: the
+    indices of those windows already mapped when the batch was planned. The collapser runs the
+    faults as the remapper would one after the other: a fault whose index an earlier one of the
+    batch mapped (its fault-around) is a hit and is not looked up; the others are
+    :class:`LookupPage` s (purpose map, read) whose ``around`` is their window minus what is mapped
+    by then. It stops after a fault whose page is PMD-order (the remapper may map it whole, which
+    the window arithmetic does not follow) or that failed with NOMEM (it made no page table) and,
+    with ``stop_at_sigbus`` (a populate), after a SIGBUS."""
 
     req: int
     ino: int
     vm_hugepage: bool
-    faults: tuple[tuple[int, int, int, int], ...]
+    faults: tuple[int, ...]
     present: tuple[int, ...] = ()
     stop_at_sigbus: bool = False
 
@@ -314,15 +318,16 @@ class PageAnswer(Message):
 @message("peer.page_answers")
 class PageAnswers(Message):
     """Answer to :class:`LookupPages`: ``done`` faults of the batch were run (the rest were not
-    looked up and changed nothing); ``answers`` holds, for each of them that was looked up, its
-    position in the batch and the fields of its :class:`PageAnswer` after ``req``. A fault run
-    without an answer was a hit."""
+    looked up and changed nothing). ``answers`` holds, flat, one record for each of them that was
+    looked up, in order: its position in the batch, the status (:data:`ANSWER_STATUS` index),
+    ``pfn``, ``head``, flags (:data:`ANSWER_THP`, ``_PMD``, ``_MAJOR``, ``_SHMEM``,
+    ``_ALLOCATED``), the number of fault-around pages and, for each, its index, pfn and whether
+    it is part of a THP (0/1): a :class:`PageAnswer` each. A fault run without a record was a
+    hit."""
 
     req: int
     done: int
-    answers: tuple[
-        tuple[int, PageStatus, int, int, bool, bool, bool, bool, tuple[tuple[int, int, bool], ...], bool], ...
-    ] = ()
+    answers: tuple[int, ...] = ()
 
 
 @message("peer.folio")

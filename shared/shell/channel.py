@@ -134,6 +134,11 @@ class Channel:
         """
         await self._out_send.send(encode_message(msg))
 
+    async def send_frames(self, frames: list[bytes]) -> None:
+        """Queue frames already encoded (:func:`~shared.protocol.framing.encode_message`) as one
+        write; waits while the queue is full. Errors: as :meth:`send` for the stream."""
+        await self._out_send.send(b"".join(frames))
+
     # -- receiving -----------------------------------------------------------------------------
 
     async def receive(self) -> Message:

@@ -64,6 +64,9 @@ class Driver:
         # Whether this loss of the peer has been reported as leaving the core not quiet.
         self._not_quiet_reported = False
         self.sent = 0
+        # The ``sent`` count up to which the peer is known to have processed everything (its
+        # answer to a lookup sent then has arrived).
+        self.acked = 0
         self.barrier_after: Callable[[int], Awaitable[None]] = _no_barrier
         self.clients = 0
         self.active_requests = 0
