@@ -232,6 +232,8 @@ class AddressSpace:
             write = advice == "populate_write"
             page = addr
             while page < end:
+                if self.actor.cancelled():
+                    raise UserError("ECANCELED", f"populate of process {pid} cancelled at {page:#x}: its caller went away")
                 cur = mm.find_vma(page)
                 if cur is None:
                     return {"result": "ENOMEM"}

@@ -341,6 +341,8 @@ class FaultPath:
         counts: Counter[str] = Counter()
         a, end = addr, addr + length
         while a < end:
+            if self.actor.cancelled():
+                raise UserError("ECANCELED", f"touch of process {pid} cancelled at {a:#x}: its caller went away")
             if not write:
                 nxt, _ = yield from self.read_faults(mm, a, end, stride, counts)
                 if nxt != a:

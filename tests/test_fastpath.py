@@ -23,7 +23,10 @@ from remapd.daemon import Remapd
 from remapd.mm import PTE_THP, PteTable
 from shared.knobs import Knobs
 from shared.protocol import messages as m
+from shared.protocol.messages import MAX_BATCH_FAULTS
 from shared.shell.channel import open_channel
+from shared.shell.requests import serve_client
+from shared.sim.invariants import check
 from shared.shell.job import Job
 from shared.units import HPAGE_PMD_NR, HPAGE_PMD_SHIFT, HPAGE_PMD_SIZE, PAGE_SIZE
 
@@ -170,3 +173,38 @@ def test_batched_read_faults_end_as_the_faults_one_after_the_other(case):
     assert batched.smaps(1) == single.smaps(1)
     mem_b, mem_s = batched.collapser.mem, single.collapser.mem
     assert (list(mem_b.ref), list(mem_b.mapcount)) == (list(mem_s.ref), list(mem_s.mapcount))
+
+
+async def test_a_touch_stops_soon_after_its_client_goes_away(autojump_clock):
+    """A client that closes its connection (as thpctl does when its --deadline passes) cancels
+    its 1 GiB touch: it stops within one batch, and the model is consistent after."""
+    gib = 1 << 30
+    async with daemons(read_ahead_kb=0, fault_around_bytes=4096) as d:
+        await d.call(m.FileCreate, name="f", size=gib)
+        await d.call(m.ProcSpawn, pid=1)
+        addr = (await d.call(m.Mmap, pid=1, addr=None, length=gib, name="f"))["addr"]
+        driver = d.remapd.driver
+        mm = d.remapd.core.mms[1]
+        client, server = trio.testing.memory_stream_pair()
+        async with trio.open_nursery() as nursery:
+
+            async def serve() -> None:
+                async with open_channel(server) as ch:
+                    await ch.handshake("remapd", initiator=False)
+                    await serve_client(driver, ch, d.remapd.handlers)
+
+            nursery.start_soon(serve)
+            async with open_channel(SlowStream(client)) as ch:
+                await ch.handshake("client")
+                await ch.send(m.Touch(1, pid=1, addr=addr, length=gib))
+                while mm.rss["MM_FILEPAGES"] < MAX_BATCH_FAULTS:  # the first batch is mapped
+                    await driver.changed()
+            mapped_at_close = mm.rss["MM_FILEPAGES"]
+            # The touch's task is done once nothing waits on the collapser any more.
+            with trio.fail_after(1):
+                while driver.active_requests or d.remapd.core.pending_calls():
+                    await driver.changed()
+        assert mapped_at_close <= mm.rss["MM_FILEPAGES"] <= mapped_at_close + MAX_BATCH_FAULTS < gib // PAGE_SIZE
+        await d.remapd.link.barrier()
+        check(d.collapsed.core, d.remapd.core)
+        assert d.collapsed.core.by_name["f"].nrpages == mm.rss["MM_FILEPAGES"]

@@ -18,6 +18,8 @@ class Job:
         self._barrier_after = barrier_after
         self._done = trio.Event()
         self._value: Any = None
+        # Tells the core that nobody waits for the operation any more (Driver.start sets it).
+        self.on_cancel: Callable[[], None] | None = None
 
     @property
     def finished(self) -> bool:
@@ -26,6 +28,11 @@ class Job:
     def set(self, value: Any) -> None:
         self._value = value
         self._done.set()
+
+    def cancel(self) -> None:
+        """The client went away: a long operation still running stops at its next step."""
+        if not self.finished and self.on_cancel is not None:
+            self.on_cancel()
 
     async def finished_wait(self) -> None:
         """Wait for the operation itself (not for the peer to have seen its effects)."""

@@ -169,7 +169,11 @@ async def _run_request(driver: Driver, handler: Handler | None, msg: Request[Any
         if isinstance(work, Stream):
             return work
         if isinstance(work, Job):
-            await work.finished_wait()
+            try:
+                await work.finished_wait()
+            except trio.Cancelled:
+                work.cancel()  # the client went away (or its deadline passed and it closed)
+                raise
             return work
         try:
             value = await work()
