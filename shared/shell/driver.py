@@ -55,6 +55,10 @@ async def _no_barrier(mark: int) -> None:
     pass
 
 
+def _no_barrier_needed(mark: int) -> bool:
+    return False
+
+
 class Driver:
     def __init__(self, core: Core, name: str):
         self.core = core
@@ -69,10 +73,14 @@ class Driver:
         # answer to a lookup sent then has arrived).
         self.acked = 0
         self.barrier_after: Callable[[int], Awaitable[None]] = _no_barrier
+        self.needs_barrier: Callable[[int], bool] = _no_barrier_needed
         self.clients = 0
         self.active_requests = 0
         self._t0 = trio.current_time()
         self._tick = trio.Event()
+        # Set when the core has something for the peer (or a peer came): the pump's own wake-up,
+        # so it is not woken by every event for nothing.
+        self._sendable = trio.Event()
         self._clock_wake = trio.Event()
         self._planned: float | None = None
 
@@ -99,6 +107,7 @@ class Driver:
     def peer_connected(self) -> None:
         self.connected = True
         self._not_quiet_reported = False
+        self._sendable.set()
 
     def peer_disconnected(self) -> None:
         self.connected = False
@@ -150,9 +159,17 @@ class Driver:
         self.wake()
 
     def wake(self) -> None:
-        """Wake every task waiting in :meth:`changed`."""
+        """Wake every task waiting in :meth:`changed` (and the pump if the outbox holds anything)."""
+        if self.core.outbox:
+            self._sendable.set()
         self._tick.set()
         self._tick = trio.Event()
+
+    async def sendable(self) -> None:
+        """Wait until the core has queued something for the peer, or a peer connected."""
+        if not self._sendable.is_set():
+            await self._sendable.wait()
+        self._sendable = trio.Event()
 
     async def changed(self) -> None:
         """Wait for the next event (a request, a peer message, a clock step, a reply sent)."""
@@ -165,7 +182,7 @@ class Driver:
     def start(self, fn: Callable[..., Any], *args: Any) -> Job:
         """Run ``fn(*args)`` on the core now; a generator becomes a core task. Errors (UserError,
         or a bug logged as EIO) become the job's result."""
-        job = Job(self.mark(), self.barrier_after)
+        job = Job(self.mark(), self.barrier_after, self.needs_barrier)
         self.guard(self.core.advance, self.now_ms())
         try:
             value = self.guard(fn, *args)
@@ -188,7 +205,7 @@ class Driver:
 
     def done(self, value: Any) -> Job:
         """A job that has already finished with ``value``."""
-        job = Job(self.mark(), self.barrier_after)
+        job = Job(self.mark(), self.barrier_after, self.needs_barrier)
         job.set(value)
         return job
 

@@ -13,9 +13,15 @@ class Job:
     """An operation started on the core; :meth:`result` waits for it and then, through
     ``barrier_after(mark)``, for the peer to have seen what it sent."""
 
-    def __init__(self, mark: int, barrier_after: Callable[[int], Awaitable[None]]):
+    def __init__(
+        self,
+        mark: int,
+        barrier_after: Callable[[int], Awaitable[None]],
+        needs_barrier: Callable[[int], bool] = lambda mark: False,
+    ):
         self._mark = mark
         self._barrier_after = barrier_after
+        self._needs_barrier = needs_barrier
         self._done = trio.Event()
         self._value: Any = None
         # Tells the core that nobody waits for the operation any more (Driver.start sets it).
@@ -28,6 +34,10 @@ class Job:
     def set(self, value: Any) -> None:
         self._value = value
         self._done.set()
+
+    def needs_barrier(self) -> bool:
+        """Whether :meth:`result` would wait for a round trip through the peer."""
+        return self._needs_barrier(self._mark)
 
     def cancel(self) -> None:
         """The client went away: a long operation still running stops at its next step."""

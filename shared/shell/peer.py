@@ -64,14 +64,19 @@ class PeerLink:
         # The fault lookups in flight: req -> the driver's ``sent`` count once it went out.
         self._lookups: dict[int, int] = {}
         driver.barrier_after = self.barrier_after
+        driver.needs_barrier = self.needs_barrier
 
     # -- the barrier --------------------------------------------------------------------------
 
-    async def barrier_after(self, mark: int) -> None:
-        """Round trip through the peer if the core has sent anything since ``mark`` that the peer
-        is not known to have processed (a fault's lookup, once answered, is)."""
+    def needs_barrier(self, mark: int) -> bool:
+        """Whether the core has sent anything since ``mark`` that the peer is not known to have
+        processed (a fault's lookup, once answered, is)."""
         driver = self.driver
-        if self.channel is not None and driver.mark() > max(mark, driver.acked):
+        return self.channel is not None and driver.mark() > max(mark, driver.acked)
+
+    async def barrier_after(self, mark: int) -> None:
+        """Round trip through the peer if :meth:`needs_barrier`."""
+        if self.needs_barrier(mark):
             await self.barrier()
 
     async def barrier(self, wait_for_peer: bool = False) -> bool:
@@ -163,7 +168,7 @@ class PeerLink:
         while True:
             peer = self.channel
             if peer is None or not outbox:
-                await driver.changed()
+                await driver.sendable()
                 continue
             frames: list[bytes] = []
             size = 0
