@@ -46,12 +46,15 @@ class Job:
 
     async def finished_wait(self) -> None:
         """Wait for the operation itself (not for the peer to have seen its effects)."""
-        await self._done.wait()
+        if not self._done.is_set():
+            await self._done.wait()
 
     async def result(self) -> Any:
         """The operation's value; raises the error (a UserError) it ended with."""
-        await self._done.wait()
-        await self._barrier_after(self._mark)
+        if not self._done.is_set():
+            await self._done.wait()
+        if self._needs_barrier(self._mark):
+            await self._barrier_after(self._mark)
         if isinstance(self._value, BaseException):
             raise self._value
         return self._value

@@ -126,7 +126,10 @@ async def serve_client(driver: Driver, ch: Channel, handlers: Handlers, idle_tim
                     if not isinstance(msg, Request):
                         raise ChannelError(f"{msg.TAG} is not a client request")
                     activity.started()
-                    await queue_send.send(msg)
+                    try:
+                        queue_send.send_nowait(msg)
+                    except trio.WouldBlock:
+                        await queue_send.send(msg)
             except ChannelError as err:
                 log.warning("protocol_error", errno=err.errno, reason=err.reason)
                 await send_quietly(ch, err.reply())
@@ -151,7 +154,10 @@ async def _execute(
     # Replies still waiting for the peer round trip count against the same limit.
     limiter = trio.Semaphore(MAX_PENDING_PER_CLIENT)
     async for msg in requests:
-        await limiter.acquire()
+        try:
+            limiter.acquire_nowait()
+        except trio.WouldBlock:
+            await limiter.acquire()
         job = await _run_request(driver, handlers.get(type(msg)), msg)
         if isinstance(job, Stream):
             limiter.release()
