@@ -70,9 +70,9 @@ class _Activity:
         self._changed = trio.Event()
 
     def touch(self) -> None:
+        # No wake-up: the watcher looks at ``last`` again when its deadline comes (a task switch
+        # per request saved).
         self.last = trio.current_time()
-        self._changed.set()
-        self._changed = trio.Event()
 
     def started(self) -> None:
         self.in_flight += 1
@@ -81,6 +81,9 @@ class _Activity:
     def finished(self) -> None:
         self.in_flight -= 1
         self.touch()
+        if not self.in_flight:
+            self._changed.set()
+            self._changed = trio.Event()
 
     async def idle_for(self, timeout: float) -> None:
         """Return once nothing has been in flight, nor arrived, for ``timeout`` seconds."""
@@ -91,8 +94,7 @@ class _Activity:
             deadline = self.last + timeout
             if trio.current_time() >= deadline:
                 return
-            with trio.move_on_at(deadline):
-                await self._changed.wait()
+            await trio.sleep_until(deadline)
 
 
 async def serve_client(driver: Driver, ch: Channel, handlers: Handlers, idle_timeout: float = 0.0) -> None:
