@@ -23,6 +23,7 @@ from remapd.daemon import Remapd
 from remapd.mm import PTE_THP, PteTable
 from shared.knobs import Knobs
 from shared.protocol import messages as m
+from shared.protocol.framing import FrameDecoder, batchable_body, encode_batch, encode_message
 from shared.protocol.messages import MAX_BATCH_FAULTS
 from shared.shell.channel import open_channel
 from shared.shell.requests import serve_client
@@ -39,8 +40,10 @@ class SlowStream(trio.abc.Stream):
 
     def __init__(self, inner: trio.abc.Stream):
         self.inner = inner
+        self.written = bytearray()  # everything sent, to look at its frames
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        self.written += data
         await trio.sleep(LATENCY_S)
         await self.inner.send_all(data)
 
@@ -59,6 +62,7 @@ class Pair:
         self.collapsed = collapsed
         self.remapd = remapd
         self._ids = iter(range(1, 1 << 30))
+        self.written: dict[str, bytearray] = {}
 
     def start(self, cls: type[m.Request[Any]], **fields: Any) -> Any:
         daemon = self.collapsed if cls.OP.route == "collapsed" else self.remapd
@@ -79,14 +83,17 @@ async def daemons(**knobs: Any) -> AsyncIterator[Pair]:
             nursery.start_soon(d.driver.run_clock)
             nursery.start_soon(d.link.pump)
 
+        slow = {"collapsed": SlowStream(left), "remapd": SlowStream(right)}
+
         async def side(d: Collapsed | Remapd, stream: trio.abc.Stream, role: str, initiator: bool) -> None:
-            async with open_channel(SlowStream(stream)) as ch:
+            async with open_channel(slow[role]) as ch:
                 await ch.handshake(role, initiator=initiator)
                 await d.link.serve(ch)
 
         nursery.start_soon(side, collapsed, left, "collapsed", False)
         nursery.start_soon(side, remapd, right, "remapd", True)
         pair = Pair(collapsed, remapd)
+        pair.written = {role: stream.written for role, stream in slow.items()}
         await remapd.link.barrier(wait_for_peer=True)
         yield pair
         nursery.cancel_scope.cancel()
@@ -208,3 +215,40 @@ async def test_a_touch_stops_soon_after_its_client_goes_away(autojump_clock):
         await d.remapd.link.barrier()
         check(d.collapsed.core, d.remapd.core)
         assert d.collapsed.core.by_name["f"].nrpages == mm.rss["MM_FILEPAGES"]
+
+
+def test_a_frame_of_many_messages_is_taken_in_order():
+    msgs = [m.Sync(1), m.MmExit(5), m.RmapDelta(((7, 1, 0, 0),)), m.Sync(2)]
+    bodies = [batchable_body(msg) for msg in msgs]
+    assert all(b is not None for b in bodies)
+    decoder = FrameDecoder()
+    decoder.feed(encode_batch(bodies) + encode_message(m.Sync(3)))
+    got = []
+    while (msg := decoder.next_message()) is not None:
+        got.append(msg)
+    assert got == [*msgs, m.Sync(3)]
+    assert decoder.statistics().frames_decoded == 2
+    # A large message never shares a frame (it could not nest within every limit).
+    assert batchable_body(m.RmapDelta(tuple((p, 1, 0, 0) for p in range(1, 2000)))) is None
+
+
+async def test_the_lookups_of_many_connections_share_one_peer_frame(autojump_clock):
+    """Single faults of eight processes started together reach the collapser as one write of
+    one frame, and their answers come back the same way."""
+    async with daemons(read_ahead_kb=0, fault_around_bytes=4096) as d:
+        await d.call(m.FileCreate, name="f", size=HPAGE_PMD_SIZE)
+        addrs = {}
+        for pid in range(1, 9):
+            await d.call(m.ProcSpawn, pid=pid)
+            addrs[pid] = (await d.call(m.Mmap, pid=pid, addr=None, length=HPAGE_PMD_SIZE, name="f"))["addr"]
+        sent = {role: len(w) for role, w in d.written.items()}
+        jobs = [d.start(m.Fault, pid=pid, addr=addrs[pid] + pid * PAGE_SIZE) for pid in addrs]
+        assert [await job.result() for job in jobs] == [{"result": "major"}] * 8
+        for role, kind in (("remapd", m.LookupPage), ("collapsed", m.PageAnswer)):
+            decoder = FrameDecoder()
+            decoder.feed(bytes(d.written[role][sent[role] :]))
+            got = []
+            while (msg := decoder.next_message()) is not None:
+                got.append(msg)
+            assert [type(msg) for msg in got] == [kind] * 8
+            assert decoder.statistics().frames_decoded == 1

@@ -192,7 +192,7 @@ class Channel:
         while True:
             obj = None
             try:
-                obj = self._decoder.next_object()
+                obj = self._decoder.next_wire()
                 if obj is not None:
                     self._partial_since = None
                     self._charge()

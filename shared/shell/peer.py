@@ -23,7 +23,7 @@ from shared.protocol import messages as m
 from shared.protocol.codec import ProtocolError
 from shared.protocol.schema import Message
 from shared.shell.auth import Secrets
-from shared.protocol.framing import encode_message
+from shared.protocol.framing import MAX_BATCH_MESSAGES, batchable_body, encode_batch, encode_message
 from shared.shell.channel import WRITE_BATCH_BYTES, Channel, ChannelError, open_channel, send_quietly
 from shared.shell.config import parse_address
 from shared.shell.driver import Driver
@@ -161,7 +161,8 @@ class PeerLink:
     async def pump(self) -> None:
         """Move the core's outbox onto the peer channel, as fast as the channel takes it: what
         the core queued since the last wake-up (every connection's lookups among it) goes out
-        as one write of up to :data:`~shared.shell.channel.WRITE_BATCH_BYTES`."""
+        as one write of up to :data:`~shared.shell.channel.WRITE_BATCH_BYTES`, its small
+        messages together in frames of many messages."""
         driver = self.driver
         outbox = driver.core.outbox
         lookups = self._lookups
@@ -170,7 +171,9 @@ class PeerLink:
             if peer is None or not outbox:
                 await driver.sendable()
                 continue
+            # Small messages share frames (encode_batch); a large one is a frame of its own.
             frames: list[bytes] = []
+            bodies: list[bytes] = []
             size = 0
             while outbox and size < WRITE_BATCH_BYTES:
                 msg = outbox.popleft()
@@ -179,11 +182,23 @@ class PeerLink:
                     lookups[msg.req] = driver.sent  # type: ignore[attr-defined]
                 try:
                     for part in split_for_frames(msg):
-                        frame = encode_message(part)
-                        frames.append(frame)
-                        size += len(frame)
+                        body = batchable_body(part)
+                        if body is None:
+                            if bodies:
+                                frames.append(encode_batch(bodies))
+                                bodies = []
+                            frames.append(encode_message(part))
+                            size += len(frames[-1])
+                            continue
+                        bodies.append(body)
+                        size += len(body)
+                        if len(bodies) == MAX_BATCH_MESSAGES:
+                            frames.append(encode_batch(bodies))
+                            bodies = []
                 except (ProtocolError, ValueError, TypeError, OverflowError):
                     log.exception("unsendable_peer_message", tag=msg.TAG)
+            if bodies:
+                frames.append(encode_batch(bodies))
             if not frames:
                 continue
             try:
