@@ -313,7 +313,8 @@ class Collapser(Actor):
         """A batch of read faults, run in order as one step (see :class:`LookupPages`): each
         fault's fault-around is its window minus what is mapped by then, which the batch follows
         as the remapper's page table would. Only a locked page makes it wait (and lets other work
-        run), as one fault would."""
+        run), as one fault would, and only as the batch's first fault: one behind others ends the
+        batch there."""
         epoch = self.peer_epoch
         mapped = set(msg.present)
         out: list[int] = []
@@ -329,6 +330,11 @@ class Collapser(Actor):
             while isinstance(answer := self.find_page(
                 ino, index, MAP, False, bool(flags & FAULT_PMD_OK), vm_hugepage, around, bool(flags & FAULT_THP_OK)
             ), int):
+                if pos:
+                    # The faults before it are done: answer them first, so that what they mapped
+                    # is mapped while this one sleeps; the remapper sends the rest again.
+                    self.send(m.PageAnswers(msg.req, pos, tuple(out)))
+                    return
                 yield Wait(("page", answer))
                 if self.peer_epoch != epoch:
                     return

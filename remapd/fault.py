@@ -514,7 +514,8 @@ class FaultPath:
             if reply.done == len(addrs):
                 hit += hits
                 return a, None
-            # The batch stopped after a large folio: go on after it (a populate past its PMD).
+            # The batch stopped early (after a large folio, or before a locked page): go on after
+            # its last fault (a populate past the PMD it mapped).
             hit += hits_before[reply.done - 1]
             last = addrs[reply.done - 1]
             if counts is None and isinstance(pmds.get(last >> HPAGE_PMD_SHIFT), int):

@@ -16,7 +16,7 @@ import pytest
 import trio
 import trio.testing
 from conftest import CheckedWorld
-from helpers import FIXED, H, P, make_file_thp
+from helpers import FIXED, H, P, make_file_thp, pte_at
 
 from collapsed.daemon import Collapsed
 from remapd.daemon import Remapd
@@ -252,3 +252,29 @@ async def test_the_lookups_of_many_connections_share_one_peer_frame(autojump_clo
                 got.append(msg)
             assert [type(msg) for msg in got] == [kind] * 8
             assert decoder.statistics().frames_decoded == 1
+
+
+def test_a_batch_that_meets_a_locked_page_waits_for_it(make_world):
+    """filemap_fault sleeps on a locked folio: the batch waits at that page (and other work may run
+    meanwhile, as while one fault sleeps), then finishes as the faults one by one would."""
+    world = make_world()
+    world.file_create("f", H)
+    world.file_write("f", 0, H)  # every page cached, small
+    world.spawn(1)
+    world.mmap(1, FIXED, H, "f")
+    f = world.collapser.by_name["f"]
+    locked = f.get(100)
+    world._checking = False  # the page locked by hand is a lock the checker would not know
+    assert world.collapser.cache.trylock(locked)
+    touch = world.start(world.remapper, world.remapper.touch(1, FIXED, H))
+    assert not touch.done
+    # The faults before it are mapped while it sleeps, accounting and page table alike, as one
+    # by one; nothing after it is.
+    mapcount = world.collapser.mem.mapcount
+    assert [bool(pte_at(world, 1, FIXED + i * P)) for i in range(HPAGE_PMD_NR)] == [i < 100 for i in range(HPAGE_PMD_NR)]
+    assert [mapcount[f.get(i)] for i in range(HPAGE_PMD_NR)] == [int(i < 100) for i in range(HPAGE_PMD_NR)]
+    world.collapser.cache.unlock(locked)
+    world._checking = True
+    world.settle()
+    assert touch.result() == {"minor": HPAGE_PMD_NR}
+    assert world.smaps(1)[0]["Rss"] == H // 1024

@@ -155,8 +155,9 @@ class LookupPages(Message):
     batch mapped (its fault-around) is a hit and is not looked up; the others are
     :class:`LookupPage` s (purpose map, read) whose ``around`` is their window minus what is mapped
     by then. It stops after a fault whose page is PMD-order (the remapper may map it whole, which
-    the window arithmetic does not follow) or that failed with NOMEM (it made no page table) and,
-    with ``stop_at_sigbus`` (a populate), after a SIGBUS."""
+    the window arithmetic does not follow) or that failed with NOMEM (it made no page table),
+    with ``stop_at_sigbus`` (a populate) after a SIGBUS, and before a fault whose page is locked
+    unless it is the first (which waits for the unlock, as one fault does)."""
 
     req: int
     ino: int
