@@ -34,6 +34,13 @@ from shared.units import HPAGE_PMD_NR, PAGE_SHIFT, PAGE_SIZE
 
 # A fault lookup's answers (looked up once: faults are hot).
 _OK, _SIGBUS, _NOMEM = m.PageStatus.OK, m.PageStatus.SIGBUS, m.PageStatus.NOMEM
+MAP = m.Purpose.MAP
+_STATUS_CODE = {status: code for code, status in enumerate(m.ANSWER_STATUS)}
+FAULT_PMD_OK, FAULT_THP_OK = m.FAULT_PMD_OK, m.FAULT_THP_OK
+# A PageAnswer's fields after ``req``: status, pfn, head, thp, pmd, major, shmem, around, allocated.
+PageAnswerFields = tuple[m.PageStatus, int, int, bool, bool, bool, bool, tuple[tuple[int, int, bool], ...], bool]
+_SIGBUS_ANSWER: PageAnswerFields = (_SIGBUS, 0, 0, False, False, False, False, (), False)
+_NOMEM_ANSWER: PageAnswerFields = (_NOMEM, 0, 0, False, False, False, False, (), False)
 
 # What a daemon passes as ``resched_pages``: ~10 ms of a write's work between two yields.
 RESCHED_PAGES = 4096
@@ -159,6 +166,8 @@ class Collapser(Actor):
         if isinstance(msg, m.LookupPage):
             if self.lookup_page(msg) is not None:
                 self.spawn(self._lookup(msg), name="lookup")
+        elif isinstance(msg, m.LookupPages):
+            self.spawn(self._lookup_batch(msg), name="lookup_batch")
         elif isinstance(msg, m.RmapDelta):
             self.cache.apply_rmap(msg.rows)
         elif isinstance(msg, m.MarkDirty):
@@ -324,66 +333,132 @@ class Collapser(Actor):
     def lookup_page(self, msg: m.LookupPage) -> int | None:
         """One attempt at a fault lookup: answers and returns None, or returns the locked page
         the fault has to wait for (the common case answers without a task: faults are hot)."""
+        answer = self.find_page(
+            msg.ino, msg.index, msg.purpose, msg.write, msg.pmd_ok, msg.vm_hugepage, msg.around, msg.thp_ok
+        )
+        if isinstance(answer, int):
+            return answer
+        self.send(m.PageAnswer(msg.req, *answer))
+        return None
+
+    def _lookup_batch(self, msg: m.LookupPages) -> Generator[Any, Any, None]:
+        """A batch of read faults, run in order as one step (see :class:`LookupPages`): each
+        fault's fault-around is its window minus what is mapped by then, which the batch follows
+        as the remapper's page table would. Only a locked page makes it wait (and lets other work
+        run), as one fault would, and only as the batch's first fault: one behind others ends the
+        batch there."""
+        epoch = self.peer_epoch
+        mapped = set(msg.present)
+        out: list[int] = []
+        done = 0
+        ino, vm_hugepage, stop_at_sigbus = msg.ino, msg.vm_hugepage, msg.stop_at_sigbus
+        faults = msg.faults
+        for pos in range(len(faults) // 4):
+            index, lo, hi, flags = faults[4 * pos : 4 * pos + 4]
+            done = pos + 1
+            if index in mapped:
+                continue
+            around = tuple(i for i in range(lo, hi) if i != index and i not in mapped) if hi - lo > 1 else ()
+            while isinstance(answer := self.find_page(
+                ino, index, MAP, False, bool(flags & FAULT_PMD_OK), vm_hugepage, around, bool(flags & FAULT_THP_OK)
+            ), int):
+                if pos:
+                    # The faults before it are done: answer them first, so that what they mapped
+                    # is mapped while this one sleeps; the remapper sends the rest again.
+                    self.send(m.PageAnswers(msg.req, pos, tuple(out)))
+                    return
+                yield Wait(("page", answer))
+                if self.peer_epoch != epoch:
+                    return
+            status, pfn, head, thp, pmd, major, shmem, around_mapped, allocated = answer
+            out += (
+                pos,
+                _STATUS_CODE[status],
+                pfn,
+                head,
+                thp | pmd << 1 | major << 2 | shmem << 3 | allocated << 4,
+                len(around_mapped),
+            )
+            for a_index, a_pfn, a_thp in around_mapped:
+                out += (a_index, a_pfn, int(a_thp))
+            # A PMD-order page may be mapped whole; a fault that failed made no page table.
+            if thp or status == _NOMEM or (stop_at_sigbus and status == _SIGBUS):
+                break
+            if status == _OK:
+                mapped.add(index)
+            mapped.update(a[0] for a in around_mapped)  # past EOF too (do_read_fault)
+        self.send(m.PageAnswers(msg.req, done, tuple(out)))
+
+    def find_page(
+        self,
+        ino: int,
+        index: int,
+        purpose: str,
+        write: bool,
+        pmd_ok: bool,
+        vm_hugepage: bool,
+        around_indices: tuple[int, ...],
+        thp_ok: bool,
+    ) -> int | PageAnswerFields:
+        """filemap_fault / shmem_fault for one lookup: the fields of its :class:`PageAnswer` after
+        ``req`` (the mapping already accounted), or the locked page the fault must wait for."""
         mem = self.mem
         cache = self.cache
-        f = cache.files.get(msg.ino)
+        f = cache.files.get(ino)
         if f is None:
-            self.send(m.PageAnswer(msg.req, _SIGBUS))
-            return None
-        if msg.index >= f.nr_pages_size:
+            return _SIGBUS_ANSWER
+        if index >= f.nr_pages_size:
             # do_read_fault: do_fault_around maps the window's cached pages below EOF before
             # ->fault (shmem_fault, filemap_fault) answers SIGBUS for the page itself.
-            around = self._fault_around(f, msg.around) if msg.around and msg.purpose == "map" else ()
-            self.send(m.PageAnswer(msg.req, _SIGBUS, around=around))
-            return None
-        value = f.get(msg.index)
+            if not around_indices or purpose != MAP:
+                return _SIGBUS_ANSWER
+            return (_SIGBUS, 0, 0, False, False, False, f.shmem, self._fault_around(f, around_indices), False)
+        value = f.get(index)
         if value > 0 and mem.flags[mem.head(value)] & PG_LOCKED:
             return mem.head(value)
         # do_fault_around runs first: it maps what the cache holds around the fault.
-        around = self._fault_around(f, msg.around) if msg.around and msg.purpose == "map" else ()
+        around = self._fault_around(f, around_indices) if around_indices and purpose == "map" else ()
         major = allocated = False
         if value > 0:
             pfn = value
         elif value < 0:
-            pfn = cache.add_small_page(f, msg.index)
+            pfn = cache.add_small_page(f, index)
             if pfn:
                 self.vm["pswpin"] += 1
             major = True
         elif f.shmem:
             # shmem_get_folio_gfp: the folio's size depends on the VMA and the page cache only
             # (pmd_ok implies thp_ok; an older remapper sends pmd_ok alone).
-            pfn = self._shmem_alloc(f, msg.index, msg.thp_ok or msg.pmd_ok, msg.vm_hugepage)
+            pfn = self._shmem_alloc(f, index, thp_ok or pmd_ok, vm_hugepage)
             allocated = True
         else:
-            pfn = cache.add_small_page(f, msg.index)
+            pfn = cache.add_small_page(f, index)
             if pfn:
-                self._read_around(f, msg.index, msg.vm_hugepage)
+                self._read_around(f, index, vm_hugepage)
             major = True
         if not pfn:
             # Memory is full: VM_FAULT_OOM. The fault-around mappings go back with the answer
             # (the remapper maps nothing for a failed lookup).
             for _, around_pfn, _ in around:
                 cache.apply_rmap(((around_pfn, -1, 0, 0),))
-            self.send(m.PageAnswer(msg.req, _NOMEM))
-            return None
+            return _NOMEM_ANSWER
         if major:
             self.vm["pgmajfault"] += 1
         head = mem.head(pfn)
         thp = bool(mem.flags[head] & PG_HEAD)
         pmd = False
-        if msg.purpose == "map":
+        if purpose == "map":
             # A regular file's THP is PMD-mapped only inside i_size (finish_fault, 6.18).
-            if thp and msg.pmd_ok and (f.shmem or mem.index[head] + HPAGE_PMD_NR <= f.nr_pages_size):
+            if thp and pmd_ok and (f.shmem or mem.index[head] + HPAGE_PMD_NR <= f.nr_pages_size):
                 pmd = True
                 cache.apply_rmap(((head, 0, 1, 0),))
             else:
                 cache.apply_rmap(((pfn, 1, 0, 0),))
-            if msg.write:
+            if write:
                 cache.set_dirty(head)
-        elif msg.purpose == "pin":
+        elif purpose == "pin":
             cache.apply_rmap(((pfn, 0, 0, 1),))
-        self.send(m.PageAnswer(msg.req, _OK, pfn, head, thp, pmd, major, f.shmem, around, allocated))
-        return None
+        return (_OK, pfn, head, thp, pmd, major, f.shmem, around, allocated)
 
     def _fault_around(self, f: File, indices: tuple[int, ...]) -> tuple[tuple[int, int, bool], ...]:
         """filemap_map_pages: map the cached, uptodate, unlocked pages among ``indices`` that lie

@@ -47,6 +47,10 @@ MAX_COUNT = (1 << 31) - 1
 # do_fault_around's window lies within one PMD: at most this many other indices.
 MAX_AROUND = HPAGE_PMD_NR
 PURPOSES = frozenset(("map", "copy", "pin"))
+# A LookupPages batch: its faults, and the pages of their windows together (what the answer's
+# fault-around rows may hold).
+MAX_BATCH_FAULTS = m.MAX_BATCH_FAULTS
+MAX_BATCH_WINDOW_PAGES = m.MAX_BATCH_WINDOW_PAGES
 _SCAN_RESULTS = frozenset(int(r) for r in ScanResult)
 
 # The reply each of the collapser's requests expects.
@@ -128,6 +132,25 @@ def _lookup_page(c: Collapser, msg: m.LookupPage) -> None:
         # (A repeated index would only give the remapper two mappings of a page to hand back.)
         if min(around) < 0 or max(around) > MAX_PAGE_INDEX:
             raise PeerError(f"lookup_page: a fault-around page index is outside 0..{MAX_PAGE_INDEX}")
+
+
+def _lookup_pages(c: Collapser, msg: m.LookupPages) -> None:
+    """Four integers per fault; every fault's index and window inside the page index range, the
+    window within one PMD's worth of pages and holding its fault; the batch no longer than a
+    remapper plans one."""
+    faults = msg.faults
+    if len(faults) % 4 or len(faults) > 4 * MAX_BATCH_FAULTS:
+        raise PeerError(f"lookup_pages: {len(faults)} integers for faults (4 each, at most {MAX_BATCH_FAULTS})")
+    if len(msg.present) > MAX_BATCH_WINDOW_PAGES:
+        raise PeerError(f"lookup_pages: {len(msg.present)} present indices (at most {MAX_BATCH_WINDOW_PAGES})")
+    pages = 0
+    for pos in range(0, len(faults), 4):
+        index, lo, hi, flags = faults[pos : pos + 4]
+        if not (0 <= lo <= index < hi <= MAX_PAGE_INDEX + 1 and hi - lo <= MAX_AROUND and 0 <= flags <= 3):
+            raise PeerError(f"lookup_pages: bad fault {_short((index, lo, hi, flags))}")
+        pages += hi - lo
+    if pages > MAX_BATCH_WINDOW_PAGES:
+        raise PeerError(f"lookup_pages: windows of {pages} pages (at most {MAX_BATCH_WINDOW_PAGES})")
 
 
 def _rmap_delta(c: Collapser, msg: m.RmapDelta) -> None:
@@ -350,6 +373,7 @@ _CHECKS: dict[type[Message], Callable[[Collapser, Any], None]] = {
     m.PageQuery: _page_query,
     m.PunchHole: _punch_hole,
     m.LookupPage: _lookup_page,
+    m.LookupPages: _lookup_pages,
     m.RmapDelta: _rmap_delta,
     m.MarkDirty: _mark_dirty,
     m.RegisterRange: _register_range,

@@ -267,11 +267,20 @@ class AddressSpace:
             write = advice == "populate_write"
             page = addr
             while page < end:
+                if self.actor.cancelled():
+                    raise UserError("ECANCELED", f"populate of process {pid} cancelled at {page:#x}: its caller went away")
                 cur = mm.find_vma(page)
                 if cur is None:
                     return {"result": "ENOMEM"}
                 if (write and not cur.prot & PROT_WRITE) or not cur.prot & PROT_READ:
                     return {"result": "EINVAL"}
+                if not write:
+                    nxt, failed = yield from self.faults.read_faults(mm, page, end, PAGE_SIZE, None)
+                    if failed is not None:
+                        return {"result": "EFAULT"}
+                    if nxt != page:
+                        page = nxt
+                        continue
                 result = yield from self.faults.do_user_addr_fault(pid, page, write)
                 if result in ("sigsegv", "sigbus"):
                     return {"result": "EFAULT"}
@@ -586,6 +595,13 @@ class AddressSpace:
             # FOLL_WRITE where a write would break CoW (private writable), else a read fault.
             write = bool(vma.prot & PROT_WRITE) and not vma.shared
             while page < stop:
+                if not write:
+                    resume, failed = yield from self.faults.read_faults(mm, page, stop, PAGE_SIZE, None)
+                    if failed is not None:
+                        return "ENOMEM"
+                    if resume != page:
+                        page = resume
+                        continue
                 result = yield from self.faults.do_user_addr_fault(mm.pid, page, write)
                 if result in ("sigsegv", "sigbus"):
                     return "ENOMEM"

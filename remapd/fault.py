@@ -45,7 +45,12 @@ from shared.vm import PROT_READ, PROT_WRITE
 
 # Bound once: reading an Enum member through its class runs a descriptor (Python 3.11), which
 # the fault path would pay on every fault.
-MAP, COPY, OK = m.Purpose.MAP, m.Purpose.COPY, m.PageStatus.OK
+MAP, COPY, OK, SIGBUS = m.Purpose.MAP, m.Purpose.COPY, m.PageStatus.OK, m.PageStatus.SIGBUS
+FAULT_PMD_OK, FAULT_THP_OK = m.FAULT_PMD_OK, m.FAULT_THP_OK
+MAX_BATCH_FAULTS, MAX_BATCH_WINDOW_PAGES = m.MAX_BATCH_FAULTS, m.MAX_BATCH_WINDOW_PAGES
+ANSWER_STATUS = m.ANSWER_STATUS
+ANSWER_THP, ANSWER_PMD, ANSWER_MAJOR = m.ANSWER_THP, m.ANSWER_PMD, m.ANSWER_MAJOR
+ANSWER_SHMEM, ANSWER_ALLOCATED = m.ANSWER_SHMEM, m.ANSWER_ALLOCATED
 
 
 class FaultPath:
@@ -226,61 +231,74 @@ class FaultPath:
                 if mm.exiting:
                     return "sigsegv"
                 continue
-            if cow:
-                # do_cow_fault: a private anon copy of the file page, unless another fault mapped
-                # something here meanwhile (finish_fault's !pte_none: VM_FAULT_NOPAGE); a copy's
-                # lookup accounted nothing, so the fault just handles what is there now.
-                current = mm.pmds.get(pidx)
-                if isinstance(current, int) or (current is not None and current.ptes[slot]):
-                    continue
-                if self._anon_full():
-                    return "nomem"
-                vma.anon_vma_prepare()
-                self.pagetables.set_pte_at(mm, pidx, slot, pte_make(self.anon.alloc(), PTE_ANON | PTE_WRITE))
-                self.vm["thpsplit_cow_fault"] += 1
-                return "major" if reply.major else "minor"
+            result = self._map_answer(mm, vma, addr, write, cow, nr_around, reply)
+            if result is not None:
+                return result
+
+    def _map_answer(
+        self, mm: Mm, vma: Vma, addr: int, write: bool, cow: bool, nr_around: int, reply: m.PageAnswer
+    ) -> str | None:
+        """finish_fault with the page-cache answer, mmap_lock held and the VMA revalidated: the
+        fault's outcome, or None when it lost a race (the answer handed back) and must start
+        again."""
+        pidx = addr >> HPAGE_PMD_SHIFT
+        slot = (addr >> PAGE_SHIFT) & (HPAGE_PMD_NR - 1)
+        haddr = addr & ~(HPAGE_PMD_SIZE - 1)
+        if cow:
+            # do_cow_fault: a private anon copy of the file page, unless another fault mapped
+            # something here meanwhile (finish_fault's !pte_none: VM_FAULT_NOPAGE); a copy's
+            # lookup accounted nothing, so the fault just handles what is there now.
             current = mm.pmds.get(pidx)
-            if reply.pmd:
-                if current is None:
-                    self.pagetables.do_set_pmd(mm, pidx, reply.head, reply.shmem, accounted=True)
-                    self._map_around(mm, vma, reply, install=False)
-                    return "pmd"
-                self.rmap.add(reply.head, pmd=-1)  # lost a race with another fault: look again
-                self._map_around(mm, vma, reply, install=False)
-                continue
             if isinstance(current, int) or (current is not None and current.ptes[slot]):
-                self.rmap.add(reply.pfn, pte=-1)
-                self._map_around(mm, vma, reply, install=False)
-                continue
-            # A PMD-order folio that lies inside the VMA and this PMD's page table is mapped whole
-            # (finish_fault, filemap_map_folio_range), a regular file's only inside i_size.
-            whole = False
-            if reply.thp and vma.pmd_suitable(haddr) and self._can_map_large(vma, addr, reply.shmem):
-                if current is None and not vma.nohugepage:
-                    # finish_fault: the table went (retracted while we waited on the page lock),
-                    # so do_set_pmd maps the THP rather than a PTE in a new table.
-                    self.rmap.add(reply.pfn, pte=-1)
-                    self.pagetables.do_set_pmd(mm, pidx, reply.head, reply.shmem, accounted=False)
-                    self._map_around(mm, vma, reply, install=False)
-                    return "pmd"
-                # finish_fault (no fault-around ran, or the folio was not in the cache for it)
-                # maps the whole folio only where every PTE of it is none (pte_range_none), else
-                # the one page; fault-around (filemap_map_folio_range) maps it around what is
-                # present.
-                whole = current is None or not current.nr or (
-                    nr_around > 1 and not reply.major and not reply.allocated
-                )
-            flags = (PTE_THP if reply.thp else 0) | (PTE_SHMEM if reply.shmem else 0)
-            if write:
-                flags |= PTE_WRITE | PTE_DIRTY
-            elif reply.shmem and vma.writes_file:
-                flags |= PTE_WRITE  # shmem wants no write-notify: vm_page_prot is writable
-            self.pagetables.set_pte_at(mm, pidx, slot, pte_make(reply.pfn, flags))
-            if reply.around:
-                self._map_around(mm, vma, reply, install=True)
-            if whole:
-                self.pagetables.map_folio_ptes(mm, pidx, reply.head, flags)
+                return None
+            if self._anon_full():
+                return "nomem"
+            vma.anon_vma_prepare()
+            self.pagetables.set_pte_at(mm, pidx, slot, pte_make(self.anon.alloc(), PTE_ANON | PTE_WRITE))
+            self.vm["thpsplit_cow_fault"] += 1
             return "major" if reply.major else "minor"
+        current = mm.pmds.get(pidx)
+        if reply.pmd:
+            if current is None:
+                self.pagetables.do_set_pmd(mm, pidx, reply.head, reply.shmem, accounted=True)
+                self._map_around(mm, vma, reply, install=False)
+                return "pmd"
+            self.rmap.add(reply.head, pmd=-1)  # lost a race with another fault: look again
+            self._map_around(mm, vma, reply, install=False)
+            return None
+        if isinstance(current, int) or (current is not None and current.ptes[slot]):
+            self.rmap.add(reply.pfn, pte=-1)
+            self._map_around(mm, vma, reply, install=False)
+            return None
+        # A PMD-order folio that lies inside the VMA and this PMD's page table is mapped whole
+        # (finish_fault, filemap_map_folio_range), a regular file's only inside i_size.
+        whole = False
+        if reply.thp and vma.pmd_suitable(haddr) and self._can_map_large(vma, addr, reply.shmem):
+            if current is None and not vma.nohugepage:
+                # finish_fault: the table went (retracted while we waited on the page lock),
+                # so do_set_pmd maps the THP rather than a PTE in a new table.
+                self.rmap.add(reply.pfn, pte=-1)
+                self.pagetables.do_set_pmd(mm, pidx, reply.head, reply.shmem, accounted=False)
+                self._map_around(mm, vma, reply, install=False)
+                return "pmd"
+            # finish_fault (no fault-around ran, or the folio was not in the cache for it)
+            # maps the whole folio only where every PTE of it is none (pte_range_none), else
+            # the one page; fault-around (filemap_map_folio_range) maps it around what is
+            # present.
+            whole = current is None or not current.nr or (
+                nr_around > 1 and not reply.major and not reply.allocated
+            )
+        flags = (PTE_THP if reply.thp else 0) | (PTE_SHMEM if reply.shmem else 0)
+        if write:
+            flags |= PTE_WRITE | PTE_DIRTY
+        elif reply.shmem and vma.writes_file:
+            flags |= PTE_WRITE  # shmem wants no write-notify: vm_page_prot is writable
+        self.pagetables.set_pte_at(mm, pidx, slot, pte_make(reply.pfn, flags))
+        if reply.around:
+            self._map_around(mm, vma, reply, install=True)
+        if whole:
+            self.pagetables.map_folio_ptes(mm, pidx, reply.head, flags)
+        return "major" if reply.major else "minor"
 
     def _can_map_large(self, vma: Vma, addr: int, shmem: bool) -> bool:
         """The i_size rule of finish_fault and filemap_map_pages (6.18, "mm/memory: do not
@@ -384,12 +402,19 @@ class FaultPath:
         mms, hits = self.mms, self._hits
         a, end = addr, addr + length
         while a < end:
+            if self.actor.cancelled():
+                raise UserError("ECANCELED", f"touch of process {pid} cancelled at {a:#x}: its caller went away")
             # Accesses to what is mapped already are counted in runs, without a task step each;
             # the mm must still be the one the touch began with (the slow path looks it up).
             if mms.get(pid) is mm and (n := hits(mm, a, end, write, stride)):
                 counts["hit"] += n
                 a += n * stride
                 continue
+            if not write:
+                nxt, _ = yield from self.read_faults(mm, a, end, stride, counts)
+                if nxt != a:
+                    a = nxt
+                    continue
             result = yield from self.do_user_addr_fault(pid, a, write)
             counts[result] += 1
             a += stride
@@ -403,6 +428,192 @@ class FaultPath:
                     self.vm["pgfault"] += skip
                     a += skip * stride
         return dict(counts)
+
+    # -- batched read faults (GUP's populate) --------------------------------------------------
+
+    def read_faults(
+        self, mm: Mm, addr: int, end: int, stride: int, counts: Counter[str] | None
+    ) -> Generator[Any, Any, tuple[int, str | None]]:
+        """Read faults every ``stride`` bytes of [addr, end) inside the VMA holding ``addr``,
+        looked up as one :class:`~shared.protocol.messages.LookupPages` (populate_vma_page_range
+        runs them inside one mmap_lock read section, so no khugepaged work comes between them),
+        with the outcomes :meth:`do_user_addr_fault` would have one after the other, added to
+        ``counts`` (a touch). Without ``counts`` (a populate) the batch stops at a SIGBUS and a
+        PMD mapping is passed over whole. Returns where to go on and ``"sigbus"`` when a populate
+        stopped there; where to go on is ``addr`` itself when the batch cannot take it (no
+        readable VMA: the caller faults it alone, which reports why)."""
+        yield from self.locks.mmap_read_lock(mm)
+        try:
+            return (yield from self._read_batch(mm, addr, end, stride, counts))
+        finally:
+            self.locks.mmap_read_unlock(mm)
+
+    def _read_batch(
+        self, mm: Mm, addr: int, end: int, stride: int, counts: Counter[str] | None
+    ) -> Generator[Any, Any, tuple[int, str | None]]:
+        vma = mm.find_vma(addr)
+        if vma is None or mm.exiting or not vma.prot & PROT_READ:
+            return addr, None
+        # Plan: the accesses that find a PTE (or a PMD) are hits now; each other one is a fault
+        # of the batch, with its do_fault_around window and the window's present pages.
+        nr = self.knobs.fault_around_pages()
+        limit = min(end, vma.end)
+        shmem = vma.ino in self.shmem_inos
+        pmds = mm.pmds
+        start, pgoff = vma.start, vma.pgoff
+        faults: list[int] = []
+        addrs: list[int] = []
+        hits_before: list[int] = []  # hits planned before each fault
+        present: list[int] = []
+        windows: set[int] = set()
+        tables: set[int] = set()
+        hits = pages = 0
+        a = addr
+        window_bytes = nr << PAGE_SHIFT
+        while a < limit and len(addrs) < MAX_BATCH_FAULTS and pages + nr <= MAX_BATCH_WINDOW_PAGES:
+            pidx = a >> HPAGE_PMD_SHIFT
+            entry = pmds.get(pidx)
+            if isinstance(entry, int):
+                # PMD-mapped: a touch hits at every access up to its end; a populate's one fault
+                # finds the PMD and goes on at its end.
+                nxt = min((pidx + 1) << HPAGE_PMD_SHIFT, limit)
+                if counts is not None:
+                    n = -(-(nxt - a) // stride)
+                    hits += n
+                    a += n * stride
+                else:
+                    hits += 1
+                    a = nxt
+                continue
+            page = a & ~(PAGE_SIZE - 1)
+            if entry is not None and entry.ptes[(page >> PAGE_SHIFT) & (HPAGE_PMD_NR - 1)]:
+                hits += 1
+                a += stride
+                continue
+            haddr = pidx << HPAGE_PMD_SHIFT
+            if pidx not in tables:
+                tables.add(pidx)
+                suitable = not vma.nohugepage and vma.pmd_suitable(haddr)
+                # The first fault of the batch in a PMD without a table may map a PMD; the ones
+                # after it find the table it made (a fault that fails ends the batch).
+                later = FAULT_THP_OK if suitable and shmem else 0
+                flags = FAULT_PMD_OK | FAULT_THP_OK if suitable and entry is None else later
+            else:
+                flags = later
+            if nr > 1:
+                lo = max(page & ~(window_bytes - 1), start, haddr)
+                hi = min(lo + window_bytes, vma.end, haddr + HPAGE_PMD_SIZE)
+                if entry is not None and lo not in windows:
+                    windows.add(lo)
+                    ptes = entry.ptes
+                    present.extend(
+                        pgoff + ((p - start) >> PAGE_SHIFT)
+                        for p in range(lo, hi, PAGE_SIZE)
+                        if ptes[(p >> PAGE_SHIFT) & (HPAGE_PMD_NR - 1)]
+                    )
+            else:
+                lo, hi = page, page + PAGE_SIZE
+            first = pgoff + ((lo - start) >> PAGE_SHIFT)
+            n = (hi - lo) >> PAGE_SHIFT
+            faults += (pgoff + ((page - start) >> PAGE_SHIFT), first, first + n, flags)
+            addrs.append(a)
+            hits_before.append(hits)
+            pages += n
+            a += stride
+        if not addrs:
+            self._count_hits(counts, hits)
+            return a, None
+        self.locks.mmap_read_unlock(mm)
+        reply = yield Call(
+            m.LookupPages(
+                self.actor.new_req(), vma.ino, vma.hugepage, tuple(faults), tuple(present), counts is None
+            )
+        )
+        records = _records(reply.answers)
+        relocked = mm.lock.try_read()
+        if not relocked or mm.exiting or mm.find_vma(addr) is not vma:
+            # As one fault does (VM_FAULT_RETRY): hand everything back and start again, here.
+            self._hand_back(mm, vma, records, 0)
+            while not relocked:
+                yield self.locks.wait(mm)
+                relocked = mm.lock.try_read()
+            self._count_hits(counts, hits_before[0])
+            return addrs[0], None
+        if not reply.done:
+            self._count_hits(counts, hits_before[0])
+            return addrs[0], None
+        k = 0
+        n_records = len(records)
+        hit = 0
+        outcomes: Counter[str] = Counter()
+        try:
+            for pos in range(reply.done):
+                fa = addrs[pos]
+                page = fa & ~(PAGE_SIZE - 1)
+                entry = pmds.get(page >> HPAGE_PMD_SHIFT)
+                mapped = isinstance(entry, int) or (
+                    entry is not None and bool(entry.ptes[(page >> PAGE_SHIFT) & (HPAGE_PMD_NR - 1)])
+                )
+                looked_up = k < n_records and records[k][0] == pos
+                if looked_up == mapped:
+                    # Our page table moved while the batch was out (another thread's fault mapped
+                    # a page, or unmapped one): hand back what is left and go on from here.
+                    hit += hits_before[pos]
+                    self._hand_back(mm, vma, records, k)
+                    return fa, None
+                if not looked_up:
+                    hit += 1
+                    continue
+                answer = records[k][1]
+                k += 1
+                result = str(answer.status)
+                if answer.status != OK:
+                    # Past EOF, fault-around has mapped what the cache holds below it first.
+                    self._map_around(mm, vma, answer, install=True)
+                else:
+                    mapped_as = self._map_answer(mm, vma, page, False, False, nr, answer)
+                    if mapped_as is None:
+                        hit += hits_before[pos]
+                        self._hand_back(mm, vma, records, k)
+                        return fa, None
+                    result = mapped_as
+                outcomes[result] += 1
+                if counts is None and result == SIGBUS:
+                    hit += hits_before[pos]
+                    return fa, result
+            if reply.done == len(addrs):
+                hit += hits
+                return a, None
+            # The batch stopped early (after a large folio, or before a locked page): go on after
+            # its last fault (a populate past the PMD it mapped).
+            hit += hits_before[reply.done - 1]
+            last = addrs[reply.done - 1]
+            if counts is None and isinstance(pmds.get(last >> HPAGE_PMD_SHIFT), int):
+                return (last | (HPAGE_PMD_SIZE - 1)) + 1, None
+            return last + stride, None
+        finally:
+            self.vm["pgfault"] += sum(outcomes.values())
+            if counts is not None:
+                counts.update(outcomes)
+            self._count_hits(counts, hit)
+
+    def _count_hits(self, counts: Counter[str] | None, n: int) -> None:
+        if n:
+            self.vm["pgfault"] += n
+            if counts is not None:
+                counts["hit"] += n
+
+    def _hand_back(self, mm: Mm, vma: Vma, records: list[tuple[int, m.PageAnswer]], k: int) -> None:
+        """Give back the mappings the collapser accounted for the answers from the ``k``-th on."""
+        for _, answer in records[k:]:
+            if answer.status != OK:
+                self._map_around(mm, vma, answer, install=False)
+                continue
+            if answer.pmd:
+                self.rmap.add(answer.head, pmd=-1)
+            else:
+                self.rmap.add(answer.pfn, pte=-1)
+            self._map_around(mm, vma, answer, install=False)
 
     # -- GUP pins -----------------------------------------------------------------------------
 
@@ -452,3 +663,32 @@ class FaultPath:
             for pfn in pfns:
                 self._unpin(pfn)
         mm.pins.clear()
+
+
+def _records(flat: tuple[int, ...]) -> list[tuple[int, m.PageAnswer]]:
+    """A :class:`~shared.protocol.messages.PageAnswers`' records: (position, answer)."""
+    out = []
+    i, n = 0, len(flat)
+    while i < n:
+        pos, status, pfn, head, flags, nr = flat[i : i + 6]
+        i += 6
+        around = tuple((flat[j], flat[j + 1], bool(flat[j + 2])) for j in range(i, i + 3 * nr, 3))
+        i += 3 * nr
+        out.append(
+            (
+                pos,
+                m.PageAnswer(
+                    0,
+                    ANSWER_STATUS[status],
+                    pfn,
+                    head,
+                    bool(flags & ANSWER_THP),
+                    bool(flags & ANSWER_PMD),
+                    bool(flags & ANSWER_MAJOR),
+                    bool(flags & ANSWER_SHMEM),
+                    around,
+                    bool(flags & ANSWER_ALLOCATED),
+                ),
+            )
+        )
+    return out

@@ -309,6 +309,11 @@ def _answer_for_lost_peer(request: Message) -> Message:
     """What a request to a collapser that is gone resolves to."""
     if isinstance(request, m.LookupPage):
         return m.PageAnswer(request.req, m.PageStatus.SIGBUS)
+    if isinstance(request, m.LookupPages):
+        # Every fault of the batch fails as one alone would (a populate stops at the first).
+        n = 1 if request.stop_at_sigbus else len(request.faults) // 4
+        sigbus = m.ANSWER_STATUS.index(m.PageStatus.SIGBUS)
+        return m.PageAnswers(request.req, n, tuple(x for pos in range(n) for x in (pos, sigbus, 0, 0, 0, 0)))
     if isinstance(request, m.LockFolio):
         return m.FolioAnswer(request.req, 0, 0)
     if isinstance(request, m.MadvCollapse):

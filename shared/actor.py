@@ -65,12 +65,15 @@ class Wait:
 
 
 class _Running:
-    __slots__ = ("gen", "done", "name", "epoch", "due_burst")
+    __slots__ = ("gen", "done", "name", "epoch", "due_burst", "cancelled")
 
     def __init__(self, gen: Task, done: Done | None, name: str):
         self.gen = gen
         self.done = done
         self.name = name
+        # Whoever waits for the result has gone (Actor.cancel): a long operation stops at its
+        # next check of Actor.cancelled().
+        self.cancelled = False
         # Bumped at every resume; a timer or wait registered in an older epoch is stale.
         self.epoch = 0
         # The burst in which this task last went on past an already-due sleep (see RESCHED_MS).
@@ -90,6 +93,7 @@ class Actor:
         self._waits: defaultdict[Any, list[tuple[_Running, int]]] = defaultdict(list)
         self._ready: deque[tuple[_Running, Any, int]] = deque()
         self._stepping = False
+        self._current: _Running | None = None
         self._burst = 0
         # While the peer is gone (go_offline() until go_online()): what a call to it resolves to.
         self._offline: Callable[[Message], Message] | None = None
@@ -99,10 +103,22 @@ class Actor:
     def new_req(self) -> int:
         return next(self._req_ids)
 
-    def spawn(self, gen: Task, done: Done | None = None, name: str = "") -> None:
-        """Start ``gen``; ``done(result)`` is called with its return value when it finishes."""
-        self._ready.append((_Running(gen, done, name), None, 0))
+    def spawn(self, gen: Task, done: Done | None = None, name: str = "") -> _Running:
+        """Start ``gen``; ``done(result)`` is called with its return value when it finishes.
+        Returns the task, for :meth:`cancel`."""
+        task = _Running(gen, done, name)
+        self._ready.append((task, None, 0))
         self._run_ready()
+        return task
+
+    def cancel(self, task: _Running) -> None:
+        """Nobody waits for ``task``'s result any more: a long operation (a touch, a populate)
+        checks :meth:`cancelled` between its steps and stops there, its state consistent."""
+        task.cancelled = True
+
+    def cancelled(self) -> bool:
+        """Whether the task now running was cancelled."""
+        return self._current is not None and self._current.cancelled
 
     def deliver_reply(self, req: int, msg: Message) -> bool:
         """Resume the task waiting on request ``req``. Returns False if no task waits for it."""
@@ -189,6 +205,7 @@ class Actor:
 
     def _step(self, task: _Running, value: Any) -> None:
         task.epoch += 1
+        self._current = task
         try:
             effect = task.gen.send(value)
         except StopIteration as stop:
@@ -199,6 +216,8 @@ class Actor:
             if task.done is not None:
                 task.done(err)
             return
+        finally:
+            self._current = None
         if isinstance(effect, Call):
             if self._offline is not None:
                 self._ready.append((task, self._offline(effect.msg), task.epoch))

@@ -2,7 +2,8 @@
 
 Sans-IO: the caller moves bytes; this module only turns objects into frames and frames back into
 objects. A frame is a 4-byte big-endian unsigned length followed by that many bytes holding
-exactly one msgpack value. Frames come from an untrusted peer, so every size is bounded before
+exactly one msgpack value: one message ``[tag, fields]``, or an array of them (a frame of many
+messages, :func:`encode_batch`, which a receiver takes in order). Frames come from an untrusted peer, so every size is bounded before
 memory is committed to it.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import struct
+from collections import deque
 from typing import Any
 
 import msgpack
@@ -27,7 +29,9 @@ __all__ = [
     "FrameDecoder",
     "FrameDecoderStatistics",
     "FrameError",
+    "batchable_body",
     "decode_message",
+    "encode_batch",
     "encode_frame",
     "encode_message",
 ]
@@ -47,6 +51,10 @@ MAX_STR = 1024 * 1024
 MAX_CONTAINERS = 2 * 65536
 
 _HEADER = struct.Struct(">I")
+# A frame of many messages (encode_batch): what each may weigh and how many it holds; 256 bodies
+# of at most 4 KiB stay far below MAX_FRAME_BYTES and MAX_CONTAINERS.
+MAX_BATCHED_BODY = 4096
+MAX_BATCH_MESSAGES = 256
 
 
 class FrameError(ProtocolError):
@@ -113,6 +121,31 @@ def encode_message(msg: Message) -> bytes:
     return encode_frame(to_wire(msg))
 
 
+def batchable_body(msg: Message) -> bytes | None:
+    """``msg``'s msgpack body if it may travel in a frame of many messages (small, and shallow
+    enough to nest one level deeper), else None: it goes as a frame of its own.
+
+    Errors: as :func:`encode_message`.
+    """
+    wire = to_wire(msg)
+    body = msgpack.packb(wire, use_bin_type=True)
+    if len(body) > MAX_BATCHED_BODY or not _within_depth(wire, MAX_DEPTH - 1):
+        return None
+    return body
+
+
+def encode_batch(bodies: list[bytes]) -> bytes:
+    """One frame holding the messages whose bodies (:func:`batchable_body`) are given, in order:
+    an array of ``[tag, fields]`` arrays. At most :data:`MAX_BATCH_MESSAGES` bodies of at most
+    :data:`MAX_BATCHED_BODY` bytes each, so the frame stays within every limit."""
+    n = len(bodies)
+    if not 0 < n <= MAX_BATCH_MESSAGES:
+        raise ValueError(f"a batch frame holds 1..{MAX_BATCH_MESSAGES} messages, not {n}")
+    header = bytes((0x90 | n,)) if n < 16 else b"\xdc" + n.to_bytes(2, "big")
+    body = header + b"".join(bodies)
+    return _HEADER.pack(len(body)) + body
+
+
 def decode_message(frame: bytes) -> Message:
     """Decode one whole frame (as :func:`encode_message` made it) back into its message, with
     every limit a stream decoder applies.
@@ -176,6 +209,8 @@ class FrameDecoder:
         self._offset = 0
         self._frames_decoded = 0
         self._error: FrameError | None = None
+        # The rest of a frame of many messages (next_wire).
+        self._batched: deque[Any] = deque()
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Append ``data`` received from the stream.
@@ -252,8 +287,20 @@ class FrameDecoder:
             raise ProtocolError("frame holds nil, which no encoder sends")
         return obj
 
+    def next_wire(self) -> Any:
+        """The next message's wire form (``[tag, fields]``, unchecked), taking the messages of a
+        frame of many (:func:`encode_batch`) one at a time; None if the next frame has not fully
+        arrived yet. Errors: as :meth:`next_object`."""
+        if self._batched:
+            return self._batched.popleft()
+        obj = self.next_object()
+        if type(obj) is list and obj and type(obj[0]) is list:
+            self._batched.extend(obj)
+            return self._batched.popleft()
+        return obj
+
     def next_message(self) -> Message | None:
-        """Decode the next complete frame as a message.
+        """Decode the next message (of the next complete frame, or of a frame of many).
 
         Returns:
             The message, or None if the next frame has not fully arrived yet.
@@ -262,7 +309,7 @@ class FrameDecoder:
             ProtocolError: the frame is not a valid message (see :func:`shared.protocol.codec.from_wire`);
             the frame is consumed and the stream stays usable.
         """
-        obj = self.next_object()
+        obj = self.next_wire()
         return None if obj is None else from_wire(obj)
 
     @property

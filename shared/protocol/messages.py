@@ -71,6 +71,18 @@ class PageStatus(enum.StrEnum):
     NOMEM = "nomem"
 
 
+# Flags of a :class:`LookupPages` fault.
+FAULT_PMD_OK = 1
+FAULT_THP_OK = 2
+# The largest :class:`LookupPages`: faults, and pages of their fault-around windows together
+# (which bounds the answer's rows: its frame stays far below the frame limits).
+MAX_BATCH_FAULTS = 8192
+MAX_BATCH_WINDOW_PAGES = 32768
+# A :class:`PageAnswers` record's status and flags.
+ANSWER_STATUS = (PageStatus.OK, PageStatus.SIGBUS, PageStatus.NOMEM)
+ANSWER_THP, ANSWER_PMD, ANSWER_MAJOR, ANSWER_SHMEM, ANSWER_ALLOCATED = 1, 2, 4, 8, 16
+
+
 class UprobeAction(enum.StrEnum):
     ADD = "add"
     DEL = "del"
@@ -127,6 +139,32 @@ class LookupPage(Message):
     vm_hugepage: bool
     around: tuple[int, ...] = ()
     thp_ok: bool = False
+
+
+@message("peer.lookup_pages")
+class LookupPages(Message):
+    """A populate's or a touch's read faults in one VMA, looked up in order as one step (GUP's
+    populate runs them inside one mmap_lock read section, with no khugepaged work between them).
+
+    ``faults`` holds four integers per fault, flat (a batch holds thousands: flat integers cost
+    the codec least): the fault's page index, its fault-around window ``[lo, hi)`` in page indices
+    (``index, index + 1`` without fault-around), and flags :data:`FAULT_PMD_OK` /
+    :data:`FAULT_THP_OK` as :class:`LookupPage`'s ``pmd_ok`` / ``thp_ok``. ``present``: the
+    indices of those windows already mapped when the batch was planned. The collapser runs the
+    faults as the remapper would one after the other: a fault whose index an earlier one of the
+    batch mapped (its fault-around) is a hit and is not looked up; the others are
+    :class:`LookupPage` s (purpose map, read) whose ``around`` is their window minus what is mapped
+    by then. It stops after a fault whose page is PMD-order (the remapper may map it whole, which
+    the window arithmetic does not follow) or that failed with NOMEM (it made no page table),
+    with ``stop_at_sigbus`` (a populate) after a SIGBUS, and before a fault whose page is locked
+    unless it is the first (which waits for the unlock, as one fault does)."""
+
+    req: int
+    ino: int
+    vm_hugepage: bool
+    faults: tuple[int, ...]
+    present: tuple[int, ...] = ()
+    stop_at_sigbus: bool = False
 
 
 @message("peer.rmap_delta")
@@ -295,6 +333,21 @@ class PageAnswer(Message):
     shmem: bool = False
     around: tuple[tuple[int, int, bool], ...] = ()
     allocated: bool = False
+
+
+@message("peer.page_answers")
+class PageAnswers(Message):
+    """Answer to :class:`LookupPages`: ``done`` faults of the batch were run (the rest were not
+    looked up and changed nothing). ``answers`` holds, flat, one record for each of them that was
+    looked up, in order: its position in the batch, the status (:data:`ANSWER_STATUS` index),
+    ``pfn``, ``head``, flags (:data:`ANSWER_THP`, ``_PMD``, ``_MAJOR``, ``_SHMEM``,
+    ``_ALLOCATED``), the number of fault-around pages and, for each, its index, pfn and whether
+    it is part of a THP (0/1): a :class:`PageAnswer` each. A fault run without a record was a
+    hit."""
+
+    req: int
+    done: int
+    answers: tuple[int, ...] = ()
 
 
 @message("peer.folio")

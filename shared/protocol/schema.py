@@ -19,10 +19,11 @@ import typing
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar, dataclass_transform
 
+# Version 4: peer.lookup_pages / peer.page_answers, a batch of read faults looked up as one step.
 # Version 3: the hello carries a challenge and a peer.auth answers it (challenge-response with
 # the shared secrets). Version 2: frames are [tag, fields] (version 1 sent [tag, 1, fields]),
 # replies are typed.
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 
 # The roles a connection says it has in its hello: the two actors and their clients.
 COLLAPSED = "collapsed"

@@ -115,6 +115,13 @@ class Channel:
         self._failed = False
         self._out_send, self._out_recv = trio.open_memory_channel[bytes](queue_depth)
         self._writer_done = trio.Event()
+        # Whoever writes to the stream holds this: a sender that finds the stream idle and
+        # nothing queued writes at once (no task switch on a round trip's path); otherwise its
+        # bytes queue behind the others and the writer task coalesces them.
+        self._write_lock = trio.Lock()
+        self._unwritten = 0  # queued chunks not yet written
+        self._closed = False
+        self._broken = False
         self._read_timeout = read_timeout
         # When the frame now being received began to arrive (None: between frames).
         self._partial_since: float | None = None
@@ -132,7 +139,42 @@ class Channel:
             (too big for a frame, a value msgpack cannot hold); nothing was queued.
             trio.BrokenResourceError: the stream failed; trio.ClosedResourceError: closed.
         """
-        await self._out_send.send(encode_message(msg))
+        await self._send_bytes(encode_message(msg))
+
+    async def send_frames(self, frames: list[bytes]) -> None:
+        """Queue frames already encoded (:func:`~shared.protocol.framing.encode_message`) as one
+        write; waits while the queue is full. Errors: as :meth:`send` for the stream."""
+        await self._send_bytes(b"".join(frames))
+
+    async def _send_bytes(self, data: bytes) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("the channel is closed")
+        if self._broken:
+            raise trio.BrokenResourceError("the stream failed")
+        if not self._unwritten:
+            # Taken without a checkpoint: no other sender can slip in between the test and the
+            # write, so frames go out in the order they were sent.
+            try:
+                self._write_lock.acquire_nowait()
+            except trio.WouldBlock:
+                pass
+            else:
+                try:
+                    await self.stream.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    # As when the writer task meets it: this send is lost with the stream, the
+                    # next ones are refused.
+                    self._broken = True
+                    self._out_recv.close()
+                finally:
+                    self._write_lock.release()
+                return
+        self._unwritten += 1
+        try:
+            await self._out_send.send(data)
+        except BaseException:
+            self._unwritten -= 1
+            raise
 
     # -- receiving -----------------------------------------------------------------------------
 
@@ -150,7 +192,7 @@ class Channel:
         while True:
             obj = None
             try:
-                obj = self._decoder.next_object()
+                obj = self._decoder.next_wire()
                 if obj is not None:
                     self._partial_since = None
                     self._charge()
@@ -337,7 +379,9 @@ class Channel:
                         break
                     chunks.append(more)
                     size += len(more)
-                await self.stream.send_all(b"".join(chunks))
+                async with self._write_lock:
+                    await self.stream.send_all(b"".join(chunks))
+                self._unwritten -= len(chunks)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             # Senders now get BrokenResourceError instead of filling a queue nobody drains.
             self._out_recv.close()
@@ -346,6 +390,7 @@ class Channel:
 
     async def _close(self) -> None:
         self._release()
+        self._closed = True
         self._out_send.close()
         with trio.CancelScope(shield=True):
             with trio.move_on_after(CLOSE_TIMEOUT_S):

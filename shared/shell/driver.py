@@ -42,7 +42,8 @@ class Core(Protocol):
 
     def advance(self, now: float) -> None: ...
     def next_deadline(self) -> float | None: ...
-    def spawn(self, gen: Generator[Any, Any, Any], done: Callable[[Any], None] | None = None, name: str = "") -> None: ...
+    def spawn(self, gen: Generator[Any, Any, Any], done: Callable[[Any], None] | None = None, name: str = "") -> Any: ...
+    def cancel(self, task: Any) -> None: ...
     def send(self, msg: Message) -> None: ...
     def deliver(self, msg: Message) -> None: ...
     def pending_calls(self) -> int: ...
@@ -52,6 +53,10 @@ class Core(Protocol):
 
 async def _no_barrier(mark: int) -> None:
     pass
+
+
+def _no_barrier_needed(mark: int) -> bool:
+    return False
 
 
 class Driver:
@@ -64,11 +69,18 @@ class Driver:
         # Whether this loss of the peer has been reported as leaving the core not quiet.
         self._not_quiet_reported = False
         self.sent = 0
+        # The ``sent`` count up to which the peer is known to have processed everything (its
+        # answer to a lookup sent then has arrived).
+        self.acked = 0
         self.barrier_after: Callable[[int], Awaitable[None]] = _no_barrier
+        self.needs_barrier: Callable[[int], bool] = _no_barrier_needed
         self.clients = 0
         self.active_requests = 0
         self._t0 = trio.current_time()
         self._tick = trio.Event()
+        # Set when the core has something for the peer (or a peer came): the pump's own wake-up,
+        # so it is not woken by every event for nothing.
+        self._sendable = trio.Event()
         self._clock_wake = trio.Event()
         self._planned: float | None = None
 
@@ -95,6 +107,7 @@ class Driver:
     def peer_connected(self) -> None:
         self.connected = True
         self._not_quiet_reported = False
+        self._sendable.set()
 
     def peer_disconnected(self) -> None:
         self.connected = False
@@ -146,9 +159,17 @@ class Driver:
         self.wake()
 
     def wake(self) -> None:
-        """Wake every task waiting in :meth:`changed`."""
+        """Wake every task waiting in :meth:`changed` (and the pump if the outbox holds anything)."""
+        if self.core.outbox:
+            self._sendable.set()
         self._tick.set()
         self._tick = trio.Event()
+
+    async def sendable(self) -> None:
+        """Wait until the core has queued something for the peer, or a peer connected."""
+        if not self._sendable.is_set():
+            await self._sendable.wait()
+        self._sendable = trio.Event()
 
     async def changed(self) -> None:
         """Wait for the next event (a request, a peer message, a clock step, a reply sent)."""
@@ -161,16 +182,19 @@ class Driver:
     def start(self, fn: Callable[..., Any], *args: Any) -> Job:
         """Run ``fn(*args)`` on the core now; a generator becomes a core task. Errors (UserError,
         or a bug logged as EIO) become the job's result."""
-        job = Job(self.mark(), self.barrier_after)
+        job = Job(self.mark(), self.barrier_after, self.needs_barrier)
         self.guard(self.core.advance, self.now_ms())
         try:
             value = self.guard(fn, *args)
         except UserError as err:
             value = err
         if isinstance(value, Generator):
-            crash = self.guard(self.core.spawn, value, job.set, getattr(fn, "__name__", ""))
-            if isinstance(crash, Exception) and not job.finished:
-                job.set(UserError("EIO", f"internal error: {crash}"))
+            task = self.guard(self.core.spawn, value, job.set, getattr(fn, "__name__", ""))
+            if isinstance(task, Exception):
+                if not job.finished:
+                    job.set(UserError("EIO", f"internal error: {task}"))
+            else:
+                job.on_cancel = lambda: self.core.cancel(task)
             self.settle()
             return job
         if isinstance(value, Exception) and not isinstance(value, UserError):
@@ -181,7 +205,7 @@ class Driver:
 
     def done(self, value: Any) -> Job:
         """A job that has already finished with ``value``."""
-        job = Job(self.mark(), self.barrier_after)
+        job = Job(self.mark(), self.barrier_after, self.needs_barrier)
         job.set(value)
         return job
 

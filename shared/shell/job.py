@@ -13,11 +13,19 @@ class Job:
     """An operation started on the core; :meth:`result` waits for it and then, through
     ``barrier_after(mark)``, for the peer to have seen what it sent."""
 
-    def __init__(self, mark: int, barrier_after: Callable[[int], Awaitable[None]]):
+    def __init__(
+        self,
+        mark: int,
+        barrier_after: Callable[[int], Awaitable[None]],
+        needs_barrier: Callable[[int], bool] = lambda mark: False,
+    ):
         self._mark = mark
         self._barrier_after = barrier_after
+        self._needs_barrier = needs_barrier
         self._done = trio.Event()
         self._value: Any = None
+        # Tells the core that nobody waits for the operation any more (Driver.start sets it).
+        self.on_cancel: Callable[[], None] | None = None
 
     @property
     def finished(self) -> bool:
@@ -27,14 +35,26 @@ class Job:
         self._value = value
         self._done.set()
 
+    def needs_barrier(self) -> bool:
+        """Whether :meth:`result` would wait for a round trip through the peer."""
+        return self._needs_barrier(self._mark)
+
+    def cancel(self) -> None:
+        """The client went away: a long operation still running stops at its next step."""
+        if not self.finished and self.on_cancel is not None:
+            self.on_cancel()
+
     async def finished_wait(self) -> None:
         """Wait for the operation itself (not for the peer to have seen its effects)."""
-        await self._done.wait()
+        if not self._done.is_set():
+            await self._done.wait()
 
     async def result(self) -> Any:
         """The operation's value; raises the error (a UserError) it ended with."""
-        await self._done.wait()
-        await self._barrier_after(self._mark)
+        if not self._done.is_set():
+            await self._done.wait()
+        if self._needs_barrier(self._mark):
+            await self._barrier_after(self._mark)
         if isinstance(self._value, BaseException):
             raise self._value
         return self._value

@@ -23,7 +23,8 @@ from shared.protocol import messages as m
 from shared.protocol.codec import ProtocolError
 from shared.protocol.schema import Message
 from shared.shell.auth import Secrets
-from shared.shell.channel import Channel, ChannelError, open_channel, send_quietly
+from shared.protocol.framing import MAX_BATCH_MESSAGES, batchable_body, encode_batch, encode_message
+from shared.shell.channel import WRITE_BATCH_BYTES, Channel, ChannelError, open_channel, send_quietly
 from shared.shell.config import parse_address
 from shared.shell.driver import Driver
 from shared.shell.transport import connect
@@ -49,6 +50,11 @@ def split_for_frames(msg: Message) -> list[Message]:
     return [msg]
 
 
+# A fault's lookups and their answers: the answer tells the lookup and all before it arrived.
+_LOOKUPS = frozenset((m.LookupPage, m.LookupPages))
+_ANSWERS = frozenset((m.PageAnswer, m.PageAnswers))
+
+
 class PeerLink:
     """The driver's connection to the other daemon (at most one at a time)."""
 
@@ -59,13 +65,22 @@ class PeerLink:
         self.channel: Channel | None = None
         self._barriers: dict[int, trio.Event] = {}
         self._barrier_ids = itertools.count(1)
+        # The fault lookups in flight: req -> the driver's ``sent`` count once it went out.
+        self._lookups: dict[int, int] = {}
         driver.barrier_after = self.barrier_after
+        driver.needs_barrier = self.needs_barrier
 
     # -- the barrier --------------------------------------------------------------------------
 
+    def needs_barrier(self, mark: int) -> bool:
+        """Whether the core has sent anything since ``mark`` that the peer is not known to have
+        processed (a fault's lookup, once answered, is)."""
+        driver = self.driver
+        return self.channel is not None and driver.mark() > max(mark, driver.acked)
+
     async def barrier_after(self, mark: int) -> None:
-        """Round trip through the peer if the core has sent anything since ``mark``."""
-        if self.channel is not None and self.driver.mark() != mark:
+        """Round trip through the peer if :meth:`needs_barrier`."""
+        if self.needs_barrier(mark):
             await self.barrier()
 
     async def barrier(self, wait_for_peer: bool = False) -> bool:
@@ -96,6 +111,7 @@ class PeerLink:
         if self.channel is not None:
             raise ChannelError(f"a {self.peer_role} is already connected", "EBUSY")
         self.channel = ch
+        self._lookups.clear()
         driver.peer_connected()
         log.info("peer_connected")
         try:
@@ -117,6 +133,12 @@ class PeerLink:
 
     def _receive(self, msg: Message) -> None:
         driver = self.driver
+        if type(msg) in _ANSWERS:
+            # Everything sent up to the lookup has been processed by the peer: a reply that
+            # waits for that needs no barrier of its own (Driver.acked).
+            seq = self._lookups.pop(msg.req, 0)  # type: ignore[attr-defined]
+            if seq > driver.acked:
+                driver.acked = seq
         try:
             if isinstance(msg, m.Sync):
                 driver.core.send(m.Sync.REPLY(msg.id, None))
@@ -141,23 +163,52 @@ class PeerLink:
             driver.settle()
 
     async def pump(self) -> None:
-        """Move the core's outbox onto the peer channel, as fast as the channel takes it."""
+        """Move the core's outbox onto the peer channel, as fast as the channel takes it: what
+        the core queued since the last wake-up (every connection's lookups among it) goes out
+        as one write of up to :data:`~shared.shell.channel.WRITE_BATCH_BYTES`, its small
+        messages together in frames of many messages."""
         driver = self.driver
         outbox = driver.core.outbox
+        lookups = self._lookups
         while True:
             peer = self.channel
             if peer is None or not outbox:
-                await driver.changed()
+                await driver.sendable()
                 continue
-            msg = outbox.popleft()
-            driver.sent += 1
+            # Small messages share frames (encode_batch); a large one is a frame of its own.
+            frames: list[bytes] = []
+            bodies: list[bytes] = []
+            size = 0
+            while outbox and size < WRITE_BATCH_BYTES:
+                msg = outbox.popleft()
+                driver.sent += 1
+                if type(msg) in _LOOKUPS:
+                    lookups[msg.req] = driver.sent  # type: ignore[attr-defined]
+                try:
+                    for part in split_for_frames(msg):
+                        body = batchable_body(part)
+                        if body is None:
+                            if bodies:
+                                frames.append(encode_batch(bodies))
+                                bodies = []
+                            frames.append(encode_message(part))
+                            size += len(frames[-1])
+                            continue
+                        bodies.append(body)
+                        size += len(body)
+                        if len(bodies) == MAX_BATCH_MESSAGES:
+                            frames.append(encode_batch(bodies))
+                            bodies = []
+                except (ProtocolError, ValueError, TypeError, OverflowError):
+                    log.exception("unsendable_peer_message", tag=msg.TAG)
+            if bodies:
+                frames.append(encode_batch(bodies))
+            if not frames:
+                continue
             try:
-                for part in split_for_frames(msg):
-                    await peer.send(part)
+                await peer.send_frames(frames)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass  # serve() sees the end and calls peer_lost()
-            except (ProtocolError, ValueError, TypeError, OverflowError):
-                log.exception("unsendable_peer_message", tag=msg.TAG)
 
 
 async def connect_peer(
