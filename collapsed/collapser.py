@@ -15,7 +15,6 @@ from collapsed import peer_checks, procfs
 from collapsed.fileops import FileOps
 from collapsed.khugepaged import Khugepaged
 from collapsed.pagecache import (
-    PG_HEAD,
     PG_LOCKED,
     PG_UPTODATE,
     File,
@@ -331,7 +330,7 @@ class Collapser(Actor):
         if major:
             self.vm["pgmajfault"] += 1
         head = mem.head(pfn)
-        thp = bool(mem.flags[head] & PG_HEAD)
+        thp = mem.pmd_mappable(head)
         pmd = False
         if msg.purpose == "map":
             # A regular file's THP is PMD-mapped only inside i_size (finish_fault, 6.18).
@@ -344,7 +343,9 @@ class Collapser(Actor):
                 cache.set_dirty(head)
         elif msg.purpose == "pin":
             cache.apply_rmap(((pfn, 0, 0, 1),))
-        self.send(m.PageAnswer(msg.req, _OK, pfn, head, thp, pmd, major, f.shmem, around, allocated))
+        self.send(
+            m.PageAnswer(msg.req, _OK, pfn, head, thp, pmd, major, f.shmem, around, allocated, mem.order[head])
+        )
         return None
 
     def _fault_around(self, f: File, indices: tuple[int, ...]) -> tuple[tuple[int, int, bool], ...]:
@@ -363,7 +364,7 @@ class Collapser(Actor):
             if mem.flags[head] & PG_LOCKED or not mem.flags[head] & PG_UPTODATE:
                 continue
             apply_rmap(((value, 1, 0, 0),))
-            out.append((index, value, bool(mem.flags[head] & PG_HEAD)))
+            out.append((index, value, mem.pmd_mappable(head)))
         return tuple(out)
 
     def _read_around(self, f: File, index: int, vm_hugepage: bool) -> None:
@@ -420,7 +421,7 @@ class Collapser(Actor):
             if self.peer_epoch != epoch:
                 return
         self.peer_locked.add(head)
-        self.send(m.FolioAnswer(msg.req, head, 9 if mem.flags[head] & PG_HEAD else 0))
+        self.send(m.FolioAnswer(msg.req, head, mem.order[head]))
 
     # -- reports ------------------------------------------------------------------------------
 

@@ -18,7 +18,6 @@ from typing import Any
 from collapsed.fileops import FileOps
 from collapsed.pagecache import (
     PG_DIRTY,
-    PG_HEAD,
     PG_LOCKED,
     PG_LRU,
     PG_SWAPBACKED,
@@ -257,18 +256,22 @@ class Khugepaged:
                     break
                 continue
             head = mem.head(value)
+            if value != head:
+                continue  # a large folio is one multi-index entry, met at its first page
             scan_pfn = value
-            if mem.flags[head] & PG_HEAD:
+            if mem.pmd_mappable(head):
                 pmd_order_at_start = mem.index[head] == start
                 result = R.SCAN_PTE_MAPPED_HUGEPAGE if pmd_order_at_start else R.SCAN_PAGE_COMPOUND
                 break
             if not mem.flags[head] & PG_LRU:
                 result = R.SCAN_PAGE_LRU
                 break
-            if mem.ref[head] != 1 + mem.mapcount[head]:
+            # folio_expected_ref_count: a reference per page from the cache and per mapping.
+            nr = mem.folio_nr(head)
+            if mem.ref[head] != nr + mem.total_mapcount(head):
                 result = R.SCAN_PAGE_COUNT
                 break
-            present += 1
+            present += nr
         if result == R.SCAN_SUCCEED:
             if cc.is_khugepaged and present < HPAGE_PMD_NR - k.max_ptes_none:
                 result = R.SCAN_EXCEED_NONE_PTE
@@ -311,7 +314,8 @@ class Khugepaged:
         pagelist: list[int] = []
         nr_none = 0
         result = R.SCAN_SUCCEED
-        for index in range(start, end):
+        index = start
+        while index < end:
             value = f.get(index)
             if f.shmem:
                 if value == 0:
@@ -319,6 +323,7 @@ class Khugepaged:
                         result = R.SCAN_TRUNCATED
                         break
                     nr_none += 1
+                    index += 1
                     continue
                 if value < 0:
                     # shmem_get_folio(SGP_NOALLOC): swap it in; the new page comes back locked.
@@ -364,7 +369,7 @@ class Khugepaged:
             # The page is locked from here on.
             if not mem.flags[head] & PG_UPTODATE:
                 result = R.SCAN_FAIL
-            elif mem.flags[head] & PG_HEAD:
+            elif mem.pmd_mappable(head):
                 result = R.SCAN_PTE_MAPPED_HUGEPAGE if mem.index[head] == start else R.SCAN_PAGE_COMPOUND
             elif mem.ino[head] != f.ino:
                 result = R.SCAN_TRUNCATED
@@ -375,18 +380,23 @@ class Khugepaged:
             if result != R.SCAN_SUCCEED:
                 cache.unlock(head)
                 break
-            # folio_isolate_lru + the collapse's own get: the "3" of the refcount check below.
+            # folio_isolate_lru + the collapse's own get: the "2 +" of the refcount check below.
             mem.flags[head] &= ~PG_LRU
             mem.ref[head] += 2
             pagelist.append(head)
+            # A large folio (a split left one) is taken whole: collapse_file's
+            # index += folio_nr_pages(folio).
+            index = mem.index[head] + mem.folio_nr(head)
 
         if result == R.SCAN_SUCCEED and pagelist:
-            mapped = tuple(p for p in pagelist if mem.mapcount[p])
+            mapped = tuple(
+                pfn for p in pagelist if mem.total_mapcount(p) for pfn in range(p, p + mem.folio_nr(p)) if mem.mapcount[pfn]
+            )
             if mapped:
-                # try_to_unmap(folio) for every mapped page, as one request to the remapper.
+                # try_to_unmap(folio) for every mapped folio, as one request to the remapper.
                 yield from self.fileops.unmap_range(f, start, end, mapped, even_cows=False)
             for p in pagelist:
-                if mem.ref[p] != 3:
+                if mem.ref[p] != 2 + mem.folio_nr(p):
                     result = R.SCAN_PAGE_COUNT
                     break
         if result == R.SCAN_SUCCEED and not f.shmem and f.writecount > 0:
@@ -410,14 +420,16 @@ class Khugepaged:
 
         # Success: copy, publish the multi-index entry, free the old pages, retract.
         for p in pagelist:
-            f.set(mem.index[p], 0)
-            f.nrpages -= 1
+            nr = mem.folio_nr(p)
+            for i in range(mem.index[p], mem.index[p] + nr):
+                f.set(i, 0)
+            f.nrpages -= nr
             mem.ino[p] = 0
         mem.ref[new] = 1
         cache.add_huge_page(f, start, new)
         for p in pagelist:
             cache.unlock(p)
-            cache.put(p, 3)
+            cache.put(p, 2 + mem.folio_nr(p))
         reply = yield Call(m.Retract(self.actor.new_req(), f.ino, start, new))
         log.debug("retract_page_tables", ino=f.ino, pgoff=start, retracted=reply.retracted,
                   installed=reply.installed, deferred=reply.deferred, skipped=reply.skipped)

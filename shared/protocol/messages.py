@@ -262,8 +262,9 @@ class PageAnswer(Message):
     ``major`` whether it had to be read in (or allocated); ``around``: (index, pfn, thp) of the
     fault-around pages, each already accounted as a PTE mapping. ``allocated``: the lookup filled
     a shmem hole with this folio, so fault-around (which runs first) did not see it and
-    finish_fault maps it (a large one whole only where every PTE of it is none). Added within
-    protocol 2 with a default.
+    finish_fault maps it (a large one whole only where every PTE of it is none). ``order``: the
+    folio's (0 small, 9 PMD-order; a split leaves the orders between), which finish_fault maps
+    whole. Both added within protocol 2 with a default.
     """
 
     req: int
@@ -276,6 +277,7 @@ class PageAnswer(Message):
     shmem: bool = False
     around: tuple[tuple[int, int, bool], ...] = ()
     allocated: bool = False
+    order: int = 0
 
 
 @message("peer.folio")

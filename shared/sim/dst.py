@@ -243,7 +243,7 @@ def check_end(world: World, pool_base: int) -> None:
     c, r = world.collapser, world.remapper
     _assert(not c.pending_calls() and not r.pending_calls(), "a request to the peer was never answered")
     mem = c.mem
-    heads = sum(1 for b in range(0, len(mem.flags), HPAGE_PMD_NR) if mem.flags[b] & PG_HEAD)
+    heads = sum(1 for b in range(0, len(mem.flags), HPAGE_PMD_NR) if mem.flags[b] & PG_HEAD and mem.pmd_mappable(b))
     pool = c.knobs.free_huge_pages
     splits = c.vm["thp_split_page"]
     _assert(
