@@ -256,8 +256,8 @@ class Khugepaged:
                     break
                 continue
             head = mem.head(value)
-            if value != head:
-                continue  # a large folio is one multi-index entry, met at its first page
+            if index != max(start, mem.index[head]):
+                continue  # a large folio is one multi-index entry, met once
             scan_pfn = value
             if mem.pmd_mappable(head):
                 pmd_order_at_start = mem.index[head] == start
