@@ -216,7 +216,8 @@ class FileOps:
         shmem (shmem_fallocate): unmap the whole pages of the range with even_cows=0, so private
         CoW copies stay mapped, and neither the unmap nor the truncation is clipped to i_size (a
         PMD over a THP that reaches past EOF is zapped whole, never split). A regular file's punch
-        is clipped to i_size and also unmaps CoW copies (truncate_pagecache_range)."""
+        is clipped to the end of the page holding EOF and also unmaps CoW copies
+        (truncate_pagecache_range)."""
         f = self.lookup(name)
         if offset < 0 or length <= 0:
             raise UserError("EINVAL", "punch needs a non-negative offset and a positive length")
@@ -227,7 +228,7 @@ class FileOps:
         try:
             end = offset + length
             if not f.shmem:
-                end = min(end, f.size)
+                end = min(end, f.nr_pages_size << PAGE_SHIFT)  # ext4_punch_hole: to EOF's page end
             start, stop = pages(offset), end >> PAGE_SHIFT
             if start < stop:
                 yield from self.unmap_range(f, start, stop, (), even_cows=not f.shmem)

@@ -415,7 +415,8 @@ class Khugepaged:
             mem.flags[new] &= ~PG_LOCKED
             mem.ino[new] = 0
             cache.put(new)
-            self._trace_collapse(f, new, end if len(pagelist) + nr_none == HPAGE_PMD_NR else index, cc, result)
+            taken = sum(mem.folio_nr(p) for p in pagelist) + nr_none
+            self._trace_collapse(f, new, end if taken == HPAGE_PMD_NR else index, cc, result)
             return result
 
         # Success: copy, publish the multi-index entry, free the old pages, retract.
