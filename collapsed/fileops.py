@@ -444,15 +444,19 @@ class FileOps:
                 kept.add(head)
 
     def split_folio(self, f: File, head: int, at: int) -> Generator[Any, Any, bool]:
-        """try_folio_split on the locked folio ``head``: unmap_folio (try_to_unmap with
-        TTU_SPLIT_HUGE_PMD: a PMD mapping is split, which for a file folio just clears it; file
-        folios are not remapped after), then split if only the page cache holds it
-        (can_split_folio). shmem splits non-uniformly at ``at`` (__split_unmapped_folio), leaving
+        """try_folio_split on the locked folio ``head``: unless something but the page cache and
+        the mappings holds it (can_split_folio, checked before the unmap and again after),
+        unmap_folio (try_to_unmap with TTU_SPLIT_HUGE_PMD: a PMD mapping is split, which for a
+        file folio just clears it; file folios are not remapped after), then split. shmem splits non-uniformly at ``at`` (__split_unmapped_folio), leaving
         large folios of every order below; a regular file's folio without large-folio support
         splits to base pages (non_uniform_split_supported). New folios but the first are
         unlocked. thp_split_page and thp_split_page_failed count PMD-order folios only."""
         mem = self.cache.mem
         nr = mem.folio_nr(head)
+        if mem.ref[head] != nr + mem.total_mapcount(head):
+            # can_split_folio's racy check runs before unmap_folio: a pinned folio keeps its
+            # mappings.
+            return self._split(f, head, at)
         if mem.total_mapcount(head):
             lo = mem.index[head]
             yield from self.unmap_range(f, lo, lo + nr, tuple(range(head, head + nr)), even_cows=False)

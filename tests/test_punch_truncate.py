@@ -165,3 +165,16 @@ def test_a_pinned_thp_across_the_new_eof_stays_whole(model):
     assert model.vm("thp_split_page_failed") == 1 and model.vm("thp_split_page") == 0
     assert model.nrpages() == 512 and model.orders(0, 512) == [(0, 9)]
     assert model.world.smaps(1)[0]["ShmemPmdMapped"] == 0
+
+
+def test_a_pinned_thp_keeps_its_mappings_outside_the_hole(model):
+    # __folio_split checks can_split_folio before unmap_folio: a pinned THP is not split, and
+    # only the hole's own unmap_mapping_range touched its mappings (a PTE-mapped one elsewhere
+    # keeps the rest; its PMD mapping in the first VMA was split by that unmap).
+    model.run(SETUP + HUGE + "fault 1 0x40000000; mmap 1 0x40400000 2M --file c --prot rw --shared; "
+              "madvise 1 0x40400000 2M nohugepage; fault 1 0x40400000")
+    assert model.rss() == [2048, 2048]
+    model.world.pin(1, A)
+    model.run("file punch c 8K 4K")
+    assert model.vm("thp_split_page_failed") == 1 and model.vm("thp_split_pmd") == 1
+    assert model.rss() == [0, 2044] and model.orders(0, 512) == [(0, 9)]
