@@ -143,6 +143,10 @@ class FaultPath:
                 vma.ino in self.shmem_inos and not vma.nohugepage and vma.pmd_suitable(haddr)
             )
             purpose = COPY if cow else MAP
+            if cow:
+                # do_cow_fault: vmf_anon_prepare before __do_fault, so the VMA has its anon_vma
+                # even when the lookup then fails (SIGBUS past EOF), and fork copies its PTEs.
+                vma.anon_vma_prepare()
             # should_fault_around: a read fault with fault_around_bytes above a page.
             nr_around = 0 if write else self.knobs.fault_around_pages()
             around = self._around(vma, addr, entry, nr_around) if nr_around > 1 else ()
@@ -190,7 +194,6 @@ class FaultPath:
                 current = mm.pmds.get(pidx)
                 if isinstance(current, int) or (current is not None and current.ptes[slot]):
                     continue
-                vma.anon_vma_prepare()
                 self.pagetables.set_pte_at(mm, pidx, slot, pte_make(self.anon.alloc(), PTE_ANON | PTE_WRITE))
                 self.vm["thpsplit_cow_fault"] += 1
                 return "major" if reply.major else "minor"

@@ -178,3 +178,13 @@ def test_a_pinned_thp_keeps_its_mappings_outside_the_hole(model):
     model.run("file punch c 8K 4K")
     assert model.vm("thp_split_page_failed") == 1 and model.vm("thp_split_pmd") == 1
     assert model.rss() == [0, 2044] and model.orders(0, 512) == [(0, 9)]
+
+
+def test_a_private_write_fault_past_eof_still_prepares_the_anon_vma(model):
+    # do_cow_fault calls vmf_anon_prepare before __do_fault: the SIGBUS past EOF comes after the
+    # VMA got its anon_vma, so fork (vma_needs_copy) copies the parent's file PTEs to the child.
+    model.run(SETUP + "mmap 1 0x40000000 4M --file c --prot rw --private; file truncate c 1028K; "
+              "touch 1 0x40000000 4M")
+    assert model.run("fault 1 0x4018c000 --write") == "sigbus"
+    model.run("proc fork 1 3")
+    assert model.rss(3) == [1028]
