@@ -474,9 +474,14 @@ class FileOps:
         # head, so the new folios would otherwise stay off the LRU for good (lru_add_split_folio).
         self.cache.lru_add_drain()
         pieces = mem.split_folio(head, at)
+        eof = f.nr_pages_size
         for new, _ in pieces:
-            if new != head:
-                self.cache.unlock(new)
+            if new == head:
+                continue
+            if mem.index[new] >= eof:
+                # __folio_split: a new folio wholly past EOF leaves the page cache at once.
+                self.cache.remove_page(f, new)
+            self.cache.unlock(new)
         if pmd_order:
             f.nr_thps -= 1
             self.vm["thp_split_page"] += 1

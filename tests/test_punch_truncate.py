@@ -188,3 +188,14 @@ def test_a_private_write_fault_past_eof_still_prepares_the_anon_vma(model):
     assert model.run("fault 1 0x4018c000 --write") == "sigbus"
     model.run("proc fork 1 3")
     assert model.rss(3) == [1028]
+
+
+def test_a_split_drops_the_new_folios_past_eof(model):
+    # __folio_split removes from the page cache every new folio (but the first) that starts at or
+    # past EOF. MADV_COLLAPSE filled the THP past the 1 MiB EOF; a 1-byte punch past EOF splits
+    # it, and the 256 pages past EOF go (the kernel: nrpages 512 -> 256).
+    model.run(SETUP + "file write c 0 4K; mmap 1 0x40000000 4M --file c --prot rw --shared; file truncate c 1M; "
+              "madvise 1 0x40000000 4M collapse")
+    assert model.nrpages() == 512
+    model.run("file punch c 1320K 1")
+    assert model.nrpages() == 256 and model.orders(0, 512) == [(0, 8)]
