@@ -11,9 +11,8 @@ from __future__ import annotations
 from collections import Counter
 from typing import TYPE_CHECKING
 
-from collapsed.pagecache import PG_HEAD, PG_LOCKED
+from collapsed.pagecache import PG_LOCKED
 from shared.protocol import messages as m
-from shared.units import HPAGE_PMD_NR
 
 if TYPE_CHECKING:
     from collapsed.collapser import Collapser
@@ -51,7 +50,7 @@ def _rows(c: Collapser, rows: tuple[tuple[int, int, int, int, int, int], ...], p
         if mem.mapcount[pfn] != ptes:
             problems.append(f"pfn {pfn}: mapcount {mem.mapcount[pfn]}, remapd maps it with {ptes} PTEs")
         if pmds or head == pfn and mem.entire.get(head):
-            if pmds and (pfn != head or not mem.flags[head] & PG_HEAD):
+            if pmds and (pfn != head or not mem.pmd_mappable(head)):
                 problems.append(f"pfn {pfn} is mapped with a PMD but is not a THP's head")
             elif mem.entire.get(head, 0) != pmds:
                 problems.append(f"THP {head}: entire_mapcount {mem.entire.get(head, 0)}, remapd maps {pmds} PMDs")
@@ -101,7 +100,7 @@ def _whole(c: Collapser, msg: m.Audit, problems: list[str]) -> None:
             head = mem.head(value)
             cache_refs[head] += 1
             reachable.add(head)
-            thps += value == head and bool(mem.flags[head] & PG_HEAD)
+            thps += value == head and mem.pmd_mappable(head)
         if (nrpages, thps, nrswap) != (f.nrpages, f.nr_thps, f.nrswap):
             problems.append(f"{f.name}: counts {(f.nrpages, f.nr_thps, f.nrswap)}, holds {(nrpages, thps, nrswap)}")
         swap += nrswap
@@ -109,14 +108,14 @@ def _whole(c: Collapser, msg: m.Audit, problems: list[str]) -> None:
         problems.append(f"{c.cache.nr_swap_entries} swap entries counted, {swap} held")
     mapped_heads = {mem.head(p) for p, n in enumerate(mem.mapcount) if n}
     for head in reachable | mapped_heads | set(mem.entire) | set(mem.pins):
-        subs = range(head, head + HPAGE_PMD_NR) if mem.flags[head] & PG_HEAD else range(head, head + 1)
+        subs = range(head, head + mem.folio_nr(head))
         expected = cache_refs[head] + sum(mem.mapcount[p] for p in subs) + mem.entire.get(head, 0) + mem.pins.get(head, 0)
         if mem.ref[head] != expected:
             problems.append(f"pfn {head}: refcount {mem.ref[head]}, {expected} references held")
         if mem.flags[head] & PG_LOCKED:
             problems.append(f"pfn {head} left locked")
         reachable.add(head)
-    held = sum(HPAGE_PMD_NR if mem.flags[h] & PG_HEAD else 1 for h in reachable)
+    held = sum(mem.folio_nr(h) for h in reachable)
     if mem.nr_allocated != held:
         problems.append(f"{mem.nr_allocated} pages allocated, {held} reachable (a leak)")
 

@@ -16,9 +16,7 @@ from collapsed.audit import audit
 from collapsed.fileops import FileOps
 from collapsed.khugepaged import ALLOC_SLEEP_WAKE, SCAN_SLEEP_WAKE, Khugepaged
 from collapsed.pagecache import (
-    PG_HEAD,
     PG_LOCKED,
-    PG_TAIL,
     PG_UPTODATE,
     File,
     PageCache,
@@ -30,7 +28,7 @@ from shared.knobs import KHUGEPAGED_SLEEP_KNOBS, KHUGEPAGED_START_STOP_KNOBS, Kn
 from shared.message import Message
 from shared.scan_result import ScanResult
 from shared.thp import shmem_huge_global_enabled
-from shared.units import HPAGE_PMD_NR, PAGE_SHIFT, PAGE_SIZE
+from shared.units import HPAGE_PMD_NR, HPAGE_PMD_ORDER, PAGE_SHIFT, PAGE_SIZE
 
 # A fault lookup's answers (looked up once: faults are hot).
 _OK, _SIGBUS, _NOMEM = m.PageStatus.OK, m.PageStatus.SIGBUS, m.PageStatus.NOMEM
@@ -38,9 +36,11 @@ MAP = m.Purpose.MAP
 _STATUS_CODE = {status: code for code, status in enumerate(m.ANSWER_STATUS)}
 FAULT_PMD_OK, FAULT_THP_OK = m.FAULT_PMD_OK, m.FAULT_THP_OK
 # A PageAnswer's fields after ``req``: status, pfn, head, thp, pmd, major, shmem, around, allocated.
-PageAnswerFields = tuple[m.PageStatus, int, int, bool, bool, bool, bool, tuple[tuple[int, int, bool], ...], bool]
-_SIGBUS_ANSWER: PageAnswerFields = (_SIGBUS, 0, 0, False, False, False, False, (), False)
-_NOMEM_ANSWER: PageAnswerFields = (_NOMEM, 0, 0, False, False, False, False, (), False)
+PageAnswerFields = tuple[
+    m.PageStatus, int, int, bool, bool, bool, bool, tuple[tuple[int, int, bool], ...], bool, int
+]
+_SIGBUS_ANSWER: PageAnswerFields = (_SIGBUS, 0, 0, False, False, False, False, (), False, 0)
+_NOMEM_ANSWER: PageAnswerFields = (_NOMEM, 0, 0, False, False, False, False, (), False, 0)
 
 # What a daemon passes as ``resched_pages``: ~10 ms of a write's work between two yields.
 RESCHED_PAGES = 4096
@@ -303,7 +303,7 @@ class Collapser(Actor):
         if kind == 0:
             self.cache.apply_rmap(((pfn, 1, 0, 0),))
         elif kind == 1:
-            if pfn != head or not mem.flags[head] & PG_HEAD or index % HPAGE_PMD_NR:
+            if pfn != head or not mem.pmd_mappable(head) or index % HPAGE_PMD_NR:
                 return False
             self.cache.apply_rmap(((head, 0, 1, 0),))
         elif kind == 2:
@@ -370,19 +370,19 @@ class Collapser(Actor):
                 yield Wait(("page", answer))
                 if self.peer_epoch != epoch:
                     return
-            status, pfn, head, thp, pmd, major, shmem, around_mapped, allocated = answer
+            status, pfn, head, thp, pmd, major, shmem, around_mapped, allocated, order = answer
             out += (
                 pos,
                 _STATUS_CODE[status],
                 pfn,
                 head,
-                thp | pmd << 1 | major << 2 | shmem << 3 | allocated << 4,
+                thp | pmd << 1 | major << 2 | shmem << 3 | allocated << 4 | order << m.ANSWER_ORDER_SHIFT,
                 len(around_mapped),
             )
             for a_index, a_pfn, a_thp in around_mapped:
                 out += (a_index, a_pfn, int(a_thp))
-            # A PMD-order page may be mapped whole; a fault that failed made no page table.
-            if thp or status == _NOMEM or (stop_at_sigbus and status == _SIGBUS):
+            # A large folio may be mapped whole; a fault that failed made no page table.
+            if order or status == _NOMEM or (stop_at_sigbus and status == _SIGBUS):
                 break
             if status == _OK:
                 mapped.add(index)
@@ -412,7 +412,7 @@ class Collapser(Actor):
             # ->fault (shmem_fault, filemap_fault) answers SIGBUS for the page itself.
             if not around_indices or purpose != MAP:
                 return _SIGBUS_ANSWER
-            return (_SIGBUS, 0, 0, False, False, False, f.shmem, self._fault_around(f, around_indices), False)
+            return (_SIGBUS, 0, 0, False, False, False, f.shmem, self._fault_around(f, around_indices), False, 0)
         value = f.get(index)
         if value > 0 and mem.flags[mem.head(value)] & PG_LOCKED:
             return mem.head(value)
@@ -445,7 +445,7 @@ class Collapser(Actor):
         if major:
             self.vm["pgmajfault"] += 1
         head = mem.head(pfn)
-        thp = bool(mem.flags[head] & PG_HEAD)
+        thp = mem.pmd_mappable(head)
         pmd = False
         if purpose == "map":
             # A regular file's THP is PMD-mapped only inside i_size (finish_fault, 6.18).
@@ -458,14 +458,14 @@ class Collapser(Actor):
                 cache.set_dirty(head)
         elif purpose == "pin":
             cache.apply_rmap(((pfn, 0, 0, 1),))
-        return (_OK, pfn, head, thp, pmd, major, f.shmem, around, allocated)
+        return (_OK, pfn, head, thp, pmd, major, f.shmem, around, allocated, mem.order[head])
 
     def _fault_around(self, f: File, indices: tuple[int, ...]) -> tuple[tuple[int, int, bool], ...]:
         """filemap_map_pages: map the cached, uptodate, unlocked pages among ``indices`` that lie
         inside i_size (its window ends at the file's last page). The remapper maps the rest of a
         large folio itself (filemap_map_folio_range)."""
         mem = self.mem
-        flags, mapcount, ref = mem.flags, mem.mapcount, mem.ref
+        flags, mapcount, ref, orders = mem.flags, mem.mapcount, mem.ref, mem.order
         chunks = f.chunks
         eof = f.nr_pages_size
         out = []
@@ -474,14 +474,14 @@ class Collapser(Actor):
             value = chunk[index & (HPAGE_PMD_NR - 1)] if chunk is not None else 0
             if value <= 0 or index >= eof:
                 continue
-            head = value & ~(HPAGE_PMD_NR - 1) if flags[value] & PG_TAIL else value
+            head = value & ~((1 << orders[value]) - 1)
             page_flags = flags[head]
             if page_flags & PG_LOCKED or not page_flags & PG_UPTODATE:
                 continue
             # apply_rmap's row (value, 1, 0, 0): a PTE mapping and its reference on the head.
             mapcount[value] += 1
             ref[head] += 1
-            out.append((index, value, bool(page_flags & PG_HEAD)))
+            out.append((index, value, orders[head] == HPAGE_PMD_ORDER))
         return tuple(out)
 
     def _read_around(self, f: File, index: int, vm_hugepage: bool) -> None:
@@ -538,7 +538,7 @@ class Collapser(Actor):
             if self.peer_epoch != epoch:
                 return
         self.peer_locked.add(head)
-        self.send(m.FolioAnswer(msg.req, head, 9 if mem.flags[head] & PG_HEAD else 0))
+        self.send(m.FolioAnswer(msg.req, head, mem.order[head]))
 
     # -- reports ------------------------------------------------------------------------------
 

@@ -10,9 +10,7 @@ from typing import Any
 
 from collapsed.pagecache import (
     PG_DIRTY,
-    PG_HEAD,
     PG_LOCKED,
-    PG_LRU,
     PG_WRITEBACK,
     File,
     PageCache,
@@ -25,6 +23,8 @@ from shared.units import HPAGE_PMD_NR, MAX_LFS_FILESIZE, PAGE_SHIFT, PAGE_SIZE, 
 
 # NAME_MAX.
 _MAX_NAME = 255
+# Past every page index: the end of unmap_mapping_range(holebegin, 0) and of truncation to -1.
+_END = pages(MAX_LFS_FILESIZE) + 1
 
 
 def file_name_problem(name: str) -> str | None:
@@ -187,15 +187,22 @@ class FileOps:
         return self.stat(f)
 
     def truncate(self, name: str, size: int) -> Generator[Any, Any, dict[str, Any]]:
-        """truncate(2): unmap, then drop every page at or past the new EOF (split a THP it cuts)."""
+        """truncate(2): unmap from the new EOF on, then drop the pages there, splitting a large
+        folio the new EOF cuts. A shmem file does this whenever the size does not grow, to the
+        same size too (shmem_setattr -> shmem_truncate_range(newsize, -1)), so a THP across EOF
+        is split even then; a regular file only when it shrinks (truncate_pagecache)."""
         f = self.lookup(name)
         _check_new_size(size)
         yield from self.cache.inode_lock(f)
         try:
             old = f.size
             self._set_size(f, size)
-            if size < old:
-                yield from self.truncate_range(f, pages(size), pages(old))
+            if size < old or (f.shmem and size == old):
+                holebegin = pages(size)
+                if old > holebegin << PAGE_SHIFT:
+                    # unmap_mapping_range(holebegin, 0, even_cows=1): everything from there on.
+                    yield from self.unmap_range(f, holebegin, _END, (), even_cows=True)
+                yield from self.undo_range(f, size, None)
         except Exception:
             self.cache.inode_unlock(f)
             raise
@@ -203,7 +210,14 @@ class FileOps:
         return self.stat(f)
 
     def punch_hole(self, name: str, offset: int, length: int) -> Generator[Any, Any, dict[str, Any]]:
-        """fallocate(FALLOC_FL_PUNCH_HOLE): drop the whole pages in the range; i_size stays."""
+        """fallocate(FALLOC_FL_PUNCH_HOLE): drop the pages in the range, zero (and split a large
+        folio at) a partial page at either end; i_size stays.
+
+        shmem (shmem_fallocate): unmap the whole pages of the range with even_cows=0, so private
+        CoW copies stay mapped, and neither the unmap nor the truncation is clipped to i_size (a
+        PMD over a THP that reaches past EOF is zapped whole, never split). A regular file's punch
+        is clipped to the end of the page holding EOF and also unmaps CoW copies
+        (truncate_pagecache_range)."""
         f = self.lookup(name)
         if offset < 0 or length <= 0:
             raise UserError("EINVAL", "punch needs a non-negative offset and a positive length")
@@ -212,10 +226,14 @@ class FileOps:
             raise UserError("EFBIG", f"the range [{offset}, {offset + length}) passes {MAX_LFS_FILESIZE}")
         yield from self.cache.inode_lock(f)
         try:
-            start = pages(offset)
-            end = min((offset + length) // PAGE_SIZE, f.nr_pages_size)
-            if start < end:
-                yield from self.truncate_range(f, start, end)
+            end = offset + length
+            if not f.shmem:
+                end = min(end, f.nr_pages_size << PAGE_SHIFT)  # ext4_punch_hole: to EOF's page end
+            start, stop = pages(offset), end >> PAGE_SHIFT
+            if start < stop:
+                yield from self.unmap_range(f, start, stop, (), even_cows=not f.shmem)
+            if offset < end:
+                yield from self.undo_range(f, offset, end - 1)
         except Exception:
             self.cache.inode_unlock(f)
             raise
@@ -285,90 +303,195 @@ class FileOps:
     # -- truncate_inode_pages_range -----------------------------------------------------------
 
     def truncate_range(self, f: File, start: int, end: int, even_cows: bool = True) -> Generator[Any, Any, None]:
-        """truncate_inode_pages_range on [start, end): unmap_mapping_range, then delete pages."""
+        """truncate_inode_pages_range on the whole pages [start, end), after unmap_mapping_range."""
         yield from self.unmap_range(f, start, end, (), even_cows=even_cows)
+        yield from self.undo_range(f, start << PAGE_SHIFT, (end << PAGE_SHIFT) - 1)
+
+    def undo_range(self, f: File, lstart: int, lend: int | None) -> Generator[Any, Any, None]:
+        """shmem_undo_range / truncate_inode_pages_range on the bytes [lstart, lend] (``lend``
+        None: -1, to the end): first the folios holding the first and the last byte, through
+        truncate_inode_partial_folio (which splits a large one there), then every folio between.
+        A folio that would not split narrows the range, as the kernel's ``start``/``end``."""
+        mem = self.cache.mem
+        first = lstart >> PAGE_SHIFT
+        start = pages(lstart)
+        end = _END if lend is None else (lend + 1) >> PAGE_SHIFT
+        # lend -1 is signed: its page index is -1, and any folio ends after it.
+        same_folio = lend is not None and first == lend >> PAGE_SHIFT
+        head = yield from self._lock_folio_at(f, first)
+        if head:
+            index, nr = mem.index[head], mem.folio_nr(head)
+            same_folio = lend is None or lend < (index + nr) << PAGE_SHIFT
+            if not (yield from self._partial_folio(f, head, lstart, lend)):
+                start = index + nr
+                if same_folio:
+                    end = index
+        if not same_folio and lend is not None:
+            head = yield from self._lock_folio_at(f, lend >> PAGE_SHIFT)
+            if head:
+                index = mem.index[head]
+                if not (yield from self._partial_folio(f, head, lstart, lend)):
+                    end = index
+        if start < end:
+            yield from self._whole_folios(f, start, end, lstart, lend)
+
+    def _lock_folio_at(self, f: File, index: int) -> Generator[Any, Any, int]:
+        """The folio holding page ``index``, locked once writeback has ended (shmem_get_partial_folio,
+        __filemap_get_folio(FGP_LOCK)); 0 when there is none (a hole or a swap entry)."""
         cache = self.cache
         mem = cache.mem
-        kept: set[int] = set()  # THPs that would not split: one attempt each, not one per subpage
-        resched = self.resched_pages or -1
-        left = resched
-        for index, value in list(f.entries(start, end)):
-            if not left:
-                left = resched
-                # cond_resched(), between two entries and outside every page lock: each entry is
-                # looked at afresh below, as after the writeback and page-lock sleeps of this loop.
-                yield Sleep(self.actor.now)
-            left -= 1
-            if f.get(index) != value:
-                continue  # went with a THP removed earlier in this loop, or changed meanwhile
-            if value > 0 and mem.head(value) in kept:
-                continue
-            if value < 0:
-                cache.free_swap_entry(f, index)
-                continue
+        while True:
+            value = f.get(index)
+            if value <= 0:
+                return 0
             head = mem.head(value)
-            # Truncate waits for writeback to end (outside the page lock, so the model is never
-            # quiet with a page locked), then locks the page.
-            while mem.flags[head] & PG_WRITEBACK and f.get(index) == value:
+            if mem.flags[head] & PG_WRITEBACK:
                 yield Wait(("writeback", head))
-            if f.get(index) != value:
                 continue
             yield from cache.lock(head)
-            if f.get(index) != value:
-                cache.unlock(head)
-                continue
-            if mem.total_mapcount(head):
-                # truncate_cleanup_folio: a fault mapped it again after the first unmap; with the
-                # page locked no new mapping can appear, so this unmap is the last.
-                lo = mem.index[head]
-                hi = lo + (HPAGE_PMD_NR if mem.flags[head] & PG_HEAD else 1)
-                yield from self.unmap_range(f, lo, hi, (), even_cows=False)
-            if mem.flags[head] & PG_HEAD:
-                hstart = mem.index[head]
-                if hstart >= start and hstart + HPAGE_PMD_NR <= end:
-                    cache.remove_page(f, head)
-                    cache.unlock(head)
-                    continue
-                if not self.split_thp(f, head):
-                    cache.unlock(head)
-                    kept.add(head)
-                    continue  # pinned: the folio stays whole, as truncate_inode_partial_folio
-                self._unlock_split(head)
-                for sub in range(head, head + HPAGE_PMD_NR):
-                    if start <= mem.index[sub] < end and f.get(mem.index[sub]) == sub:
-                        cache.remove_page(f, sub)
-                continue
-            cache.remove_page(f, head)
+            if f.get(index) == value and mem.head(value) == head:
+                return head
             cache.unlock(head)
 
-    def split_thp(self, f: File, head: int) -> bool:
-        """split_huge_page on an unmapped THP: 512 small pages, each with its own cache reference,
-        each locked (the caller held the head's lock).
-
-        Fails (thp_split_page_failed) while anything but the cache holds a reference, as
-        can_split_folio does.
-        """
+    def _partial_folio(self, f: File, head: int, lstart: int, lend: int | None) -> Generator[Any, Any, bool]:
+        """truncate_inode_partial_folio on the locked folio ``head``, which it unlocks: a folio
+        wholly inside [lstart, lend] goes; a small one is only zeroed; a large one is split at the
+        page holding ``lstart`` (or its first page), then the folio holding the page just past
+        ``lend`` is split there too. False when the first split failed (the folio is pinned): it
+        stays whole (shmem's is dirty)."""
         mem = self.cache.mem
-        if mem.ref[head] != HPAGE_PMD_NR or mem.entire.get(head) or any(
-            mem.mapcount[head : head + HPAGE_PMD_NR]
-        ):
-            self.vm["thp_split_page_failed"] += 1
-            return False
-        # A folio still in the per-CPU add batch reaches the LRU first: the batch names only the
-        # head, so the tails would otherwise stay off the LRU for good (lru_add_split_folio).
-        self.cache.lru_add_drain()
-        was_lru = mem.flags[head] & PG_LRU
-        mem.split_huge(head)
-        for sub in range(head, head + HPAGE_PMD_NR):
-            mem.ref[sub] = 1
-            mem.flags[sub] |= PG_LOCKED | was_lru
-        f.nr_thps -= 1
-        self.vm["thp_split_page"] += 1
+        pos = mem.index[head] << PAGE_SHIFT
+        nr = mem.folio_nr(head)
+        size = nr << PAGE_SHIFT
+        offset = max(0, lstart - pos)
+        length = size - offset if lend is None or pos + size <= lend else lend + 1 - pos - offset
+        if length == size:
+            yield from self._truncate_folio(f, head)
+            return True
+        cache = self.cache
+        if nr > 1:
+            if not (yield from self.split_folio(f, head, head + (offset >> PAGE_SHIFT))):
+                cache.unlock(head)
+                return False
+            if offset + length < size:
+                # Split again where the range ends, so that the folios inside it can go.
+                at = head + ((offset + length) >> PAGE_SHIFT)
+                head2 = mem.head(at)
+                if mem.folio_nr(head2) > 1 and cache.trylock(head2):
+                    yield from self.split_folio(f, head2, at)
+                    cache.unlock(head2)
+        cache.unlock(head)
         return True
 
-    def _unlock_split(self, head: int) -> None:
-        for pfn in range(head, head + HPAGE_PMD_NR):
-            self.cache.unlock(pfn)
+    def _truncate_folio(self, f: File, head: int) -> Generator[Any, Any, None]:
+        """truncate_inode_folio on a locked folio: truncate_cleanup_folio unmaps it if a fault
+        mapped it again after the range's unmap (with the folio locked no new mapping can
+        appear, so this unmap is the last), then it leaves the cache and is unlocked."""
+        mem = self.cache.mem
+        if mem.total_mapcount(head):
+            lo = mem.index[head]
+            yield from self.unmap_range(f, lo, lo + mem.folio_nr(head), (), even_cows=False)
+        self.cache.remove_page(f, head)
+        self.cache.unlock(head)
+
+    def _whole_folios(
+        self, f: File, start: int, end: int, lstart: int, lend: int | None
+    ) -> Generator[Any, Any, None]:
+        """The loop over [start, end): swap entries are freed, folios truncated; a large folio
+        across either end goes through truncate_inode_partial_folio, and after a split the loop
+        starts again to pick up the new folios (shmem_undo_range's ``index = start``)."""
+        cache = self.cache
+        mem = cache.mem
+        kept: set[int] = set()  # folios that would not split: one attempt each
+        resched = self.resched_pages or -1
+        left = resched
+        again = True
+        while again:
+            again = False
+            for index, value in list(f.entries(start, end)):
+                if not left:
+                    left = resched
+                    # cond_resched(), between two entries and outside every page lock: each entry
+                    # is looked at afresh below, as after the writeback and page-lock sleeps.
+                    yield Sleep(self.actor.now)
+                left -= 1
+                if f.get(index) != value:
+                    continue  # went with a folio removed earlier in this loop, or changed meanwhile
+                if value < 0:
+                    cache.free_swap_entry(f, index)
+                    continue
+                head = mem.head(value)
+                if head in kept:
+                    continue
+                # Truncate waits for writeback to end (outside the page lock, so the model is
+                # never quiet with a page locked), then locks the folio.
+                while mem.flags[head] & PG_WRITEBACK and f.get(index) == value and mem.head(value) == head:
+                    yield Wait(("writeback", head))
+                if f.get(index) != value or mem.head(value) != head:
+                    continue
+                yield from cache.lock(head)
+                if f.get(index) != value or mem.head(value) != head:
+                    cache.unlock(head)
+                    continue
+                first = mem.index[head]
+                nr = mem.folio_nr(head)
+                if first >= start and first + nr <= end:
+                    yield from self._truncate_folio(f, head)
+                    continue
+                if (yield from self._partial_folio(f, head, lstart, lend)):
+                    again = True
+                    break
+                kept.add(head)
+
+    def split_folio(self, f: File, head: int, at: int) -> Generator[Any, Any, bool]:
+        """try_folio_split on the locked folio ``head``: unless something but the page cache and
+        the mappings holds it (can_split_folio, checked before the unmap and again after),
+        unmap_folio (try_to_unmap with TTU_SPLIT_HUGE_PMD: a PMD mapping is split, which for a
+        file folio just clears it; file folios are not remapped after), then split. shmem splits non-uniformly at ``at`` (__split_unmapped_folio), leaving
+        large folios of every order below; a regular file's folio without large-folio support
+        splits to base pages (non_uniform_split_supported). New folios but the first are
+        unlocked. thp_split_page and thp_split_page_failed count PMD-order folios only."""
+        mem = self.cache.mem
+        nr = mem.folio_nr(head)
+        if mem.ref[head] != nr + mem.total_mapcount(head):
+            # can_split_folio's racy check runs before unmap_folio: a pinned folio keeps its
+            # mappings.
+            return self._split(f, head, at)
+        if mem.total_mapcount(head):
+            lo = mem.index[head]
+            yield from self.unmap_range(f, lo, lo + nr, tuple(range(head, head + nr)), even_cows=False)
+        return self._split(f, head, at if f.shmem else None)
+
+    def _split(self, f: File, head: int, at: int | None) -> bool:
+        mem = self.cache.mem
+        nr = mem.folio_nr(head)
+        pmd_order = nr == HPAGE_PMD_NR
+        if mem.ref[head] != nr or mem.entire.get(head) or any(mem.mapcount[head : head + nr]):
+            if pmd_order:
+                self.vm["thp_split_page_failed"] += 1
+            return False
+        # A folio still in the per-CPU add batch reaches the LRU first: the batch names only the
+        # head, so the new folios would otherwise stay off the LRU for good (lru_add_split_folio).
+        self.cache.lru_add_drain()
+        pieces = mem.split_folio(head, at)
+        eof = f.nr_pages_size
+        for new, _ in pieces:
+            if new == head:
+                continue
+            if mem.index[new] >= eof:
+                # __folio_split: a new folio wholly past EOF leaves the page cache at once.
+                self.cache.remove_page(f, new)
+            self.cache.unlock(new)
+        if pmd_order:
+            f.nr_thps -= 1
+            self.vm["thp_split_page"] += 1
+        return True
+
+    def split_thp(self, f: File, head: int) -> bool:
+        """split_huge_page on an unmapped, locked folio: base pages, each with its own cache
+        reference; the caller unlocks ``head``. Fails while anything but the cache holds a
+        reference, as can_split_folio does."""
+        return self._split(f, head, None)
 
     def unmap_range(
         self, f: File, start: int, end: int, pfns: tuple[int, ...], even_cows: bool
@@ -399,7 +522,7 @@ class FileOps:
                 head = mem.head(value)
                 if not mem.allocated(head) or mem.ino[head] != f.ino:
                     continue
-                cache_refs = HPAGE_PMD_NR if mem.flags[head] & PG_HEAD else 1
+                cache_refs = mem.folio_nr(head)
                 if f.shmem or mem.flags[head] & (PG_DIRTY | PG_WRITEBACK | PG_LOCKED):
                     continue
                 if mem.ref[head] != cache_refs:
@@ -418,15 +541,13 @@ class FileOps:
         cache = self.cache
         mem = cache.mem
         for head in split:
-            if not mem.allocated(head) or not mem.flags[head] & PG_HEAD:
+            if not mem.allocated(head) or mem.head(head) != head or mem.folio_nr(head) == 1:
                 continue
             f = cache.files.get(mem.ino[head])
             if f is None or not cache.trylock(head):
                 continue
-            if self.split_thp(f, head):
-                self._unlock_split(head)
-            else:
-                cache.unlock(head)
+            self.split_thp(f, head)  # unlocks the new folios, not head
+            cache.unlock(head)
         resched = self.resched_pages or -1
         left = resched
         for pfn in pfns:
@@ -441,10 +562,10 @@ class FileOps:
             f = cache.files.get(mem.ino[head])
             if f is None or mem.flags[head] & (PG_LOCKED | PG_WRITEBACK):
                 continue
-            cache_refs = HPAGE_PMD_NR if mem.flags[head] & PG_HEAD else 1
+            cache_refs = mem.folio_nr(head)
             if mem.ref[head] != cache_refs:
                 continue
-            if mem.flags[head] & PG_HEAD:
+            if cache_refs > 1:
                 if not f.shmem:
                     continue  # a read-only file THP is dropped whole by drop_caches, not pageout
                 if not mem.flags[head] & PG_DIRTY:
@@ -456,8 +577,8 @@ class FileOps:
                 if not self.split_thp(f, head):
                     cache.unlock(head)
                     continue
-                subs = list(range(head, head + HPAGE_PMD_NR))
-                self._unlock_split(head)
+                cache.unlock(head)
+                subs = list(range(head, head + cache_refs))
             else:
                 subs = [head]
             for sub in subs:

@@ -271,18 +271,22 @@ class Khugepaged:
                     break
                 continue
             head = mem.head(value)
+            if index != max(start, mem.index[head]):
+                continue  # a large folio is one multi-index entry, met once
             scan_pfn = value
-            if mem.flags[head] & PG_HEAD:
+            if mem.pmd_mappable(head):
                 pmd_order_at_start = mem.index[head] == start
                 result = R.SCAN_PTE_MAPPED_HUGEPAGE if pmd_order_at_start else R.SCAN_PAGE_COMPOUND
                 break
             if not mem.flags[head] & PG_LRU:
                 result = R.SCAN_PAGE_LRU
                 break
-            if mem.ref[head] != 1 + mem.mapcount[head]:
+            # folio_expected_ref_count: a reference per page from the cache and per mapping.
+            nr = mem.folio_nr(head)
+            if mem.ref[head] != nr + mem.total_mapcount(head):
                 result = R.SCAN_PAGE_COUNT
                 break
-            present += 1
+            present += nr
         if result == R.SCAN_SUCCEED:
             if cc.is_khugepaged and present < HPAGE_PMD_NR - k.max_ptes_none:
                 result = R.SCAN_EXCEED_NONE_PTE
@@ -383,7 +387,8 @@ class Khugepaged:
         result = R.SCAN_SUCCEED
         quick = self._isolate_range(f, start)
         pagelist: list[int] = []
-        for index in range(start, end if quick is None else start):
+        index = start if quick is None else end
+        while index < end:
             value = f.get(index)
             if f.shmem:
                 if value == 0:
@@ -391,6 +396,7 @@ class Khugepaged:
                         result = R.SCAN_TRUNCATED
                         break
                     nr_none += 1
+                    index += 1
                     continue
                 if value < 0:
                     # shmem_get_folio(SGP_NOALLOC): swap it in; the new page comes back locked.
@@ -436,7 +442,7 @@ class Khugepaged:
             # The page is locked from here on.
             if not mem.flags[head] & PG_UPTODATE:
                 result = R.SCAN_FAIL
-            elif mem.flags[head] & PG_HEAD:
+            elif mem.pmd_mappable(head):
                 result = R.SCAN_PTE_MAPPED_HUGEPAGE if mem.index[head] == start else R.SCAN_PAGE_COMPOUND
             elif mem.ino[head] != f.ino:
                 result = R.SCAN_TRUNCATED
@@ -447,19 +453,37 @@ class Khugepaged:
             if result != R.SCAN_SUCCEED:
                 cache.unlock(head)
                 break
-            # folio_isolate_lru + the collapse's own get: the "3" of the refcount check below.
+            # folio_isolate_lru + the collapse's own get: the "2 +" of the refcount check below.
             mem.flags[head] &= ~PG_LRU
             mem.ref[head] += 2
             pagelist.append(head)
+            # A large folio (a split left one) is taken whole: collapse_file's
+            # index += folio_nr_pages(folio).
+            index = mem.index[head] + mem.folio_nr(head)
 
-        # The isolated pages, as an array for the steps below.
+        # The isolated pages (heads), as an array for the steps below; folios that a split left
+        # larger than a page take the per-folio path.
         pfns = quick if quick is not None else np.array(pagelist, dtype=np.int64)
+        large = quick is None and any(mem.order[p] for p in pagelist)
         if result == R.SCAN_SUCCEED and len(pfns):
-            mapped = self._mapped(pfns)
+            if large:
+                mapped = tuple(
+                    pfn
+                    for p in pagelist
+                    if mem.total_mapcount(p)
+                    for pfn in range(p, p + mem.folio_nr(p))
+                    if mem.mapcount[pfn]
+                )
+            else:
+                mapped = self._mapped(pfns)
             if mapped:
-                # try_to_unmap(folio) for every mapped page, as one request to the remapper.
+                # try_to_unmap(folio) for every mapped folio, as one request to the remapper.
                 yield from self.fileops.unmap_range(f, start, end, mapped, even_cows=False)
-            if not self._refs_ok(pfns):
+            if large:
+                refs_ok = all(mem.ref[p] == 2 + mem.folio_nr(p) for p in pagelist)
+            else:
+                refs_ok = self._refs_ok(pfns)
+            if not refs_ok:
                 result = R.SCAN_PAGE_COUNT
         if result == R.SCAN_SUCCEED and not f.shmem and f.writecount > 0:
             result = R.SCAN_FAIL  # inode_is_open_for_write after filemap_nr_thps_inc
@@ -477,17 +501,29 @@ class Khugepaged:
             mem.flags[new] &= ~PG_LOCKED
             mem.ino[new] = 0
             cache.put(new)
-            self._trace_collapse(f, new, end if len(pfns) + nr_none == HPAGE_PMD_NR else index, cc, result)
+            taken = (sum(mem.folio_nr(p) for p in pagelist) if large else len(pfns)) + nr_none
+            self._trace_collapse(f, new, end if taken == HPAGE_PMD_NR else index, cc, result)
             return result
 
         # Success: copy, publish the multi-index entry (it takes every slot of the old pages,
         # so theirs need no clearing first), free the old pages, retract.
-        f.nrpages -= len(pfns)
-        view(mem.ino)[pfns] = 0
+        if large:
+            for p in pagelist:
+                nr = mem.folio_nr(p)
+                f.nrpages -= nr
+                view(mem.ino)[p : p + nr] = 0
+        else:
+            f.nrpages -= len(pfns)
+            view(mem.ino)[pfns] = 0
         mem.ref[new] = 1
         cache.add_huge_page(f, start, new, dirty=f.shmem)  # collapse_file: folio_mark_dirty for shmem
-        cache.unlock_pages(pfns)
-        cache.put_small_pages(pfns, 3)
+        if large:
+            for p in pagelist:
+                cache.unlock(p)
+                cache.put(p, 2 + mem.folio_nr(p))
+        else:
+            cache.unlock_pages(pfns)
+            cache.put_small_pages(pfns, 3)
         reply = yield Call(m.Retract(self.actor.new_req(), f.ino, start, new))
         log.debug("retract_page_tables", ino=f.ino, pgoff=start, retracted=reply.retracted,
                   installed=reply.installed, deferred=reply.deferred, skipped=reply.skipped)

@@ -1,23 +1,27 @@
 """The page cache and the physical memory under it: ``struct page`` state, files, xarray slots,
 and :class:`PageCache`, the part that owns them and the page operations every other part uses.
 
-Per-page state is kept as parallel arrays indexed by pfn (a ``mem_map``), 34 bytes a page (8 more
-for its xarray slot) instead of a Python object per page. What works on a whole 512-page range at
-once (collapse_file and its scan, freeing the pages a collapse replaced, a long batch of rmap rows)
-does so through numpy views of these arrays (:func:`view`), never kept across a yield.
+Per-page state is kept as parallel arrays indexed by pfn (a ``mem_map``), 35 bytes a page (8 more
+for its xarray slot) instead of a Python object per page. What works on a whole range at once
+(collapse_file and its scan, freeing the pages a collapse replaced, a long batch of rmap rows) does
+so through numpy views of these arrays (:func:`view`), never kept across a yield.
 
 Physical memory comes in 2 MiB blocks: a PMD-order compound page is one whole block, so its head
-is ``pfn & ~511`` and subpage ``i`` is ``head + i``, as in the kernel. Small pages are carved from
-blocks of their own. Huge allocations draw on ``free_huge_pages`` (a knob) and may fail to
-fragmentation. Memory has a size, the knob
+is ``pfn & ~511`` and subpage ``i`` is ``head + i``, as in the kernel. Splitting a folio
+(``__split_unmapped_folio``) leaves naturally aligned folios of any smaller order in its block;
+every page of a large folio stores the folio's order (``order``), so a tail finds its head as
+``pfn & ~(nr - 1)`` and ``folio_nr_pages`` is ``1 << order[head]``. The page cache holds one
+reference per page of a folio, all on the head, as ``__filemap_add_folio``'s
+``folio_ref_add(folio, nr)`` does. Small pages are carved from blocks of their own. Huge
+allocations draw on ``free_huge_pages`` (a knob) and may fail to fragmentation. Memory has a size, the knob
 ``thpsplit/mem_total_mb``: once every block it allows is in use (and no page is free in them), an
 allocation fails, as the page allocator's does when reclaim cannot help. Blocks are not compacted:
 a block that held small pages stays theirs, so a huge allocation may fail while small pages are
 free.
 
 A file's page cache is a dict of 512-slot ``array('q')`` chunks (an xarray node per 2 MiB that has
-ever held a page): slot value 0 is a hole, > 0 a pfn, < 0 a shmem swap entry. A compound page
-occupies all 512 slots of its chunk with its subpages' pfns (the multi-index entry).
+ever held a page): slot value 0 is a hole, > 0 a pfn, < 0 a shmem swap entry. A large folio
+occupies one slot per page with its subpages' pfns (the multi-index entry).
 """
 
 from __future__ import annotations
@@ -56,7 +60,7 @@ def view(a: array) -> np.ndarray:
 
 
 # One block's worth of zeros for each per-page array's type: what a new block starts as.
-_ZERO_BLOCK = {code: array(code, bytes(array(code).itemsize * HPAGE_PMD_NR)) for code in "lHq"}
+_ZERO_BLOCK = {code: array(code, bytes(array(code).itemsize * HPAGE_PMD_NR)) for code in "lHqB"}
 
 # A batch of rmap rows at least this long is applied (and checked) with array operations.
 BULK_ROWS = 16
@@ -103,6 +107,7 @@ def sum_by(keys: np.ndarray, deltas: np.ndarray) -> tuple[np.ndarray, np.ndarray
 _FIRST_BLOCK = 1
 _NR = HPAGE_PMD_NR
 _MASK = _NR - 1
+HPAGE_PMD_ORDER = 9
 
 
 class PhysMem:
@@ -116,6 +121,7 @@ class PhysMem:
         self.flags = array("H")
         self.index = array("q")
         self.ino = array("l")  # owning file; 0 when none
+        self.order = array("B")  # folio order, in every page of a large folio; 0 for a small page
         self.entire: dict[int, int] = {}  # head pfn -> PMD mappings (entire_mapcount)
         self.pins: dict[int, int] = {}  # head pfn -> GUP pins (also counted in ref)
         self._free_small: list[int] = []
@@ -128,7 +134,7 @@ class PhysMem:
         self.nr_allocated = 0
 
     def _grow(self, blocks: int) -> None:
-        for a in (self.ref, self.mapcount, self.flags, self.index, self.ino):
+        for a in (self.ref, self.mapcount, self.flags, self.index, self.ino, self.order):
             zeros = _ZERO_BLOCK[a.typecode]
             for _ in range(blocks):
                 a.extend(zeros)
@@ -175,17 +181,24 @@ class PhysMem:
         self.flags[head] = PG_ALLOCATED | PG_HEAD
         view(self.flags)[head + 1 : head + _NR] = PG_ALLOCATED | PG_TAIL
         view(self.ref)[head + 1 : head + _NR] = 0
+        view(self.order)[head : head + _NR] = HPAGE_PMD_ORDER
         self.nr_allocated += _NR
         return head
 
     def free(self, pfn: int) -> None:
-        """Return a page (small or compound head) whose last reference is gone."""
+        """Return a page (small or a large folio's head) whose last reference is gone. A PMD-order
+        folio's block goes back whole; a smaller folio's pages (a split left its block carved)
+        become free small pages."""
         if self.flags[pfn] & PG_HEAD:
-            for a in (self.ref, self.mapcount, self.flags, self.index, self.ino):
-                view(a)[pfn : pfn + _NR] = 0
+            nr = 1 << self.order[pfn]
+            for a in (self.ref, self.mapcount, self.flags, self.index, self.ino, self.order):
+                view(a)[pfn : pfn + nr] = 0
             self.entire.pop(pfn, None)
-            self._free_blocks.append(pfn)
-            self.nr_allocated -= _NR
+            if nr == _NR:
+                self._free_blocks.append(pfn)
+            else:
+                self._free_small.extend(range(pfn, pfn + nr))
+            self.nr_allocated -= nr
         else:
             self._clear(pfn)
             self._free_small.append(pfn)
@@ -198,27 +211,60 @@ class PhysMem:
         self.flags[pfn] = 0
         self.index[pfn] = 0
         self.ino[pfn] = 0
+        self.order[pfn] = 0
 
-    def split_huge(self, head: int) -> None:
-        """Turn a compound page into 512 small pages; the block is not a huge page any more."""
-        ref = self.ref[head]
-        pins = self.pins.pop(head, 0)
-        base = self.flags[head] & ~(PG_HEAD | PG_TAIL)
-        for i, pfn in enumerate(range(head, head + _NR)):
-            self.flags[pfn] = base
-            self.index[pfn] = self.index[head] + i
-            self.ino[pfn] = self.ino[head]
-            self.ref[pfn] = 0
-        # References held on the head (cache refs are redistributed by the caller).
-        self.ref[head] = ref
-        if pins:
-            self.pins[head] = pins
+    def split_folio(self, head: int, at: int | None) -> list[tuple[int, int]]:
+        """__split_unmapped_folio on an unmapped folio that only the page cache holds (one
+        reference per page): ``at`` None splits it uniformly to order 0; otherwise non-uniformly
+        (try_folio_split), halving it and keeping whole the half without ``at`` until ``at`` is an
+        order-0 folio, so an order-9 folio split at page 3 leaves orders 8, 7, ..., 2, 1, 0, 0.
+        Each new folio takes its pages' cache references on its head and the old head's flags
+        (locked if it was: the caller unlocks those it does not keep). Returns the new folios as
+        (head, order), in pfn order."""
+        order = self.order[head]
+        if at is None:
+            pieces = [(p, 0) for p in range(head, head + (1 << order))]
+        else:
+            pieces = []
+            start = head
+            while order:
+                order -= 1
+                half = 1 << order
+                if at < start + half:
+                    pieces.append((start + half, order))
+                else:
+                    pieces.append((start, order))
+                    start += half
+            pieces.append((start, 0))
+            pieces.sort()
+        flags, index, ino, ref, orders = self.flags, self.index, self.ino, self.ref, self.order
+        base = flags[head] & ~(PG_HEAD | PG_TAIL)
+        first_index, owner = index[head], ino[head]
+        for new, new_order in pieces:
+            nr = 1 << new_order
+            for pfn in range(new, new + nr):
+                flags[pfn] = (base & ~PG_LOCKED) | PG_TAIL
+                index[pfn] = first_index + (pfn - head)
+                ino[pfn] = owner
+                ref[pfn] = 0
+                orders[pfn] = new_order
+            flags[new] = base | (PG_HEAD if new_order else 0)
+            ref[new] = nr
+        return pieces
 
     def head(self, pfn: int) -> int:
-        return pfn & ~_MASK if self.flags[pfn] & PG_TAIL else pfn
+        return pfn & ~((1 << self.order[pfn]) - 1)
+
+    def folio_nr(self, head: int) -> int:
+        """folio_nr_pages."""
+        return 1 << self.order[head]
+
+    def pmd_mappable(self, head: int) -> bool:
+        """folio_test_pmd_mappable: a PMD-order folio, the only size a PMD maps."""
+        return self.order[head] == HPAGE_PMD_ORDER
 
     def is_thp(self, pfn: int) -> bool:
-        return bool(self.flags[pfn] & (PG_HEAD | PG_TAIL))
+        return self.order[pfn] == HPAGE_PMD_ORDER
 
     def allocated(self, pfn: int) -> bool:
         return 0 < pfn < len(self.flags) and bool(self.flags[pfn] & PG_ALLOCATED)
@@ -226,7 +272,7 @@ class PhysMem:
     def total_mapcount(self, head: int) -> int:
         """folio_mapcount: PTE mappings of every subpage plus PMD mappings."""
         if self.flags[head] & PG_HEAD:
-            return sum(self.mapcount[head : head + _NR]) + self.entire.get(head, 0)
+            return sum(self.mapcount[head : head + (1 << self.order[head])]) + self.entire.get(head, 0)
         return self.mapcount[head]
 
 
@@ -390,7 +436,7 @@ class PageCache:
         if mem.ref[head] < 0:
             raise AssertionError(f"refcount underflow on pfn {head}")
         if mem.ref[head] == 0:
-            huge = mem.flags[head] & PG_HEAD
+            huge = mem.pmd_mappable(head)
             self._lru_del(head)
             mem.free(head)
             if huge:
@@ -429,7 +475,7 @@ class PageCache:
         drops = pte_drops(rows)
         if drops is not None:
             pfns, deltas = drops
-            heads = np.where(view(mem.flags)[pfns] & PG_TAIL, pfns & ~_MASK, pfns)
+            heads = pfns & ~((np.int64(1) << view(mem.order)[pfns].astype(np.int64)) - 1)
             distinct, sums = sum_by(heads, deltas)
             ref = view(mem.ref)
             left = ref[distinct] + sums
@@ -468,7 +514,7 @@ class PageCache:
                 if value > 0 and mem.mapcount[value]:
                     heads.add(mem.head(value))
         for head in heads:
-            subs = range(head, head + _NR) if mem.flags[head] & PG_HEAD else (head,)
+            subs = range(head, head + mem.folio_nr(head))
             drop = sum(mem.mapcount[p] for p in subs) + mem.entire.pop(head, 0) + mem.pins.pop(head, 0)
             for p in subs:
                 mem.mapcount[p] = 0
@@ -555,18 +601,21 @@ class PageCache:
         self.lru_add(head)
 
     def remove_page(self, f: File, pfn: int) -> None:
-        """Delete a small page or a whole THP from the cache and drop the cache's references."""
+        """Delete a small page or a whole large folio from the cache and drop the cache's
+        references."""
         mem = self.mem
         head = mem.head(pfn)
         if mem.flags[head] & PG_HEAD:
             start = mem.index[head]
-            for i in range(_NR):
+            nr = mem.folio_nr(head)
+            for i in range(nr):
                 f.set(start + i, 0)
             f.drop_empty_chunk(start)
-            f.nrpages -= _NR
-            f.nr_thps -= 1
+            f.nrpages -= nr
+            if nr == _NR:
+                f.nr_thps -= 1
             mem.ino[head] = 0
-            self.put(head, _NR)
+            self.put(head, nr)
         else:
             index = mem.index[head]
             f.set(index, 0)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from collapsed.fileops import file_name_problem
-from collapsed.pagecache import PG_ALLOCATED, PG_HEAD, PG_TAIL, File, pte_drops, sum_by, view
+from collapsed.pagecache import PG_ALLOCATED, File, pte_drops, sum_by, view
 from shared import messages as m
 from shared.errors import PeerError
 from shared.knobs import KnobError
@@ -95,7 +95,7 @@ def _cached(c: Collapser, pfn: int) -> File | None:
     flags = mem.flags[pfn]
     if not flags & PG_ALLOCATED:
         return None
-    head = pfn & ~(HPAGE_PMD_NR - 1) if flags & PG_TAIL else pfn
+    head = mem.head(pfn)
     f = c.cache.files.get(mem.ino[head])
     if f is None or f.get(mem.index[pfn]) != pfn:
         return None
@@ -160,7 +160,6 @@ def _rmap_delta(c: Collapser, msg: m.RmapDelta) -> None:
     page cache (a mapping of anything else would be a page the cache does not own), and may put
     a PMD mapping only on a PMD-order page."""
     mem = c.mem
-    flags = mem.flags
     mapcount = mem.mapcount
     n = len(mem.ref)
     drops = pte_drops(msg.rows)
@@ -186,7 +185,7 @@ def _rmap_delta(c: Collapser, msg: m.RmapDelta) -> None:
                 raise PeerError(f"rmap_delta: pfn {pfn} would have {held} PTE mappings")
             pte_held[pfn] = held
             continue
-        head = pfn & ~(HPAGE_PMD_NR - 1) if flags[pfn] & PG_TAIL else pfn
+        head = mem.head(pfn)
         if (pte > 0 or pmd > 0 or pin > 0) and _cached(c, pfn) is None:
             raise PeerError(f"rmap_delta: maps or pins pfn {pfn}, which is not a page in the page cache")
         if pte:
@@ -195,7 +194,7 @@ def _rmap_delta(c: Collapser, msg: m.RmapDelta) -> None:
                 raise PeerError(f"rmap_delta: pfn {pfn} would have {held} PTE mappings")
             pte_held[pfn] = held
         if pmd:
-            if not flags[head] & PG_HEAD:
+            if not mem.pmd_mappable(head):
                 raise PeerError(f"rmap_delta: PMD mapping of pfn {pfn}, which is not a PMD-order page")
             held = pmd_held.get(head, mem.entire.get(head, 0)) + pmd
             if not 0 <= held <= MAX_COUNT:
@@ -343,7 +342,7 @@ def _remap(c: Collapser, msg: m.Remap) -> None:
         if kind not in _REMAP_KINDS:
             raise PeerError(f"{msg.TAG}: kind {kind} is none of 0 (PTE), 1 (PMD), 2 (pin)")
         if 0 < pfn < n:
-            head = pfn & ~(HPAGE_PMD_NR - 1) if mem.flags[pfn] & PG_TAIL else pfn
+            head = mem.head(pfn)
             added[kind][pfn if kind == 0 else head] += 1
             refs[head] += 1
     ptes, pmds, pins = added

@@ -16,7 +16,6 @@ from collapsed.pagecache import (
     PG_LOCKED,
     PG_LRU,
     PG_SWAPBACKED,
-    PG_TAIL,
     PG_UPTODATE,
     PG_WRITEBACK,
     PhysMem,
@@ -55,7 +54,7 @@ def page_flags(mem: PhysMem, pfn: int) -> tuple[int, int]:
     flags = mem.flags
     if not flags[pfn] & PG_ALLOCATED:
         return KPF_BUDDY, 0
-    head = pfn & ~(_NR - 1) if flags[pfn] & PG_TAIL else pfn
+    head = mem.head(pfn)
     f = flags[head]
     large = bool(f & PG_HEAD)
     mapcount = mem.mapcount[pfn] + (mem.entire.get(head, 0) if large else 0)
@@ -74,7 +73,7 @@ def page_flags(mem: PhysMem, pfn: int) -> tuple[int, int]:
         out |= KPF_SWAPBACKED
     if large:
         out |= KPF_THP | (KPF_COMPOUND_HEAD if pfn == head else KPF_COMPOUND_TAIL)
-        mapped = head in mem.entire or any(mem.mapcount[head : head + _NR])
+        mapped = head in mem.entire or any(mem.mapcount[head : head + mem.folio_nr(head)])
     else:
         mapped = mapcount > 0
     if mapped:
@@ -105,17 +104,17 @@ def _page_counts(c: Collapser) -> dict[str, int]:
             if value <= 0:
                 continue
             flags = mem.flags
-            head = value & ~(_NR - 1) if flags[value] & PG_TAIL else value
+            head = mem.head(value)
             large = flags[head] & PG_HEAD
             if large:
                 if head in seen_heads:
                     continue
                 seen_heads.add(head)
+                n = mem.folio_nr(head)
                 if head in mem.entire:
-                    mapped += _NR
+                    mapped += n
                 else:
-                    mapped += sum(1 for p in range(head, head + _NR) if mem.mapcount[p])
-                n = _NR
+                    mapped += sum(1 for p in range(head, head + n) if mem.mapcount[p])
             else:
                 mapped += 1 if mem.mapcount[value] else 0
                 n = 1

@@ -37,7 +37,7 @@ from collapsed.pagecache import (
 )
 from shared.knobs import KnobError, Knobs
 from shared.persist import SnapshotError
-from shared.units import HPAGE_PMD_NR
+from shared.units import HPAGE_PMD_NR, HPAGE_PMD_ORDER
 
 DAEMON = "collapsed"
 _NR = HPAGE_PMD_NR
@@ -56,6 +56,7 @@ def snapshot(c: Collapser) -> dict[str, Any]:
             "flags": mem.flags.tobytes(),
             "index": mem.index.tobytes(),
             "ino": mem.ino.tobytes(),
+            "order": mem.order.tobytes(),
             "free_blocks": list(mem._free_blocks),
             "free_small": list(mem._free_small),
             "small_block": [mem._small_block_next, mem._small_block_end],
@@ -137,6 +138,19 @@ def _restore(
     if not nr_blocks >= 1 or not len(flags) == len(index) == len(ino) == n:
         raise SnapshotError(f"{DAEMON} snapshot: page arrays of {len(flags)}/{len(index)}/{len(ino)} for {nr_blocks} blocks")
     mem.flags, mem.index, mem.ino = flags, index, ino
+    # Folio orders (a split leaves orders below 9); a snapshot from before them had PMD-order
+    # folios only, each a block whose first page is its head.
+    order = array("B")
+    if "order" in saved:
+        order.frombytes(saved["order"])
+    else:
+        order.frombytes(bytes(n))
+        for block in range(0, n, _NR):
+            if flags[block] & PG_HEAD:
+                order[block : block + _NR] = array("B", bytes([HPAGE_PMD_ORDER]) * _NR)
+    if len(order) != n:
+        raise SnapshotError(f"{DAEMON} snapshot: folio orders for {len(order)} pages, not {n}")
+    mem.order = order
     mem.ref = array("l", bytes(mem.ref.itemsize * n))
     mem.mapcount = array("l", bytes(mem.mapcount.itemsize * n))
     mem.nr_blocks = nr_blocks
@@ -170,12 +184,12 @@ def _restore(
                 continue
             if not 0 < value < n or not flags[value] & PG_ALLOCATED:
                 raise SnapshotError(f"{DAEMON} snapshot: {f.name}[{slot_index}] holds free pfn {value}")
-            head = value & ~(_NR - 1) if flags[value] & PG_TAIL else value
+            head = value & ~((1 << order[value]) - 1)
             if ino[head] != f.ino or index[value] != slot_index:
                 raise SnapshotError(f"{DAEMON} snapshot: {f.name}[{slot_index}] holds a page of elsewhere")
             mem.ref[head] += 1
             f.nrpages += 1
-            if value == head and flags[head] & PG_HEAD:
+            if value == head and order[head] == HPAGE_PMD_ORDER:
                 f.nr_thps += 1
             cached.add(head)
         cache.files[f.ino] = f
@@ -184,8 +198,8 @@ def _restore(
     cache._next_swap = int(state["next_swap"])
     cache.nr_swap_entries = sum(f.nrswap for f in cache.files.values())
     for head in cached:
-        if mem.ref[head] != (_NR if flags[head] & PG_HEAD else 1):
-            raise SnapshotError(f"{DAEMON} snapshot: THP {head} is only partly in the cache")
+        if mem.ref[head] != 1 << order[head]:
+            raise SnapshotError(f"{DAEMON} snapshot: large folio {head} is only partly in the cache")
         # Tasks are not saved: the locks they held go, and a page a collapse had isolated
         # goes back to the LRU (through the add batch, as putback_lru_page).
         flags[head] &= ~PG_LOCKED
@@ -195,14 +209,14 @@ def _restore(
     # Pages nothing caches (a collapse's unpublished THP, a truncated page that mappings held):
     # their holders are gone, so they go too; a huge page returns to the pool.
     for block in range(_NR, n, _NR):
-        if flags[block] & PG_HEAD and block not in cached:
+        if flags[block] & PG_HEAD and order[block] == HPAGE_PMD_ORDER and block not in cached:
             flags[block] &= ~PG_LOCKED
             knobs.free_huge_pages += 1
             mem.free(block)
-        elif not flags[block] & PG_HEAD:
+        elif order[block] != HPAGE_PMD_ORDER:
             for pfn in range(block, block + _NR):
                 if flags[pfn] & PG_ALLOCATED and pfn not in cached and not flags[pfn] & PG_TAIL:
-                    mem.free(pfn)
+                    mem.free(pfn)  # a small page, or a split-off folio's head
     cache._lru_batch = lru_batch
     cache.lru_add_drain()
 

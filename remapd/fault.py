@@ -189,6 +189,10 @@ class FaultPath:
                 vma.ino in self.shmem_inos and not vma.nohugepage and vma.pmd_suitable(haddr)
             )
             purpose = COPY if cow else MAP
+            if cow:
+                # do_cow_fault: vmf_anon_prepare before __do_fault, so the VMA has its anon_vma
+                # even when the lookup then fails (SIGBUS past EOF), and fork copies its PTEs.
+                vma.anon_vma_prepare()
             # should_fault_around: a read fault with fault_around_bytes above a page.
             nr_around = 0 if write else self.knobs.fault_around_pages()
             around = self._around(vma, addr, entry, nr_around) if nr_around > 1 else ()
@@ -253,7 +257,6 @@ class FaultPath:
                 return None
             if self._anon_full():
                 return "nomem"
-            vma.anon_vma_prepare()
             self.pagetables.set_pte_at(mm, pidx, slot, pte_make(self.anon.alloc(), PTE_ANON | PTE_WRITE))
             self.vm["thpsplit_cow_fault"] += 1
             return "major" if reply.major else "minor"
@@ -270,11 +273,20 @@ class FaultPath:
             self.rmap.add(reply.pfn, pte=-1)
             self._map_around(mm, vma, reply, install=False)
             return None
-        # A PMD-order folio that lies inside the VMA and this PMD's page table is mapped whole
+        # A large folio that lies inside the VMA and this PMD's page table is mapped whole
         # (finish_fault, filemap_map_folio_range), a regular file's only inside i_size.
         whole = False
-        if reply.thp and vma.pmd_suitable(haddr) and self._can_map_large(vma, addr, reply.shmem):
-            if current is None and not vma.nohugepage:
+        nr = 1 << reply.order
+        folio_start = addr - ((reply.pfn - reply.head) << PAGE_SHIFT)
+        folio_end = folio_start + (nr << PAGE_SHIFT)
+        first = (folio_start - haddr) >> PAGE_SHIFT
+        if (
+            nr > 1
+            and max(vma.start, haddr) <= folio_start
+            and folio_end <= min(vma.end, haddr + HPAGE_PMD_SIZE)
+            and self._can_map_large(vma, vma.pgoff_at(folio_end) - 1, reply.shmem)
+        ):
+            if reply.thp and current is None and not vma.nohugepage:
                 # finish_fault: the table went (retracted while we waited on the page lock),
                 # so do_set_pmd maps the THP rather than a PTE in a new table.
                 self.rmap.add(reply.pfn, pte=-1)
@@ -285,8 +297,10 @@ class FaultPath:
             # maps the whole folio only where every PTE of it is none (pte_range_none), else
             # the one page; fault-around (filemap_map_folio_range) maps it around what is
             # present.
-            whole = current is None or not current.nr or (
-                nr_around > 1 and not reply.major and not reply.allocated
+            whole = (
+                current is None
+                or not any(current.ptes[first : first + nr])
+                or (nr_around > 1 and not reply.major and not reply.allocated)
             )
         flags = (PTE_THP if reply.thp else 0) | (PTE_SHMEM if reply.shmem else 0)
         if write:
@@ -297,18 +311,18 @@ class FaultPath:
         if reply.around:
             self._map_around(mm, vma, reply, install=True)
         if whole:
-            self.pagetables.map_folio_ptes(mm, pidx, reply.head, flags)
+            self.pagetables.map_folio_ptes(mm, pidx, first, reply.head, nr, flags)
         return "major" if reply.major else "minor"
 
-    def _can_map_large(self, vma: Vma, addr: int, shmem: bool) -> bool:
+    def _can_map_large(self, vma: Vma, last: int, shmem: bool) -> bool:
         """The i_size rule of finish_fault and filemap_map_pages (6.18, "mm/memory: do not
-        populate page table entries beyond i_size"): a regular file's large folio is mapped whole,
-        or by a PMD, only if it ends inside i_size, so an access past EOF still raises SIGBUS;
-        shmem is exempt (it has long mapped PMDs across i_size)."""
+        populate page table entries beyond i_size"): a regular file's large folio, whose last
+        page is ``last``, is mapped whole, or by a PMD, only if it ends inside i_size, so an
+        access past EOF still raises SIGBUS; shmem is exempt (it has long mapped PMDs across
+        i_size)."""
         if shmem:
             return True
         f = self.files.get(vma.ino)
-        last = vma.pgoff_at(addr) | (HPAGE_PMD_NR - 1)  # a PMD-order folio is naturally aligned
         return f is not None and last < (f.size + PAGE_SIZE - 1) >> PAGE_SHIFT
 
     def _around(self, vma: Vma, addr: int, entry: PteTable | None, nr: int) -> tuple[int, ...]:
@@ -688,6 +702,7 @@ def _records(flat: tuple[int, ...]) -> list[tuple[int, m.PageAnswer]]:
                     bool(flags & ANSWER_SHMEM),
                     around,
                     bool(flags & ANSWER_ALLOCATED),
+                    flags >> m.ANSWER_ORDER_SHIFT,
                 ),
             )
         )

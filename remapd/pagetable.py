@@ -104,25 +104,30 @@ class PageTables:
         elif table.mark:
             self.clear_mark(mm, pidx, table, "foreign")
 
-    def map_folio_ptes(self, mm: Mm, pidx: int, head: int, flags: int) -> None:
-        """Map with PTEs every subpage of the PMD-order folio ``head`` whose PTE is none, in the
-        table at ``pidx`` that the folio fills (set_pte_range over a whole folio, as finish_fault
-        and filemap_map_folio_range do), each with its rmap row (a PTE mapping and a page
-        reference). Subpage *i* goes to slot *i*: each belongs, so the table keeps its mark."""
+    def map_folio_ptes(self, mm: Mm, pidx: int, first: int, head: int, nr: int, flags: int) -> None:
+        """Map with PTEs every page of the ``nr``-page folio ``head`` whose PTE is none, its first
+        page at slot ``first`` of the table at ``pidx``, which holds it whole (set_pte_range over a
+        whole folio, as finish_fault and filemap_map_folio_range do), each with its rmap row (a PTE
+        mapping and a page reference). A PMD-order folio fills the table, subpage *i* at slot *i*:
+        each belongs, so the table keeps its mark; a smaller folio's pages are foreign."""
         table = self.pte_alloc(mm, pidx)
         ptes = table.ptes
         add = self.rmap.add
         n = 0
-        for slot in range(HPAGE_PMD_NR):
+        for i in range(nr):
+            slot = first + i
             if not ptes[slot]:
-                pfn = head + slot
+                pfn = head + i
                 table.set(slot, pte_make(pfn, flags))
                 add(pfn, pte=1)
                 n += 1
         if n:
             mm.rss[mm_counter(flags)] += n
-            if not table.mark:
-                self.set_mark(mm, pidx, table, "fault")
+            if nr == HPAGE_PMD_NR:
+                if not table.mark:
+                    self.set_mark(mm, pidx, table, "fault")
+            elif table.mark:
+                self.clear_mark(mm, pidx, table, "foreign")
 
     def change_protection(self, mm: Mm, vma: Vma, start: int, end: int) -> None:
         """change_pte_range over [start, end) of ``vma``, which has its new protection: where it
@@ -215,7 +220,8 @@ class PageTables:
         reclaim_pt: bool = False,
     ) -> None:
         """Clear PTEs and PMDs in [start, end); a PMD the range cuts is split. ``anon=False``
-        keeps private CoW copies; ``pfns`` limits the zap to mappings of those pages (try_to_unmap).
+        keeps private CoW copies; ``pfns`` limits the zap to mappings of those pages (try_to_unmap,
+        whose TTU_SPLIT_HUGE_PMD splits a PMD that maps them: unmap_folio before a folio split).
         ``reclaim_pt`` (MADV_DONTNEED's zap_details, CONFIG_PT_RECLAIM, 6.13+): zap_pte_range()
         frees a PTE table the zap covered whole (reclaim_pt_is_enabled: at least PMD_SIZE of it)
         and left empty (try_get_and_clear_pmd, mm/pt_reclaim.c), so the PMD is none again."""
@@ -234,6 +240,8 @@ class PageTables:
             if isinstance(entry, int):
                 if pfns is None:
                     self.zap_huge_pmd(mm, pidx, split=not (start <= base and base + HPAGE_PMD_SIZE <= end))
+                elif pte_pfn(entry) in pfns:
+                    self.zap_huge_pmd(mm, pidx, split=True)
                 continue
             lo = max(start, base)
             hi = min(end, base + HPAGE_PMD_SIZE)

@@ -229,12 +229,17 @@ def test_truncate_cutting_a_thp_splits_it(world):
     assert f.nr_thps == 0 and f.nrpages == 257
     assert sorted(slots(world, "s")) == list(range(257))
     mem = world.collapser.mem
-    assert not mem.is_thp(head) and mem.ref[head] == 1 and mem.flags[head] & PG_SWAPBACKED
+    # shmem splits non-uniformly at the page holding the new EOF (try_folio_split): an order-8
+    # folio below it, then the two order-0 pages 256 and 257; 257 and up are truncated.
+    assert not mem.is_thp(head) and mem.order[head] == 8 and mem.ref[head] == 256
+    assert mem.flags[head] & PG_SWAPBACKED
+    assert mem.order[head + 256] == 0 and mem.ref[head + 256] == 1
     assert not mem.allocated(head + 300)
     assert world.meminfo()["ShmemHugePages"] == 0 and world.meminfo()["ShmemPmdMapped"] == 0
-    # The PMD went with the unmap; the survivors refault as small pages.
+    # The PMD went with the unmap; the order-8 folio refaults whole (finish_fault).
     assert world.smaps(1)[0]["Rss"] == 0
     assert world.fault(1, addr + 5 * PAGE_SIZE) == "minor"
+    assert world.smaps(1)[0]["Rss"] == 1024
     assert world.fault(1, addr + 300 * PAGE_SIZE) == "sigbus"
     # The block is small pages now: it does not go back to the huge pool.
     assert world.collapser.knobs.free_huge_pages == free

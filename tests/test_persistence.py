@@ -79,6 +79,28 @@ def test_restoring_both_keeps_the_world_and_its_pmd_mappings():
     assert w.collapser.mem.pins and w.remapper.uprobes.probes
 
 
+def test_the_folios_a_split_left_keep_their_orders_across_a_restore():
+    """A punch inside a shmem THP splits it non-uniformly (truncate_inode_partial_folio ->
+    try_folio_split): the folios of orders 0-8 it leaves, their mappings and the pool must come
+    back as they were, each folio whole in the cache with one reference per page."""
+    w = CheckedWorld(Knobs(shmem_enabled="advise"))
+    w.file_create("shm", 2 * MB, shmem=True)
+    w.spawn(1)
+    a = w.mmap(1, None, 2 * MB, "shm", prot="rw")
+    assert w.madvise(1, a, 2 * MB, "hugepage") == 0
+    assert w.fault(1, a, write=True) == "pmd"
+    w.file_punch("shm", 0x81000, 0x1000)
+    w.touch(1, a, 2 * MB)
+    orders = sorted(set(w.collapser.mem.order[p] for p in range(len(w.collapser.mem.order))))
+    assert any(0 < o < 9 for o in orders), orders
+    before = (view(w), w.collapser.mem.order.tobytes(), w.vmstat()["nr_shmem_hugepages"])
+    cstate, rstate = through_the_file(csnap, w.collapser), through_the_file(rsnap, w.remapper)
+    w.restart_collapser(reconnect=False, state=cstate)
+    w.restart_remapper(reconnect=False, state=rstate)
+    w.connect()
+    assert (view(w), w.collapser.mem.order.tobytes(), w.vmstat()["nr_shmem_hugepages"]) == before
+
+
 def test_a_collapse_in_flight_at_the_snapshot_is_rolled_back():
     w = LinkWorld(Knobs(enabled="always", scan_sleep_millisecs=10, read_ahead_kb=0, fault_around_bytes=4096))
     w.file_create("lib", 2 * MB)

@@ -81,6 +81,7 @@ MAX_BATCH_WINDOW_PAGES = 32768
 # A :class:`PageAnswers` record's status and flags.
 ANSWER_STATUS = (PageStatus.OK, PageStatus.SIGBUS, PageStatus.NOMEM)
 ANSWER_THP, ANSWER_PMD, ANSWER_MAJOR, ANSWER_SHMEM, ANSWER_ALLOCATED = 1, 2, 4, 8, 16
+ANSWER_ORDER_SHIFT = 5  # the folio's order, in the flags' bits above these
 
 
 class UprobeAction(enum.StrEnum):
@@ -318,9 +319,10 @@ class PageAnswer(Message):
     ``major`` whether it had to be read in (or allocated); ``around``: (index, pfn, thp) of the
     fault-around pages, each already accounted as a PTE mapping. ``allocated``: the lookup filled
     a shmem hole with this folio, so fault-around (which runs first) did not see it and
-    finish_fault maps it (a large one whole only where every PTE of it is none). Added within
-    protocol 2 with a default. A SIGBUS answer past EOF may carry ``around`` too: fault-around
-    runs before ->fault refuses the page.
+    finish_fault maps it (a large one whole only where every PTE of it is none). ``order``: the
+    folio's (0 small, 9 PMD-order; a split leaves the orders between), which finish_fault maps
+    whole. Both added within protocol 2 with a default. A SIGBUS answer past EOF may carry
+    ``around`` too: fault-around runs before ->fault refuses the page.
     """
 
     req: int
@@ -333,6 +335,7 @@ class PageAnswer(Message):
     shmem: bool = False
     around: tuple[tuple[int, int, bool], ...] = ()
     allocated: bool = False
+    order: int = 0
 
 
 @message("peer.page_answers")
@@ -341,7 +344,7 @@ class PageAnswers(Message):
     looked up and changed nothing). ``answers`` holds, flat, one record for each of them that was
     looked up, in order: its position in the batch, the status (:data:`ANSWER_STATUS` index),
     ``pfn``, ``head``, flags (:data:`ANSWER_THP`, ``_PMD``, ``_MAJOR``, ``_SHMEM``,
-    ``_ALLOCATED``), the number of fault-around pages and, for each, its index, pfn and whether
+    ``_ALLOCATED``, and the folio's order from bit :data:`ANSWER_ORDER_SHIFT`), the number of fault-around pages and, for each, its index, pfn and whether
     it is part of a THP (0/1): a :class:`PageAnswer` each. A fault run without a record was a
     hit."""
 

@@ -696,16 +696,8 @@ def _vm(div: Divergence, field: str) -> tuple[int, int]:
     return 0, 0
 
 
-def _access(div: Divergence) -> tuple[Any, Any] | None:
-    for d in div.differences:
-        if d.what == "access":
-            return d.kernel, d.model
-    return None
 
 
-def _file_size_before(div: Divergence) -> int:
-    f = div.kernel_before["files"].get(FILE)
-    return int(f["size"]) if f else 0
 
 
 ACCESS_OPS = ("fault", "touch")
@@ -722,67 +714,20 @@ def _faulting(div: Divergence) -> bool:
 
 
 
-def _m4(div: Divergence) -> bool:
-    return div.step.op == "file punch" and any(kr["Anonymous"] > mr["Anonymous"] for _, kr, mr in _smaps_pairs(div))
-
-
-def _m5(div: Divergence) -> bool:
-    s = div.step
-    if s.op != "file punch":
-        return False
-    k, m = _vm(div, "thp_split_pmd")
-    return m > k and s.args["offset"] + s.args["length"] > _file_size_before(div)
 
 
 
 
-def _thp_exists(div: Divergence) -> bool:
-    return int(div.kernel_before["vmstat"].get("nr_shmem_hugepages", 0)) > 0 or _vm(div, "nr_shmem_hugepages")[0] > 0
 
 
 
 
-def _more_ok(kernel: Any, model: Any) -> bool:
-    def ok(v: Any) -> int:
-        if isinstance(v, dict):
-            return int(v.get("ok", 0)) + sum(int(n) for k, n in v.items() if k in ("hit", "minor", "major", "pmd"))
-        return 1 if v in ("ok", "hit", "minor", "major", "pmd") else 0
-
-    return ok(kernel) > ok(model)
 
 
-def _m9(div: Divergence) -> bool:
-    s = div.step
-    truncated = any(h.op == "file truncate" for h in div.history)
-    if s.op == "file truncate":
-        return _thp_exists(div) and _only(
-            div, ("vmstat.thp_split_pmd", "vmstat.nr_shmem_hugepages", "vmstat.nr_shmem_pmdmapped", "smaps.Rss", "smaps.ShmemPmdMapped", "files")
-        )
-    if not truncated or not _faulting(div):
-        return False
-    acc = _access(div)
-    if acc is not None and _more_ok(acc[1], acc[0]):  # kernel sigbus where the model maps
-        return True
-    return _only(div, ("smaps.Rss", "access")) and any(kr["Rss"] > mr["Rss"] for _, kr, mr in _smaps_pairs(div))
 
 
-def _m16(div: Divergence) -> bool:
-    s = div.step
-    if s.op != "file punch" or not (s.args["offset"] % 4096 or (s.args["offset"] + s.args["length"]) % 4096):
-        return False
-    return _only(
-        div,
-        ("smaps.Rss", "smaps.ShmemPmdMapped", "smaps.Anonymous", "vmstat.thp_split_pmd", "vmstat.nr_shmem_hugepages",
-         "vmstat.nr_shmem_pmdmapped", "files"),
-    )
 
 
-def _m21(div: Divergence) -> bool:
-    if not _faulting(div) or not _only(div, ("smaps.Rss", "smaps.Anonymous")):
-        return False
-    punched = any(h.op == "file punch" for h in div.history)
-    split = int(div.kernel_before["vmstat"].get("thp_split_page", 0)) > 0
-    return punched and split and any(kr["Rss"] > mr["Rss"] for _, kr, mr in _smaps_pairs(div))
 
 
 def _install_pmd(div: Divergence) -> bool:
@@ -833,66 +778,6 @@ KNOWN: tuple[Known, ...] = (
         "during which khugepaged's full_scans moved anyway is reported as inconclusive, never compared.",
         number=14,
         unreachable="handled by quiet_khugepaged (tests/test_kernel_backend.py checks it)",
-    ),
-    Known(
-        "#4",
-        "open",
-        "hole punching keeps private CoW pages in the kernel",
-        "shmem_fallocate(PUNCH_HOLE) -> unmap_mapping_range(..., even_cows=0) (mm/shmem.c); "
-        "truncation passes even_cows=1.",
-        matcher=_m4,
-        reproducer=_SETUP + "mmap 1 0x40000000 4M --file c --prot rw --private; touch 1 0x40000000 4M --write; "
-        "file punch c 0 4M",
-        number=4,
-    ),
-    Known(
-        "#5",
-        "open",
-        "punching over a PMD-mapped THP past EOF does not split the PMD in the kernel",
-        "shmem_fallocate() does not clip the unmap range to i_size, so zap_pmd_range() zaps the whole "
-        "PMD (zap_huge_pmd) instead of splitting it.",
-        matcher=_m5,
-        reproducer="file create c --size 3M --shmem; proc spawn 1; mmap 1 0x40000000 4M --file c --prot rw --shared; "
-        "madvise 1 0x40000000 4M hugepage; fault 1 0x40200000; file punch c 2M 2M",
-        number=5,
-    ),
-    Known(
-        "#9",
-        "open",
-        "truncating a file whose THP straddles the new end splits it (even to the same size)",
-        "shmem_setattr() calls shmem_truncate_range() whenever the size does not grow; "
-        "truncate_inode_partial_folio() -> try_folio_split() leaves large folios that finish_fault() "
-        "maps whole (mm/shmem.c, mm/truncate.c).",
-        matcher=_m9,
-        reproducer="file create c --size 3M --shmem; proc spawn 1; mmap 1 0x40000000 4M --file c --prot rw --shared; "
-        "madvise 1 0x40000000 4M hugepage; fault 1 0x40200000; fault 1 0x40380000; file truncate c 3M",
-        number=9,
-    ),
-    Known(
-        "#16",
-        "open",
-        "a hole punch that starts or ends inside a page splits the large folio there",
-        "shmem_undo_range() (mm/shmem.c) takes a sub-page start or end through shmem_get_partial_folio() "
-        "and truncate_inode_partial_folio() (mm/truncate.c), which zeroes the bytes and splits a large "
-        "folio (try_folio_split: the PMD mapping goes). The model punches whole pages only and leaves "
-        "the THP alone.",
-        matcher=_m16,
-        reproducer=_SETUP + "mmap 1 0x40000000 4M --file c --prot rw --shared; madvise 1 0x40000000 4M hugepage; "
-        "fault 1 0x40000000; file punch c 100 10",
-        number=16,
-    ),
-    Known(
-        "#21",
-        "open",
-        "punching pages out of a THP leaves large folios that the next fault maps whole",
-        "shmem_undo_range() -> truncate_inode_partial_folio() -> try_folio_split() (mm/truncate.c, "
-        "mm/huge_memory.c) splits a THP non-uniformly: large folios remain around the hole, and "
-        "finish_fault() maps every page of such a folio inside the VMA and the PMD. The model splits "
-        "to base pages and maps one (with fault-around).",
-        matcher=_m21,
-        reproducer=_SETUP + "mmap 1 0x40000000 4M --file c --prot rw --shared; madvise 1 0x40000000 4M hugepage; "
-        "fault 1 0x40200000 --write; file punch c 3580K 4K; fault 1 0x40328000 --write",
-        number=21,
     ),
 )
 

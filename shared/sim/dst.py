@@ -247,7 +247,7 @@ def _pool_total(c: Collapser) -> int:
     """Free huge pages, plus those allocated (THPs), plus those split into small pages: constant
     over a collapser's life unless the pool knob is written."""
     mem = c.mem
-    heads = sum(1 for b in range(0, len(mem.flags), HPAGE_PMD_NR) if mem.flags[b] & PG_HEAD)
+    heads = sum(1 for b in range(0, len(mem.flags), HPAGE_PMD_NR) if mem.flags[b] & PG_HEAD and mem.pmd_mappable(b))
     return int(c.knobs.free_huge_pages) + heads + c.vm["thp_split_page"]
 
 

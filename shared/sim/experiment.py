@@ -44,7 +44,6 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from pathlib import Path
 from typing import Any
 
-from collapsed.pagecache import PG_HEAD
 from remapd.mm import PteTable, pte_pfn
 from shared.knobs import RETRY_POLICIES, SPECS, KnobError, Knobs
 from shared.sim import workloads as wl
@@ -436,7 +435,7 @@ def census(world: World, detail: bool = False) -> dict[str, int]:
 def _maps_a_thp(collapser: Any, ino: int, pgoff: int, table: PteTable) -> bool:
     f = collapser.files.get(ino)
     head = f.get(pgoff) if f is not None else 0
-    if head <= 0 or not collapser.mem.flags[head] & PG_HEAD:
+    if head <= 0 or not collapser.mem.pmd_mappable(head):
         return False
     return any(head <= pte_pfn(pte) < head + HPAGE_PMD_NR for _, pte in table.present())
 

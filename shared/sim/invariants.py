@@ -29,7 +29,13 @@ from __future__ import annotations
 from collections import Counter
 from typing import TYPE_CHECKING
 
-from collapsed.pagecache import PG_ALLOCATED, PG_DIRTY, PG_HEAD, PG_LOCKED, PG_LRU, PG_TAIL
+from collapsed.pagecache import (
+    HPAGE_PMD_ORDER,
+    PG_ALLOCATED,
+    PG_DIRTY,
+    PG_LOCKED,
+    PG_LRU,
+)
 from remapd.mm import (
     PTE_ANON,
     PTE_DIRTY,
@@ -98,7 +104,7 @@ def check(c: Collapser, r: Remapper, connected: bool = True) -> None:
                 assert connected, f"pid {pid}: PMD at {base:#x} maps file pfn {head} with the peer gone"
                 pmd_vma = mm.find_vma(base)
                 assert pmd_vma is not None and pmd_vma.end >= base + HPAGE_PMD_SIZE, f"pid {pid}: PMD at {base:#x} outside a VMA"
-                assert mem.allocated(head) and mem.flags[head] & PG_HEAD, f"pid {pid}: PMD at {base:#x} maps non-THP {head}"
+                assert mem.allocated(head) and mem.pmd_mappable(head), f"pid {pid}: PMD at {base:#x} maps non-THP {head}"
                 assert mem.index[head] % HPAGE_PMD_NR == 0, f"pid {pid}: PMD maps misaligned THP"
                 assert mem.ino[head] == pmd_vma.ino and mem.index[head] == pmd_vma.pgoff_at(base), (
                     f"pid {pid}: PMD at {base:#x} maps the wrong THP"
@@ -128,7 +134,7 @@ def check(c: Collapser, r: Remapper, connected: bool = True) -> None:
                     continue
                 assert connected, f"pid {pid}: PTE at {addr:#x} maps file pfn {pfn} with the peer gone"
                 assert 0 < pfn < len(pte_flags) and pte_flags[pfn] & PG_ALLOCATED, f"pid {pid}: PTE at {addr:#x} maps freed pfn {pfn}"
-                head = pfn & ~(HPAGE_PMD_NR - 1) if pte_flags[pfn] & PG_TAIL else pfn
+                head = mem.head(pfn)
                 # A private mapping's file PTEs are read-only (CoW); a shared one's are writable
                 # only where the VMA is (vm_page_prot); the dirty bit only on a writable PTE.
                 assert not pte & PTE_WRITE or vma.writes_file, f"pid {pid}: writable file PTE at {addr:#x} in {vma}"
@@ -172,7 +178,7 @@ def check(c: Collapser, r: Remapper, connected: bool = True) -> None:
         nrpages = nrswap = thps = 0
         # The per-slot rules, with the page arrays read directly: this loop visits every cached
         # page after every operation of every model test.
-        page_flags, page_ino, page_index = mem.flags, mem.ino, mem.index
+        page_flags, page_ino, page_index, page_order = mem.flags, mem.ino, mem.index, mem.order
         nflags = len(page_flags)
         for chunk_key, chunk in f.chunks.items():
             chunk_base = chunk_key << 9
@@ -185,10 +191,10 @@ def check(c: Collapser, r: Remapper, connected: bool = True) -> None:
                     continue
                 nrpages += 1
                 assert 0 < value < nflags and page_flags[value] & PG_ALLOCATED, f"{f.name}[{index}] holds freed pfn {value}"
-                head = value & ~(HPAGE_PMD_NR - 1) if page_flags[value] & PG_TAIL else value
+                head = value & ~((1 << page_order[value]) - 1)
                 assert page_ino[head] == f.ino and page_index[value] == index, f"{f.name}[{index}] holds a page of elsewhere"
                 assert page_flags[head] & (PG_LRU | PG_LOCKED) or head in lru_batch, f"{f.name}[{index}]: page {head} is off the LRU"
-                if value == head and page_flags[head] & PG_HEAD:
+                if value == head and page_order[head] == HPAGE_PMD_ORDER:
                     thps += 1
                 cached.add(head)
         assert nrpages == f.nrpages, f"{f.name}: nrpages {f.nrpages} != {nrpages}"
@@ -223,17 +229,17 @@ def check(c: Collapser, r: Remapper, connected: bool = True) -> None:
     heads = set(cached) | set(head_ptes) | set(pmd_maps) | set(mem.pins) | set(mem.entire)
     for head in heads:
         assert mem.allocated(head), f"pfn {head} is referenced but free"
-        thp = bool(mem.flags[head] & PG_HEAD)
         assert mem.entire.get(head, 0) == pmd_maps[head], f"pfn {head}: entire_mapcount != {pmd_maps[head]} PMDs"
+        # The page cache holds one reference per page of a folio (folio_ref_add(folio, nr)).
         expected = (
-            (HPAGE_PMD_NR if thp else 1) * (head in cached)
+            mem.folio_nr(head) * (head in cached)
             + head_ptes[head]
             + pmd_maps[head]
             + mem.pins.get(head, 0)
         )
         assert mem.ref[head] == expected, f"pfn {head}: refcount {mem.ref[head]} != {expected}"
         assert not mem.flags[head] & PG_LOCKED, f"pfn {head} left locked"
-    expected_allocated = sum(HPAGE_PMD_NR if mem.flags[h] & PG_HEAD else 1 for h in heads)
+    expected_allocated = sum(mem.folio_nr(h) for h in heads)
     assert mem.nr_allocated == expected_allocated, (
         f"{mem.nr_allocated} pages allocated but {expected_allocated} reachable (leak)"
     )

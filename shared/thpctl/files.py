@@ -90,7 +90,7 @@ def register(sub: Any) -> None:
     p = command(
         gsub,
         "punch",
-        "fallocate(PUNCH_HOLE) on [OFFSET, OFFSET+LENGTH): unmaps and drops the whole pages in it",
+        "fallocate(PUNCH_HOLE) on [OFFSET, OFFSET+LENGTH): unmaps and drops the pages in it, splits a large folio it cuts",
         lambda a: [req(COLLAPSED, m.FilePunch, name=a.name, offset=a.offset, length=a.length)],
         _render_stat,
         "file punch libfoo.so 1M 64K",
