@@ -29,6 +29,7 @@ from shared.message import Message
 from shared.scan_result import ScanResult
 from shared.thp import shmem_huge_global_enabled
 from shared.units import HPAGE_PMD_NR, PAGE_SHIFT, PAGE_SIZE
+from shared.vm import DEFAULT_FS, FsKind
 
 # A fault lookup's answers (looked up once: faults are hot).
 _OK, _SIGBUS, _NOMEM = m.PageStatus.OK, m.PageStatus.SIGBUS, m.PageStatus.NOMEM
@@ -122,8 +123,8 @@ class Collapser(Actor):
 
     # -- client operations (what the daemon and the in-process world call; FileOps does them) -
 
-    def file_create(self, name: str, size: int, shmem: bool) -> dict[str, Any]:
-        return self.fileops.create(name, size, shmem)
+    def file_create(self, name: str, size: int, shmem: bool, fs: FsKind = DEFAULT_FS) -> dict[str, Any]:
+        return self.fileops.create(name, size, shmem, fs)
 
     def file_write(self, name: str, offset: int, length: int) -> Generator[Any, Any, dict[str, Any]]:
         return self.fileops.write(name, offset, length)
@@ -230,7 +231,7 @@ class Collapser(Actor):
         """A remapper (new or back) is connected: tell it every file."""
         self.go_online()
         for f in list(self.cache.files.values()):
-            self.send(m.FileInfo(f.ino, f.name, f.size, f.shmem, f.gen))
+            self.send(m.FileInfo(f.ino, f.name, f.size, f.shmem, f.gen, f.fs))
 
     # -- file identities across restarts -------------------------------------------------------
 
@@ -253,8 +254,8 @@ class Collapser(Actor):
         name = msg.name
         while name in cache.by_name:
             name += " (deleted)"
-        cache.add_file(File(msg.ino, name, msg.size, msg.shmem, gen=msg.gen))
-        self.send(m.FileInfo(msg.ino, name, msg.size, msg.shmem, msg.gen))
+        cache.add_file(File(msg.ino, name, msg.size, msg.shmem, gen=msg.gen, fs=msg.fs))
+        self.send(m.FileInfo(msg.ino, name, msg.size, msg.shmem, msg.gen, msg.fs))
 
     def _renumber(self, f: File) -> None:
         """Move ``f`` (a file no remapper knows) to a fresh inode number, its pages with it."""
@@ -269,7 +270,7 @@ class Collapser(Actor):
         for _, value in f.entries():
             if value > 0:
                 mem.ino[value] = new
-        self.send(m.FileInfo(f.ino, f.name, f.size, f.shmem, f.gen))
+        self.send(m.FileInfo(f.ino, f.name, f.size, f.shmem, f.gen, f.fs))
 
     def _punch_hole(self, msg: m.PunchHole) -> Generator[Any, Any, None]:
         """MADV_REMOVE's fallocate(PUNCH_HOLE), the same as a client's ``file punch``."""
@@ -316,6 +317,13 @@ class Collapser(Actor):
             # (pmd_ok implies thp_ok; an older remapper sends pmd_ok alone).
             pfn = self._shmem_alloc(f, msg.index, msg.thp_ok or msg.pmd_ok, msg.vm_hugepage)
             allocated = True
+        elif f.large_folio and msg.vm_hugepage:
+            # The readahead runs before the page is looked up again, so the fault finds the
+            # PMD-order folio it made (filemap_fault: do_sync_mmap_readahead, then
+            # __filemap_get_folio(FGP_CREAT) for a page readahead did not bring).
+            self._ra_order(f, msg.index)
+            pfn = f.get(msg.index) or cache.add_small_page(f, msg.index)
+            major = True
         else:
             pfn = cache.add_small_page(f, msg.index)
             if pfn:
@@ -381,6 +389,34 @@ class Collapser(Actor):
             start = max(0, index - size // 2)
         for i in range(start, min(start + size, f.nr_pages_size)):
             if f.get(i) == 0 and not self.cache.add_small_page(f, i):
+                return  # memory is full: readahead is best effort
+
+    def _ra_order(self, f: File, index: int) -> None:
+        """do_sync_mmap_readahead's VM_HUGEPAGE branch on a large-folio filesystem (even with
+        readahead off): page_cache_ra_order(HPAGE_PMD_ORDER) over two PMD ranges from the
+        aligned index, limited to i_size. Each PMD range that lies wholly below EOF and holds
+        no cached page gets a PMD-order folio (ra_alloc_folio); the first that cannot
+        (-EEXIST, or no huge page) ends that loop and the rest is read in small pages
+        (do_page_cache_ra), as is the tail past the last whole PMD range (the kernel gives
+        that tail smaller large folios, which are not modelled). No vmstat event: readahead's
+        folios count in nr_file_hugepages only."""
+        cache = self.cache
+        start = index & ~(HPAGE_PMD_NR - 1)
+        end = min(start + 2 * HPAGE_PMD_NR, f.nr_pages_size)
+        pos = start
+        while pos + HPAGE_PMD_NR <= end:
+            chunk = f.chunk(pos)
+            if chunk is not None and any(chunk):
+                break
+            head = cache.alloc_huge(True)
+            if not head:
+                break
+            self.mem.flags[head] |= PG_UPTODATE
+            cache.add_huge_page(f, pos, head)
+            cache.pages_read += HPAGE_PMD_NR
+            pos += HPAGE_PMD_NR
+        for i in range(pos, end):
+            if f.get(i) == 0 and not cache.add_small_page(f, i):
                 return  # memory is full: readahead is best effort
 
     def _shmem_alloc(self, f: File, index: int, thp_ok: bool, vm_hugepage: bool) -> int:

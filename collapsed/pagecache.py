@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from shared.actor import Wait
 from shared.knobs import Knobs
 from shared.units import HPAGE_PMD_NR
+from shared.vm import DEFAULT_FS, FsKind
 
 PG_LOCKED = 1 << 0
 PG_UPTODATE = 1 << 1
@@ -192,6 +193,12 @@ class File:
     nr_thps: int = 0
     i_rwsem: bool = False  # the inode lock, held by a write, truncate or punch-hole
     gen: int = 0  # the collapser boot that made it: (ino, gen) is the file's identity
+    fs: FsKind = DEFAULT_FS  # a regular file's filesystem kind
+
+    @property
+    def large_folio(self) -> bool:
+        """A regular file on a large-folio filesystem (not shmem)."""
+        return not self.shmem and self.fs == FsKind.LARGE_FOLIO
 
     def get(self, index: int) -> int:
         chunk = self.chunks.get(index >> 9)

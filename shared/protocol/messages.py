@@ -32,7 +32,7 @@ from shared.protocol.schema import (
     request,
 )
 from shared.scan_result import ScanResult
-from shared.vm import Advice, Prot
+from shared.vm import DEFAULT_FS, Advice, FsKind, Prot
 
 # Model time (milliseconds since the actor started) and real durations: finite and bounded.
 MAX_MODEL_MS = float(2**53)
@@ -393,13 +393,16 @@ class FileInfo(Message):
     file's identity: inode numbers restart with a collapsed that restarts, so a number alone may
     name another file after a restart. Sent by the remapper on resync, it claims the file it
     maps; the collapser keeps a claim of an earlier boot under that identity (and moves a file of
-    its own that took the number meanwhile, see docs/protocol.md)."""
+    its own that took the number meanwhile, see docs/protocol.md). ``fs``: a regular file's
+    filesystem kind (the remapper's THP eligibility and MADV_COLLAPSE depend on it); added
+    within protocol 2 with a default."""
 
     ino: int
     name: str
     size: int
     shmem: bool
     gen: int = 0
+    fs: FsKind = DEFAULT_FS
 
 
 @message("peer.mkclean")
@@ -455,6 +458,7 @@ class FileStat(TypedDict):
     ino: int
     size: int
     shmem: bool
+    fs: str
     nrpages: int
     thps: int
     swap: int
@@ -730,10 +734,15 @@ class Status(Request[DaemonStatus]):
 
 @request("client.file_create", COLLAPSED, run="file_create")
 class FileCreate(Request[FileStat]):
+    """creat(2) and ftruncate(2) to ``size``: a shmem file, or a regular file on a filesystem of
+    kind ``fs`` (:class:`~shared.vm.FsKind`; ignored for shmem). ``fs`` was added within
+    protocol 2 with a default."""
+
     id: int
     name: str
     size: FileOffset
     shmem: bool = False
+    fs: FsKind = DEFAULT_FS
 
 
 @request("client.file_write", COLLAPSED, run="file_write")

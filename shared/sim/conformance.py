@@ -259,7 +259,9 @@ class KernelSide:
 
     def unsupported(self, step: Step) -> str | None:
         if step.op == "file create" and not step.args["shmem"]:
-            return "regular files are not in the kernel backend (shmem only)"
+            if step.args["fs"] != "large-folio":
+                return f"a regular file of kind {step.args['fs']} has no kernel here (CONFIG_READ_ONLY_THP_FOR_FS is off)"
+            return kmod.ext4_unavailable()
         if step.op == "wait-scans" and self.kb.guard is None:
             return "wait-scans needs the backend's SysfsGuard"
         return None
@@ -346,7 +348,7 @@ class ModelBackend:
         w, a, op = self.world, step.args, step.op
         try:
             if op == "file create":
-                w.file_create(a["name"], a["size"], a["shmem"])
+                w.file_create(a["name"], a["size"], a["shmem"], a.get("fs", kmod.DEFAULT_FS))
                 return {"result": 0}
             if op == "sysfs set":
                 w.sysfs_set(a["knob"], a["value"])
