@@ -17,6 +17,7 @@ from collapsed.khugepaged import Khugepaged
 from collapsed.pagecache import (
     PG_HEAD,
     PG_LOCKED,
+    PG_READAHEAD,
     PG_UPTODATE,
     File,
     PageCache,
@@ -28,7 +29,7 @@ from shared.knobs import Knobs
 from shared.message import Message
 from shared.scan_result import ScanResult
 from shared.thp import shmem_huge_global_enabled
-from shared.units import HPAGE_PMD_NR, PAGE_SHIFT, PAGE_SIZE
+from shared.units import HPAGE_PMD_NR, HPAGE_PMD_ORDER, PAGE_SHIFT, PAGE_SIZE
 from shared.vm import DEFAULT_FS, FsKind
 
 # A fault lookup's answers (looked up once: faults are hot).
@@ -307,6 +308,8 @@ class Collapser(Actor):
         major = allocated = False
         if value > 0:
             pfn = value
+            if f.large_folio and mem.flags[mem.head(value)] & PG_READAHEAD:
+                self._async_mmap_readahead(f, msg.index, value)
         elif value < 0:
             pfn = cache.add_small_page(f, msg.index)
             if pfn:
@@ -317,11 +320,11 @@ class Collapser(Actor):
             # (pmd_ok implies thp_ok; an older remapper sends pmd_ok alone).
             pfn = self._shmem_alloc(f, msg.index, msg.thp_ok or msg.pmd_ok, msg.vm_hugepage)
             allocated = True
-        elif f.large_folio and msg.vm_hugepage:
+        elif f.large_folio:
             # The readahead runs before the page is looked up again, so the fault finds the
-            # PMD-order folio it made (filemap_fault: do_sync_mmap_readahead, then
+            # folio it made (filemap_fault: do_sync_mmap_readahead, then
             # __filemap_get_folio(FGP_CREAT) for a page readahead did not bring).
-            self._ra_order(f, msg.index)
+            self._sync_mmap_readahead(f, msg.index, msg.vm_hugepage, msg.exec_end)
             pfn = f.get(msg.index) or cache.add_small_page(f, msg.index)
             major = True
         else:
@@ -368,7 +371,7 @@ class Collapser(Actor):
             if value <= 0 or index >= eof:
                 continue
             head = mem.head(value)
-            if mem.flags[head] & PG_LOCKED or not mem.flags[head] & PG_UPTODATE:
+            if mem.flags[head] & (PG_LOCKED | PG_READAHEAD) or not mem.flags[head] & PG_UPTODATE:
                 continue
             apply_rmap(((value, 1, 0, 0),))
             out.append((index, value, bool(mem.flags[head] & PG_HEAD)))
@@ -391,33 +394,142 @@ class Collapser(Actor):
             if f.get(i) == 0 and not self.cache.add_small_page(f, i):
                 return  # memory is full: readahead is best effort
 
-    def _ra_order(self, f: File, index: int) -> None:
-        """do_sync_mmap_readahead's VM_HUGEPAGE branch on a large-folio filesystem (even with
-        readahead off): page_cache_ra_order(HPAGE_PMD_ORDER) over two PMD ranges from the
-        aligned index, limited to i_size. Each PMD range that lies wholly below EOF and holds
-        no cached page gets a PMD-order folio (ra_alloc_folio); the first that cannot
-        (-EEXIST, or no huge page) ends that loop and the rest is read in small pages
-        (do_page_cache_ra), as is the tail past the last whole PMD range (the kernel gives
-        that tail smaller large folios, which are not modelled). No vmstat event: readahead's
-        folios count in nr_file_hugepages only."""
+    # -- readahead of a large-folio file (mm/filemap.c, mm/readahead.c, 6.18) -------------------
+    # The ro-thp kind keeps the simpler _read_around: small pages, no PG_readahead.
+
+    def _sync_mmap_readahead(self, f: File, index: int, vm_hugepage: bool, exec_end: int) -> None:
+        """do_sync_mmap_readahead for a page missing from a large-folio file: with VM_HUGEPAGE
+        two PMD ranges from the aligned index in PMD-order folios, even with readahead off; in
+        a VM_EXEC VMA forward from the fault to the VMA's end, read_ahead_kb at most, with no
+        async part; else read_ahead_kb centred on the fault with its last quarter async. The
+        mmap_miss heuristic (readahead off after 100 misses) is not modelled."""
+        ra = f.ra
+        ra_pages = self.knobs.read_ahead_kb * 1024 // PAGE_SIZE
+        if vm_hugepage:
+            # file_ra_state's start is left as it was (only size and async_size are set).
+            ra[1], ra[2] = 2 * HPAGE_PMD_NR, HPAGE_PMD_NR
+            self._page_cache_ra_order(f, index & ~(HPAGE_PMD_NR - 1), HPAGE_PMD_ORDER)
+            return
+        if not ra_pages:
+            return
+        if exec_end:
+            ra[0] = index
+            ra[1] = max(1, min(index + ra_pages, exec_end) - index)
+            ra[2] = 0
+        else:
+            ra[0] = max(0, index - ra_pages // 2)
+            ra[1], ra[2] = ra_pages, ra_pages // 4
+        self._page_cache_ra_order(f, ra[0], 0)
+
+    def _async_mmap_readahead(self, f: File, index: int, value: int) -> None:
+        """do_async_mmap_readahead -> page_cache_async_ra: a fault found a PG_readahead folio.
+        The mark goes; at the expected index the window moves on (ramped up), elsewhere it
+        restarts after the next hole within read_ahead_kb; the next window's folios are two
+        orders larger than this one (small pages here below PMD order)."""
+        ra_pages = self.knobs.read_ahead_kb * 1024 // PAGE_SIZE
+        if not ra_pages:
+            return  # the mark stays: readahead is off
+        nr = self._ra_clear(f, index, value)
+        ra = f.ra
+        expected = (ra[0] + ra[1] - ra[2]) // nr * nr
+        if index == expected:
+            ra[0] += ra[1]
+            ra[1] = max(ra[1], _next_ra_size(ra[1], ra_pages))
+            ra[2] = ra[1]
+        else:
+            start = index + 1
+            while start < index + 1 + ra_pages and f.get(start) > 0:
+                start += 1
+            if start - index > ra_pages:
+                return
+            ra[0] = start
+            ra[1] = _next_ra_size(start - index + ra_pages, ra_pages)
+            ra[2] = ra[1]
+        order = nr.bit_length() - 1 + 2
+        align = 1 << min(order, (ra_pages & -ra_pages).bit_length() - 1)
+        end = ra[0] + ra[1]
+        aligned_end = end // align * align
+        if aligned_end > ra[0]:
+            ra[1] -= end - aligned_end
+        self._page_cache_ra_order(f, ra[0], order)
+
+    def _page_cache_ra_order(self, f: File, start: int, order: int) -> None:
+        """page_cache_ra_order over f.ra's size from ``start``, limited to i_size: naturally
+        aligned folios of ``order`` (lower at an unaligned start and at EOF); the folio holding
+        start + size - async_size gets PG_readahead. A PMD-order folio needs its whole range
+        free of cached pages and a huge page; the first folio that cannot be added (-EEXIST,
+        -ENOMEM) ends the loop and the rest is read in small pages (do_page_cache_ra, which
+        skips cached pages and marks only a page it adds). Folios below PMD order are small
+        pages here, marked together. No vmstat event: nr_file_hugepages only."""
         cache = self.cache
-        start = index & ~(HPAGE_PMD_NR - 1)
-        end = min(start + 2 * HPAGE_PMD_NR, f.nr_pages_size)
-        pos = start
-        while pos + HPAGE_PMD_NR <= end:
-            chunk = f.chunk(pos)
-            if chunk is not None and any(chunk):
-                break
-            head = cache.alloc_huge(True)
-            if not head:
-                break
-            self.mem.flags[head] |= PG_UPTODATE
-            cache.add_huge_page(f, pos, head)
-            cache.pages_read += HPAGE_PMD_NR
-            pos += HPAGE_PMD_NR
-        for i in range(pos, end):
-            if f.get(i) == 0 and not cache.add_small_page(f, i):
-                return  # memory is full: readahead is best effort
+        size, async_size = f.ra[1], f.ra[2]
+        limit = min(f.nr_pages_size, start + size) - 1
+        mark = start + size - async_size
+        new_order = min(HPAGE_PMD_ORDER, order, max(size, 1).bit_length() - 1)
+        index = start
+        # Too small for large folios: straight to do_page_cache_ra.
+        while size >= 4 and index <= limit:
+            o = new_order
+            if index & ((1 << o) - 1):
+                o = (index & -index).bit_length() - 1
+            while o > 0 and index + (1 << o) - 1 > limit:
+                o -= 1
+            nr = 1 << o
+            if any(f.get(i) for i in range(index, index + nr)):
+                break  # -EEXIST
+            if o == HPAGE_PMD_ORDER:
+                head = cache.alloc_huge(True)
+                if not head:
+                    break
+                self.mem.flags[head] |= PG_UPTODATE
+                cache.add_huge_page(f, index, head)
+                cache.pages_read += HPAGE_PMD_NR
+            else:
+                for i in range(index, index + nr):
+                    if not cache.add_small_page(f, i):
+                        return  # memory is full: readahead is best effort
+            if index <= mark < index + nr:
+                self._ra_mark(f, index, nr)
+            index += nr
+        else:
+            if size >= 4:
+                return
+        for i in range(index, min(start + size, f.nr_pages_size)):
+            if f.get(i) == 0:
+                if not cache.add_small_page(f, i):
+                    return
+                if i == mark:
+                    self._ra_mark(f, i, 1)
+
+    def _ra_mark(self, f: File, index: int, nr: int) -> None:
+        """folio_set_readahead on the folio of ``nr`` pages at ``index``."""
+        flags = self.mem.flags
+        value = f.get(index)
+        if nr == HPAGE_PMD_NR:
+            flags[self.mem.head(value)] |= PG_READAHEAD
+            return
+        for i in range(index, index + nr):
+            flags[f.get(i)] |= PG_READAHEAD
+        if nr > 1:
+            f.ra_marks[index] = nr
+
+    def _ra_clear(self, f: File, index: int, value: int) -> int:
+        """folio_clear_readahead on the folio holding ``index``; its size in pages."""
+        mem = self.mem
+        head = mem.head(value)
+        if mem.flags[head] & PG_HEAD:
+            mem.flags[head] &= ~PG_READAHEAD
+            return HPAGE_PMD_NR
+        for start, nr in list(f.ra_marks.items()):
+            if start <= index < start + nr:
+                del f.ra_marks[start]
+                for i in range(start, start + nr):
+                    v = f.get(i)
+                    if v > 0:
+                        mem.flags[v] &= ~PG_READAHEAD
+                return nr
+        mem.flags[value] &= ~PG_READAHEAD
+        return 1
 
     def _shmem_alloc(self, f: File, index: int, thp_ok: bool, vm_hugepage: bool) -> int:
         """shmem_get_folio_gfp for a hole: a PMD-order folio when the VMA allows one here
@@ -467,6 +579,15 @@ class Collapser(Actor):
     def vmstat(self) -> dict[str, int]:
         """This side's /proc/vmstat lines (:func:`collapsed.procfs.vmstat`)."""
         return procfs.vmstat(self)
+
+
+def _next_ra_size(cur: int, max_pages: int) -> int:
+    """get_next_ra_size (mm/readahead.c): ramp a readahead window up towards max_pages."""
+    if cur < max_pages // 16:
+        return 4 * cur
+    if cur <= max_pages // 2:
+        return 2 * cur
+    return max_pages
 
 
 def _answer_for_lost_peer(request: Message) -> Message:

@@ -41,7 +41,7 @@ from shared.units import (
     PAGE_SIZE,
     TASK_SIZE,
 )
-from shared.vm import PROT_READ, PROT_WRITE
+from shared.vm import PROT_EXEC, PROT_READ, PROT_WRITE
 
 # Bound once: reading an Enum member through its class runs a descriptor (Python 3.11), which
 # the fault path would pay on every fault.
@@ -161,6 +161,7 @@ class FaultPath:
                     vma.hugepage,
                     around,
                     thp_ok,
+                    vma.pgoff_at(vma.end) if vma.prot & PROT_EXEC else 0,
                 )
             )
             if reply.status != OK:

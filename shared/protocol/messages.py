@@ -115,7 +115,9 @@ class LookupPage(Message):
     source of a private write fault included (not VM_NOHUGEPAGE, VMA covers the aligned range with
     matching alignment: shmem_allowable_huge_orders, shmem_suitable_orders): shmem allocates one
     on it. Added within protocol 2 with a default: a sender that predates it sends only
-    ``pmd_ok``, which implies it.
+    ``pmd_ok``, which implies it. ``exec_end``: for a VM_EXEC VMA the file index where the VMA
+    ends (do_sync_mmap_readahead reads forward from the fault up to it, not around), else 0;
+    added within protocol 2 with a default.
     """
 
     req: int
@@ -127,6 +129,7 @@ class LookupPage(Message):
     vm_hugepage: bool
     around: tuple[int, ...] = ()
     thp_ok: bool = False
+    exec_end: int = 0
 
 
 @message("peer.rmap_delta")

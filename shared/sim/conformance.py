@@ -114,6 +114,10 @@ VMSTAT_EXACT = (
 # many attempts it took (thp_collapse_alloc counts a transient failure's allocation too, and every
 # other mm's anon collapses while khugepaged runs at full speed).
 VMSTAT_AFTER_SCANS = ("nr_shmem_hugepages", "nr_shmem_pmdmapped")
+# Compared besides when a sequence has a regular file (the large-folio mode): THP gauges of
+# regular files, which readahead moves without any thp_* event. Machine-wide like the rest, and
+# other processes' ext4 large folios can move them (the noise re-run covers that).
+VMSTAT_REGULAR = ("nr_file_hugepages", "nr_file_pmdmapped")
 
 # Step op → the World method that performs it (detected by name: an op the World lacks is
 # reported as unsupported by the model until the model gains it).
@@ -450,6 +454,7 @@ def compare_step(
     kernel: tuple[Obs, Obs],
     model: tuple[Obs, Obs],
     settings: Settings,
+    regular: bool = False,
 ) -> list[Difference]:
     """What differs after ``step``: outcomes, smaps, files, vmstat deltas (``kernel``/``model``
     are (before, after) observations)."""
@@ -474,7 +479,7 @@ def compare_step(
             diffs.append(Difference("files", name, ka["files"].get(name), ma["files"].get(name)))
     if settings.vmstat:
         fields = VMSTAT_AFTER_SCANS if step.op == "wait-scans" else VMSTAT_EXACT
-        for field in fields:
+        for field in (*fields, *(VMSTAT_REGULAR if regular else ())):
             dk, dm = _vmstat_delta(ka, kb, field), _vmstat_delta(ma, mb, field)
             if dk != dm:
                 diffs.append(Difference("vmstat", field, dk, dm))
@@ -1046,6 +1051,7 @@ class Harness:
         model.start()
         kb, mb = kernel.observe(), model.observe()
         max_ptes_none = dict(self.settings.kernel_knobs).get("khugepaged/max_ptes_none", "511")
+        regular = any(s.op == "file create" and not s.args["shmem"] for s in steps)
         for i, step in enumerate(steps):
             fam = family(step)
             if step.op == "sysfs set" and step.args["knob"] == "khugepaged/max_ptes_none":
@@ -1064,7 +1070,7 @@ class Harness:
                 result.inconclusive = f"#14: khugepaged ran {scans} full scan(s) during step {i + 1}"
                 result.diverging_family = fam
                 return result
-            diffs = compare_step(step, ko, mo, (kb, ka), (mb, ma), self.settings)
+            diffs = compare_step(step, ko, mo, (kb, ka), (mb, ma), self.settings, regular)
             if diffs:
                 div = Divergence(i, steps[: i + 1], diffs, ko, mo, kb, ka, mb, ma, self.settings, seed)
                 div.known = self.classify(div)
@@ -1314,8 +1320,11 @@ def generate(draw: Draw, steps: int = 12, mode: str = "step", exact: bool = True
     fork and exit, truncate, hole punching, writes, and the syscalls the model lacks so far.
     ``khugepaged`` mode: ``sysfs set khugepaged/max_ptes_none`` 0, 255 or 511 first, a set-up of
     the same kind (no collapse, no truncation), then ``wait-scans 2`` and a re-fault of every PMD.
+    ``large-folio`` mode: :func:`generate_large_folio`.
     ``exact``: exactly ``steps`` random steps (else 1 to ``steps``, for shrinking).
     """
+    if mode == "large-folio":
+        return generate_large_folio(draw, steps, exact)
     shared = draw.chance(60)
     lines = [f"file create {FILE} --size 4M --shmem"]
     if mode == "khugepaged":
@@ -1402,6 +1411,76 @@ def generate(draw: Draw, steps: int = 12, mode: str = "step", exact: bool = True
         lines.append("wait-scans 2")
         for pid in pids:
             lines.append(f"touch {pid} {A:#x} 8M --stride 2M")
+    return parse_scenario(lines)
+
+
+# The large-folio mode: a regular file on ext4, the operations that apply to one.
+_LF_FAMILIES = (
+    ("touch", 12),
+    ("fault", 8),
+    ("madvise", 18),
+    ("munmap", 5),
+    ("mmap", 5),
+    ("fork", 4),
+    ("exit", 3),
+    ("truncate", 4),
+)
+_LF_ADVICE = (("hugepage", 6), ("nohugepage", 3), ("collapse", 3), ("dontneed", 3), ("populate_read", 3))
+
+
+def generate_large_folio(draw: Draw, steps: int = 12, exact: bool = True) -> list[Step]:
+    """A random sequence on a regular file of the ``large-folio`` kind (ext4 on the kernel side),
+    mapped read-only (``r`` or ``rx``, shared or private) at :data:`A`: touch and fault (reads;
+    a write now and then, which faults SIGSEGV on both), madvise hugepage, nohugepage, collapse,
+    dontneed and populate_read over the ranges of :func:`_range`, munmap, a second mapping,
+    fork and exit, truncate. The file is 4 MiB, or 3 MiB now and then (a partial PMD at EOF)."""
+    size = draw.choice(("4M", "4M", "4M", "3M"))
+    lines = [f"file create {FILE} --size {size} --fs large-folio", "proc spawn 1"]
+    prots = ("r", "rx")
+    lines.append(f"mmap 1 {A:#x} 4M --file {FILE} --prot {draw.choice(prots)} {'--shared' if draw.chance(50) else '--private'}")
+    if draw.chance(60):
+        lines.append(f"madvise 1 {A:#x} 4M hugepage")
+    pids = [1]
+    next_pid = 2
+    n = steps if exact else 1 + draw.below(steps)
+    for _ in range(n):
+        fam = _weighted(draw, _LF_FAMILIES)
+        pid = draw.choice(pids)
+        if fam == "touch":
+            s, ln = _range(draw, A, 4 * M)
+            stride = draw.choice((4096, 64 * K, 512 * K, PMD))
+            write = " --write" if draw.chance(10) else ""
+            lines.append(f"touch {pid} {s:#x} {max(ln, 1)}{write}" + (f" --stride {_size(stride)}" if stride != 4096 else ""))
+        elif fam == "fault":
+            addr = A + draw.below(2 * FILE_SIZE // 4096) * 4096
+            lines.append(f"fault {pid} {addr:#x}" + (" --write" if draw.chance(10) else ""))
+        elif fam == "madvise":
+            s, ln = _range(draw, A, 4 * M)
+            lines.append(f"madvise {pid} {s:#x} {ln} {_weighted(draw, _LF_ADVICE)}")
+        elif fam == "munmap":
+            s, ln = _range(draw, A, 4 * M)
+            lines.append(f"munmap {pid} {s:#x} {ln}")
+        elif fam == "mmap":
+            where = draw.choice((A + 4 * M, A + 2 * M, A + 1 * M, A + 6 * M, A - PMD))
+            length = draw.choice((PMD, 4 * M, M))
+            off = draw.choice((0, PMD, (where - A) if where >= A else 0))
+            kind = "--shared" if draw.chance(50) else "--private"
+            lines.append(
+                f"mmap {pid} {where:#x} {_size(length)} --file {FILE}"
+                + (f" --offset {_size(off)}" if off else "")
+                + f" --prot {draw.choice(prots)} {kind}"
+            )
+        elif fam == "fork":
+            if len(pids) < 3:
+                lines.append(f"proc fork {pid} {next_pid}")
+                pids.append(next_pid)
+                next_pid += 1
+        elif fam == "exit":
+            if len(pids) > 1:
+                lines.append(f"proc exit {pid}")
+                pids.remove(pid)
+        elif fam == "truncate":
+            lines.append(f"file truncate {FILE} {draw.choice(('3M', '1M', '2M', '1052672', '0', '4M', '6M'))}")
     return parse_scenario(lines)
 
 
@@ -1651,7 +1730,12 @@ def add_arguments(p: argparse.ArgumentParser, json_flag: bool = True) -> None:
     p.add_argument("--seeds", type=int, default=20, metavar="N", help="random sequences to run per mode (default 20)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="the first seed (default 0)")
     p.add_argument("--steps", type=int, default=12, metavar="K", help="random steps per sequence (default 12)")
-    p.add_argument("--mode", choices=("step", "khugepaged", "both"), default="step", help="step by step, after khugepaged scans, or both (default: %(default)s)")
+    p.add_argument(
+        "--mode",
+        choices=("step", "khugepaged", "both", "large-folio"),
+        default="step",
+        help="step by step, after khugepaged scans, or both (shmem); large-folio: step by step on a regular file on ext4 (default: %(default)s)",
+    )
     p.add_argument("--huge", choices=(*HUGE_CHOICES, "both"), default="advise", help="tmpfs huge= (the model's shmem_enabled)")
     p.add_argument("--max-ptes-none", type=int, choices=MAX_PTES_NONE, default=None, help="khugepaged mode: pin it (default: drawn per sequence)")
     p.add_argument("--replay", metavar="FILE", help="run the steps of FILE ('-': stdin) step by step and show both sides")
@@ -1722,6 +1806,9 @@ def run_cli(args: argparse.Namespace, stdout: TextIO, stderr: TextIO, program: s
         return EXIT_USAGE
     huges = HUGE_CHOICES if args.huge == "both" else (args.huge,)
     modes = ("step", "khugepaged") if args.mode == "both" else (args.mode,)
+    if "large-folio" in modes and (why := kmod.ext4_unavailable()) is not None:
+        stderr.write(f"{program}: large-folio mode skipped: {why}\n")
+        modes = tuple(mo for mo in modes if mo != "large-folio")
     base = Settings(vmstat=args.vmstat, fine=args.fine, model_knobs=knobs)
     try:
         # The known-difference reproducers need both tmpfs huge= settings.
@@ -1773,7 +1860,8 @@ def run_cli(args: argparse.Namespace, stdout: TextIO, stderr: TextIO, program: s
                 status = EXIT_DIVERGED
                 stderr.writelines(f"{program}: known difference {c.known.id}: {c.verdict}\n{c.detail}\n" for c in stale)
         for mode in modes:
-            for huge in huges:
+            # tmpfs huge= concerns shmem only: a large-folio run needs one of them.
+            for huge in huges[:1] if mode == "large-folio" else huges:
                 h = session.harness(base.replace(huge=huge))
 
                 def report(div: Divergence) -> None:

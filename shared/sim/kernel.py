@@ -1246,6 +1246,8 @@ class KernelBackend:
             expects :func:`quiet_khugepaged` to have run on it.
         ext4_size: the ext4 image for ``file create --fs large-folio`` files (made and
             loop-mounted at the first such file; :func:`ext4_unavailable` says where it cannot).
+        ext4_read_ahead_kb: its loop device's ``read_ahead_kb`` (the model's
+            ``thpsplit/read_ahead_kb``).
     """
 
     def __init__(
@@ -1255,6 +1257,7 @@ class KernelBackend:
         lock_timeout: float = 300.0,
         guard: SysfsGuard | None = None,
         ext4_size: str = "64M",
+        ext4_read_ahead_kb: int = 128,
     ):
         reason = thp_available()
         if reason:
@@ -1275,6 +1278,7 @@ class KernelBackend:
         # at EXT4_DIR under the root at the first such file (see _mount_ext4).
         self.ext4_mounted = False
         self.ext4_size = ext4_size
+        self.ext4_read_ahead_kb = ext4_read_ahead_kb
         try:
             proc = subprocess.run(
                 ["mount", "-t", "tmpfs", "-o", f"huge={huge},size={size},mode=0700", "tmpfs", self.root],
@@ -1472,6 +1476,24 @@ class KernelBackend:
             if proc.returncode != 0:
                 raise BackendError(f"{' '.join(cmd[:2])}: {proc.stderr.strip() or proc.returncode}")
         self.ext4_mounted = True
+        # A loop device's read_ahead_kb defaults to 2560 here; the model's read_ahead_kb is the
+        # block device's default, 128. The knob belongs to this loop device only (gone with it),
+        # and a file's readahead window is read from it at open(2) (file_ra_state_init).
+        loop = self._loop_device(image)
+        with open(f"/sys/block/{loop}/queue/read_ahead_kb", "w") as f:
+            f.write(str(self.ext4_read_ahead_kb))
+
+    @staticmethod
+    def _loop_device(image: str) -> str:
+        """The loop device (``loopN``) whose backing file is ``image``."""
+        for name in os.listdir("/sys/block"):
+            try:
+                with open(f"/sys/block/{name}/loop/backing_file") as f:
+                    if f.read().strip() == image:
+                        return name
+            except OSError:
+                continue
+        raise BackendError(f"no loop device backs {image}")
 
     def _umount_ext4(self) -> None:
         if not self.ext4_mounted:
