@@ -304,7 +304,9 @@ class Collapser(Actor):
         if value > 0 and mem.flags[mem.head(value)] & PG_LOCKED:
             return mem.head(value)
         # do_fault_around runs first: it maps what the cache holds around the fault.
-        around = self._fault_around(f, msg.around) if msg.around and msg.purpose == "map" else ()
+        fault_around = bool(msg.around) and msg.purpose == "map"
+        reads = value == 0 and f.large_folio
+        around = self._fault_around(f, msg.around) if fault_around and not reads else ()
         major = allocated = False
         if value > 0:
             pfn = value
@@ -327,6 +329,10 @@ class Collapser(Actor):
             self._sync_mmap_readahead(f, msg.index, msg.vm_hugepage, msg.exec_end)
             pfn = f.get(msg.index) or cache.add_small_page(f, msg.index)
             major = True
+            if fault_around:
+                # The read dropped mmap_lock (maybe_unlock_mmap_for_io): VM_FAULT_RETRY, and the
+                # retried fault's do_fault_around maps what readahead brought.
+                around = self._fault_around(f, msg.around)
         else:
             pfn = cache.add_small_page(f, msg.index)
             if pfn:
