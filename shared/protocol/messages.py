@@ -117,7 +117,7 @@ class LookupPage(Message):
     on it. Added within protocol 2 with a default: a sender that predates it sends only
     ``pmd_ok``, which implies it. ``exec_end``: for a VM_EXEC VMA the file index where the VMA
     ends (do_sync_mmap_readahead reads forward from the fault up to it, not around), else 0;
-    added within protocol 2 with a default.
+    added within protocol 3 with a default.
     """
 
     req: int
@@ -398,7 +398,7 @@ class FileInfo(Message):
     maps; the collapser keeps a claim of an earlier boot under that identity (and moves a file of
     its own that took the number meanwhile, see docs/protocol.md). ``fs``: a regular file's
     filesystem kind (the remapper's THP eligibility and MADV_COLLAPSE depend on it); added
-    within protocol 2 with a default."""
+    within protocol 3 with a default."""
 
     ino: int
     name: str
@@ -739,7 +739,7 @@ class Status(Request[DaemonStatus]):
 class FileCreate(Request[FileStat]):
     """creat(2) and ftruncate(2) to ``size``: a shmem file, or a regular file on a filesystem of
     kind ``fs`` (:class:`~shared.vm.FsKind`; ignored for shmem). ``fs`` was added within
-    protocol 2 with a default."""
+    protocol 3 with a default."""
 
     id: int
     name: str
