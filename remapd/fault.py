@@ -233,10 +233,19 @@ class FaultPath:
                 flags |= PTE_WRITE  # shmem wants no write-notify: vm_page_prot is writable
             self.pagetables.set_pte_at(mm, pidx, slot, pte_make(reply.pfn, flags))
             if reply.around:
-                self._map_around(mm, vma, reply, install=True)
+                # A large-folio file's PMD-order folio met by fault-around with the PMD none:
+                # filemap_map_pmd tries do_set_pmd, which refuses here, and ext4 on 6.18 then
+                # maps none of the window (the fault maps its page, or the folio whole); the
+                # next fault finds the page table and maps the window.
+                refused = entry is None and reply.thp and self._large_folio(vma)
+                self._map_around(mm, vma, reply, install=not refused)
             if whole:
                 self.pagetables.map_folio_ptes(mm, pidx, reply.head, flags)
             return "major" if reply.major else "minor"
+
+    def _large_folio(self, vma: Vma) -> bool:
+        f = self.files.get(vma.ino)
+        return f is not None and f.large_folio
 
     def _can_map_large(self, vma: Vma, addr: int, shmem: bool) -> bool:
         """The i_size rule of finish_fault and filemap_map_pages (6.18, "mm/memory: do not

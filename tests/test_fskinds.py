@@ -213,3 +213,24 @@ def test_random_large_folio_sequences_agree_with_ext4(ext4_session):
     h = ext4_session.harness(conf.Settings())
     fig = conf.run_seeds(h, range(12), 10, "large-folio", shrink=False)
     assert fig.unexpected == 0, fig.render()
+
+
+def test_fault_around_maps_nothing_of_a_pmd_folio_its_vma_cannot_pmd_map(make_world):
+    # filemap_map_pages meets the PMD-order folio first with the PMD none: filemap_map_pmd's
+    # do_set_pmd refuses (thp_vma_suitable_order: the VMA does not cover the PMD), and 6.18 maps
+    # none of the window: the fault maps its one page. The next fault finds the page table and
+    # maps its window (observed on ext4).
+    world = make_world(read_ahead_kb=0, fault_around_bytes=65536)
+    world.file_create("f", 2 * H, fs=LF)
+    world.file_write("f", H, H)
+    world.spawn(1)
+    a = world.mmap(1, FIXED, 2 * H, "f", prot="r")
+    world.munmap(1, a + H + 4 * P, P)
+    b = a + H + 5 * P
+    def rss() -> int:
+        return next(e["Rss"] for e in world.smaps(1) if e["start"] == b)
+
+    assert world.fault(1, a + H + 256 * P) == "minor"
+    assert rss() == 4
+    assert world.fault(1, a + H + 257 * P) == "minor"
+    assert rss() == 64

@@ -1805,7 +1805,7 @@ def run_cli(args: argparse.Namespace, stdout: TextIO, stderr: TextIO, program: s
         stderr.write(f"{program}: need --seeds >= 0 and --steps >= 1\n")
         return EXIT_USAGE
     huges = HUGE_CHOICES if args.huge == "both" else (args.huge,)
-    modes = ("step", "khugepaged") if args.mode == "both" else (args.mode,)
+    modes: tuple[str, ...] = ("step", "khugepaged") if args.mode == "both" else (args.mode,)
     if "large-folio" in modes and (why := kmod.ext4_unavailable()) is not None:
         stderr.write(f"{program}: large-folio mode skipped: {why}\n")
         modes = tuple(mo for mo in modes if mo != "large-folio")
