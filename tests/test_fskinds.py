@@ -234,3 +234,15 @@ def test_fault_around_maps_nothing_of_a_pmd_folio_its_vma_cannot_pmd_map(make_wo
     assert rss() == 4
     assert world.fault(1, a + H + 257 * P) == "minor"
     assert rss() == 64
+
+
+def test_a_misaligned_vma_faults_around_a_pmd_folio_as_usual(make_world):
+    # The same folio mapped 1 MiB off its alignment: do_set_pmd refuses as well, yet fault-around
+    # maps its window (ext4 on 6.18).
+    world = make_world(read_ahead_kb=0, fault_around_bytes=65536)
+    world.file_create("f", 2 * H, fs=LF)
+    world.file_write("f", 0, H)
+    world.spawn(1)
+    a = world.mmap(1, FIXED + H // 2, H // 2, "f", prot="r")
+    assert world.fault(1, a + 77 * P) == "minor"
+    assert smaps1(world, 1)["Rss"] == 64

@@ -799,6 +799,20 @@ def _m22(div: Divergence) -> bool:
     return any(kr["ShmemPmdMapped"] > mr["ShmemPmdMapped"] for _, kr, mr in _smaps_pairs(div))
 
 
+def _large_folio_file(div: Divergence) -> bool:
+    first = div.steps[0]
+    return first.op == "file create" and not first.args["shmem"] and first.args.get("fs") == "large-folio"
+
+
+def _lf_orders(div: Divergence) -> bool:
+    """Only how many pages are cached or mapped differs, in a sequence on a large-folio file:
+    ext4's folios below PMD order (readahead at EOF and its async windows, the non-uniform split
+    at truncate) are small pages in the model. Every PMD-order folio and mapping agrees."""
+    if not _large_folio_file(div) or not _only(div, ("smaps.Rss", "files")):
+        return False
+    return _faulting(div) or div.step.op == "file truncate"
+
+
 def _install_pmd(div: Divergence) -> bool:
     s = div.step
     if ("thpsplit/install_pmd", "1") not in div.settings.model_knobs:
@@ -847,6 +861,21 @@ KNOWN: tuple[Known, ...] = (
         "during which khugepaged's full_scans moved anyway is reported as inconclusive, never compared.",
         number=14,
         unreachable="handled by quiet_khugepaged (tests/test_kernel_backend.py checks it)",
+    ),
+    Known(
+        "large-folio-orders",
+        "deliberate",
+        "a large-folio file's folios below PMD order are small pages in the model",
+        "page_cache_ra_order() lowers the order at EOF and page_cache_async_ra() raises it by two "
+        "per window (mm/readahead.c); finish_fault() and filemap_map_pages() map such a folio whole "
+        "where it lies inside the VMA and the page table, and truncate_inode_partial_folio() -> "
+        "try_folio_split() unmaps a folio it splits (mm/truncate.c). The model has small and "
+        "PMD-order folios only, so only Rss and the page-cache count can differ; every PMD-order "
+        "folio and PMD mapping is compared as usual.",
+        matcher=_lf_orders,
+        reproducer="file create c --size 3M --fs large-folio; proc spawn 1; "
+        "mmap 1 0x40000000 4M --file c --prot r --private; madvise 1 0x40000000 4M hugepage; fault 1 0x40200000",
+        readme="A `large-folio` file's folios below PMD order",
     ),
     Known(
         "#4",
@@ -1157,6 +1186,10 @@ def check_known(
             out.append(KnownCheck(k, "not checkable", f"no kernel backend for huge={k.huge} in this run"))
             continue
         steps = parse_steps_text(k.reproducer)
+        regular = any(s.op == "file create" and not s.args["shmem"] for s in steps)
+        if regular and (why := kmod.ext4_unavailable()) is not None:
+            out.append(KnownCheck(k, "not checkable", why))
+            continue
         for _ in range(3):  # a noisy or inconclusive run says nothing: try again
             res = h.run(steps)
             if not (res.noise or res.inconclusive):
