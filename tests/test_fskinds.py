@@ -7,12 +7,15 @@ skipped with the reason)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
-from helpers import FIXED, H, P, smaps1
+from helpers import FIXED, H, ONE_PAGE_FLAGS, P, ok, smaps1, thpctl
 
 from shared.sim import conformance as conf
 from shared.sim import kernel as kmod
 from shared.sim.kernel import BackendError, ScenarioError, parse_step
+from shared.thpctl.launch import running_daemons
 from shared.vm import FsKind
 
 LF = "large-folio"
@@ -168,6 +171,21 @@ def test_large_folio_generator_speaks_the_scenario_language():
     for seed in range(20):
         r = h.run(conf.generate(conf.RandomDraw(seed), 12, "large-folio"))
         assert r.divergence is None, r.divergence.report()
+
+
+async def test_thpctl_file_create_fs_reaches_both_daemons(tmp_path):
+    # FileCreate.fs to collapsed, FileInfo.fs on to remapd: readahead's PMD at the first fault,
+    # and the remapper's MADV_COLLAPSE refusal.
+    async with running_daemons(tmp_path, "unix", remapd_args=ONE_PAGE_FLAGS) as d:
+        assert "file large-folio" in await ok(d, "file", "create", "lf", "--size", "4M", "--fs", "large-folio")
+        await ok(d, "file", "create", "rt", "--size", "4K")
+        files = {f["name"]: f["fs"] for f in json.loads(await ok(d, "--json", "file", "ls"))}
+        assert files == {"lf": "large-folio", "rt": "ro-thp"}
+        await ok(d, "proc", "spawn", "1")
+        a = int(await ok(d, "mmap", "1", "auto", "4M", "--file", "lf", "--prot", "rx", "--private"), 16)
+        assert (await ok(d, "madvise", "1", hex(a), "4M", "hugepage")).strip() == "0"
+        assert (await ok(d, "fault", "1", hex(a))).strip() == "pmd"
+        assert (await thpctl(d, "madvise", "1", hex(a), "4M", "collapse"))[:2] == (1, "EINVAL\n")
 
 
 # -- against the kernel: ext4 on a loop device ---------------------------------------------------
