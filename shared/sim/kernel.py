@@ -1516,6 +1516,8 @@ class KernelBackend:
     def _file_create(self, name: str, size: int, shmem: bool, fs: str | None = None) -> dict[str, Any]:
         if not shmem and fs != "large-folio":
             raise BackendError(f"a regular file of kind {fs} has no kernel here (CONFIG_READ_ONLY_THP_FOR_FS is off): use --fs large-folio or --shmem")
+        if name in self.files:
+            return {"result": "EEXIST"}  # as the model: one namespace for both kinds
         if not shmem and not self.ext4_mounted:
             self._mount_ext4()
         path = os.path.join(self.root, name if shmem else os.path.join(EXT4_DIR, name))
