@@ -412,7 +412,7 @@ class Collapser(Actor):
         ra = f.ra
         ra_pages = self.knobs.read_ahead_kb * 1024 // PAGE_SIZE
         if vm_hugepage:
-            # file_ra_state's start is left as it was (only size and async_size are set).
+            # file_ra_state's start is left as it was (size, async_size and order are set).
             ra[1], ra[2] = 2 * HPAGE_PMD_NR, HPAGE_PMD_NR
             self._page_cache_ra_order(f, index & ~(HPAGE_PMD_NR - 1), HPAGE_PMD_ORDER)
             return
@@ -431,7 +431,8 @@ class Collapser(Actor):
         """do_async_mmap_readahead -> page_cache_async_ra: a fault found a PG_readahead folio.
         The mark goes; at the expected index the window moves on (ramped up), elsewhere it
         restarts after the next hole within read_ahead_kb; the next window's folios are two
-        orders larger than this one (small pages here below PMD order)."""
+        orders above the last window's (file_ra_state's order; small pages here below PMD
+        order), its end aligned to them, all of it async."""
         ra_pages = self.knobs.read_ahead_kb * 1024 // PAGE_SIZE
         if not ra_pages:
             return  # the mark stays: readahead is off
@@ -451,12 +452,13 @@ class Collapser(Actor):
             ra[0] = start
             ra[1] = _next_ra_size(start - index + ra_pages, ra_pages)
             ra[2] = ra[1]
-        order = nr.bit_length() - 1 + 2
+        order = ra[3] + 2
         align = 1 << min(order, (ra_pages & -ra_pages).bit_length() - 1)
         end = ra[0] + ra[1]
         aligned_end = end // align * align
         if aligned_end > ra[0]:
             ra[1] -= end - aligned_end
+        ra[2] = ra[1]
         self._page_cache_ra_order(f, ra[0], order)
 
     def _page_cache_ra_order(self, f: File, start: int, order: int) -> None:
@@ -472,6 +474,7 @@ class Collapser(Actor):
         limit = min(f.nr_pages_size, start + size) - 1
         mark = start + size - async_size
         new_order = min(HPAGE_PMD_ORDER, order, max(size, 1).bit_length() - 1)
+        f.ra[3] = new_order
         index = start
         # Too small for large folios: straight to do_page_cache_ra.
         while size >= 4 and index <= limit:

@@ -196,8 +196,9 @@ class File:
     i_rwsem: bool = False  # the inode lock, held by a write, truncate or punch-hole
     gen: int = 0  # the collapser boot that made it: (ino, gen) is the file's identity
     fs: FsKind = DEFAULT_FS  # a regular file's filesystem kind
-    # file_ra_state (start, size, async_size) of a large-folio file: one per file, not per open.
-    ra: list[int] = field(default_factory=lambda: [0, 0, 0])
+    # file_ra_state (start, size, async_size, order) of a large-folio file: one per file, not
+    # per open.
+    ra: list[int] = field(default_factory=lambda: [0, 0, 0, 0])
     # Small pages marked PG_readahead together, standing for one smaller large folio: start -> nr.
     ra_marks: dict[int, int] = field(default_factory=dict)
 
