@@ -233,16 +233,17 @@ class FaultPath:
                 flags |= PTE_WRITE  # shmem wants no write-notify: vm_page_prot is writable
             self.pagetables.set_pte_at(mm, pidx, slot, pte_make(reply.pfn, flags))
             if reply.around:
-                # A large-folio file's PMD-order folio met by fault-around with the PMD none, in a
-                # VMA that maps it PMD-aligned but does not cover its PMD: filemap_map_pmd tries
-                # do_set_pmd, which refuses, and ext4 on 6.18 then maps none of the window (the
-                # fault maps its page); the next fault finds the page table and maps the window.
-                # Observed, mechanism not traced; a misaligned VMA's fault-around maps as usual.
+                # A large-folio file's PMD-order folio that starts before the VMA, met by
+                # fault-around with the PMD none: ext4 on 6.18 maps none of the window (the fault
+                # maps its page); the next fault finds the page table and maps the window. A
+                # folio that starts inside the VMA is mapped around as usual, whether the VMA
+                # could map it with a PMD or not. Observed (the multi-index entry's first index
+                # lies before the VMA); the mechanism in filemap_map_pages is not traced.
                 refused = (
                     entry is None
                     and reply.thp
                     and self._large_folio(vma)
-                    and ((vma.start >> PAGE_SHIFT) - vma.pgoff) % HPAGE_PMD_NR == 0
+                    and vma.pgoff_at(addr) & ~(HPAGE_PMD_NR - 1) < vma.pgoff
                 )
                 self._map_around(mm, vma, reply, install=not refused)
             if whole:

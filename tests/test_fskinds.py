@@ -233,11 +233,10 @@ def test_random_large_folio_sequences_agree_with_ext4(ext4_session):
     assert fig.unexpected == 0, fig.render()
 
 
-def test_fault_around_maps_nothing_of_a_pmd_folio_its_vma_cannot_pmd_map(make_world):
-    # filemap_map_pages meets the PMD-order folio first with the PMD none: filemap_map_pmd's
-    # do_set_pmd refuses (thp_vma_suitable_order: the VMA does not cover the PMD), and 6.18 maps
-    # none of the window: the fault maps its one page. The next fault finds the page table and
-    # maps its window (observed on ext4).
+def test_fault_around_maps_nothing_of_a_pmd_folio_that_starts_before_the_vma(make_world):
+    # filemap_map_pages meets a PMD-order folio whose first index lies before the VMA, with the
+    # PMD none: 6.18 maps none of the window, the fault maps its one page. The next fault finds
+    # the page table and maps its window (observed on ext4; mechanism not traced).
     world = make_world(read_ahead_kb=0, fault_around_bytes=65536)
     world.file_create("f", 2 * H, fs=LF)
     world.file_write("f", H, H)
@@ -254,9 +253,9 @@ def test_fault_around_maps_nothing_of_a_pmd_folio_its_vma_cannot_pmd_map(make_wo
     assert rss() == 64
 
 
-def test_a_misaligned_vma_faults_around_a_pmd_folio_as_usual(make_world):
-    # The same folio mapped 1 MiB off its alignment: do_set_pmd refuses as well, yet fault-around
-    # maps its window (ext4 on 6.18).
+def test_a_vma_that_starts_at_the_folio_faults_around_it_as_usual(make_world):
+    # The folio starts where the VMA does: do_set_pmd refuses (the VMA ends inside the PMD, or
+    # maps it 1 MiB off its alignment), yet fault-around maps its window (ext4 on 6.18).
     world = make_world(read_ahead_kb=0, fault_around_bytes=65536)
     world.file_create("f", 2 * H, fs=LF)
     world.file_write("f", 0, H)
@@ -264,3 +263,7 @@ def test_a_misaligned_vma_faults_around_a_pmd_folio_as_usual(make_world):
     a = world.mmap(1, FIXED + H // 2, H // 2, "f", prot="r")
     assert world.fault(1, a + 77 * P) == "minor"
     assert smaps1(world, 1)["Rss"] == 64
+    world.spawn(2)
+    b = world.mmap(2, FIXED, H // 4, "f", prot="r")
+    assert world.fault(2, b) == "minor"
+    assert smaps1(world, 2)["Rss"] == 64
