@@ -17,6 +17,12 @@ model):
   no global knob has to change: ``huge=advise`` is the model's ``shmem_enabled=advise``
   (a PMD-order folio at fault time only in a VM_HUGEPAGE VMA), ``huge=never`` its ``never``
   (fault-time THP off, MADV_COLLAPSE still allowed: ``shmem_huge_force``).
+  A regular file (``file create NAME --fs large-folio``) lives on ext4: at the first one the
+  backend makes a sparse image inside that tmpfs, ``mkfs.ext4`` and ``mount -o loop`` it under
+  the root (its loop device's ``read_ahead_kb`` set to the model's 128), and unmounts it in
+  :meth:`KernelBackend.close` (autoclear detaches the loop device); :func:`ext4_unavailable`
+  says where that cannot work. A ``ro-thp`` file has no kernel here
+  (CONFIG_READ_ONLY_THP_FOR_FS is off).
 * **Processes.** Each model PID is a real worker process running a command loop on a
   ``SOCK_SEQPACKET`` socket (pickled requests and replies). Workers descend from a *zygote*, a
   fresh ``python -I -S`` running this file, so they carry nothing of the caller (no threads, no
