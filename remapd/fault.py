@@ -233,16 +233,16 @@ class FaultPath:
                 flags |= PTE_WRITE  # shmem wants no write-notify: vm_page_prot is writable
             self.pagetables.set_pte_at(mm, pidx, slot, pte_make(reply.pfn, flags))
             if reply.around:
-                # Where a large-folio file's PMD-order folio begins decides what fault-around
-                # maps of it (observed on ext4, 6.18; the mechanism in filemap_map_pages, where
-                # the multi-index entry's first index lies before the window, is not traced):
-                # begun in an earlier page table (a VMA that maps it off its alignment), none of
-                # the window, ever; begun before the VMA, none while the PMD is none (the next
-                # fault, with the table there, maps its window). The fault maps its own page.
+                # A large-folio file's PMD-order folio that begins before this VMA or before this
+                # page table (a VMA that maps it off its alignment), met by fault-around with the
+                # PMD none: ext4 on 6.18 maps none of the window, the fault maps its own page;
+                # the next fault, with the table there, maps its window. Observed; the mechanism
+                # in filemap_map_pages (the multi-index entry's first index lies before the
+                # window) is not traced.
                 refused = False
-                if reply.thp and self._large_folio(vma):
+                if entry is None and reply.thp and self._large_folio(vma):
                     folio_addr = vma.addr_of(vma.pgoff_at(addr) & ~(HPAGE_PMD_NR - 1))
-                    refused = folio_addr < haddr or (entry is None and folio_addr < vma.start)
+                    refused = folio_addr < max(haddr, vma.start)
                 self._map_around(mm, vma, reply, install=not refused)
             if whole:
                 self.pagetables.map_folio_ptes(mm, pidx, reply.head, flags)
