@@ -39,7 +39,7 @@ def _render_ls(args: argparse.Namespace, results: list[Any]) -> Outcome:
     files = results[0]
     header = f"{'NAME':<24} {'INO':>5} {'SIZE':>12} {'KIND':<11} {'PAGES':>8} {'THPS':>5} {'SWAP':>6} {'DIRTY':>6} {'WRITERS':>7}"
     rows = [
-        f"{f['name']:<24} {f['ino']:>5} {f['size']:>12} {'shmem' if f['shmem'] else f.get('fs') or 'ro-thp':<11} "
+        f"{f['name']:<24} {f['ino']:>5} {f['size']:>12} {_kind(f).removeprefix('file '):<11} "
         f"{f['nrpages']:>8} {f['thps']:>5} {f['swap']:>6} {f['dirty']:>6} {f['open_for_write']:>7}"
         for f in files
     ]
