@@ -233,20 +233,36 @@ class FaultPath:
                 flags |= PTE_WRITE  # shmem wants no write-notify: vm_page_prot is writable
             self.pagetables.set_pte_at(mm, pidx, slot, pte_make(reply.pfn, flags))
             if reply.around:
-                # A large-folio file's PMD-order folio that begins before this VMA or before this
-                # page table (a VMA that maps it off its alignment), met by fault-around with the
-                # PMD none: ext4 on 6.18 maps none of the window, the fault maps its own page;
-                # the next fault, with the table there, maps its window. Observed; the mechanism
-                # in filemap_map_pages (the multi-index entry's first index lies before the
-                # window) is not traced.
-                refused = False
-                if entry is None and reply.thp and self._large_folio(vma):
-                    folio_addr = vma.addr_of(vma.pgoff_at(addr) & ~(HPAGE_PMD_NR - 1))
-                    refused = folio_addr < max(haddr, vma.start)
+                refused = reply.thp and self._large_folio(vma) and self._around_refused(mm, vma, addr, entry, reply.head)
                 self._map_around(mm, vma, reply, install=not refused)
             if whole:
                 self.pagetables.map_folio_ptes(mm, pidx, reply.head, flags)
             return "major" if reply.major else "minor"
+
+    def _around_refused(self, mm: Mm, vma: Vma, addr: int, entry: PteTable | None, head: int) -> bool:
+        """Whether ext4 on 6.18 maps none of the fault-around window on a large-folio file's
+        PMD-order folio (the fault then maps its own page): with the PMD none, when the folio
+        begins before this VMA or before this page table (a VMA that maps the file off its
+        alignment); and whatever the PMD, when this VMA maps some of the folio with PTEs in
+        another page table. Observed on ext4 (docs/CONFORMANCE.md); the mechanism in
+        filemap_map_pages is not traced."""
+        haddr = addr & ~(HPAGE_PMD_SIZE - 1)
+        folio_addr = vma.addr_of(vma.pgoff_at(addr) & ~(HPAGE_PMD_NR - 1))
+        if entry is None and folio_addr < max(haddr, vma.start):
+            return True
+        lo, hi = max(folio_addr, vma.start), min(folio_addr + HPAGE_PMD_SIZE, vma.end)
+        for pidx in range(lo >> HPAGE_PMD_SHIFT, ((hi - 1) >> HPAGE_PMD_SHIFT) + 1):
+            table = mm.pmds.get(pidx)
+            if pidx == haddr >> HPAGE_PMD_SHIFT or not isinstance(table, PteTable) or not table.nr:
+                continue
+            a = max(lo, pidx << HPAGE_PMD_SHIFT)
+            b = min(hi, (pidx + 1) << HPAGE_PMD_SHIFT)
+            ptes = table.ptes
+            for slot in range((a >> PAGE_SHIFT) & (HPAGE_PMD_NR - 1), (((b - 1) >> PAGE_SHIFT) & (HPAGE_PMD_NR - 1)) + 1):
+                pte = ptes[slot]
+                if pte and not pte & PTE_ANON and head <= pte_pfn(pte) < head + HPAGE_PMD_NR:
+                    return True
+        return False
 
     def _large_folio(self, vma: Vma) -> bool:
         f = self.files.get(vma.ino)
