@@ -17,6 +17,7 @@ from collapsed.fileops import FileOps
 from collapsed.khugepaged import ALLOC_SLEEP_WAKE, SCAN_SLEEP_WAKE, Khugepaged
 from collapsed.pagecache import (
     PG_LOCKED,
+    PG_READAHEAD,
     PG_UPTODATE,
     File,
     PageCache,
@@ -29,6 +30,7 @@ from shared.message import Message
 from shared.scan_result import ScanResult
 from shared.thp import shmem_huge_global_enabled
 from shared.units import HPAGE_PMD_NR, HPAGE_PMD_ORDER, PAGE_SHIFT, PAGE_SIZE
+from shared.vm import DEFAULT_FS, FsKind
 
 # A fault lookup's answers (looked up once: faults are hot).
 _OK, _SIGBUS, _NOMEM = m.PageStatus.OK, m.PageStatus.SIGBUS, m.PageStatus.NOMEM
@@ -131,8 +133,8 @@ class Collapser(Actor):
 
     # -- client operations (what the daemon and the in-process world call; FileOps does them) -
 
-    def file_create(self, name: str, size: int, shmem: bool) -> dict[str, Any]:
-        return self.fileops.create(name, size, shmem)
+    def file_create(self, name: str, size: int, shmem: bool, fs: FsKind = DEFAULT_FS) -> dict[str, Any]:
+        return self.fileops.create(name, size, shmem, fs)
 
     def file_write(self, name: str, offset: int, length: int) -> Generator[Any, Any, dict[str, Any]]:
         return self.fileops.write(name, offset, length)
@@ -249,7 +251,7 @@ class Collapser(Actor):
         """A remapper (new or back) is connected: tell it every file."""
         self.go_online()
         for f in list(self.cache.files.values()):
-            self.send(m.FileInfo(f.ino, f.name, f.size, f.shmem, f.gen))
+            self.send(m.FileInfo(f.ino, f.name, f.size, f.shmem, f.gen, f.fs))
 
     # -- file identities across restarts -------------------------------------------------------
 
@@ -272,8 +274,8 @@ class Collapser(Actor):
         name = msg.name
         while name in cache.by_name:
             name += " (deleted)"
-        cache.add_file(File(msg.ino, name, msg.size, msg.shmem, gen=msg.gen))
-        self.send(m.FileInfo(msg.ino, name, msg.size, msg.shmem, msg.gen))
+        cache.add_file(File(msg.ino, name, msg.size, msg.shmem, gen=msg.gen, fs=msg.fs))
+        self.send(m.FileInfo(msg.ino, name, msg.size, msg.shmem, msg.gen, msg.fs))
 
     def _renumber(self, f: File) -> None:
         """Move ``f`` (a file no remapper knows) to a fresh inode number, its pages with it."""
@@ -288,7 +290,7 @@ class Collapser(Actor):
         for _, value in f.entries():
             if value > 0:
                 mem.ino[value] = new
-        self.send(m.FileInfo(f.ino, f.name, f.size, f.shmem, f.gen))
+        self.send(m.FileInfo(f.ino, f.name, f.size, f.shmem, f.gen, f.fs))
 
     def _remap(self, pfn: int, ino: int, index: int, kind: int) -> bool:
         """A mapping a remapper restored from a snapshot names (see :class:`~shared.messages.Remap`):
@@ -334,7 +336,8 @@ class Collapser(Actor):
         """One attempt at a fault lookup: answers and returns None, or returns the locked page
         the fault has to wait for (the common case answers without a task: faults are hot)."""
         answer = self.find_page(
-            msg.ino, msg.index, msg.purpose, msg.write, msg.pmd_ok, msg.vm_hugepage, msg.around, msg.thp_ok
+            msg.ino, msg.index, msg.purpose, msg.write, msg.pmd_ok, msg.vm_hugepage, msg.around, msg.thp_ok,
+            msg.exec_end,
         )
         if isinstance(answer, int):
             return answer
@@ -399,6 +402,7 @@ class Collapser(Actor):
         vm_hugepage: bool,
         around_indices: tuple[int, ...],
         thp_ok: bool,
+        exec_end: int = 0,
     ) -> int | PageAnswerFields:
         """filemap_fault / shmem_fault for one lookup: the fields of its :class:`PageAnswer` after
         ``req`` (the mapping already accounted), or the locked page the fault must wait for."""
@@ -417,10 +421,14 @@ class Collapser(Actor):
         if value > 0 and mem.flags[mem.head(value)] & PG_LOCKED:
             return mem.head(value)
         # do_fault_around runs first: it maps what the cache holds around the fault.
-        around = self._fault_around(f, around_indices) if around_indices and purpose == "map" else ()
+        fault_around = bool(around_indices) and purpose == MAP
+        reads = value == 0 and f.large_folio
+        around = self._fault_around(f, around_indices) if fault_around and not reads else ()
         major = allocated = False
         if value > 0:
             pfn = value
+            if f.large_folio and mem.flags[mem.head(value)] & PG_READAHEAD:
+                self._async_mmap_readahead(f, index, value)
         elif value < 0:
             pfn = cache.add_small_page(f, index)
             if pfn:
@@ -431,6 +439,17 @@ class Collapser(Actor):
             # (pmd_ok implies thp_ok; an older remapper sends pmd_ok alone).
             pfn = self._shmem_alloc(f, index, thp_ok or pmd_ok, vm_hugepage)
             allocated = True
+        elif f.large_folio:
+            # The readahead runs before the page is looked up again, so the fault finds the
+            # folio it made (filemap_fault: do_sync_mmap_readahead, then
+            # __filemap_get_folio(FGP_CREAT) for a page readahead did not bring).
+            self._sync_mmap_readahead(f, index, vm_hugepage, exec_end)
+            pfn = f.get(index) or cache.add_small_page(f, index)
+            major = True
+            if fault_around:
+                # The read dropped mmap_lock (maybe_unlock_mmap_for_io): VM_FAULT_RETRY, and the
+                # retried fault's do_fault_around maps what readahead brought.
+                around = self._fault_around(f, around_indices)
         else:
             pfn = cache.add_small_page(f, index)
             if pfn:
@@ -476,7 +495,7 @@ class Collapser(Actor):
                 continue
             head = value & ~((1 << orders[value]) - 1)
             page_flags = flags[head]
-            if page_flags & PG_LOCKED or not page_flags & PG_UPTODATE:
+            if page_flags & (PG_LOCKED | PG_READAHEAD) or not page_flags & PG_UPTODATE:
                 continue
             # apply_rmap's row (value, 1, 0, 0): a PTE mapping and its reference on the head.
             mapcount[value] += 1
@@ -500,6 +519,146 @@ class Collapser(Actor):
         for i in range(start, min(start + size, f.nr_pages_size)):
             if f.get(i) == 0 and not self.cache.add_small_page(f, i):
                 return  # memory is full: readahead is best effort
+
+    # -- readahead of a large-folio file (mm/filemap.c, mm/readahead.c, 6.18) -------------------
+    # The ro-thp kind keeps the simpler _read_around: small pages, no PG_readahead.
+
+    def _sync_mmap_readahead(self, f: File, index: int, vm_hugepage: bool, exec_end: int) -> None:
+        """do_sync_mmap_readahead for a page missing from a large-folio file: with VM_HUGEPAGE
+        two PMD ranges from the aligned index in PMD-order folios, even with readahead off; in
+        a VM_EXEC VMA forward from the fault to the VMA's end, read_ahead_kb at most, with no
+        async part; else read_ahead_kb centred on the fault with its last quarter async. The
+        mmap_miss heuristic (readahead off after 100 misses) is not modelled."""
+        ra = f.ra
+        ra_pages = self.knobs.read_ahead_kb * 1024 // PAGE_SIZE
+        if vm_hugepage:
+            # file_ra_state's start is left as it was (size, async_size and order are set).
+            ra[1], ra[2] = 2 * HPAGE_PMD_NR, HPAGE_PMD_NR
+            self._page_cache_ra_order(f, index & ~(HPAGE_PMD_NR - 1), HPAGE_PMD_ORDER)
+            return
+        if not ra_pages:
+            return
+        if exec_end:
+            ra[0] = index
+            ra[1] = max(1, min(index + ra_pages, exec_end) - index)
+            ra[2] = 0
+        else:
+            ra[0] = max(0, index - ra_pages // 2)
+            ra[1], ra[2] = ra_pages, ra_pages // 4
+        self._page_cache_ra_order(f, ra[0], 0)
+
+    def _async_mmap_readahead(self, f: File, index: int, value: int) -> None:
+        """do_async_mmap_readahead -> page_cache_async_ra: a fault found a PG_readahead folio.
+        The mark goes; at the expected index the window moves on (ramped up), elsewhere it
+        restarts after the next hole within read_ahead_kb; the next window's folios are two
+        orders above the last window's (file_ra_state's order; small pages here below PMD
+        order), its end aligned to them, all of it async."""
+        ra_pages = self.knobs.read_ahead_kb * 1024 // PAGE_SIZE
+        if not ra_pages:
+            return  # the mark stays: readahead is off
+        nr = self._ra_clear(f, index, value)
+        ra = f.ra
+        expected = (ra[0] + ra[1] - ra[2]) // nr * nr
+        if index == expected:
+            ra[0] += ra[1]
+            ra[1] = max(ra[1], _next_ra_size(ra[1], ra_pages))
+            ra[2] = ra[1]
+        else:
+            start = index + 1
+            while start < index + 1 + ra_pages and f.get(start) > 0:
+                start += 1
+            if start - index > ra_pages:
+                return
+            ra[0] = start
+            ra[1] = _next_ra_size(start - index + ra_pages, ra_pages)
+            ra[2] = ra[1]
+        order = ra[3] + 2
+        align = 1 << min(order, (ra_pages & -ra_pages).bit_length() - 1)
+        end = ra[0] + ra[1]
+        aligned_end = end // align * align
+        if aligned_end > ra[0]:
+            ra[1] -= end - aligned_end
+        ra[2] = ra[1]
+        self._page_cache_ra_order(f, ra[0], order)
+
+    def _page_cache_ra_order(self, f: File, start: int, order: int) -> None:
+        """page_cache_ra_order over f.ra's size from ``start``, limited to i_size: naturally
+        aligned folios of ``order`` (lower at an unaligned start and at EOF); the folio holding
+        start + size - async_size gets PG_readahead. A PMD-order folio needs its whole range
+        free of cached pages and a huge page; the first folio that cannot be added (-EEXIST,
+        -ENOMEM) ends the loop and the rest is read in small pages (do_page_cache_ra, which
+        skips cached pages and marks only a page it adds). Folios below PMD order are small
+        pages here, marked together. No vmstat event: nr_file_hugepages only."""
+        cache = self.cache
+        size, async_size = f.ra[1], f.ra[2]
+        limit = min(f.nr_pages_size, start + size) - 1
+        mark = start + size - async_size
+        new_order = min(HPAGE_PMD_ORDER, order, max(size, 1).bit_length() - 1)
+        f.ra[3] = new_order
+        index = start
+        # Too small for large folios: straight to do_page_cache_ra.
+        while size >= 4 and index <= limit:
+            o = new_order
+            if index & ((1 << o) - 1):
+                o = (index & -index).bit_length() - 1
+            while o > 0 and index + (1 << o) - 1 > limit:
+                o -= 1
+            nr = 1 << o
+            if any(f.get(i) for i in range(index, index + nr)):
+                break  # -EEXIST
+            if o == HPAGE_PMD_ORDER:
+                head = cache.alloc_huge(True)
+                if not head:
+                    break
+                self.mem.flags[head] |= PG_UPTODATE
+                cache.add_huge_page(f, index, head)
+                cache.pages_read += HPAGE_PMD_NR
+            else:
+                for i in range(index, index + nr):
+                    if not cache.add_small_page(f, i):
+                        return  # memory is full: readahead is best effort
+            if index <= mark < index + nr:
+                self._ra_mark(f, index, nr)
+            index += nr
+        else:
+            if size >= 4:
+                return
+        for i in range(index, min(start + size, f.nr_pages_size)):
+            if f.get(i) == 0:
+                if not cache.add_small_page(f, i):
+                    return
+                if i == mark:
+                    self._ra_mark(f, i, 1)
+
+    def _ra_mark(self, f: File, index: int, nr: int) -> None:
+        """folio_set_readahead on the folio of ``nr`` pages at ``index``."""
+        flags = self.mem.flags
+        value = f.get(index)
+        if nr == HPAGE_PMD_NR:
+            flags[self.mem.head(value)] |= PG_READAHEAD
+            return
+        for i in range(index, index + nr):
+            flags[f.get(i)] |= PG_READAHEAD
+        if nr > 1:
+            f.ra_marks[index] = nr
+
+    def _ra_clear(self, f: File, index: int, value: int) -> int:
+        """folio_clear_readahead on the folio holding ``index``; its size in pages."""
+        mem = self.mem
+        head = mem.head(value)
+        if mem.folio_nr(head) > 1:
+            mem.flags[head] &= ~PG_READAHEAD
+            return mem.folio_nr(head)
+        for start, nr in list(f.ra_marks.items()):
+            if start <= index < start + nr:
+                del f.ra_marks[start]
+                for i in range(start, start + nr):
+                    v = f.get(i)
+                    if v > 0:
+                        mem.flags[v] &= ~PG_READAHEAD
+                return nr
+        mem.flags[value] &= ~PG_READAHEAD
+        return 1
 
     def _shmem_alloc(self, f: File, index: int, thp_ok: bool, vm_hugepage: bool) -> int:
         """shmem_get_folio_gfp for a hole: a PMD-order folio when the VMA allows one here
@@ -549,6 +708,15 @@ class Collapser(Actor):
     def vmstat(self) -> dict[str, int]:
         """This side's /proc/vmstat lines (:func:`collapsed.procfs.vmstat`)."""
         return procfs.vmstat(self)
+
+
+def _next_ra_size(cur: int, max_pages: int) -> int:
+    """get_next_ra_size (mm/readahead.c): ramp a readahead window up towards max_pages."""
+    if cur < max_pages // 16:
+        return 4 * cur
+    if cur <= max_pages // 2:
+        return 2 * cur
+    return max_pages
 
 
 def _answer_for_lost_peer(request: Message) -> Message:

@@ -20,6 +20,7 @@ from shared.actor import Actor, Call, Sleep, Wait
 from shared.errors import UserError
 from shared.knobs import Knobs
 from shared.units import HPAGE_PMD_NR, MAX_LFS_FILESIZE, PAGE_SHIFT, PAGE_SIZE, pages
+from shared.vm import DEFAULT_FS, FsKind
 
 # NAME_MAX.
 _MAX_NAME = 255
@@ -74,7 +75,7 @@ class FileOps:
 
     # -- file operations (client requests) ----------------------------------------------------
 
-    def create(self, name: str, size: int, shmem: bool) -> dict[str, Any]:
+    def create(self, name: str, size: int, shmem: bool, fs: FsKind = DEFAULT_FS) -> dict[str, Any]:
         problem = file_name_problem(name)
         if problem is not None:
             shown = name if len(name) <= 64 else name[:61] + "..."
@@ -82,9 +83,9 @@ class FileOps:
         if name in self.cache.by_name:
             raise UserError("EEXIST", f"file {name!r} exists")
         _check_new_size(size)  # creat(2) then ftruncate(2) to the size
-        f = File(self.cache.next_ino, name, size, shmem)
+        f = File(self.cache.next_ino, name, size, shmem, fs=FsKind(fs))
         self.cache.add_file(f)
-        self.actor.send(m.FileInfo(f.ino, name, size, shmem, f.gen))
+        self.actor.send(m.FileInfo(f.ino, name, size, shmem, f.gen, f.fs))
         return self.stat(f)
 
     def lookup(self, name: str) -> File:
@@ -100,6 +101,7 @@ class FileOps:
             "ino": f.ino,
             "size": f.size,
             "shmem": f.shmem,
+            "fs": "" if f.shmem else str(f.fs),
             "nrpages": f.nrpages,
             "thps": f.nr_thps,
             "swap": f.nrswap,
@@ -160,6 +162,9 @@ class FileOps:
                         yield Wait(("page", head))
                         continue
                     cache.set_dirty(head)
+                elif f.large_folio and self._write_begin_pmd(f, index, offset, end):
+                    index += HPAGE_PMD_NR
+                    continue
                 elif not cache.add_small_page(f, index, dirty=True):
                     last = index  # memory is full: the write ends here
                     break
@@ -175,6 +180,27 @@ class FileOps:
         done = min(end, index << PAGE_SHIFT)
         self._grow(f, offset, done)
         return done
+
+    def _write_begin_pmd(self, f: File, index: int, offset: int, end: int) -> bool:
+        """A large-folio filesystem's write_begin for a missing page: generic_perform_write
+        writes in chunks of the largest folio size and asks __filemap_get_folio for a folio of
+        the chunk's order (fgf_set_order), so a write that covers a whole, PMD-aligned 2 MiB
+        with nothing cached there gets one dirty PMD-order folio. Smaller orders (a shorter or
+        unaligned chunk) are not modelled: small pages. False when this is not such a chunk or
+        no huge page is free (the kernel then tries smaller orders)."""
+        pos = index << PAGE_SHIFT
+        if index & (HPAGE_PMD_NR - 1) or pos < offset or end - pos < HPAGE_PMD_NR << PAGE_SHIFT:
+            return False
+        chunk = f.chunk(index)
+        if chunk is not None and any(chunk):
+            return False
+        cache = self.cache
+        head = cache.alloc_huge(True)
+        if not head:
+            return False
+        cache.add_huge_page(f, index, head)
+        cache.set_dirty(head)
+        return True
 
     def _grow(self, f: File, offset: int, done: int) -> None:
         """i_size_write when the write from ``offset`` has written up to ``done``, past the end."""
@@ -242,7 +268,7 @@ class FileOps:
 
     def _set_size(self, f: File, size: int) -> None:
         f.size = size
-        self.actor.send(m.FileInfo(f.ino, f.name, size, f.shmem, f.gen))
+        self.actor.send(m.FileInfo(f.ino, f.name, size, f.shmem, f.gen, f.fs))
 
     # -- writeback ----------------------------------------------------------------------------
 

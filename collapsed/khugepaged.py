@@ -175,6 +175,7 @@ class Khugepaged:
             vm_hugepage=r.vm_hugepage,
             vm_nohugepage=r.vm_nohugepage,
             open_for_write=f.writecount > 0,
+            large_folio=f.large_folio,
         )
 
     def scan_mm_slot(self, pages: int) -> Generator[Any, Any, tuple[int, R]]:

@@ -36,6 +36,7 @@ import numpy as np
 from shared.actor import Wait
 from shared.knobs import Knobs
 from shared.units import HPAGE_PMD_NR
+from shared.vm import DEFAULT_FS, FsKind
 
 PG_LOCKED = 1 << 0
 PG_UPTODATE = 1 << 1
@@ -47,6 +48,8 @@ PG_TAIL = 1 << 6
 PG_SWAPBACKED = 1 << 7
 # The page is in use (allocated); cleared on free so a stale pfn is detectable.
 PG_ALLOCATED = 1 << 9
+# PG_readahead: a fault that finds this folio starts async readahead; fault-around skips it.
+PG_READAHEAD = 1 << 10
 
 
 # Pages wait in a per-CPU batch before they reach the LRU (folio_batch: PAGEVEC_SIZE in 6.x).
@@ -292,6 +295,17 @@ class File:
     nr_thps: int = 0
     i_rwsem: bool = False  # the inode lock, held by a write, truncate or punch-hole
     gen: int = 0  # the collapser boot that made it: (ino, gen) is the file's identity
+    fs: FsKind = DEFAULT_FS  # a regular file's filesystem kind
+    # file_ra_state (start, size, async_size, order) of a large-folio file: one per file, not
+    # per open.
+    ra: list[int] = field(default_factory=lambda: [0, 0, 0, 0])
+    # Small pages marked PG_readahead together, standing for one smaller large folio: start -> nr.
+    ra_marks: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def large_folio(self) -> bool:
+        """A regular file on a large-folio filesystem (not shmem)."""
+        return not self.shmem and self.fs == FsKind.LARGE_FOLIO
 
     def get(self, index: int) -> int:
         chunk = self.chunks.get(index >> 9)

@@ -132,6 +132,8 @@ def _lookup_page(c: Collapser, msg: m.LookupPage) -> None:
         # (A repeated index would only give the remapper two mappings of a page to hand back.)
         if min(around) < 0 or max(around) > MAX_PAGE_INDEX:
             raise PeerError(f"lookup_page: a fault-around page index is outside 0..{MAX_PAGE_INDEX}")
+    if not 0 <= msg.exec_end <= MAX_PAGE_INDEX + 1:
+        raise PeerError(f"lookup_page: exec_end {_short(msg.exec_end)} is outside 0..{MAX_PAGE_INDEX + 1}")
 
 
 def _lookup_pages(c: Collapser, msg: m.LookupPages) -> None:

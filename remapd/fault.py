@@ -41,7 +41,7 @@ from shared.units import (
     PAGE_SIZE,
     TASK_SIZE,
 )
-from shared.vm import PROT_READ, PROT_WRITE
+from shared.vm import PROT_EXEC, PROT_READ, PROT_WRITE
 
 # Bound once: reading an Enum member through its class runs a descriptor (Python 3.11), which
 # the fault path would pay on every fault.
@@ -211,6 +211,7 @@ class FaultPath:
                     vma.hugepage,
                     around,
                     thp_ok,
+                    vma.pgoff_at(vma.end) if vma.prot & PROT_EXEC else 0,
                 )
             )
             if reply.status != OK:
@@ -309,10 +310,40 @@ class FaultPath:
             flags |= PTE_WRITE  # shmem wants no write-notify: vm_page_prot is writable
         self.pagetables.set_pte_at(mm, pidx, slot, pte_make(reply.pfn, flags))
         if reply.around:
-            self._map_around(mm, vma, reply, install=True)
+            refused = reply.thp and self._large_folio(vma) and self._around_refused(mm, vma, addr, current, reply.head)
+            self._map_around(mm, vma, reply, install=not refused)
         if whole:
             self.pagetables.map_folio_ptes(mm, pidx, first, reply.head, nr, flags)
         return "major" if reply.major else "minor"
+
+    def _around_refused(self, mm: Mm, vma: Vma, addr: int, entry: PteTable | None, head: int) -> bool:
+        """Whether ext4 on 6.18 maps none of the fault-around window on a large-folio file's
+        PMD-order folio (the fault then maps its own page): with the PMD none, when the folio
+        begins before this VMA or before this page table (a VMA that maps the file off its
+        alignment); and whatever the PMD, when this VMA maps some of the folio with PTEs in
+        another page table. Observed on ext4 (docs/CONFORMANCE.md); the mechanism in
+        filemap_map_pages is not traced."""
+        haddr = addr & ~(HPAGE_PMD_SIZE - 1)
+        folio_addr = vma.addr_of(vma.pgoff_at(addr) & ~(HPAGE_PMD_NR - 1))
+        if entry is None and folio_addr < max(haddr, vma.start):
+            return True
+        lo, hi = max(folio_addr, vma.start), min(folio_addr + HPAGE_PMD_SIZE, vma.end)
+        for pidx in range(lo >> HPAGE_PMD_SHIFT, ((hi - 1) >> HPAGE_PMD_SHIFT) + 1):
+            table = mm.pmds.get(pidx)
+            if pidx == haddr >> HPAGE_PMD_SHIFT or not isinstance(table, PteTable) or not table.nr:
+                continue
+            a = max(lo, pidx << HPAGE_PMD_SHIFT)
+            b = min(hi, (pidx + 1) << HPAGE_PMD_SHIFT)
+            ptes = table.ptes
+            for slot in range((a >> PAGE_SHIFT) & (HPAGE_PMD_NR - 1), (((b - 1) >> PAGE_SHIFT) & (HPAGE_PMD_NR - 1)) + 1):
+                pte = ptes[slot]
+                if pte and not pte & PTE_ANON and head <= pte_pfn(pte) < head + HPAGE_PMD_NR:
+                    return True
+        return False
+
+    def _large_folio(self, vma: Vma) -> bool:
+        f = self.files.get(vma.ino)
+        return f is not None and f.large_folio
 
     def _can_map_large(self, vma: Vma, last: int, shmem: bool) -> bool:
         """The i_size rule of finish_fault and filemap_map_pages (6.18, "mm/memory: do not
@@ -455,7 +486,7 @@ class FaultPath:
         ``counts`` (a touch). Without ``counts`` (a populate) the batch stops at a SIGBUS and a
         PMD mapping is passed over whole. Returns where to go on and ``"sigbus"`` when a populate
         stopped there; where to go on is ``addr`` itself when the batch cannot take it (no
-        readable VMA: the caller faults it alone, which reports why)."""
+        readable VMA: the caller faults it alone, which reports why; a large-folio file)."""
         yield from self.locks.mmap_read_lock(mm)
         try:
             return (yield from self._read_batch(mm, addr, end, stride, counts))
@@ -466,7 +497,9 @@ class FaultPath:
         self, mm: Mm, addr: int, end: int, stride: int, counts: Counter[str] | None
     ) -> Generator[Any, Any, tuple[int, str | None]]:
         vma = mm.find_vma(addr)
-        if vma is None or mm.exiting or not vma.prot & PROT_READ:
+        if vma is None or mm.exiting or not vma.prot & PROT_READ or self._large_folio(vma):
+            # A large-folio file's faults read ahead by the fault's own VMA (exec_end, async
+            # readahead marks), which the batch does not carry: they go one by one.
             return addr, None
         # Plan: the accesses that find a PTE (or a PMD) are hits now; each other one is a fault
         # of the batch, with its do_fault_around window and the window's present pages.

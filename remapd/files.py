@@ -13,19 +13,26 @@ from collections.abc import Iterator, Mapping
 from remapd.mm import Mm, Vma
 from shared.errors import UserError
 from shared.protocol import messages as m
+from shared.vm import DEFAULT_FS, FsKind
 
 
 class FileMirror:
     """One file as the collapser's FileInfo notices describe it; ``(ino, gen)`` is its identity."""
 
-    __slots__ = ("gen", "ino", "name", "shmem", "size")
+    __slots__ = ("fs", "gen", "ino", "name", "shmem", "size")
 
-    def __init__(self, ino: int, name: str, size: int, shmem: bool, gen: int = 0):
+    def __init__(self, ino: int, name: str, size: int, shmem: bool, gen: int = 0, fs: FsKind = DEFAULT_FS):
         self.ino = ino
         self.name = name
         self.size = size
         self.shmem = shmem
         self.gen = gen
+        self.fs = fs
+
+    @property
+    def large_folio(self) -> bool:
+        """A regular file on a large-folio filesystem (not shmem)."""
+        return not self.shmem and self.fs == FsKind.LARGE_FOLIO
 
 
 class Files(Mapping[int, FileMirror]):
@@ -62,7 +69,7 @@ class Files(Mapping[int, FileMirror]):
         own file to a fresh number and tells us again."""
         f = self._by_ino.get(msg.ino)
         if f is None:
-            f = self._by_ino[msg.ino] = FileMirror(msg.ino, msg.name, msg.size, msg.shmem, msg.gen)
+            f = self._by_ino[msg.ino] = FileMirror(msg.ino, msg.name, msg.size, msg.shmem, msg.gen, msg.fs)
             self.by_name[msg.name] = f
             if msg.shmem:
                 self.shmem_inos.add(msg.ino)

@@ -200,6 +200,8 @@ class Khugepaged:
             return False
         if f.shmem:
             return self.knobs.shmem_enabled != "deny"
+        if f.large_folio:
+            return False  # file_thp_enabled(): no CONFIG_READ_ONLY_THP_FOR_FS
         return not self.files.open_for_write(vma.ino)
 
     def collapse_pte_mapped_thp(self, mm: Mm, addr: int, install_pmd: bool) -> Generator[Any, Any, R]:

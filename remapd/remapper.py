@@ -151,7 +151,7 @@ class Remapper(Actor):
         reads an inode number of ours."""
         self.go_online()
         for f in self.files.values():
-            self.send(m.FileInfo(f.ino, f.name, f.size, f.shmem, f.gen))
+            self.send(m.FileInfo(f.ino, f.name, f.size, f.shmem, f.gen, f.fs))
         self.address_space.resync()
         if self.after_restore is not None:
             task, self.after_restore = self.after_restore, None

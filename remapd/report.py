@@ -46,6 +46,7 @@ def thp_eligible(vma: Vma, files: Files, knobs: Knobs) -> bool:
         vm_hugepage=vma.hugepage,
         vm_nohugepage=vma.nohugepage,
         open_for_write=files.open_for_write(vma.ino),
+        large_folio=f.large_folio,
     )
 
 

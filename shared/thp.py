@@ -45,17 +45,24 @@ def thp_vma_allowable_order(
     vm_hugepage: bool,
     vm_nohugepage: bool,
     open_for_write: bool,
+    large_folio: bool = False,
 ) -> bool:
     """thp_vma_allowable_order(vma, vm_flags, TVA_ENFORCE_SYSFS, PMD_ORDER) for a file VMA whose
     alignment the caller has checked (``transhuge_vma_suitable``).
 
     Shmem follows ``shmem_enabled`` at the VMA's ``vm_pgoff``; a regular file is eligible under
     CONFIG_READ_ONLY_THP_FOR_FS when nobody has it open for write and ``enabled`` allows the VMA.
+    A regular file on a ``large-folio`` filesystem never is: without that option
+    file_thp_enabled() is false and ext4 has no ->huge_fault, so __thp_vma_allowable_orders
+    returns 0 (smaps THPeligible 0, no khugepaged, MADV_COLLAPSE EINVAL) although its fault path
+    maps PMD-order folios that readahead made (do_set_pmd checks no sysfs policy).
     """
     if vm_nohugepage:
         return False
     if shmem:
         return shmem_huge_global_enabled(knobs, i_size, pgoff, vm_hugepage)
+    if large_folio:
+        return False
     if open_for_write:
         return False
     return knobs.enabled == "always" or (knobs.enabled == "madvise" and vm_hugepage)

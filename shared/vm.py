@@ -46,6 +46,22 @@ class Advice(enum.StrEnum):
 
 ADVICE = tuple(Advice)
 
+
+class FsKind(enum.StrEnum):
+    """What the filesystem of a regular file does about THPs (``file create --fs``).
+
+    ``ro-thp``: CONFIG_READ_ONLY_THP_FOR_FS, the 2019 design: the page cache holds small pages
+    until khugepaged or MADV_COLLAPSE collapses a range of a file nobody has open for write.
+    ``large-folio``: a filesystem with large folios and that option off (ext4 on 6.18): the
+    page cache gets PMD-order folios from readahead into a VM_HUGEPAGE VMA and from large
+    writes, and no collapse applies (file_thp_enabled() is false)."""
+
+    RO_THP = "ro-thp"
+    LARGE_FOLIO = "large-folio"
+
+
+DEFAULT_FS = FsKind.RO_THP
+
 # The smaps fields we print (kB), in the kernel's order (6.18 show_smap and __show_smap).
 SMAPS_FIELDS = (
     "Size",

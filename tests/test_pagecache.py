@@ -44,7 +44,7 @@ def shmem_thp(world, name: str = "s", size: int = HPAGE_PMD_SIZE, pid: int = 1) 
 def test_file_create_returns_stat_and_tells_remapper(world):
     st = world.file_create("f", 5 * PAGE_SIZE + 1)
     assert st == {
-        "name": "f", "ino": 1, "size": 5 * PAGE_SIZE + 1, "shmem": False, "nrpages": 0,
+        "name": "f", "ino": 1, "size": 5 * PAGE_SIZE + 1, "shmem": False, "fs": "ro-thp", "nrpages": 0,
         "thps": 0, "swap": 0, "dirty": 0, "open_for_write": 0,
     }
     assert world.file_create("g", 0, shmem=True)["ino"] == 2

@@ -32,7 +32,7 @@ from shared.protocol.schema import (
     request,
 )
 from shared.scan_result import ScanResult
-from shared.vm import Advice, Prot
+from shared.vm import DEFAULT_FS, Advice, FsKind, Prot
 
 # Model time (milliseconds since the actor started) and real durations: finite and bounded.
 MAX_MODEL_MS = float(2**53)
@@ -128,7 +128,9 @@ class LookupPage(Message):
     source of a private write fault included (not VM_NOHUGEPAGE, VMA covers the aligned range with
     matching alignment: shmem_allowable_huge_orders, shmem_suitable_orders): shmem allocates one
     on it. Added within protocol 2 with a default: a sender that predates it sends only
-    ``pmd_ok``, which implies it.
+    ``pmd_ok``, which implies it. ``exec_end``: for a VM_EXEC VMA the file index where the VMA
+    ends (do_sync_mmap_readahead reads forward from the fault up to it, not around), else 0;
+    added within protocol 3 with a default.
     """
 
     req: int
@@ -140,6 +142,7 @@ class LookupPage(Message):
     vm_hugepage: bool
     around: tuple[int, ...] = ()
     thp_ok: bool = False
+    exec_end: int = 0
 
 
 @message("peer.lookup_pages")
@@ -503,13 +506,16 @@ class FileInfo(Message):
     file's identity: inode numbers restart with a collapsed that restarts, so a number alone may
     name another file after a restart. Sent by the remapper on resync, it claims the file it
     maps; the collapser keeps a claim of an earlier boot under that identity (and moves a file of
-    its own that took the number meanwhile, see docs/protocol.md)."""
+    its own that took the number meanwhile, see docs/protocol.md). ``fs``: a regular file's
+    filesystem kind (the remapper's THP eligibility and MADV_COLLAPSE depend on it); added
+    within protocol 3 with a default."""
 
     ino: int
     name: str
     size: int
     shmem: bool
     gen: int = 0
+    fs: FsKind = DEFAULT_FS
 
 
 @message("peer.mkclean")
@@ -565,6 +571,7 @@ class FileStat(TypedDict):
     ino: int
     size: int
     shmem: bool
+    fs: str
     nrpages: int
     thps: int
     swap: int
@@ -847,10 +854,15 @@ class Status(Request[DaemonStatus]):
 
 @request("client.file_create", COLLAPSED, run="file_create")
 class FileCreate(Request[FileStat]):
+    """creat(2) and ftruncate(2) to ``size``: a shmem file, or a regular file on a filesystem of
+    kind ``fs`` (:class:`~shared.vm.FsKind`; ignored for shmem). ``fs`` was added within
+    protocol 3 with a default."""
+
     id: int
     name: str
     size: FileOffset
     shmem: bool = False
+    fs: FsKind = DEFAULT_FS
 
 
 @request("client.file_write", COLLAPSED, run="file_write")

@@ -116,6 +116,10 @@ VMSTAT_EXACT = (
 # many attempts it took (thp_collapse_alloc counts a transient failure's allocation too, and every
 # other mm's anon collapses while khugepaged runs at full speed).
 VMSTAT_AFTER_SCANS = ("nr_shmem_hugepages", "nr_shmem_pmdmapped")
+# Compared besides when a sequence has a regular file (the large-folio mode): THP gauges of
+# regular files, which readahead moves without any thp_* event. Machine-wide like the rest, and
+# other processes' ext4 large folios can move them (the noise re-run covers that).
+VMSTAT_REGULAR = ("nr_file_hugepages", "nr_file_pmdmapped")
 
 # Step op → the World method that performs it (detected by name: an op the World lacks is
 # reported as unsupported by the model until the model gains it).
@@ -262,7 +266,9 @@ class KernelSide:
 
     def unsupported(self, step: Step) -> str | None:
         if step.op == "file create" and not step.args["shmem"]:
-            return "regular files are not in the kernel backend (shmem only)"
+            if step.args["fs"] != "large-folio":
+                return f"a regular file of kind {step.args['fs']} has no kernel here (CONFIG_READ_ONLY_THP_FOR_FS is off)"
+            return kmod.ext4_unavailable()
         if step.op == "wait-scans" and self.kb.guard is None:
             return "wait-scans needs the backend's SysfsGuard"
         return None
@@ -365,7 +371,7 @@ class ModelBackend:
         w, a, op = self.world, step.args, step.op
         try:
             if op == "file create":
-                w.file_create(a["name"], a["size"], a["shmem"])
+                w.file_create(a["name"], a["size"], a["shmem"], a.get("fs", kmod.DEFAULT_FS))
                 return {"result": 0}
             if op == "sysfs set":
                 w.sysfs_set(a["knob"], a["value"])
@@ -486,6 +492,7 @@ def compare_step(
     kernel: tuple[Obs, Obs],
     model: tuple[Obs, Obs],
     settings: Settings,
+    regular: bool = False,
 ) -> list[Difference]:
     """What differs after ``step``: outcomes, smaps, files, vmstat deltas (``kernel``/``model``
     are (before, after) observations)."""
@@ -510,7 +517,7 @@ def compare_step(
             diffs.append(Difference("files", name, ka["files"].get(name), ma["files"].get(name)))
     if settings.vmstat:
         fields = VMSTAT_AFTER_SCANS if step.op == "wait-scans" else VMSTAT_EXACT
-        for field in fields:
+        for field in (*fields, *(VMSTAT_REGULAR if regular else ())):
             dk, dm = _vmstat_delta(ka, kb, field), _vmstat_delta(ma, mb, field)
             if dk != dm:
                 diffs.append(Difference("vmstat", field, dk, dm))
@@ -730,6 +737,30 @@ def _faulting(div: Divergence) -> bool:
 
 
 
+def _large_folio_file(div: Divergence) -> bool:
+    first = div.steps[0]
+    return first.op == "file create" and not first.args["shmem"] and first.args.get("fs") == "large-folio"
+
+
+def _lf_orders(div: Divergence) -> bool:
+    """Only how many pages are cached or mapped differs, in a sequence on a large-folio file:
+    ext4's folios below PMD order (readahead at EOF and its async windows, the non-uniform split
+    at truncate) are small pages in the model. Every PMD-order folio and mapping agrees."""
+    if not _large_folio_file(div) or not _only(div, ("smaps.Rss", "files")):
+        return False
+    return _faulting(div) or div.step.op == "file truncate"
+
+
+def _lf_fault_around(div: Divergence) -> bool:
+    """Rss alone differs at an access, on a large-folio file whose size stayed 2 MiB-aligned (no
+    folio below PMD order at EOF): what fault-around maps of a large folio that several VMAs or
+    page tables map (the model's rule in remapd/fault.py _around_refused covers the cases it
+    was derived from, not all)."""
+    if not _large_folio_file(div) or not _only(div, ("smaps.Rss",)) or div.step.op not in ACCESS_OPS:
+        return False
+    return all(s.args["size"] % PMD == 0 for s in div.steps if s.op in ("file create", "file truncate"))
+
+
 def _install_pmd(div: Divergence) -> bool:
     s = div.step
     if ("thpsplit/install_pmd", "1") not in div.settings.model_knobs:
@@ -778,6 +809,39 @@ KNOWN: tuple[Known, ...] = (
         "during which khugepaged's full_scans moved anyway is reported as inconclusive, never compared.",
         number=14,
         unreachable="handled by quiet_khugepaged (tests/test_kernel_backend.py checks it)",
+    ),
+    Known(
+        "#30",
+        "open",
+        "what an access maps of a large-folio file's large folio that several VMAs map (sizes 2 MiB-aligned)",
+        "filemap_map_pages() -> filemap_map_pmd() / filemap_map_folio_range() on ext4 (6.18): with "
+        "the PMD none, none of the window is mapped for a folio that begins before the VMA or the "
+        "page table, or that the VMA maps in another page table (modelled: _around_refused in "
+        "remapd/fault.py); where other VMAs map the folio too the kernel maps less, or more, than "
+        "that rule says. The mechanism is not traced.",
+        matcher=_lf_fault_around,
+        reproducer="file create c --size 4M --fs large-folio; proc spawn 1; "
+        "mmap 1 0x40000000 4M --file c --prot r --private; madvise 1 0x40000000 4M hugepage; "
+        "fault 1 0x4053e000; file truncate c 2M; touch 1 0x403ff000 4M; "
+        "mmap 1 0x40100000 2M --file c --offset 1M --prot r --private; fault 1 0x40475000; "
+        "munmap 1 0x4039b000 867477; mmap 1 0x40200000 1M --file c --offset 2M --prot rx --private; "
+        "touch 1 0x40200000 2M --stride 512K; touch 1 0x40070001 4K",
+        number=30,
+    ),
+    Known(
+        "large-folio-orders",
+        "deliberate",
+        "a large-folio file's folios below PMD order are small pages in the model",
+        "page_cache_ra_order() lowers the order at EOF and page_cache_async_ra() raises it by two "
+        "per window (mm/readahead.c); finish_fault() and filemap_map_pages() map such a folio whole "
+        "where it lies inside the VMA and the page table, and truncate_inode_partial_folio() -> "
+        "try_folio_split() unmaps a folio it splits (mm/truncate.c). The model has small and "
+        "PMD-order folios only, so only Rss and the page-cache count can differ; every PMD-order "
+        "folio and PMD mapping is compared as usual.",
+        matcher=_lf_orders,
+        reproducer="file create c --size 3M --fs large-folio; proc spawn 1; "
+        "mmap 1 0x40000000 4M --file c --prot r --private; madvise 1 0x40000000 4M hugepage; fault 1 0x40200000",
+        readme="A `large-folio` file's folios below PMD order",
     ),
 )
 
@@ -859,6 +923,7 @@ class Harness:
         moved: list[tuple[int, int, int, int]] = []
         kb, mb = kernel.observe(), model.observe()
         max_ptes_none = dict(self.settings.kernel_knobs).get("khugepaged/max_ptes_none", "511")
+        regular = any(s.op == "file create" and not s.args["shmem"] for s in steps)
         for i, step in enumerate(steps):
             fam = family(step)
             if step.op == "sysfs set" and step.args["knob"] == "khugepaged/max_ptes_none":
@@ -890,7 +955,7 @@ class Harness:
                 result.inconclusive = f"#14: khugepaged ran {scans} full scan(s) during step {i + 1}"
                 result.diverging_family = fam
                 return result
-            diffs = compare_step(step, ko, mo, (kb, ka), (mb, ma), self.settings)
+            diffs = compare_step(step, ko, mo, (kb, ka), (mb, ma), self.settings, regular)
             if diffs:
                 div = Divergence(i, steps[: i + 1], diffs, ko, mo, kb, ka, mb, ma, self.settings, seed)
                 div.known = self.classify(div)
@@ -977,6 +1042,10 @@ def check_known(
             out.append(KnownCheck(k, "not checkable", f"no kernel backend for huge={k.huge} in this run"))
             continue
         steps = parse_steps_text(k.reproducer)
+        regular = any(s.op == "file create" and not s.args["shmem"] for s in steps)
+        if regular and (why := kmod.ext4_unavailable()) is not None:
+            out.append(KnownCheck(k, "not checkable", why))
+            continue
         for _ in range(3):  # a noisy or inconclusive run says nothing: try again
             res = h.run(steps)
             if not (res.noise or res.inconclusive):
@@ -1140,8 +1209,11 @@ def generate(draw: Draw, steps: int = 12, mode: str = "step", exact: bool = True
     fork and exit, truncate, hole punching, writes, and the syscalls the model lacks so far.
     ``khugepaged`` mode: ``sysfs set khugepaged/max_ptes_none`` 0, 255 or 511 first, a set-up of
     the same kind (no collapse, no truncation), then ``wait-scans 2`` and a re-fault of every PMD.
+    ``large-folio`` mode: :func:`generate_large_folio`.
     ``exact``: exactly ``steps`` random steps (else 1 to ``steps``, for shrinking).
     """
+    if mode == "large-folio":
+        return generate_large_folio(draw, steps, exact)
     shared = draw.chance(60)
     lines = [f"file create {FILE} --size 4M --shmem"]
     if mode == "khugepaged":
@@ -1232,6 +1304,76 @@ def generate(draw: Draw, steps: int = 12, mode: str = "step", exact: bool = True
         lines.append("wait-scans 2")
         for pid in pids:
             lines.append(f"touch {pid} {A:#x} 8M --stride 2M")
+    return parse_scenario(lines)
+
+
+# The large-folio mode: a regular file on ext4, the operations that apply to one.
+_LF_FAMILIES = (
+    ("touch", 12),
+    ("fault", 8),
+    ("madvise", 18),
+    ("munmap", 5),
+    ("mmap", 5),
+    ("fork", 4),
+    ("exit", 3),
+    ("truncate", 4),
+)
+_LF_ADVICE = (("hugepage", 6), ("nohugepage", 3), ("collapse", 3), ("dontneed", 3), ("populate_read", 3))
+
+
+def generate_large_folio(draw: Draw, steps: int = 12, exact: bool = True) -> list[Step]:
+    """A random sequence on a regular file of the ``large-folio`` kind (ext4 on the kernel side),
+    mapped read-only (``r`` or ``rx``, shared or private) at :data:`A`: touch and fault (reads;
+    a write now and then, which faults SIGSEGV on both), madvise hugepage, nohugepage, collapse,
+    dontneed and populate_read over the ranges of :func:`_range`, munmap, a second mapping,
+    fork and exit, truncate. The file is 4 MiB, or 3 MiB now and then (a partial PMD at EOF)."""
+    size = draw.choice(("4M", "4M", "4M", "3M"))
+    lines = [f"file create {FILE} --size {size} --fs large-folio", "proc spawn 1"]
+    prots = ("r", "rx")
+    lines.append(f"mmap 1 {A:#x} 4M --file {FILE} --prot {draw.choice(prots)} {'--shared' if draw.chance(50) else '--private'}")
+    if draw.chance(60):
+        lines.append(f"madvise 1 {A:#x} 4M hugepage")
+    pids = [1]
+    next_pid = 2
+    n = steps if exact else 1 + draw.below(steps)
+    for _ in range(n):
+        fam = _weighted(draw, _LF_FAMILIES)
+        pid = draw.choice(pids)
+        if fam == "touch":
+            s, ln = _range(draw, A, 4 * M)
+            stride = draw.choice((4096, 64 * K, 512 * K, PMD))
+            write = " --write" if draw.chance(10) else ""
+            lines.append(f"touch {pid} {s:#x} {max(ln, 1)}{write}" + (f" --stride {_size(stride)}" if stride != 4096 else ""))
+        elif fam == "fault":
+            addr = A + draw.below(2 * FILE_SIZE // 4096) * 4096
+            lines.append(f"fault {pid} {addr:#x}" + (" --write" if draw.chance(10) else ""))
+        elif fam == "madvise":
+            s, ln = _range(draw, A, 4 * M)
+            lines.append(f"madvise {pid} {s:#x} {ln} {_weighted(draw, _LF_ADVICE)}")
+        elif fam == "munmap":
+            s, ln = _range(draw, A, 4 * M)
+            lines.append(f"munmap {pid} {s:#x} {ln}")
+        elif fam == "mmap":
+            where = draw.choice((A + 4 * M, A + 2 * M, A + 1 * M, A + 6 * M, A - PMD))
+            length = draw.choice((PMD, 4 * M, M))
+            off = draw.choice((0, PMD, (where - A) if where >= A else 0))
+            kind = "--shared" if draw.chance(50) else "--private"
+            lines.append(
+                f"mmap {pid} {where:#x} {_size(length)} --file {FILE}"
+                + (f" --offset {_size(off)}" if off else "")
+                + f" --prot {draw.choice(prots)} {kind}"
+            )
+        elif fam == "fork":
+            if len(pids) < 3:
+                lines.append(f"proc fork {pid} {next_pid}")
+                pids.append(next_pid)
+                next_pid += 1
+        elif fam == "exit":
+            if len(pids) > 1:
+                lines.append(f"proc exit {pid}")
+                pids.remove(pid)
+        elif fam == "truncate":
+            lines.append(f"file truncate {FILE} {draw.choice(('3M', '1M', '2M', '1052672', '0', '4M', '6M'))}")
     return parse_scenario(lines)
 
 
@@ -1484,7 +1626,12 @@ def add_arguments(p: argparse.ArgumentParser, json_flag: bool = True) -> None:
     p.add_argument("--seeds", type=int, default=20, metavar="N", help="random sequences to run per mode (default 20)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="the first seed (default 0)")
     p.add_argument("--steps", type=int, default=12, metavar="K", help="random steps per sequence (default 12)")
-    p.add_argument("--mode", choices=("step", "khugepaged", "both"), default="step", help="step by step, after khugepaged scans, or both (default: %(default)s)")
+    p.add_argument(
+        "--mode",
+        choices=("step", "khugepaged", "both", "large-folio"),
+        default="step",
+        help="step by step, after khugepaged scans, or both (shmem); large-folio: step by step on a regular file on ext4 (default: %(default)s)",
+    )
     p.add_argument("--huge", choices=(*HUGE_CHOICES, "both"), default="advise", help="tmpfs huge= (the model's shmem_enabled)")
     p.add_argument("--max-ptes-none", type=int, choices=MAX_PTES_NONE, default=None, help="khugepaged mode: pin it (default: drawn per sequence)")
     p.add_argument("--replay", metavar="FILE", help="run the steps of FILE ('-': stdin) step by step and show both sides")
@@ -1554,7 +1701,10 @@ def run_cli(args: argparse.Namespace, stdout: TextIO, stderr: TextIO, program: s
         stderr.write(f"{program}: need --seeds >= 0 and --steps >= 1\n")
         return EXIT_USAGE
     huges = HUGE_CHOICES if args.huge == "both" else (args.huge,)
-    modes = ("step", "khugepaged") if args.mode == "both" else (args.mode,)
+    modes: tuple[str, ...] = ("step", "khugepaged") if args.mode == "both" else (args.mode,)
+    if "large-folio" in modes and (why := kmod.ext4_unavailable()) is not None:
+        stderr.write(f"{program}: large-folio mode skipped: {why}\n")
+        modes = tuple(mo for mo in modes if mo != "large-folio")
     base = Settings(vmstat=args.vmstat, fine=args.fine, model_knobs=knobs)
     try:
         # The known-difference reproducers need both tmpfs huge= settings.
@@ -1606,7 +1756,8 @@ def run_cli(args: argparse.Namespace, stdout: TextIO, stderr: TextIO, program: s
                 status = EXIT_DIVERGED
                 stderr.writelines(f"{program}: known difference {c.known.id}: {c.verdict}\n{c.detail}\n" for c in stale)
         for mode in modes:
-            for huge in huges:
+            # tmpfs huge= concerns shmem only: a large-folio run needs one of them.
+            for huge in huges[:1] if mode == "large-folio" else huges:
                 h = session.harness(base.replace(huge=huge))
 
                 def report(div: Divergence) -> None:

@@ -17,6 +17,12 @@ model):
   no global knob has to change: ``huge=advise`` is the model's ``shmem_enabled=advise``
   (a PMD-order folio at fault time only in a VM_HUGEPAGE VMA), ``huge=never`` its ``never``
   (fault-time THP off, MADV_COLLAPSE still allowed: ``shmem_huge_force``).
+  A regular file (``file create NAME --fs large-folio``) lives on ext4: at the first one the
+  backend makes a sparse image inside that tmpfs, ``mkfs.ext4`` and ``mount -o loop`` it under
+  the root (its loop device's ``read_ahead_kb`` set to the model's 128), and unmounts it in
+  :meth:`KernelBackend.close` (autoclear detaches the loop device); :func:`ext4_unavailable`
+  says where that cannot work. A ``ro-thp`` file has no kernel here
+  (CONFIG_READ_ONLY_THP_FOR_FS is off).
 * **Processes.** Each model PID is a real worker process running a command loop on a
   ``SOCK_SEQPACKET`` socket (pickled requests and replies). Workers descend from a *zygote*, a
   fresh ``python -I -S`` running this file, so they carry nothing of the caller (no threads, no
@@ -87,6 +93,7 @@ import pickle
 import re
 import select
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -173,6 +180,13 @@ ADVICE = {
     "collapse": 25,
 }
 
+# Filesystem kinds of a regular file (``file create --fs``), as shared.vm.FsKind: ``ro-thp`` is
+# CONFIG_READ_ONLY_THP_FOR_FS (khugepaged builds THPs of read-only mapped files; no kernel here
+# has it), ``large-folio`` a filesystem with large folios (ext4 on 6.18): the backend puts such a
+# file on an ext4 image it makes and loop-mounts itself.
+FS_KINDS = ("ro-thp", "large-folio")
+DEFAULT_FS = "ro-thp"
+
 # The knobs a scenario may set with ``sysfs set`` (through the backend's SysfsGuard; reset to the
 # session's values by :meth:`KernelBackend.reset`). scan_sleep_millisecs belongs to ``wait-scans``.
 SCENARIO_KNOBS = (
@@ -185,7 +199,7 @@ SCENARIO_KNOBS = (
 # op → (positional argument kinds, {flag: kind or None for a boolean}). Kinds: "name", "pid",
 # "size", "addr" (a size or "auto"), "prot", "advice", "knob", "int", "seconds".
 _GRAMMAR: dict[str, tuple[tuple[str, ...], dict[str, str | None]]] = {
-    "file create": (("name",), {"--size": "size", "--shmem": None}),
+    "file create": (("name",), {"--size": "size", "--shmem": None, "--fs": "fs"}),
     "file write": (("name", "size", "size"), {}),
     "file truncate": (("name", "size"), {}),
     "file punch": (("name", "size", "size"), {}),
@@ -271,6 +285,10 @@ def _convert(kind: str, text: str) -> Any:
         if text not in ADVICE:
             raise ScenarioError(f"unknown advice {text!r}")
         return text
+    if kind == "fs":
+        if text not in FS_KINDS:
+            raise ScenarioError(f"--fs must be one of {', '.join(FS_KINDS)}")
+        return text
     if kind == "knob":
         if text not in SCENARIO_KNOBS:
             raise ScenarioError(f"sysfs set: a scenario may set only {', '.join(SCENARIO_KNOBS)}")
@@ -345,6 +363,10 @@ def parse_step(line: str) -> Step | None:
         if "size" not in args:
             raise ScenarioError("file create needs --size")
         args.setdefault("shmem", False)
+        if args["shmem"] and "fs" in args:
+            raise ScenarioError("file create: --fs is for regular files, not --shmem")
+        if not args["shmem"]:
+            args.setdefault("fs", DEFAULT_FS)
     elif op == "mmap":
         if "file" not in args:
             raise ScenarioError("mmap needs --file")
@@ -397,7 +419,10 @@ def _sz(v: int) -> str:
 def format_step(step: Step) -> str:
     a, op = step.args, step.op
     if op == "file create":
-        return f"file create {a['name']} --size {_sz(a['size'])}" + (" --shmem" if a["shmem"] else "")
+        s = f"file create {a['name']} --size {_sz(a['size'])}"
+        if a["shmem"]:
+            return s + " --shmem"
+        return s + (f" --fs {a['fs']}" if a["fs"] != DEFAULT_FS else "")
     if op in ("file write", "file punch"):
         return f"{op} {a['name']} {_sz(a['offset'])} {_sz(a['length'])}"
     if op == "file truncate":
@@ -471,6 +496,27 @@ def thp_available() -> str | None:
         return "needs root (mount -t tmpfs, sysfs knobs)"
     if not os.path.isdir(THP):
         return f"no {THP}: kernel without transparent huge pages"
+    return None
+
+
+EXT4_IMAGE = ".ext4.img"
+EXT4_DIR = "ext4"
+
+
+def ext4_unavailable() -> str | None:
+    """``None`` when the backend can loop-mount an ext4 image for ``--fs large-folio`` files,
+    else why not (one line)."""
+    reason = thp_available()
+    if reason:
+        return reason
+    for tool in ("mkfs.ext4", "mount", "umount"):
+        if shutil.which(tool) is None:
+            return f"no {tool} in PATH (an ext4 image for --fs large-folio files)"
+    if not os.path.exists("/dev/loop-control"):
+        return "no /dev/loop-control: no loop devices for an ext4 image"
+    with open("/proc/filesystems") as f:
+        if not any(line.split()[-1] == "ext4" for line in f if line.strip()):
+            return "the kernel has no ext4 (not in /proc/filesystems)"
     return None
 
 
@@ -1211,6 +1257,10 @@ class KernelBackend:
         guard: the :class:`SysfsGuard` through which ``sysfs set`` and ``wait-scans`` steps
             change knobs (without one they fail with a :class:`BackendError`); a ``wait-scans``
             expects :func:`quiet_khugepaged` to have run on it.
+        ext4_size: the ext4 image for ``file create --fs large-folio`` files (made and
+            loop-mounted at the first such file; :func:`ext4_unavailable` says where it cannot).
+        ext4_read_ahead_kb: its loop device's ``read_ahead_kb`` (the model's
+            ``thpsplit/read_ahead_kb``).
     """
 
     def __init__(
@@ -1219,6 +1269,8 @@ class KernelBackend:
         size: str = "256M",
         lock_timeout: float = 300.0,
         guard: SysfsGuard | None = None,
+        ext4_size: str = "64M",
+        ext4_read_ahead_kb: int = 128,
     ):
         reason = thp_available()
         if reason:
@@ -1235,6 +1287,11 @@ class KernelBackend:
         self.zygote: subprocess.Popen[bytes] | None = None
         self.procs: dict[int, _Channel] = {}
         self.files: set[str] = set()
+        # Regular files (--fs large-folio) live on an ext4 image inside the tmpfs, loop-mounted
+        # at EXT4_DIR under the root at the first such file (see _mount_ext4).
+        self.ext4_mounted = False
+        self.ext4_size = ext4_size
+        self.ext4_read_ahead_kb = ext4_read_ahead_kb
         try:
             proc = subprocess.run(
                 ["mount", "-t", "tmpfs", "-o", f"huge={huge},size={size},mode=0700", "tmpfs", self.root],
@@ -1277,7 +1334,7 @@ class KernelBackend:
             self._exit(pid)
         for name in list(self.files):
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(self.root, name))
+                os.unlink(os.path.join(self.root, self.relpath(name)))
         self.files.clear()
         if self.guard is not None:
             for knob, value in self.scenario_knobs.items():
@@ -1304,6 +1361,7 @@ class KernelBackend:
                 self.zygote.kill()
                 self.zygote.wait()
             self.zygote = None
+        self._umount_ext4()
         if self.mounted:
             for _ in range(50):
                 if subprocess.run(["umount", self.root], capture_output=True, check=False).returncode == 0:
@@ -1335,7 +1393,7 @@ class KernelBackend:
         a = dict(step.args)
         op = step.op
         if op == "file create":
-            return self._file_create(a["name"], a["size"], a["shmem"])
+            return self._file_create(a["name"], a["size"], a["shmem"], a.get("fs"))
         if op == "file write":
             return self._file_io(a["name"], lambda fd: os.pwrite(fd, b"\x5a" * a["length"], a["offset"]))
         if op == "file truncate":
@@ -1357,6 +1415,8 @@ class KernelBackend:
         pid = a.pop("pid")
         chan = self._chan(pid)
         name = op
+        if op == "mmap":
+            a["file"] = self.relpath(a["file"])
         value, _ = chan.call(name, **a)
         return value
 
@@ -1407,10 +1467,73 @@ class KernelBackend:
             raise BackendError(f"no process {pid}")
         return chan
 
-    def _file_create(self, name: str, size: int, shmem: bool) -> dict[str, Any]:
-        if not shmem:
-            raise BackendError("regular files are not supported by the kernel backend (yet): use --shmem")
-        path = os.path.join(self.root, name)
+    def _mount_ext4(self) -> None:
+        """Make an ext4 image in the tmpfs (so the loop device's own I/O goes to small shmem
+        pages, which no compared counter sees) and loop-mount it at :data:`EXT4_DIR`.
+
+        The image is sparse and made fresh per backend; ``mount -o loop`` sets the loop
+        device's autoclear flag, so the umount in :meth:`close` detaches it."""
+        reason = ext4_unavailable()
+        if reason:
+            raise BackendError(reason)
+        image = os.path.join(self.root, EXT4_IMAGE)
+        mnt = os.path.join(self.root, EXT4_DIR)
+        os.mkdir(mnt, 0o700)
+        with open(image, "wb") as f:
+            f.truncate(parse_size(self.ext4_size))
+        for cmd in (
+            ["mkfs.ext4", "-q", "-F", "-E", "nodiscard,lazy_itable_init=0,lazy_journal_init=0", image],
+            ["mount", "-t", "ext4", "-o", "loop", image, mnt],
+        ):
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if proc.returncode != 0:
+                raise BackendError(f"{' '.join(cmd[:2])}: {proc.stderr.strip() or proc.returncode}")
+        self.ext4_mounted = True
+        # A loop device's read_ahead_kb defaults to 2560 here; the model's read_ahead_kb is the
+        # block device's default, 128. The knob belongs to this loop device only (gone with it),
+        # and a file's readahead window is read from it at open(2) (file_ra_state_init).
+        loop = self._loop_device(image)
+        with open(f"/sys/block/{loop}/queue/read_ahead_kb", "w") as f:
+            f.write(str(self.ext4_read_ahead_kb))
+
+    @staticmethod
+    def _loop_device(image: str) -> str:
+        """The loop device (``loopN``) whose backing file is ``image``."""
+        for name in os.listdir("/sys/block"):
+            try:
+                with open(f"/sys/block/{name}/loop/backing_file") as f:
+                    if f.read().strip() == image:
+                        return name
+            except OSError:
+                continue
+        raise BackendError(f"no loop device backs {image}")
+
+    def _umount_ext4(self) -> None:
+        if not self.ext4_mounted:
+            return
+        mnt = os.path.join(self.root, EXT4_DIR)
+        for _ in range(50):
+            if subprocess.run(["umount", mnt], capture_output=True, check=False).returncode == 0:
+                break
+            time.sleep(0.1)  # a worker's exit is still tearing its mm down
+        else:
+            subprocess.run(["umount", "-l", mnt], capture_output=True, check=False)
+        self.ext4_mounted = False
+
+    def relpath(self, name: str) -> str:
+        """Where file ``name`` is, relative to the root (a regular file is on the ext4 mount)."""
+        if name in self.files and os.path.exists(os.path.join(self.root, EXT4_DIR, name)):
+            return os.path.join(EXT4_DIR, name)
+        return name
+
+    def _file_create(self, name: str, size: int, shmem: bool, fs: str | None = None) -> dict[str, Any]:
+        if not shmem and fs != "large-folio":
+            raise BackendError(f"a regular file of kind {fs} has no kernel here (CONFIG_READ_ONLY_THP_FOR_FS is off): use --fs large-folio or --shmem")
+        if name in self.files:
+            return {"result": "EEXIST"}  # as the model: one namespace for both kinds
+        if not shmem and not self.ext4_mounted:
+            self._mount_ext4()
+        path = os.path.join(self.root, name if shmem else os.path.join(EXT4_DIR, name))
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.ftruncate(fd, size)
@@ -1421,7 +1544,7 @@ class KernelBackend:
 
     def _file_io(self, name: str, fn: Any) -> dict[str, Any]:
         try:
-            fd = os.open(os.path.join(self.root, name), os.O_RDWR)
+            fd = os.open(os.path.join(self.root, self.relpath(name)), os.O_RDWR)
         except OSError as err:
             return {"result": _errno_name(err.errno)}
         try:
@@ -1494,7 +1617,7 @@ class KernelBackend:
         shared mapping the backend makes for the call, up to i_size rounded up to 2 MiB
         (mincore faults nothing in; for shmem it reports the page cache, beyond i_size too, as
         ``file ls`` in the model)."""
-        path = os.path.join(self.root, name)
+        path = os.path.join(self.root, self.relpath(name))
         size = os.stat(path).st_size
         # A shmem THP may reach past i_size (huge=advise/always): look up to the next 2 MiB.
         span = max((size + HPAGE_PMD_SIZE - 1) & ~(HPAGE_PMD_SIZE - 1), HPAGE_PMD_SIZE)

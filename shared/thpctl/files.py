@@ -7,11 +7,19 @@ from typing import Any
 
 from shared.protocol import messages as m
 from shared.thpctl.cli import COLLAPSED, Outcome, command, lines, ok, req, size
+from shared.vm import DEFAULT_FS, FsKind
+
+
+def _kind(f: dict[str, Any]) -> str:
+    """``shmem``, ``file`` (ro-thp, the default) or ``file large-folio``."""
+    if f["shmem"]:
+        return "shmem"
+    return "file" if f.get("fs", DEFAULT_FS) == DEFAULT_FS else f"file {f['fs']}"
 
 
 def _stat_line(f: dict[str, Any]) -> str:
     return (
-        f"{f['name']} ino {f['ino']} size {f['size']} {'shmem' if f['shmem'] else 'file'} "
+        f"{f['name']} ino {f['ino']} size {f['size']} {_kind(f)} "
         f"nrpages {f['nrpages']} thps {f['thps']} swap {f['swap']} dirty {f['dirty']} "
         f"writers {f['open_for_write']}"
     )
@@ -29,9 +37,9 @@ def _render_write(args: argparse.Namespace, results: list[Any]) -> Outcome:
 
 def _render_ls(args: argparse.Namespace, results: list[Any]) -> Outcome:
     files = results[0]
-    header = f"{'NAME':<24} {'INO':>5} {'SIZE':>12} {'KIND':<5} {'PAGES':>8} {'THPS':>5} {'SWAP':>6} {'DIRTY':>6} {'WRITERS':>7}"
+    header = f"{'NAME':<24} {'INO':>5} {'SIZE':>12} {'KIND':<11} {'PAGES':>8} {'THPS':>5} {'SWAP':>6} {'DIRTY':>6} {'WRITERS':>7}"
     rows = [
-        f"{f['name']:<24} {f['ino']:>5} {f['size']:>12} {'shmem' if f['shmem'] else 'file':<5} "
+        f"{f['name']:<24} {f['ino']:>5} {f['size']:>12} {_kind(f).removeprefix('file '):<11} "
         f"{f['nrpages']:>8} {f['thps']:>5} {f['swap']:>6} {f['dirty']:>6} {f['open_for_write']:>7}"
         for f in files
     ]
@@ -46,13 +54,21 @@ def register(sub: Any) -> None:
         gsub,
         "create",
         "create a regular file (or a shmem file) of SIZE bytes, nothing cached yet",
-        lambda a: [req(COLLAPSED, m.FileCreate, name=a.name, size=a.size, shmem=a.shmem)],
+        lambda a: [req(COLLAPSED, m.FileCreate, name=a.name, size=a.size, shmem=a.shmem, fs=a.fs)],
         _render_stat,
         "file create libfoo.so --size 4M",
     )
     p.add_argument("name", metavar="NAME", help="the file's name")
     p.add_argument("--size", type=size, required=True, metavar="SIZE", help="i_size in bytes")
     p.add_argument("--shmem", action="store_true", help="a shmem (tmpfs/memfd) file")
+    p.add_argument(
+        "--fs",
+        choices=tuple(FsKind),
+        default=DEFAULT_FS,
+        help="a regular file's filesystem (ignored with --shmem): ro-thp (CONFIG_READ_ONLY_THP_FOR_FS: "
+        "khugepaged and MADV_COLLAPSE build THPs) or large-folio (ext4 on 6.18: PMD-order folios from "
+        "fault-time readahead in a VM_HUGEPAGE VMA and from 2 MiB writes, no collapse)",
+    )
 
     p = command(
         gsub,
