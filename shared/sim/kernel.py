@@ -88,6 +88,7 @@ import ctypes.util
 import dataclasses
 import errno
 import fcntl
+import json
 import os
 import pickle
 import re
@@ -108,6 +109,10 @@ HPAGE_PMD_SIZE = 2 << 20
 
 THP = "/sys/kernel/mm/transparent_hugepage"
 LOCK_PATH = "/tmp/thpsplit-kernel-backend.lock"
+# The THP knobs' values from before the lock's holder changed them, written before each first
+# change: a holder killed before it restored them (SIGKILL, a SIGTERM'd pytest) leaves this file,
+# and the next holder of the lock writes them back.
+KNOB_JOURNAL = LOCK_PATH + ".knobs"
 DEFAULT_HUGE = "advise"
 
 # vmstat fields the backend reports (deltas since the backend started or was reset). The thp_*
@@ -545,14 +550,87 @@ class _MachineLock:
                         raise BackendError(f"another kernel backend or knob guard holds {LOCK_PATH}") from None
                     time.sleep(0.05)
             cls.fd = fd
+            _recover_machine()
         cls.depth += 1
 
     @classmethod
     def release(cls) -> None:
         cls.depth -= 1
         if cls.depth == 0 and cls.fd is not None:
+            _retire_journal()
             os.close(cls.fd)  # releases the flock
             cls.fd = None
+
+
+def _journal() -> dict[str, str]:
+    try:
+        with open(KNOB_JOURNAL) as f:
+            saved = json.load(f)
+    except FileNotFoundError:
+        return {}
+    except ValueError:
+        return {}  # torn by a crash mid-write: os.replace makes that the previous, complete one
+    return {str(k): str(v) for k, v in saved.items()} if isinstance(saved, dict) else {}
+
+
+def _journal_add(name: str, value: str) -> None:
+    """Record a knob's value before its first change under this lock (the lock is held)."""
+    saved = _journal()
+    if name in saved:
+        return
+    saved[name] = value
+    tmp = KNOB_JOURNAL + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(saved, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, KNOB_JOURNAL)
+
+
+def _retire_journal() -> None:
+    """At the outermost release: the journal goes once every knob in it reads its old value
+    again; one that does not (a restore that failed) is left for the next holder."""
+    saved = _journal()
+    if all(_read_or_none(name) == value for name, value in saved.items()):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(KNOB_JOURNAL)
+
+
+def _read_or_none(name: str) -> str | None:
+    try:
+        return read_knob(name)
+    except OSError:
+        return None
+
+
+def _recover_machine() -> None:
+    """What a dead holder of the lock left (said on stderr): its knobs, from the journal, and
+    its tmpfs mounts (a backend holds the lock while its tmpfs is mounted, so any left now is a
+    dead one's)."""
+    _recover_knobs()
+    tmp = tempfile.gettempdir()
+    with open("/proc/mounts") as f:
+        stale = [line.split()[1] for line in f]
+    for point in stale:
+        if os.path.dirname(point) == tmp and os.path.basename(point).startswith("thpsplit-kernel-"):
+            if subprocess.run(["umount", "-l", point], capture_output=True, check=False).returncode == 0:
+                with contextlib.suppress(OSError):
+                    shutil.rmtree(point)
+                print(f"kernel backend: unmounted {point}, left by a run that died", file=sys.stderr)
+
+
+def _recover_knobs() -> None:
+    """A journal at acquire time is a dead holder's: write its knobs back."""
+    saved = _journal()
+    for name, value in saved.items():
+        if _read_or_none(name) != value:
+            try:
+                SysfsGuard._write(name, value)
+            except (OSError, RuntimeError) as err:
+                print(f"kernel backend: could not put back {name}={value}: {err}", file=sys.stderr)
+                continue
+            print(f"kernel backend: put back {name}={value}, left changed by a run that died", file=sys.stderr)
+    _retire_journal()
 
 
 def swap_active() -> bool:
@@ -595,6 +673,7 @@ class SysfsGuard:
         value = str(value)
         if name not in self.saved:
             self.saved[name] = read_knob(name)
+            _journal_add(name, self.saved[name])
         self._write(name, value)
 
     @staticmethod
