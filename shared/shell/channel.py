@@ -119,6 +119,10 @@ class Channel:
         # nothing queued writes at once (no task switch on a round trip's path); otherwise its
         # bytes queue behind the others and the writer task coalesces them.
         self._write_lock = trio.Lock()
+        # Off during the hello, where both sides send before they read (over a stream without a
+        # buffer, two blocking writes would wait for each other); on once the connection's
+        # reader runs apart from its senders (serve_client, the peer link).
+        self.direct_writes = False
         self._unwritten = 0  # queued chunks not yet written
         self._closed = False
         self._broken = False
@@ -151,7 +155,7 @@ class Channel:
             raise trio.ClosedResourceError("the channel is closed")
         if self._broken:
             raise trio.BrokenResourceError("the stream failed")
-        if not self._unwritten:
+        if self.direct_writes and not self._unwritten:
             # Taken without a checkpoint: no other sender can slip in between the test and the
             # write, so frames go out in the order they were sent.
             try:

@@ -111,6 +111,7 @@ class PeerLink:
         if self.channel is not None:
             raise ChannelError(f"a {self.peer_role} is already connected", "EBUSY")
         self.channel = ch
+        ch.direct_writes = True
         self._lookups.clear()
         driver.peer_connected()
         log.info("peer_connected")

@@ -107,6 +107,7 @@ async def serve_client(driver: Driver, ch: Channel, handlers: Handlers, idle_tim
     in flight that sends nothing for ``idle_timeout`` seconds (0: no limit) gets
     ``ErrorReply(0, ETIMEDOUT)`` and is closed.
     """
+    ch.direct_writes = True
     queue_send, queue_recv = trio.open_memory_channel[Request[Any]](MAX_PENDING_PER_CLIENT)
     activity = _Activity()
     idle = False

@@ -214,6 +214,7 @@ async def open_client(address: str, name: str = "daemon", secrets: Secrets | Non
         except trio.EndOfChannel:
             raise ConnectError("ECONNRESET", f"{name} at {addr} closed the connection") from None
         client = Client(ch, hello.role)
+        ch.direct_writes = True  # its reader runs apart from the senders from here on
         with unwrap_single():
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(client._reader)
