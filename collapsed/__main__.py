@@ -7,7 +7,7 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
-from shared.knobs import KnobError, Knobs
+from shared.knobs import Knobs
 from shared.persist import SnapshotError
 from shared.protocol.schema import CLIENT, REMAPD
 from shared.shell.auth import Secrets
@@ -17,10 +17,9 @@ from shared.shell.config import (
     add_daemon_flags,
     add_knob_flags,
     default_address,
-    knobs_from,
 )
 from shared.shell.server import daemon_main
-from shared.shell.state import StateDir, add_state_flags, explicit_knobs
+from shared.shell.state import StateDir, add_state_flags, restore_from
 
 if TYPE_CHECKING:
     from collapsed.collapser import Collapser
@@ -72,22 +71,16 @@ def _restore(args: argparse.Namespace) -> tuple[StateDir | None, Collapser | Non
     Errors:
         SnapshotError: the snapshot is unusable; nothing was applied.
     """
-    if not args.state_dir:
-        return None, None
     from collapsed import snapshot
     from collapsed.collapser import RESCHED_PAGES
     from collapsed.daemon import new_boot_id
 
-    state = StateDir(args.state_dir, snapshot.DAEMON, args.snapshot_interval)
-    saved = state.load()
-    if saved is None:
-        return state, None
-    try:
-        knobs = knobs_from(args)
-    except KnobError:
-        return state, None  # daemon_main reports the bad knob and exits
-    return state, snapshot.restore(
-        saved, knobs, boot=new_boot_id(), seed=args.seed, keep=explicit_knobs(args), resched_pages=RESCHED_PAGES
+    return restore_from(
+        args,
+        snapshot.DAEMON,
+        lambda saved, knobs, keep: snapshot.restore(
+            saved, knobs, boot=new_boot_id(), seed=args.seed, keep=keep, resched_pages=RESCHED_PAGES
+        ),
     )
 
 

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from shared.knobs import KnobError, Knobs
+from shared.knobs import Knobs
 from shared.persist import SnapshotError
 from shared.protocol.schema import CLIENT
 from shared.shell.auth import Secrets
@@ -16,10 +16,9 @@ from shared.shell.config import (
     add_daemon_flags,
     add_knob_flags,
     default_address,
-    knobs_from,
 )
 from shared.shell.server import daemon_main
-from shared.shell.state import StateDir, add_state_flags, explicit_knobs
+from shared.shell.state import StateDir, add_state_flags, restore_from
 
 if TYPE_CHECKING:
     from remapd.remapper import Remapper
@@ -71,19 +70,9 @@ def _restore(args: argparse.Namespace) -> tuple[StateDir | None, Remapper | None
     Errors:
         SnapshotError: the snapshot is unusable; nothing was applied.
     """
-    if not args.state_dir:
-        return None, None
     from remapd import snapshot
 
-    state = StateDir(args.state_dir, snapshot.DAEMON, args.snapshot_interval)
-    saved = state.load()
-    if saved is None:
-        return state, None
-    try:
-        knobs = knobs_from(args)
-    except KnobError:
-        return state, None  # daemon_main reports the bad knob and exits
-    return state, snapshot.restore(saved, knobs, keep=explicit_knobs(args))
+    return restore_from(args, snapshot.DAEMON, lambda saved, knobs, keep: snapshot.restore(saved, knobs, keep=keep))
 
 
 if __name__ == "__main__":

@@ -14,13 +14,14 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
 from shared import persist
+from shared.knobs import KnobError, Knobs
 from shared.logs import get_logger
-from shared.shell.config import KNOB_NAMES, knob_env
+from shared.shell.config import KNOB_NAMES, knob_env, knobs_from
 
 log = get_logger("thpsplit.state")
 
@@ -55,6 +56,32 @@ def explicit_knobs(args: argparse.Namespace) -> set[str]:
         for name in KNOB_NAMES
         if getattr(args, "knob:" + name, None) is not None or os.environ.get(knob_env(name)) is not None
     }
+
+
+_Core = TypeVar("_Core")
+
+
+def restore_from(
+    args: argparse.Namespace, daemon: str, restore: Callable[[dict[str, Any], Knobs, set[str]], _Core]
+) -> tuple[StateDir | None, _Core | None]:
+    """With --state-dir: where ``daemon``'s snapshots go, and the core ``restore`` builds from
+    the snapshot there (with the knobs the command line gives and which of them it gave
+    explicitly), if there is one.
+
+    Errors:
+        SnapshotError: the snapshot is unusable; nothing was applied.
+    """
+    if not args.state_dir:
+        return None, None
+    state = StateDir(args.state_dir, daemon, args.snapshot_interval)
+    saved = state.load()
+    if saved is None:
+        return state, None
+    try:
+        knobs = knobs_from(args)
+    except KnobError:
+        return state, None  # daemon_main reports the bad knob and exits
+    return state, restore(saved, knobs, explicit_knobs(args))
 
 
 class StateDir:
