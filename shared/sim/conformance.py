@@ -1200,6 +1200,19 @@ def _size(v: int) -> str:
     return str(v)
 
 
+def _fork_or_exit(fam: str, pid: int, pids: list[int], next_pid: int, lines: list[str]) -> int:
+    """A generator's fork (up to three processes) or exit (never the last): the line, the pids
+    alive after it; returns the next new pid."""
+    if fam == "fork" and len(pids) < 3:
+        lines.append(f"proc fork {pid} {next_pid}")
+        pids.append(next_pid)
+        return next_pid + 1
+    if fam == "exit" and len(pids) > 1:
+        lines.append(f"proc exit {pid}")
+        pids.remove(pid)
+    return next_pid
+
+
 def generate(draw: Draw, steps: int = 12, mode: str = "step", exact: bool = True) -> list[Step]:
     """A random sequence on a 4 MiB shmem file mapped at :data:`A`.
 
@@ -1269,15 +1282,8 @@ def generate(draw: Draw, steps: int = 12, mode: str = "step", exact: bool = True
                 + (f" --offset {_size(off)}" if off else "")
                 + f" --prot {prot} {kind}{reopen}"
             )
-        elif fam == "fork":
-            if len(pids) < 3:
-                lines.append(f"proc fork {pid} {next_pid}")
-                pids.append(next_pid)
-                next_pid += 1
-        elif fam == "exit":
-            if len(pids) > 1:
-                lines.append(f"proc exit {pid}")
-                pids.remove(pid)
+        elif fam in ("fork", "exit"):
+            next_pid = _fork_or_exit(fam, pid, pids, next_pid, lines)
         elif fam == "truncate":
             lines.append(f"file truncate {FILE} {draw.choice(('3M', '1M', '2M', '1052672', '0', '4M', '6M', '8M'))}")
         elif fam == "punch":
@@ -1363,15 +1369,8 @@ def generate_large_folio(draw: Draw, steps: int = 12, exact: bool = True) -> lis
                 + (f" --offset {_size(off)}" if off else "")
                 + f" --prot {draw.choice(prots)} {kind}"
             )
-        elif fam == "fork":
-            if len(pids) < 3:
-                lines.append(f"proc fork {pid} {next_pid}")
-                pids.append(next_pid)
-                next_pid += 1
-        elif fam == "exit":
-            if len(pids) > 1:
-                lines.append(f"proc exit {pid}")
-                pids.remove(pid)
+        elif fam in ("fork", "exit"):
+            next_pid = _fork_or_exit(fam, pid, pids, next_pid, lines)
         elif fam == "truncate":
             lines.append(f"file truncate {FILE} {draw.choice(('3M', '1M', '2M', '1052672', '0', '4M', '6M'))}")
     return parse_scenario(lines)
