@@ -6,16 +6,11 @@ mount refused). The parser tests run everywhere.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import tempfile
 import time
 
 import pytest
 
 from shared.sim.kernel import (
-    KNOB_JOURNAL,
     BackendError,
     KernelBackend,
     ScenarioError,
@@ -215,33 +210,6 @@ def test_sysfs_guard_restores_even_on_error():
     with SysfsGuard() as guard, pytest.raises(OSError):
         guard.set("defrag", "bogus")  # sysfs refuses: EINVAL, nothing changed
     assert read_knob("defrag") in ("always", "defer", "defer+madvise", "madvise", "never")
-
-
-def test_knobs_a_dead_run_left_changed_are_put_back_by_the_next_holder(tmp_path):
-    """A run killed while it held the machine lock (SIGKILL, a SIGTERM'd pytest) restored
-    nothing; its journal tells the next holder what to write back, and a tmpfs it left mounted
-    is unmounted."""
-    reason = thp_available()
-    if reason:
-        pytest.skip(f"kernel backend: {reason}")
-    knob = "khugepaged/scan_sleep_millisecs"
-    with SysfsGuard() as guard:
-        before = read_knob(knob)
-        other = "12345" if before != "12345" else "23456"
-        guard.set(knob, other)
-        with open(KNOB_JOURNAL) as f:
-            assert json.load(f) == {knob: before}
-        # A death here: the lock goes with the process, the restore never runs.
-        guard.saved.clear()
-        point = tempfile.mkdtemp(prefix="thpsplit-kernel-")
-        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", point], check=True)
-    # The release kept the journal (the knob is not back), so the next holder puts it back.
-    assert read_knob(knob) == other and os.path.exists(KNOB_JOURNAL)
-    with SysfsGuard():
-        assert read_knob(knob) == before
-        with open("/proc/mounts") as f:
-            assert point not in f.read()
-    assert not os.path.exists(KNOB_JOURNAL) and not os.path.exists(point)
 
 
 def test_quiet_khugepaged_keeps_a_registered_mm_unscanned(make_backend):
