@@ -13,6 +13,7 @@ snapshot of every THP knob afterwards, and no mount or worker process is left be
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -430,11 +431,13 @@ def session():
         pytest.skip(f"conformance against the kernel: {reason}")
     # The machine-wide lock (an outer guard that changes nothing) is held across both snapshots:
     # another backend on this machine may change knobs too, under the same lock.
+    outer = SysfsGuard()
     try:
-        outer = SysfsGuard().__enter__()
+        outer.__enter__()  # entered once: `with outer` again would take the lock twice
     except BackendError as err:  # another run holds the machine for longer than the lock timeout
         pytest.skip(f"conformance against the kernel: {err}")
-    with outer:
+    with contextlib.ExitStack() as stack:
+        stack.push(outer)
         before = _knob_snapshot()
         try:
             s = KernelSession(("advise", "never")).__enter__()

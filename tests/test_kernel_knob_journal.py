@@ -13,7 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from shared.sim.kernel import KNOB_JOURNAL, SysfsGuard, read_knob, thp_available
+from shared.sim.kernel import (
+    KNOB_JOURNAL,
+    SysfsGuard,
+    _MachineLock,
+    read_knob,
+    thp_available,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 KNOB = "khugepaged/scan_sleep_millisecs"
@@ -23,12 +29,14 @@ def test_knobs_and_mounts_a_killed_run_left_are_put_back_by_the_next_holder():
     reason = thp_available()
     if reason:
         pytest.skip(f"kernel backend: {reason}")
+    # A fixture that left the lock taken (a guard entered twice) would keep the dead run out.
+    assert _MachineLock.depth == 0, "this process still holds the machine lock"
     before = read_knob(KNOB)
     other = "12345" if before != "12345" else "23456"
     dead = textwrap.dedent(f"""
         import os, signal, subprocess, tempfile
         from shared.sim.kernel import SysfsGuard
-        guard = SysfsGuard().__enter__()
+        guard = SysfsGuard(lock_timeout=30).__enter__()
         guard.set({KNOB!r}, {other!r})
         point = tempfile.mkdtemp(prefix="thpsplit-kernel-")
         subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", point], check=True)
