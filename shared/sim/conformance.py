@@ -1200,6 +1200,18 @@ def _size(v: int) -> str:
     return str(v)
 
 
+def _access_step(draw: Draw, fam: str, pid: int, write_pct: int) -> str:
+    """A generator's touch (a range of the mapping, one of four strides) or fault (anywhere in
+    twice the file's span) line, writing ``write_pct`` percent of the time."""
+    if fam == "touch":
+        s, ln = _range(draw, A, 4 * M)
+        stride = draw.choice((4096, 64 * K, 512 * K, PMD))
+        write = " --write" if draw.chance(write_pct) else ""
+        return f"touch {pid} {s:#x} {max(ln, 1)}{write}" + (f" --stride {_size(stride)}" if stride != 4096 else "")
+    addr = A + draw.below(2 * FILE_SIZE // 4096) * 4096
+    return f"fault {pid} {addr:#x}" + (" --write" if draw.chance(write_pct) else "")
+
+
 def _fork_or_exit(fam: str, pid: int, pids: list[int], next_pid: int, lines: list[str]) -> int:
     """A generator's fork (up to three processes) or exit (never the last): the line, the pids
     alive after it; returns the next new pid."""
@@ -1248,14 +1260,8 @@ def generate(draw: Draw, steps: int = 12, mode: str = "step", exact: bool = True
     for _ in range(n):
         fam = _weighted(draw, table)
         pid = draw.choice(pids)
-        if fam == "touch":
-            s, ln = _range(draw, A, 4 * M)
-            stride = draw.choice((4096, 64 * K, 512 * K, PMD))
-            write = " --write" if draw.chance(50) else ""
-            lines.append(f"touch {pid} {s:#x} {max(ln, 1)}{write}" + (f" --stride {_size(stride)}" if stride != 4096 else ""))
-        elif fam == "fault":
-            addr = A + draw.below(2 * FILE_SIZE // 4096) * 4096
-            lines.append(f"fault {pid} {addr:#x}" + (" --write" if draw.chance(50) else ""))
+        if fam in ("touch", "fault"):
+            lines.append(_access_step(draw, fam, pid, write_pct=50))
         elif fam in ("madvise", "collapse"):
             if fam == "collapse":
                 advice = "collapse"
@@ -1345,14 +1351,8 @@ def generate_large_folio(draw: Draw, steps: int = 12, exact: bool = True) -> lis
     for _ in range(n):
         fam = _weighted(draw, _LF_FAMILIES)
         pid = draw.choice(pids)
-        if fam == "touch":
-            s, ln = _range(draw, A, 4 * M)
-            stride = draw.choice((4096, 64 * K, 512 * K, PMD))
-            write = " --write" if draw.chance(10) else ""
-            lines.append(f"touch {pid} {s:#x} {max(ln, 1)}{write}" + (f" --stride {_size(stride)}" if stride != 4096 else ""))
-        elif fam == "fault":
-            addr = A + draw.below(2 * FILE_SIZE // 4096) * 4096
-            lines.append(f"fault {pid} {addr:#x}" + (" --write" if draw.chance(10) else ""))
+        if fam in ("touch", "fault"):
+            lines.append(_access_step(draw, fam, pid, write_pct=10))
         elif fam == "madvise":
             s, ln = _range(draw, A, 4 * M)
             lines.append(f"madvise {pid} {s:#x} {ln} {_weighted(draw, _LF_ADVICE)}")
