@@ -32,6 +32,15 @@ PTE_SHMEM = 1 << 4
 PTE_DIRTY = 1 << 5
 PTE_SHIFT = 6
 
+# The vm_flags bits madvise sets and clears on a VMA besides VM_HUGEPAGE/VM_NOHUGEPAGE (Vma.flags;
+# include/linux/mm.h). VM_WIPEONFORK is anon-only (MADV_WIPEONFORK is EINVAL on a file VMA), so no
+# VMA here has it.
+VM_SEQ_READ = 0x00008000
+VM_RAND_READ = 0x00010000
+VM_DONTCOPY = 0x00020000
+VM_DONTDUMP = 0x04000000
+VM_MADV_FLAGS = VM_SEQ_READ | VM_RAND_READ | VM_DONTCOPY | VM_DONTDUMP
+
 # Anonymous pages live in a pfn space of their own (the remapper allocates them without asking
 # the collapser): pfns at or above this are anon.
 ANON_PFN_BASE = 1 << 40
@@ -90,14 +99,15 @@ class Vma:
     file of inode ``ino`` it maps (0: none given). ``account`` is VM_ACCOUNT: a private mapping
     that is or was writable counts in the commit charge (accountable_mapping at mmap, set by
     mprotect and never cleared for a file mapping). ``locked`` and ``lockonfault`` are VM_LOCKED
-    and VM_LOCKONFAULT (mlock, mlock2(MLOCK_ONFAULT)). ``mm`` is vm_mm, set when the VMA is
-    linked."""
+    and VM_LOCKONFAULT (mlock, mlock2(MLOCK_ONFAULT)). ``flags``: the other vm_flags bits madvise
+    changes (:data:`VM_MADV_FLAGS`). ``mm`` is vm_mm, set when the VMA is linked."""
 
     __slots__ = (
         "account",
         "anon_vma",
         "end",
         "file",
+        "flags",
         "fork_child",
         "hugepage",
         "ino",
@@ -127,6 +137,7 @@ class Vma:
         account: bool = False,
         locked: bool = False,
         lockonfault: bool = False,
+        flags: int = 0,
     ):
         self.start = start
         self.end = end
@@ -142,6 +153,7 @@ class Vma:
         self.account = account
         self.locked = locked
         self.lockonfault = lockonfault
+        self.flags = flags
         self.mm: Mm | None = None
 
     def pgoff_at(self, addr: int) -> int:
@@ -167,6 +179,7 @@ class Vma:
             and self.account == other.account
             and self.locked == other.locked
             and self.lockonfault == other.lockonfault
+            and self.flags == other.flags
         )
 
     def can_merge(self, nxt: Vma) -> bool:
@@ -188,6 +201,7 @@ class Vma:
             and self.account == nxt.account
             and self.locked == nxt.locked
             and self.lockonfault == nxt.lockonfault
+            and self.flags == nxt.flags
             and self.pgoff_at(self.end) == nxt.pgoff
         )
 
@@ -209,6 +223,7 @@ class Vma:
             self.account,
             self.locked,
             self.lockonfault,
+            self.flags,
         )
 
     def anon_vma_prepare(self) -> None:

@@ -11,6 +11,10 @@ from remapd.mm import (
     PTE_ANON,
     PTE_SHMEM,
     PTE_THP,
+    VM_DONTCOPY,
+    VM_DONTDUMP,
+    VM_RAND_READ,
+    VM_SEQ_READ,
     Mm,
     PteTable,
     Vma,
@@ -65,10 +69,13 @@ def vm_flags(vma: Vma) -> str:
         flags.append("ms")
     if vma.locked:
         flags.append("lo")
+    flags += [name for bit, name in ((VM_SEQ_READ, "sr"), (VM_RAND_READ, "rr"), (VM_DONTCOPY, "dc")) if vma.flags & bit]
     if vma.lockonfault:
         flags.append("lf")
     if vma.account:
         flags.append("ac")
+    if vma.flags & VM_DONTDUMP:
+        flags.append("dd")
     if vma.hugepage:
         flags.append("hg")
     if vma.nohugepage:

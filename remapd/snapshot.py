@@ -28,6 +28,7 @@ from remapd.mm import (
     PTE_DIRTY,
     PTE_SHMEM,
     PTE_WRITE,
+    VM_MADV_FLAGS,
     Mm,
     PteTable,
     Vma,
@@ -88,7 +89,7 @@ def snapshot(r: Remapper) -> dict[str, Any]:
                 "vmas": [
                     [
                         v.start, v.end, v.pgoff, v.ino, v.prot, v.shared, v.hugepage, v.nohugepage,
-                        v.anon_vma, v.fork_child, v.file, v.account, v.locked, v.lockonfault,
+                        v.anon_vma, v.fork_child, v.file, v.account, v.locked, v.lockonfault, v.flags,
                     ]
                     for v in mm.vmas
                 ],
@@ -149,17 +150,21 @@ def _restore(state: Mapping[str, Any], given: Knobs, keep: set[str]) -> Remapper
         mm.unmerged = {int(addr) for addr in saved["unmerged"]}
         for row in saved["vmas"]:
             start, end, pgoff, ino, prot, shared, hugepage, nohugepage, anon_vma = row[:9]
-            fork_child, file, account, locked, lockonfault = row[9:]
+            # flags (madvise's other vm_flags) came later: a snapshot without them has none set.
+            fork_child, file, account, locked, lockonfault, *rest = row[9:]
+            flags = int(rest[0]) if rest else 0
             if int(ino) not in r.files or not 0 <= start < end or start % PAGE_SIZE or end % PAGE_SIZE:
                 raise SnapshotError(f"{DAEMON} snapshot: process {pid}: bad VMA {start:#x}-{end:#x}")
             if mm.overlapping(start, end):
                 raise SnapshotError(f"{DAEMON} snapshot: process {pid}: overlapping VMAs at {start:#x}")
+            if flags & ~VM_MADV_FLAGS or len(rest) > 1:
+                raise SnapshotError(f"{DAEMON} snapshot: process {pid}: VMA {start:#x} has unknown flags")
             if anon_vma is not None and not 0 < anon_vma <= mm.anon_vmas or not 0 <= file <= r.files.opens:
                 raise SnapshotError(f"{DAEMON} snapshot: process {pid}: VMA {start:#x} names an anon_vma or file never made")
             vma = Vma(
                 start, end, pgoff, ino, prot, bool(shared), bool(hugepage), bool(nohugepage),
                 None if anon_vma is None else int(anon_vma), bool(fork_child), int(file), bool(account),
-                bool(locked), bool(lockonfault),
+                bool(locked), bool(lockonfault), flags,
             )
             mm.insert_vma(vma)
             r.files.i_mmap_insert(mm, vma)

@@ -31,20 +31,47 @@ PROTS: dict[str, int] = {
 
 
 class Advice(enum.StrEnum):
-    """The madvise advice the model implements (MADV_* without the prefix, lower case)."""
+    """The madvise advice (MADV_* without the prefix, lower case), the one table of them: the
+    model, thpctl, the scenario language and the kernel backend, traces and the recorder all take
+    theirs from here. ``madv`` is the MADV_* value (include/uapi/asm-generic/mman-common.h);
+    ``vm_flags``: the advice changes vm_flags (madvise_vma_behavior -> madvise_update_vma), so it
+    takes mmap_lock for write (madvise_lock) and may split and merge VMAs."""
 
-    HUGEPAGE = "hugepage"
-    NOHUGEPAGE = "nohugepage"
-    COLLAPSE = "collapse"
-    DONTNEED = "dontneed"
-    POPULATE_READ = "populate_read"
-    POPULATE_WRITE = "populate_write"
-    PAGEOUT = "pageout"
-    FREE = "free"
-    REMOVE = "remove"
+    madv: int
+    vm_flags: bool
+
+    def __new__(cls, value: str, madv: int, vm_flags: bool = False) -> Advice:
+        member = str.__new__(cls, value)
+        member._value_ = value
+        member.madv = madv
+        member.vm_flags = vm_flags
+        return member
+
+    NORMAL = "normal", 0, True
+    RANDOM = "random", 1, True
+    SEQUENTIAL = "sequential", 2, True
+    WILLNEED = "willneed", 3
+    DONTNEED = "dontneed", 4
+    FREE = "free", 8
+    REMOVE = "remove", 9
+    DONTFORK = "dontfork", 10, True
+    DOFORK = "dofork", 11, True
+    HUGEPAGE = "hugepage", 14, True
+    NOHUGEPAGE = "nohugepage", 15, True
+    DONTDUMP = "dontdump", 16, True
+    DODUMP = "dodump", 17, True
+    WIPEONFORK = "wipeonfork", 18, True
+    KEEPONFORK = "keeponfork", 19, True
+    COLD = "cold", 20
+    PAGEOUT = "pageout", 21
+    POPULATE_READ = "populate_read", 22
+    POPULATE_WRITE = "populate_write", 23
+    COLLAPSE = "collapse", 25
 
 
 ADVICE = tuple(Advice)
+# MADV_* values by advice name.
+MADV: dict[str, int] = {a.value: a.madv for a in Advice}
 
 
 class FsKind(enum.StrEnum):

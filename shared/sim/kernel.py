@@ -165,25 +165,10 @@ def parse_size(text: str) -> int:
 
 PROTS = {"none": 0, "r": 1, "rw": 3, "rx": 5, "rwx": 7, "w": 2, "x": 4, "wx": 6}
 
-# madvise advice names → MADV_* values (include/uapi/asm-generic/mman-common.h).
-ADVICE = {
-    "normal": 0,
-    "random": 1,
-    "sequential": 2,
-    "willneed": 3,
-    "dontneed": 4,
-    "free": 8,
-    "remove": 9,
-    "dontfork": 10,
-    "dofork": 11,
-    "hugepage": 14,
-    "nohugepage": 15,
-    "cold": 20,
-    "pageout": 21,
-    "populate_read": 22,
-    "populate_write": 23,
-    "collapse": 25,
-}
+# madvise advice names → MADV_* values: shared.vm's table. The worker runs this file alone
+# (``python -I -S kernel.py --zygote``, the standard library only) and is sent the numbers.
+if __name__ != "__main__":
+    from shared.vm import MADV as ADVICE
 
 # Filesystem kinds of a regular file (``file create --fs``), as shared.vm.FsKind: ``ro-thp`` is
 # CONFIG_READ_ONLY_THP_FOR_FS (khugepaged builds THPs of read-only mapped files; no kernel here
@@ -1180,8 +1165,8 @@ class _Worker:
             return {"result": "EPERM"}  # never unmap the interpreter
         return {"result": _rc(_lib().munmap(addr, length))}
 
-    def op_madvise(self, addr: int, length: int, advice: str) -> dict:
-        return {"result": _rc(_lib().madvise(addr, length, ADVICE[advice]))}
+    def op_madvise(self, addr: int, length: int, advice: int) -> dict:
+        return {"result": _rc(_lib().madvise(addr, length, advice))}
 
     def op_mprotect(self, addr: int, length: int, prot: str) -> dict:
         if length and not self._ours(addr, addr + length):
@@ -1496,6 +1481,8 @@ class KernelBackend:
         name = op
         if op == "mmap":
             a["file"] = self.relpath(a["file"])
+        if op == "madvise":
+            a["advice"] = ADVICE[a["advice"]]
         value, _ = chan.call(name, **a)
         return value
 

@@ -44,7 +44,7 @@ How it works
   file mapping and ``munmap`` of one are ``munmap``; a successful ``mremap`` of one is
   ``mremap`` (old and new length, MREMAP_MAYMOVE/DONTUNMAP, and MREMAP_FIXED at the returned
   address where the kernel moved it), an anonymous mapping moved over one ``munmap``; ``madvise`` on one is
-  ``madvise`` (hugepage, nohugepage, collapse, dontneed, pageout, populate_read/write);
+  ``madvise`` (every advice of shared.vm.Advice);
   ``mprotect`` is not modelled: a mapping gets the union of the protections it had (the model
   has no PROT_NONE, no mprotect); a user page fault (error code bit 1: write) inside a file
   mapping is ``fault`` at its page; a process's last thread exiting is ``exit`` (unless
@@ -91,6 +91,7 @@ from shared.sim.procfs_import import (
 )
 from shared.sim.trace import Trace, make_header, validate_event, write_trace
 from shared.units import PAGE_SIZE, TASK_SIZE
+from shared.vm import Advice
 
 TRACEFS = Path("/sys/kernel/tracing")
 INSTANCE_PREFIX = "thpsplit-record-"
@@ -117,8 +118,7 @@ SECCOMP_RET_ALLOW, SECCOMP_RET_TRACE = 0x7FFF0000, 0x7FF00000
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
 MAP_SHARED, MAP_ANONYMOUS = 0x01, 0x20
 MREMAP_MAYMOVE, MREMAP_FIXED, MREMAP_DONTUNMAP = 1, 2, 4
-MADVICE = {4: "dontneed", 14: "hugepage", 15: "nohugepage", 21: "pageout", 22: "populate_read",
-           23: "populate_write", 25: "collapse"}
+MADVICE = {a.madv: a.value for a in Advice}
 
 
 class RecordError(RuntimeError):

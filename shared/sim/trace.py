@@ -33,8 +33,8 @@ Format (version 1): JSON lines, UTF-8, ``\\n``-terminated.
   ``mmap``                pid, addr (int, or null: the kernel picks), length, name,
                           offset=0, prot="r" (r rw rx rwx), shared=true
   ``munmap``              pid, addr, length
-  ``madvise``             pid, addr, length, advice (hugepage nohugepage collapse
-                          dontneed populate_read populate_write pageout)
+  ``madvise``             pid, addr, length, advice (shared.vm.Advice: hugepage nohugepage
+                          collapse dontneed pageout random willneed ...)
   ``fault``               pid, addr, write=false
   ``touch``               pid, addr, length, write=false, stride=4096
   ``lock``                pid, hold_ms, write=false
@@ -71,7 +71,7 @@ from typing import IO, Any, Self
 
 from shared.errors import UserError
 from shared.knobs import SPECS, KnobError, Knobs
-from shared.vm import ADVICE, PROTS
+from shared.vm import ADVICE, PROTS, Advice
 
 FORMAT_VERSION = 1
 MAX_LINE_BYTES = 1 << 16
@@ -717,7 +717,7 @@ def to_run_line(ev: dict[str, Any]) -> str | None:
 # -- replay -----------------------------------------------------------------------------------
 
 # Which mmap_lock mode an operation takes in the model (remapd): None for none.
-_WRITE_ADVICE = ("hugepage", "nohugepage")
+_WRITE_ADVICE = frozenset(a.value for a in Advice if a.vm_flags)
 
 
 def _lock_mode(ev: dict[str, Any]) -> str | None:
