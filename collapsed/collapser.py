@@ -47,6 +47,10 @@ _NOMEM_ANSWER: PageAnswerFields = (_NOMEM, 0, 0, False, False, False, False, (),
 # What a daemon passes as ``resched_pages``: ~10 ms of a write's work between two yields.
 RESCHED_PAGES = 4096
 
+# The block device's io_pages: max_sectors_kb 1280 (BLK_DEF_MAX_SECTORS_CAP, a loop device's and
+# most disks' default) in pages. MADV_WILLNEED reads up to it when asked for more than read_ahead_kb.
+IO_PAGES = 1280 * 1024 // PAGE_SIZE
+
 # peer_lost() answers the calls waiting on the remapper at most this many rounds (each answer may
 # lead a task to its next call; none loops on them, so a few rounds always suffice).
 _MAX_LOST_PEER_ROUNDS = 100
@@ -197,6 +201,8 @@ class Collapser(Actor):
             self.spawn(self.khugepaged.madvise_collapse_file(msg), name="madv_collapse")
         elif isinstance(msg, m.PunchHole):
             self.spawn(self._punch_hole(msg), name="punch_hole")
+        elif isinstance(msg, m.WillNeed):
+            self._willneed(msg)
         elif isinstance(msg, m.KnobsChanged):
             for name, value in msg.values.items():
                 self.knobs.set(name, str(value))  # every value was validated first
@@ -321,6 +327,18 @@ class Collapser(Actor):
             yield from self.fileops.punch_hole(f.name, msg.offset, msg.length)
         self.send(m.Punched(msg.req))
 
+    def _willneed(self, msg: m.WillNeed) -> None:
+        """MADV_WILLNEED on a regular file: vfs_fadvise(POSIX_FADV_WILLNEED) ->
+        force_page_cache_ra, which reads at most read_ahead_kb, or up to the device's io_pages
+        when asked for more (ractl_max_pages), in small pages (do_page_cache_ra: ext4's minimum
+        folio order is 0)."""
+        f = self.cache.files.get(msg.ino)
+        if f is not None and not f.shmem:
+            ra_pages = self.knobs.read_ahead_kb * 1024 // PAGE_SIZE
+            max_pages = min(msg.nr, IO_PAGES) if msg.nr > ra_pages and IO_PAGES > ra_pages else ra_pages
+            self._do_page_cache_ra(f, msg.index, min(msg.nr, max_pages))
+        self.send(m.ReadAhead(msg.req))
+
     # -- fault lookups (filemap_fault / shmem_fault) ------------------------------------------
 
     def _lookup(self, msg: m.LookupPage) -> Generator[Any, Any, None]:
@@ -337,7 +355,7 @@ class Collapser(Actor):
         the fault has to wait for (the common case answers without a task: faults are hot)."""
         answer = self.find_page(
             msg.ino, msg.index, msg.purpose, msg.write, msg.pmd_ok, msg.vm_hugepage, msg.around, msg.thp_ok,
-            msg.exec_end,
+            msg.exec_end, msg.rand_read, msg.seq_read,
         )
         if isinstance(answer, int):
             return answer
@@ -403,9 +421,12 @@ class Collapser(Actor):
         around_indices: tuple[int, ...],
         thp_ok: bool,
         exec_end: int = 0,
+        rand_read: bool = False,
+        seq_read: bool = False,
     ) -> int | PageAnswerFields:
         """filemap_fault / shmem_fault for one lookup: the fields of its :class:`PageAnswer` after
-        ``req`` (the mapping already accounted), or the locked page the fault must wait for."""
+        ``req`` (the mapping already accounted), or the locked page the fault must wait for.
+        ``rand_read``/``seq_read``: the VMA's VM_RAND_READ/VM_SEQ_READ (readahead hints)."""
         mem = self.mem
         cache = self.cache
         f = cache.files.get(ino)
@@ -427,7 +448,8 @@ class Collapser(Actor):
         major = allocated = False
         if value > 0:
             pfn = value
-            if f.large_folio and mem.flags[mem.head(value)] & PG_READAHEAD:
+            # do_async_mmap_readahead: none under VM_RAND_READ (the mark stays).
+            if f.large_folio and mem.flags[mem.head(value)] & PG_READAHEAD and not rand_read:
                 self._async_mmap_readahead(f, index, value)
         elif value < 0:
             pfn = cache.add_small_page(f, index)
@@ -443,7 +465,7 @@ class Collapser(Actor):
             # The readahead runs before the page is looked up again, so the fault finds the
             # folio it made (filemap_fault: do_sync_mmap_readahead, then
             # __filemap_get_folio(FGP_CREAT) for a page readahead did not bring).
-            self._sync_mmap_readahead(f, index, vm_hugepage, exec_end)
+            self._sync_mmap_readahead(f, index, vm_hugepage, exec_end, rand_read, seq_read)
             pfn = f.get(index) or cache.add_small_page(f, index)
             major = True
             if fault_around:
@@ -453,7 +475,7 @@ class Collapser(Actor):
         else:
             pfn = cache.add_small_page(f, index)
             if pfn:
-                self._read_around(f, index, vm_hugepage)
+                self._read_around(f, index, vm_hugepage, bool(exec_end), rand_read, seq_read)
             major = True
         if not pfn:
             # Memory is full: VM_FAULT_OOM. The fault-around mappings go back with the answer
@@ -503,32 +525,43 @@ class Collapser(Actor):
             out.append((index, value, orders[head] == HPAGE_PMD_ORDER))
         return tuple(out)
 
-    def _read_around(self, f: File, index: int, vm_hugepage: bool) -> None:
+    def _read_around(self, f: File, index: int, vm_hugepage: bool, exec_: bool, rand_read: bool, seq_read: bool) -> None:
         """do_sync_mmap_readahead for a major fault on a regular file: with VM_HUGEPAGE two PMD
-        ranges from the aligned index ("even if readahead is disabled"), else read-around of
-        read_ahead_kb centred on the fault. Pages arrive uptodate; the mmap_miss heuristic is
-        not modelled."""
+        ranges from the aligned index ("even if readahead is disabled"); nothing under
+        VM_RAND_READ (but in a VM_EXEC VMA); under VM_SEQ_READ read_ahead_kb forward from the
+        fault (page_cache_sync_ra); else read-around of read_ahead_kb centred on the fault.
+        Pages arrive uptodate; the mmap_miss heuristic is not modelled."""
         if vm_hugepage:
-            start = index & ~(HPAGE_PMD_NR - 1)
-            size = 2 * HPAGE_PMD_NR
-        else:
-            size = self.knobs.read_ahead_kb * 1024 // PAGE_SIZE
-            if size <= 1:
-                return
-            start = max(0, index - size // 2)
-        for i in range(start, min(start + size, f.nr_pages_size)):
+            self._do_page_cache_ra(f, index & ~(HPAGE_PMD_NR - 1), 2 * HPAGE_PMD_NR)
+            return
+        size = self.knobs.read_ahead_kb * 1024 // PAGE_SIZE
+        if size <= 1 or (rand_read and not exec_):
+            return
+        self._do_page_cache_ra(f, index if seq_read else max(0, index - size // 2), size)
+
+    def _do_page_cache_ra(self, f: File, start: int, nr: int) -> None:
+        """do_page_cache_ra in small pages: read the pages of [start, start + nr) below EOF that
+        the cache does not hold; no PG_readahead, file_ra_state untouched."""
+        for i in range(start, min(start + nr, f.nr_pages_size)):
             if f.get(i) == 0 and not self.cache.add_small_page(f, i):
                 return  # memory is full: readahead is best effort
 
     # -- readahead of a large-folio file (mm/filemap.c, mm/readahead.c, 6.18) -------------------
     # The ro-thp kind keeps the simpler _read_around: small pages, no PG_readahead.
 
-    def _sync_mmap_readahead(self, f: File, index: int, vm_hugepage: bool, exec_end: int) -> None:
+    def _sync_mmap_readahead(
+        self, f: File, index: int, vm_hugepage: bool, exec_end: int, rand_read: bool = False, seq_read: bool = False
+    ) -> None:
         """do_sync_mmap_readahead for a page missing from a large-folio file: with VM_HUGEPAGE
-        two PMD ranges from the aligned index in PMD-order folios, even with readahead off; in
-        a VM_EXEC VMA forward from the fault to the VMA's end, read_ahead_kb at most, with no
-        async part; else read_ahead_kb centred on the fault with its last quarter async. The
-        mmap_miss heuristic (readahead off after 100 misses) is not modelled."""
+        two PMD ranges from the aligned index in PMD-order folios, even with readahead off;
+        nothing under VM_RAND_READ but in a VM_EXEC VMA; under VM_SEQ_READ
+        page_cache_sync_ra(ra_pages): at index 0 a window of read_ahead_kb, all of it async
+        (its first page gets PG_readahead), elsewhere read_ahead_kb forward from the fault
+        (do_page_cache_ra: the cached run before it is shorter than the request, so the
+        readahead state stays); in a VM_EXEC VMA forward from the fault to the VMA's end,
+        read_ahead_kb at most, with no async part; else read_ahead_kb centred on the fault with
+        its last quarter async. The mmap_miss heuristic (readahead off after 100 misses) is not
+        modelled."""
         ra = f.ra
         ra_pages = self.knobs.read_ahead_kb * 1024 // PAGE_SIZE
         if vm_hugepage:
@@ -536,9 +569,14 @@ class Collapser(Actor):
             ra[1], ra[2] = 2 * HPAGE_PMD_NR, HPAGE_PMD_NR
             self._page_cache_ra_order(f, index & ~(HPAGE_PMD_NR - 1), HPAGE_PMD_ORDER)
             return
-        if not ra_pages:
+        if (rand_read and not exec_end) or not ra_pages:
             return
-        if exec_end:
+        if seq_read:
+            if index:
+                self._do_page_cache_ra(f, index, ra_pages)
+                return
+            ra[0], ra[1], ra[2] = 0, ra_pages, ra_pages
+        elif exec_end:
             ra[0] = index
             ra[1] = max(1, min(index + ra_pages, exec_end) - index)
             ra[2] = 0

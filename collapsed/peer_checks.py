@@ -324,6 +324,11 @@ def _punch_hole(c: Collapser, msg: m.PunchHole) -> None:
         raise PeerError(f"{msg.TAG}: negative offset or length")
 
 
+def _willneed(c: Collapser, msg: m.WillNeed) -> None:
+    if not 0 <= msg.index <= msg.index + msg.nr <= MAX_PAGE_INDEX + 1:
+        raise PeerError(f"{msg.TAG}: bad range {_short(msg.index)} + {_short(msg.nr)}")
+
+
 # Remap kinds (remapd/snapshot.py): a PTE, a PMD, a pin.
 _REMAP_KINDS = (0, 1, 2)
 
@@ -373,6 +378,7 @@ _CHECKS: dict[type[Message], Callable[[Collapser, Any], None]] = {
     m.Audit: _audit,
     m.PageQuery: _page_query,
     m.PunchHole: _punch_hole,
+    m.WillNeed: _willneed,
     m.LookupPage: _lookup_page,
     m.LookupPages: _lookup_pages,
     m.RmapDelta: _rmap_delta,

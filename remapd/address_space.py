@@ -7,7 +7,7 @@ though the file rmap that lives there (:class:`remapd.files.Files`) is kept up t
 from __future__ import annotations
 
 import bisect
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
 from remapd.fault import FaultPath
@@ -16,6 +16,10 @@ from remapd.khugepaged import Khugepaged
 from remapd.mm import (
     PTE_ANON,
     PTE_THP,
+    VM_DONTCOPY,
+    VM_DONTDUMP,
+    VM_RAND_READ,
+    VM_SEQ_READ,
     Mm,
     MmapLocks,
     Vma,
@@ -29,6 +33,7 @@ from remapd.pagetable import PageTables
 from remapd.uprobes import Uprobes
 from shared.actor import Actor, Call
 from shared.errors import UserError
+from shared.protocol import Message
 from shared.protocol import messages as m
 from shared.thp import hugepage_pmd_enabled, thp_vma_allowable_order
 from shared.units import (
@@ -40,13 +45,27 @@ from shared.units import (
     PAGE_SIZE,
     TASK_SIZE,
 )
-from shared.vm import ADVICE, PROT_READ, PROT_WRITE, PROTS
+from shared.vm import ADVICE, PROT_READ, PROT_WRITE, PROTS, VM_FLAGS_ADVICE
 
 # Where mmap(NULL, ...) starts looking for room, top-down (x86-64 mmap_base, roughly).
 MMAP_BASE = 0x7F0000000000
 MMAP_MIN_ADDR = 0x10000
 # vm.max_map_count's default (DEFAULT_MAX_MAP_COUNT): VMAs per mm; a split or mmap past it is ENOMEM.
 MAX_MAP_COUNT = 65530
+
+
+# madvise_vma_behavior's other vm_flags advices: the Vma.flags bits each sets and clears.
+# MADV_KEEPONFORK clears VM_WIPEONFORK, which no file VMA has (MADV_WIPEONFORK is EINVAL on one).
+_MADV_FLAG_BITS = {
+    "normal": (0, VM_RAND_READ | VM_SEQ_READ),
+    "random": (VM_RAND_READ, VM_SEQ_READ),
+    "sequential": (VM_SEQ_READ, VM_RAND_READ),
+    "dontfork": (VM_DONTCOPY, 0),
+    "dofork": (0, VM_DONTCOPY),
+    "dontdump": (VM_DONTDUMP, 0),
+    "dodump": (0, VM_DONTDUMP),
+    "keeponfork": (0, 0),
+}
 
 
 class MapCountExceeded(UserError):
@@ -211,24 +230,16 @@ class AddressSpace:
             return {"result": result}
         covered = mm.overlapping(addr, end)
         unmapped = sum(min(v.end, end) - max(v.start, addr) for v in covered) != end - addr
-        if advice in ("hugepage", "nohugepage"):
-            # hugepage_madvise: VM_HUGEPAGE and VM_NOHUGEPAGE exclude each other.
-            hg = advice == "hugepage"
+        if advice in VM_FLAGS_ADVICE:
             yield from self.locks.mmap_write_lock(mm)
             try:
                 for vma, lo, hi in self._walk_vmas(mm, addr, end):
-                    if hg:
-                        # hugepage_madvise -> khugepaged_enter_vma(vma, new flags), before the
-                        # VMA changes. For shmem, 6.18's shmem_allowable_huge_orders() reads
-                        # vma->vm_flags, still without VM_HUGEPAGE: under huge=advise the first
-                        # MADV_HUGEPAGE does not register the mm, a second one does.
-                        shmem = self.files.is_shmem(vma.ino)
-                        self.khugepaged_enter_vma(
-                            mm, vma, hugepage=vma.hugepage if shmem else True, nohugepage=vma.nohugepage and shmem
-                        )
-                    if vma.hugepage == hg and vma.nohugepage != hg:
+                    changes = self._madvise_flags(mm, vma, advice)
+                    if changes is None:
+                        return {"result": "EINVAL"}
+                    if all(getattr(vma, name) == value for name, value in changes.items()):
                         continue  # madvise_update_vma: the flags do not change, nothing is split
-                    self._vma_modify(mm, lo, hi, hugepage=hg, nohugepage=not hg)
+                    self._vma_modify(mm, lo, hi, **changes)
             except MapCountExceeded:
                 return {"result": "ENOMEM"}
             finally:
@@ -247,16 +258,16 @@ class AddressSpace:
             # first VMA; a range of holes alone is ENOMEM.
             if covered:
                 return {"result": "EINVAL"}
-        elif advice == "remove":
-            error = yield from self._madvise_remove(mm, addr, end)
+        elif advice in ("remove", "willneed"):
+            error = yield from self._per_vma_call(mm, addr, end, self._remove if advice == "remove" else self._willneed)
             if error:
                 return {"result": error}
-        elif advice == "pageout":
+        elif advice in ("pageout", "cold"):
             yield from self.locks.mmap_read_lock(mm)
             try:
                 # can_madv_lru_vma: a VM_LOCKED VMA is EINVAL; the VMAs before it are paged out.
                 stop = next((v.start for v in mm.overlapping(addr, end) if v.locked), None)
-                self._pageout(mm, addr, end if stop is None else max(addr, stop))
+                self._pageout(mm, addr, end if stop is None else max(addr, stop), advice == "pageout")
                 if stop is not None:
                     return {"result": "EINVAL"}
             finally:
@@ -289,6 +300,27 @@ class AddressSpace:
                 else:
                     page += PAGE_SIZE
         return {"result": "ENOMEM" if unmapped else 0}
+
+    def _madvise_flags(self, mm: Mm, vma: Vma, advice: str) -> dict[str, Any] | None:
+        """madvise_vma_behavior for an advice that changes vm_flags: the VMA attributes it gives
+        ``vma`` (:meth:`_vma_modify`'s changes), or None for EINVAL."""
+        if advice in ("hugepage", "nohugepage"):
+            # hugepage_madvise: VM_HUGEPAGE and VM_NOHUGEPAGE exclude each other.
+            hg = advice == "hugepage"
+            if hg:
+                # hugepage_madvise -> khugepaged_enter_vma(vma, new flags), before the VMA
+                # changes. For shmem, 6.18's shmem_allowable_huge_orders() reads vma->vm_flags,
+                # still without VM_HUGEPAGE: under huge=advise the first MADV_HUGEPAGE does not
+                # register the mm, a second one does.
+                shmem = self.files.is_shmem(vma.ino)
+                self.khugepaged_enter_vma(
+                    mm, vma, hugepage=vma.hugepage if shmem else True, nohugepage=vma.nohugepage and shmem
+                )
+            return {"hugepage": hg, "nohugepage": not hg}
+        if advice == "wipeonfork":
+            return None  # anonymous private memory only (vma->vm_file, VM_SHARED): every VMA here maps a file
+        set_bits, clear_bits = _MADV_FLAG_BITS[advice]
+        return {"flags": (vma.flags & ~clear_bits) | set_bits}
 
     def mremap(
         self,
@@ -432,12 +464,14 @@ class AddressSpace:
         if i + 1 < len(mm.vmas) and mergeable_neighbours(vma, mm.vmas[i + 1]):
             mm.unmerged.add(vma.end)
 
-    def _madvise_remove(self, mm: Mm, start: int, end: int) -> Generator[Any, Any, str | None]:
-        """MADV_REMOVE (madvise_remove), VMA by VMA: a VM_LOCKED VMA is EINVAL, one that is not
-        shared and may-write (vma_is_shared_maywrite; files are opened read-write) EACCES; else
-        the collapser punches the file range it maps (vfs_fallocate PUNCH_HOLE, which unmaps it
-        from every mapping), with the mmap lock dropped as the kernel drops it. Returns the
-        errno name, or None."""
+    def _per_vma_call(
+        self, mm: Mm, start: int, end: int, request: Callable[[Vma, int, int], Message | str | None]
+    ) -> Generator[Any, Any, str | None]:
+        """An advice the collapser carries out, VMA by VMA, with the mmap lock dropped across
+        each request as the kernel drops it (madvise_remove, madvise_willneed: the VMAs are
+        looked up afresh after). ``request(vma, lo, hi)`` gives the request for the part [lo, hi)
+        of ``vma``, None for nothing, or an errno name that ends the walk. Returns that errno
+        name, or None."""
         pos = start
         while pos < end:
             yield from self.locks.mmap_read_lock(mm)
@@ -447,16 +481,35 @@ class AddressSpace:
                     break
                 vma = vmas[0]
                 lo, hi = max(vma.start, pos), min(vma.end, end)
-                if vma.locked:
-                    return "EINVAL"
-                if not vma.shared:
-                    return "EACCES"
-                punch = m.PunchHole(self.actor.new_req(), vma.ino, vma.pgoff_at(lo) << PAGE_SHIFT, hi - lo)
+                req = request(vma, lo, hi)
             finally:
                 self.locks.mmap_read_unlock(mm)
-            yield Call(punch)
+            if isinstance(req, str):
+                return req
+            if req is not None:
+                yield Call(req)
             pos = hi
         return None
+
+    def _remove(self, vma: Vma, lo: int, hi: int) -> Message | str:
+        """MADV_REMOVE (madvise_remove): a VM_LOCKED VMA is EINVAL, one that is not shared and
+        may-write (vma_is_shared_maywrite; files are opened read-write) EACCES; else the collapser
+        punches the file range it maps (vfs_fallocate PUNCH_HOLE, which unmaps it from every
+        mapping)."""
+        if vma.locked:
+            return "EINVAL"
+        if not vma.shared:
+            return "EACCES"
+        return m.PunchHole(self.actor.new_req(), vma.ino, vma.pgoff_at(lo) << PAGE_SHIFT, hi - lo)
+
+    def _willneed(self, vma: Vma, lo: int, hi: int) -> Message | None:
+        """MADV_WILLNEED (madvise_willneed): a regular file's range is read ahead as
+        vfs_fadvise(POSIX_FADV_WILLNEED) does (force_page_cache_ra, in the collapser). Shmem's
+        shmem_swapin_range starts reading its swap entries into the swap cache, which the model
+        does not have: nothing changes (as on a machine without swap)."""
+        if self.files.is_shmem(vma.ino):
+            return None
+        return m.WillNeed(self.actor.new_req(), vma.ino, vma.pgoff_at(lo), (hi - lo) >> PAGE_SHIFT)
 
     def mprotect(self, pid: int, addr: int, length: int, prot: str) -> Generator[Any, Any, dict[str, Any]]:
         """mprotect(2) (do_mprotect_pkey): each VMA in the range takes the protection through
@@ -611,8 +664,10 @@ class AddressSpace:
                     page += PAGE_SIZE
         return 0
 
-    def _pageout(self, mm: Mm, start: int, end: int) -> None:
-        """MADV_PAGEOUT, madvise_cold_or_pageout_pte_range() (mm/madvise.c, 6.18), VMA by VMA:
+    def _pageout(self, mm: Mm, start: int, end: int, pageout: bool) -> None:
+        """MADV_PAGEOUT (``pageout``) and MADV_COLD, madvise_cold_or_pageout_pte_range()
+        (mm/madvise.c, 6.18), VMA by VMA (MADV_COLD's deactivation is invisible here, so only
+        its splits remain):
         a folio mapped by another mm (folio_maybe_mapped_shared), or a small one mapped more than
         once, is left alone; a large folio the walk covers only in part (a PMD cut by the range,
         or fewer than all its PTEs in a row: madvise_folio_pte_batch) is split (split_folio, which
@@ -632,8 +687,11 @@ class AddressSpace:
                     first = vma.pgoff_at(base)
                     if len(self._folio_mappers(vma.ino, first, head)) > 1:
                         continue
+                    whole = lo <= base and base + HPAGE_PMD_SIZE <= hi
+                    if whole and not pageout:
+                        continue
                     self._unmap_folio(vma.ino, first, head)
-                    (reclaim if lo <= base and base + HPAGE_PMD_SIZE <= hi else split).append(head)
+                    (reclaim if whole else split).append(head)
                     continue
                 if entry is None:
                     continue
@@ -646,7 +704,7 @@ class AddressSpace:
                     pfn = pte_pfn(pte)
                     index = vma.pgoff_at(base + (slot << PAGE_SHIFT))
                     if not pte & PTE_THP:
-                        if sum(self._folio_mappers(vma.ino, index, pfn, 1).values()) == 1:
+                        if pageout and sum(self._folio_mappers(vma.ino, index, pfn, 1).values()) == 1:
                             self.pagetables.zap_pte(mm, entry, slot)
                             reclaim.append(pfn)
                         slot += 1
@@ -667,7 +725,7 @@ class AddressSpace:
                         if len(mappers) <= 1:
                             self._unmap_folio(vma.ino, first, head)
                             split.append(head)
-                    elif sum(mappers.values()) == HPAGE_PMD_NR:
+                    elif pageout and sum(mappers.values()) == HPAGE_PMD_NR:
                         self._unmap_folio(vma.ino, first, head)
                         reclaim.append(head)
                     slot += nr
@@ -721,6 +779,8 @@ class AddressSpace:
         mm.khugepaged_entered = parent.khugepaged_entered  # khugepaged_fork
         prev: Vma | None = None
         for vma in parent.vmas:
+            if vma.flags & VM_DONTCOPY:
+                continue  # MADV_DONTFORK: the child does not get the VMA
             child = vma.copy(vma.start, vma.end)
             child.locked = child.lockonfault = False  # VM_LOCKED_MASK is not inherited
             if vma.anon_vma is not None:

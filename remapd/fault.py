@@ -19,6 +19,9 @@ from remapd.mm import (
     PTE_SHMEM,
     PTE_THP,
     PTE_WRITE,
+    VM_RAND_READ,
+    VM_READ_HINTS,
+    VM_SEQ_READ,
     Mm,
     MmapLocks,
     PteTable,
@@ -212,6 +215,8 @@ class FaultPath:
                     around,
                     thp_ok,
                     vma.pgoff_at(vma.end) if vma.prot & PROT_EXEC else 0,
+                    bool(vma.flags & VM_RAND_READ),
+                    bool(vma.flags & VM_SEQ_READ),
                 )
             )
             if reply.status != OK:
@@ -497,9 +502,10 @@ class FaultPath:
         self, mm: Mm, addr: int, end: int, stride: int, counts: Counter[str] | None
     ) -> Generator[Any, Any, tuple[int, str | None]]:
         vma = mm.find_vma(addr)
-        if vma is None or mm.exiting or not vma.prot & PROT_READ or self._large_folio(vma):
+        if vma is None or mm.exiting or not vma.prot & PROT_READ or self._large_folio(vma) or vma.flags & VM_READ_HINTS:
             # A large-folio file's faults read ahead by the fault's own VMA (exec_end, async
-            # readahead marks), which the batch does not carry: they go one by one.
+            # readahead marks), and a VMA's readahead hints (MADV_RANDOM, MADV_SEQUENTIAL) are
+            # its own too, which the batch does not carry: they go one by one.
             return addr, None
         # Plan: the accesses that find a PTE (or a PMD) are hits now; each other one is a fault
         # of the batch, with its do_fault_around window and the window's present pages.

@@ -40,6 +40,7 @@ VM_RAND_READ = 0x00010000
 VM_DONTCOPY = 0x00020000
 VM_DONTDUMP = 0x04000000
 VM_MADV_FLAGS = VM_SEQ_READ | VM_RAND_READ | VM_DONTCOPY | VM_DONTDUMP
+VM_READ_HINTS = VM_SEQ_READ | VM_RAND_READ
 
 # Anonymous pages live in a pfn space of their own (the remapper allocates them without asking
 # the collapser): pfns at or above this are anon.

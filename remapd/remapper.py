@@ -326,4 +326,6 @@ def _answer_for_lost_peer(request: Message) -> Message:
         return m.PageInfo(request.req, ())
     if isinstance(request, m.PunchHole):
         return m.Punched(request.req)  # the page cache is gone with the collapser
+    if isinstance(request, m.WillNeed):
+        return m.ReadAhead(request.req)
     raise TypeError(f"no answer for {request!r}")

@@ -72,6 +72,8 @@ class Advice(enum.StrEnum):
 ADVICE = tuple(Advice)
 # MADV_* values by advice name.
 MADV: dict[str, int] = {a.value: a.madv for a in Advice}
+# The advice that changes vm_flags (mmap_lock for write; VMAs split and merge).
+VM_FLAGS_ADVICE = frozenset(a.value for a in Advice if a.vm_flags)
 
 
 class FsKind(enum.StrEnum):

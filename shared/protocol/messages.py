@@ -130,7 +130,9 @@ class LookupPage(Message):
     on it. Added within protocol 2 with a default: a sender that predates it sends only
     ``pmd_ok``, which implies it. ``exec_end``: for a VM_EXEC VMA the file index where the VMA
     ends (do_sync_mmap_readahead reads forward from the fault up to it, not around), else 0;
-    added within protocol 3 with a default.
+    added within protocol 3 with a default. ``rand_read``/``seq_read``: the VMA has VM_RAND_READ /
+    VM_SEQ_READ (MADV_RANDOM / MADV_SEQUENTIAL: no read-around, or a forward read); added within
+    protocol 4 with a default.
     """
 
     req: int
@@ -143,6 +145,8 @@ class LookupPage(Message):
     around: tuple[int, ...] = ()
     thp_ok: bool = False
     exec_end: int = 0
+    rand_read: bool = False
+    seq_read: bool = False
 
 
 @message("peer.lookup_pages")
@@ -277,6 +281,17 @@ class PunchHole(Message):
     ino: int
     offset: int
     length: int
+
+
+@message("peer.willneed")
+class WillNeed(Message):
+    """MADV_WILLNEED on a regular file: vfs_fadvise(POSIX_FADV_WILLNEED) of the ``nr`` pages
+    from ``index`` of ``ino`` (force_page_cache_ra); answered by :class:`ReadAhead`."""
+
+    req: int
+    ino: int
+    index: int
+    nr: int
 
 
 @message("peer.visit_mm")
@@ -434,6 +449,13 @@ class Unmapped(Message):
 @message("peer.punched")
 class Punched(Message):
     """Answer to :class:`PunchHole`: the hole is punched (the unmaps went ahead)."""
+
+    req: int
+
+
+@message("peer.read_ahead")
+class ReadAhead(Message):
+    """Answer to :class:`WillNeed`: the readahead is done."""
 
     req: int
 

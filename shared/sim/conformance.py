@@ -9,7 +9,7 @@ processes, a private tmpfs, real faults) and the model (:class:`ModelBackend`: a
   ``ok``/``sigsegv``/``sigbus`` (:func:`~shared.sim.kernel.coarse`; ``hit``/``minor``/``major`` too
   with ``fine``);
 * per process and VMA the smaps fields that are exact on both sides (:data:`VMA_FIELDS`: start, end,
-  perms, offset, Rss, Anonymous, ShmemPmdMapped, FilePmdMapped, Locked, THPeligible, and the hg/nh
+  perms, offset, Rss, Anonymous, ShmemPmdMapped, FilePmdMapped, Locked, THPeligible, and the madvise
   VmFlags);
 * per file the size and the page-cache page count;
 * the step's deltas of the deterministic vmstat counters (:data:`VMSTAT_EXACT`) unless ``vmstat``
@@ -81,7 +81,7 @@ from shared.sim.kernel import (
     thp_available,
 )
 from shared.sim.world import World
-from shared.vm import ADVICE as MODEL_ADVICE
+from shared.vm import ADVICE
 from shared.vm import Prot
 
 T = TypeVar("T")
@@ -101,8 +101,11 @@ EXIT_DIVERGED = 1
 EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 77
 
-# smaps fields compared per VMA (besides start, end, perms, offset and the hg/nh flags).
+# smaps fields compared per VMA (besides start, end, perms, offset and the madvise VmFlags).
 VMA_FIELDS = ("Rss", "Anonymous", "ShmemPmdMapped", "FilePmdMapped", "Locked", "THPeligible")
+# The VmFlags compared: the ones madvise sets (the access, sharing and mlock ones follow from perms
+# and Locked).
+VM_FLAGS = ("sr", "rr", "dc", "wf", "dd", "hg", "nh")
 # vmstat counters whose per-step deltas are exact on a quiet machine (see kernel.py).
 VMSTAT_EXACT = (
     "thp_file_alloc",
@@ -248,8 +251,7 @@ def vma_row(entry: dict[str, Any]) -> dict[str, Any]:
     flags = str(entry.get("VmFlags", "")).split()
     row = {"start": entry["start"], "end": entry["end"], "perms": entry.get("perms"), "offset": entry.get("offset", 0)}
     row.update({f: entry.get(f, 0) for f in VMA_FIELDS})
-    row["hg"] = "hg" in flags
-    row["nh"] = "nh" in flags
+    row["flags"] = tuple(f for f in VM_FLAGS if f in flags)
     return row
 
 
@@ -333,8 +335,6 @@ class ModelBackend:
         if method is None:
             return f"{step.op} is not modelled (World has no {name})"
         a = step.args
-        if step.op == "madvise" and a["advice"] not in MODEL_ADVICE:
-            return f"MADV_{a['advice'].upper()} is not modelled"
         if step.op == "mmap" and a["prot"] not in tuple(Prot):
             return f"prot {a['prot']} is not modelled"
         if step.op == "mprotect" and a["prot"] not in tuple(Prot):
@@ -527,7 +527,7 @@ def compare_step(
 def _fmt_row(r: dict[str, Any] | None) -> str:
     if r is None:
         return "-"
-    flags = "".join((" hg" if r["hg"] else "", " nh" if r["nh"] else ""))
+    flags = "".join(" " + f for f in r["flags"])
     return (
         f"{r['start']:#x}-{r['end']:#x} {r['perms']} off={r['offset']:#x} Rss={r['Rss']} Anon={r['Anonymous']} "
         f"ShmemPmd={r['ShmemPmdMapped']} FilePmd={r['FilePmdMapped']} Locked={r['Locked']} "
@@ -766,7 +766,7 @@ def _install_pmd(div: Divergence) -> bool:
     if ("thpsplit/install_pmd", "1") not in div.settings.model_knobs:
         return False
     return s.op == "madvise" and s.args["advice"] == "collapse" and any(
-        mr["ShmemPmdMapped"] > kr["ShmemPmdMapped"] and not kr["nh"] for _, kr, mr in _smaps_pairs(div)
+        mr["ShmemPmdMapped"] > kr["ShmemPmdMapped"] and "nh" not in kr["flags"] for _, kr, mr in _smaps_pairs(div)
     )
 
 
@@ -1126,7 +1126,7 @@ _MODEL_ADVICE_WEIGHTS = {
     "pageout": 1,
     "collapse": 3,
 }
-_OTHER_ADVICE = tuple(a for a in kmod.ADVICE if a not in _MODEL_ADVICE_WEIGHTS)
+_OTHER_ADVICE = tuple(a for a in ADVICE if a not in _MODEL_ADVICE_WEIGHTS)
 
 _STEP_FAMILIES = (
     ("touch", 12),

@@ -71,7 +71,7 @@ from typing import IO, Any, Self
 
 from shared.errors import UserError
 from shared.knobs import SPECS, KnobError, Knobs
-from shared.vm import ADVICE, PROTS, Advice
+from shared.vm import ADVICE, PROTS, VM_FLAGS_ADVICE
 
 FORMAT_VERSION = 1
 MAX_LINE_BYTES = 1 << 16
@@ -717,7 +717,6 @@ def to_run_line(ev: dict[str, Any]) -> str | None:
 # -- replay -----------------------------------------------------------------------------------
 
 # Which mmap_lock mode an operation takes in the model (remapd): None for none.
-_WRITE_ADVICE = frozenset(a.value for a in Advice if a.vm_flags)
 
 
 def _lock_mode(ev: dict[str, Any]) -> str | None:
@@ -725,7 +724,7 @@ def _lock_mode(ev: dict[str, Any]) -> str | None:
     if op in ("mmap", "munmap", "mremap", "fork", "uprobe"):
         return "write"
     if op == "madvise":
-        return "write" if ev["advice"] in _WRITE_ADVICE else "read"
+        return "write" if ev["advice"] in VM_FLAGS_ADVICE else "read"
     if op in ("fault", "touch", "pin"):
         return "read"
     if op == "lock":
