@@ -527,12 +527,12 @@ class Collapser(Actor):
 
     def _read_around(self, f: File, index: int, vm_hugepage: bool, exec_: bool, rand_read: bool, seq_read: bool) -> None:
         """do_sync_mmap_readahead for a major fault on a regular file: with VM_HUGEPAGE two PMD
-        ranges from the aligned index ("even if readahead is disabled"); nothing under
+        ranges from the aligned index ("even if readahead is disabled"; one under VM_RAND_READ); nothing under
         VM_RAND_READ (but in a VM_EXEC VMA); under VM_SEQ_READ read_ahead_kb forward from the
         fault (page_cache_sync_ra); else read-around of read_ahead_kb centred on the fault.
         Pages arrive uptodate; the mmap_miss heuristic is not modelled."""
         if vm_hugepage:
-            self._do_page_cache_ra(f, index & ~(HPAGE_PMD_NR - 1), 2 * HPAGE_PMD_NR)
+            self._do_page_cache_ra(f, index & ~(HPAGE_PMD_NR - 1), HPAGE_PMD_NR << (not rand_read))
             return
         size = self.knobs.read_ahead_kb * 1024 // PAGE_SIZE
         if size <= 1 or (rand_read and not exec_):
@@ -553,7 +553,8 @@ class Collapser(Actor):
         self, f: File, index: int, vm_hugepage: bool, exec_end: int, rand_read: bool = False, seq_read: bool = False
     ) -> None:
         """do_sync_mmap_readahead for a page missing from a large-folio file: with VM_HUGEPAGE
-        two PMD ranges from the aligned index in PMD-order folios, even with readahead off;
+        two PMD ranges from the aligned index in PMD-order folios, even with readahead off (one
+        under VM_RAND_READ, which gets PG_readahead);
         nothing under VM_RAND_READ but in a VM_EXEC VMA; under VM_SEQ_READ
         page_cache_sync_ra(ra_pages): at index 0 a window of read_ahead_kb, all of it async
         (its first page gets PG_readahead), elsewhere read_ahead_kb forward from the fault
@@ -565,8 +566,9 @@ class Collapser(Actor):
         ra = f.ra
         ra_pages = self.knobs.read_ahead_kb * 1024 // PAGE_SIZE
         if vm_hugepage:
-            # file_ra_state's start is left as it was (size, async_size and order are set).
-            ra[1], ra[2] = 2 * HPAGE_PMD_NR, HPAGE_PMD_NR
+            # file_ra_state's start is left as it was (size, async_size and order are set); one
+            # PMD range only under VM_RAND_READ.
+            ra[1], ra[2] = HPAGE_PMD_NR << (not rand_read), HPAGE_PMD_NR
             self._page_cache_ra_order(f, index & ~(HPAGE_PMD_NR - 1), HPAGE_PMD_ORDER)
             return
         if (rand_read and not exec_end) or not ra_pages:
