@@ -130,7 +130,7 @@ def test_every_op_round_trips_and_has_a_run_line() -> None:
         ('{"t_ms":0,"op":"file_create","name":"a/b","size":1}', "name", "bad file name"),
         ('{"t_ms":0,"op":"file_create","name":"","size":1}', "name", "bad file name"),
         ('{"t_ms":0,"op":"fault","pid":1,"addr":0,"write":1}', "write", "expected true or false"),
-        ('{"t_ms":0,"op":"madvise","pid":1,"addr":0,"length":1,"advice":"willneed"}', "advice", "not one of"),
+        ('{"t_ms":0,"op":"madvise","pid":1,"addr":0,"length":1,"advice":"mergeable"}', "advice", "not one of"),
         ('{"t_ms":0,"op":"mmap","pid":1,"addr":0,"length":1,"name":"f","prot":"x"}', "prot", "not one of"),
         ('{"t_ms":0,"op":"lock","pid":1,"hold_ms":-1}', "hold_ms", "must not be negative"),
         ('{"t_ms":-0.5,"op":"spawn","pid":1}', "t_ms", "must not be negative"),
