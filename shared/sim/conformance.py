@@ -1116,17 +1116,18 @@ class HypothesisDraw:
         return self.below(100) >= 100 - percent
 
 
-# madvise advice by weight: the model's with their weights; the rest ("other") share a small one.
-_MODEL_ADVICE_WEIGHTS = {
-    "hugepage": 5,
-    "nohugepage": 3,
-    "dontneed": 3,
-    "populate_read": 2,
-    "populate_write": 2,
-    "pageout": 1,
-    "collapse": 3,
+# madvise advice by weight: the ones that make, map or drop THPs most (three quarters of the
+# draws), every other advice of the table a little.
+_THP_ADVICE_WEIGHTS = {
+    "hugepage": 10,
+    "nohugepage": 6,
+    "dontneed": 6,
+    "populate_read": 4,
+    "populate_write": 4,
+    "pageout": 2,
+    "collapse": 6,
 }
-_OTHER_ADVICE = tuple(a for a in ADVICE if a not in _MODEL_ADVICE_WEIGHTS)
+_ADVICE_WEIGHTS = tuple((a.value, _THP_ADVICE_WEIGHTS.get(a, 1)) for a in ADVICE)
 
 _STEP_FAMILIES = (
     ("touch", 12),
@@ -1228,8 +1229,8 @@ def _fork_or_exit(fam: str, pid: int, pids: list[int], next_pid: int, lines: lis
 def generate(draw: Draw, steps: int = 12, mode: str = "step", exact: bool = True) -> list[Step]:
     """A random sequence on a 4 MiB shmem file mapped at :data:`A`.
 
-    ``step`` mode: touch and fault (read/write), madvise with every advice (the ones the model
-    lacks are skipped on both sides) over aligned, unaligned, partial and cross-VMA ranges,
+    ``step`` mode: touch and fault (read/write), madvise with every advice of shared.vm's
+    table (the THP ones most) over aligned, unaligned, partial and cross-VMA ranges,
     MADV_COLLAPSE, munmap inside and across PMDs, a second mmap beside or over the first (merging),
     fork and exit, truncate, hole punching, writes, and the syscalls the model lacks so far.
     ``khugepaged`` mode: ``sysfs set khugepaged/max_ptes_none`` 0, 255 or 511 first, a set-up of
@@ -1265,10 +1266,8 @@ def generate(draw: Draw, steps: int = 12, mode: str = "step", exact: bool = True
         elif fam in ("madvise", "collapse"):
             if fam == "collapse":
                 advice = "collapse"
-            elif draw.chance(12):
-                advice = draw.choice(_OTHER_ADVICE)
             else:
-                advice = _weighted(draw, tuple((a, w) for a, w in _MODEL_ADVICE_WEIGHTS.items() if mode == "step" or a != "collapse"))
+                advice = _weighted(draw, tuple((a, w) for a, w in _ADVICE_WEIGHTS if mode == "step" or a != "collapse"))
             s, ln = _range(draw, A, 4 * M)
             lines.append(f"madvise {pid} {s:#x} {ln} {advice}")
         elif fam == "munmap":
@@ -1330,14 +1329,26 @@ _LF_FAMILIES = (
     ("exit", 3),
     ("truncate", 4),
 )
-_LF_ADVICE = (("hugepage", 6), ("nohugepage", 3), ("collapse", 3), ("dontneed", 3), ("populate_read", 3))
+# The readahead hints, MADV_WILLNEED and MADV_COLD act on a regular file's page cache as on no shmem.
+_LF_ADVICE = (
+    ("hugepage", 6),
+    ("nohugepage", 3),
+    ("collapse", 3),
+    ("dontneed", 3),
+    ("populate_read", 3),
+    ("random", 2),
+    ("sequential", 2),
+    ("normal", 1),
+    ("willneed", 2),
+    ("cold", 1),
+)
 
 
 def generate_large_folio(draw: Draw, steps: int = 12, exact: bool = True) -> list[Step]:
     """A random sequence on a regular file of the ``large-folio`` kind (ext4 on the kernel side),
     mapped read-only (``r`` or ``rx``, shared or private) at :data:`A`: touch and fault (reads;
     a write now and then, which faults SIGSEGV on both), madvise hugepage, nohugepage, collapse,
-    dontneed and populate_read over the ranges of :func:`_range`, munmap, a second mapping,
+    dontneed, populate_read, the readahead hints, willneed and cold over the ranges of :func:`_range`, munmap, a second mapping,
     fork and exit, truncate. The file is 4 MiB, or 3 MiB now and then (a partial PMD at EOF)."""
     size = draw.choice(("4M", "4M", "4M", "3M"))
     lines = [f"file create {FILE} --size {size} --fs large-folio", "proc spawn 1"]
