@@ -74,6 +74,16 @@ ADVICE = tuple(Advice)
 MADV: dict[str, int] = {a.value: a.madv for a in Advice}
 # The advice that changes vm_flags (mmap_lock for write; VMAs split and merge).
 VM_FLAGS_ADVICE = frozenset(a.value for a in Advice if a.vm_flags)
+# smaps VmFlags letters a madvise sets, and the advice that sets each: an imported or recorded
+# mapping gets them back (VM_WIPEONFORK's wf is anon-only).
+VMFLAG_ADVICE = {
+    "sr": Advice.SEQUENTIAL,
+    "rr": Advice.RANDOM,
+    "dc": Advice.DONTFORK,
+    "dd": Advice.DONTDUMP,
+    "hg": Advice.HUGEPAGE,
+    "nh": Advice.NOHUGEPAGE,
+}
 
 
 class FsKind(enum.StrEnum):

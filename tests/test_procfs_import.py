@@ -122,7 +122,7 @@ VmFlags: rd wr mr mw me ac nh
 {line(0x40500000, 0x40510000, "r--p", 0, "fe:00", 6, "/srv/other.so")}
 Size:                 64 kB
 Rss:                  16 kB
-VmFlags: rd mr mw me
+VmFlags: rd mr mw me rr dd
 """
 
 
@@ -134,7 +134,8 @@ def test_smaps_gives_residency_and_hugepage_advice() -> None:
     layout = pi.Layout(entries, 7, "sample", {}, True, [])
     evs = build_trace(layout).events
     advice = [(e["addr"], e["advice"]) for e in evs if e["op"] == "madvise"]
-    assert advice == [(0x40000000, "hugepage"), (0x40400000, "nohugepage")]
+    # Every madvise letter of VmFlags comes back as its advice (shared.vm.VMFLAG_ADVICE).
+    assert advice == [(0x40000000, "hugepage"), (0x40400000, "nohugepage"), (0x40500000, "random"), (0x40500000, "dontdump")]
     touches = [(e["addr"], e["length"], e["write"], e["stride"]) for e in evs if e["op"] == "touch"]
     assert touches == [
         (0x40000000, 264 * 1024, False, 4096),

@@ -18,8 +18,10 @@ Output: a :class:`~shared.sim.trace.Trace` that rebuilds the layout in the model
    gives that pid, any other directory pid 1).
 3. ``mmap`` of every file/shmem VMA at its own address, length and file offset, with its
    permissions: ``r``, ``w``, ``x`` as ``prot`` (a mapping without ``r`` is mapped with it: the
-   model has no write- or exec-only protection) and ``s``/``p`` as ``shared``. Then ``madvise
-   hugepage`` where smaps' ``VmFlags`` shows ``hg``, ``nohugepage`` where it shows ``nh``.
+   model has no write- or exec-only protection) and ``s``/``p`` as ``shared``. Then ``madvise``
+   with the advice behind each madvise letter smaps' ``VmFlags`` shows (``hg`` hugepage, ``nh``
+   nohugepage, ``rr`` random, ``sr`` sequential, ``dc`` dontfork, ``dd`` dontdump: shared.vm's
+   ``VMFLAG_ADVICE``).
 4. Residency: ``touch`` events that fault in as many pages as the VMA's ``Rss``, **from the start
    of the VMA** (``residency="start"``, the default) or spread evenly over it
    (``residency="spread"``). In a private writable VMA the ``Anonymous`` pages are written
@@ -59,6 +61,7 @@ from shared.sim.trace import (
     write_trace,
 )
 from shared.units import PAGE_SIZE
+from shared.vm import VMFLAG_ADVICE
 
 KB = 1024
 _HEADER = re.compile(
@@ -377,9 +380,9 @@ def build_trace(layout: Layout, residency: str = "start") -> Trace:
         raw.append({"op": "mmap", "pid": pid, "addr": e.start, "length": e.length, "name": f["name"], "offset": e.offset,
                         "prot": _prot(e.perms), "shared": e.perms[3] == "s"})
     for e, _ in kept:
-        for flag, advice in (("hg", "hugepage"), ("nh", "nohugepage")):
+        for flag, advice in VMFLAG_ADVICE.items():
             if flag in e.vmflags:
-                raw.append({"op": "madvise", "pid": pid, "addr": e.start, "length": e.length, "advice": advice})
+                raw.append({"op": "madvise", "pid": pid, "addr": e.start, "length": e.length, "advice": advice.value})
     for e, _ in kept:
         raw.extend(_touches(pid, e, residency))
     events = [validate_event({"t_ms": 0, **r}) for r in raw]

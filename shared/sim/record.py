@@ -38,7 +38,8 @@ How it works
 * **Translation** (:func:`translate`, pure, unit-tested without root): the events are put in
   time order and replayed against a per-process map of file VMAs. An exec is ``spawn`` (``exit``
   and ``spawn`` if the pid already had an image) followed by an ``mmap`` per file or shmem VMA of
-  the snapshot (and ``madvise hugepage`` where it has ``hg``); a fork that makes a process (not a
+  the snapshot (and a ``madvise`` for each madvise letter of its VmFlags: ``hg`` hugepage, ``rr``
+  random, ...); a fork that makes a process (not a
   thread) is ``fork``; an ``mmap`` call of a file is ``mmap`` at the address it returned (the
   model's mmap with an address replaces what was there, as MAP_FIXED); an anonymous mmap over a
   file mapping and ``munmap`` of one are ``munmap``; a successful ``mremap`` of one is
@@ -91,7 +92,7 @@ from shared.sim.procfs_import import (
 )
 from shared.sim.trace import Trace, make_header, validate_event, write_trace
 from shared.units import PAGE_SIZE, TASK_SIZE
-from shared.vm import Advice
+from shared.vm import VMFLAG_ADVICE, Advice
 
 TRACEFS = Path("/sys/kernel/tracing")
 INSTANCE_PREFIX = "thpsplit-record-"
@@ -370,9 +371,9 @@ class Translator:
             key = (e.major, e.minor, e.inode, e.path)
             self._file(key, kind == "shmem", e.deleted)
             self._mmap(snap.ts_us, pid, e.start, e.end, key, e.offset, _prot_bits(e.perms), e.perms[3] == "s")
-            for flag, advice in (("hg", "hugepage"), ("nh", "nohugepage")):
+            for flag, advice in VMFLAG_ADVICE.items():
                 if flag in e.vmflags:
-                    self._emit(snap.ts_us, "madvise", pid=pid, addr=e.start, length=e.end - e.start, advice=advice)
+                    self._emit(snap.ts_us, "madvise", pid=pid, addr=e.start, length=e.end - e.start, advice=advice.value)
 
     def _resolve_late(self, pid: int, ts: int, addr: int, off: int) -> tuple[tuple[int, int, int, str], bool, bool] | None:
         """Name an mmap whose fd could not be read from a later smaps of the process."""
