@@ -525,12 +525,14 @@ class Collapser(Actor):
             out.append((index, value, orders[head] == HPAGE_PMD_ORDER))
         return tuple(out)
 
-    def _read_around(self, f: File, index: int, vm_hugepage: bool, exec_: bool, rand_read: bool, seq_read: bool) -> None:
+    def _read_around(
+        self, f: File, index: int, vm_hugepage: bool, exec_: bool, rand_read: bool, seq_read: bool
+    ) -> None:
         """do_sync_mmap_readahead for a major fault on a regular file: with VM_HUGEPAGE two PMD
-        ranges from the aligned index ("even if readahead is disabled"; one under VM_RAND_READ); nothing under
-        VM_RAND_READ (but in a VM_EXEC VMA); under VM_SEQ_READ read_ahead_kb forward from the
-        fault (page_cache_sync_ra); else read-around of read_ahead_kb centred on the fault.
-        Pages arrive uptodate; the mmap_miss heuristic is not modelled."""
+        ranges from the aligned index ("even if readahead is disabled"; one under VM_RAND_READ);
+        nothing under VM_RAND_READ (but in a VM_EXEC VMA); under VM_SEQ_READ read_ahead_kb
+        forward from the fault (page_cache_sync_ra); else read-around of read_ahead_kb centred on
+        the fault. Pages arrive uptodate; the mmap_miss heuristic is not modelled."""
         if vm_hugepage:
             self._do_page_cache_ra(f, index & ~(HPAGE_PMD_NR - 1), HPAGE_PMD_NR << (not rand_read))
             return
@@ -550,12 +552,12 @@ class Collapser(Actor):
     # The ro-thp kind keeps the simpler _read_around: small pages, no PG_readahead.
 
     def _sync_mmap_readahead(
-        self, f: File, index: int, vm_hugepage: bool, exec_end: int, rand_read: bool = False, seq_read: bool = False
+        self, f: File, index: int, vm_hugepage: bool, exec_end: int, rand_read: bool, seq_read: bool
     ) -> None:
         """do_sync_mmap_readahead for a page missing from a large-folio file: with VM_HUGEPAGE
         two PMD ranges from the aligned index in PMD-order folios, even with readahead off (one
-        under VM_RAND_READ, which gets PG_readahead);
-        nothing under VM_RAND_READ but in a VM_EXEC VMA; under VM_SEQ_READ
+        under VM_RAND_READ, which gets PG_readahead); nothing under VM_RAND_READ but in a
+        VM_EXEC VMA; under VM_SEQ_READ
         page_cache_sync_ra(ra_pages): at index 0 a window of read_ahead_kb, all of it async
         (its first page gets PG_readahead), elsewhere read_ahead_kb forward from the fault
         (do_page_cache_ra: the cached run before it is shorter than the request, so the

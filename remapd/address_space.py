@@ -318,7 +318,9 @@ class AddressSpace:
                 )
             return {"hugepage": hg, "nohugepage": not hg}
         if advice == "wipeonfork":
-            return None  # anonymous private memory only (vma->vm_file, VM_SHARED): every VMA here maps a file
+            # Private anonymous memory only (vma->vm_file or VM_SHARED: EINVAL); every VMA here
+            # maps a file.
+            return None
         set_bits, clear_bits = _MADV_FLAG_BITS[advice]
         return {"flags": (vma.flags & ~clear_bits) | set_bits}
 

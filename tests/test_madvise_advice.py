@@ -139,7 +139,8 @@ def test_sequential_reads_forward_from_the_fault(make_world):
 @pytest.mark.parametrize("hint, expect", [("random", (1, 2, 3)), ("sequential", (32, 32, 64)), ("normal", (32, 32, 64))])
 def test_large_folio_read_hints_as_on_ext4(make_world, hint, expect):
     # 6.18, ext4 with read_ahead_kb 128: page-cache pages after faults at 1M, 1M + 4K, 1M + 256K.
-    world = mapped(make_world(read_ahead_kb=128, fault_around_bytes=65536), size=8 * M, shmem=False, fs=LF, prot="r", shared=False)
+    world = make_world(read_ahead_kb=128, fault_around_bytes=65536)
+    mapped(world, size=8 * M, shmem=False, fs=LF, prot="r", shared=False)
     world.madvise(1, FIXED, 8 * M, hint)
     seen = []
     for off in (M, M + P, M + 64 * P):

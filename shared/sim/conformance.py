@@ -1348,8 +1348,8 @@ def generate_large_folio(draw: Draw, steps: int = 12, exact: bool = True) -> lis
     """A random sequence on a regular file of the ``large-folio`` kind (ext4 on the kernel side),
     mapped read-only (``r`` or ``rx``, shared or private) at :data:`A`: touch and fault (reads;
     a write now and then, which faults SIGSEGV on both), madvise hugepage, nohugepage, collapse,
-    dontneed, populate_read, the readahead hints, willneed and cold over the ranges of :func:`_range`, munmap, a second mapping,
-    fork and exit, truncate. The file is 4 MiB, or 3 MiB now and then (a partial PMD at EOF)."""
+    dontneed, populate_read, the readahead hints, willneed and cold over the ranges of
+    :func:`_range`, munmap, a second mapping, fork and exit, truncate. The file is 4 MiB, or 3 MiB now and then (a partial PMD at EOF)."""
     size = draw.choice(("4M", "4M", "4M", "3M"))
     lines = [f"file create {FILE} --size {size} --fs large-folio", "proc spawn 1"]
     prots = ("r", "rx")
