@@ -202,3 +202,30 @@ def test_cold_and_willneed_errnos(world):
     assert world.madvise(1, FIXED, 4 * M, "cold") == "EINVAL"
     assert world.madvise(1, FIXED, 4 * M, "willneed") == 0
     assert world.madvise(1, FIXED, 8 * M, "willneed") == "ENOMEM"
+
+
+def test_the_flags_survive_a_snapshot_and_an_older_snapshot_has_none(world):
+    # remapd's snapshot keeps Vma.flags; one written before they existed (rows of 14) restores
+    # with none set, and a bit outside them is refused.
+    from remapd import snapshot as rsnap
+    from shared import persist
+
+    def saved():
+        return persist.decode(persist.encode(rsnap.DAEMON, rsnap.snapshot(world.remapper)), rsnap.DAEMON)
+
+    def rows(state, fn):
+        return {**state, "mms": [{**mm, "vmas": [fn(row) for row in mm["vmas"]]} for mm in state["mms"]]}
+
+    mapped(world)
+    world.restart_remapper(reconnect=False, state=rows(saved(), lambda row: row[:14]))
+    world.connect()
+    assert vmas(world, 1) == [(0, 4 * M, "")]
+    world.madvise(1, FIXED + M, M, "random")
+    world.madvise(1, FIXED + 3 * M, M, "dontfork")
+    before = vmas(world, 1)
+    state = saved()
+    world.restart_remapper(reconnect=False, state=state)
+    world.connect()
+    assert vmas(world, 1) == before == [(0, M, ""), (M, 2 * M, "rr"), (2 * M, 3 * M, ""), (3 * M, 4 * M, "dc")]
+    with pytest.raises(persist.SnapshotError, match="unknown flags"):
+        world.restart_remapper(reconnect=False, state=rows(state, lambda row: [*row[:14], 1]))
