@@ -296,7 +296,7 @@ class ModelBackend:
     """The model (an in-process :class:`World`) as a :class:`Backend`.
 
     Steps go through the World's operations by name (:data:`WORLD_METHODS`); an operation the
-    World does not have, an advice or protection outside the model's enums, or a flag the World
+    World does not have, a protection outside the model's enum, or a flag the World
     method has no parameter for, is *unsupported*: the harness skips that step on both sides and
     counts it, so a syscall the model gains later is compared from then on without a change here.
     """
