@@ -335,8 +335,7 @@ class Collapser(Actor):
         f = self.cache.files.get(msg.ino)
         if f is not None and not f.shmem:
             ra_pages = self.knobs.read_ahead_kb * 1024 // PAGE_SIZE
-            max_pages = min(msg.nr, IO_PAGES) if msg.nr > ra_pages and IO_PAGES > ra_pages else ra_pages
-            self._do_page_cache_ra(f, msg.index, min(msg.nr, max_pages))
+            self._do_page_cache_ra(f, msg.index, min(msg.nr, max(ra_pages, IO_PAGES)))
         self.send(m.ReadAhead(msg.req))
 
     # -- fault lookups (filemap_fault / shmem_fault) ------------------------------------------
