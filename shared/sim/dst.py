@@ -697,7 +697,10 @@ class Simulation:
             addr, length = self._some_range(pid, rng.choice((1, 3, 512)))
             self._start(m.Munmap, pid=pid, addr=addr, length=length)
         elif kind == "madvise":
-            advice = rng.choice(("hugepage", "hugepage", "nohugepage", "collapse", "collapse", "dontneed", "populate_read", "populate_write", "pageout"))
+            advice = rng.choice((
+                "hugepage", "hugepage", "nohugepage", "collapse", "collapse", "dontneed", "populate_read", "populate_write",
+                "pageout", "random", "sequential", "willneed", "cold", "dontfork",
+            ))
             addr, length = self._some_range(pid, rng.choice((1, 512, 1024)))
             if advice in ("hugepage", "collapse"):
                 addr &= ~(HPAGE_PMD_SIZE - 1)
