@@ -229,6 +229,9 @@ KERNEL_CASES = {
     "folio-at-eof-window-only": "file create c --size 4M --fs large-folio; file write c 2M 2M; proc spawn 1; "
     "mmap 1 0x40000000 4M --file c --prot r --shared; madvise 1 0x40000000 4M nohugepage; "
     "fault 1 0x40200000; madvise 1 0x40200000 2044K dontneed; fault 1 0x40300000",
+    "written-folio-will-not-split": "file create c --size 4M --fs large-folio; file write c 2M 2M; proc spawn 1; "
+    "mmap 1 0x40000000 4M --file c --prot r --shared; madvise 1 0x40000000 4M hugepage; fault 1 0x40000000; "
+    "fault 1 0x40200000; file truncate c 3M; fault 1 0x40200000; fault 1 0x402ff000; fault 1 0x40300000",
     "write-2m-then-fault": "file create c --size 4M --fs large-folio; file write c 0 2M; proc spawn 1; "
     "mmap 1 0x40000000 4M --file c --prot r --shared; fault 1 0x40000000; madvise 1 0x40000000 4M nohugepage; "
     "madvise 1 0x40000000 4M dontneed; fault 1 0x40000000",
@@ -304,6 +307,29 @@ def test_fault_around_maps_the_folio_at_eof_only_around_the_fault(make_world, si
     assert world.madvise(1, a + H, H - P, "dontneed") == 0
     assert world.fault(1, a + H + 256 * P) == "minor"
     assert smaps1(world, 1)["Rss"] == rss
+
+
+@pytest.mark.parametrize("written, nrpages", [(False, 512), (True, 1024)])
+def test_a_truncate_that_cannot_split_the_folio_unmaps_it(make_world, written, nrpages):
+    # mm/truncate.c truncate_inode_partial_folio -> try_folio_split_or_unmap (6.18): a regular
+    # file's folio that would not split is unmapped (try_to_unmap); a clean one then leaves the
+    # cache whole (truncate_inode_folio), a dirty one stays, its pages past EOF too. A pin
+    # fails can_split_folio; a written folio fails __folio_split's filemap_release_folio (ext4's
+    # dirty buffers) even unpinned. ext4 (a vmsplice'd page for the pin): 512 and 1024 pages.
+    world = make_world(fault_around_bytes=65536)
+    world.file_create("f", 2 * H, fs=LF)
+    if written:
+        world.file_write("f", H, H)
+    world.spawn(1)
+    a = world.mmap(1, FIXED, 2 * H, "f", prot="r")
+    assert world.madvise(1, a, 2 * H, "hugepage") == 0
+    assert world.fault(1, a) == "pmd" and world.fault(1, a + H) == "pmd"
+    if not written:
+        world.pin(1, a + H + P)
+    world.file_truncate("f", H + H // 2)
+    assert world.vmstat()["thp_split_page_failed"] == 1
+    assert world.file_ls()[0]["nrpages"] == nrpages
+    assert [(e["Rss"], e["FilePmdMapped"]) for e in world.smaps(1)] == [(2048, 2048)]
 
 
 def test_a_vma_that_starts_at_the_folio_faults_around_it_as_usual(make_world):
