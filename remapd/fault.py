@@ -323,10 +323,10 @@ class FaultPath:
         folio_next_index(folio)" with file_end the last page's index: a folio that ends right at
         EOF fails it too), so with the PMD none no page table is installed,
         pte_offset_map_lock() finds none, and nothing of the window is mapped; the fault maps
-        its page (finish_fault) and the next fault the window. The window is the fault-around
-        pages the collapser found mappable plus the fault's own page where the scan saw it (a
-        shmem hole it filled and, but for a large-folio file's retried fault, a page it read
-        came after the scan)."""
+        its page (finish_fault) and the next fault the window. The scan met the fault-around
+        pages the collapser found mappable, and the fault's own page unless the lookup filled
+        it (a shmem hole) or read it after the scan (a large-folio file's fault is retried after
+        its read, so its scan comes after)."""
         f = self.files.get(vma.ino)
         if f is None:
             return False
