@@ -396,7 +396,12 @@ class FileOps:
             return True
         cache = self.cache
         if nr > 1:
-            if not (yield from self.split_folio(f, head, head + (offset >> PAGE_SHIFT))):
+            if not (yield from self._split_or_unmap(f, head, head + (offset >> PAGE_SHIFT))):
+                if not f.shmem and not mem.flags[head] & PG_DIRTY:
+                    # A clean folio that would not split leaves the cache whole (its pages
+                    # outside the range are read again when needed).
+                    yield from self._truncate_folio(f, head)
+                    return True
                 cache.unlock(head)
                 return False
             if offset + length < size:
@@ -404,10 +409,27 @@ class FileOps:
                 at = head + ((offset + length) >> PAGE_SHIFT)
                 head2 = mem.head(at)
                 if mem.folio_nr(head2) > 1 and cache.trylock(head2):
-                    yield from self.split_folio(f, head2, at)
+                    yield from self._split_or_unmap(f, head2, at)
                     cache.unlock(head2)
         cache.unlock(head)
         return True
+
+    def _split_or_unmap(self, f: File, head: int, at: int) -> Generator[Any, Any, bool]:
+        """try_folio_split_or_unmap (mm/truncate.c, 6.18): a regular file's folio that would not
+        split is unmapped, so that it is faulted again with PTEs that respect i_size (shmem's
+        keeps its mappings, PMDs across i_size included)."""
+        if (yield from self.split_folio(f, head, at)):
+            return True
+        if not f.shmem:
+            yield from self._unmap_folio(f, head)
+        return False
+
+    def _unmap_folio(self, f: File, head: int) -> Generator[Any, Any, None]:
+        """try_to_unmap: every mapping of the folio's pages (not the CoW copies of them)."""
+        mem = self.cache.mem
+        lo, nr = mem.index[head], mem.folio_nr(head)
+        if mem.total_mapcount(head):
+            yield from self.unmap_range(f, lo, lo + nr, tuple(range(head, head + nr)), even_cows=False)
 
     def _truncate_folio(self, f: File, head: int) -> Generator[Any, Any, None]:
         """truncate_inode_folio on a locked folio: truncate_cleanup_folio unmaps it if a fault
@@ -479,20 +501,30 @@ class FileOps:
         unlocked. thp_split_page and thp_split_page_failed count PMD-order folios only."""
         mem = self.cache.mem
         nr = mem.folio_nr(head)
-        if mem.ref[head] != nr + mem.total_mapcount(head):
-            # can_split_folio's racy check runs before unmap_folio: a pinned folio keeps its
-            # mappings.
+        if self._release_refused(f, head) or mem.ref[head] != nr + mem.total_mapcount(head):
+            # filemap_release_folio and can_split_folio's racy check run before unmap_folio: a
+            # folio that fails them keeps its mappings.
             return self._split(f, head, at)
-        if mem.total_mapcount(head):
-            lo = mem.index[head]
-            yield from self.unmap_range(f, lo, lo + nr, tuple(range(head, head + nr)), even_cows=False)
+        yield from self._unmap_folio(f, head)
         return self._split(f, head, at if f.shmem else None)
+
+    def _release_refused(self, f: File, head: int) -> bool:
+        """__folio_split's filemap_release_folio fails (-EBUSY): a large-folio file's folio that
+        was written has buffer heads, which try_to_free_buffers will not free while they are
+        dirty or under writeback (ext4 on 6.18: a written 2 MiB folio stays whole at a
+        truncate inside it, its pages past EOF cached)."""
+        return f.large_folio and bool(self.cache.mem.flags[head] & (PG_DIRTY | PG_WRITEBACK))
 
     def _split(self, f: File, head: int, at: int | None) -> bool:
         mem = self.cache.mem
         nr = mem.folio_nr(head)
         pmd_order = nr == HPAGE_PMD_NR
-        if mem.ref[head] != nr or mem.entire.get(head) or any(mem.mapcount[head : head + nr]):
+        if (
+            self._release_refused(f, head)
+            or mem.ref[head] != nr
+            or mem.entire.get(head)
+            or any(mem.mapcount[head : head + nr])
+        ):
             if pmd_order:
                 self.vm["thp_split_page_failed"] += 1
             return False

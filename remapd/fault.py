@@ -279,6 +279,8 @@ class FaultPath:
             self.rmap.add(reply.pfn, pte=-1)
             self._map_around(mm, vma, reply, install=False)
             return None
+        # With the PMD none, fault-around may map nothing (see _first_folio_at_eof).
+        refused = nr_around > 1 and current is None and not reply.shmem and self._first_folio_at_eof(vma, addr, reply)
         # A large folio that lies inside the VMA and this PMD's page table is mapped whole
         # (finish_fault, filemap_map_folio_range), a regular file's only inside i_size.
         whole = False
@@ -299,15 +301,15 @@ class FaultPath:
                 self.pagetables.do_set_pmd(mm, pidx, reply.head, reply.shmem, accounted=False)
                 self._map_around(mm, vma, reply, install=False)
                 return "pmd"
-            # finish_fault (no fault-around ran, or the folio was not in the cache for it)
-            # maps the whole folio only where every PTE of it is none (pte_range_none), else
-            # the one page; fault-around (filemap_map_folio_range) maps it around what is
-            # present.
-            whole = (
-                current is None
-                or not any(current.ptes[first : first + nr])
-                or (nr_around > 1 and not reply.major and not reply.allocated)
-            )
+            # finish_fault (no fault-around ran, the folio was not in the cache for it, or it
+            # mapped nothing) maps the whole folio only where every PTE of it is none
+            # (pte_range_none), else the one page; fault-around (filemap_map_folio_range) maps
+            # it whole around what is present, but a regular file's only if it ends before the
+            # file's last page ("file_end >= folio_next_index(folio)"), else just the window.
+            if nr_around > 1 and not reply.major and not reply.allocated and not refused:
+                whole = self._can_map_large(vma, vma.pgoff_at(folio_end), reply.shmem)
+            else:
+                whole = current is None or not any(current.ptes[first : first + nr])
         flags = (PTE_THP if reply.thp else 0) | (PTE_SHMEM if reply.shmem else 0)
         if write:
             flags |= PTE_WRITE | PTE_DIRTY
@@ -315,36 +317,30 @@ class FaultPath:
             flags |= PTE_WRITE  # shmem wants no write-notify: vm_page_prot is writable
         self.pagetables.set_pte_at(mm, pidx, slot, pte_make(reply.pfn, flags))
         if reply.around:
-            refused = reply.thp and self._large_folio(vma) and self._around_refused(mm, vma, addr, current, reply.head)
             self._map_around(mm, vma, reply, install=not refused)
         if whole:
             self.pagetables.map_folio_ptes(mm, pidx, first, reply.head, nr, flags)
         return "major" if reply.major else "minor"
 
-    def _around_refused(self, mm: Mm, vma: Vma, addr: int, entry: PteTable | None, head: int) -> bool:
-        """Whether ext4 on 6.18 maps none of the fault-around window on a large-folio file's
-        PMD-order folio (the fault then maps its own page): with the PMD none, when the folio
-        begins before this VMA or before this page table (a VMA that maps the file off its
-        alignment); and whatever the PMD, when this VMA maps some of the folio with PTEs in
-        another page table. Observed on ext4 (docs/CONFORMANCE.md); the mechanism in
-        filemap_map_pages is not traced."""
-        haddr = addr & ~(HPAGE_PMD_SIZE - 1)
-        folio_addr = vma.addr_of(vma.pgoff_at(addr) & ~(HPAGE_PMD_NR - 1))
-        if entry is None and folio_addr < max(haddr, vma.start):
-            return True
-        lo, hi = max(folio_addr, vma.start), min(folio_addr + HPAGE_PMD_SIZE, vma.end)
-        for pidx in range(lo >> HPAGE_PMD_SHIFT, ((hi - 1) >> HPAGE_PMD_SHIFT) + 1):
-            table = mm.pmds.get(pidx)
-            if pidx == haddr >> HPAGE_PMD_SHIFT or not isinstance(table, PteTable) or not table.nr:
-                continue
-            a = max(lo, pidx << HPAGE_PMD_SHIFT)
-            b = min(hi, (pidx + 1) << HPAGE_PMD_SHIFT)
-            ptes = table.ptes
-            for slot in range((a >> PAGE_SHIFT) & (HPAGE_PMD_NR - 1), (((b - 1) >> PAGE_SHIFT) & (HPAGE_PMD_NR - 1)) + 1):
-                pte = ptes[slot]
-                if pte and not pte & PTE_ANON and head <= pte_pfn(pte) < head + HPAGE_PMD_NR:
-                    return True
-        return False
+    def _first_folio_at_eof(self, vma: Vma, addr: int, reply: m.PageAnswer) -> bool:
+        """Whether the first folio filemap_map_pages finds in the fault-around window holds the
+        file's last page. It then skips filemap_map_pmd (6.18's i_size rule, "file_end >=
+        folio_next_index(folio)" with file_end the last page's index: a folio that ends right at
+        EOF fails it too), so with the PMD none no page table is installed,
+        pte_offset_map_lock() finds none, and nothing of the window is mapped; the fault maps
+        its page (finish_fault) and the next fault the window. The scan met the fault-around
+        pages the collapser found mappable, and the fault's own page unless the lookup filled
+        it (a shmem hole) or read it after the scan (a large-folio file's fault is retried after
+        its read, so its scan comes after)."""
+        f = self.files.get(vma.ino)
+        if f is None:
+            return False
+        # The last page of the folio of each page the scan met (PMD-order folios are aligned).
+        lasts = {i: i | (HPAGE_PMD_NR - 1) if thp else i for i, _, thp in reply.around}
+        if not reply.allocated and (not reply.major or f.large_folio):
+            index = vma.pgoff_at(addr)
+            lasts[index] = index - (reply.pfn - reply.head) + (1 << reply.order) - 1
+        return bool(lasts) and lasts[min(lasts)] >= ((f.size + PAGE_SIZE - 1) >> PAGE_SHIFT) - 1
 
     def _large_folio(self, vma: Vma) -> bool:
         f = self.files.get(vma.ino)

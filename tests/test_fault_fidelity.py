@@ -7,7 +7,7 @@ default, which this kernel's lockdown keeps us from changing).
 
 from __future__ import annotations
 
-from helpers import FIXED, H, P, cache_pfn, make_file_thp, pte_at
+from helpers import FIXED, H, P, cache_pfn, pte_at
 
 from collapsed.pagecache import PG_DIRTY, PG_HEAD
 from remapd.mm import PTE_DIRTY, PTE_WRITE
@@ -260,14 +260,16 @@ def test_a_regular_file_thp_past_eof_is_neither_pmd_mapped_nor_mapped_whole(make
     populate page table entries beyond i_size"): a regular file's large folio that reaches past
     i_size gets no PMD and is not mapped whole (``needs_fallback``, ``can_map_large``), so an
     access past EOF still raises SIGBUS; fault-around stops at the file's last page. (Shmem is
-    exempt.) Here the THP outlives a truncate into it because a pin keeps it from splitting.
+    exempt.) Here the THP outlives a truncate into it because it was written: __folio_split's
+    filemap_release_folio cannot free ext4's dirty buffers, and truncate_inode_partial_folio
+    keeps a dirty folio it could not split (a clean one, say pinned, would leave the cache).
     (Retry policy ``none``: the remapper's own pass over marked tables stays out of it.)"""
     world = make_world(retry_policy="none")
-    head = make_file_thp(world, "f", H)
-    world.spawn(2)
-    world.pin(2, world.mmap(2, A + 4 * H, H, "f"))
+    world.file_create("f", H, fs="large-folio")
+    world.file_write("f", 0, H)  # write_begin: one PMD-order folio
+    head = cache_pfn(world, "f", 0)
     world.file_truncate("f", H // 2)
-    assert world.collapser.mem.flags[head] & PG_HEAD  # kept whole: the pin failed the split
+    assert world.collapser.mem.flags[head] & PG_HEAD  # kept whole: the split was refused
     world.spawn(1)
     a = world.mmap(1, A, H, "f")
     assert world.fault(1, a + 5 * P) == "minor"

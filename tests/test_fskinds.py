@@ -223,6 +223,15 @@ KERNEL_CASES = {
     "fault 1 0x40300000; fault 1 0x40301000; fault 1 0x40310000",
     "folio-across-page-tables": "file create c --size 4M --fs large-folio; file write c 2M 2M; proc spawn 1; "
     "mmap 1 0x40100000 4M --file c --prot rx --shared; fault 1 0x4047f000; fault 1 0x404ff000; fault 1 0x403ff000",
+    "folio-at-eof-vma-ends-inside": "file create c --size 4M --fs large-folio; proc spawn 1; "
+    "mmap 1 0x40000000 4M --file c --prot rx --shared; madvise 1 0x40000000 4M hugepage; "
+    "munmap 1 0x4033b000 792K; fault 1 0x40200000; fault 1 0x40280000",
+    "folio-at-eof-window-only": "file create c --size 4M --fs large-folio; file write c 2M 2M; proc spawn 1; "
+    "mmap 1 0x40000000 4M --file c --prot r --shared; madvise 1 0x40000000 4M nohugepage; "
+    "fault 1 0x40200000; madvise 1 0x40200000 2044K dontneed; fault 1 0x40300000",
+    "written-folio-will-not-split": "file create c --size 4M --fs large-folio; file write c 2M 2M; proc spawn 1; "
+    "mmap 1 0x40000000 4M --file c --prot r --shared; madvise 1 0x40000000 4M hugepage; fault 1 0x40000000; "
+    "fault 1 0x40200000; file truncate c 3M; fault 1 0x40200000; fault 1 0x402ff000; fault 1 0x40300000",
     "write-2m-then-fault": "file create c --size 4M --fs large-folio; file write c 0 2M; proc spawn 1; "
     "mmap 1 0x40000000 4M --file c --prot r --shared; fault 1 0x40000000; madvise 1 0x40000000 4M nohugepage; "
     "madvise 1 0x40000000 4M dontneed; fault 1 0x40000000",
@@ -242,9 +251,10 @@ def test_random_large_folio_sequences_agree_with_ext4(ext4_session):
 
 
 def test_fault_around_maps_nothing_of_a_pmd_folio_that_starts_before_the_vma(make_world):
-    # filemap_map_pages meets a PMD-order folio whose first index lies before the VMA, with the
-    # PMD none: 6.18 maps none of the window, the fault maps its one page. The next fault finds
-    # the page table and maps its window (observed on ext4; mechanism not traced).
+    # filemap_map_pages meets a PMD-order folio that holds the file's last page, with the PMD
+    # none: 6.18 maps none of the window (its off-by-one i_size test skips filemap_map_pmd, so
+    # no page table is installed), the fault maps its one page. The next fault finds the page
+    # table and maps its window.
     world = make_world(read_ahead_kb=0, fault_around_bytes=65536)
     world.file_create("f", 2 * H, fs=LF)
     world.file_write("f", H, H)
@@ -259,6 +269,67 @@ def test_fault_around_maps_nothing_of_a_pmd_folio_that_starts_before_the_vma(mak
     assert rss() == 4
     assert world.fault(1, a + H + 257 * P) == "minor"
     assert rss() == 64
+
+
+@pytest.mark.parametrize("size, window", [(2 * H, 4), (3 * H, 64)])
+def test_fault_around_refuses_the_folio_that_holds_the_last_page(make_world, size, window):
+    # mm/filemap.c filemap_map_pages (6.18): "file_end >= folio_next_index(folio)", file_end
+    # the last page's index, fails for a folio that ends right at EOF. The first folio the scan
+    # finds is that one: filemap_map_pmd is skipped, with the PMD none pte_offset_map_lock()
+    # finds no table and fault-around maps nothing; the fault maps its page. A file one PMD
+    # longer leaves the folio inside i_size: the window is mapped (ext4: 4 kB and 64 kB, the
+    # major fault at the start of a folio the VMA ends inside).
+    world = make_world(read_ahead_kb=0, fault_around_bytes=65536)
+    world.file_create("f", size, fs=LF)
+    world.spawn(1)
+    a = world.mmap(1, FIXED, 2 * H, "f", prot="r")
+    assert world.madvise(1, a, 2 * H, "hugepage") == 0
+    world.munmap(1, a + 827 * P, 2 * H - 827 * P)  # the VMA ends inside the folio
+    assert world.fault(1, a + H) == "major"
+    assert smaps1(world, 1)["Rss"] == window
+    assert world.fault(1, a + H + 128 * P) == "minor"
+    assert smaps1(world, 1)["Rss"] == window + 64
+
+
+@pytest.mark.parametrize("size, rss", [(2 * H, 4 + 64), (3 * H, 2048)])
+def test_fault_around_maps_the_folio_at_eof_only_around_the_fault(make_world, size, rss):
+    # mm/filemap.c filemap_map_folio_range (6.18) maps a large folio whole only if "file_end >=
+    # folio_next_index(folio)": the folio holding the last page gets just the window, around
+    # the one page left mapped in its table (ext4: 68 kB for a 4 MiB file, 2048 for 6 MiB).
+    world = make_world(fault_around_bytes=65536)
+    world.file_create("f", size, fs=LF)
+    world.file_write("f", H, H)
+    world.spawn(1)
+    a = world.mmap(1, FIXED, 2 * H, "f", prot="r")
+    assert world.madvise(1, a, 2 * H, "nohugepage") == 0
+    assert world.fault(1, a + H) == "minor"
+    assert smaps1(world, 1)["Rss"] == 2048  # finish_fault on a new table: whole
+    assert world.madvise(1, a + H, H - P, "dontneed") == 0
+    assert world.fault(1, a + H + 256 * P) == "minor"
+    assert smaps1(world, 1)["Rss"] == rss
+
+
+@pytest.mark.parametrize("written, nrpages", [(False, 512), (True, 1024)])
+def test_a_truncate_that_cannot_split_the_folio_unmaps_it(make_world, written, nrpages):
+    # mm/truncate.c truncate_inode_partial_folio -> try_folio_split_or_unmap (6.18): a regular
+    # file's folio that would not split is unmapped (try_to_unmap); a clean one then leaves the
+    # cache whole (truncate_inode_folio), a dirty one stays, its pages past EOF too. A pin
+    # fails can_split_folio; a written folio fails __folio_split's filemap_release_folio (ext4's
+    # dirty buffers) even unpinned. ext4 (a vmsplice'd page for the pin): 512 and 1024 pages.
+    world = make_world(fault_around_bytes=65536)
+    world.file_create("f", 2 * H, fs=LF)
+    if written:
+        world.file_write("f", H, H)
+    world.spawn(1)
+    a = world.mmap(1, FIXED, 2 * H, "f", prot="r")
+    assert world.madvise(1, a, 2 * H, "hugepage") == 0
+    assert world.fault(1, a) == "pmd" and world.fault(1, a + H) == "pmd"
+    if not written:
+        world.pin(1, a + H + P)
+    world.file_truncate("f", H + H // 2)
+    assert world.vmstat()["thp_split_page_failed"] == 1
+    assert world.file_ls()[0]["nrpages"] == nrpages
+    assert [(e["Rss"], e["FilePmdMapped"]) for e in world.smaps(1)] == [(2048, 2048)]
 
 
 def test_a_vma_that_starts_at_the_folio_faults_around_it_as_usual(make_world):

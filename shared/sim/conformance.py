@@ -751,16 +751,6 @@ def _lf_orders(div: Divergence) -> bool:
     return _faulting(div) or div.step.op == "file truncate"
 
 
-def _lf_fault_around(div: Divergence) -> bool:
-    """Rss alone differs at an access, on a large-folio file whose size stayed 2 MiB-aligned (no
-    folio below PMD order at EOF): what fault-around maps of a large folio that several VMAs or
-    page tables map (the model's rule in remapd/fault.py _around_refused covers the cases it
-    was derived from, not all)."""
-    if not _large_folio_file(div) or not _only(div, ("smaps.Rss",)) or div.step.op not in ACCESS_OPS:
-        return False
-    return all(s.args["size"] % PMD == 0 for s in div.steps if s.op in ("file create", "file truncate"))
-
-
 def _install_pmd(div: Divergence) -> bool:
     s = div.step
     if ("thpsplit/install_pmd", "1") not in div.settings.model_knobs:
@@ -809,24 +799,6 @@ KNOWN: tuple[Known, ...] = (
         "during which khugepaged's full_scans moved anyway is reported as inconclusive, never compared.",
         number=14,
         unreachable="handled by quiet_khugepaged (tests/test_kernel_backend.py checks it)",
-    ),
-    Known(
-        "#30",
-        "open",
-        "what an access maps of a large-folio file's large folio that several VMAs map (sizes 2 MiB-aligned)",
-        "filemap_map_pages() -> filemap_map_pmd() / filemap_map_folio_range() on ext4 (6.18): with "
-        "the PMD none, none of the window is mapped for a folio that begins before the VMA or the "
-        "page table, or that the VMA maps in another page table (modelled: _around_refused in "
-        "remapd/fault.py); where other VMAs map the folio too the kernel maps less, or more, than "
-        "that rule says. The mechanism is not traced.",
-        matcher=_lf_fault_around,
-        reproducer="file create c --size 4M --fs large-folio; proc spawn 1; "
-        "mmap 1 0x40000000 4M --file c --prot r --private; madvise 1 0x40000000 4M hugepage; "
-        "fault 1 0x4053e000; file truncate c 2M; touch 1 0x403ff000 4M; "
-        "mmap 1 0x40100000 2M --file c --offset 1M --prot r --private; fault 1 0x40475000; "
-        "munmap 1 0x4039b000 867477; mmap 1 0x40200000 1M --file c --offset 2M --prot rx --private; "
-        "touch 1 0x40200000 2M --stride 512K; touch 1 0x40070001 4K",
-        number=30,
     ),
     Known(
         "large-folio-orders",

@@ -31,6 +31,15 @@ model):
   copies them), and the new worker's socket comes back over SCM_RIGHTS. ``proc exit`` ends the
   worker; the backend waits for the socket's EOF, which the kernel delivers from
   ``exit_files()``, after ``exit_mm()`` tore the address space down.
+* **One CPU.** The zygote, so every worker, is pinned to one CPU (:attr:`KernelBackend.cpu`, the
+  lowest the caller may run on), and the caller's own file I/O (``file write``/``truncate``/
+  ``punch``) runs pinned to it too. A folio just added to the page cache or faulted in waits in
+  its CPU's ``lru_add`` folio_batch (up to 31) before it reaches the LRU; MADV_PAGEOUT drains only
+  the local CPU's batch (``madvise_pageout`` -> ``lru_add_drain``), and
+  ``madvise_cold_or_pageout_pte_range`` leaves mapped a folio ``folio_isolate_lru`` cannot take.
+  Unpinned, a ``file write`` on one CPU and a pageout on the other left up to 30 pages mapped that
+  the model (one batch, drained at that madvise) unmaps, as often as not; on one CPU the drain
+  takes them all, every time (seen with /proc/kpageflags' KPF_LRU).
 * **Accesses** (``fault``/``touch``) are real CPU loads and stores. A small x86-64 probe
   (``mov cl,[r8]`` for a read, ``lock add byte [r8],0`` for a write: a write fault that keeps
   the data) and a SIGSEGV/SIGBUS handler, both machine code in an executable page made by the
@@ -1356,6 +1365,8 @@ class KernelBackend:
         self.ext4_mounted = False
         self.ext4_size = ext4_size
         self.ext4_read_ahead_kb = ext4_read_ahead_kb
+        # Every per-CPU LRU add batch a scenario fills is this CPU's (see the module docstring).
+        self.cpu = min(os.sched_getaffinity(0))
         try:
             proc = subprocess.run(
                 ["mount", "-t", "tmpfs", "-o", f"huge={huge},size={size},mode=0700", "tmpfs", self.root],
@@ -1373,6 +1384,7 @@ class KernelBackend:
                 env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
             )
             theirs.close()
+            os.sched_setaffinity(self.zygote.pid, {self.cpu})  # before any spawn: workers inherit it
             self._zygote = _Channel(zsock, self.zygote.pid)
             self.reset_counters()
         except BaseException:
@@ -1613,11 +1625,15 @@ class KernelBackend:
             fd = os.open(os.path.join(self.root, self.relpath(name)), os.O_RDWR)
         except OSError as err:
             return {"result": _errno_name(err.errno)}
+        # The folios a write adds wait in this thread's CPU's LRU add batch: the workers' CPU.
+        allowed = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, {self.cpu})
         try:
             fn(fd)
         except OSError as err:
             return {"result": _errno_name(err.errno)}
         finally:
+            os.sched_setaffinity(0, allowed)
             os.close(fd)
         return {"result": 0}
 
