@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from shared import messages as m
 from shared.actor import Wait
 from shared.knobs import Knobs
 from shared.units import HPAGE_PMD_NR
@@ -69,31 +70,19 @@ _ZERO_BLOCK = {code: array(code, bytes(array(code).itemsize * HPAGE_PMD_NR)) for
 BULK_ROWS = 16
 
 
-Rows = tuple[tuple[int, int, int, int], ...]
 Drops = tuple[np.ndarray, np.ndarray] | None
-# The last batch pte_drops() looked at and its answer: the peer check and the accounting of one
-# RmapDelta ask about the same rows one after the other (the batch is kept alive here, so its
-# identity cannot be taken by another).
-_last_drops: tuple[Rows, Drops] = ((), None)
 
 
-def pte_drops(rows: Rows) -> Drops:
-    """(pfns, PTE deltas) of a long batch of rmap rows that only drop PTE mappings (a zapped
-    range: munmap, try_to_unmap, exit); None for anything else, which goes row by row."""
-    global _last_drops
-    if len(rows) < BULK_ROWS:
+def pte_drops(delta: m.RmapDelta) -> Drops:
+    """(pfns, PTE deltas) of a long :class:`~shared.messages.RmapDelta` that only drops PTE
+    mappings (a zapped range: munmap, try_to_unmap, exit), as read-only views of its columns;
+    None for anything else, which goes row by row."""
+    if delta.pmds or delta.pins or not delta.ptes or delta.nrows < BULK_ROWS:
         return None
-    if rows is _last_drops[0]:
-        return _last_drops[1]
-    pfns, ptes, pmds, pins = zip(*rows)
-    drops: Drops = None
-    if not (any(pmds) or any(pins) or max(ptes) >= 0):
-        try:
-            drops = np.fromiter(pfns, np.int64, len(pfns)), np.fromiter(ptes, np.int64, len(ptes))
-        except OverflowError:
-            pass
-    _last_drops = rows, drops
-    return drops
+    ptes = np.frombuffer(delta.ptes, dtype=np.dtype(m.RMAP_DELTA))
+    if np.count_nonzero(ptes >= 0):
+        return None
+    return np.frombuffer(delta.pfns, dtype=np.dtype(m.RMAP_PFN)), ptes
 
 
 def sum_by(keys: np.ndarray, deltas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -482,23 +471,28 @@ class PageCache:
             for pfn in freed_list:
                 mem.pins.pop(pfn, None)
 
-    def apply_rmap(self, rows: tuple[tuple[int, int, int, int], ...]) -> None:
-        """Account mapping changes, rows of (pfn, PTE maps, PMD maps, pins): each unit of mapping or
-        pin holds one reference on the head, as the kernel's rmap does."""
-        mem = self.mem
-        drops = pte_drops(rows)
+    def apply_rmap_delta(self, delta: m.RmapDelta) -> None:
+        """:meth:`apply_rmap` of the rows of ``delta``; a zapped range's with array operations
+        when no page is freed (the rows' order does not matter then)."""
+        drops = pte_drops(delta)
         if drops is not None:
+            mem = self.mem
             pfns, deltas = drops
             heads = pfns & ~((np.int64(1) << view(mem.order)[pfns].astype(np.int64)) - 1)
             distinct, sums = sum_by(heads, deltas)
             ref = view(mem.ref)
             left = ref[distinct] + sums
             if not np.count_nonzero(left <= 0):
-                # No page is freed: the rows' order does not matter.
                 np.add.at(view(mem.mapcount), pfns, deltas)
                 ref[distinct] = left
                 return
             del ref
+        self.apply_rmap(delta.rows)
+
+    def apply_rmap(self, rows: Iterable[m.RmapRow]) -> None:
+        """Account mapping changes, rows of (pfn, PTE maps, PMD maps, pins): each unit of mapping or
+        pin holds one reference on the head, as the kernel's rmap does."""
+        mem = self.mem
         for pfn, pte, pmd, pin in rows:
             head = mem.head(pfn)
             if pte:

@@ -283,7 +283,7 @@ class PageTables:
             mm.update_hiwater_rss()
             mm.rss["MM_SHMEMPAGES"] -= shmem
             mm.rss["MM_FILEPAGES"] -= n - shmem
-            self.rmap.unmap_ptes((gone >> np.uint64(PTE_SHIFT)).tolist())
+            self.rmap.unmap_ptes((gone >> np.uint64(PTE_SHIFT)).astype(np.int64))
         del ptes, window
         for slot in anon_slots:
             self.zap_pte(mm, table, int(slot))
