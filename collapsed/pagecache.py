@@ -75,14 +75,15 @@ Drops = tuple[np.ndarray, np.ndarray] | None
 
 def pte_drops(delta: m.RmapDelta) -> Drops:
     """(pfns, PTE deltas) of a long :class:`~shared.messages.RmapDelta` that only drops PTE
-    mappings (a zapped range: munmap, try_to_unmap, exit), as read-only views of its columns;
+    mappings (a zapped range: munmap, try_to_unmap, exit): a read-only view of its pfns and
+    the deltas as int64 (``np.add.at`` into the int64 mapcounts is slow with any other type);
     None for anything else, which goes row by row."""
     if delta.pmds or delta.pins or not delta.ptes or delta.nrows < BULK_ROWS:
         return None
     ptes = np.frombuffer(delta.ptes, dtype=np.dtype(m.RMAP_DELTA))
     if np.count_nonzero(ptes >= 0):
         return None
-    return np.frombuffer(delta.pfns, dtype=np.dtype(m.RMAP_PFN)), ptes
+    return np.frombuffer(delta.pfns, dtype=np.dtype(m.RMAP_PFN)), ptes.astype(np.int64)
 
 
 def sum_by(keys: np.ndarray, deltas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
