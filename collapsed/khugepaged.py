@@ -12,7 +12,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 from collections import Counter
-from collections.abc import Generator
+from collections.abc import Generator, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -75,7 +75,7 @@ class Ready(NamedTuple):
     pfns: np.ndarray  # in index order
     flags: np.ndarray  # theirs, and their refcounts, before the isolation
     refs: np.ndarray
-    mapped: tuple[int, ...]  # those mapped with a PTE: try_to_unmap's work
+    mapped: np.ndarray  # those mapped with a PTE: try_to_unmap's work
 
 
 @dataclasses.dataclass
@@ -361,7 +361,7 @@ class Khugepaged:
             return n, last, None
         if np.count_nonzero(view(mem.ino)[pfns] != f.ino):
             return n, last, None
-        return n, last, Ready(pfns, flags, refs, tuple(pfns[maps != 0].tolist()))
+        return n, last, Ready(pfns, flags, refs, pfns[maps != 0])
 
     def _isolate(self, ready: Ready) -> np.ndarray:
         """collapse_file's page loop for a range :meth:`_scan_range` found ready: lock, isolate
@@ -480,6 +480,7 @@ class Khugepaged:
         pfns = quick if quick is not None else np.array(pagelist, dtype=np.int64)
         large = quick is None and any(mem.order[p] for p in pagelist)
         if result == R.SCAN_SUCCEED and len(pfns):
+            mapped: Sequence[int] | np.ndarray
             if ready is not None:
                 mapped = ready.mapped
             else:
@@ -490,7 +491,7 @@ class Khugepaged:
                     for pfn in range(p, p + mem.folio_nr(p))
                     if mem.mapcount[pfn]
                 )
-            if mapped:
+            if len(mapped):
                 # try_to_unmap(folio) for every mapped folio, as one request to the remapper.
                 yield from self.fileops.unmap_range(f, start, end, mapped, even_cows=False)
             # Only the cache's references and ours (the "2 +") are left on each folio.

@@ -216,7 +216,7 @@ class PageTables:
         start: int,
         end: int,
         anon: bool = True,
-        pfns: tuple[int, ...] | None = None,
+        pfns: np.ndarray | None = None,
         reclaim_pt: bool = False,
     ) -> None:
         """Clear PTEs and PMDs in [start, end); a PMD the range cuts is split. ``anon=False``
@@ -225,15 +225,9 @@ class PageTables:
         ``reclaim_pt`` (MADV_DONTNEED's zap_details, CONFIG_PT_RECLAIM, 6.13+): zap_pte_range()
         frees a PTE table the zap covered whole (reclaim_pt_is_enabled: at least PMD_SIZE of it)
         and left empty (try_get_and_clear_pmd, mm/pt_reclaim.c), so the PMD is none again."""
-        only = None
-        if pfns is not None:
-            try:
-                only = np.fromiter(pfns, dtype=np.int64, count=len(pfns))
-            except OverflowError:  # a pfn past 64 bits is no page's: it matches nothing
-                fits = [p for p in pfns if -(1 << 63) <= p < 1 << 63]
-                only = np.fromiter(fits, dtype=np.int64, count=len(fits))
-            if np.count_nonzero(only[1:] <= only[:-1]):  # collapse_file's come in ascending order
-                only = np.unique(only)
+        only = pfns
+        if only is not None and np.count_nonzero(only[1:] <= only[:-1]):
+            only = np.unique(only)  # collapse_file's come in ascending order
         for pidx in mm.pmd_indices(start, end):
             entry = mm.pmds[pidx]
             base = pidx << HPAGE_PMD_SHIFT

@@ -464,7 +464,7 @@ def test_an_audit_names_what_it_cannot_match_and_refuses_only_its_size(world, st
     [
         m.PageAnswer(1, "ok", 5, 5),
         m.FolioAnswer(1, 5, 0),
-        m.UnmapMapping(1, 1, 0, 10, (), True),
+        m.UnmapMapping(1, 1, 0, 10, b"", True),
         m.Retract(1, 1, 0, 512),
         m.CollapseResult(1, 1),
         m.Remapped(1, (True,)),

@@ -183,6 +183,8 @@ RMAP_DELTA = "<i"
 RmapPfns = Annotated[bytes, Packed(RMAP_PFN, MAX_RMAP_ROWS)]
 RmapDeltas = Annotated[bytes, Packed(RMAP_DELTA, MAX_RMAP_ROWS)]
 RmapRow = tuple[int, int, int, int]
+# Pages one UnmapMapping names: those of one folio, or of the 2 MiB a collapse replaces.
+MAX_UNMAP_PFNS = 512
 
 
 @message("peer.rmap_delta")
@@ -458,15 +460,17 @@ class CollapseResult(Message):
 class UnmapMapping(Message):
     """Zap every mapping of file pages in [start, end) of ``ino`` (try_to_unmap / truncate).
 
-    ``pfns``: only PTEs/PMDs mapping these pages (collapse_file's try_to_unmap); empty means all
-    (unmap_mapping_range). ``even_cows``: also zap private CoW copies (truncate).
+    ``pfns``: only PTEs/PMDs mapping these pages (collapse_file's try_to_unmap, a folio split's
+    unmap_folio), packed as an RmapDelta's pfns (version 5: the 512 of a collapse were an array
+    of ints); empty means all (unmap_mapping_range). ``even_cows``: also zap private CoW copies
+    (truncate).
     """
 
     req: int
     ino: int
     start: int
     end: int
-    pfns: tuple[int, ...]
+    pfns: Annotated[bytes, Packed(RMAP_PFN, MAX_UNMAP_PFNS)]
     even_cows: bool
 
 

@@ -21,7 +21,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar, dataclass_transform
 
 # Version 5: peer.rmap_delta is columnar: packed little-endian arrays (Packed) for its pfns and
-# its three deltas, where version 4 sent an array of [pfn, pte, pmd, pin] rows.
+# its three deltas, where version 4 sent an array of [pfn, pte, pmd, pin] rows; so are
+# peer.unmap_mapping's pfns.
 # Version 4: peer.lookup_pages / peer.page_answers, a batch of read faults looked up as one step.
 # Version 3: the hello carries a challenge and a peer.auth answers it (challenge-response with
 # the shared secrets). Version 2: frames are [tag, fields] (version 1 sent [tag, 1, fields]),
