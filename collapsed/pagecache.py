@@ -117,7 +117,8 @@ class PhysMem:
         self.order = array("B")  # folio order, in every page of a large folio; 0 for a small page
         self.entire: dict[int, int] = {}  # head pfn -> PMD mappings (entire_mapcount)
         self.pins: dict[int, int] = {}  # head pfn -> GUP pins (also counted in ref)
-        self._free_small: list[int] = []
+        # Free small pages, taken from the end: an array, so a collapse's 512 go back in one copy.
+        self._free_small = array("q")
         self._free_blocks: list[int] = []
         self._small_block_next = 0
         self._small_block_end = 0
@@ -461,15 +462,14 @@ class PageCache:
         if not len(freed):
             return
         if self._lru_batch:
-            gone = set(freed.tolist())
-            self._lru_batch[:] = [p for p in self._lru_batch if p not in gone]
+            # The freed are the batch's pages without a reference left (a live page has one).
+            self._lru_batch[:] = [p for p in self._lru_batch if mem.ref[p]]
         for a in (mem.mapcount, mem.flags, mem.index, mem.ino):
             view(a)[freed] = 0
-        freed_list = freed.tolist()
-        mem._free_small.extend(freed_list)
-        mem.nr_allocated -= len(freed_list)
+        mem._free_small.frombytes(freed.astype(np.int64, copy=False).tobytes())
+        mem.nr_allocated -= len(freed)
         if mem.pins:
-            for pfn in freed_list:
+            for pfn in freed.tolist():
                 mem.pins.pop(pfn, None)
 
     def apply_rmap_delta(self, delta: m.RmapDelta) -> None:
