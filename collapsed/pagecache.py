@@ -71,6 +71,10 @@ BULK_ROWS = 16
 
 
 Drops = tuple[np.ndarray, np.ndarray] | None
+# The last message pte_drops() looked at and its answer: the peer check and the accounting of one
+# RmapDelta ask about it one after the other (the message is kept alive here, so its identity
+# cannot be taken by another).
+_last_drops: tuple[m.RmapDelta | None, Drops] = (None, None)
 
 
 def pte_drops(delta: m.RmapDelta) -> Drops:
@@ -78,12 +82,17 @@ def pte_drops(delta: m.RmapDelta) -> Drops:
     mappings (a zapped range: munmap, try_to_unmap, exit): a read-only view of its pfns and
     the deltas as int64 (``np.add.at`` into the int64 mapcounts is slow with any other type);
     None for anything else, which goes row by row."""
+    global _last_drops
     if delta.pmds or delta.pins or not delta.ptes or delta.nrows < BULK_ROWS:
         return None
+    if delta is _last_drops[0]:
+        return _last_drops[1]
     ptes = np.frombuffer(delta.ptes, dtype=np.dtype(m.RMAP_DELTA))
-    if np.count_nonzero(ptes >= 0):
-        return None
-    return np.frombuffer(delta.pfns, dtype=np.dtype(m.RMAP_PFN)), ptes.astype(np.int64)
+    drops = None
+    if not np.count_nonzero(ptes >= 0):
+        drops = np.frombuffer(delta.pfns, dtype=np.dtype(m.RMAP_PFN)), ptes.astype(np.int64)
+    _last_drops = delta, drops
+    return drops
 
 
 def sum_by(keys: np.ndarray, deltas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -479,7 +488,10 @@ class PageCache:
         if drops is not None:
             mem = self.mem
             pfns, deltas = drops
-            heads = pfns & ~((np.int64(1) << view(mem.order)[pfns].astype(np.int64)) - 1)
+            orders = view(mem.order)[pfns]
+            heads = pfns
+            if np.count_nonzero(orders):  # pages of large folios: their heads hold the references
+                heads = pfns & ~((np.int64(1) << orders.astype(np.int64)) - 1)
             distinct, sums = sum_by(heads, deltas)
             ref = view(mem.ref)
             left = ref[distinct] + sums

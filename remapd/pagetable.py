@@ -266,14 +266,16 @@ class PageTables:
         anon_slots = np.flatnonzero(chosen & is_anon) + first if anon else ()
         if len(file_slots):
             gone = ptes[file_slots]
-            belongs = ((gone & np.uint64(PTE_THP)) != 0) & (
-                ((gone >> np.uint64(PTE_SHIFT)) & np.uint64(HPAGE_PMD_NR - 1)) == file_slots.astype(np.uint64)
-            )
+            thp = (gone & np.uint64(PTE_THP)) != 0
+            belongs = 0  # PTEs of a PMD-order page at its own slot (none unless some map a THP)
+            if np.count_nonzero(thp):
+                slot_of = (gone >> np.uint64(PTE_SHIFT)) & np.uint64(HPAGE_PMD_NR - 1)
+                belongs = int(np.count_nonzero(thp & (slot_of == file_slots.astype(np.uint64))))
             ptes[file_slots] = 0
             n = len(file_slots)
             shmem = int(np.count_nonzero(gone & np.uint64(PTE_SHMEM)))
             table.nr -= n
-            table.nr_foreign -= n - int(np.count_nonzero(belongs))
+            table.nr_foreign -= n - belongs
             mm.update_hiwater_rss()
             mm.rss["MM_SHMEMPAGES"] -= shmem
             mm.rss["MM_FILEPAGES"] -= n - shmem
