@@ -33,16 +33,20 @@ def _wire(column: array) -> bytes:
     return swapped.tobytes()
 
 
-def _deltas(column: array) -> bytes:
-    """A delta column packed; empty when all are zero, as an RmapDelta allows."""
+def _deltas(column: array, n: int) -> bytes:
+    """A delta column of ``n`` rows packed (zeros past its end); empty when all are zero, as an
+    RmapDelta allows."""
     packed = _wire(column)
-    return packed if packed.count(0) < len(packed) else b""
+    if packed.count(0) == len(packed):
+        return b""
+    return packed + bytes(4 * (n - len(column)))
 
 
 class RmapBatch:
     """File-page rmap deltas not yet sent to the collapser: the columns of an
     :class:`~shared.messages.RmapDelta` (pfn, PTE mappings, PMD mappings, pins), each unit also a
-    page reference."""
+    page reference. ``pmds`` and ``pins`` end at the last row that has either: the rows past
+    them have zeros there (a zapped range adds none)."""
 
     __slots__ = ("pfns", "pins", "pmds", "ptes")
 
@@ -56,23 +60,24 @@ class RmapBatch:
         return len(self.pfns)
 
     def add(self, pfn: int, pte: int = 0, pmd: int = 0, pin: int = 0) -> None:
+        if pmd or pin:
+            zeros = array("i", bytes(4 * (len(self.pfns) - len(self.pmds))))
+            self.pmds.extend(zeros)
+            self.pmds.append(pmd)
+            self.pins.extend(zeros)
+            self.pins.append(pin)
         self.pfns.append(pfn)
         self.ptes.append(pte)
-        self.pmds.append(pmd)
-        self.pins.append(pin)
 
     def unmap_ptes(self, pfns: Sequence[int] | np.ndarray) -> None:
         """A row of one PTE mapping less for each of ``pfns``, in order (a zapped range)."""
-        n = len(pfns)
         self.pfns.frombytes(np.asarray(pfns, dtype=np.int64).tobytes())
-        self.ptes.extend(_ONE_LESS * n)
-        zeros = array("i", bytes(4 * n))
-        self.pmds.extend(zeros)
-        self.pins.extend(zeros)
+        self.ptes.extend(_ONE_LESS * len(pfns))
 
     def delta(self) -> m.RmapDelta:
         """The pending rows, in order, as one message; the batch keeps them."""
-        return m.RmapDelta(_wire(self.pfns), _deltas(self.ptes), _deltas(self.pmds), _deltas(self.pins))
+        n = len(self.pfns)
+        return m.RmapDelta(_wire(self.pfns), _deltas(self.ptes, n), _deltas(self.pmds, n), _deltas(self.pins, n))
 
     def take(self) -> m.RmapDelta:
         """:meth:`delta`, and the batch is empty afterwards."""

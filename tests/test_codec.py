@@ -669,3 +669,29 @@ def test_a_packed_column_holds_little_endian_signed_integers() -> None:
             to_wire(BadPacked(b""))
     finally:
         del REGISTRY["test.bad_packed"]
+
+
+def test_the_remappers_batch_sends_its_rows_in_order_as_columns() -> None:
+    """remapd's RmapBatch keeps PMD and pin deltas only up to the last row that has one; the
+    message still carries every row, in order, and leaves out all-zero columns."""
+    from remapd.rmap import RmapBatch
+
+    batch = RmapBatch()
+    batch.add(5, pte=-1)
+    batch.unmap_ptes([6, 7])
+    batch.add(8, pmd=1)
+    batch.unmap_ptes([9])
+    rows = ((5, -1, 0, 0), (6, -1, 0, 0), (7, -1, 0, 0), (8, 0, 1, 0), (9, -1, 0, 0))
+    delta = batch.delta()
+    assert delta.rows == rows and delta.pins == b"" and len(batch) == 5
+    assert batch.take() == delta and not batch and batch.delta() == m.RmapDelta(b"")
+    batch.unmap_ptes([3, 4])
+    assert (batch.delta().pmds, batch.delta().rows) == (b"", ((3, -1, 0, 0), (4, -1, 0, 0)))
+
+
+def test_unmap_mapping_names_at_most_a_folio_of_packed_pfns() -> None:
+    pfns = b"".join(p.to_bytes(8, "little") for p in range(1, 513))
+    msg = m.UnmapMapping(1, 7, 0, 512, pfns, False)
+    assert from_wire(to_wire(msg)) == msg
+    with pytest.raises(ProtocolError, match=r"field 'pfns': 513 packed <q integers \(at most 512\)"):
+        from_wire(["peer.unmap_mapping", {**to_wire(msg)[1], "pfns": pfns + pfns[:8]}])
