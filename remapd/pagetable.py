@@ -40,6 +40,12 @@ from shared.vm import PROT_WRITE
 
 log = get_logger("remapd")
 
+# The PTE bits _zap_ptes tests on a table's entries, as numpy scalars made once.
+_SHIFT = np.uint64(PTE_SHIFT)
+_ANON = np.uint64(PTE_ANON)
+_THP = np.uint64(PTE_THP)
+_SHMEM = np.uint64(PTE_SHMEM)
+
 
 def mm_counter(pte: int) -> str:
     """The rss counter a page mapped by ``pte`` counts in (mm_counter)."""
@@ -255,31 +261,31 @@ class PageTables:
         chosen = window != 0
         if only is not None and len(only):
             # Membership in the sorted pfns: where each would go, and whether it is there.
-            mapped = (window >> np.uint64(PTE_SHIFT)).astype(np.int64)
-            at = np.searchsorted(only, mapped)
+            mapped = (window >> _SHIFT).astype(np.int64)
+            at = only.searchsorted(mapped)
             at[at == len(only)] = 0
             chosen &= only[at] == mapped
         elif only is not None:
             return
-        is_anon = (window & np.uint64(PTE_ANON)) != 0
-        file_slots = np.flatnonzero(chosen & ~is_anon) + first
-        anon_slots = np.flatnonzero(chosen & is_anon) + first if anon else ()
+        is_anon = (window & _ANON) != 0
+        file_slots = (chosen & ~is_anon).nonzero()[0] + first
+        anon_slots = (chosen & is_anon).nonzero()[0] + first if anon else ()
         if len(file_slots):
             gone = ptes[file_slots]
-            thp = (gone & np.uint64(PTE_THP)) != 0
+            thp = (gone & _THP) != 0
             belongs = 0  # PTEs of a PMD-order page at its own slot (none unless some map a THP)
             if np.count_nonzero(thp):
-                slot_of = (gone >> np.uint64(PTE_SHIFT)) & np.uint64(HPAGE_PMD_NR - 1)
+                slot_of = (gone >> _SHIFT) & np.uint64(HPAGE_PMD_NR - 1)
                 belongs = int(np.count_nonzero(thp & (slot_of == file_slots.astype(np.uint64))))
             ptes[file_slots] = 0
             n = len(file_slots)
-            shmem = int(np.count_nonzero(gone & np.uint64(PTE_SHMEM)))
+            shmem = int(np.count_nonzero(gone & _SHMEM))
             table.nr -= n
             table.nr_foreign -= n - belongs
             mm.update_hiwater_rss()
             mm.rss["MM_SHMEMPAGES"] -= shmem
             mm.rss["MM_FILEPAGES"] -= n - shmem
-            self.rmap.unmap_ptes((gone >> np.uint64(PTE_SHIFT)).astype(np.int64))
+            self.rmap.unmap_ptes((gone >> _SHIFT).astype(np.int64))
         del ptes, window
         for slot in anon_slots:
             self.zap_pte(mm, table, int(slot))
