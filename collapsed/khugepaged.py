@@ -345,21 +345,21 @@ class Khugepaged:
         del values
         mem = self.cache.mem
         flags = view(mem.flags)[pfns]
-        if np.count_nonzero((flags & (PG_HEAD | PG_TAIL | PG_LRU)) != PG_LRU):
+        # The scan's checks of the flags (small pages on the LRU) and, for a range without a
+        # hole, collapse_file's of each locked page (not locked by another, PG_uptodate, neither
+        # dirty nor under writeback but for shmem) in one pass; the scan's alone if that fails.
+        refuse = PG_HEAD | PG_TAIL | PG_LOCKED | (0 if f.shmem else PG_DIRTY | PG_WRITEBACK)
+        need = PG_LRU | PG_UPTODATE
+        isolable = n == HPAGE_PMD_NR and not np.count_nonzero((flags & (refuse | need)) != need)
+        if not isolable and np.count_nonzero((flags & (PG_HEAD | PG_TAIL | PG_LRU)) != PG_LRU):
             return None
         refs = view(mem.ref)[pfns]
         maps = view(mem.mapcount)[pfns]
         if np.count_nonzero(refs != maps + 1):
             return None
         last = int(pfns[-1])
-        if n != HPAGE_PMD_NR:
-            return n, last, None
-        # collapse_file's checks of each locked page (no hole, PG_uptodate, not dirty or under
-        # writeback but for shmem, still this file's); PG_head/tail and PG_lru are checked above.
-        refuse = PG_LOCKED | (0 if f.shmem else PG_DIRTY | PG_WRITEBACK)
-        if np.count_nonzero((flags & (refuse | PG_UPTODATE)) != PG_UPTODATE):
-            return n, last, None
-        if np.count_nonzero(view(mem.ino)[pfns] != f.ino):
+        # The isolation's last check: every page still this file's.
+        if not isolable or np.count_nonzero(view(mem.ino)[pfns] != f.ino):
             return n, last, None
         return n, last, Ready(pfns, flags, refs, pfns[maps != 0])
 
