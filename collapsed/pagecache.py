@@ -80,7 +80,8 @@ _last_drops: tuple[m.RmapDelta | None, Drops] = (None, None)
 def pte_drops(delta: m.RmapDelta) -> Drops:
     """(pfns, PTE deltas) of a long :class:`~shared.messages.RmapDelta` that only drops PTE
     mappings (a zapped range: munmap, try_to_unmap, exit): a read-only view of its pfns and
-    the deltas as int64 (``np.add.at`` into the int64 mapcounts is slow with any other type);
+    the deltas as int64 (``np.add.at`` into the int64 mapcounts with int32 deltas is ~25x
+    slower);
     None for anything else, which goes row by row."""
     global _last_drops
     if delta.pmds or delta.pins or not delta.ptes or delta.nrows < BULK_ROWS:
