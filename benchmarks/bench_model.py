@@ -319,6 +319,7 @@ def main() -> None:
     parser.add_argument("--max-pages", type=int, default=4 * MIB, help="largest resident set measured (pages)")
     parser.add_argument("--procs", type=int, default=1000, help="most processes in the flatness run")
     parser.add_argument("--ops", type=int, default=20_000, help="operations of the mixed workload per run")
+    parser.add_argument("--only", choices=["collapse"], help="run only this figure")
     parser.add_argument("--sizes", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.sizes:
@@ -326,6 +327,9 @@ def main() -> None:
         return
     size = int(args.gib * GIB) // HPAGE_PMD_SIZE * HPAGE_PMD_SIZE
     print(f"python {sys.version.split()[0]}, file of {size / GIB:g} GiB")
+    if args.only == "collapse":
+        bench_collapse(min(size, GIB // 2), rounds=3)
+        return
     bench_mixed(min(size, GIB // 4), 4 * args.ops)
     bench_collapse(min(size, GIB // 2))
     bench_sizes(args.max_pages, args.ops)

@@ -175,7 +175,7 @@ class Collapser(Actor):
         elif isinstance(msg, m.LookupPages):
             self.spawn(self._lookup_batch(msg), name="lookup_batch")
         elif isinstance(msg, m.RmapDelta):
-            self.cache.apply_rmap(msg.rows)
+            self.cache.apply_rmap_delta(msg)
         elif isinstance(msg, m.MarkDirty):
             self.cache.set_dirty(self.mem.head(msg.pfn))
         elif isinstance(msg, m.RegisterRange):

@@ -5,8 +5,10 @@ MADV_PAGEOUT."""
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Generator
+from collections.abc import Generator, Sequence
 from typing import Any
+
+import numpy as np
 
 from collapsed.pagecache import (
     PG_DIRTY,
@@ -429,7 +431,7 @@ class FileOps:
         mem = self.cache.mem
         lo, nr = mem.index[head], mem.folio_nr(head)
         if mem.total_mapcount(head):
-            yield from self.unmap_range(f, lo, lo + nr, tuple(range(head, head + nr)), even_cows=False)
+            yield from self.unmap_range(f, lo, lo + nr, range(head, head + nr), even_cows=False)
 
     def _truncate_folio(self, f: File, head: int) -> Generator[Any, Any, None]:
         """truncate_inode_folio on a locked folio: truncate_cleanup_folio unmaps it if a fault
@@ -552,11 +554,12 @@ class FileOps:
         return self._split(f, head, None)
 
     def unmap_range(
-        self, f: File, start: int, end: int, pfns: tuple[int, ...], even_cows: bool
+        self, f: File, start: int, end: int, pfns: Sequence[int] | np.ndarray, even_cows: bool
     ) -> Generator[Any, Any, None]:
         """Ask the remapper to zap mappings of [start, end) (``unmap_mapping_range``), or only
         those of ``pfns`` (``try_to_unmap``), and wait until it has."""
-        yield Call(m.UnmapMapping(self.actor.new_req(), f.ino, start, end, pfns, even_cows))
+        packed = np.asarray(pfns, dtype=np.dtype(m.RMAP_PFN)).tobytes()
+        yield Call(m.UnmapMapping(self.actor.new_req(), f.ino, start, end, packed, even_cows))
 
     # -- reclaim ------------------------------------------------------------------------------
 

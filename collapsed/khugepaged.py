@@ -12,8 +12,8 @@ from __future__ import annotations
 import bisect
 import dataclasses
 from collections import Counter
-from collections.abc import Generator
-from typing import Any
+from collections.abc import Generator, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -66,6 +66,16 @@ class MmSlot:
     pid: int
     ranges: dict[int, Range] = dataclasses.field(default_factory=dict)
     starts: list[int] = dataclasses.field(default_factory=list)
+
+
+class Ready(NamedTuple):
+    """A range whose 512 slots hold small pages that collapse_file may isolate in one go, as
+    :meth:`Khugepaged._scan_range` found them."""
+
+    pfns: np.ndarray  # in index order
+    flags: np.ndarray  # theirs, and their refcounts, before the isolation
+    refs: np.ndarray
+    mapped: np.ndarray  # those mapped with a PTE: try_to_unmap's work
 
 
 @dataclasses.dataclass
@@ -257,9 +267,10 @@ class Khugepaged:
         present = swap = 0
         result = R.SCAN_SUCCEED
         scan_pfn = -1
+        ready = None
         quick = self._scan_range(f, start)
         if quick is not None:
-            present, scan_pfn = quick
+            present, scan_pfn, ready = quick
         for index in range(start, start + HPAGE_PMD_NR if quick is None else start):
             value = f.get(index)
             if value == 0:
@@ -293,7 +304,7 @@ class Khugepaged:
                 result = R.SCAN_EXCEED_NONE_PTE
                 self.vm["thp_scan_exceed_none_pte"] += 1
             else:
-                result = yield from self.collapse_file(f, start, cc)
+                result = yield from self.collapse_file(f, start, cc, ready)
         log.debug(
             "mm_khugepaged_scan_file",
             mm=mm_pointer(cc.pid),
@@ -306,69 +317,71 @@ class Khugepaged:
         self._count(result)
         return result
 
-    def _scan_range(self, f: File, start: int) -> tuple[int, int] | None:
+    def _scan_range(self, f: File, start: int) -> tuple[int, int, Ready | None] | None:
         """The scan's loop in one go when it cannot stop early: no swap entry, and every page
-        present is small, on the LRU and has no extra reference. (present, the last pfn seen);
-        None leaves the range to the loop, which finds where it stops."""
+        present is small, on the LRU and has no extra reference. (present, the last pfn seen,
+        and whether collapse_file's page loop may isolate the range in one go); None leaves the
+        range to the loop, which finds where it stops.
+
+        The isolation's checks are made here too, on the same gathered flags: collapse_file
+        runs them right after this scan, with nothing in between that could change these pages
+        (the huge page it allocates first is another block)."""
         if start & (HPAGE_PMD_NR - 1):
             return None
         chunk = f.chunks.get(start >> 9)
         if chunk is None:
-            return 0, -1
+            return 0, -1, None
         values = view(chunk)
-        if np.count_nonzero(values < 0):
+        present = values > 0
+        n = int(np.count_nonzero(present))
+        if n == HPAGE_PMD_NR:
+            pfns = values.copy()
+        elif np.count_nonzero(values < 0):
             return None
-        pfns = values[values > 0]
-        if not len(pfns):
-            return 0, -1
+        elif not n:
+            return 0, -1, None
+        else:
+            pfns = values[present]
+        del values
         mem = self.cache.mem
         flags = view(mem.flags)[pfns]
-        if np.count_nonzero(flags & (PG_HEAD | PG_TAIL)) or np.count_nonzero(flags & PG_LRU) != len(pfns):
+        # The scan's checks of the flags (small pages on the LRU) and, for a range without a
+        # hole, collapse_file's of each locked page (not locked by another, PG_uptodate, neither
+        # dirty nor under writeback but for shmem) in one pass; the scan's alone if that fails.
+        refuse = PG_HEAD | PG_TAIL | PG_LOCKED | (0 if f.shmem else PG_DIRTY | PG_WRITEBACK)
+        need = PG_LRU | PG_UPTODATE
+        isolable = n == HPAGE_PMD_NR and not np.count_nonzero((flags & (refuse | need)) != need)
+        if not isolable and np.count_nonzero((flags & (PG_HEAD | PG_TAIL | PG_LRU)) != PG_LRU):
             return None
-        if np.count_nonzero(view(mem.ref)[pfns] != view(mem.mapcount)[pfns] + 1):
+        refs = view(mem.ref)[pfns]
+        maps = view(mem.mapcount)[pfns]
+        if np.count_nonzero(refs != maps + 1):
             return None
-        return len(pfns), int(pfns[-1])
+        last = int(pfns[-1])
+        # The isolation's last check: every page still this file's.
+        if not isolable or np.count_nonzero(view(mem.ino)[pfns] != f.ino):
+            return n, last, None
+        return n, last, Ready(pfns, flags, refs, pfns[maps != 0])
 
-    def _isolate_range(self, f: File, start: int) -> np.ndarray | None:
-        """collapse_file's page loop in one go when every slot holds a small page that passes
-        each check: lock, isolate from the LRU and take the two references of all 512 at once
-        and return them. None leaves the range to the loop (holes, swap, a locked, dirty or
-        compound page...), which finds where it stops; nothing has changed then."""
-        if start & (HPAGE_PMD_NR - 1):
-            return None
-        chunk = f.chunks.get(start >> 9)
-        if chunk is None:
-            return None
-        pfns = view(chunk).copy()
-        if np.count_nonzero(pfns > 0) != HPAGE_PMD_NR:
-            return None
+    def _isolate(self, ready: Ready) -> np.ndarray:
+        """collapse_file's page loop for a range :meth:`_scan_range` found ready: lock, isolate
+        from the LRU and take the two references of all 512 pages at once."""
         mem = self.cache.mem
-        flags = view(mem.flags)
-        got = flags[pfns]
-        refuse = PG_LOCKED | PG_HEAD | PG_TAIL | (0 if f.shmem else PG_DIRTY | PG_WRITEBACK)
-        need = PG_UPTODATE | PG_LRU
-        if np.count_nonzero(got & refuse) or np.count_nonzero((got & need) != need):
-            return None
-        if np.count_nonzero(view(mem.ino)[pfns] != f.ino):
-            return None
-        flags[pfns] = (got | PG_LOCKED) & (~PG_LRU & 0xFFFF)
-        view(mem.ref)[pfns] += 2
+        pfns = ready.pfns
+        view(mem.flags)[pfns] = (ready.flags | PG_LOCKED) & (~PG_LRU & 0xFFFF)
+        view(mem.ref)[pfns] = ready.refs + 2
         return pfns
-
-    def _mapped(self, pfns: np.ndarray) -> tuple[int, ...]:
-        """The pages of ``pfns`` something maps with a PTE (try_to_unmap's work)."""
-        return tuple(pfns[view(self.cache.mem.mapcount)[pfns] != 0].tolist())
-
-    def _refs_ok(self, pfns: np.ndarray) -> bool:
-        """Every isolated page holds only the cache's reference and ours (the "3")."""
-        return not np.count_nonzero(view(self.cache.mem.ref)[pfns] != 3)
 
     def _count(self, result: R) -> None:
         self.results[result.name] = self.results.get(result.name, 0) + 1
 
     # -- collapse_file ------------------------------------------------------------------------
 
-    def collapse_file(self, f: File, start: int, cc: CollapseControl) -> Generator[Any, Any, R]:
+    def collapse_file(
+        self, f: File, start: int, cc: CollapseControl, ready: Ready | None = None
+    ) -> Generator[Any, Any, R]:
+        """``ready``: what the scan just before found (:meth:`_scan_range`), if it found the range
+        ready to isolate in one go."""
         cache = self.cache
         mem = cache.mem
         end = start + HPAGE_PMD_NR
@@ -386,7 +399,7 @@ class Khugepaged:
 
         nr_none = 0
         result = R.SCAN_SUCCEED
-        quick = self._isolate_range(f, start)
+        quick = None if ready is None else self._isolate(ready)
         pagelist: list[int] = []
         index = start if quick is None else end
         while index < end:
@@ -467,7 +480,10 @@ class Khugepaged:
         pfns = quick if quick is not None else np.array(pagelist, dtype=np.int64)
         large = quick is None and any(mem.order[p] for p in pagelist)
         if result == R.SCAN_SUCCEED and len(pfns):
-            if large:
+            mapped: Sequence[int] | np.ndarray
+            if ready is not None:
+                mapped = ready.mapped
+            else:
                 mapped = tuple(
                     pfn
                     for p in pagelist
@@ -475,15 +491,14 @@ class Khugepaged:
                     for pfn in range(p, p + mem.folio_nr(p))
                     if mem.mapcount[pfn]
                 )
-            else:
-                mapped = self._mapped(pfns)
-            if mapped:
+            if len(mapped):
                 # try_to_unmap(folio) for every mapped folio, as one request to the remapper.
                 yield from self.fileops.unmap_range(f, start, end, mapped, even_cows=False)
-            if large:
-                refs_ok = all(mem.ref[p] == 2 + mem.folio_nr(p) for p in pagelist)
+            # Only the cache's references and ours (the "2 +") are left on each folio.
+            if ready is not None:
+                refs_ok = not np.count_nonzero(view(mem.ref)[pfns] != 3)
             else:
-                refs_ok = self._refs_ok(pfns)
+                refs_ok = all(mem.ref[p] == 2 + mem.folio_nr(p) for p in pagelist)
             if not refs_ok:
                 result = R.SCAN_PAGE_COUNT
         if result == R.SCAN_SUCCEED and not f.shmem and f.writecount > 0:

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from shared import messages as m
 from shared.actor import Wait
 from shared.knobs import Knobs
 from shared.units import HPAGE_PMD_NR
@@ -69,30 +70,29 @@ _ZERO_BLOCK = {code: array(code, bytes(array(code).itemsize * HPAGE_PMD_NR)) for
 BULK_ROWS = 16
 
 
-Rows = tuple[tuple[int, int, int, int], ...]
 Drops = tuple[np.ndarray, np.ndarray] | None
-# The last batch pte_drops() looked at and its answer: the peer check and the accounting of one
-# RmapDelta ask about the same rows one after the other (the batch is kept alive here, so its
-# identity cannot be taken by another).
-_last_drops: tuple[Rows, Drops] = ((), None)
+# The last message pte_drops() looked at and its answer: the peer check and the accounting of one
+# RmapDelta ask about it one after the other (the message is kept alive here, so its identity
+# cannot be taken by another).
+_last_drops: tuple[m.RmapDelta | None, Drops] = (None, None)
 
 
-def pte_drops(rows: Rows) -> Drops:
-    """(pfns, PTE deltas) of a long batch of rmap rows that only drop PTE mappings (a zapped
-    range: munmap, try_to_unmap, exit); None for anything else, which goes row by row."""
+def pte_drops(delta: m.RmapDelta) -> Drops:
+    """(pfns, PTE deltas) of a long :class:`~shared.messages.RmapDelta` that only drops PTE
+    mappings (a zapped range: munmap, try_to_unmap, exit): a read-only view of its pfns and
+    the deltas as int64 (``np.add.at`` into the int64 mapcounts with int32 deltas is ~25x
+    slower);
+    None for anything else, which goes row by row."""
     global _last_drops
-    if len(rows) < BULK_ROWS:
+    if delta.pmds or delta.pins or not delta.ptes or delta.nrows < BULK_ROWS:
         return None
-    if rows is _last_drops[0]:
+    if delta is _last_drops[0]:
         return _last_drops[1]
-    pfns, ptes, pmds, pins = zip(*rows)
-    drops: Drops = None
-    if not (any(pmds) or any(pins) or max(ptes) >= 0):
-        try:
-            drops = np.fromiter(pfns, np.int64, len(pfns)), np.fromiter(ptes, np.int64, len(ptes))
-        except OverflowError:
-            pass
-    _last_drops = rows, drops
+    ptes = np.frombuffer(delta.ptes, dtype=np.dtype(m.RMAP_DELTA))
+    drops = None
+    if not np.count_nonzero(ptes >= 0):
+        drops = np.frombuffer(delta.pfns, dtype=np.dtype(m.RMAP_PFN)), ptes.astype(np.int64)
+    _last_drops = delta, drops
     return drops
 
 
@@ -127,7 +127,8 @@ class PhysMem:
         self.order = array("B")  # folio order, in every page of a large folio; 0 for a small page
         self.entire: dict[int, int] = {}  # head pfn -> PMD mappings (entire_mapcount)
         self.pins: dict[int, int] = {}  # head pfn -> GUP pins (also counted in ref)
-        self._free_small: list[int] = []
+        # Free small pages, taken from the end: an array, so a collapse's 512 go back in one copy.
+        self._free_small = array("q")
         self._free_blocks: list[int] = []
         self._small_block_next = 0
         self._small_block_end = 0
@@ -471,34 +472,41 @@ class PageCache:
         if not len(freed):
             return
         if self._lru_batch:
-            gone = set(freed.tolist())
-            self._lru_batch[:] = [p for p in self._lru_batch if p not in gone]
+            # The freed are the batch's pages without a reference left (a live page has one).
+            self._lru_batch[:] = [p for p in self._lru_batch if mem.ref[p]]
         for a in (mem.mapcount, mem.flags, mem.index, mem.ino):
             view(a)[freed] = 0
-        freed_list = freed.tolist()
-        mem._free_small.extend(freed_list)
-        mem.nr_allocated -= len(freed_list)
+        mem._free_small.frombytes(freed.astype(np.int64, copy=False).tobytes())
+        mem.nr_allocated -= len(freed)
         if mem.pins:
-            for pfn in freed_list:
+            for pfn in freed.tolist():
                 mem.pins.pop(pfn, None)
 
-    def apply_rmap(self, rows: tuple[tuple[int, int, int, int], ...]) -> None:
-        """Account mapping changes, rows of (pfn, PTE maps, PMD maps, pins): each unit of mapping or
-        pin holds one reference on the head, as the kernel's rmap does."""
-        mem = self.mem
-        drops = pte_drops(rows)
+    def apply_rmap_delta(self, delta: m.RmapDelta) -> None:
+        """:meth:`apply_rmap` of the rows of ``delta``; a zapped range's with array operations
+        when no page is freed (the rows' order does not matter then)."""
+        drops = pte_drops(delta)
         if drops is not None:
+            mem = self.mem
             pfns, deltas = drops
-            heads = pfns & ~((np.int64(1) << view(mem.order)[pfns].astype(np.int64)) - 1)
+            orders = view(mem.order)[pfns]
+            heads = pfns
+            if np.count_nonzero(orders):  # pages of large folios: their heads hold the references
+                heads = pfns & ~((np.int64(1) << orders.astype(np.int64)) - 1)
             distinct, sums = sum_by(heads, deltas)
             ref = view(mem.ref)
             left = ref[distinct] + sums
             if not np.count_nonzero(left <= 0):
-                # No page is freed: the rows' order does not matter.
                 np.add.at(view(mem.mapcount), pfns, deltas)
                 ref[distinct] = left
                 return
             del ref
+        self.apply_rmap(delta.rows)
+
+    def apply_rmap(self, rows: Iterable[m.RmapRow]) -> None:
+        """Account mapping changes, rows of (pfn, PTE maps, PMD maps, pins): each unit of mapping or
+        pin holds one reference on the head, as the kernel's rmap does."""
+        mem = self.mem
         for pfn, pte, pmd, pin in rows:
             head = mem.head(pfn)
             if pte:

@@ -161,10 +161,14 @@ def _rmap_delta(c: Collapser, msg: m.RmapDelta) -> None:
     that point (summed over the rows before it in this message), may add only to pages in the
     page cache (a mapping of anything else would be a page the cache does not own), and may put
     a PMD mapping only on a PMD-order page."""
+    rows = msg.nrows
+    for name, column in (("ptes", msg.ptes), ("pmds", msg.pmds), ("pins", msg.pins)):
+        if column and len(column) != 4 * rows:
+            raise PeerError(f"rmap_delta: {len(column)} bytes of {name} for {rows} pfns (4 each, or none)")
     mem = c.mem
     mapcount = mem.mapcount
     n = len(mem.ref)
-    drops = pte_drops(msg.rows)
+    drops = pte_drops(msg)
     if drops is not None:
         # A zapped range: the counts only fall, so it is sound if each page's final count is.
         # Otherwise the rows below find the first bad one.

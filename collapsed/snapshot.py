@@ -155,7 +155,7 @@ def _restore(
     mem.mapcount = array("l", bytes(mem.mapcount.itemsize * n))
     mem.nr_blocks = nr_blocks
     mem._free_blocks = [_pfn(b, n) for b in saved["free_blocks"]]
-    mem._free_small = [_pfn(p, n) for p in saved["free_small"]]
+    mem._free_small = array("q", [_pfn(p, n) for p in saved["free_small"]])
     mem._small_block_next, mem._small_block_end = (int(v) for v in saved["small_block"])
     if not 0 <= mem._small_block_next <= mem._small_block_end <= n:
         raise SnapshotError(f"{DAEMON} snapshot: small-page cursor outside memory")

@@ -10,6 +10,8 @@ import bisect
 from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
+import numpy as np
+
 from remapd.fault import FaultPath
 from remapd.files import Files
 from remapd.khugepaged import Khugepaged
@@ -760,7 +762,7 @@ class AddressSpace:
     def _unmap_folio(self, ino: int, first: int, head: int) -> None:
         """try_to_unmap / unmap_folio of a large folio (or, for a small one, its one page) from
         every mm: a PMD mapping is split (TTU_SPLIT_HUGE_PMD counts thp_split_pmd), PTEs zapped."""
-        pfns = tuple(range(head, head + HPAGE_PMD_NR))
+        pfns = np.arange(head, head + HPAGE_PMD_NR, dtype=np.int64)
         for mm, vma in self.files.mappings(ino):
             lo, hi = max(first, vma.pgoff), min(first + HPAGE_PMD_NR, vma.pgoff_at(vma.end))
             if lo >= hi:
@@ -807,7 +809,7 @@ class AddressSpace:
 
     def unmap_mapping_range(self, msg: m.UnmapMapping) -> None:
         """unmap_mapping_range / try_to_unmap over every VMA mapping [start, end) of the file."""
-        pfns = msg.pfns or None
+        pfns = np.frombuffer(msg.pfns, dtype=np.dtype(m.RMAP_PFN)) if msg.pfns else None
         for mm, vma in self.files.mappings(msg.ino):
             lo = max(msg.start, vma.pgoff)
             hi = min(msg.end, vma.pgoff_at(vma.end))

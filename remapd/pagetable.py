@@ -40,6 +40,12 @@ from shared.vm import PROT_WRITE
 
 log = get_logger("remapd")
 
+# The PTE bits _zap_ptes tests on a table's entries, as numpy scalars made once.
+_SHIFT = np.uint64(PTE_SHIFT)
+_ANON = np.uint64(PTE_ANON)
+_THP = np.uint64(PTE_THP)
+_SHMEM = np.uint64(PTE_SHMEM)
+
 
 def mm_counter(pte: int) -> str:
     """The rss counter a page mapped by ``pte`` counts in (mm_counter)."""
@@ -216,7 +222,7 @@ class PageTables:
         start: int,
         end: int,
         anon: bool = True,
-        pfns: tuple[int, ...] | None = None,
+        pfns: np.ndarray | None = None,
         reclaim_pt: bool = False,
     ) -> None:
         """Clear PTEs and PMDs in [start, end); a PMD the range cuts is split. ``anon=False``
@@ -225,15 +231,9 @@ class PageTables:
         ``reclaim_pt`` (MADV_DONTNEED's zap_details, CONFIG_PT_RECLAIM, 6.13+): zap_pte_range()
         frees a PTE table the zap covered whole (reclaim_pt_is_enabled: at least PMD_SIZE of it)
         and left empty (try_get_and_clear_pmd, mm/pt_reclaim.c), so the PMD is none again."""
-        only = None
-        if pfns is not None:
-            try:
-                only = np.fromiter(pfns, dtype=np.int64, count=len(pfns))
-            except OverflowError:  # a pfn past 64 bits is no page's: it matches nothing
-                fits = [p for p in pfns if -(1 << 63) <= p < 1 << 63]
-                only = np.fromiter(fits, dtype=np.int64, count=len(fits))
-            if np.count_nonzero(only[1:] <= only[:-1]):  # collapse_file's come in ascending order
-                only = np.unique(only)
+        only = pfns
+        if only is not None and np.count_nonzero(only[1:] <= only[:-1]):
+            only = np.unique(only)  # collapse_file's come in ascending order
         for pidx in mm.pmd_indices(start, end):
             entry = mm.pmds[pidx]
             base = pidx << HPAGE_PMD_SHIFT
@@ -261,29 +261,31 @@ class PageTables:
         chosen = window != 0
         if only is not None and len(only):
             # Membership in the sorted pfns: where each would go, and whether it is there.
-            mapped = (window >> np.uint64(PTE_SHIFT)).astype(np.int64)
-            at = np.searchsorted(only, mapped)
+            mapped = (window >> _SHIFT).astype(np.int64)
+            at = only.searchsorted(mapped)
             at[at == len(only)] = 0
             chosen &= only[at] == mapped
         elif only is not None:
             return
-        is_anon = (window & np.uint64(PTE_ANON)) != 0
-        file_slots = np.flatnonzero(chosen & ~is_anon) + first
-        anon_slots = np.flatnonzero(chosen & is_anon) + first if anon else ()
+        is_anon = (window & _ANON) != 0
+        file_slots = (chosen & ~is_anon).nonzero()[0] + first
+        anon_slots = (chosen & is_anon).nonzero()[0] + first if anon else ()
         if len(file_slots):
             gone = ptes[file_slots]
-            belongs = ((gone & np.uint64(PTE_THP)) != 0) & (
-                ((gone >> np.uint64(PTE_SHIFT)) & np.uint64(HPAGE_PMD_NR - 1)) == file_slots.astype(np.uint64)
-            )
+            thp = (gone & _THP) != 0
+            belongs = 0  # PTEs of a PMD-order page at its own slot (none unless some map a THP)
+            if np.count_nonzero(thp):
+                slot_of = (gone >> _SHIFT) & np.uint64(HPAGE_PMD_NR - 1)
+                belongs = int(np.count_nonzero(thp & (slot_of == file_slots.astype(np.uint64))))
             ptes[file_slots] = 0
             n = len(file_slots)
-            shmem = int(np.count_nonzero(gone & np.uint64(PTE_SHMEM)))
+            shmem = int(np.count_nonzero(gone & _SHMEM))
             table.nr -= n
-            table.nr_foreign -= n - int(np.count_nonzero(belongs))
+            table.nr_foreign -= n - belongs
             mm.update_hiwater_rss()
             mm.rss["MM_SHMEMPAGES"] -= shmem
             mm.rss["MM_FILEPAGES"] -= n - shmem
-            self.rmap.unmap_ptes((gone >> np.uint64(PTE_SHIFT)).tolist())
+            self.rmap.unmap_ptes((gone >> _SHIFT).astype(np.int64))
         del ptes, window
         for slot in anon_slots:
             self.zap_pte(mm, table, int(slot))

@@ -96,8 +96,8 @@ class Remapper(Actor):
         self.outbox.append(msg)
 
     def flush(self) -> None:
-        if self.rmap.rows:
-            self.outbox.append(m.RmapDelta(self.rmap.take()))
+        if self.rmap:
+            self.outbox.append(self.rmap.take())
 
     # -- peer messages ------------------------------------------------------------------------
 

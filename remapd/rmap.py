@@ -11,37 +11,84 @@ pfn space above ``ANON_PFN_BASE`` that the collapser never sees.
 
 from __future__ import annotations
 
-from itertools import repeat
+import sys
+from array import array
+from collections.abc import Sequence
+
+import numpy as np
 
 from remapd.mm import ANON_PFN_BASE
+from shared import messages as m
 
-# (pfn, PTE mappings, PMD mappings, pins): deltas, each unit also a page reference.
-RmapRow = tuple[int, int, int, int]
+# A zapped range's PTE column: one mapping less per page.
+_ONE_LESS = array("i", [-1])
+
+
+def _wire(column: array) -> bytes:
+    """A column packed as the wire has it: little-endian."""
+    if sys.byteorder == "little":
+        return column.tobytes()
+    swapped = array(column.typecode, column)
+    swapped.byteswap()
+    return swapped.tobytes()
+
+
+def _deltas(column: array, n: int) -> bytes:
+    """A delta column of ``n`` rows packed (zeros past its end); empty when all are zero, as an
+    RmapDelta allows."""
+    packed = _wire(column)
+    if packed.count(0) == len(packed):
+        return b""
+    return packed + bytes(4 * (n - len(column)))
 
 
 class RmapBatch:
-    """File-page rmap deltas not yet sent to the collapser."""
+    """File-page rmap deltas not yet sent to the collapser: the columns of an
+    :class:`~shared.messages.RmapDelta` (pfn, PTE mappings, PMD mappings, pins), each unit also a
+    page reference. ``pmds`` and ``pins`` end at the last row that has either: the rows past
+    them have zeros there (a zapped range adds none)."""
 
-    __slots__ = ("rows",)
+    __slots__ = ("pfns", "pins", "pmds", "ptes")
 
     def __init__(self) -> None:
-        self.rows: list[RmapRow] = []
+        self.pfns = array("q")
+        self.ptes = array("i")
+        self.pmds = array("i")
+        self.pins = array("i")
+
+    def __len__(self) -> int:
+        return len(self.pfns)
 
     def add(self, pfn: int, pte: int = 0, pmd: int = 0, pin: int = 0) -> None:
-        self.rows.append((pfn, pte, pmd, pin))
+        if pmd or pin:
+            zeros = array("i", bytes(4 * (len(self.pfns) - len(self.pmds))))
+            self.pmds.extend(zeros)
+            self.pmds.append(pmd)
+            self.pins.extend(zeros)
+            self.pins.append(pin)
+        self.pfns.append(pfn)
+        self.ptes.append(pte)
 
-    def unmap_ptes(self, pfns: list[int]) -> None:
+    def unmap_ptes(self, pfns: Sequence[int] | np.ndarray) -> None:
         """A row of one PTE mapping less for each of ``pfns``, in order (a zapped range)."""
-        self.rows.extend(zip(pfns, repeat(-1), repeat(0), repeat(0)))
+        self.pfns.frombytes(np.asarray(pfns, dtype=np.int64).tobytes())
+        self.ptes.extend(_ONE_LESS * len(pfns))
 
-    def take(self) -> tuple[RmapRow, ...]:
-        """Every pending row, in order; the batch is empty afterwards."""
-        rows, self.rows = self.rows, []
-        return tuple(rows)
+    def delta(self) -> m.RmapDelta:
+        """The pending rows, in order, as one message; the batch keeps them."""
+        n = len(self.pfns)
+        return m.RmapDelta(_wire(self.pfns), _deltas(self.ptes, n), _deltas(self.pmds, n), _deltas(self.pins, n))
+
+    def take(self) -> m.RmapDelta:
+        """:meth:`delta`, and the batch is empty afterwards."""
+        delta = self.delta()
+        self.clear()
+        return delta
 
     def clear(self) -> None:
-        """Drop pending rows: the collapser they were for is gone."""
-        self.rows.clear()
+        """Drop pending rows (after sending them, or the collapser they were for is gone)."""
+        for column in (self.pfns, self.ptes, self.pmds, self.pins):
+            del column[:]
 
 
 class AnonPages:

@@ -34,7 +34,7 @@ async def test_messages_arrive_in_order_both_ways_after_hello():
         assert (hello.role, hello.protocol) == ("remapd", PROTOCOL_VERSION)
         assert a.hello is not None and (a.hello.role, a.hello.protocol) == ("collapsed", PROTOCOL_VERSION)
         assert a.hello.nonce != hello.nonce and len(hello.nonce) == 64
-        sent = [m.RmapDelta(((100 + i, 1, 0, 0),)) for i in range(200)] + [m.Mmap(7, 1, None, 4096, "f")]
+        sent = [m.RmapDelta.of(((100 + i, 1, 0, 0),)) for i in range(200)] + [m.Mmap(7, 1, None, 4096, "f")]
         for msg in sent:
             await a.send(msg)
         got = [await b.receive() for _ in sent]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import math
+import re
 import typing
 from typing import Annotated, Any, TypedDict
 
@@ -20,6 +21,7 @@ from shared.protocol.schema import (
     REGISTRY,
     REMAPD,
     Message,
+    Packed,
     Range,
     Request,
     message,
@@ -604,8 +606,7 @@ def test_integer_ranges_leave_valid_values_alone() -> None:
         m.Touch(4, 1, 0x7F0000000000, 1 << 40),
     ):
         assert from_wire(to_wire(msg)) == msg
-    # Ints beyond the request fields keep their plain annotation (a pid, a peer's deltas).
-    assert from_wire(to_wire(m.RmapDelta(((5, -1, 0, 0),)))) == m.RmapDelta(((5, -1, 0, 0),))
+    # Ints beyond the request fields keep their plain annotation (a file size from the peer).
     assert from_wire(to_wire(m.FileInfo(1, "f", -1, False))).size == -1
 
 
@@ -619,3 +620,78 @@ def test_an_int_range_needs_int_bounds() -> None:
             to_wire(BadIntRange(1))
     finally:
         del REGISTRY["test.bad_int_range"]
+
+
+def test_rmap_delta_travels_as_packed_columns() -> None:
+    """Protocol version 5: RmapDelta's rows travel as msgpack bins of little-endian integers
+    (issue 10: 512 rows a collapse cost ~50 us as tuples); a delta column of zeros is empty."""
+    rows = ((5, -1, 0, 0), ((1 << 63) - 1, 2, -3, (1 << 31) - 1), (9, -(1 << 31), 0, 0))
+    msg = m.RmapDelta.of(rows)
+    assert msg.pfns[:8] == (5).to_bytes(8, "little") and msg.ptes[:4] == (-1).to_bytes(4, "little", signed=True)
+    body = msgpack.packb(to_wire(msg), use_bin_type=True)
+    back = from_wire(msgpack.unpackb(body, raw=False))
+    assert back == msg and back.rows == rows and back.nrows == 3
+    zap = m.RmapDelta.of(((7, -1, 0, 0), (8, -1, 0, 0)))
+    assert (zap.pmds, zap.pins) == (b"", b"") and zap.rows == ((7, -1, 0, 0), (8, -1, 0, 0))
+    assert m.RmapDelta.of(()).rows == ()
+
+
+@pytest.mark.parametrize(
+    "fields, reason",
+    [
+        ({"pfns": [5]}, "field 'pfns': expected bytes (packed <q integers), got list"),
+        ({"pfns": "12345678"}, "field 'pfns': expected bytes (packed <q integers), got str"),
+        ({"pfns": b"\0" * 7}, "field 'pfns': 7 bytes is not a whole number of packed <q integers (8 bytes each)"),
+        ({"pfns": b"", "ptes": b"\0" * 6}, "field 'ptes': 6 bytes is not a whole number of packed <i integers"),
+        ({"pfns": b"\0" * 8 * (m.MAX_RMAP_ROWS + 1)}, f"field 'pfns': {m.MAX_RMAP_ROWS + 1} packed <q integers (at most {m.MAX_RMAP_ROWS})"),
+        ({"pfns": b"", "pins": b"\0" * 4 * (m.MAX_RMAP_ROWS + 1)}, f"(at most {m.MAX_RMAP_ROWS})"),
+        ({"ptes": b""}, "missing required field 'pfns'"),
+    ],
+)
+def test_packed_columns_are_checked_both_ways(fields: dict[str, Any], reason: str) -> None:
+    """A column of another type, a partial integer or too many integers is a ProtocolError that
+    says so, on the way in and (for what a sender could build) on the way out."""
+    with pytest.raises(ProtocolError) as info:
+        from_wire(["peer.rmap_delta", fields])
+    assert str(info.value).startswith("peer.rmap_delta: ") and reason in str(info.value)
+    if "pfns" in fields:
+        with pytest.raises(ProtocolError, match=re.escape(reason)):
+            to_wire(m.RmapDelta(**fields))
+
+
+def test_a_packed_column_holds_little_endian_signed_integers() -> None:
+    @message("test.bad_packed")
+    class BadPacked(Message):
+        x: Annotated[bytes, Packed(">q", 4)]
+
+    try:
+        with pytest.raises(TypeError, match="little-endian signed integers"):
+            to_wire(BadPacked(b""))
+    finally:
+        del REGISTRY["test.bad_packed"]
+
+
+def test_the_remappers_batch_sends_its_rows_in_order_as_columns() -> None:
+    """remapd's RmapBatch keeps PMD and pin deltas only up to the last row that has one; the
+    message still carries every row, in order, and leaves out all-zero columns."""
+    from remapd.rmap import RmapBatch
+
+    batch = RmapBatch()
+    batch.add(5, pte=-1)
+    batch.unmap_ptes([6, 7])
+    batch.add(8, pmd=1)
+    batch.unmap_ptes([9])
+    rows = ((5, -1, 0, 0), (6, -1, 0, 0), (7, -1, 0, 0), (8, 0, 1, 0), (9, -1, 0, 0))
+    delta = batch.delta()
+    assert delta.rows == rows and delta.pins == b"" and len(batch) == 5
+    assert batch.take() == delta and not batch and batch.delta() == m.RmapDelta(b"")
+    batch.unmap_ptes([3, 4])
+    assert (batch.delta().pmds, batch.delta().rows) == (b"", ((3, -1, 0, 0), (4, -1, 0, 0)))
+
+
+def test_unmap_mapping_names_at_most_a_folio_of_packed_pfns() -> None:
+    pfns = b"".join(p.to_bytes(8, "little") for p in range(1, 513))
+    msg = m.UnmapMapping(1, 7, 0, 512, pfns, False)
+    assert from_wire(to_wire(msg)) == msg
+    with pytest.raises(ProtocolError, match=r"field 'pfns': 513 packed <q integers \(at most 512\)"):
+        from_wire(["peer.unmap_mapping", {**to_wire(msg)[1], "pfns": pfns + pfns[:8]}])

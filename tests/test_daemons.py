@@ -348,12 +348,12 @@ async def test_remapd_started_first_connects_once_collapsed_is_up(workdir):
 
 def test_huge_rmap_deltas_are_split_into_frames_the_peer_accepts():
     rows = tuple((pfn, -1, 0, 0) for pfn in range(1, 3 * MAX_ROWS_PER_FRAME + 2))
-    parts = split_for_frames(m.RmapDelta(rows))
+    parts = split_for_frames(m.RmapDelta.of(rows))
     assert [len(p.rows) for p in parts] == [MAX_ROWS_PER_FRAME] * 3 + [1]
     assert tuple(r for p in parts for r in p.rows) == rows
     assert all(len(encode_message(p)) <= MAX_FRAME_BYTES for p in parts)
     with pytest.raises(ValueError):
-        encode_message(m.RmapDelta(tuple((1 << 40, -1, 0, 0) for _ in range(MAX_FRAME_BYTES // 8))))
+        encode_message(m.RmapDelta.of(tuple((1 << 40, -1, 0, 0) for _ in range(MAX_FRAME_BYTES // 8))))
     pfns = tuple(range(1, MAX_ROWS_PER_FRAME + 2))
     parts = split_for_frames(m.Reclaim(pfns, (512, 1024)))
     assert [p.pfns for p in parts] == [pfns[:MAX_ROWS_PER_FRAME], pfns[MAX_ROWS_PER_FRAME:]]

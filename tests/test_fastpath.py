@@ -241,7 +241,7 @@ async def test_a_touch_stops_soon_after_its_client_goes_away(autojump_clock):
 
 
 def test_a_frame_of_many_messages_is_taken_in_order():
-    msgs = [m.Sync(1), m.MmExit(5), m.RmapDelta(((7, 1, 0, 0),)), m.Sync(2)]
+    msgs = [m.Sync(1), m.MmExit(5), m.RmapDelta.of(((7, 1, 0, 0),)), m.Sync(2)]
     bodies = [batchable_body(msg) for msg in msgs]
     assert all(b is not None for b in bodies)
     decoder = FrameDecoder()
@@ -252,7 +252,7 @@ def test_a_frame_of_many_messages_is_taken_in_order():
     assert got == [*msgs, m.Sync(3)]
     assert decoder.statistics().frames_decoded == 2
     # A large message never shares a frame (it could not nest within every limit).
-    assert batchable_body(m.RmapDelta(tuple((p, 1, 0, 0) for p in range(1, 2000)))) is None
+    assert batchable_body(m.RmapDelta.of(tuple((p, 1, 0, 0) for p in range(1, 2000)))) is None
 
 
 async def test_the_lookups_of_many_connections_share_one_peer_frame(autojump_clock):

@@ -308,7 +308,7 @@ def test_containers_are_capped_per_frame():
     from shared.shell.peer import MAX_ROWS_PER_FRAME
 
     rows = tuple((i + 1, 1, 0, 0) for i in range(MAX_ROWS_PER_FRAME))
-    assert decode_message(encode_message(m.RmapDelta(rows))) == m.RmapDelta(rows)
+    assert decode_message(encode_message(m.RmapDelta.of(rows))) == m.RmapDelta.of(rows)
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])

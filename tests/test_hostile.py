@@ -181,7 +181,7 @@ async def test_a_forged_peer_message_closes_the_peer_link_and_collapsed_carries_
         stream = await connect(parse_address(d.collapsed.address))
         decoder, _, auth = await raw_hello(stream, "remapd")
         assert isinstance(auth, m.PeerAuth)
-        await stream.send_all(encode_message(m.RmapDelta(((-5, 1, 0, 0),))))
+        await stream.send_all(encode_message(m.RmapDelta.of(((-5, 1, 0, 0),))))
         with trio.fail_after(10):
             while not isinstance(reply := await next_message(stream, decoder), m.ErrorReply):
                 assert reply is not None, "closed without an error reply"

@@ -10,13 +10,14 @@ after, and the invariant checker must still pass.
 from __future__ import annotations
 
 import dataclasses
+import struct
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from helpers import FIXED, H, P, make_file_thp
 
-from collapsed.pagecache import PG_LOCKED
+from collapsed.pagecache import BULK_ROWS, PG_LOCKED
 from collapsed.peer_checks import MAX_AUDIT_ROWS, MAX_QUERY_PFNS
 from shared import messages as m
 from shared.actor import Call
@@ -113,8 +114,8 @@ def test_peer_error_is_not_a_user_error():
         pytest.param(lambda s: ((s.cached, -1, 0, 0),), "PTE mappings", id="free-a-cached-page"),
         pytest.param(lambda s: ((s.mapped, -1, 0, 0), (s.mapped, -1, 0, 0)), "PTE mappings", id="unmap-twice"),
         pytest.param(lambda s: ((s.cached, -1, 0, 0), (s.cached, 1, 0, 0)), "PTE mappings", id="unmap-before-map"),
-        pytest.param(lambda s: ((s.mapped, -(1 << 40), 0, 0),), "PTE mappings", id="huge-unmap"),
-        pytest.param(lambda s: ((s.cached, 1 << 40, 0, 0),), "PTE mappings", id="mapcount-overflow"),
+        pytest.param(lambda s: ((s.mapped, -(1 << 31), 0, 0),), "PTE mappings", id="huge-unmap"),
+        pytest.param(lambda s: ((s.mapped, (1 << 31) - 1, 0, 0),), "PTE mappings", id="mapcount-overflow"),
         pytest.param(lambda s: ((s.thp, 0, (1 << 31) - 1, 0),), "PMD mappings", id="entire-overflow"),
         pytest.param(lambda s: ((s.cached, 0, 1, 0),), "not a PMD-order page", id="pmd-on-small-page"),
         pytest.param(lambda s: ((s.thp, 0, -2, 0),), "PMD mappings", id="pmd-unmap-twice"),
@@ -124,6 +125,11 @@ def test_peer_error_is_not_a_user_error():
         pytest.param(lambda s: ((s.freed, 1, 0, 0),), "not a page in the page cache", id="map-a-free-page"),
         pytest.param(lambda s: ((s.freed, 0, 0, 1),), "not a page in the page cache", id="pin-a-free-page"),
         pytest.param(lambda s: ((s.freed, -1, 0, 0),), "PTE mappings", id="unmap-a-free-page"),
+        # A zapped range long enough for the array path, which must find the same faults.
+        pytest.param(lambda s: ((s.mapped, -1, 0, 0),) * BULK_ROWS, "PTE mappings", id="bulk-unmap-many-times"),
+        pytest.param(
+            lambda s: ((s.mapped, -1, 0, 0),) + ((s.n, -1, 0, 0),) * BULK_ROWS, "outside memory", id="bulk-past-memory"
+        ),
         pytest.param(
             lambda s: ((s.mapped, -1, 0, 0), (s.thp, 0, -1, 0), (s.cached, -1, 0, 0)),
             "PTE mappings",
@@ -132,15 +138,23 @@ def test_peer_error_is_not_a_user_error():
     ],
 )
 def test_forged_rmap_delta_is_refused(world, state, rows, match):
-    refused(world, m.RmapDelta(rows(state)), match)
+    refused(world, m.RmapDelta.of(rows(state)), match)
+
+
+def test_rmap_delta_columns_of_another_length_are_refused(world, state):
+    """Version 5's columns: each delta column holds one integer per pfn, or none (all zeros)."""
+    pfns = struct.pack("<2q", state.mapped, state.mapped)
+    refused(world, m.RmapDelta(pfns, struct.pack("<i", -1)), "4 bytes of ptes for 2 pfns")
+    refused(world, m.RmapDelta(pfns, b"", b"", struct.pack("<3i", 0, 0, 1)), "12 bytes of pins for 2 pfns")
+    refused(world, m.RmapDelta(b"", b"", struct.pack("<i", 1)), "4 bytes of pmds for 0 pfns")
 
 
 def test_rmap_rows_that_stay_within_what_the_peer_holds_apply(world, state):
     c = world.collapser
     before = snapshot(world)
     # A PTE zapped and mapped again, a PMD split to PTEs and back: all within what it holds.
-    c.deliver(m.RmapDelta(((state.mapped, -1, 0, 0), (state.mapped, 1, 0, 0))))
-    c.deliver(m.RmapDelta(((state.thp, 0, -1, 0), (state.thp, 0, 1, 0))))
+    c.deliver(m.RmapDelta.of(((state.mapped, -1, 0, 0), (state.mapped, 1, 0, 0))))
+    c.deliver(m.RmapDelta.of(((state.thp, 0, -1, 0), (state.thp, 0, 1, 0))))
     assert snapshot(world) == before
     world.check()
 
@@ -425,7 +439,7 @@ def test_a_remap_row_the_cache_does_not_hold_is_answered_not_refused(world, stat
     c.deliver(m.Remap(7, rows))
     assert c.outbox.pop() == m.Remapped(7, (False, False, False, False, False, True))
     assert c.mem.mapcount[state.cached] == 1 and c.mem.ref[state.cached] == 2
-    c.deliver(m.RmapDelta(((state.cached, -1, 0, 0),)))  # the remapper hands it back
+    c.deliver(m.RmapDelta.of(((state.cached, -1, 0, 0),)))  # the remapper hands it back
     c.outbox.clear()
     assert snapshot(world) == before
 
@@ -450,7 +464,7 @@ def test_an_audit_names_what_it_cannot_match_and_refuses_only_its_size(world, st
     [
         m.PageAnswer(1, "ok", 5, 5),
         m.FolioAnswer(1, 5, 0),
-        m.UnmapMapping(1, 1, 0, 10, (), True),
+        m.UnmapMapping(1, 1, 0, 10, b"", True),
         m.Retract(1, 1, 0, 512),
         m.CollapseResult(1, 1),
         m.Remapped(1, (True,)),

@@ -13,6 +13,9 @@ Field annotations the messages use, and so the only ones supported:
 * ``Annotated[int, Range(lo, hi)]``: an int (not a bool) within the bounds, both ways (addresses,
   offsets, lengths: the range of their C type, so a negative address or a 2**64 offset is refused
   before the model sees it);
+* ``Annotated[bytes, Packed(fmt, max_items)]``: a ``bytes`` (msgpack bin) holding whole
+  little-endian integers of ``fmt``, at most ``max_items``, both ways (what the integers say is
+  the receiver's to check);
 * ``IntEnum`` / ``StrEnum`` subclasses: sent as the plain value (a plain value of a member is
   accepted when sending), decoded to the member;
 * ``X | None``, and unions of the scalars above (``int | str``);
@@ -28,13 +31,14 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+import struct
 import types
 import typing
 from collections.abc import Callable
 from typing import Any
 
 from shared.clip import quote
-from shared.protocol.schema import REGISTRY, Message, Range
+from shared.protocol.schema import REGISTRY, Message, Packed, Range
 
 __all__ = ["ProtocolError", "from_wire", "to_wire"]
 
@@ -121,6 +125,10 @@ def _compile(tp: Any) -> _Codec:
         ranges = [a for a in args[1:] if isinstance(a, Range)]
         if len(ranges) == 1:
             return _float_codec(ranges[0]) if args[0] is float else _int_codec(ranges[0])
+    if origin is typing.Annotated and args[0] is bytes:
+        packed = [a for a in args[1:] if isinstance(a, Packed)]
+        if len(packed) == 1:
+            return _packed_codec(packed[0])
     if isinstance(tp, type) and issubclass(tp, enum.Enum) and issubclass(tp, (int, str)):
         return _enum_codec(tp)
     if _is_typeddict(tp):
@@ -194,6 +202,26 @@ def _int_codec(bounds: Range) -> _Codec:
         return value
 
     # No exact type: every value is range-checked, on the way out too.
+    return _Codec(None, check, check, 0)
+
+
+def _packed_codec(packed: Packed) -> _Codec:
+    if packed.fmt not in ("<b", "<h", "<i", "<q"):
+        raise TypeError(f"a packed column holds little-endian signed integers, not {packed.fmt!r}")
+    size = struct.calcsize(packed.fmt)
+    most = packed.max_items
+    kind = f"packed {packed.fmt} integers"
+
+    def check(value: Any) -> bytes:
+        if type(value) is not bytes:
+            raise _mismatch(f"bytes ({kind})", value)
+        if len(value) % size:
+            raise _Invalid(f"{len(value)} bytes is not a whole number of {kind} ({size} bytes each)")
+        if len(value) > most * size:
+            raise _Invalid(f"{len(value) // size} {kind} (at most {most})")
+        return value
+
+    # No exact type: every length is checked, on the way out too.
     return _Codec(None, check, check, 0)
 
 

@@ -46,8 +46,8 @@ MAX_ITEMS = 1_000_000
 MAX_STR = 1024 * 1024
 # Most arrays and maps in one frame, all levels together. Decoded, an empty map costs ~72 bytes
 # for the 1 byte it takes on the wire: a 4 MiB frame of them would claim ~300 MB before the codec
-# could refuse it. The largest frame either side sends, an RmapDelta of 65,536 rows
-# (shared.shell.peer.MAX_ROWS_PER_FRAME), holds 65,540; twice that leaves room.
+# could refuse it. The frames with the most either side sends, a Remap or Audit request of
+# 65,536 rows (shared.shell.peer.MAX_ROWS_PER_FRAME), hold about 65,540; twice that leaves room.
 MAX_CONTAINERS = 2 * 65536
 
 _HEADER = struct.Struct(">I")

@@ -20,12 +20,15 @@ and is decoded to the member, which still equals the plain value.
 from __future__ import annotations
 
 import enum
+import struct
+from collections.abc import Sequence
 from typing import Annotated, TypedDict
 
 from shared.protocol.schema import (
     COLLAPSED,
     REMAPD,
     Message,
+    Packed,
     Range,
     Request,
     message,
@@ -175,14 +178,59 @@ class LookupPages(Message):
     stop_at_sigbus: bool = False
 
 
+# Rows of one RmapDelta: a bigger batch is split into several (shared.shell.peer), and a
+# receiver refuses one above it.
+MAX_RMAP_ROWS = 65536
+# Its columns: pfns as 64-bit integers, the deltas as 32-bit ones (counts are atomic_t).
+RMAP_PFN = "<q"
+RMAP_DELTA = "<i"
+RmapPfns = Annotated[bytes, Packed(RMAP_PFN, MAX_RMAP_ROWS)]
+RmapDeltas = Annotated[bytes, Packed(RMAP_DELTA, MAX_RMAP_ROWS)]
+RmapRow = tuple[int, int, int, int]
+# Pages one UnmapMapping names: those of one folio, or of the 2 MiB a collapse replaces.
+MAX_UNMAP_PFNS = 512
+
+
 @message("peer.rmap_delta")
 class RmapDelta(Message):
-    """Mapping changes made by the remapper: rows of (pfn, pte mappings, pmd mappings, pins).
+    """Mapping changes made by the remapper: rows of (pfn, pte mappings, pmd mappings, pins),
+    applied in order. Each unit of mapping or pin carries one page reference, as the kernel's rmap
+    does.
 
-    Each unit of mapping or pin carries one page reference, as the kernel's rmap does.
-    """
+    Columnar (version 5): ``pfns`` packs the rows' pfns (little-endian 64-bit), ``ptes``, ``pmds``
+    and ``pins`` their deltas (little-endian 32-bit); a delta column is either one integer per
+    pfn or empty, meaning all zeros (a zapped range sends only ``pfns`` and ``ptes``). The
+    receiver refuses a column of another length."""
 
-    rows: tuple[tuple[int, int, int, int], ...]
+    pfns: RmapPfns
+    ptes: RmapDeltas = b""
+    pmds: RmapDeltas = b""
+    pins: RmapDeltas = b""
+
+    @classmethod
+    def of(cls, rows: Sequence[RmapRow]) -> RmapDelta:
+        """The message carrying ``rows``."""
+        pfns, *deltas = zip(*rows) if rows else ((), (), (), ())
+        return cls(_pack(RMAP_PFN, pfns), *(_pack(RMAP_DELTA, d) if any(d) else b"" for d in deltas))
+
+    @property
+    def nrows(self) -> int:
+        return len(self.pfns) // 8
+
+    @property
+    def rows(self) -> tuple[RmapRow, ...]:
+        """The rows as tuples (columns of consistent lengths only: the receiver checks first)."""
+        n = self.nrows
+        deltas = (_unpack(RMAP_DELTA, c, n) for c in (self.ptes, self.pmds, self.pins))
+        return tuple(zip(_unpack(RMAP_PFN, self.pfns, n), *deltas))
+
+
+def _pack(fmt: str, values: tuple[int, ...]) -> bytes:
+    return struct.pack(f"<{len(values)}{fmt[1]}", *values)
+
+
+def _unpack(fmt: str, column: bytes, n: int) -> tuple[int, ...]:
+    return struct.unpack(f"<{n}{fmt[1]}", column) if column else (0,) * n
 
 
 @message("peer.mark_dirty")
@@ -427,15 +475,17 @@ class CollapseResult(Message):
 class UnmapMapping(Message):
     """Zap every mapping of file pages in [start, end) of ``ino`` (try_to_unmap / truncate).
 
-    ``pfns``: only PTEs/PMDs mapping these pages (collapse_file's try_to_unmap); empty means all
-    (unmap_mapping_range). ``even_cows``: also zap private CoW copies (truncate).
+    ``pfns``: only PTEs/PMDs mapping these pages (collapse_file's try_to_unmap, a folio split's
+    unmap_folio), packed as an RmapDelta's pfns (version 5: the 512 of a collapse were an array
+    of ints); empty means all (unmap_mapping_range). ``even_cows``: also zap private CoW copies
+    (truncate).
     """
 
     req: int
     ino: int
     start: int
     end: int
-    pfns: tuple[int, ...]
+    pfns: Annotated[bytes, Packed(RMAP_PFN, MAX_UNMAP_PFNS)]
     even_cows: bool
 
 

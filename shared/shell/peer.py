@@ -33,13 +33,18 @@ log = get_logger("thpsplit.peer")
 
 # Rows per RmapDelta (pfns per Reclaim) in one frame: unmapping or paging out gigabytes at once
 # must not make a frame the peer refuses. Rows are additive, so a split changes nothing.
-MAX_ROWS_PER_FRAME = 65536
+MAX_ROWS_PER_FRAME = m.MAX_RMAP_ROWS
 
 
 def split_for_frames(msg: Message) -> list[Message]:
-    if isinstance(msg, m.RmapDelta) and len(msg.rows) > MAX_ROWS_PER_FRAME:
-        rows = msg.rows
-        return [m.RmapDelta(rows[i : i + MAX_ROWS_PER_FRAME]) for i in range(0, len(rows), MAX_ROWS_PER_FRAME)]
+    if isinstance(msg, m.RmapDelta) and msg.nrows > MAX_ROWS_PER_FRAME:
+        # Slices of each packed column (8-byte pfns, 4-byte deltas; an empty one stays empty).
+        n = MAX_ROWS_PER_FRAME
+        deltas = (msg.ptes, msg.pmds, msg.pins)
+        return [
+            m.RmapDelta(msg.pfns[8 * i : 8 * (i + n)], *(c[4 * i : 4 * (i + n)] for c in deltas))
+            for i in range(0, msg.nrows, n)
+        ]
     if isinstance(msg, m.Reclaim) and len(msg.pfns) > MAX_ROWS_PER_FRAME:
         pfns = msg.pfns
         # The splits (one head per 2 MiB at most) travel whole, with the first frame.

@@ -226,7 +226,7 @@ def check_in_flight(world: World) -> None:
     rows_pmd: Counter[int] = Counter()
     rows_pin: Counter[int] = Counter()
     in_flight = [msg for msg in r.outbox if isinstance(msg, m.RmapDelta)]
-    pending_rows = [row for msg in in_flight for row in msg.rows] + list(r.rmap.rows)
+    pending_rows = [row for msg in (*in_flight, r.rmap.delta()) for row in msg.rows]
     for pfn, pte, pmd, pin in pending_rows:
         rows_pte[pfn] += pte
         rows_pmd[pfn] += pmd
