@@ -18,6 +18,7 @@ and closes the stream.
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Callable, Collection, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
@@ -107,6 +108,15 @@ class Channel:
         linger: bool = False,
     ):
         self.stream = stream
+        # A socket is read and written by this channel itself, without trio's stream layer: a
+        # write that the socket takes whole is done without a checkpoint (no scheduler pass
+        # per message on a round trip's path), and a read that emptied the socket waits for
+        # readiness before the next one (no EAGAIN read per message). Other streams (the
+        # tests' in-memory ones) go through the Stream interface.
+        self._sock = stream.socket if isinstance(stream, trio.SocketStream) else None
+        # Whether the last read filled its buffer: more may be waiting, so the next read goes
+        # ahead at once (after a checkpoint, so a flooding peer cannot starve the others).
+        self._read_full = True
         self._linger = linger
         self._eof = False  # the other side closed its end
         self.hello: PeerHello | None = None
@@ -150,11 +160,58 @@ class Channel:
         write; waits while the queue is full. Errors: as :meth:`send` for the stream."""
         await self._send_bytes(b"".join(frames))
 
-    async def _send_bytes(self, data: bytes) -> None:
+    def send_nowait(self, msg: Message) -> bool:
+        """Send ``msg`` without waiting: written to the socket at once when the stream is idle
+        (what the socket does not take queues for the writer task), else queued. False if the
+        queue is full: nothing was sent, the caller awaits :meth:`send`. Errors: as :meth:`send`."""
+        data = encode_message(msg)
+        self._check_open()
+        if self._idle():
+            written = self._write_now(data)
+            if written == len(data):
+                return True
+            data = data[written:]  # the rest goes first in the (empty) queue: order is kept
+        try:
+            self._out_send.send_nowait(data)
+        except trio.WouldBlock:
+            return False
+        self._unwritten += 1
+        return True
+
+    def _check_open(self) -> None:
         if self._closed:
             raise trio.ClosedResourceError("the channel is closed")
         if self._broken:
             raise trio.BrokenResourceError("the stream failed")
+
+    def _idle(self) -> bool:
+        """Whether a sender may write to the socket now: nothing queued, no write under way."""
+        return self.direct_writes and self._sock is not None and not self._unwritten and not self._write_lock.locked()
+
+    def _write_now(self, data: bytes) -> int:
+        """Write what the socket takes of ``data`` without waiting; the bytes written. On a
+        failed stream all of it counts as written: as when the writer task meets the failure,
+        this send is lost with the stream and the next ones are refused."""
+        assert self._sock is not None
+        fd = self._sock.fileno()
+        try:
+            if fd >= 0:
+                return os.write(fd, data)
+        except BlockingIOError:
+            return 0
+        except OSError:
+            pass
+        self._broken = True
+        self._out_recv.close()
+        return len(data)
+
+    async def _send_bytes(self, data: bytes) -> None:
+        self._check_open()
+        if self._idle():
+            written = self._write_now(data)
+            if written == len(data):
+                return
+            data = data[written:]
         if self.direct_writes and not self._unwritten:
             # Taken without a checkpoint: no other sender can slip in between the test and the
             # write, so frames go out in the order they were sent.
@@ -233,9 +290,29 @@ class Channel:
         return await self._receive_some()
 
     async def _receive_some(self) -> bytes | bytearray:
+        sock = self._sock
+        if sock is None:
+            try:
+                return await self.stream.receive_some(RECV_CHUNK)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return b""
         try:
-            return await self.stream.receive_some(RECV_CHUNK)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            if self._read_full:
+                await trio.lowlevel.checkpoint()
+            else:
+                await trio.lowlevel.wait_readable(sock)
+            while True:
+                fd = sock.fileno()
+                if fd < 0:
+                    return b""
+                try:
+                    data = os.read(fd, RECV_CHUNK)
+                except BlockingIOError:
+                    await trio.lowlevel.wait_readable(sock)
+                    continue
+                self._read_full = len(data) == RECV_CHUNK
+                return data
+        except (OSError, trio.ClosedResourceError):
             return b""
 
     def _charge(self) -> None:
