@@ -83,6 +83,8 @@ class Driver:
         self._sendable = trio.Event()
         self._clock_wake = trio.Event()
         self._planned: float | None = None
+        # Jobs finished by the current event whose then() is still to run (settle runs it).
+        self._finished: deque[Job] = deque()
 
     # -- time ---------------------------------------------------------------------------------
 
@@ -156,6 +158,13 @@ class Driver:
             deadline = core.next_deadline()
             if deadline is not None and (self._planned is None or deadline < self._planned):
                 self._clock_wake.set()
+        finished = self._finished
+        while finished:
+            job = finished.popleft()
+            try:
+                job.run_then()
+            except Exception:
+                log.exception("shell_error", call="then")
         self.wake()
 
     def wake(self) -> None:
@@ -182,7 +191,7 @@ class Driver:
     def start(self, fn: Callable[..., Any], *args: Any) -> Job:
         """Run ``fn(*args)`` on the core now; a generator becomes a core task. Errors (UserError,
         or a bug logged as EIO) become the job's result."""
-        job = Job(self.mark(), self.barrier_after, self.needs_barrier)
+        job = Job(self.mark(), self.barrier_after, self.needs_barrier, self._finished.append)
         self.guard(self.core.advance, self.now_ms())
         try:
             value = self.guard(fn, *args)

@@ -18,6 +18,7 @@ class Job:
         mark: int,
         barrier_after: Callable[[int], Awaitable[None]],
         needs_barrier: Callable[[int], bool] = lambda mark: False,
+        report: Callable[[Job], None] | None = None,
     ):
         self._mark = mark
         self._barrier_after = barrier_after
@@ -26,6 +27,9 @@ class Job:
         self._value: Any = None
         # Tells the core that nobody waits for the operation any more (Driver.start sets it).
         self.on_cancel: Callable[[], None] | None = None
+        # then(): who is told once the job has finished, and how (Driver.settle runs them).
+        self._then: Callable[[Job], None] | None = None
+        self._report = report
 
     @property
     def finished(self) -> bool:
@@ -34,6 +38,22 @@ class Job:
     def set(self, value: Any) -> None:
         self._value = value
         self._done.set()
+        if self._then is not None and self._report is not None:
+            self._report(self)
+
+    def then(self, fn: Callable[[Job], None] | None) -> None:
+        """Have ``fn(job)`` called once the unfinished job has finished: by the driver, after
+        the event that finished it (not from within the core), with no task waking for it.
+        None: no longer."""
+        self._then = fn
+
+    def run_then(self) -> None:
+        if self._then is not None:
+            self._then(self)
+
+    def value(self) -> Any:
+        """The finished operation's value, or the UserError it ended with (no barrier)."""
+        return self._value
 
     def needs_barrier(self) -> bool:
         """Whether :meth:`result` would wait for a round trip through the peer."""
