@@ -164,9 +164,15 @@ class Channel:
         """Send ``msg`` without waiting: written to the socket at once when the stream is idle
         (what the socket does not take queues for the writer task), else queued. False if the
         queue is full: nothing was sent, the caller awaits :meth:`send`. Errors: as :meth:`send`."""
-        data = encode_message(msg)
+        return self._send_bytes_nowait(encode_message(msg))
+
+    def send_frames_nowait(self, frames: list[bytes]) -> bool:
+        """:meth:`send_frames` without waiting, as :meth:`send_nowait`."""
+        return self._send_bytes_nowait(b"".join(frames))
+
+    def _send_bytes_nowait(self, data: bytes) -> bool:
         self._check_open()
-        if self._idle():
+        if self.idle():
             written = self._write_now(data)
             if written == len(data):
                 return True
@@ -184,7 +190,7 @@ class Channel:
         if self._broken:
             raise trio.BrokenResourceError("the stream failed")
 
-    def _idle(self) -> bool:
+    def idle(self) -> bool:
         """Whether a sender may write to the socket now: nothing queued, no write under way."""
         return self.direct_writes and self._sock is not None and not self._unwritten and not self._write_lock.locked()
 
@@ -207,7 +213,7 @@ class Channel:
 
     async def _send_bytes(self, data: bytes) -> None:
         self._check_open()
-        if self._idle():
+        if self.idle():
             written = self._write_now(data)
             if written == len(data):
                 return
@@ -248,20 +254,10 @@ class Channel:
         """
         # Read in the receiving task itself: a task switch per message saved on the hot path.
         # The decoder's frame limit bounds what is buffered.
-        if self._failed:
-            raise trio.ClosedResourceError("the channel stopped at a protocol error")
         while True:
-            obj = None
-            try:
-                obj = self._decoder.next_wire()
-                if obj is not None:
-                    self._partial_since = None
-                    self._charge()
-                    return from_wire(obj)
-            except ProtocolError as err:
-                self._failed = True
-                self._charge()
-                raise ChannelError(str(err), reply_to=_request_id(obj)) from None
+            msg = self.receive_nowait()
+            if msg is not None:
+                return msg
             data = await self._read()
             if not data:
                 self._eof = True
@@ -276,6 +272,26 @@ class Channel:
                 )
             self._decoder.feed(data)
             self._charge()
+
+    def receive_nowait(self) -> Message | None:
+        """The next message if it has already been read from the stream, else None.
+
+        Errors: ChannelError, as :meth:`receive`.
+        """
+        if self._failed:
+            raise trio.ClosedResourceError("the channel stopped at a protocol error")
+        obj = None
+        try:
+            obj = self._decoder.next_wire()
+            if obj is None:
+                return None
+            self._partial_since = None
+            self._charge()
+            return from_wire(obj)
+        except ProtocolError as err:
+            self._failed = True
+            self._charge()
+            raise ChannelError(str(err), reply_to=_request_id(obj)) from None
 
     async def _read(self) -> bytes | bytearray:
         """The next bytes from the stream (b"" at its end), within the read timeout once a frame

@@ -18,7 +18,8 @@ the core is a bug in it, logged as ``model_error``, and the daemon carries on.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Awaitable, Callable, Generator
+from collections.abc import Awaitable, Callable, Generator, Iterator
+from contextlib import contextmanager
 from typing import Any, Protocol
 
 import trio
@@ -59,6 +60,10 @@ def _no_barrier_needed(mark: int) -> bool:
     return False
 
 
+def _nothing_sent_now() -> bool:
+    return False
+
+
 class Driver:
     def __init__(self, core: Core, name: str):
         self.core = core
@@ -74,6 +79,10 @@ class Driver:
         self.acked = 0
         self.barrier_after: Callable[[int], Awaitable[None]] = _no_barrier
         self.needs_barrier: Callable[[int], bool] = _no_barrier_needed
+        # The peer link's PeerLink.send_now: write the outbox at once if the channel is idle.
+        self.send_now: Callable[[], bool] = _nothing_sent_now
+        # While set, what the core queues for the peer waits for flush() (holding()).
+        self._held = False
         self.clients = 0
         self.active_requests = 0
         self._t0 = trio.current_time()
@@ -168,11 +177,28 @@ class Driver:
         self.wake()
 
     def wake(self) -> None:
-        """Wake every task waiting in :meth:`changed` (and the pump if the outbox holds anything)."""
-        if self.core.outbox:
-            self._sendable.set()
+        """Wake every task waiting in :meth:`changed`, and send what the core queued for the
+        peer (unless :meth:`holding`)."""
+        if not self._held:
+            self.flush()
         self._tick.set()
         self._tick = trio.Event()
+
+    def flush(self) -> None:
+        """Send what the core queued for the peer: at once if the channel is idle, else by
+        waking the pump."""
+        if self.core.outbox and not self.send_now():
+            self._sendable.set()
+
+    @contextmanager
+    def holding(self) -> Iterator[None]:
+        """Events within leave what they queue for the peer to the caller's :meth:`flush`, so
+        that it goes out in one write."""
+        self._held = True
+        try:
+            yield
+        finally:
+            self._held = False
 
     async def sendable(self) -> None:
         """Wait until the core has queued something for the peer, or a peer connected."""
