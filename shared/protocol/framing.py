@@ -256,8 +256,10 @@ class FrameDecoder:
         if len(buffer) < end:
             return None
         try:
+            # A frame of n bytes holds at most n arrays and maps: only a larger one needs them
+            # counted as they are decoded.
+            budget = _ContainerBudget() if length > MAX_CONTAINERS else None
             # The views must be released before feed() resizes the buffer.
-            budget = _ContainerBudget()
             with memoryview(buffer) as view, view[start + _HEADER.size : end] as body:
                 obj = msgpack.unpackb(
                     body,
@@ -322,11 +324,15 @@ class FrameDecoder:
     def max_frame_bytes(self, value: int) -> None:
         self._max_frame_bytes = value
 
+    def buffered(self) -> int:
+        """Bytes fed but not yet consumed by a decoded frame (``statistics().bytes_buffered``)."""
+        return len(self._buffer) - self._offset
+
     def statistics(self) -> FrameDecoderStatistics:
         """Return counters describing the decoder; works on a poisoned decoder too."""
         return FrameDecoderStatistics(
             frames_decoded=self._frames_decoded,
-            bytes_buffered=len(self._buffer) - self._offset,
+            bytes_buffered=self.buffered(),
         )
 
     def _poison(self, reason: str) -> FrameError:

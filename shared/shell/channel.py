@@ -296,7 +296,7 @@ class Channel:
     async def _read(self) -> bytes | bytearray:
         """The next bytes from the stream (b"" at its end), within the read timeout once a frame
         has begun."""
-        if self._decoder.statistics().bytes_buffered and self._read_timeout is not None:
+        if self._decoder.buffered() and self._read_timeout is not None:
             if self._partial_since is None:
                 self._partial_since = trio.current_time()
             with trio.move_on_at(self._partial_since + self._read_timeout):
@@ -334,7 +334,7 @@ class Channel:
     def _charge(self) -> None:
         """Count what the decoder holds now in the shared budget."""
         if self._budget is not None:
-            held = self._decoder.statistics().bytes_buffered
+            held = self._decoder.buffered()
             self._budget.used += held - self._charged
             self._charged = held
 

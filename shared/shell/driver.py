@@ -86,7 +86,9 @@ class Driver:
         self.clients = 0
         self.active_requests = 0
         self._t0 = trio.current_time()
-        self._tick = trio.Event()
+        # What changed() waits on; made by the first waiter, so that an event nobody waits for
+        # costs no trio.Event.
+        self._tick: trio.Event | None = None
         # Set when the core has something for the peer (or a peer came): the pump's own wake-up,
         # so it is not woken by every event for nothing.
         self._sendable = trio.Event()
@@ -181,8 +183,10 @@ class Driver:
         peer (unless :meth:`holding`)."""
         if not self._held:
             self.flush()
-        self._tick.set()
-        self._tick = trio.Event()
+        tick = self._tick
+        if tick is not None:
+            self._tick = None
+            tick.set()
 
     def flush(self) -> None:
         """Send what the core queued for the peer: at once if the channel is idle, else by
@@ -208,6 +212,8 @@ class Driver:
 
     async def changed(self) -> None:
         """Wait for the next event (a request, a peer message, a clock step, a reply sent)."""
+        if self._tick is None:
+            self._tick = trio.Event()
         await self._tick.wait()
 
     def mark(self) -> int:
