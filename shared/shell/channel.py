@@ -172,11 +172,9 @@ class Channel:
 
     def _send_bytes_nowait(self, data: bytes) -> bool:
         self._check_open()
-        if self.idle():
-            written = self._write_now(data)
-            if written == len(data):
-                return True
-            data = data[written:]  # the rest goes first in the (empty) queue: order is kept
+        data = self._write_if_idle(data)
+        if not data:
+            return True
         try:
             self._out_send.send_nowait(data)
         except trio.WouldBlock:
@@ -193,6 +191,11 @@ class Channel:
     def idle(self) -> bool:
         """Whether a sender may write to the socket now: nothing queued, no write under way."""
         return self.direct_writes and self._sock is not None and not self._unwritten and not self._write_lock.locked()
+
+    def _write_if_idle(self, data: bytes) -> bytes:
+        """What is left of ``data`` once an idle socket has taken what it takes at once: an
+        idle channel has nothing queued, so the rest is the next thing to send."""
+        return data[self._write_now(data) :] if self.idle() else data
 
     def _write_now(self, data: bytes) -> int:
         """Write what the socket takes of ``data`` without waiting; the bytes written. On a
@@ -213,11 +216,9 @@ class Channel:
 
     async def _send_bytes(self, data: bytes) -> None:
         self._check_open()
-        if self.idle():
-            written = self._write_now(data)
-            if written == len(data):
-                return
-            data = data[written:]
+        data = self._write_if_idle(data)
+        if not data:
+            return
         if self.direct_writes and not self._unwritten:
             # Taken without a checkpoint: no other sender can slip in between the test and the
             # write, so frames go out in the order they were sent.

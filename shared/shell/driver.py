@@ -5,7 +5,9 @@ checkpoints, so it needs no locks. Every event is synchronous: a client request 
 operation at once (so requests start in the order they arrive), a peer message goes straight to
 ``core.deliver`` (:mod:`shared.shell.peer`), and the clock task calls ``core.advance`` when the
 core's next deadline (model milliseconds since the daemon started) comes up in real time. After
-each event :meth:`Driver.settle` wakes whoever waits: the peer link's pump, the clock, requests.
+each event :meth:`Driver.settle` runs the ``then()`` of the jobs it finished (a client's reply
+goes out from there), sends what the core queued for the peer (at once when the channel is idle,
+else through the peer link's pump) and wakes whoever waits: the clock, requests.
 
 While no peer is connected nothing can be sent: whatever the core queues for the peer, and every
 call it waits on, is answered through ``core.peer_lost()``.

@@ -1,5 +1,6 @@
-"""The peer link: the one channel between the two daemons, the pump that moves the core's outbox
-onto it, the barrier a reply waits on, and the remapper's connect loop.
+"""The peer link: the one channel between the two daemons, how the core's outbox gets onto it (from
+the event that filled it while the channel is idle, else through a pump task), the barrier a reply
+waits on, and the remapper's connect loop.
 
 A new peer gets ``core.resync()``, which describes the whole state again; a lost one
 ``core.peer_lost()``. A reply to a client that made the core send something to the peer waits
