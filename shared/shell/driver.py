@@ -20,8 +20,7 @@ the core is a bug in it, logged as ``model_error``, and the daemon carries on.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Awaitable, Callable, Generator, Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable, Generator
 from typing import Any, Protocol
 
 import trio
@@ -83,8 +82,9 @@ class Driver:
         self.needs_barrier: Callable[[int], bool] = _no_barrier_needed
         # The peer link's PeerLink.send_now: write the outbox at once if the channel is idle.
         self.send_now: Callable[[], bool] = _nothing_sent_now
-        # While set, what the core queues for the peer waits for flush() (holding()).
-        self._held = False
+        # While set, what events queue for the peer waits for the setter's flush(), so that it
+        # goes out in one write.
+        self.held = False
         self.clients = 0
         self.active_requests = 0
         self._t0 = trio.current_time()
@@ -182,8 +182,8 @@ class Driver:
 
     def wake(self) -> None:
         """Wake every task waiting in :meth:`changed`, and send what the core queued for the
-        peer (unless :meth:`holding`)."""
-        if not self._held:
+        peer (unless ``held``)."""
+        if not self.held:
             self.flush()
         tick = self._tick
         if tick is not None:
@@ -196,15 +196,6 @@ class Driver:
         if self.core.outbox and not self.send_now():
             self._sendable.set()
 
-    @contextmanager
-    def holding(self) -> Iterator[None]:
-        """Events within leave what they queue for the peer to the caller's :meth:`flush`, so
-        that it goes out in one write."""
-        self._held = True
-        try:
-            yield
-        finally:
-            self._held = False
 
     async def sendable(self) -> None:
         """Wait until the core has queued something for the peer, or a peer connected."""

@@ -125,10 +125,13 @@ class PeerLink:
             async for msg in ch:
                 # The messages already read are taken together, and what they make the core
                 # send goes out after them in one write (a frame of lookups, a frame of answers).
-                with driver.holding():
+                driver.held = True
+                try:
                     self._receive(msg)
                     while (more := ch.receive_nowait()) is not None:
                         self._receive(more)
+                finally:
+                    driver.held = False
                 driver.flush()
         finally:
             self.channel = None
