@@ -251,6 +251,8 @@ def test_a_frame_of_many_messages_is_taken_in_order():
         got.append(msg)
     assert got == [*msgs, m.Sync(3)]
     assert decoder.statistics().frames_decoded == 2
+    # A lone message is a frame of its own.
+    assert encode_batch([batchable_body(m.Sync(1)) or b""]) == encode_message(m.Sync(1))
     # A large message never shares a frame (it could not nest within every limit).
     assert batchable_body(m.RmapDelta(tuple((p, 1, 0, 0) for p in range(1, 2000)))) is None
 

@@ -137,10 +137,14 @@ def batchable_body(msg: Message) -> bytes | None:
 def encode_batch(bodies: list[bytes]) -> bytes:
     """One frame holding the messages whose bodies (:func:`batchable_body`) are given, in order:
     an array of ``[tag, fields]`` arrays. At most :data:`MAX_BATCH_MESSAGES` bodies of at most
-    :data:`MAX_BATCHED_BODY` bytes each, so the frame stays within every limit."""
+    :data:`MAX_BATCHED_BODY` bytes each, so the frame stays within every limit. A lone message
+    is a frame of its own (as :func:`encode_message` makes it): a receiver takes it with less
+    work."""
     n = len(bodies)
     if not 0 < n <= MAX_BATCH_MESSAGES:
         raise ValueError(f"a batch frame holds 1..{MAX_BATCH_MESSAGES} messages, not {n}")
+    if n == 1:
+        return _HEADER.pack(len(bodies[0])) + bodies[0]
     header = bytes((0x90 | n,)) if n < 16 else b"\xdc" + n.to_bytes(2, "big")
     body = header + b"".join(bodies)
     return _HEADER.pack(len(body)) + body
