@@ -328,3 +328,50 @@ async def test_a_listener_refuses_its_own_nonce_sent_back():
         with pytest.raises(ChannelError) as info:
             await a.handshake("collapsed", {"client"}, secrets=DAEMON, initiator=False)
     assert info.value.errno == "EPROTO" and "nonce" in info.value.reason
+
+
+async def _socket_channel_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
+    a, b = trio.socket.socketpair()
+    # A small send buffer: a large frame is more than one write takes.
+    a.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_SNDBUF, 4096)
+    return trio.SocketStream(a), trio.SocketStream(b)
+
+
+async def test_over_a_socket_a_write_the_socket_takes_in_part_keeps_its_place():
+    """A socket channel writes an idle stream itself, without waiting: what the socket does not
+    take of a large frame is queued first, and the frames sent after it, waiting or not, follow
+    it in order."""
+    left, right = await _socket_channel_pair()
+    big = m.ErrorReply(1, "EIO", "x" * 300_000)
+    sent = [big, m.Sync(2), big, m.Sync(3)]
+    async with open_channel(left) as a, open_channel(right) as b:
+        a.direct_writes = True
+        assert a.send_nowait(sent[0])
+        assert not a.idle()  # the rest of the first frame waits for the writer task
+        assert a.send_nowait(sent[1])
+        await a.send(sent[2])
+        assert a.send_nowait(sent[3])
+        got = [await b.receive() for _ in sent]
+        assert got == sent
+        with trio.fail_after(5):
+            while not a.idle():
+                await trio.sleep(0.001)
+        assert a.send_nowait(m.Sync(4))  # idle again: written at once
+        assert a.idle()
+        assert await b.receive() == m.Sync(4)
+
+
+async def test_over_a_socket_the_end_of_the_stream_and_a_closed_peer_are_seen():
+    left, right = await _socket_channel_pair()
+    async with open_channel(left) as a:
+        a.direct_writes = True
+        async with open_channel(right) as b:
+            await a.send(m.Sync(1))
+            assert await b.receive() == m.Sync(1)
+        with pytest.raises(trio.EndOfChannel):
+            await a.receive()
+        # The write that meets the closed socket is lost with it, as the writer task's would
+        # be; the ones after it are refused.
+        with pytest.raises(trio.BrokenResourceError):
+            for _ in range(3):
+                a.send_nowait(m.Sync(2))

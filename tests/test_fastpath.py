@@ -251,6 +251,8 @@ def test_a_frame_of_many_messages_is_taken_in_order():
         got.append(msg)
     assert got == [*msgs, m.Sync(3)]
     assert decoder.statistics().frames_decoded == 2
+    # A lone message is a frame of its own.
+    assert encode_batch([batchable_body(m.Sync(1)) or b""]) == encode_message(m.Sync(1))
     # A large message never shares a frame (it could not nest within every limit).
     assert batchable_body(m.RmapDelta.of(tuple((p, 1, 0, 0) for p in range(1, 2000)))) is None
 
@@ -301,3 +303,25 @@ def test_a_batch_that_meets_a_locked_page_waits_for_it(make_world):
     world.settle()
     assert touch.result() == {"minor": HPAGE_PMD_NR}
     assert world.smaps(1)[0]["Rss"] == H // 1024
+
+
+async def test_a_jobs_then_runs_once_after_the_event_that_finished_it(autojump_clock):
+    """serve_client answers a request that waits (a fault's page-cache lookup) from Job.then,
+    with no task waiting for it: the driver runs it after the event that finished the job (the
+    peer's answer), not from within the core's step, once, with the job's value; then(None)
+    takes it back (the client went away)."""
+    async with daemons(read_ahead_kb=0, fault_around_bytes=4096) as d:
+        await d.call(m.FileCreate, name="f", size=HPAGE_PMD_SIZE)
+        await d.call(m.ProcSpawn, pid=1)
+        addr = (await d.call(m.Mmap, pid=1, addr=None, length=HPAGE_PMD_SIZE, name="f"))["addr"]
+        core = d.remapd.core
+        seen: list[Any] = []
+        job = d.start(m.Fault, pid=1, addr=addr)
+        assert not job.finished  # it waits for the collapser
+        job.then(lambda j: seen.append((j.value(), core._stepping)))
+        dropped = d.start(m.Fault, pid=1, addr=addr + PAGE_SIZE)
+        dropped.then(lambda j: seen.append("dropped"))
+        dropped.then(None)
+        assert await job.result() == {"result": "major"}
+        assert await dropped.result() == {"result": "major"}
+        assert seen == [({"result": "major"}, False)]

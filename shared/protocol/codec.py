@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+import operator
 import struct
 import types
 import typing
@@ -439,6 +440,8 @@ class _Schema:
     cls: type[Message]
     tag: str
     names: tuple[str, ...]
+    # A message's field values, in ``names`` order, in one call.
+    values: Callable[[Any], tuple[Any, ...]]
     codecs: dict[str, _Codec]
     # (name, encoder) of the fields whose values are converted or checked when sent.
     encoders: tuple[tuple[str, _Encode], ...]
@@ -474,7 +477,10 @@ def _build_schema(cls: type) -> _Schema:
         if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
     )
     encoders = tuple((name, c.encode) for name, c in codecs.items() if c.encode is not None)
-    return _Schema(cls, cls.TAG, tuple(codecs), codecs, encoders, required)
+    names = tuple(codecs)
+    getter = operator.attrgetter(*names)
+    values = getter if len(names) > 1 else lambda msg: (getter(msg),)
+    return _Schema(cls, cls.TAG, names, values, codecs, encoders, required)
 
 
 # --- public API ------------------------------------------------------------------------------
@@ -509,11 +515,12 @@ def from_wire(obj: Any) -> Message:
     if type(fields) is not dict:
         raise ProtocolError(f"{tag}: fields must be a map, got {_type_name(fields)}")
     codecs = schema.codecs
+    if not fields.keys() <= codecs.keys():
+        unknown = next(name for name in fields if name not in codecs)
+        raise ProtocolError(f"{tag}: unknown field {_quote(unknown)}")
     kwargs: dict[str, Any] = {}
     for name, value in fields.items():
-        codec = codecs.get(name)
-        if codec is None:
-            raise ProtocolError(f"{tag}: unknown field {_quote(name)}")
+        codec = codecs[name]
         if type(value) is not codec.exact:
             try:
                 value = codec.check(value)
@@ -541,7 +548,7 @@ def to_wire(msg: Message) -> list[Any]:
         annotation.
     """
     schema = _SCHEMAS.get(type(msg)) or _schema(type(msg))
-    fields = {name: getattr(msg, name) for name in schema.names}
+    fields = dict(zip(schema.names, schema.values(msg)))
     for name, encode in schema.encoders:
         try:
             fields[name] = encode(fields[name])

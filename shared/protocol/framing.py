@@ -137,10 +137,14 @@ def batchable_body(msg: Message) -> bytes | None:
 def encode_batch(bodies: list[bytes]) -> bytes:
     """One frame holding the messages whose bodies (:func:`batchable_body`) are given, in order:
     an array of ``[tag, fields]`` arrays. At most :data:`MAX_BATCH_MESSAGES` bodies of at most
-    :data:`MAX_BATCHED_BODY` bytes each, so the frame stays within every limit."""
+    :data:`MAX_BATCHED_BODY` bytes each, so the frame stays within every limit. A lone message
+    is a frame of its own (as :func:`encode_message` makes it): a receiver takes it with less
+    work."""
     n = len(bodies)
     if not 0 < n <= MAX_BATCH_MESSAGES:
         raise ValueError(f"a batch frame holds 1..{MAX_BATCH_MESSAGES} messages, not {n}")
+    if n == 1:
+        return _HEADER.pack(len(bodies[0])) + bodies[0]
     header = bytes((0x90 | n,)) if n < 16 else b"\xdc" + n.to_bytes(2, "big")
     body = header + b"".join(bodies)
     return _HEADER.pack(len(body)) + body
@@ -256,8 +260,10 @@ class FrameDecoder:
         if len(buffer) < end:
             return None
         try:
+            # A frame of n bytes holds at most n arrays and maps: only a larger one needs them
+            # counted as they are decoded.
+            budget = _ContainerBudget() if length > MAX_CONTAINERS else None
             # The views must be released before feed() resizes the buffer.
-            budget = _ContainerBudget()
             with memoryview(buffer) as view, view[start + _HEADER.size : end] as body:
                 obj = msgpack.unpackb(
                     body,
@@ -322,11 +328,15 @@ class FrameDecoder:
     def max_frame_bytes(self, value: int) -> None:
         self._max_frame_bytes = value
 
+    def buffered(self) -> int:
+        """Bytes fed but not yet consumed by a decoded frame (``statistics().bytes_buffered``)."""
+        return len(self._buffer) - self._offset
+
     def statistics(self) -> FrameDecoderStatistics:
         """Return counters describing the decoder; works on a poisoned decoder too."""
         return FrameDecoderStatistics(
             frames_decoded=self._frames_decoded,
-            bytes_buffered=len(self._buffer) - self._offset,
+            bytes_buffered=self.buffered(),
         )
 
     def _poison(self, reason: str) -> FrameError:

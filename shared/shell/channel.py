@@ -18,6 +18,7 @@ and closes the stream.
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Callable, Collection, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
@@ -107,6 +108,15 @@ class Channel:
         linger: bool = False,
     ):
         self.stream = stream
+        # A socket is read and written by this channel itself, without trio's stream layer: a
+        # write that the socket takes whole is done without a checkpoint (no scheduler pass
+        # per message on a round trip's path), and a read that emptied the socket waits for
+        # readiness before the next one (no EAGAIN read per message). Other streams (the
+        # tests' in-memory ones) go through the Stream interface.
+        self._sock = stream.socket if isinstance(stream, trio.SocketStream) else None
+        # Whether the last read filled its buffer: more may be waiting, so the next read goes
+        # ahead at once (after a checkpoint, so a flooding peer cannot starve the others).
+        self._read_full = True
         self._linger = linger
         self._eof = False  # the other side closed its end
         self.hello: PeerHello | None = None
@@ -150,11 +160,65 @@ class Channel:
         write; waits while the queue is full. Errors: as :meth:`send` for the stream."""
         await self._send_bytes(b"".join(frames))
 
-    async def _send_bytes(self, data: bytes) -> None:
+    def send_nowait(self, msg: Message) -> bool:
+        """Send ``msg`` without waiting: written to the socket at once when the stream is idle
+        (what the socket does not take queues for the writer task), else queued. False if the
+        queue is full: nothing was sent, the caller awaits :meth:`send`. Errors: as :meth:`send`."""
+        return self._send_bytes_nowait(encode_message(msg))
+
+    def send_frames_nowait(self, frames: list[bytes]) -> bool:
+        """:meth:`send_frames` without waiting, as :meth:`send_nowait`."""
+        return self._send_bytes_nowait(b"".join(frames))
+
+    def _send_bytes_nowait(self, data: bytes) -> bool:
+        self._check_open()
+        data = self._write_if_idle(data)
+        if not data:
+            return True
+        try:
+            self._out_send.send_nowait(data)
+        except trio.WouldBlock:
+            return False
+        self._unwritten += 1
+        return True
+
+    def _check_open(self) -> None:
         if self._closed:
             raise trio.ClosedResourceError("the channel is closed")
         if self._broken:
             raise trio.BrokenResourceError("the stream failed")
+
+    def idle(self) -> bool:
+        """Whether a sender may write to the socket now: nothing queued, no write under way."""
+        return self.direct_writes and self._sock is not None and not self._unwritten and not self._write_lock.locked()
+
+    def _write_if_idle(self, data: bytes) -> bytes:
+        """What is left of ``data`` once an idle socket has taken what it takes at once: an
+        idle channel has nothing queued, so the rest is the next thing to send."""
+        return data[self._write_now(data) :] if self.idle() else data
+
+    def _write_now(self, data: bytes) -> int:
+        """Write what the socket takes of ``data`` without waiting; the bytes written. On a
+        failed stream all of it counts as written: as when the writer task meets the failure,
+        this send is lost with the stream and the next ones are refused."""
+        assert self._sock is not None
+        fd = self._sock.fileno()
+        try:
+            if fd >= 0:
+                return os.write(fd, data)
+        except BlockingIOError:
+            return 0
+        except OSError:
+            pass
+        self._broken = True
+        self._out_recv.close()
+        return len(data)
+
+    async def _send_bytes(self, data: bytes) -> None:
+        self._check_open()
+        data = self._write_if_idle(data)
+        if not data:
+            return
         if self.direct_writes and not self._unwritten:
             # Taken without a checkpoint: no other sender can slip in between the test and the
             # write, so frames go out in the order they were sent.
@@ -191,20 +255,10 @@ class Channel:
         """
         # Read in the receiving task itself: a task switch per message saved on the hot path.
         # The decoder's frame limit bounds what is buffered.
-        if self._failed:
-            raise trio.ClosedResourceError("the channel stopped at a protocol error")
         while True:
-            obj = None
-            try:
-                obj = self._decoder.next_wire()
-                if obj is not None:
-                    self._partial_since = None
-                    self._charge()
-                    return from_wire(obj)
-            except ProtocolError as err:
-                self._failed = True
-                self._charge()
-                raise ChannelError(str(err), reply_to=_request_id(obj)) from None
+            msg = self.receive_nowait()
+            if msg is not None:
+                return msg
             data = await self._read()
             if not data:
                 self._eof = True
@@ -220,10 +274,30 @@ class Channel:
             self._decoder.feed(data)
             self._charge()
 
+    def receive_nowait(self) -> Message | None:
+        """The next message if it has already been read from the stream, else None.
+
+        Errors: ChannelError, as :meth:`receive`.
+        """
+        if self._failed:
+            raise trio.ClosedResourceError("the channel stopped at a protocol error")
+        obj = None
+        try:
+            obj = self._decoder.next_wire()
+            if obj is None:
+                return None
+            self._partial_since = None
+            self._charge()
+            return from_wire(obj)
+        except ProtocolError as err:
+            self._failed = True
+            self._charge()
+            raise ChannelError(str(err), reply_to=_request_id(obj)) from None
+
     async def _read(self) -> bytes | bytearray:
         """The next bytes from the stream (b"" at its end), within the read timeout once a frame
         has begun."""
-        if self._decoder.statistics().bytes_buffered and self._read_timeout is not None:
+        if self._decoder.buffered() and self._read_timeout is not None:
             if self._partial_since is None:
                 self._partial_since = trio.current_time()
             with trio.move_on_at(self._partial_since + self._read_timeout):
@@ -233,15 +307,35 @@ class Channel:
         return await self._receive_some()
 
     async def _receive_some(self) -> bytes | bytearray:
+        sock = self._sock
+        if sock is None:
+            try:
+                return await self.stream.receive_some(RECV_CHUNK)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return b""
         try:
-            return await self.stream.receive_some(RECV_CHUNK)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            if self._read_full:
+                await trio.lowlevel.checkpoint()
+            else:
+                await trio.lowlevel.wait_readable(sock)
+            while True:
+                fd = sock.fileno()
+                if fd < 0:
+                    return b""
+                try:
+                    data = os.read(fd, RECV_CHUNK)
+                except BlockingIOError:
+                    await trio.lowlevel.wait_readable(sock)
+                    continue
+                self._read_full = len(data) == RECV_CHUNK
+                return data
+        except (OSError, trio.ClosedResourceError):
             return b""
 
     def _charge(self) -> None:
         """Count what the decoder holds now in the shared budget."""
         if self._budget is not None:
-            held = self._decoder.statistics().bytes_buffered
+            held = self._decoder.buffered()
             self._budget.used += held - self._charged
             self._charged = held
 

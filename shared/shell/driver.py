@@ -5,7 +5,9 @@ checkpoints, so it needs no locks. Every event is synchronous: a client request 
 operation at once (so requests start in the order they arrive), a peer message goes straight to
 ``core.deliver`` (:mod:`shared.shell.peer`), and the clock task calls ``core.advance`` when the
 core's next deadline (model milliseconds since the daemon started) comes up in real time. After
-each event :meth:`Driver.settle` wakes whoever waits: the peer link's pump, the clock, requests.
+each event :meth:`Driver.settle` runs the ``then()`` of the jobs it finished (a client's reply
+goes out from there), sends what the core queued for the peer (at once when the channel is idle,
+else through the peer link's pump) and wakes whoever waits: the clock, requests.
 
 While no peer is connected nothing can be sent: whatever the core queues for the peer, and every
 call it waits on, is answered through ``core.peer_lost()``.
@@ -59,6 +61,10 @@ def _no_barrier_needed(mark: int) -> bool:
     return False
 
 
+def _nothing_sent_now() -> bool:
+    return False
+
+
 class Driver:
     def __init__(self, core: Core, name: str):
         self.core = core
@@ -74,15 +80,24 @@ class Driver:
         self.acked = 0
         self.barrier_after: Callable[[int], Awaitable[None]] = _no_barrier
         self.needs_barrier: Callable[[int], bool] = _no_barrier_needed
+        # The peer link's PeerLink.send_now: write the outbox at once if the channel is idle.
+        self.send_now: Callable[[], bool] = _nothing_sent_now
+        # While set, what events queue for the peer waits for the setter's flush(), so that it
+        # goes out in one write.
+        self.held = False
         self.clients = 0
         self.active_requests = 0
         self._t0 = trio.current_time()
-        self._tick = trio.Event()
+        # What changed() waits on; made by the first waiter, so that an event nobody waits for
+        # costs no trio.Event.
+        self._tick: trio.Event | None = None
         # Set when the core has something for the peer (or a peer came): the pump's own wake-up,
         # so it is not woken by every event for nothing.
         self._sendable = trio.Event()
         self._clock_wake = trio.Event()
         self._planned: float | None = None
+        # Jobs finished by the current event whose then() is still to run (settle runs it).
+        self._finished: deque[Job] = deque()
 
     # -- time ---------------------------------------------------------------------------------
 
@@ -156,14 +171,31 @@ class Driver:
             deadline = core.next_deadline()
             if deadline is not None and (self._planned is None or deadline < self._planned):
                 self._clock_wake.set()
+        finished = self._finished
+        while finished:
+            job = finished.popleft()
+            try:
+                job.run_then()
+            except Exception:
+                log.exception("shell_error", call="then")
         self.wake()
 
     def wake(self) -> None:
-        """Wake every task waiting in :meth:`changed` (and the pump if the outbox holds anything)."""
-        if self.core.outbox:
+        """Wake every task waiting in :meth:`changed`, and send what the core queued for the
+        peer (unless ``held``)."""
+        if not self.held:
+            self.flush()
+        tick = self._tick
+        if tick is not None:
+            self._tick = None
+            tick.set()
+
+    def flush(self) -> None:
+        """Send what the core queued for the peer: at once if the channel is idle, else by
+        waking the pump."""
+        if self.core.outbox and not self.send_now():
             self._sendable.set()
-        self._tick.set()
-        self._tick = trio.Event()
+
 
     async def sendable(self) -> None:
         """Wait until the core has queued something for the peer, or a peer connected."""
@@ -173,6 +205,8 @@ class Driver:
 
     async def changed(self) -> None:
         """Wait for the next event (a request, a peer message, a clock step, a reply sent)."""
+        if self._tick is None:
+            self._tick = trio.Event()
         await self._tick.wait()
 
     def mark(self) -> int:
@@ -182,7 +216,7 @@ class Driver:
     def start(self, fn: Callable[..., Any], *args: Any) -> Job:
         """Run ``fn(*args)`` on the core now; a generator becomes a core task. Errors (UserError,
         or a bug logged as EIO) become the job's result."""
-        job = Job(self.mark(), self.barrier_after, self.needs_barrier)
+        job = Job(self.mark(), self.barrier_after, self.needs_barrier, self._finished.append)
         self.guard(self.core.advance, self.now_ms())
         try:
             value = self.guard(fn, *args)

@@ -18,22 +18,46 @@ class Job:
         mark: int,
         barrier_after: Callable[[int], Awaitable[None]],
         needs_barrier: Callable[[int], bool] = lambda mark: False,
+        report: Callable[[Job], None] | None = None,
     ):
         self._mark = mark
         self._barrier_after = barrier_after
         self._needs_barrier = needs_barrier
-        self._done = trio.Event()
+        self._finished = False
+        # Made by the first task that waits: a job answered from its then() needs none.
+        self._done: trio.Event | None = None
         self._value: Any = None
         # Tells the core that nobody waits for the operation any more (Driver.start sets it).
         self.on_cancel: Callable[[], None] | None = None
+        # then(): who is told once the job has finished, and how (Driver.settle runs them).
+        self._then: Callable[[Job], None] | None = None
+        self._report = report
 
     @property
     def finished(self) -> bool:
-        return self._done.is_set()
+        return self._finished
 
     def set(self, value: Any) -> None:
         self._value = value
-        self._done.set()
+        self._finished = True
+        if self._done is not None:
+            self._done.set()
+        if self._then is not None and self._report is not None:
+            self._report(self)
+
+    def then(self, fn: Callable[[Job], None] | None) -> None:
+        """Have ``fn(job)`` called once the unfinished job has finished: by the driver, after
+        the event that finished it (not from within the core), with no task waking for it.
+        None: no longer."""
+        self._then = fn
+
+    def run_then(self) -> None:
+        if self._then is not None:
+            self._then(self)
+
+    def value(self) -> Any:
+        """The finished operation's value, or the UserError it ended with (no barrier)."""
+        return self._value
 
     def needs_barrier(self) -> bool:
         """Whether :meth:`result` would wait for a round trip through the peer."""
@@ -46,13 +70,14 @@ class Job:
 
     async def finished_wait(self) -> None:
         """Wait for the operation itself (not for the peer to have seen its effects)."""
-        if not self._done.is_set():
+        if not self._finished:
+            if self._done is None:
+                self._done = trio.Event()
             await self._done.wait()
 
     async def result(self) -> Any:
         """The operation's value; raises the error (a UserError) it ended with."""
-        if not self._done.is_set():
-            await self._done.wait()
+        await self.finished_wait()
         if self._needs_barrier(self._mark):
             await self._barrier_after(self._mark)
         if isinstance(self._value, BaseException):

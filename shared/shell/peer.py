@@ -1,5 +1,6 @@
-"""The peer link: the one channel between the two daemons, the pump that moves the core's outbox
-onto it, the barrier a reply waits on, and the remapper's connect loop.
+"""The peer link: the one channel between the two daemons, how the core's outbox gets onto it (from
+the event that filled it while the channel is idle, else through a pump task), the barrier a reply
+waits on, and the remapper's connect loop.
 
 A new peer gets ``core.resync()``, which describes the whole state again; a lost one
 ``core.peer_lost()``. A reply to a client that made the core send something to the peer waits
@@ -74,6 +75,7 @@ class PeerLink:
         self._lookups: dict[int, int] = {}
         driver.barrier_after = self.barrier_after
         driver.needs_barrier = self.needs_barrier
+        driver.send_now = self.send_now
 
     # -- the barrier --------------------------------------------------------------------------
 
@@ -126,7 +128,16 @@ class PeerLink:
             driver.guard(driver.core.resync)
             driver.settle()
             async for msg in ch:
-                self._receive(msg)
+                # The messages already read are taken together, and what they make the core
+                # send goes out after them in one write (a frame of lookups, a frame of answers).
+                driver.held = True
+                try:
+                    self._receive(msg)
+                    while (more := ch.receive_nowait()) is not None:
+                        self._receive(more)
+                finally:
+                    driver.held = False
+                driver.flush()
         finally:
             self.channel = None
             driver.peer_disconnected()
@@ -169,52 +180,72 @@ class PeerLink:
             driver.settle()
 
     async def pump(self) -> None:
-        """Move the core's outbox onto the peer channel, as fast as the channel takes it: what
-        the core queued since the last wake-up (every connection's lookups among it) goes out
-        as one write of up to :data:`~shared.shell.channel.WRITE_BATCH_BYTES`, its small
-        messages together in frames of many messages."""
+        """Move the core's outbox onto the peer channel when :meth:`send_now` could not: what
+        the core queued while the channel was busy (every connection's lookups among it) goes
+        out as one write of up to :data:`~shared.shell.channel.WRITE_BATCH_BYTES`."""
         driver = self.driver
-        outbox = driver.core.outbox
-        lookups = self._lookups
         while True:
             peer = self.channel
-            if peer is None or not outbox:
+            if peer is None or not driver.core.outbox:
                 await driver.sendable()
                 continue
-            # Small messages share frames (encode_batch); a large one is a frame of its own.
-            frames: list[bytes] = []
-            bodies: list[bytes] = []
-            size = 0
-            while outbox and size < WRITE_BATCH_BYTES:
-                msg = outbox.popleft()
-                driver.sent += 1
-                if type(msg) in _LOOKUPS:
-                    lookups[msg.req] = driver.sent  # type: ignore[attr-defined]
-                try:
-                    for part in split_for_frames(msg):
-                        body = batchable_body(part)
-                        if body is None:
-                            if bodies:
-                                frames.append(encode_batch(bodies))
-                                bodies = []
-                            frames.append(encode_message(part))
-                            size += len(frames[-1])
-                            continue
-                        bodies.append(body)
-                        size += len(body)
-                        if len(bodies) == MAX_BATCH_MESSAGES:
-                            frames.append(encode_batch(bodies))
-                            bodies = []
-                except (ProtocolError, ValueError, TypeError, OverflowError):
-                    log.exception("unsendable_peer_message", tag=msg.TAG)
-            if bodies:
-                frames.append(encode_batch(bodies))
+            frames = self._take_frames()
             if not frames:
                 continue
             try:
                 await peer.send_frames(frames)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass  # serve() sees the end and calls peer_lost()
+
+    def send_now(self) -> bool:
+        """Write the core's outbox to an idle peer channel at once, from the event that filled
+        it (no wake-up of the pump); True if nothing is left for the pump."""
+        peer = self.channel
+        if peer is None or not peer.idle():
+            return False
+        frames = self._take_frames()
+        if frames:
+            try:
+                peer.send_frames_nowait(frames)  # an idle channel takes them whole
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass  # serve() sees the end and calls peer_lost()
+        return not self.driver.core.outbox
+
+    def _take_frames(self) -> list[bytes]:
+        """Encode messages from the outbox, up to one write of
+        :data:`~shared.shell.channel.WRITE_BATCH_BYTES`: small ones share frames
+        (encode_batch), a large one is a frame of its own."""
+        driver = self.driver
+        outbox = driver.core.outbox
+        lookups = self._lookups
+        frames: list[bytes] = []
+        bodies: list[bytes] = []
+        size = 0
+        while outbox and size < WRITE_BATCH_BYTES:
+            msg = outbox.popleft()
+            driver.sent += 1
+            if type(msg) in _LOOKUPS:
+                lookups[msg.req] = driver.sent  # type: ignore[attr-defined]
+            try:
+                for part in split_for_frames(msg):
+                    body = batchable_body(part)
+                    if body is None:
+                        if bodies:
+                            frames.append(encode_batch(bodies))
+                            bodies = []
+                        frames.append(encode_message(part))
+                        size += len(frames[-1])
+                        continue
+                    bodies.append(body)
+                    size += len(body)
+                    if len(bodies) == MAX_BATCH_MESSAGES:
+                        frames.append(encode_batch(bodies))
+                        bodies = []
+            except (ProtocolError, ValueError, TypeError, OverflowError):
+                log.exception("unsendable_peer_message", tag=msg.TAG)
+        if bodies:
+            frames.append(encode_batch(bodies))
+        return frames
 
 
 async def connect_peer(

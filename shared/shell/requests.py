@@ -3,7 +3,8 @@ runs one connection's requests in order and sends their typed replies."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import trio
@@ -108,13 +109,12 @@ async def serve_client(driver: Driver, ch: Channel, handlers: Handlers, idle_tim
     ``ErrorReply(0, ETIMEDOUT)`` and is closed.
     """
     ch.direct_writes = True
-    queue_send, queue_recv = trio.open_memory_channel[Request[Any]](MAX_PENDING_PER_CLIENT)
     activity = _Activity()
     idle = False
     driver.clients += 1
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_execute, driver, ch, handlers, queue_recv, nursery, activity)
+            requests = _Requests(driver, ch, handlers, nursery, activity)
             if idle_timeout > 0:
 
                 async def watch_idle() -> None:
@@ -128,14 +128,12 @@ async def serve_client(driver: Driver, ch: Channel, handlers: Handlers, idle_tim
                 async for msg in ch:
                     if not isinstance(msg, Request):
                         raise ChannelError(f"{msg.TAG} is not a client request")
-                    activity.started()
-                    try:
-                        queue_send.send_nowait(msg)
-                    except trio.WouldBlock:
-                        await queue_send.send(msg)
+                    await requests.take(msg)
             except ChannelError as err:
                 log.warning("protocol_error", errno=err.errno, reason=err.reason)
                 await send_quietly(ch, err.reply())
+            finally:
+                requests.abandon()
             nursery.cancel_scope.cancel()
         if idle:
             log.info("client_idle", idle_s=idle_timeout)
@@ -146,49 +144,90 @@ async def serve_client(driver: Driver, ch: Channel, handlers: Handlers, idle_tim
         driver.clients -= 1
 
 
-async def _execute(
-    driver: Driver,
-    ch: Channel,
-    handlers: Handlers,
-    requests: trio.MemoryReceiveChannel[Request[Any]],
-    nursery: trio.Nursery,
-    activity: _Activity,
-) -> None:
-    # Replies still waiting for the peer round trip count against the same limit.
-    limiter = trio.Semaphore(MAX_PENDING_PER_CLIENT)
-    async for msg in requests:
-        try:
-            limiter.acquire_nowait()
-        except trio.WouldBlock:
-            await limiter.acquire()
-        job = await _run_request(driver, handlers.get(type(msg)), msg)
-        if isinstance(job, Stream):
-            limiter.release()
-            nursery.start_soon(_stream, ch, msg, job, activity)
-            continue
-        if job.finished and not job.needs_barrier():
-            # The common case (a fault answered, nothing left for the peer to see): reply from
-            # here rather than from a task of its own, a task switch less per request.
-            await _answer(driver, ch, msg, job, limiter, activity)
-        else:
-            nursery.start_soon(_answer, driver, ch, msg, job, limiter, activity)
+class _Requests:
+    """One connection's requests: each starts once the one before it has finished, and is
+    answered as soon as it is done. A request the core finishes at once is answered by the
+    connection's receiving task, one that waits (a fault's page-cache lookup) by the event that
+    finishes it (:meth:`Job.then`): no task per request, no wake-up of one. Only a reply that
+    waits for the peer round trip, or for room in a full stream, and a special request's work
+    run in a task of their own."""
 
+    def __init__(
+        self, driver: Driver, ch: Channel, handlers: Handlers, nursery: trio.Nursery, activity: _Activity
+    ) -> None:
+        self.driver = driver
+        self.ch = ch
+        self.handlers = handlers
+        self.nursery = nursery
+        self.activity = activity
+        self.waiting: deque[Request[Any]] = deque()  # received, not started
+        self.running: tuple[Request[Any], Job] | None = None  # started, not finished
+        self.busy = False  # a request is running (a job, or a special request's work)
+        # Requests received and not answered (or waiting for a stream's first reply): beyond
+        # MAX_PENDING_PER_CLIENT, the connection is not read until one is answered.
+        self.unanswered = 0
+        self._room = trio.Event()
+        self.closed = False
 
-async def _run_request(driver: Driver, handler: Handler | None, msg: Request[Any]) -> Job | Stream:
-    driver.active_requests += 1
-    try:
-        if handler is None:
-            return driver.done(UserError("EOPNOTSUPP", f"{driver.name} does not serve {msg.TAG}"))
-        work = handler(msg)
-        if isinstance(work, Stream):
-            return work
-        if isinstance(work, Job):
-            try:
-                await work.finished_wait()
-            except trio.Cancelled:
-                work.cancel()  # the client went away (or its deadline passed and it closed)
-                raise
-            return work
+    async def take(self, msg: Request[Any]) -> None:
+        self.activity.started()
+        self.unanswered += 1
+        self.waiting.append(msg)
+        if not self.busy:
+            self._next()
+        while self.unanswered >= MAX_PENDING_PER_CLIENT:
+            self._room = trio.Event()
+            await self._room.wait()
+
+    def abandon(self) -> None:
+        """The client went away: its running operation stops at its next step, unanswered."""
+        self.closed = True
+        if self.running is not None:
+            job = self.running[1]
+            job.then(None)
+            job.cancel()
+            self.running = None
+            self.driver.active_requests -= 1
+            self.driver.wake()
+
+    def _next(self) -> None:
+        """Start the waiting requests, in order, until one has to be waited for."""
+        driver = self.driver
+        while self.waiting and not self.busy and not self.closed:
+            msg = self.waiting.popleft()
+            driver.active_requests += 1
+            handler = self.handlers.get(type(msg))
+            work = (
+                handler(msg)
+                if handler is not None
+                else driver.done(UserError("EOPNOTSUPP", f"{driver.name} does not serve {msg.TAG}"))
+            )
+            if isinstance(work, Job):
+                if work.finished:
+                    self._done(msg, work)
+                else:
+                    self.busy = True
+                    self.running = (msg, work)
+                    work.then(self._finished)
+            elif isinstance(work, Stream):
+                # Not a request in flight (a daemon shutting down does not wait for streams),
+                # nor ever idle.
+                driver.active_requests -= 1
+                self._room_for_one()
+                self.nursery.start_soon(_stream, self.ch, msg, work, self.activity)
+            else:
+                self.busy = True
+                self.nursery.start_soon(self._work, msg, work)
+
+    def _finished(self, job: Job) -> None:
+        assert self.running is not None
+        msg = self.running[0]
+        self.running = None
+        self.busy = False
+        self._done(msg, job)
+        self._next()
+
+    async def _work(self, msg: Request[Any], work: Callable[[], Awaitable[Any]]) -> None:
         try:
             value = await work()
         except UserError as err:
@@ -196,9 +235,79 @@ async def _run_request(driver: Driver, handler: Handler | None, msg: Request[Any
         except Exception as exc:
             log.exception("request_error", tag=msg.TAG)
             value = UserError("EIO", f"internal error: {exc}")
-        return driver.done(value)
-    finally:
-        driver.active_requests -= 1
+        except BaseException:
+            self._answered()  # cancelled: the client went away
+            raise
+        self.busy = False
+        self._done(msg, self.driver.done(value))
+        self._next()
+
+    def _done(self, msg: Request[Any], job: Job) -> None:
+        """Answer a finished request: now, unless the reply waits for the peer to have seen
+        what the operation sent, or the stream is full."""
+        if job.needs_barrier():
+            self.nursery.start_soon(self._answer_after_barrier, msg, job)
+            return
+        reply = _reply(msg, job.value())
+        try:
+            try:
+                sent = self.ch.send_nowait(reply)
+            except (ValueError, TypeError, OverflowError) as exc:  # ProtocolError among them
+                reply = _unsendable(msg, exc)
+                sent = self.ch.send_nowait(reply)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            sent = True  # lost with the connection, which is ending
+        if sent:
+            self._answered()
+        else:
+            self.nursery.start_soon(self._send, msg, reply)
+
+    async def _answer_after_barrier(self, msg: Request[Any], job: Job) -> None:
+        try:
+            value = await job.result()
+        except UserError as err:
+            value = err
+        except BaseException:
+            self._answered()  # cancelled: the client went away
+            raise
+        await self._send(msg, _reply(msg, value))
+
+    async def _send(self, msg: Request[Any], reply: Message) -> None:
+        """Send ``reply`` once the stream has room (or the connection is gone)."""
+        try:
+            try:
+                await self.ch.send(reply)
+            except (ValueError, TypeError, OverflowError) as exc:
+                await self.ch.send(_unsendable(msg, exc))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            self._answered()
+
+    def _answered(self) -> None:
+        self.driver.active_requests -= 1
+        self._room_for_one()
+        self.activity.finished()
+        self.driver.wake()
+
+    def _room_for_one(self) -> None:
+        self.unanswered -= 1
+        self._room.set()
+
+
+def _reply(msg: Request[Any], value: Any) -> Message:
+    if isinstance(value, UserError):
+        # A message may embed a bad value the client sent (a 1 MiB name): never echo it whole.
+        return m.ErrorReply(msg.id, value.errno_name, clip(value.message, MAX_ERROR_CHARS))
+    return msg.REPLY(msg.id, value)
+
+
+def _unsendable(msg: Request[Any], exc: Exception) -> Message:
+    """What the client gets instead of a reply that cannot be encoded."""
+    if isinstance(exc, ProtocolError):
+        log.error("reply_does_not_match_its_type", tag=msg.TAG, reason=str(exc))
+        return m.ErrorReply(msg.id, "EIO", f"internal error: {exc}")
+    return m.ErrorReply(msg.id, "EOVERFLOW", f"reply cannot be sent: {exc}")
 
 
 async def _stream(ch: Channel, msg: Request[Any], stream: Stream, activity: _Activity) -> None:
@@ -216,32 +325,6 @@ async def _stream(ch: Channel, msg: Request[Any], stream: Stream, activity: _Act
         await send_quietly(ch, m.ErrorReply(msg.id, err.errno_name, err.message))
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass
-
-
-async def _answer(
-    driver: Driver, ch: Channel, msg: Request[Any], job: Job, limiter: trio.Semaphore, activity: _Activity
-) -> None:
-    driver.active_requests += 1
-    try:
-        try:
-            reply: Message = msg.REPLY(msg.id, await job.result())
-        except UserError as err:
-            # A message may embed a bad value the client sent (a 1 MiB name): never echo it whole.
-            reply = m.ErrorReply(msg.id, err.errno_name, clip(err.message, MAX_ERROR_CHARS))
-        try:
-            await ch.send(reply)
-        except ProtocolError as exc:
-            log.error("reply_does_not_match_its_type", tag=msg.TAG, reason=str(exc))
-            await ch.send(m.ErrorReply(msg.id, "EIO", f"internal error: {exc}"))
-        except (ValueError, TypeError, OverflowError) as exc:
-            await ch.send(m.ErrorReply(msg.id, "EOVERFLOW", f"reply cannot be sent: {exc}"))
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        pass
-    finally:
-        driver.active_requests -= 1
-        limiter.release()
-        activity.finished()
-        driver.wake()
 
 
 __all__ = ["MAX_PENDING_PER_CLIENT", "Handlers", "operation_handlers", "serve_client"]

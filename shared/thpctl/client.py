@@ -143,6 +143,15 @@ class Client:
     async def _reader(self) -> None:
         try:
             async for msg in self._ch:
+                # The common case first: the reply to a request waiting for it.
+                if isinstance(msg, Reply) and msg.id not in self._streams:
+                    pending = self._pending.pop(msg.id, None)
+                    if pending is not None:
+                        if not isinstance(msg, pending.msg.REPLY):
+                            self._fail(ConnectError("EPROTO", f"{self.name} answered {pending.msg.TAG} with {msg.TAG}"))
+                            return
+                        pending._resolve(msg.result)
+                    continue
                 if isinstance(msg, m.ErrorReply) and msg.id == 0:
                     self._fail(UserError(clip(msg.errno, 32), f"{self.name}: {clip(msg.message, MAX_ERROR_CHARS)}"))
                     return
@@ -151,22 +160,13 @@ class Client:
                     if isinstance(msg, m.ErrorReply):
                         _end_stream(stream, UserError(msg.errno, msg.message))
                         del self._streams[msg.id]
-                    elif isinstance(msg, Reply):
+                    else:
                         await stream.send(msg.result)
                     continue
                 if isinstance(msg, m.ErrorReply):
                     pending = self._pending.pop(msg.id, None)
                     if pending is not None:
                         pending._resolve(UserError(clip(msg.errno, 32), clip(msg.message, MAX_ERROR_CHARS)))
-                    continue
-                if isinstance(msg, Reply):
-                    pending = self._pending.get(msg.id)
-                    if pending is not None and not isinstance(msg, pending.msg.REPLY):
-                        self._fail(ConnectError("EPROTO", f"{self.name} answered {pending.msg.TAG} with {msg.TAG}"))
-                        return
-                    if pending is not None:
-                        del self._pending[msg.id]
-                        pending._resolve(msg.result)
                     continue
                 self._fail(ConnectError("EPROTO", f"{self.name} sent {msg.TAG}, not a reply"))
                 return
@@ -262,7 +262,8 @@ class Session:
         target = daemon or ROUTES.get(cls)
         if target is None:
             raise ValueError(f"{cls.TAG} is served by both daemons: name one")
-        return await (await self.client(target)).start(cls, **fields)
+        client = self._clients.get(target) or await self.client(target)
+        return await client.start(cls, **fields)
 
     async def call(self, cls: type[Request[R]], daemon: str | None = None, **fields: Any) -> R:
         result: R = await (await self.start(cls, daemon, **fields)).result()
