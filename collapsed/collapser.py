@@ -8,7 +8,8 @@ Sans-IO: no sockets, no clock of its own. See :mod:`shared.actor` for how it is 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Generator
+from collections.abc import Generator, Sequence
+from itertools import filterfalse
 from typing import Any
 
 from collapsed import peer_checks, procfs
@@ -37,12 +38,13 @@ _OK, _SIGBUS, _NOMEM = m.PageStatus.OK, m.PageStatus.SIGBUS, m.PageStatus.NOMEM
 MAP = m.Purpose.MAP
 _STATUS_CODE = {status: code for code, status in enumerate(m.ANSWER_STATUS)}
 FAULT_PMD_OK, FAULT_THP_OK = m.FAULT_PMD_OK, m.FAULT_THP_OK
-# A PageAnswer's fields after ``req``: status, pfn, head, thp, pmd, major, shmem, around, allocated.
-PageAnswerFields = tuple[
-    m.PageStatus, int, int, bool, bool, bool, bool, tuple[tuple[int, int, bool], ...], bool, int
-]
-_SIGBUS_ANSWER: PageAnswerFields = (_SIGBUS, 0, 0, False, False, False, False, (), False, 0)
-_NOMEM_ANSWER: PageAnswerFields = (_NOMEM, 0, 0, False, False, False, False, (), False, 0)
+# A PageAnswer's fields after ``req``: status, pfn, head, thp, pmd, major, shmem, around, allocated,
+# order; ``around`` flat, as a PageAnswers record carries it (index, pfn, thp as 0/1 for each page).
+PageAnswerFields = tuple[m.PageStatus, int, int, bool, bool, bool, bool, list[int], bool, int]
+_SIGBUS_ANSWER: PageAnswerFields = (_SIGBUS, 0, 0, False, False, False, False, [], False, 0)
+_NOMEM_ANSWER: PageAnswerFields = (_NOMEM, 0, 0, False, False, False, False, [], False, 0)
+# Whether a folio of each order is PMD-order, as a PageAnswers record's 0/1.
+_PMD_ORDER_FLAG = tuple(int(order == HPAGE_PMD_ORDER) for order in range(HPAGE_PMD_ORDER + 1))
 
 # What a daemon passes as ``resched_pages``: ~10 ms of a write's work between two yields.
 RESCHED_PAGES = 4096
@@ -341,7 +343,10 @@ class Collapser(Actor):
         )
         if isinstance(answer, int):
             return answer
-        self.send(m.PageAnswer(msg.req, *answer))
+        status, pfn, head, thp, pmd, major, shmem, flat, allocated, order = answer
+        it = iter(flat)
+        around = tuple(zip(it, it, map(bool, it)))  # (index, pfn, thp) of each page
+        self.send(m.PageAnswer(msg.req, status, pfn, head, thp, pmd, major, shmem, around, allocated, order))
         return None
 
     def _lookup_batch(self, msg: m.LookupPages) -> Generator[Any, Any, None]:
@@ -361,7 +366,10 @@ class Collapser(Actor):
             done = pos + 1
             if index in mapped:
                 continue
-            around = tuple(i for i in range(lo, hi) if i != index and i not in mapped) if hi - lo > 1 else ()
+            around: Sequence[int] = ()
+            if hi - lo > 1:
+                around = list(filterfalse(mapped.__contains__, range(lo, hi)))
+                around.remove(index)  # the fault's own page, not mapped (just checked)
             while isinstance(answer := self.find_page(
                 ino, index, MAP, False, bool(flags & FAULT_PMD_OK), vm_hugepage, around, bool(flags & FAULT_THP_OK)
             ), int):
@@ -380,16 +388,15 @@ class Collapser(Actor):
                 pfn,
                 head,
                 thp | pmd << 1 | major << 2 | shmem << 3 | allocated << 4 | order << m.ANSWER_ORDER_SHIFT,
-                len(around_mapped),
+                len(around_mapped) // 3,
             )
-            for a_index, a_pfn, a_thp in around_mapped:
-                out += (a_index, a_pfn, int(a_thp))
+            out += around_mapped
             # A large folio may be mapped whole; a fault that failed made no page table.
             if order or status == _NOMEM or (stop_at_sigbus and status == _SIGBUS):
                 break
             if status == _OK:
                 mapped.add(index)
-            mapped.update(a[0] for a in around_mapped)  # past EOF too (do_read_fault)
+            mapped.update(around_mapped[::3])  # past EOF too (do_read_fault)
         self.send(m.PageAnswers(msg.req, done, tuple(out)))
 
     def find_page(
@@ -400,7 +407,7 @@ class Collapser(Actor):
         write: bool,
         pmd_ok: bool,
         vm_hugepage: bool,
-        around_indices: tuple[int, ...],
+        around_indices: Sequence[int],
         thp_ok: bool,
         exec_end: int = 0,
     ) -> int | PageAnswerFields:
@@ -423,7 +430,7 @@ class Collapser(Actor):
         # do_fault_around runs first: it maps what the cache holds around the fault.
         fault_around = bool(around_indices) and purpose == MAP
         reads = value == 0 and f.large_folio
-        around = self._fault_around(f, around_indices) if fault_around and not reads else ()
+        around = self._fault_around(f, around_indices) if fault_around and not reads else []
         major = allocated = False
         if value > 0:
             pfn = value
@@ -458,7 +465,7 @@ class Collapser(Actor):
         if not pfn:
             # Memory is full: VM_FAULT_OOM. The fault-around mappings go back with the answer
             # (the remapper maps nothing for a failed lookup).
-            for _, around_pfn, _ in around:
+            for around_pfn in around[1::3]:
                 cache.apply_rmap(((around_pfn, -1, 0, 0),))
             return _NOMEM_ANSWER
         if major:
@@ -479,15 +486,17 @@ class Collapser(Actor):
             cache.apply_rmap(((pfn, 0, 0, 1),))
         return (_OK, pfn, head, thp, pmd, major, f.shmem, around, allocated, mem.order[head])
 
-    def _fault_around(self, f: File, indices: tuple[int, ...]) -> tuple[tuple[int, int, bool], ...]:
+    def _fault_around(self, f: File, indices: Sequence[int]) -> list[int]:
         """filemap_map_pages: map the cached, uptodate, unlocked pages among ``indices`` that lie
-        inside i_size (its window ends at the file's last page). The remapper maps the rest of a
-        large folio itself (filemap_map_folio_range)."""
+        inside i_size (its window ends at the file's last page): index, pfn and 1 for a THP's
+        subpage (else 0) of each, flat. The remapper maps the rest of a large folio itself
+        (filemap_map_folio_range)."""
         mem = self.mem
         flags, mapcount, ref, orders = mem.flags, mem.mapcount, mem.ref, mem.order
         chunks = f.chunks
         eof = f.nr_pages_size
-        out = []
+        out: list[int] = []
+        pmd_order = _PMD_ORDER_FLAG
         for index in indices:
             chunk = chunks.get(index >> 9)  # f.get and mem.head written out: 16 pages a fault
             value = chunk[index & (HPAGE_PMD_NR - 1)] if chunk is not None else 0
@@ -500,8 +509,8 @@ class Collapser(Actor):
             # apply_rmap's row (value, 1, 0, 0): a PTE mapping and its reference on the head.
             mapcount[value] += 1
             ref[head] += 1
-            out.append((index, value, orders[head] == HPAGE_PMD_ORDER))
-        return tuple(out)
+            out += (index, value, pmd_order[orders[head]])
+        return out
 
     def _read_around(self, f: File, index: int, vm_hugepage: bool) -> None:
         """do_sync_mmap_readahead for a major fault on a regular file: with VM_HUGEPAGE two PMD

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Generator
+from itertools import compress
+from operator import not_
 from typing import Any
 
 from remapd.files import Files
@@ -369,10 +371,12 @@ class FaultPath:
         skip = vma.pgoff_at(addr)
         pgoffs = range(first, first + ((hi - lo) >> PAGE_SHIFT))
         if entry is None:
-            return tuple(p for p in pgoffs if p != skip)
-        ptes = entry.ptes
-        slot0 = ((lo >> PAGE_SHIFT) & (HPAGE_PMD_NR - 1)) - first
-        return tuple(p for p in pgoffs if p != skip and not ptes[slot0 + p])
+            window = list(pgoffs)
+        else:
+            slot = (lo >> PAGE_SHIFT) & (HPAGE_PMD_NR - 1)
+            window = list(compress(pgoffs, map(not_, entry.ptes[slot : slot + len(pgoffs)])))
+        window.remove(skip)  # the fault's own page, whose PTE is none
+        return tuple(window)
 
     def _map_around(self, mm: Mm, vma: Vma, reply: m.PageAnswer, install: bool) -> None:
         """Map the fault-around pages the collapser accounted; hand back those that lost a race.
@@ -384,16 +388,8 @@ class FaultPath:
             self.rmap.unmap_ptes([pfn for _, pfn, _ in reply.around])
             return
         shmem = (PTE_SHMEM | PTE_WRITE if vma.writes_file else PTE_SHMEM) if reply.shmem else 0
-        base = vma.start - (vma.pgoff << PAGE_SHIFT)  # vma.addr_of(index) is base + index pages
-        pmds, set_pte_at, rmap = mm.pmds, self.pagetables.set_pte_at, self.rmap
-        for index, pfn, thp in reply.around:
-            addr = base + (index << PAGE_SHIFT)
-            pidx, slot = addr >> HPAGE_PMD_SHIFT, (addr >> PAGE_SHIFT) & (HPAGE_PMD_NR - 1)
-            entry = pmds.get(pidx)
-            if isinstance(entry, int) or (entry is not None and entry.ptes[slot]):
-                rmap.add(pfn, pte=-1)
-                continue
-            set_pte_at(mm, pidx, slot, pte_make(pfn, (PTE_THP if thp else 0) | shmem))
+        # vma.addr_of(index) is page number base + index.
+        self.pagetables.map_file_ptes(mm, (vma.start >> PAGE_SHIFT) - vma.pgoff, reply.around, shmem)
 
     def page_mkclean(self, ino: int, indices: tuple[int, ...]) -> None:
         """folio_mkclean for pages of a regular file going under writeback: every PTE of a shared
@@ -719,7 +715,8 @@ def _records(flat: tuple[int, ...]) -> list[tuple[int, m.PageAnswer]]:
     while i < n:
         pos, status, pfn, head, flags, nr = flat[i : i + 6]
         i += 6
-        around = tuple((flat[j], flat[j + 1], bool(flat[j + 2])) for j in range(i, i + 3 * nr, 3))
+        it = iter(flat[i : i + 3 * nr])
+        around = tuple(zip(it, it, map(bool, it)))  # (index, pfn, thp) of each page
         i += 3 * nr
         out.append(
             (
