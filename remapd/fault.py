@@ -439,7 +439,7 @@ class FaultPath:
         if stride <= 0 or length < 0:
             raise UserError("EINVAL", "stride must be positive and length non-negative")
         mm = find_mm(self.mms, pid)
-        counts: Counter[str] = Counter()
+        counts: dict[str, int] = {}  # not a Counter: its missing keys cost a Python call each
         mms, hits = self.mms, self._hits
         a, end = addr, addr + length
         while a < end:
@@ -448,7 +448,7 @@ class FaultPath:
             # Accesses to what is mapped already are counted in runs, without a task step each;
             # the mm must still be the one the touch began with (the slow path looks it up).
             if mms.get(pid) is mm and (n := hits(mm, a, end, write, stride)):
-                counts["hit"] += n
+                counts["hit"] = counts.get("hit", 0) + n
                 a += n * stride
                 continue
             if not write:
@@ -457,7 +457,7 @@ class FaultPath:
                     a = nxt
                     continue
             result = yield from self.do_user_addr_fault(pid, a, write)
-            counts[result] += 1
+            counts[result] = counts.get(result, 0) + 1
             a += stride
             if result == "sigsegv" and a < end:
                 # Every access up to the end of this hole (or of the VMA that refused it) faults
@@ -468,12 +468,12 @@ class FaultPath:
                     counts["sigsegv"] += skip
                     self.vm["pgfault"] += skip
                     a += skip * stride
-        return dict(counts)
+        return counts
 
     # -- batched read faults (GUP's populate) --------------------------------------------------
 
     def read_faults(
-        self, mm: Mm, addr: int, end: int, stride: int, counts: Counter[str] | None
+        self, mm: Mm, addr: int, end: int, stride: int, counts: dict[str, int] | None
     ) -> Generator[Any, Any, tuple[int, str | None]]:
         """Read faults every ``stride`` bytes of [addr, end) inside the VMA holding ``addr``,
         looked up as one :class:`~shared.protocol.messages.LookupPages` (populate_vma_page_range
@@ -490,7 +490,7 @@ class FaultPath:
             self.locks.mmap_read_unlock(mm)
 
     def _read_batch(
-        self, mm: Mm, addr: int, end: int, stride: int, counts: Counter[str] | None
+        self, mm: Mm, addr: int, end: int, stride: int, counts: dict[str, int] | None
     ) -> Generator[Any, Any, tuple[int, str | None]]:
         vma = mm.find_vma(addr)
         if vma is None or mm.exiting or not vma.prot & PROT_READ or self._large_folio(vma):
@@ -503,66 +503,69 @@ class FaultPath:
         limit = min(end, vma.end)
         shmem = vma.ino in self.shmem_inos
         pmds = mm.pmds
-        start, pgoff = vma.start, vma.pgoff
+        start, vma_end = vma.start, vma.end
+        base = vma.pgoff - (start >> PAGE_SHIFT)  # the file index of page number p is base + p
         faults: list[int] = []
         addrs: list[int] = []
         hits_before: list[int] = []  # hits planned before each fault
         present: list[int] = []
-        windows: set[int] = set()
-        tables: set[int] = set()
         hits = pages = 0
         a = addr
         window_bytes = nr << PAGE_SHIFT
-        while a < limit and len(addrs) < MAX_BATCH_FAULTS and pages + nr <= MAX_BATCH_WINDOW_PAGES:
+        room = pages + nr <= MAX_BATCH_WINDOW_PAGES
+        # One PMD range at a time (its entry looked up once), each fault in order.
+        while a < limit and room:
             pidx = a >> HPAGE_PMD_SHIFT
             entry = pmds.get(pidx)
+            haddr = pidx << HPAGE_PMD_SHIFT
+            stop = min(haddr + HPAGE_PMD_SIZE, limit)
             if isinstance(entry, int):
                 # PMD-mapped: a touch hits at every access up to its end; a populate's one fault
                 # finds the PMD and goes on at its end.
-                nxt = min((pidx + 1) << HPAGE_PMD_SHIFT, limit)
                 if counts is not None:
-                    n = -(-(nxt - a) // stride)
+                    n = -(-(stop - a) // stride)
                     hits += n
                     a += n * stride
                 else:
                     hits += 1
-                    a = nxt
+                    a = stop
                 continue
-            page = a & ~(PAGE_SIZE - 1)
-            if entry is not None and entry.ptes[(page >> PAGE_SHIFT) & (HPAGE_PMD_NR - 1)]:
-                hits += 1
+            ptes = entry.ptes if entry is not None else None
+            flags = -1
+            lo = -1
+            while a < stop:
+                page = a & ~(PAGE_SIZE - 1)
+                if ptes is not None and ptes[(page >> PAGE_SHIFT) & (HPAGE_PMD_NR - 1)]:
+                    hits += 1
+                    a += stride
+                    continue
+                if flags < 0:
+                    suitable = not vma.nohugepage and vma.pmd_suitable(haddr)
+                    # The first fault of the batch in a PMD without a table may map a PMD; the
+                    # ones after it find the table it made (a fault that fails ends the batch).
+                    later = FAULT_THP_OK if suitable and shmem else 0
+                    flags = FAULT_PMD_OK | FAULT_THP_OK if suitable and entry is None else later
+                else:
+                    flags = later
+                if nr > 1:
+                    window = max(page & ~(window_bytes - 1), start, haddr)
+                    if window != lo:
+                        lo = window
+                        n = (min(lo + window_bytes, vma_end, haddr + HPAGE_PMD_SIZE) - lo) >> PAGE_SHIFT
+                        first = base + (lo >> PAGE_SHIFT)
+                        if ptes is not None:
+                            slot = (lo >> PAGE_SHIFT) & (HPAGE_PMD_NR - 1)
+                            present += compress(range(first, first + n), ptes[slot : slot + n])
+                else:
+                    first, n = base + (page >> PAGE_SHIFT), 1
+                faults += (base + (page >> PAGE_SHIFT), first, first + n, flags)
+                addrs.append(a)
+                hits_before.append(hits)
+                pages += n
                 a += stride
-                continue
-            haddr = pidx << HPAGE_PMD_SHIFT
-            if pidx not in tables:
-                tables.add(pidx)
-                suitable = not vma.nohugepage and vma.pmd_suitable(haddr)
-                # The first fault of the batch in a PMD without a table may map a PMD; the ones
-                # after it find the table it made (a fault that fails ends the batch).
-                later = FAULT_THP_OK if suitable and shmem else 0
-                flags = FAULT_PMD_OK | FAULT_THP_OK if suitable and entry is None else later
-            else:
-                flags = later
-            if nr > 1:
-                lo = max(page & ~(window_bytes - 1), start, haddr)
-                hi = min(lo + window_bytes, vma.end, haddr + HPAGE_PMD_SIZE)
-                if entry is not None and lo not in windows:
-                    windows.add(lo)
-                    ptes = entry.ptes
-                    present.extend(
-                        pgoff + ((p - start) >> PAGE_SHIFT)
-                        for p in range(lo, hi, PAGE_SIZE)
-                        if ptes[(p >> PAGE_SHIFT) & (HPAGE_PMD_NR - 1)]
-                    )
-            else:
-                lo, hi = page, page + PAGE_SIZE
-            first = pgoff + ((lo - start) >> PAGE_SHIFT)
-            n = (hi - lo) >> PAGE_SHIFT
-            faults += (pgoff + ((page - start) >> PAGE_SHIFT), first, first + n, flags)
-            addrs.append(a)
-            hits_before.append(hits)
-            pages += n
-            a += stride
+                if len(addrs) >= MAX_BATCH_FAULTS or pages + nr > MAX_BATCH_WINDOW_PAGES:
+                    room = False
+                    break
         if not addrs:
             self._count_hits(counts, hits)
             return a, None
@@ -588,7 +591,7 @@ class FaultPath:
         k = 0
         n_records = len(records)
         hit = 0
-        outcomes: Counter[str] = Counter()
+        outcomes: dict[str, int] = {}
         try:
             for pos in range(reply.done):
                 fa = addrs[pos]
@@ -620,7 +623,7 @@ class FaultPath:
                         self._hand_back(mm, vma, records, k)
                         return fa, None
                     result = mapped_as
-                outcomes[result] += 1
+                outcomes[result] = outcomes.get(result, 0) + 1
                 if counts is None and result == SIGBUS:
                     hit += hits_before[pos]
                     return fa, result
@@ -637,14 +640,15 @@ class FaultPath:
         finally:
             self.vm["pgfault"] += sum(outcomes.values())
             if counts is not None:
-                counts.update(outcomes)
+                for result, n in outcomes.items():
+                    counts[result] = counts.get(result, 0) + n
             self._count_hits(counts, hit)
 
-    def _count_hits(self, counts: Counter[str] | None, n: int) -> None:
+    def _count_hits(self, counts: dict[str, int] | None, n: int) -> None:
         if n:
             self.vm["pgfault"] += n
             if counts is not None:
-                counts["hit"] += n
+                counts["hit"] = counts.get("hit", 0) + n
 
     def _hand_back(self, mm: Mm, vma: Vma, records: list[tuple[int, m.PageAnswer]], k: int) -> None:
         """Give back the mappings the collapser accounted for the answers from the ``k``-th on."""
