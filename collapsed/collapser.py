@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Generator, Sequence
-from itertools import filterfalse
+from itertools import filterfalse, groupby
 from typing import Any
 
 from collapsed import peer_checks, procfs
@@ -493,23 +493,34 @@ class Collapser(Actor):
         (filemap_map_folio_range)."""
         mem = self.mem
         flags, mapcount, ref, orders = mem.flags, mem.mapcount, mem.ref, mem.order
-        chunks = f.chunks
-        eof = f.nr_pages_size
         out: list[int] = []
+        if not indices:
+            return out
+        eof = f.nr_pages_size
+        if max(indices) >= eof:
+            indices = [index for index in indices if index < eof]
+        # f.get and mem.head written out, a window's pages looked up in their xarray chunk
+        # (one, unless the window straddles a 2 MiB boundary of the file): 16 pages a fault.
+        chunks = f.chunks
+        key = min(indices, default=0) >> 9
+        by_chunk = [(key, indices)] if max(indices, default=0) >> 9 == key else groupby(indices, lambda i: i >> 9)
         pmd_order = _PMD_ORDER_FLAG
-        for index in indices:
-            chunk = chunks.get(index >> 9)  # f.get and mem.head written out: 16 pages a fault
-            value = chunk[index & (HPAGE_PMD_NR - 1)] if chunk is not None else 0
-            if value <= 0 or index >= eof:
+        for key, group in by_chunk:
+            chunk = chunks.get(key)
+            if chunk is None:
                 continue
-            head = value & ~((1 << orders[value]) - 1)
-            page_flags = flags[head]
-            if page_flags & (PG_LOCKED | PG_READAHEAD) or not page_flags & PG_UPTODATE:
-                continue
-            # apply_rmap's row (value, 1, 0, 0): a PTE mapping and its reference on the head.
-            mapcount[value] += 1
-            ref[head] += 1
-            out += (index, value, pmd_order[orders[head]])
+            for index in group:
+                value = chunk[index & (HPAGE_PMD_NR - 1)]
+                if value <= 0:
+                    continue
+                head = value & ~((1 << orders[value]) - 1)
+                page_flags = flags[head]
+                if page_flags & (PG_LOCKED | PG_READAHEAD) or not page_flags & PG_UPTODATE:
+                    continue
+                # apply_rmap's row (value, 1, 0, 0): a PTE mapping and its reference on the head.
+                mapcount[value] += 1
+                ref[head] += 1
+                out += (index, value, pmd_order[orders[head]])
         return out
 
     def _read_around(self, f: File, index: int, vm_hugepage: bool) -> None:

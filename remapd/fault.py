@@ -53,6 +53,8 @@ MAX_BATCH_FAULTS, MAX_BATCH_WINDOW_PAGES = m.MAX_BATCH_FAULTS, m.MAX_BATCH_WINDO
 ANSWER_STATUS = m.ANSWER_STATUS
 ANSWER_THP, ANSWER_PMD, ANSWER_MAJOR = m.ANSWER_THP, m.ANSWER_PMD, m.ANSWER_MAJOR
 ANSWER_SHMEM, ANSWER_ALLOCATED = m.ANSWER_SHMEM, m.ANSWER_ALLOCATED
+# The PTEs of a PMD range without a table: none present.
+_NO_PTES = PteTable().ptes
 
 
 class FaultPath:
@@ -530,12 +532,12 @@ class FaultPath:
                     hits += 1
                     a = stop
                 continue
-            ptes = entry.ptes if entry is not None else None
+            ptes = entry.ptes if entry is not None else _NO_PTES
             flags = -1
-            lo = -1
+            hi = -1  # the end of the current fault-around window (none yet)
             while a < stop:
                 page = a & ~(PAGE_SIZE - 1)
-                if ptes is not None and ptes[(page >> PAGE_SHIFT) & (HPAGE_PMD_NR - 1)]:
+                if ptes[(page >> PAGE_SHIFT) & (HPAGE_PMD_NR - 1)]:
                     hits += 1
                     a += stride
                     continue
@@ -547,17 +549,16 @@ class FaultPath:
                     flags = FAULT_PMD_OK | FAULT_THP_OK if suitable and entry is None else later
                 else:
                     flags = later
-                if nr > 1:
-                    window = max(page & ~(window_bytes - 1), start, haddr)
-                    if window != lo:
-                        lo = window
-                        n = (min(lo + window_bytes, vma_end, haddr + HPAGE_PMD_SIZE) - lo) >> PAGE_SHIFT
-                        first = base + (lo >> PAGE_SHIFT)
-                        if ptes is not None:
-                            slot = (lo >> PAGE_SHIFT) & (HPAGE_PMD_NR - 1)
-                            present += compress(range(first, first + n), ptes[slot : slot + n])
-                else:
+                if nr <= 1:
                     first, n = base + (page >> PAGE_SHIFT), 1
+                elif page >= hi:
+                    # A new window (the accesses only go up): its present pages are sent once.
+                    lo = max(page & ~(window_bytes - 1), start, haddr)
+                    hi = min(lo + window_bytes, vma_end, haddr + HPAGE_PMD_SIZE)
+                    n = (hi - lo) >> PAGE_SHIFT
+                    first = base + (lo >> PAGE_SHIFT)
+                    slot = (lo >> PAGE_SHIFT) & (HPAGE_PMD_NR - 1)
+                    present += compress(range(first, first + n), ptes[slot : slot + n])
                 faults += (base + (page >> PAGE_SHIFT), first, first + n, flags)
                 addrs.append(a)
                 hits_before.append(hits)

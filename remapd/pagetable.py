@@ -10,6 +10,7 @@ indexes the marked tables so that pass need not walk every page table.
 
 from __future__ import annotations
 
+import operator
 from collections import Counter
 
 import numpy as np
@@ -40,6 +41,8 @@ from shared.units import (
 from shared.vm import PROT_WRITE
 
 log = get_logger("remapd")
+
+_THP = operator.itemgetter(2)  # of a fault-around page (index, pfn, thp)
 
 
 def mm_counter(pte: int) -> str:
@@ -112,9 +115,35 @@ class PageTables:
         the range), the mapping goes back as an rmap row. The same PTEs, counts, marks and rows,
         in the same order, as one call each: written out, as every fault-around page comes here,
         ~500k a second."""
+        if not pages:
+            return
         pmds, rows = mm.pmds, self.rmap.rows
+        pidx = (base + min(pages)[0]) >> 9
+        table: PteTable | int | None = pmds.get(pidx)
+        if (base + max(pages)[0]) >> 9 == pidx and not isinstance(table, int) and not any(map(_THP, pages)):
+            # The common case, small pages within one table: each is foreign, so the first PTE
+            # installed clears the mark, and the counts add up at the end.
+            if table is None:
+                table = self.pte_alloc(mm, pidx)
+            ptes = table.ptes
+            off = base - (pidx << 9)  # the slot of index i
+            pte_flags = flags | PTE_PRESENT
+            n = 0
+            for index, pfn, _ in pages:
+                slot = off + index
+                if ptes[slot]:
+                    rows.append((pfn, -1, 0, 0))
+                    continue
+                ptes[slot] = (pfn << PTE_SHIFT) | pte_flags  # pte_make
+                n += 1
+            if n:
+                table.nr += n
+                table.nr_foreign += n
+                if table.mark:
+                    self.clear_mark(mm, pidx, table, "foreign")
+                mm.rss[mm_counter(flags)] += n
+            return
         pidx = -1
-        table: PteTable | int | None = None
         n = 0
         for index, pfn, thp in pages:
             page = base + index

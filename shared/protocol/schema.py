@@ -146,7 +146,7 @@ class Request(Message, Generic[R_co]):
         def __init__(self, id: int, *args: Any, **kwargs: Any) -> None: ...
 
     def args(self) -> tuple[Any, ...]:
-        return self._ARGS_OF(self)
+        return type(self)._ARGS_OF(self)
 
 
 _UNSET: Any = object()
