@@ -171,7 +171,8 @@ class Collapser(Actor):
             if self.lookup_page(msg) is not None:
                 self.spawn(self._lookup(msg), name="lookup")
         elif isinstance(msg, m.LookupPages):
-            self.spawn(self._lookup_batch(msg), name="lookup_batch")
+            if self.lookup_pages(msg) is not None:
+                self.spawn(self._lookup_batch(msg), name="lookup_batch")
         elif isinstance(msg, m.RmapDelta):
             self.cache.apply_rmap(msg.rows)
         elif isinstance(msg, m.MarkDirty):
@@ -350,12 +351,21 @@ class Collapser(Actor):
         return None
 
     def _lookup_batch(self, msg: m.LookupPages) -> Generator[Any, Any, None]:
+        """A batch whose first fault met a locked page: it waits for the unlock, then runs
+        again (the page it waited for may be gone)."""
+        epoch = self.peer_epoch
+        while (locked := self.lookup_pages(msg)) is not None:
+            yield Wait(("page", locked))
+            if self.peer_epoch != epoch:
+                return
+
+    def lookup_pages(self, msg: m.LookupPages) -> int | None:
         """A batch of read faults, run in order as one step (see :class:`LookupPages`): each
         fault's fault-around is its window minus what is mapped by then, which the batch follows
-        as the remapper's page table would. Only a locked page makes it wait (and lets other work
-        run), as one fault would, and only as the batch's first fault: one behind others ends the
-        batch there."""
-        epoch = self.peer_epoch
+        as the remapper's page table would. Answers and returns None; or, when the batch's first
+        fault meets a locked page, changes nothing and returns that page, which the fault waits
+        for, as one fault would (without a task in the common case, as :meth:`lookup_page`). A
+        locked page behind other faults ends the batch there."""
         mapped = set(msg.present)
         out: list[int] = []
         done = 0
@@ -370,17 +380,16 @@ class Collapser(Actor):
             if hi - lo > 1:
                 around = list(filterfalse(mapped.__contains__, range(lo, hi)))
                 around.remove(index)  # the fault's own page, not mapped (just checked)
-            while isinstance(answer := self.find_page(
+            answer = self.find_page(
                 ino, index, MAP, False, bool(flags & FAULT_PMD_OK), vm_hugepage, around, bool(flags & FAULT_THP_OK)
-            ), int):
-                if pos:
-                    # The faults before it are done: answer them first, so that what they mapped
-                    # is mapped while this one sleeps; the remapper sends the rest again.
-                    self.send(m.PageAnswers(msg.req, pos, tuple(out)))
-                    return
-                yield Wait(("page", answer))
-                if self.peer_epoch != epoch:
-                    return
+            )
+            if isinstance(answer, int):
+                if not pos:
+                    return answer
+                # The faults before it are done: answer them first, so that what they mapped
+                # is mapped while this one sleeps; the remapper sends the rest again.
+                self.send(m.PageAnswers(msg.req, pos, tuple(out)))
+                return None
             status, pfn, head, thp, pmd, major, shmem, around_mapped, allocated, order = answer
             out += (
                 pos,
@@ -398,6 +407,7 @@ class Collapser(Actor):
                 mapped.add(index)
             mapped.update(around_mapped[::3])  # past EOF too (do_read_fault)
         self.send(m.PageAnswers(msg.req, done, tuple(out)))
+        return None
 
     def find_page(
         self,
