@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Generator, Sequence
-from itertools import filterfalse, groupby
+from itertools import chain, filterfalse, groupby, repeat
+from operator import and_, eq
 from typing import Any
 
 from collapsed import peer_checks, procfs
@@ -43,6 +44,8 @@ FAULT_PMD_OK, FAULT_THP_OK = m.FAULT_PMD_OK, m.FAULT_THP_OK
 PageAnswerFields = tuple[m.PageStatus, int, int, bool, bool, bool, bool, list[int], bool, int]
 _SIGBUS_ANSWER: PageAnswerFields = (_SIGBUS, 0, 0, False, False, False, False, [], False, 0)
 _NOMEM_ANSWER: PageAnswerFields = (_NOMEM, 0, 0, False, False, False, False, [], False, 0)
+# The flags fault-around looks at: it maps a page with PG_uptodate alone of them.
+_AROUND_FLAGS = PG_LOCKED | PG_READAHEAD | PG_UPTODATE
 # Whether a folio of each order is PMD-order, as a PageAnswers record's 0/1.
 _PMD_ORDER_FLAG = tuple(int(order == HPAGE_PMD_ORDER) for order in range(HPAGE_PMD_ORDER + 1))
 
@@ -509,16 +512,33 @@ class Collapser(Actor):
         eof = f.nr_pages_size
         if max(indices) >= eof:
             indices = [index for index in indices if index < eof]
+            if not indices:
+                return out
         # f.get and mem.head written out, a window's pages looked up in their xarray chunk
         # (one, unless the window straddles a 2 MiB boundary of the file): 16 pages a fault.
         chunks = f.chunks
-        key = min(indices, default=0) >> 9
-        by_chunk = [(key, indices)] if max(indices, default=0) >> 9 == key else groupby(indices, lambda i: i >> 9)
+        key = min(indices) >> 9
+        whole = max(indices) >> 9 == key
+        by_chunk = [(key, indices)] if whole else groupby(indices, lambda i: i >> 9)
         pmd_order = _PMD_ORDER_FLAG
         for key, group in by_chunk:
             chunk = chunks.get(key)
             if chunk is None:
                 continue
+            if whole:  # try every page at once, in C
+                values = list(map(chunk.__getitem__, map(and_, group, repeat(HPAGE_PMD_NR - 1))))
+                if (
+                    min(values) > 0
+                    and not any(map(orders.__getitem__, values))
+                    and all(map(eq, map(and_, map(flags.__getitem__, values), repeat(_AROUND_FLAGS)), repeat(PG_UPTODATE)))
+                ):
+                    # Every page cached, small, uptodate, unlocked and without PG_readahead: each
+                    # is mapped, its own head.
+                    for value in values:
+                        mapcount[value] += 1
+                        ref[value] += 1
+                    out += chain.from_iterable(zip(group, values, repeat(0)))
+                    continue
             for index in group:
                 value = chunk[index & (HPAGE_PMD_NR - 1)]
                 if value <= 0:
