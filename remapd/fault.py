@@ -591,6 +591,7 @@ class FaultPath:
             return addrs[0], None
         k = 0
         n_records = len(records)
+        next_pos = records[0][0] if records else -1  # the position of the next record
         hit = 0
         outcomes: dict[str, int] = {}
         try:
@@ -599,9 +600,9 @@ class FaultPath:
                 page = fa & ~(PAGE_SIZE - 1)
                 entry = pmds.get(page >> HPAGE_PMD_SHIFT)
                 mapped = isinstance(entry, int) or (
-                    entry is not None and bool(entry.ptes[(page >> PAGE_SHIFT) & (HPAGE_PMD_NR - 1)])
+                    entry is not None and entry.ptes[(page >> PAGE_SHIFT) & (HPAGE_PMD_NR - 1)] != 0
                 )
-                looked_up = k < n_records and records[k][0] == pos
+                looked_up = pos == next_pos
                 if looked_up == mapped:
                     # Our page table moved while the batch was out (another thread's fault mapped
                     # a page, or unmapped one): hand back what is left and go on from here.
@@ -613,6 +614,7 @@ class FaultPath:
                     continue
                 answer = records[k][1]
                 k += 1
+                next_pos = records[k][0] if k < n_records else -1
                 result = str(answer.status)
                 if answer.status != OK:
                     # Past EOF, fault-around has mapped what the cache holds below it first.
