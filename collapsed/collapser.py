@@ -8,7 +8,8 @@ Sans-IO: no sockets, no clock of its own. See :mod:`shared.actor` for how it is 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
+from functools import partial
 from itertools import chain, filterfalse, groupby, repeat
 from operator import and_, eq
 from typing import Any
@@ -172,10 +173,10 @@ class Collapser(Actor):
         peer_checks.check(self, msg)
         if isinstance(msg, m.LookupPage):
             if self.lookup_page(msg) is not None:
-                self.spawn(self._lookup(msg), name="lookup")
+                self.spawn(self._after_unlock(partial(self.lookup_page, msg)), name="lookup")
         elif isinstance(msg, m.LookupPages):
             if self.lookup_pages(msg) is not None:
-                self.spawn(self._lookup_batch(msg), name="lookup_batch")
+                self.spawn(self._after_unlock(partial(self.lookup_pages, msg)), name="lookup_batch")
         elif isinstance(msg, m.RmapDelta):
             self.cache.apply_rmap(msg.rows)
         elif isinstance(msg, m.MarkDirty):
@@ -329,11 +330,11 @@ class Collapser(Actor):
 
     # -- fault lookups (filemap_fault / shmem_fault) ------------------------------------------
 
-    def _lookup(self, msg: m.LookupPage) -> Generator[Any, Any, None]:
-        """A lookup that met a locked page: the fault waits for the unlock, then looks again
-        (the page it waited for may be gone)."""
+    def _after_unlock(self, attempt: Callable[[], int | None]) -> Generator[Any, Any, None]:
+        """A lookup (or a batch) that met a locked page: the fault waits for the unlock, then
+        ``attempt`` looks again (the page it waited for may be gone), until it answers."""
         epoch = self.peer_epoch
-        while (locked := self.lookup_page(msg)) is not None:
+        while (locked := attempt()) is not None:
             yield Wait(("page", locked))
             if self.peer_epoch != epoch:
                 return
@@ -352,15 +353,6 @@ class Collapser(Actor):
         around = tuple(zip(it, it, map(bool, it)))  # (index, pfn, thp) of each page
         self.send(m.PageAnswer(msg.req, status, pfn, head, thp, pmd, major, shmem, around, allocated, order))
         return None
-
-    def _lookup_batch(self, msg: m.LookupPages) -> Generator[Any, Any, None]:
-        """A batch whose first fault met a locked page: it waits for the unlock, then runs
-        again (the page it waited for may be gone)."""
-        epoch = self.peer_epoch
-        while (locked := self.lookup_pages(msg)) is not None:
-            yield Wait(("page", locked))
-            if self.peer_epoch != epoch:
-                return
 
     def lookup_pages(self, msg: m.LookupPages) -> int | None:
         """A batch of read faults, run in order as one step (see :class:`LookupPages`): each
