@@ -514,7 +514,9 @@ class FaultPath:
         hits = pages = 0
         a = addr
         window_bytes = nr << PAGE_SHIFT
-        room = pages + nr <= MAX_BATCH_WINDOW_PAGES
+        # The batch's bounds: faults left, and the window pages a next fault may find taken.
+        left, most = MAX_BATCH_FAULTS, MAX_BATCH_WINDOW_PAGES - nr
+        room = pages <= most
         # One PMD range at a time (its entry looked up once), each fault in order.
         while a < limit and room:
             pidx = a >> HPAGE_PMD_SHIFT
@@ -564,7 +566,8 @@ class FaultPath:
                 hits_before.append(hits)
                 pages += n
                 a += stride
-                if len(addrs) >= MAX_BATCH_FAULTS or pages + nr > MAX_BATCH_WINDOW_PAGES:
+                left -= 1
+                if not left or pages > most:
                     room = False
                     break
         if not addrs:
