@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Generator, Sequence
 from functools import partial
-from itertools import chain, filterfalse, groupby, repeat
-from operator import and_, eq
+from itertools import chain, compress, filterfalse, groupby, repeat
+from operator import and_, eq, lt
 from typing import Any
 
 from collapsed import peer_checks, procfs
@@ -507,34 +507,33 @@ class Collapser(Actor):
             if not indices:
                 return out
         # f.get and mem.head written out, a window's pages looked up in their xarray chunk
-        # (one, unless the window straddles a 2 MiB boundary of the file): 16 pages a fault.
+        # (one, unless the window straddles a 2 MiB boundary of the file), at once, in C.
         chunks = f.chunks
         key = min(indices) >> 9
-        whole = max(indices) >> 9 == key
-        by_chunk = [(key, indices)] if whole else groupby(indices, lambda i: i >> 9)
+        by_chunk = [(key, indices)] if max(indices) >> 9 == key else groupby(indices, lambda i: i >> 9)
         pmd_order = _PMD_ORDER_FLAG
-        for key, group in by_chunk:
+        for key, pages in by_chunk:
             chunk = chunks.get(key)
             if chunk is None:
                 continue
-            if whole:  # try every page at once, in C
-                values = list(map(chunk.__getitem__, map(and_, group, repeat(HPAGE_PMD_NR - 1))))
-                if (
-                    min(values) > 0
-                    and not any(map(orders.__getitem__, values))
-                    and all(map(eq, map(and_, map(flags.__getitem__, values), repeat(_AROUND_FLAGS)), repeat(PG_UPTODATE)))
-                ):
-                    # Every page cached, small, uptodate, unlocked and without PG_readahead: each
-                    # is mapped, its own head.
-                    for value in values:
-                        mapcount[value] += 1
-                        ref[value] += 1
-                    out += chain.from_iterable(zip(group, values, repeat(0)))
+            group = list(pages)
+            values = list(map(chunk.__getitem__, map(and_, group, repeat(HPAGE_PMD_NR - 1))))
+            if min(values) <= 0:  # holes (or swap entries): the cached pages only
+                cached = list(map(lt, repeat(0), values))
+                group, values = list(compress(group, cached)), list(compress(values, cached))
+                if not values:
                     continue
-            for index in group:
-                value = chunk[index & (HPAGE_PMD_NR - 1)]
-                if value <= 0:
-                    continue
+            if not any(map(orders.__getitem__, values)) and all(
+                map(eq, map(and_, map(flags.__getitem__, values), repeat(_AROUND_FLAGS)), repeat(PG_UPTODATE))
+            ):
+                # The common case: every page small, uptodate, unlocked and without
+                # PG_readahead, so each is mapped, its own head.
+                for value in values:
+                    mapcount[value] += 1
+                    ref[value] += 1
+                out += chain.from_iterable(zip(group, values, repeat(0)))
+                continue
+            for index, value in zip(group, values):
                 head = value & ~((1 << orders[value]) - 1)
                 page_flags = flags[head]
                 if page_flags & (PG_LOCKED | PG_READAHEAD) or not page_flags & PG_UPTODATE:
