@@ -8,7 +8,10 @@ Sans-IO: no sockets, no clock of its own. See :mod:`shared.actor` for how it is 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Generator
+from collections.abc import Callable, Generator, Sequence
+from functools import partial
+from itertools import chain, compress, filterfalse, groupby, repeat
+from operator import and_, eq, lt
 from typing import Any
 
 from collapsed import peer_checks, procfs
@@ -37,12 +40,15 @@ _OK, _SIGBUS, _NOMEM = m.PageStatus.OK, m.PageStatus.SIGBUS, m.PageStatus.NOMEM
 MAP = m.Purpose.MAP
 _STATUS_CODE = {status: code for code, status in enumerate(m.ANSWER_STATUS)}
 FAULT_PMD_OK, FAULT_THP_OK = m.FAULT_PMD_OK, m.FAULT_THP_OK
-# A PageAnswer's fields after ``req``: status, pfn, head, thp, pmd, major, shmem, around, allocated.
-PageAnswerFields = tuple[
-    m.PageStatus, int, int, bool, bool, bool, bool, tuple[tuple[int, int, bool], ...], bool, int
-]
-_SIGBUS_ANSWER: PageAnswerFields = (_SIGBUS, 0, 0, False, False, False, False, (), False, 0)
-_NOMEM_ANSWER: PageAnswerFields = (_NOMEM, 0, 0, False, False, False, False, (), False, 0)
+# A PageAnswer's fields after ``req``: status, pfn, head, thp, pmd, major, shmem, around, allocated,
+# order; ``around`` flat, as a PageAnswers record carries it (index, pfn, thp as 0/1 for each page).
+PageAnswerFields = tuple[m.PageStatus, int, int, bool, bool, bool, bool, list[int], bool, int]
+_SIGBUS_ANSWER: PageAnswerFields = (_SIGBUS, 0, 0, False, False, False, False, [], False, 0)
+_NOMEM_ANSWER: PageAnswerFields = (_NOMEM, 0, 0, False, False, False, False, [], False, 0)
+# The flags fault-around looks at: it maps a page with PG_uptodate alone of them.
+_AROUND_FLAGS = PG_LOCKED | PG_READAHEAD | PG_UPTODATE
+# Whether a folio of each order is PMD-order, as a PageAnswers record's 0/1.
+_PMD_ORDER_FLAG = tuple(int(order == HPAGE_PMD_ORDER) for order in range(HPAGE_PMD_ORDER + 1))
 
 # What a daemon passes as ``resched_pages``: ~10 ms of a write's work between two yields.
 RESCHED_PAGES = 4096
@@ -171,9 +177,10 @@ class Collapser(Actor):
         peer_checks.check(self, msg)
         if isinstance(msg, m.LookupPage):
             if self.lookup_page(msg) is not None:
-                self.spawn(self._lookup(msg), name="lookup")
+                self.spawn(self._after_unlock(partial(self.lookup_page, msg)), name="lookup")
         elif isinstance(msg, m.LookupPages):
-            self.spawn(self._lookup_batch(msg), name="lookup_batch")
+            if self.lookup_pages(msg) is not None:
+                self.spawn(self._after_unlock(partial(self.lookup_pages, msg)), name="lookup_batch")
         elif isinstance(msg, m.RmapDelta):
             self.cache.apply_rmap_delta(msg)
         elif isinstance(msg, m.MarkDirty):
@@ -340,11 +347,11 @@ class Collapser(Actor):
 
     # -- fault lookups (filemap_fault / shmem_fault) ------------------------------------------
 
-    def _lookup(self, msg: m.LookupPage) -> Generator[Any, Any, None]:
-        """A lookup that met a locked page: the fault waits for the unlock, then looks again
-        (the page it waited for may be gone)."""
+    def _after_unlock(self, attempt: Callable[[], int | None]) -> Generator[Any, Any, None]:
+        """A lookup (or a batch) that met a locked page: the fault waits for the unlock, then
+        ``attempt`` looks again (the page it waited for may be gone), until it answers."""
         epoch = self.peer_epoch
-        while (locked := self.lookup_page(msg)) is not None:
+        while (locked := attempt()) is not None:
             yield Wait(("page", locked))
             if self.peer_epoch != epoch:
                 return
@@ -358,16 +365,19 @@ class Collapser(Actor):
         )
         if isinstance(answer, int):
             return answer
-        self.send(m.PageAnswer(msg.req, *answer))
+        status, pfn, head, thp, pmd, major, shmem, flat, allocated, order = answer
+        it = iter(flat)
+        around = tuple(zip(it, it, map(bool, it)))  # (index, pfn, thp) of each page
+        self.send(m.PageAnswer(msg.req, status, pfn, head, thp, pmd, major, shmem, around, allocated, order))
         return None
 
-    def _lookup_batch(self, msg: m.LookupPages) -> Generator[Any, Any, None]:
+    def lookup_pages(self, msg: m.LookupPages) -> int | None:
         """A batch of read faults, run in order as one step (see :class:`LookupPages`): each
         fault's fault-around is its window minus what is mapped by then, which the batch follows
-        as the remapper's page table would. Only a locked page makes it wait (and lets other work
-        run), as one fault would, and only as the batch's first fault: one behind others ends the
-        batch there."""
-        epoch = self.peer_epoch
+        as the remapper's page table would. Answers and returns None; or, when the batch's first
+        fault meets a locked page, changes nothing and returns that page, which the fault waits
+        for, as one fault would (without a task in the common case, as :meth:`lookup_page`). A
+        locked page behind other faults ends the batch there."""
         mapped = set(msg.present)
         out: list[int] = []
         done = 0
@@ -378,18 +388,20 @@ class Collapser(Actor):
             done = pos + 1
             if index in mapped:
                 continue
-            around = tuple(i for i in range(lo, hi) if i != index and i not in mapped) if hi - lo > 1 else ()
-            while isinstance(answer := self.find_page(
+            around: Sequence[int] = ()
+            if hi - lo > 1:
+                around = list(filterfalse(mapped.__contains__, range(lo, hi)))
+                around.remove(index)  # the fault's own page, not mapped (just checked)
+            answer = self.find_page(
                 ino, index, MAP, False, bool(flags & FAULT_PMD_OK), vm_hugepage, around, bool(flags & FAULT_THP_OK)
-            ), int):
-                if pos:
-                    # The faults before it are done: answer them first, so that what they mapped
-                    # is mapped while this one sleeps; the remapper sends the rest again.
-                    self.send(m.PageAnswers(msg.req, pos, tuple(out)))
-                    return
-                yield Wait(("page", answer))
-                if self.peer_epoch != epoch:
-                    return
+            )
+            if isinstance(answer, int):
+                if not pos:
+                    return answer
+                # The faults before it are done: answer them first, so that what they mapped
+                # is mapped while this one sleeps; the remapper sends the rest again.
+                self.send(m.PageAnswers(msg.req, pos, tuple(out)))
+                return None
             status, pfn, head, thp, pmd, major, shmem, around_mapped, allocated, order = answer
             out += (
                 pos,
@@ -397,17 +409,17 @@ class Collapser(Actor):
                 pfn,
                 head,
                 thp | pmd << 1 | major << 2 | shmem << 3 | allocated << 4 | order << m.ANSWER_ORDER_SHIFT,
-                len(around_mapped),
+                len(around_mapped) // 3,
             )
-            for a_index, a_pfn, a_thp in around_mapped:
-                out += (a_index, a_pfn, int(a_thp))
+            out += around_mapped
             # A large folio may be mapped whole; a fault that failed made no page table.
             if order or status == _NOMEM or (stop_at_sigbus and status == _SIGBUS):
                 break
             if status == _OK:
                 mapped.add(index)
-            mapped.update(a[0] for a in around_mapped)  # past EOF too (do_read_fault)
+            mapped.update(around_mapped[::3])  # past EOF too (do_read_fault)
         self.send(m.PageAnswers(msg.req, done, tuple(out)))
+        return None
 
     def find_page(
         self,
@@ -417,7 +429,7 @@ class Collapser(Actor):
         write: bool,
         pmd_ok: bool,
         vm_hugepage: bool,
-        around_indices: tuple[int, ...],
+        around_indices: Sequence[int],
         thp_ok: bool,
         exec_end: int = 0,
         rand_read: bool = False,
@@ -443,7 +455,7 @@ class Collapser(Actor):
         # do_fault_around runs first: it maps what the cache holds around the fault.
         fault_around = bool(around_indices) and purpose == MAP
         reads = value == 0 and f.large_folio
-        around = self._fault_around(f, around_indices) if fault_around and not reads else ()
+        around = self._fault_around(f, around_indices) if fault_around and not reads else []
         major = allocated = False
         if value > 0:
             pfn = value
@@ -479,7 +491,7 @@ class Collapser(Actor):
         if not pfn:
             # Memory is full: VM_FAULT_OOM. The fault-around mappings go back with the answer
             # (the remapper maps nothing for a failed lookup).
-            for _, around_pfn, _ in around:
+            for around_pfn in around[1::3]:
                 cache.apply_rmap(((around_pfn, -1, 0, 0),))
             return _NOMEM_ANSWER
         if major:
@@ -500,29 +512,58 @@ class Collapser(Actor):
             cache.apply_rmap(((pfn, 0, 0, 1),))
         return (_OK, pfn, head, thp, pmd, major, f.shmem, around, allocated, mem.order[head])
 
-    def _fault_around(self, f: File, indices: tuple[int, ...]) -> tuple[tuple[int, int, bool], ...]:
+    def _fault_around(self, f: File, indices: Sequence[int]) -> list[int]:
         """filemap_map_pages: map the cached, uptodate, unlocked pages among ``indices`` that lie
-        inside i_size (its window ends at the file's last page). The remapper maps the rest of a
-        large folio itself (filemap_map_folio_range)."""
+        inside i_size (its window ends at the file's last page): index, pfn and 1 for a THP's
+        subpage (else 0) of each, flat. The remapper maps the rest of a large folio itself
+        (filemap_map_folio_range)."""
         mem = self.mem
         flags, mapcount, ref, orders = mem.flags, mem.mapcount, mem.ref, mem.order
-        chunks = f.chunks
+        out: list[int] = []
+        if not indices:
+            return out
         eof = f.nr_pages_size
-        out = []
-        for index in indices:
-            chunk = chunks.get(index >> 9)  # f.get and mem.head written out: 16 pages a fault
-            value = chunk[index & (HPAGE_PMD_NR - 1)] if chunk is not None else 0
-            if value <= 0 or index >= eof:
+        if max(indices) >= eof:
+            indices = [index for index in indices if index < eof]
+            if not indices:
+                return out
+        # f.get and mem.head written out, a window's pages looked up in their xarray chunk
+        # (one, unless the window straddles a 2 MiB boundary of the file), at once, in C.
+        chunks = f.chunks
+        key = min(indices) >> 9
+        by_chunk = [(key, indices)] if max(indices) >> 9 == key else groupby(indices, lambda i: i >> 9)
+        pmd_order = _PMD_ORDER_FLAG
+        for key, pages in by_chunk:
+            chunk = chunks.get(key)
+            if chunk is None:
                 continue
-            head = value & ~((1 << orders[value]) - 1)
-            page_flags = flags[head]
-            if page_flags & (PG_LOCKED | PG_READAHEAD) or not page_flags & PG_UPTODATE:
+            group = list(pages)
+            values = list(map(chunk.__getitem__, map(and_, group, repeat(HPAGE_PMD_NR - 1))))
+            if min(values) <= 0:  # holes (or swap entries): the cached pages only
+                cached = list(map(lt, repeat(0), values))
+                group, values = list(compress(group, cached)), list(compress(values, cached))
+                if not values:
+                    continue
+            if not any(map(orders.__getitem__, values)) and all(
+                map(eq, map(and_, map(flags.__getitem__, values), repeat(_AROUND_FLAGS)), repeat(PG_UPTODATE))
+            ):
+                # The common case: every page small, uptodate, unlocked and without
+                # PG_readahead, so each is mapped, its own head.
+                for value in values:
+                    mapcount[value] += 1
+                    ref[value] += 1
+                out += chain.from_iterable(zip(group, values, repeat(0)))
                 continue
-            # apply_rmap's row (value, 1, 0, 0): a PTE mapping and its reference on the head.
-            mapcount[value] += 1
-            ref[head] += 1
-            out.append((index, value, orders[head] == HPAGE_PMD_ORDER))
-        return tuple(out)
+            for index, value in zip(group, values):
+                head = value & ~((1 << orders[value]) - 1)
+                page_flags = flags[head]
+                if page_flags & (PG_LOCKED | PG_READAHEAD) or not page_flags & PG_UPTODATE:
+                    continue
+                # apply_rmap's row (value, 1, 0, 0): a PTE mapping and its reference on the head.
+                mapcount[value] += 1
+                ref[head] += 1
+                out += (index, value, pmd_order[orders[head]])
+        return out
 
     def _read_around(
         self, f: File, index: int, vm_hugepage: bool, exec_: bool, rand_read: bool, seq_read: bool

@@ -17,6 +17,7 @@ replies that answer a request of their kind.
 
 from __future__ import annotations
 
+import operator
 from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -145,12 +146,23 @@ def _lookup_pages(c: Collapser, msg: m.LookupPages) -> None:
         raise PeerError(f"lookup_pages: {len(faults)} integers for faults (4 each, at most {MAX_BATCH_FAULTS})")
     if len(msg.present) > MAX_BATCH_WINDOW_PAGES:
         raise PeerError(f"lookup_pages: {len(msg.present)} present indices (at most {MAX_BATCH_WINDOW_PAGES})")
-    pages = 0
-    for pos in range(0, len(faults), 4):
-        index, lo, hi, flags = faults[pos : pos + 4]
-        if not (0 <= lo <= index < hi <= MAX_PAGE_INDEX + 1 and hi - lo <= MAX_AROUND and 0 <= flags <= 3):
-            raise PeerError(f"lookup_pages: bad fault {_short((index, lo, hi, flags))}")
-        pages += hi - lo
+    indices, los, his, flags = faults[0::4], faults[1::4], faults[2::4], faults[3::4]
+    # Every fault's checks at once, in C (a touch sends a batch); the loop only finds which
+    # fault failed them.
+    if faults and not (
+        min(los) >= 0
+        and max(his) <= MAX_PAGE_INDEX + 1
+        and all(map(operator.le, los, indices))
+        and all(map(operator.lt, indices, his))
+        and max(map(operator.sub, his, los)) <= MAX_AROUND
+        and min(flags) >= 0
+        and max(flags) <= 3
+    ):
+        for pos in range(0, len(faults), 4):
+            index, lo, hi, flag = faults[pos : pos + 4]
+            if not (0 <= lo <= index < hi <= MAX_PAGE_INDEX + 1 and hi - lo <= MAX_AROUND and 0 <= flag <= 3):
+                raise PeerError(f"lookup_pages: bad fault {_short((index, lo, hi, flag))}")
+    pages = sum(his) - sum(los)
     if pages > MAX_BATCH_WINDOW_PAGES:
         raise PeerError(f"lookup_pages: windows of {pages} pages (at most {MAX_BATCH_WINDOW_PAGES})")
 

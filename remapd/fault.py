@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Generator
+from itertools import compress
+from operator import not_
 from typing import Any
 
 from remapd.files import Files
@@ -54,6 +56,8 @@ MAX_BATCH_FAULTS, MAX_BATCH_WINDOW_PAGES = m.MAX_BATCH_FAULTS, m.MAX_BATCH_WINDO
 ANSWER_STATUS = m.ANSWER_STATUS
 ANSWER_THP, ANSWER_PMD, ANSWER_MAJOR = m.ANSWER_THP, m.ANSWER_PMD, m.ANSWER_MAJOR
 ANSWER_SHMEM, ANSWER_ALLOCATED = m.ANSWER_SHMEM, m.ANSWER_ALLOCATED
+# The PTEs of a PMD range without a table: none present.
+_NO_PTES = PteTable().ptes
 
 
 class FaultPath:
@@ -370,10 +374,12 @@ class FaultPath:
         skip = vma.pgoff_at(addr)
         pgoffs = range(first, first + ((hi - lo) >> PAGE_SHIFT))
         if entry is None:
-            return tuple(p for p in pgoffs if p != skip)
-        ptes = entry.ptes
-        slot0 = ((lo >> PAGE_SHIFT) & (HPAGE_PMD_NR - 1)) - first
-        return tuple(p for p in pgoffs if p != skip and not ptes[slot0 + p])
+            window = list(pgoffs)
+        else:
+            slot = (lo >> PAGE_SHIFT) & (HPAGE_PMD_NR - 1)
+            window = list(compress(pgoffs, map(not_, entry.ptes[slot : slot + len(pgoffs)])))
+        window.remove(skip)  # the fault's own page, whose PTE is none
+        return tuple(window)
 
     def _map_around(self, mm: Mm, vma: Vma, reply: m.PageAnswer, install: bool) -> None:
         """Map the fault-around pages the collapser accounted; hand back those that lost a race.
@@ -385,16 +391,8 @@ class FaultPath:
             self.rmap.unmap_ptes([pfn for _, pfn, _ in reply.around])
             return
         shmem = (PTE_SHMEM | PTE_WRITE if vma.writes_file else PTE_SHMEM) if reply.shmem else 0
-        base = vma.start - (vma.pgoff << PAGE_SHIFT)  # vma.addr_of(index) is base + index pages
-        pmds, set_pte_at, rmap = mm.pmds, self.pagetables.set_pte_at, self.rmap
-        for index, pfn, thp in reply.around:
-            addr = base + (index << PAGE_SHIFT)
-            pidx, slot = addr >> HPAGE_PMD_SHIFT, (addr >> PAGE_SHIFT) & (HPAGE_PMD_NR - 1)
-            entry = pmds.get(pidx)
-            if isinstance(entry, int) or (entry is not None and entry.ptes[slot]):
-                rmap.add(pfn, pte=-1)
-                continue
-            set_pte_at(mm, pidx, slot, pte_make(pfn, (PTE_THP if thp else 0) | shmem))
+        # vma.addr_of(index) is page number base + index.
+        self.pagetables.map_file_ptes(mm, (vma.start >> PAGE_SHIFT) - vma.pgoff, reply.around, shmem)
 
     def page_mkclean(self, ino: int, indices: tuple[int, ...]) -> None:
         """folio_mkclean for pages of a regular file going under writeback: every PTE of a shared
@@ -444,7 +442,7 @@ class FaultPath:
         if stride <= 0 or length < 0:
             raise UserError("EINVAL", "stride must be positive and length non-negative")
         mm = find_mm(self.mms, pid)
-        counts: Counter[str] = Counter()
+        counts: dict[str, int] = {}  # not a Counter: its missing keys cost a Python call each
         mms, hits = self.mms, self._hits
         a, end = addr, addr + length
         while a < end:
@@ -453,7 +451,7 @@ class FaultPath:
             # Accesses to what is mapped already are counted in runs, without a task step each;
             # the mm must still be the one the touch began with (the slow path looks it up).
             if mms.get(pid) is mm and (n := hits(mm, a, end, write, stride)):
-                counts["hit"] += n
+                counts["hit"] = counts.get("hit", 0) + n
                 a += n * stride
                 continue
             if not write:
@@ -462,7 +460,7 @@ class FaultPath:
                     a = nxt
                     continue
             result = yield from self.do_user_addr_fault(pid, a, write)
-            counts[result] += 1
+            counts[result] = counts.get(result, 0) + 1
             a += stride
             if result == "sigsegv" and a < end:
                 # Every access up to the end of this hole (or of the VMA that refused it) faults
@@ -473,12 +471,12 @@ class FaultPath:
                     counts["sigsegv"] += skip
                     self.vm["pgfault"] += skip
                     a += skip * stride
-        return dict(counts)
+        return counts
 
     # -- batched read faults (GUP's populate) --------------------------------------------------
 
     def read_faults(
-        self, mm: Mm, addr: int, end: int, stride: int, counts: Counter[str] | None
+        self, mm: Mm, addr: int, end: int, stride: int, counts: dict[str, int] | None
     ) -> Generator[Any, Any, tuple[int, str | None]]:
         """Read faults every ``stride`` bytes of [addr, end) inside the VMA holding ``addr``,
         looked up as one :class:`~shared.protocol.messages.LookupPages` (populate_vma_page_range
@@ -495,7 +493,7 @@ class FaultPath:
             self.locks.mmap_read_unlock(mm)
 
     def _read_batch(
-        self, mm: Mm, addr: int, end: int, stride: int, counts: Counter[str] | None
+        self, mm: Mm, addr: int, end: int, stride: int, counts: dict[str, int] | None
     ) -> Generator[Any, Any, tuple[int, str | None]]:
         vma = mm.find_vma(addr)
         if vma is None or mm.exiting or not vma.prot & PROT_READ or self._large_folio(vma) or vma.flags & VM_READ_HINTS:
@@ -509,66 +507,71 @@ class FaultPath:
         limit = min(end, vma.end)
         shmem = vma.ino in self.shmem_inos
         pmds = mm.pmds
-        start, pgoff = vma.start, vma.pgoff
+        start, vma_end = vma.start, vma.end
+        base = vma.pgoff - (start >> PAGE_SHIFT)  # the file index of page number p is base + p
         faults: list[int] = []
         addrs: list[int] = []
         hits_before: list[int] = []  # hits planned before each fault
         present: list[int] = []
-        windows: set[int] = set()
-        tables: set[int] = set()
         hits = pages = 0
         a = addr
         window_bytes = nr << PAGE_SHIFT
-        while a < limit and len(addrs) < MAX_BATCH_FAULTS and pages + nr <= MAX_BATCH_WINDOW_PAGES:
+        # The batch's bounds: faults left, and the window pages a next fault may find taken.
+        left, most = MAX_BATCH_FAULTS, MAX_BATCH_WINDOW_PAGES - nr
+        room = pages <= most
+        # One PMD range at a time (its entry looked up once), each fault in order.
+        while a < limit and room:
             pidx = a >> HPAGE_PMD_SHIFT
             entry = pmds.get(pidx)
+            haddr = pidx << HPAGE_PMD_SHIFT
+            stop = min(haddr + HPAGE_PMD_SIZE, limit)
             if isinstance(entry, int):
                 # PMD-mapped: a touch hits at every access up to its end; a populate's one fault
                 # finds the PMD and goes on at its end.
-                nxt = min((pidx + 1) << HPAGE_PMD_SHIFT, limit)
                 if counts is not None:
-                    n = -(-(nxt - a) // stride)
+                    n = -(-(stop - a) // stride)
                     hits += n
                     a += n * stride
                 else:
                     hits += 1
-                    a = nxt
+                    a = stop
                 continue
-            page = a & ~(PAGE_SIZE - 1)
-            if entry is not None and entry.ptes[(page >> PAGE_SHIFT) & (HPAGE_PMD_NR - 1)]:
-                hits += 1
+            ptes = entry.ptes if entry is not None else _NO_PTES
+            flags = -1
+            hi = -1  # the end of the current fault-around window (none yet)
+            while a < stop:
+                page = a & ~(PAGE_SIZE - 1)
+                if ptes[(page >> PAGE_SHIFT) & (HPAGE_PMD_NR - 1)]:
+                    hits += 1
+                    a += stride
+                    continue
+                if flags < 0:
+                    suitable = not vma.nohugepage and vma.pmd_suitable(haddr)
+                    # The first fault of the batch in a PMD without a table may map a PMD; the
+                    # ones after it find the table it made (a fault that fails ends the batch).
+                    later = FAULT_THP_OK if suitable and shmem else 0
+                    flags = FAULT_PMD_OK | FAULT_THP_OK if suitable and entry is None else later
+                else:
+                    flags = later
+                if nr <= 1:
+                    first, n = base + (page >> PAGE_SHIFT), 1
+                elif page >= hi:
+                    # A new window (the accesses only go up): its present pages are sent once.
+                    lo = max(page & ~(window_bytes - 1), start, haddr)
+                    hi = min(lo + window_bytes, vma_end, haddr + HPAGE_PMD_SIZE)
+                    n = (hi - lo) >> PAGE_SHIFT
+                    first = base + (lo >> PAGE_SHIFT)
+                    slot = (lo >> PAGE_SHIFT) & (HPAGE_PMD_NR - 1)
+                    present += compress(range(first, first + n), ptes[slot : slot + n])
+                faults += (base + (page >> PAGE_SHIFT), first, first + n, flags)
+                addrs.append(a)
+                hits_before.append(hits)
+                pages += n
                 a += stride
-                continue
-            haddr = pidx << HPAGE_PMD_SHIFT
-            if pidx not in tables:
-                tables.add(pidx)
-                suitable = not vma.nohugepage and vma.pmd_suitable(haddr)
-                # The first fault of the batch in a PMD without a table may map a PMD; the ones
-                # after it find the table it made (a fault that fails ends the batch).
-                later = FAULT_THP_OK if suitable and shmem else 0
-                flags = FAULT_PMD_OK | FAULT_THP_OK if suitable and entry is None else later
-            else:
-                flags = later
-            if nr > 1:
-                lo = max(page & ~(window_bytes - 1), start, haddr)
-                hi = min(lo + window_bytes, vma.end, haddr + HPAGE_PMD_SIZE)
-                if entry is not None and lo not in windows:
-                    windows.add(lo)
-                    ptes = entry.ptes
-                    present.extend(
-                        pgoff + ((p - start) >> PAGE_SHIFT)
-                        for p in range(lo, hi, PAGE_SIZE)
-                        if ptes[(p >> PAGE_SHIFT) & (HPAGE_PMD_NR - 1)]
-                    )
-            else:
-                lo, hi = page, page + PAGE_SIZE
-            first = pgoff + ((lo - start) >> PAGE_SHIFT)
-            n = (hi - lo) >> PAGE_SHIFT
-            faults += (pgoff + ((page - start) >> PAGE_SHIFT), first, first + n, flags)
-            addrs.append(a)
-            hits_before.append(hits)
-            pages += n
-            a += stride
+                left -= 1
+                if not left or pages > most:
+                    room = False
+                    break
         if not addrs:
             self._count_hits(counts, hits)
             return a, None
@@ -593,17 +596,18 @@ class FaultPath:
             return addrs[0], None
         k = 0
         n_records = len(records)
+        next_pos = records[0][0] if records else -1  # the position of the next record
         hit = 0
-        outcomes: Counter[str] = Counter()
+        outcomes: dict[str, int] = {}
         try:
             for pos in range(reply.done):
                 fa = addrs[pos]
                 page = fa & ~(PAGE_SIZE - 1)
                 entry = pmds.get(page >> HPAGE_PMD_SHIFT)
                 mapped = isinstance(entry, int) or (
-                    entry is not None and bool(entry.ptes[(page >> PAGE_SHIFT) & (HPAGE_PMD_NR - 1)])
+                    entry is not None and entry.ptes[(page >> PAGE_SHIFT) & (HPAGE_PMD_NR - 1)] != 0
                 )
-                looked_up = k < n_records and records[k][0] == pos
+                looked_up = pos == next_pos
                 if looked_up == mapped:
                     # Our page table moved while the batch was out (another thread's fault mapped
                     # a page, or unmapped one): hand back what is left and go on from here.
@@ -615,6 +619,7 @@ class FaultPath:
                     continue
                 answer = records[k][1]
                 k += 1
+                next_pos = records[k][0] if k < n_records else -1
                 result = str(answer.status)
                 if answer.status != OK:
                     # Past EOF, fault-around has mapped what the cache holds below it first.
@@ -626,7 +631,7 @@ class FaultPath:
                         self._hand_back(mm, vma, records, k)
                         return fa, None
                     result = mapped_as
-                outcomes[result] += 1
+                outcomes[result] = outcomes.get(result, 0) + 1
                 if counts is None and result == SIGBUS:
                     hit += hits_before[pos]
                     return fa, result
@@ -643,14 +648,15 @@ class FaultPath:
         finally:
             self.vm["pgfault"] += sum(outcomes.values())
             if counts is not None:
-                counts.update(outcomes)
+                for result, n in outcomes.items():
+                    counts[result] = counts.get(result, 0) + n
             self._count_hits(counts, hit)
 
-    def _count_hits(self, counts: Counter[str] | None, n: int) -> None:
+    def _count_hits(self, counts: dict[str, int] | None, n: int) -> None:
         if n:
             self.vm["pgfault"] += n
             if counts is not None:
-                counts["hit"] += n
+                counts["hit"] = counts.get("hit", 0) + n
 
     def _hand_back(self, mm: Mm, vma: Vma, records: list[tuple[int, m.PageAnswer]], k: int) -> None:
         """Give back the mappings the collapser accounted for the answers from the ``k``-th on."""
@@ -721,7 +727,8 @@ def _records(flat: tuple[int, ...]) -> list[tuple[int, m.PageAnswer]]:
     while i < n:
         pos, status, pfn, head, flags, nr = flat[i : i + 6]
         i += 6
-        around = tuple((flat[j], flat[j + 1], bool(flat[j + 2])) for j in range(i, i + 3 * nr, 3))
+        it = iter(flat[i : i + 3 * nr])
+        around = tuple(zip(it, it, map(bool, it)))  # (index, pfn, thp) of each page
         i += 3 * nr
         out.append(
             (

@@ -107,8 +107,7 @@ class Actor:
         """Start ``gen``; ``done(result)`` is called with its return value when it finishes.
         Returns the task, for :meth:`cancel`."""
         task = _Running(gen, done, name)
-        self._ready.append((task, None, 0))
-        self._run_ready()
+        self._run_ready(task)
         return task
 
     def cancel(self, task: _Running) -> None:
@@ -125,9 +124,7 @@ class Actor:
         entry = self._calls.pop(req, None)
         if entry is None:
             return False
-        task = entry[0]
-        self._ready.append((task, msg, task.epoch))
-        self._run_ready()
+        self._run_ready(entry[0], msg)
         return True
 
     def advance(self, now: float) -> None:
@@ -185,15 +182,27 @@ class Actor:
 
     # -- internals ----------------------------------------------------------------------------
 
-    def _run_ready(self) -> None:
+    def _run_ready(self, first: _Running | None = None, value: Any = None) -> None:
+        """Run a burst: ``first`` resumed with ``value`` (when given) after whatever is ready
+        already, then whatever becomes ready. Outside a burst nothing is ready (unless a step
+        raised out of the last one), so ``first`` steps at once, without a trip through the
+        queue: an operation's first step, the task a reply resumes."""
+        ready = self._ready
         # Re-entrancy guard: a task that notifies or finishes others must not recurse into them.
         if self._stepping:
+            if first is not None:
+                ready.append((first, value, first.epoch))
             return
         self._stepping = True
         self._burst += 1
         try:
-            while self._ready:
-                task, value, epoch = self._ready.popleft()
+            if first is not None:
+                if ready:
+                    ready.append((first, value, first.epoch))
+                else:
+                    self._step(first, value)
+            while ready:
+                task, value, epoch = ready.popleft()
                 if task.epoch == epoch:
                     self._step(task, value)
         finally:

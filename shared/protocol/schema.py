@@ -16,6 +16,7 @@ none of their own.
 from __future__ import annotations
 
 import dataclasses
+import operator
 import typing
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar, dataclass_transform
@@ -151,6 +152,8 @@ class Request(Message, Generic[R_co]):
     REPLY: ClassVar[type[Reply[Any]]]
     # The fields after ``id``: the operation's arguments, in order.
     ARGS: ClassVar[tuple[str, ...]]
+    # Their values, as one C call (every operation asks for them).
+    _ARGS_OF: ClassVar[Callable[[Any], tuple[Any, ...]]]
     id: int
 
     if TYPE_CHECKING:
@@ -158,7 +161,7 @@ class Request(Message, Generic[R_co]):
         def __init__(self, id: int, *args: Any, **kwargs: Any) -> None: ...
 
     def args(self) -> tuple[Any, ...]:
-        return tuple(getattr(self, name) for name in self.ARGS)
+        return type(self)._ARGS_OF(self)
 
 
 _UNSET: Any = object()
@@ -191,6 +194,7 @@ def request(
         if names[:1] != ("id",):
             raise TypeError(f"{cls.__name__}: a request's first field is its id")
         made.ARGS = names[1:]
+        made._ARGS_OF = staticmethod(_args_getter(made.ARGS))
         name = tag.removeprefix("client.")
         made.OP = Op(
             name=name,
@@ -205,6 +209,16 @@ def request(
         return typing.cast(M, made)
 
     return wrap
+
+
+def _args_getter(names: tuple[str, ...]) -> Callable[[Any], tuple[Any, ...]]:
+    """The values of fields ``names`` of a message, as a tuple."""
+    if len(names) > 1:
+        return operator.attrgetter(*names)  # a tuple, in C
+    if names:
+        get = operator.attrgetter(names[0])  # the value itself
+        return lambda msg: (get(msg),)
+    return lambda msg: ()
 
 
 def _result_type(cls: type) -> Any:
@@ -245,7 +259,10 @@ def routes() -> dict[type[Request[Any]], str]:
 
 def resolve(core: Any, run: str) -> Callable[..., Any]:
     """The core's method named ``run`` (``a.b`` is ``core.a.b``)."""
+    if "." not in run:  # most are: one getattr, as every operation resolves its method
+        target: Callable[..., Any] = getattr(core, run)
+        return target
     target = core
     for part in run.split("."):
         target = getattr(target, part)
-    return typing.cast("Callable[..., Any]", target)  # a string: the subscription costs per call
+    return target

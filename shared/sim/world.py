@@ -128,10 +128,24 @@ class World:
         return pending
 
     def call(self, actor: Actor, op: Any, answer: Answer | None = None) -> Any:
-        pending = self.start(actor, op, answer)
-        if not pending.done:
-            raise RuntimeError("operation waits for model time; use start() and advance()")
-        return pending.result()
+        """Run ``op`` as :meth:`start` does and return its result (raise its UserError); it must
+        finish without model time passing. (No Pending: every operation of a benchmark comes
+        here.)"""
+        if isinstance(op, GeneratorType):
+            finished: list[Any] = []
+            actor.spawn(op, finished.append)
+            self.settle()
+            if not finished:
+                raise RuntimeError("operation waits for model time; use start() and advance()")
+            value = finished[0]
+        else:
+            value = op
+            self.settle()
+        if answer is not None:
+            value = answer(value)
+        if isinstance(value, UserError):
+            raise value
+        return value
 
     def advance(self, ms: float) -> None:
         """Move the model clock forward by ``ms``, running everything that falls due in order."""
@@ -239,6 +253,20 @@ class World:
         """Run request ``msg`` on ``actor`` (its core method, or ``fn``) as a daemon would, and
         return its result as the client gets it (the Pending, if ``waits``)."""
         run = fn if fn is not None else resolve(actor, msg.OP.run or "")
+        answer = self._answer(msg) if self.codec else None
+        try:
+            op = run(*msg.args())
+        except UserError as err:
+            if answer is not None:
+                answer(err)
+            raise
+        if waits:
+            return self.start(actor, op, answer)
+        return self.call(actor, op, answer)
+
+    def _answer(self, msg: Request[Any]) -> Answer:
+        """What turns the result of request ``msg`` into what the client gets: its reply (or
+        error) through the codec."""
 
         def answer(value: Any) -> Any:
             if isinstance(value, UserError):
@@ -246,19 +274,12 @@ class World:
                 return value
             return typing.cast(Reply[Any], self.wire(msg.REPLY(msg.id, value))).result
 
-        try:
-            op = run(*msg.args())
-        except UserError as err:
-            if self.codec:
-                answer(err)
-            raise
-        if waits:
-            return self.start(actor, op, answer if self.codec else None)
-        return self.call(actor, op, answer if self.codec else None)
+        return answer
 
     def _operate(self, cls: type[Request[Any]], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         op = cls.OP
-        result = self.perform(self.request(cls, *args, **kwargs), self.actor(op.served_by[0]), waits=op.waits)
+        actor = self.collapser if op.served_by[0] == COLLAPSED else self.remapper
+        result = self.perform(self.request(cls, *args, **kwargs), actor, waits=op.waits)
         return result[op.unwrap] if op.unwrap is not None else result
 
     # -- the operations the tables cannot derive ------------------------------------------------
