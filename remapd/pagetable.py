@@ -122,7 +122,7 @@ class PageTables:
         ~500k a second."""
         if not pages:
             return
-        pmds, rows = mm.pmds, self.rmap.rows
+        pmds, give_back = mm.pmds, self.rmap.add
         pidx = (base + min(pages)[0]) >> 9
         table: PteTable | int | None = pmds.get(pidx)
         if (base + max(pages)[0]) >> 9 == pidx and not isinstance(table, int) and not any(map(_AROUND_THP, pages)):
@@ -137,7 +137,7 @@ class PageTables:
             for index, pfn, _ in pages:
                 slot = off + index
                 if ptes[slot]:
-                    rows.append((pfn, -1, 0, 0))
+                    give_back(pfn, -1)
                     continue
                 ptes[slot] = (pfn << PTE_SHIFT) | pte_flags  # pte_make
                 n += 1
@@ -157,7 +157,7 @@ class PageTables:
                 table = pmds.get(pidx)
             slot = page & (HPAGE_PMD_NR - 1)
             if isinstance(table, int) or (table is not None and table.ptes[slot]):
-                rows.append((pfn, -1, 0, 0))
+                give_back(pfn, -1)
                 continue
             if table is None:
                 table = self.pte_alloc(mm, pidx)
