@@ -49,6 +49,10 @@ async def d(tmp_path: Path):
 
 
 async def _mapped(d) -> int:
+    # khugepaged asleep for an hour once it has looked at the new registration: the tests count
+    # what MADV_COLLAPSE made, and on a slow run its 10 s wake-up would collapse the other PMD
+    # range too (the write wakes it now, with nothing registered yet).
+    await ok(d, "sysfs", "set", "khugepaged/scan_sleep_millisecs", "3600000")
     await ok(d, "file", "create", "lib", "--size", "4M")
     await ok(d, "proc", "spawn", "1")
     addr = int(await ok(d, "mmap", "1", "auto", "4M", "--file", "lib", "--prot", "rx", "--private"), 16)
