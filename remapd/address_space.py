@@ -406,6 +406,10 @@ class AddressSpace:
             return "EFAULT", None, None
         if to is not None:
             self._do_munmap(mm, to, to + new_len)
+            if mm.find_vma(addr) is None:
+                # mremap_to: with old_length 0 the target may start at addr itself, and the
+                # munmap took the page the VMA is looked up by (vma_lookup fails: -EFAULT).
+                return "EFAULT", None, None
             if old_len > new_len:
                 self._do_munmap(mm, addr + new_len, addr + old_len)
                 old_len = new_len

@@ -769,6 +769,19 @@ def test_mremap_moves_ptes_pins_anon_pages_and_whole_ranges_of_vmas(make_world):
     assert world.mremap(1, A + 64 * M, 0, M, to=A + 72 * M)["result"] == "EINVAL"  # private
 
 
+def test_mremap_of_old_length_zero_onto_its_own_address_is_efault_after_the_unmap(make_world):
+    """mm/mremap.c mremap_to(): MREMAP_FIXED unmaps the target first, then looks the VMA up at
+    the old address again (vma_lookup); with old_length 0 and the target at that address the
+    unmap took it, so -EFAULT, and the page stays unmapped. Kernel (a 64K shared memfd mapping
+    at X, mremap(X, 0, 4096, MAYMOVE|FIXED, X)): EFAULT, maps [X+4K, X+64K) pgoff 1."""
+    world = make_world()
+    world.file_create("c", 2 * M, shmem=True)
+    world.spawn(1)
+    world.mmap(1, A, 64 * 1024, "c", prot="rw")
+    assert world.mremap(1, A, 0, 4096, to=A) == {"result": "EFAULT", "addr": None}
+    assert [(s, e) for s, e in layout(world, 1)] == [(A + 4096, A + 64 * 1024)]
+
+
 def test_mremap_that_maps_nothing_new_may_span_vmas(make_world):
     """mm/mremap.c check_prep_vma(): only a grow or a move must stay inside the VMA at the
     address (EFAULT otherwise); an unchanged size returns the address and a shrink unmaps the
