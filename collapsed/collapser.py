@@ -366,8 +366,7 @@ class Collapser(Actor):
         if isinstance(answer, int):
             return answer
         status, pfn, head, thp, pmd, major, shmem, flat, allocated, order = answer
-        it = iter(flat)
-        around = tuple(zip(it, it, map(bool, it)))  # (index, pfn, thp) of each page
+        around = m.around_pages(flat)
         self.send(m.PageAnswer(msg.req, status, pfn, head, thp, pmd, major, shmem, around, allocated, order))
         return None
 

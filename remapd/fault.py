@@ -727,8 +727,7 @@ def _records(flat: tuple[int, ...]) -> list[tuple[int, m.PageAnswer]]:
     while i < n:
         pos, status, pfn, head, flags, nr = flat[i : i + 6]
         i += 6
-        it = iter(flat[i : i + 3 * nr])
-        around = tuple(zip(it, it, map(bool, it)))  # (index, pfn, thp) of each page
+        around = m.around_pages(flat[i : i + 3 * nr])
         i += 3 * nr
         out.append(
             (

@@ -419,6 +419,13 @@ class PageAnswers(Message):
     answers: tuple[int, ...] = ()
 
 
+def around_pages(flat: Sequence[int]) -> tuple[tuple[int, int, bool], ...]:
+    """A :class:`PageAnswers` record's fault-around pages, flat (index, pfn, 0/1 for each), as
+    :attr:`PageAnswer.around` holds them: (index, pfn, thp)."""
+    it = iter(flat)
+    return tuple(zip(it, it, map(bool, it)))
+
+
 @message("peer.folio")
 class FolioAnswer(Message):
     """Answer to :class:`LockFolio`: ``pfn`` is the locked head, 0 when there was no folio."""
