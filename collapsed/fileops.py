@@ -245,7 +245,8 @@ class FileOps:
         CoW copies stay mapped, and neither the unmap nor the truncation is clipped to i_size (a
         PMD over a THP that reaches past EOF is zapped whole, never split). A regular file's punch
         is clipped to the end of the page holding EOF and also unmaps CoW copies
-        (truncate_pagecache_range)."""
+        (truncate_pagecache_range). A shmem hole that ends inside the first page unmaps the file
+        from its first whole page to the end (the unsigned wrap above, seen on 6.18)."""
         f = self.lookup(name)
         if offset < 0 or length <= 0:
             raise UserError("EINVAL", "punch needs a non-negative offset and a positive length")
@@ -258,6 +259,11 @@ class FileOps:
             if not f.shmem:
                 end = min(end, f.nr_pages_size << PAGE_SHIFT)  # ext4_punch_hole: to EOF's page end
             start, stop = pages(offset), end >> PAGE_SHIFT
+            if f.shmem and stop == 0:
+                # A hole ending inside page 0: shmem_fallocate's unmap_end, round_down(end) - 1,
+                # is -1 and passes its unsigned test; unmap_mapping_range then gets a length of
+                # 0 or below, which unmap_mapping_pages takes as "to the end of the file".
+                stop = _END
             if start < stop:
                 yield from self.unmap_range(f, start, stop, (), even_cows=not f.shmem)
             if offset < end:

@@ -199,3 +199,24 @@ def test_a_split_drops_the_new_folios_past_eof(model):
     assert model.nrpages() == 512
     model.run("file punch c 1320K 1")
     assert model.nrpages() == 256 and model.orders(0, 512) == [(0, 8)]
+
+
+@pytest.mark.parametrize(
+    "offset, length, rss",
+    [
+        # 6.18, memfd of 4 MiB mapped private and read whole (each figure from /proc/self/pagemap).
+        (0, 1, 0),  # holelen 0: unmap_mapping_pages(0, 0) runs to ULONG_MAX, every page goes
+        (1, 1, 4),  # unmap_start 4096, a negative holelen: page 1 to the end goes, page 0 stays
+        (100, 200, 4),
+        (4095, 1, 4096),  # ends at 4096: round_down gives 4095 < 4096, nothing is unmapped
+        (20485, 10, 4096),  # inside page 5: the ordinary empty range
+        (20480, 4096, 4092),  # page 5 whole: that page alone
+    ],
+)
+def test_a_hole_ending_inside_page_0_unmaps_to_the_end_of_the_file(model, offset, length, rss):
+    # shmem_fallocate: unmap_end = round_down(offset + len, PAGE_SIZE) - 1 is -1 for a hole that
+    # ends inside page 0, and the (u64) comparison with unmap_start lets it through.
+    model.run(SETUP + "mmap 1 0x40000000 4M --file c --prot rw --private; touch 1 0x40000000 4M; "
+              f"file punch c {offset} {length}")
+    assert model.rss() == [rss]
+    assert model.nrpages() == (1023 if length == 4096 else 1024)
