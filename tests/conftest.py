@@ -11,6 +11,7 @@ import pytest
 from hypothesis import settings
 
 from shared.knobs import Knobs
+from shared.sim.kernel import _MachineLock
 from shared.sim.world import World
 
 # CI runs a fixed set of examples (derandomized): a submission lands on what was tested here.
@@ -18,6 +19,38 @@ from shared.sim.world import World
 settings.register_profile("ci", derandomize=True, print_blob=True)
 if os.environ.get("CI"):
     settings.load_profile("ci")
+
+
+# Tests that drive this machine's kernel hold a machine-wide flock for as long as a module's
+# session lasts (shared/sim/kernel.py): under pytest-xdist (.ci/test runs two workers) they all go
+# to one worker, in order, rather than time out on the lock the other worker holds. A test that
+# takes the lock unmarked fails at once, so a new kernel module cannot be left out of the group.
+_running: list[pytest.Item] = []
+_acquire = _MachineLock.acquire.__func__  # type: ignore[attr-defined]
+
+
+def _marked_acquire(cls: type[_MachineLock], timeout: float) -> None:
+    if _running and _running[0].get_closest_marker("kernel") is None:
+        raise AssertionError(f"{_running[0].nodeid} drives the kernel: add pytestmark = pytest.mark.kernel to its module")
+    _acquire(cls, timeout)
+
+
+_MachineLock.acquire = classmethod(_marked_acquire)  # type: ignore[method-assign,assignment]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("kernel") is not None:
+            item.add_marker(pytest.mark.xdist_group("kernel"))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
+    _running[:] = [item]
+    try:
+        return (yield)
+    finally:
+        _running.clear()
 
 
 class CheckedWorld(World):

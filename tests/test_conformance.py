@@ -42,6 +42,8 @@ from shared.sim.conformance import (
 from shared.sim.kernel import THP, BackendError, Step, SysfsGuard, parse_step, read_knob
 from shared.sim.world import World
 
+pytestmark = pytest.mark.kernel
+
 ROOT = Path(__file__).resolve().parent.parent
 BASE = "file create c --size 4M --shmem; proc spawn 1; mmap 1 0x40000000 4M --file c --prot rw --shared; "
 SEQ = BASE + "touch 1 0x40000000 4M --stride 64K; madvise 1 0x40000000 4K dontneed; fault 1 0x40000000"

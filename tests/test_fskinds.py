@@ -18,6 +18,8 @@ from shared.sim.kernel import BackendError, ScenarioError, parse_step
 from shared.thpctl.launch import running_daemons
 from shared.vm import FsKind
 
+pytestmark = pytest.mark.kernel
+
 LF = "large-folio"
 
 

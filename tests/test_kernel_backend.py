@@ -24,6 +24,8 @@ from shared.sim.kernel import (
     thp_available,
 )
 
+pytestmark = pytest.mark.kernel
+
 A = 0x40000000  # 2 MiB aligned, free in a fresh interpreter
 M = 1 << 20
 

@@ -21,6 +21,8 @@ from shared.sim.kernel import (
     thp_available,
 )
 
+pytestmark = pytest.mark.kernel
+
 ROOT = Path(__file__).resolve().parent.parent
 KNOB = "khugepaged/scan_sleep_millisecs"
 

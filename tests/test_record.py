@@ -27,6 +27,8 @@ from shared.sim.record import (
 from shared.sim.trace import dumps_trace, loads_trace, replay
 from tests.conftest import CheckedWorld
 
+pytestmark = pytest.mark.kernel
+
 # -- parsing the instance's trace text (lines as this machine's 6.18 prints them) ----------------
 
 LINES = {
