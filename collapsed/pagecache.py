@@ -57,20 +57,42 @@ PG_READAHEAD = 1 << 10
 LRU_BATCH = 15
 
 
+# The numpy type of each per-page array's (and an xarray chunk's) type code, made once: frombuffer
+# given the code parses it each time.
+_DTYPE = {code: np.dtype(code) for code in "lHqB"}
+
+
 def view(a: array) -> np.ndarray:
     """A numpy view of a per-page array, for operations on a whole 512-page range at once.
     Never kept across a yield: an array that exports a view cannot grow (``PhysMem._grow``)."""
-    return np.frombuffer(a, dtype=a.typecode)
+    return np.frombuffer(a, dtype=_DTYPE[a.typecode])
+
+
+# Offsets 0..511: pages() compares a range's pfns with its first pfn plus these.
+_RUN = np.arange(HPAGE_PMD_NR, dtype=np.int64)
+
+
+def pages(pfns: np.ndarray) -> slice | np.ndarray:
+    """``pfns`` (int64) as an index into the per-page arrays: a slice when they are one ascending
+    run of at most 512 (a range's pages, allocated one after the other, most often), where a
+    gather or a scatter is a copy rather than a lookup per page; ``pfns`` itself otherwise.
+    Gathered through a slice, the pages' values are a view: copy what is kept."""
+    n = len(pfns)
+    if 0 < n <= HPAGE_PMD_NR:
+        first = int(pfns[0])
+        if int(pfns[-1]) - first == n - 1 and not np.count_nonzero(pfns != _RUN[:n] + first):
+            return slice(first, first + n)
+    return pfns
 
 
 # One block's worth of zeros for each per-page array's type: what a new block starts as.
-_ZERO_BLOCK = {code: array(code, bytes(array(code).itemsize * HPAGE_PMD_NR)) for code in "lHqB"}
+_ZERO_BLOCK = {code: bytes(array(code).itemsize * HPAGE_PMD_NR) for code in "lHqB"}
 
 # A batch of rmap rows at least this long is applied (and checked) with array operations.
 BULK_ROWS = 16
 
 
-Drops = tuple[np.ndarray, np.ndarray] | None
+Drops = tuple[np.ndarray, np.ndarray, slice | np.ndarray] | None
 # The last message pte_drops() looked at and its answer: the peer check and the accounting of one
 # RmapDelta ask about it one after the other (the message is kept alive here, so its identity
 # cannot be taken by another).
@@ -78,11 +100,11 @@ _last_drops: tuple[m.RmapDelta | None, Drops] = (None, None)
 
 
 def pte_drops(delta: m.RmapDelta) -> Drops:
-    """(pfns, PTE deltas) of a long :class:`~shared.messages.RmapDelta` that only drops PTE
-    mappings (a zapped range: munmap, try_to_unmap, exit): a read-only view of its pfns and
-    the deltas as int64 (``np.add.at`` into the int64 mapcounts with int32 deltas is ~25x
-    slower);
-    None for anything else, which goes row by row."""
+    """(pfns, PTE deltas, pfns as an index) of a long :class:`~shared.messages.RmapDelta` that
+    only drops PTE mappings (a zapped range: munmap, try_to_unmap, exit): a read-only view of
+    its pfns, the deltas as int64 (``np.add.at`` into the int64 mapcounts with int32 deltas is
+    ~25x slower) and :func:`pages` of the pfns (an index only once they are checked: a slice
+    would take a negative pfn from the end); None for anything else, which goes row by row."""
     global _last_drops
     if delta.pmds or delta.pins or not delta.ptes or delta.nrows < BULK_ROWS:
         return None
@@ -91,7 +113,8 @@ def pte_drops(delta: m.RmapDelta) -> Drops:
     ptes = np.frombuffer(delta.ptes, dtype=np.dtype(m.RMAP_DELTA))
     drops = None
     if not np.count_nonzero(ptes >= 0):
-        drops = np.frombuffer(delta.pfns, dtype=np.dtype(m.RMAP_PFN)), ptes.astype(np.int64)
+        pfns = np.frombuffer(delta.pfns, dtype=np.dtype(m.RMAP_PFN))
+        drops = pfns, ptes.astype(np.int64), pages(pfns)
     _last_drops = delta, drops
     return drops
 
@@ -139,9 +162,7 @@ class PhysMem:
 
     def _grow(self, blocks: int) -> None:
         for a in (self.ref, self.mapcount, self.flags, self.index, self.ino, self.order):
-            zeros = _ZERO_BLOCK[a.typecode]
-            for _ in range(blocks):
-                a.extend(zeros)
+            a.frombytes(_ZERO_BLOCK[a.typecode] * blocks)
 
     def _new_block(self) -> int:
         """A free 2 MiB block's first pfn; 0 when memory is full."""
@@ -419,7 +440,7 @@ class PageCache:
         """:meth:`unlock` of every page of ``pfns`` (small pages, distinct), waking sleepers in
         that order."""
         flags = view(self.mem.flags)
-        flags[pfns] &= ~PG_LOCKED & 0xFFFF
+        flags[pages(pfns)] &= ~PG_LOCKED & 0xFFFF
         del flags
         asleep = [key for key in self.waiting() if isinstance(key, tuple) and key[0] == "page"]
         if asleep:
@@ -461,21 +482,26 @@ class PageCache:
         """:meth:`put` of ``n`` references on each of ``pfns`` (small pages, distinct), in order:
         collapse_file's release of the pages it replaced, without a call per page."""
         mem = self.mem
+        at = pages(pfns)
         ref = view(mem.ref)
-        left = ref[pfns] - n
+        left = ref[at] - n
         if np.count_nonzero(left < 0):
             bad = pfns[int(np.argmax(left < 0))]
             raise AssertionError(f"refcount underflow on pfn {bad}")
-        ref[pfns] = left
-        freed = pfns[left == 0]
-        del ref
+        ref[at] = left
+        if np.count_nonzero(left):
+            freed = pfns[left == 0]
+            at = freed
+        else:
+            freed = pfns  # all of them (a collapse's): the run, if they are one, stays one
+        del ref, left
         if not len(freed):
             return
         if self._lru_batch:
             # The freed are the batch's pages without a reference left (a live page has one).
             self._lru_batch[:] = [p for p in self._lru_batch if mem.ref[p]]
         for a in (mem.mapcount, mem.flags, mem.index, mem.ino):
-            view(a)[freed] = 0
+            view(a)[at] = 0
         mem._free_small.frombytes(freed.astype(np.int64, copy=False).tobytes())
         mem.nr_allocated -= len(freed)
         if mem.pins:
@@ -488,18 +514,25 @@ class PageCache:
         drops = pte_drops(delta)
         if drops is not None:
             mem = self.mem
-            pfns, deltas = drops
-            orders = view(mem.order)[pfns]
+            pfns, deltas, at = drops
+            orders = view(mem.order)[at]
             heads = pfns
             if np.count_nonzero(orders):  # pages of large folios: their heads hold the references
                 heads = pfns & ~((np.int64(1) << orders.astype(np.int64)) - 1)
             distinct, sums = sum_by(heads, deltas)
             ref = view(mem.ref)
-            left = ref[distinct] + sums
-            if not np.count_nonzero(left <= 0):
-                np.add.at(view(mem.mapcount), pfns, deltas)
-                ref[distinct] = left
-                return
+            if distinct is pfns:  # each pfn once (its own head): a plain scatter adds as np.add.at
+                left = ref[at] + sums
+                if not np.count_nonzero(left <= 0):
+                    view(mem.mapcount)[at] += deltas
+                    ref[at] = left
+                    return
+            else:
+                left = ref[distinct] + sums
+                if not np.count_nonzero(left <= 0):
+                    np.add.at(view(mem.mapcount), pfns, deltas)
+                    ref[distinct] = left
+                    return
             del ref
         self.apply_rmap(delta.rows)
 

@@ -184,10 +184,10 @@ def _rmap_delta(c: Collapser, msg: m.RmapDelta) -> None:
     if drops is not None:
         # A zapped range: the counts only fall, so it is sound if each page's final count is.
         # Otherwise the rows below find the first bad one.
-        pfns, deltas = drops
+        pfns, deltas, at = drops
         if not np.count_nonzero((pfns <= 0) | (pfns >= n)):
             distinct, sums = sum_by(pfns, deltas)
-            if not np.count_nonzero(view(mapcount)[distinct] + sums < 0):
+            if not np.count_nonzero(view(mapcount)[at if distinct is pfns else distinct] + sums < 0):
                 return
     pte_held: dict[int, int] = {}
     pmd_held: dict[int, int] = {}
