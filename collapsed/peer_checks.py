@@ -61,6 +61,8 @@ _REPLY_TO: dict[type[Message], type[Message]] = {
     m.CollapsePteMapped: m.CollapsePteMappedResult,
     m.VisitMm: m.VisitMmDone,
 }
+# Those replies' kinds, which the collapser hands to the waiting request first of all.
+REPLIES = frozenset(_REPLY_TO.values())
 
 
 def check(c: Collapser, msg: Message) -> None:
