@@ -136,6 +136,18 @@ _MASK = _NR - 1
 HPAGE_PMD_ORDER = 9
 
 
+@dataclass(frozen=True, slots=True)
+class PageViews:
+    """numpy views of :class:`PhysMem`'s per-page arrays (:meth:`PhysMem.views`)."""
+
+    ref: np.ndarray
+    mapcount: np.ndarray
+    flags: np.ndarray
+    index: np.ndarray
+    ino: np.ndarray
+    order: np.ndarray
+
+
 class PhysMem:
     """``mem_map`` plus the allocator. Refcount lives on the head of a compound page."""
 
@@ -148,6 +160,7 @@ class PhysMem:
         self.index = array("q")
         self.ino = array("l")  # owning file; 0 when none
         self.order = array("B")  # folio order, in every page of a large folio; 0 for a small page
+        self._views: PageViews | None = None
         self.entire: dict[int, int] = {}  # head pfn -> PMD mappings (entire_mapcount)
         self.pins: dict[int, int] = {}  # head pfn -> GUP pins (also counted in ref)
         # Free small pages, taken from the end: an array, so a collapse's 512 go back in one copy.
@@ -160,7 +173,23 @@ class PhysMem:
         self._rng = random.Random(seed)
         self.nr_allocated = 0
 
+    def views(self) -> PageViews:
+        """numpy views of the per-page arrays, made once and kept until memory grows (an array
+        that exports a view cannot grow: :meth:`_grow` drops them first, and whoever replaces
+        the arrays, :meth:`forget_views`). A caller's own reference to one must not outlive an
+        allocation, as with :func:`view`."""
+        views = self._views
+        if views is None:
+            views = self._views = PageViews(
+                *(view(a) for a in (self.ref, self.mapcount, self.flags, self.index, self.ino, self.order))
+            )
+        return views
+
+    def forget_views(self) -> None:
+        self._views = None
+
     def _grow(self, blocks: int) -> None:
+        self._views = None
         for a in (self.ref, self.mapcount, self.flags, self.index, self.ino, self.order):
             a.frombytes(_ZERO_BLOCK[a.typecode] * blocks)
 
@@ -204,9 +233,10 @@ class PhysMem:
             return 0
         self.ref[head] = 1
         self.flags[head] = PG_ALLOCATED | PG_HEAD
-        view(self.flags)[head + 1 : head + _NR] = PG_ALLOCATED | PG_TAIL
-        view(self.ref)[head + 1 : head + _NR] = 0
-        view(self.order)[head : head + _NR] = HPAGE_PMD_ORDER
+        v = self.views()
+        v.flags[head + 1 : head + _NR] = PG_ALLOCATED | PG_TAIL
+        v.ref[head + 1 : head + _NR] = 0
+        v.order[head : head + _NR] = HPAGE_PMD_ORDER
         self.nr_allocated += _NR
         return head
 
@@ -216,8 +246,10 @@ class PhysMem:
         become free small pages."""
         if self.flags[pfn] & PG_HEAD:
             nr = 1 << self.order[pfn]
-            for a in (self.ref, self.mapcount, self.flags, self.index, self.ino, self.order):
-                view(a)[pfn : pfn + nr] = 0
+            v = self.views()
+            for a in (v.ref, v.mapcount, v.flags, v.index, v.ino, v.order):
+                a[pfn : pfn + nr] = 0
+            del v
             self.entire.pop(pfn, None)
             if nr == _NR:
                 self._free_blocks.append(pfn)
@@ -439,9 +471,7 @@ class PageCache:
     def unlock_pages(self, pfns: np.ndarray) -> None:
         """:meth:`unlock` of every page of ``pfns`` (small pages, distinct), waking sleepers in
         that order."""
-        flags = view(self.mem.flags)
-        flags[pages(pfns)] &= ~PG_LOCKED & 0xFFFF
-        del flags
+        self.mem.views().flags[pages(pfns)] &= ~PG_LOCKED & 0xFFFF
         asleep = [key for key in self.waiting() if isinstance(key, tuple) and key[0] == "page"]
         if asleep:
             order = {pfn: i for i, pfn in enumerate(pfns.tolist())}
@@ -483,7 +513,8 @@ class PageCache:
         collapse_file's release of the pages it replaced, without a call per page."""
         mem = self.mem
         at = pages(pfns)
-        ref = view(mem.ref)
+        v = mem.views()
+        ref = v.ref
         left = ref[at] - n
         if np.count_nonzero(left < 0):
             bad = pfns[int(np.argmax(left < 0))]
@@ -494,14 +525,13 @@ class PageCache:
             at = freed
         else:
             freed = pfns  # all of them (a collapse's): the run, if they are one, stays one
-        del ref, left
         if not len(freed):
             return
         if self._lru_batch:
             # The freed are the batch's pages without a reference left (a live page has one).
             self._lru_batch[:] = [p for p in self._lru_batch if mem.ref[p]]
-        for a in (mem.mapcount, mem.flags, mem.index, mem.ino):
-            view(a)[at] = 0
+        for a in (v.mapcount, v.flags, v.index, v.ino):
+            a[at] = 0
         mem._free_small.frombytes(freed.astype(np.int64, copy=False).tobytes())
         mem.nr_allocated -= len(freed)
         if mem.pins:
@@ -515,25 +545,26 @@ class PageCache:
         if drops is not None:
             mem = self.mem
             pfns, deltas, at = drops
-            orders = view(mem.order)[at]
+            v = mem.views()
+            orders = v.order[at]
             heads = pfns
             if np.count_nonzero(orders):  # pages of large folios: their heads hold the references
                 heads = pfns & ~((np.int64(1) << orders.astype(np.int64)) - 1)
             distinct, sums = sum_by(heads, deltas)
-            ref = view(mem.ref)
+            ref = v.ref
             if distinct is pfns:  # each pfn once (its own head): a plain scatter adds as np.add.at
                 left = ref[at] + sums
                 if not np.count_nonzero(left <= 0):
-                    view(mem.mapcount)[at] += deltas
+                    v.mapcount[at] += deltas
                     ref[at] = left
                     return
             else:
                 left = ref[distinct] + sums
                 if not np.count_nonzero(left <= 0):
-                    np.add.at(view(mem.mapcount), pfns, deltas)
+                    np.add.at(v.mapcount, pfns, deltas)
                     ref[distinct] = left
                     return
-            del ref
+            del ref, v
         self.apply_rmap(delta.rows)
 
     def apply_rmap(self, rows: Iterable[m.RmapRow]) -> None:
@@ -643,8 +674,10 @@ class PageCache:
         one allocated at fault is clean until written, a collapsed one is ``dirty``."""
         mem = self.mem
         mem.flags[head] |= PG_UPTODATE | (PG_SWAPBACKED if f.shmem else 0) | (PG_DIRTY if dirty else 0)
-        view(mem.index)[head : head + _NR] = np.arange(start, start + _NR)
-        view(mem.ino)[head : head + _NR] = f.ino
+        v = mem.views()
+        v.index[head : head + _NR] = np.arange(start, start + _NR)
+        v.ino[head : head + _NR] = f.ino
+        del v
         assert not start & _MASK, f"a PMD-order folio at unaligned index {start}"
         chunk = f.chunks.get(start >> 9)
         if chunk is None:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from collapsed.fileops import file_name_problem
-from collapsed.pagecache import PG_ALLOCATED, File, pte_drops, sum_by, view
+from collapsed.pagecache import PG_ALLOCATED, File, pte_drops, sum_by
 from shared import messages as m
 from shared.errors import PeerError
 from shared.knobs import KnobError
@@ -189,7 +189,7 @@ def _rmap_delta(c: Collapser, msg: m.RmapDelta) -> None:
         pfns, deltas, at = drops
         if not np.count_nonzero((pfns <= 0) | (pfns >= n)):
             distinct, sums = sum_by(pfns, deltas)
-            if not np.count_nonzero(view(mapcount)[at if distinct is pfns else distinct] + sums < 0):
+            if not np.count_nonzero(mem.views().mapcount[at if distinct is pfns else distinct] + sums < 0):
                 return
     pte_held: dict[int, int] = {}
     pmd_held: dict[int, int] = {}
