@@ -550,7 +550,10 @@ class PageCache:
             heads = pfns
             if np.count_nonzero(orders):  # pages of large folios: their heads hold the references
                 heads = pfns & ~((np.int64(1) << orders.astype(np.int64)) - 1)
-            distinct, sums = sum_by(heads, deltas)
+            if heads is pfns and isinstance(at, slice):
+                distinct, sums = pfns, deltas  # one ascending run, so distinct already
+            else:
+                distinct, sums = sum_by(heads, deltas)
             ref = v.ref
             if distinct is pfns:  # each pfn once (its own head): a plain scatter adds as np.add.at
                 left = ref[at] + sums

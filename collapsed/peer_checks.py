@@ -187,9 +187,12 @@ def _rmap_delta(c: Collapser, msg: m.RmapDelta) -> None:
         # A zapped range: the counts only fall, so it is sound if each page's final count is.
         # Otherwise the rows below find the first bad one.
         pfns, deltas, at = drops
-        if not np.count_nonzero((pfns <= 0) | (pfns >= n)):
+        if isinstance(at, slice):  # one ascending run: within memory if its ends are; distinct
+            if 0 < at.start and at.stop <= n and not np.count_nonzero(mem.views().mapcount[at] + deltas < 0):
+                return
+        elif not np.count_nonzero((pfns <= 0) | (pfns >= n)):
             distinct, sums = sum_by(pfns, deltas)
-            if not np.count_nonzero(mem.views().mapcount[at if distinct is pfns else distinct] + sums < 0):
+            if not np.count_nonzero(mem.views().mapcount[distinct] + sums < 0):
                 return
     pte_held: dict[int, int] = {}
     pmd_held: dict[int, int] = {}
