@@ -4,7 +4,7 @@ and :class:`PageCache`, the part that owns them and the page operations every ot
 Per-page state is kept as parallel arrays indexed by pfn (a ``mem_map``), 35 bytes a page (8 more
 for its xarray slot) instead of a Python object per page. What works on a whole range at once
 (collapse_file and its scan, freeing the pages a collapse replaced, a long batch of rmap rows) does
-so through numpy views of these arrays (:func:`view`), never kept across a yield.
+so through numpy views of these arrays (:meth:`PhysMem.views`, kept until memory grows).
 
 Physical memory comes in 2 MiB blocks: a PMD-order compound page is one whole block, so its head
 is ``pfn & ~511`` and subpage ``i`` is ``head + i``, as in the kernel. Splitting a folio
@@ -186,6 +186,7 @@ class PhysMem:
         return views
 
     def forget_views(self) -> None:
+        """Drop the views: the arrays they show were replaced (a snapshot restored)."""
         self._views = None
 
     def _grow(self, blocks: int) -> None:
@@ -249,7 +250,6 @@ class PhysMem:
             v = self.views()
             for a in (v.ref, v.mapcount, v.flags, v.index, v.ino, v.order):
                 a[pfn : pfn + nr] = 0
-            del v
             self.entire.pop(pfn, None)
             if nr == _NR:
                 self._free_blocks.append(pfn)
@@ -567,7 +567,6 @@ class PageCache:
                     np.add.at(v.mapcount, pfns, deltas)
                     ref[distinct] = left
                     return
-            del ref, v
         self.apply_rmap(delta.rows)
 
     def apply_rmap(self, rows: Iterable[m.RmapRow]) -> None:
@@ -680,7 +679,6 @@ class PageCache:
         v = mem.views()
         v.index[head : head + _NR] = np.arange(start, start + _NR)
         v.ino[head : head + _NR] = f.ino
-        del v
         assert not start & _MASK, f"a PMD-order folio at unaligned index {start}"
         chunk = f.chunks.get(start >> 9)
         if chunk is None:
