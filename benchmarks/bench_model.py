@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from shared.protocol.framing import FrameDecoder, encode_message  # noqa: E402
 from shared.knobs import Knobs  # noqa: E402
-from shared.protocol.messages import LookupPage  # noqa: E402
+from shared.protocol.messages import LookupPage, Purpose  # noqa: E402
 from shared.sim.world import World  # noqa: E402
 from shared.units import HPAGE_PMD_SIZE, PAGE_SIZE  # noqa: E402
 
@@ -297,9 +297,9 @@ def bench_collapse(size: int, rounds: int = 2) -> None:
 
 
 def bench_framing(n: int = 200_000) -> None:
-    msg = LookupPage(1, 7, 123456, "map", False, True, False)
+    msg = LookupPage(1, 7, 123456, Purpose.MAP, False, True, False)
     t = time.process_time()
-    blob = b"".join(encode_message(LookupPage(i, 7, i, "map", False, True, False)) for i in range(n))
+    blob = b"".join(encode_message(LookupPage(i, 7, i, Purpose.MAP, False, True, False)) for i in range(n))
     enc = time.process_time() - t
     dec = FrameDecoder()
     t = time.process_time()
