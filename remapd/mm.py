@@ -48,8 +48,8 @@ ANON_PFN_BASE = 1 << 40
 
 # What a new PTE table copies: ``array("Q", bytes(4096))`` costs ~3 us (a bytes object built,
 # copied in and freed, the array over-allocated by its growth rule), a copy of this 0.2 us, and
-# a fault into a PMD range with no table (most of them, when faults spread over many processes)
-# pays it.
+# a fault into a PMD range with no table pays it (a third of the minor faults or more when
+# faults spread over many processes).
 _ZERO_PTES = array("Q", bytes(8 * HPAGE_PMD_NR))
 
 
