@@ -92,9 +92,36 @@ def _register(tag: str, cls: M) -> M:
     if not issubclass(cls, Message):
         raise TypeError(f"{cls.__name__} must subclass Message")
     made: Any = dataclasses.dataclass(frozen=True, slots=True)(cls)
+    made.__init__ = _slot_init(made)
     made.TAG = tag
     REGISTRY[tag] = made
     return typing.cast(M, made)
+
+
+def _slot_init(cls: Any) -> Callable[..., None]:
+    """An ``__init__`` for frozen slotted dataclass ``cls`` with the signature of the one
+    dataclasses made, that stores each field through its slot's descriptor. The dataclass's goes
+    through ``object.__setattr__`` per field (a frozen class's own ``__setattr__`` refuses), which
+    looks the name up in the class each time: an 11-field message cost ~7 us to build, every fault
+    builds two, and each operation one. The class stays frozen to everyone else: its
+    ``__setattr__``, ``__eq__``, ``__hash__``, ``__repr__`` and fields are the dataclass's."""
+    fields = dataclasses.fields(cls)
+    if any(not f.init or f.kw_only or f.default_factory is not dataclasses.MISSING for f in fields):
+        raise TypeError(f"{cls.__name__}: a message field is a plain positional one")
+    names = [f.name for f in fields]
+    # The setters and defaults are the closure of the generated function (cells, not globals).
+    env = {f"_set_{n}": cls.__dict__[n].__set__ for n in names}
+    env.update({f"_default_{f.name}": f.default for f in fields if f.default is not dataclasses.MISSING})
+    params = ", ".join(n if f"_default_{n}" not in env else f"{n}=_default_{n}" for n in names)
+    body = "".join(f"        _set_{n}(self, {n})\n" for n in names) or "        pass\n"
+    src = f"def make({', '.join(env)}):\n    def __init__(self, {params}) -> None:\n{body}    return __init__\n"
+    scope: dict[str, Any] = {}
+    exec(src, {}, scope)  # noqa: S102 -- generated from the field names alone, as dataclasses does
+    init: Callable[..., None] = scope["make"](**env)
+    init.__qualname__ = f"{cls.__qualname__}.__init__"
+    init.__module__ = cls.__module__
+    init.__annotations__ = dict(cls.__init__.__annotations__)
+    return init
 
 
 # -- client requests and their replies -----------------------------------------------------------
