@@ -116,7 +116,7 @@ def _slot_init(cls: Any) -> Callable[..., None]:
     body = "".join(f"        _set_{n}(self, {n})\n" for n in names) or "        pass\n"
     src = f"def make({', '.join(env)}):\n    def __init__(self, {params}) -> None:\n{body}    return __init__\n"
     scope: dict[str, Any] = {}
-    exec(src, {}, scope)  # noqa: S102 -- generated from the field names alone, as dataclasses does
+    exec(src, {}, scope)  # generated from the field names alone, as dataclasses does
     init: Callable[..., None] = scope["make"](**env)
     init.__qualname__ = f"{cls.__qualname__}.__init__"
     init.__module__ = cls.__module__
