@@ -91,11 +91,16 @@ class FaultPath:
 
     # -- page faults --------------------------------------------------------------------------
 
-    def fault(self, pid: int, addr: int, write: bool = False) -> Generator[Any, Any, dict[str, Any]]:
-        """One access, as an operation: ``{"result": ...}`` of :meth:`do_user_addr_fault`."""
+    def fault(self, pid: int, addr: int, write: bool = False) -> dict[str, Any] | Generator[Any, Any, dict[str, Any]]:
+        """One access, as an operation: ``{"result": ...}`` of :meth:`do_user_addr_fault`. A hit
+        (no fault: it changes nothing but ``pgfault``) is answered at once; anything else is a
+        task, which may wait."""
         mm = self.mms.get(pid)
         if mm is not None and self._hits(mm, addr, addr + 1, write, PAGE_SIZE):
             return {"result": "hit"}
+        return self._fault(pid, addr, write)
+
+    def _fault(self, pid: int, addr: int, write: bool) -> Generator[Any, Any, dict[str, Any]]:
         return {"result": (yield from self.do_user_addr_fault(pid, addr, write))}
 
     def _hits(self, mm: Mm, addr: int, end: int, write: bool, stride: int) -> int:
@@ -437,14 +442,27 @@ class FaultPath:
 
     def touch(
         self, pid: int, addr: int, length: int, write: bool = False, stride: int = PAGE_SIZE
-    ) -> Generator[Any, Any, dict[str, Any]]:
-        """Fault every ``stride`` bytes of [addr, addr+length); counts per outcome."""
+    ) -> dict[str, Any] | Generator[Any, Any, dict[str, Any]]:
+        """Fault every ``stride`` bytes of [addr, addr+length); counts per outcome. A touch whose
+        every access hits (changes nothing but ``pgfault``) is answered at once; otherwise the
+        rest, from its first access that does not, is a task, which may wait."""
         if stride <= 0 or length < 0:
             raise UserError("EINVAL", "stride must be positive and length non-negative")
         mm = find_mm(self.mms, pid)
         counts: dict[str, int] = {}  # not a Counter: its missing keys cost a Python call each
-        mms, hits = self.mms, self._hits
+        hits = self._hits
         a, end = addr, addr + length
+        while a < end and (n := hits(mm, a, end, write, stride)):
+            counts["hit"] = counts.get("hit", 0) + n
+            a += n * stride
+        if a >= end:
+            return counts
+        return self._touch(pid, mm, a, end, write, stride, counts)
+
+    def _touch(
+        self, pid: int, mm: Mm, a: int, end: int, write: bool, stride: int, counts: dict[str, int]
+    ) -> Generator[Any, Any, dict[str, Any]]:
+        mms, hits = self.mms, self._hits
         while a < end:
             if self.actor.cancelled():
                 raise UserError("ECANCELED", f"touch of process {pid} cancelled at {a:#x}: its caller went away")

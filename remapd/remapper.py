@@ -258,12 +258,12 @@ class Remapper(Actor):
     def munlock(self, pid: int, addr: int, length: int) -> Generator[Any, Any, dict[str, Any]]:
         return self.address_space.munlock(pid, addr, length)
 
-    def fault(self, pid: int, addr: int, write: bool = False) -> Generator[Any, Any, dict[str, Any]]:
+    def fault(self, pid: int, addr: int, write: bool = False) -> dict[str, Any] | Generator[Any, Any, dict[str, Any]]:
         return self.faults.fault(pid, addr, write)
 
     def touch(
         self, pid: int, addr: int, length: int, write: bool = False, stride: int = PAGE_SIZE
-    ) -> Generator[Any, Any, dict[str, Any]]:
+    ) -> dict[str, Any] | Generator[Any, Any, dict[str, Any]]:
         return self.faults.touch(pid, addr, length, write, stride)
 
     def pin(self, pid: int, addr: int) -> Generator[Any, Any, dict[str, Any]]:
