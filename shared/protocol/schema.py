@@ -108,20 +108,44 @@ def _slot_init(cls: Any) -> Callable[..., None]:
     fields = dataclasses.fields(cls)
     if any(not f.init or f.kw_only or f.default_factory is not dataclasses.MISSING for f in fields):
         raise TypeError(f"{cls.__name__}: a message field is a plain positional one")
-    names = [f.name for f in fields]
-    # The setters and defaults are the closure of the generated function (cells, not globals).
-    env = {f"_set_{n}": cls.__dict__[n].__set__ for n in names}
-    env.update({f"_default_{f.name}": f.default for f in fields if f.default is not dataclasses.MISSING})
-    params = ", ".join(n if f"_default_{n}" not in env else f"{n}=_default_{n}" for n in names)
-    body = "".join(f"        _set_{n}(self, {n})\n" for n in names) or "        pass\n"
-    src = f"def make({', '.join(env)}):\n    def __init__(self, {params}) -> None:\n{body}    return __init__\n"
-    scope: dict[str, Any] = {}
-    exec(src, {}, scope)  # generated from the field names alone, as dataclasses does
-    init: Callable[..., None] = scope["make"](**env)
-    init.__qualname__ = f"{cls.__qualname__}.__init__"
-    init.__module__ = cls.__module__
+    setters = {f"_set_{f.name}": cls.__dict__[f.name].__set__ for f in fields}
+    body = [f"_set_{f.name}(self, {f.name})" for f in fields] or ["pass"]
+    init = _generate(cls, "__init__", ["self"], fields, body, setters)
     init.__annotations__ = dict(cls.__init__.__annotations__)
     return init
+
+
+def _binder(cls: Any) -> Callable[..., tuple[Any, ...]]:
+    """A function with the parameters of request ``cls``'s constructor after ``id`` (their
+    defaults included) that returns the operation's arguments, as ``cls(id, ...).args()`` would,
+    without building the message."""
+    fields = dataclasses.fields(cls)[1:]
+    values = "".join(f"{f.name}, " for f in fields)
+    return _generate(cls, "bind", [], fields, [f"return ({values})"], {})
+
+
+def _generate(
+    cls: Any, name: str, first: list[str], fields: tuple[dataclasses.Field[Any], ...], body: list[str], env: dict[str, Any]
+) -> Any:
+    """The function ``name`` of ``cls`` with parameters ``first`` then one per field of ``fields``
+    (with its default), running ``body`` (lines), as dataclasses generates ``__init__``: from the
+    field names alone. ``env`` and the defaults are its closure (cells, not globals)."""
+    env = dict(env)
+    params = list(first)
+    for f in fields:
+        if f.default is dataclasses.MISSING:
+            params.append(f.name)
+        else:
+            env[f"_default_{f.name}"] = f.default
+            params.append(f"{f.name}=_default_{f.name}")
+    lines = "".join(f"        {line}\n" for line in body)
+    src = f"def make({', '.join(env)}):\n    def {name}({', '.join(params)}):\n{lines}    return {name}\n"
+    scope: dict[str, Any] = {}
+    exec(src, {}, scope)
+    fn = scope["make"](**env)
+    fn.__qualname__ = f"{cls.__qualname__}.{name}"
+    fn.__module__ = cls.__module__
+    return fn
 
 
 # -- client requests and their replies -----------------------------------------------------------
@@ -181,6 +205,9 @@ class Request(Message, Generic[R_co]):
     ARGS: ClassVar[tuple[str, ...]]
     # Their values, as one C call (every operation asks for them).
     _ARGS_OF: ClassVar[Callable[[Any], tuple[Any, ...]]]
+    # The same from the constructor's arguments after ``id``, without building the message (the
+    # in-process world without the codec: the request is only its arguments there).
+    BIND: ClassVar[Callable[..., tuple[Any, ...]]]
     id: int
 
     if TYPE_CHECKING:
@@ -222,6 +249,7 @@ def request(
             raise TypeError(f"{cls.__name__}: a request's first field is its id")
         made.ARGS = names[1:]
         made._ARGS_OF = staticmethod(_args_getter(made.ARGS))
+        made.BIND = staticmethod(_binder(made))
         name = tag.removeprefix("client.")
         made.OP = Op(
             name=name,
