@@ -463,15 +463,17 @@ class FaultPath:
         self, pid: int, mm: Mm, a: int, end: int, write: bool, stride: int, counts: dict[str, int]
     ) -> Generator[Any, Any, dict[str, Any]]:
         mms, hits = self.mms, self._hits
+        missed = True  # whether the access at ``a`` is known not to hit (touch() found so)
         while a < end:
             if self.actor.cancelled():
                 raise UserError("ECANCELED", f"touch of process {pid} cancelled at {a:#x}: its caller went away")
             # Accesses to what is mapped already are counted in runs, without a task step each;
             # the mm must still be the one the touch began with (the slow path looks it up).
-            if mms.get(pid) is mm and (n := hits(mm, a, end, write, stride)):
+            if not missed and mms.get(pid) is mm and (n := hits(mm, a, end, write, stride)):
                 counts["hit"] = counts.get("hit", 0) + n
                 a += n * stride
                 continue
+            missed = False
             if not write:
                 nxt, _ = yield from self.read_faults(mm, a, end, stride, counts)
                 if nxt != a:
