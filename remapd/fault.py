@@ -114,11 +114,12 @@ class FaultPath:
         lock = mm.lock
         if lock.writer or mm.exiting:
             return 0
-        vma = mm.find_vma(addr)
-        if vma is None or not vma.prot & PROT_READ or (write and not vma.prot & PROT_WRITE):
-            return 0
+        # The page table first: a PMD range with nothing in it (a cold fault's) needs no VMA.
         entry = mm.pmds.get(addr >> HPAGE_PMD_SHIFT)
         if entry is None:
+            return 0
+        vma = mm.find_vma(addr)
+        if vma is None or not vma.prot & PROT_READ or (write and not vma.prot & PROT_WRITE):
             return 0
         limit = min(end, vma.end, (addr | (HPAGE_PMD_SIZE - 1)) + 1)
         n = -(-(limit - addr) // stride)
