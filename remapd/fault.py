@@ -134,11 +134,12 @@ class FaultPath:
                 return 0
             if write or stride != PAGE_SIZE:
                 n = 1
-            else:
-                try:
-                    n = ptes.index(0, slot, slot + n) - slot
-                except ValueError:
-                    pass  # every PTE of the run is present
+            elif n > 1:
+                # The run ends at its first PTE not present. Tested before it is searched: most
+                # runs are all present, and a ValueError raised and caught costs ~1 us.
+                run = ptes[slot : slot + n]
+                if 0 in run:
+                    n = run.index(0)
         self.vm["pgfault"] += n
         return n
 
