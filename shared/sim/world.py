@@ -140,7 +140,9 @@ class World:
             value = finished[0]
         else:
             value = op
-            self.settle()
+            # A plain call (a hit) most often sent nothing: settle() would find nothing to do.
+            if self.collapser.outbox or self.remapper.outbox or not self.connected:
+                self.settle()
         if answer is not None:
             value = answer(value)
         if isinstance(value, UserError):
