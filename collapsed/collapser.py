@@ -382,14 +382,15 @@ class Collapser(Actor):
         locked page behind other faults ends the batch there."""
         mapped = set(msg.present)
         out: list[int] = []
-        done = 0
         ino, vm_hugepage, stop_at_sigbus = msg.ino, msg.vm_hugepage, msg.stop_at_sigbus
         faults = msg.faults
-        for pos in range(len(faults) // 4):
-            index, lo, hi, flags = faults[4 * pos : 4 * pos + 4]
-            done = pos + 1
+        done = len(faults) // 4  # unless the batch stops early
+        # Most faults of a touch find their page mapped by an earlier one's fault-around: only
+        # the index is read for them.
+        for pos, index in enumerate(faults[0::4]):
             if index in mapped:
                 continue
+            lo, hi, flags = faults[4 * pos + 1 : 4 * pos + 4]
             around: Sequence[int] = ()
             if hi - lo > 1:
                 around = list(filterfalse(mapped.__contains__, range(lo, hi)))
@@ -416,6 +417,7 @@ class Collapser(Actor):
             out += around_mapped
             # A large folio may be mapped whole; a fault that failed made no page table.
             if order or status == _NOMEM or (stop_at_sigbus and status == _SIGBUS):
+                done = pos + 1
                 break
             if status == _OK:
                 mapped.add(index)

@@ -91,11 +91,16 @@ class FaultPath:
 
     # -- page faults --------------------------------------------------------------------------
 
-    def fault(self, pid: int, addr: int, write: bool = False) -> Generator[Any, Any, dict[str, Any]]:
-        """One access, as an operation: ``{"result": ...}`` of :meth:`do_user_addr_fault`."""
+    def fault(self, pid: int, addr: int, write: bool = False) -> dict[str, Any] | Generator[Any, Any, dict[str, Any]]:
+        """One access, as an operation: ``{"result": ...}`` of :meth:`do_user_addr_fault`. A hit
+        (no fault: it changes nothing but ``pgfault``) is answered at once; anything else is a
+        task, which may wait."""
         mm = self.mms.get(pid)
         if mm is not None and self._hits(mm, addr, addr + 1, write, PAGE_SIZE):
             return {"result": "hit"}
+        return self._fault(pid, addr, write)
+
+    def _fault(self, pid: int, addr: int, write: bool) -> Generator[Any, Any, dict[str, Any]]:
         return {"result": (yield from self.do_user_addr_fault(pid, addr, write))}
 
     def _hits(self, mm: Mm, addr: int, end: int, write: bool, stride: int) -> int:
@@ -109,11 +114,12 @@ class FaultPath:
         lock = mm.lock
         if lock.writer or mm.exiting:
             return 0
-        vma = mm.find_vma(addr)
-        if vma is None or not vma.prot & PROT_READ or (write and not vma.prot & PROT_WRITE):
-            return 0
+        # The page table first: a PMD range with nothing in it (a cold fault's) needs no VMA.
         entry = mm.pmds.get(addr >> HPAGE_PMD_SHIFT)
         if entry is None:
+            return 0
+        vma = mm.find_vma(addr)
+        if vma is None or not vma.prot & PROT_READ or (write and not vma.prot & PROT_WRITE):
             return 0
         limit = min(end, vma.end, (addr | (HPAGE_PMD_SIZE - 1)) + 1)
         n = -(-(limit - addr) // stride)
@@ -128,11 +134,12 @@ class FaultPath:
                 return 0
             if write or stride != PAGE_SIZE:
                 n = 1
-            else:
-                try:
-                    n = ptes.index(0, slot, slot + n) - slot
-                except ValueError:
-                    pass  # every PTE of the run is present
+            elif n > 1:
+                # The run ends at its first PTE not present. Tested before it is searched: most
+                # runs are all present, and a ValueError raised and caught costs ~1 us.
+                run = ptes[slot : slot + n]
+                if 0 in run:
+                    n = run.index(0)
         self.vm["pgfault"] += n
         return n
 
@@ -437,23 +444,38 @@ class FaultPath:
 
     def touch(
         self, pid: int, addr: int, length: int, write: bool = False, stride: int = PAGE_SIZE
-    ) -> Generator[Any, Any, dict[str, Any]]:
-        """Fault every ``stride`` bytes of [addr, addr+length); counts per outcome."""
+    ) -> dict[str, Any] | Generator[Any, Any, dict[str, Any]]:
+        """Fault every ``stride`` bytes of [addr, addr+length); counts per outcome. A touch whose
+        every access hits (changes nothing but ``pgfault``) is answered at once; otherwise the
+        rest, from its first access that does not, is a task, which may wait."""
         if stride <= 0 or length < 0:
             raise UserError("EINVAL", "stride must be positive and length non-negative")
         mm = find_mm(self.mms, pid)
         counts: dict[str, int] = {}  # not a Counter: its missing keys cost a Python call each
-        mms, hits = self.mms, self._hits
+        hits = self._hits
         a, end = addr, addr + length
+        while a < end and (n := hits(mm, a, end, write, stride)):
+            counts["hit"] = counts.get("hit", 0) + n
+            a += n * stride
+        if a >= end:
+            return counts
+        return self._touch(pid, mm, a, end, write, stride, counts)
+
+    def _touch(
+        self, pid: int, mm: Mm, a: int, end: int, write: bool, stride: int, counts: dict[str, int]
+    ) -> Generator[Any, Any, dict[str, Any]]:
+        mms, hits = self.mms, self._hits
+        missed = True  # whether the access at ``a`` is known not to hit (touch() found so)
         while a < end:
             if self.actor.cancelled():
                 raise UserError("ECANCELED", f"touch of process {pid} cancelled at {a:#x}: its caller went away")
             # Accesses to what is mapped already are counted in runs, without a task step each;
             # the mm must still be the one the touch began with (the slow path looks it up).
-            if mms.get(pid) is mm and (n := hits(mm, a, end, write, stride)):
+            if not missed and mms.get(pid) is mm and (n := hits(mm, a, end, write, stride)):
                 counts["hit"] = counts.get("hit", 0) + n
                 a += n * stride
                 continue
+            missed = False
             if not write:
                 nxt, _ = yield from self.read_faults(mm, a, end, stride, counts)
                 if nxt != a:

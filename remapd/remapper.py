@@ -40,6 +40,8 @@ from shared.scan_result import ScanResult as R
 from shared.units import PAGE_SIZE
 
 PID_MAX = 4194304
+# Bound once: the classes of the replies every fault receives.
+_PAGE_ANSWER, _PAGE_ANSWERS = m.PageAnswer, m.PageAnswers
 
 # The kernel's vmstat events the remapper counts, and ours under a prefix the kernel never uses:
 # thpsplit_cow_fault counts copy-on-write copies (do_cow_fault, wp_page_copy), which the kernel
@@ -96,13 +98,17 @@ class Remapper(Actor):
         self.outbox.append(msg)
 
     def flush(self) -> None:
-        if self.rmap:
+        if self.rmap.pfns:  # its rows, read directly: every burst of task steps ends here
             self.outbox.append(self.rmap.take())
 
     # -- peer messages ------------------------------------------------------------------------
 
     def deliver(self, msg: Message) -> None:
-        if isinstance(msg, m.FileInfo):
+        if type(msg) is _PAGE_ANSWER or type(msg) is _PAGE_ANSWERS:
+            # The hot path, tested first: a fault's or a batch's answer, a reply like the others
+            # below (no request of the collapser's is either).
+            self.deliver_reply(msg.req, msg)
+        elif isinstance(msg, m.FileInfo):
             self.files.file_info(msg)
         elif isinstance(msg, m.UnmapMapping):
             self.address_space.unmap_mapping_range(msg)
@@ -258,12 +264,12 @@ class Remapper(Actor):
     def munlock(self, pid: int, addr: int, length: int) -> Generator[Any, Any, dict[str, Any]]:
         return self.address_space.munlock(pid, addr, length)
 
-    def fault(self, pid: int, addr: int, write: bool = False) -> Generator[Any, Any, dict[str, Any]]:
+    def fault(self, pid: int, addr: int, write: bool = False) -> dict[str, Any] | Generator[Any, Any, dict[str, Any]]:
         return self.faults.fault(pid, addr, write)
 
     def touch(
         self, pid: int, addr: int, length: int, write: bool = False, stride: int = PAGE_SIZE
-    ) -> Generator[Any, Any, dict[str, Any]]:
+    ) -> dict[str, Any] | Generator[Any, Any, dict[str, Any]]:
         return self.faults.touch(pid, addr, length, write, stride)
 
     def pin(self, pid: int, addr: int) -> Generator[Any, Any, dict[str, Any]]:

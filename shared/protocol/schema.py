@@ -92,9 +92,60 @@ def _register(tag: str, cls: M) -> M:
     if not issubclass(cls, Message):
         raise TypeError(f"{cls.__name__} must subclass Message")
     made: Any = dataclasses.dataclass(frozen=True, slots=True)(cls)
+    made.__init__ = _slot_init(made)
     made.TAG = tag
     REGISTRY[tag] = made
     return typing.cast(M, made)
+
+
+def _slot_init(cls: Any) -> Callable[..., None]:
+    """An ``__init__`` for frozen slotted dataclass ``cls`` with the signature of the one
+    dataclasses made, that stores each field through its slot's descriptor. The dataclass's goes
+    through ``object.__setattr__`` per field (a frozen class's own ``__setattr__`` refuses), which
+    looks the name up in the class each time: an 11-field message cost ~7 us to build, every fault
+    builds two, and each operation one. The class stays frozen to everyone else: its
+    ``__setattr__``, ``__eq__``, ``__hash__``, ``__repr__`` and fields are the dataclass's."""
+    fields = dataclasses.fields(cls)
+    if any(not f.init or f.kw_only or f.default_factory is not dataclasses.MISSING for f in fields):
+        raise TypeError(f"{cls.__name__}: a message field is a plain positional one")
+    setters = {f"_set_{f.name}": cls.__dict__[f.name].__set__ for f in fields}
+    body = [f"_set_{f.name}(self, {f.name})" for f in fields] or ["pass"]
+    init = _generate(cls, "__init__", ["self"], fields, body, setters)
+    init.__annotations__ = dict(cls.__init__.__annotations__)
+    return init
+
+
+def _binder(cls: Any) -> Callable[..., tuple[Any, ...]]:
+    """A function with the parameters of request ``cls``'s constructor after ``id`` (their
+    defaults included) that returns the operation's arguments, as ``cls(id, ...).args()`` would,
+    without building the message."""
+    fields = dataclasses.fields(cls)[1:]
+    values = "".join(f"{f.name}, " for f in fields)
+    return _generate(cls, "bind", [], fields, [f"return ({values})"], {})
+
+
+def _generate(
+    cls: Any, name: str, first: list[str], fields: tuple[dataclasses.Field[Any], ...], body: list[str], env: dict[str, Any]
+) -> Any:
+    """The function ``name`` of ``cls`` with parameters ``first`` then one per field of ``fields``
+    (with its default), running ``body`` (lines), as dataclasses generates ``__init__``: from the
+    field names alone. ``env`` and the defaults are its closure (cells, not globals)."""
+    env = dict(env)
+    params = list(first)
+    for f in fields:
+        if f.default is dataclasses.MISSING:
+            params.append(f.name)
+        else:
+            env[f"_default_{f.name}"] = f.default
+            params.append(f"{f.name}=_default_{f.name}")
+    lines = "".join(f"        {line}\n" for line in body)
+    src = f"def make({', '.join(env)}):\n    def {name}({', '.join(params)}):\n{lines}    return {name}\n"
+    scope: dict[str, Any] = {}
+    exec(src, {}, scope)
+    fn = scope["make"](**env)
+    fn.__qualname__ = f"{cls.__qualname__}.{name}"
+    fn.__module__ = cls.__module__
+    return fn
 
 
 # -- client requests and their replies -----------------------------------------------------------
@@ -154,6 +205,9 @@ class Request(Message, Generic[R_co]):
     ARGS: ClassVar[tuple[str, ...]]
     # Their values, as one C call (every operation asks for them).
     _ARGS_OF: ClassVar[Callable[[Any], tuple[Any, ...]]]
+    # The same from the constructor's arguments after ``id``, without building the message (the
+    # in-process world without the codec: the request is only its arguments there).
+    BIND: ClassVar[Callable[..., tuple[Any, ...]]]
     id: int
 
     if TYPE_CHECKING:
@@ -195,6 +249,7 @@ def request(
             raise TypeError(f"{cls.__name__}: a request's first field is its id")
         made.ARGS = names[1:]
         made._ARGS_OF = staticmethod(_args_getter(made.ARGS))
+        made.BIND = staticmethod(_binder(made))
         name = tag.removeprefix("client.")
         made.OP = Op(
             name=name,

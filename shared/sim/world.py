@@ -140,7 +140,9 @@ class World:
             value = finished[0]
         else:
             value = op
-            self.settle()
+            # A plain call (a hit) most often sent nothing: settle() would find nothing to do.
+            if self.collapser.outbox or self.remapper.outbox or not self.connected:
+                self.settle()
         if answer is not None:
             value = answer(value)
         if isinstance(value, UserError):
@@ -276,12 +278,6 @@ class World:
 
         return answer
 
-    def _operate(self, cls: type[Request[Any]], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        op = cls.OP
-        actor = self.collapser if op.served_by[0] == COLLAPSED else self.remapper
-        result = self.perform(self.request(cls, *args, **kwargs), actor, waits=op.waits)
-        return result[op.unwrap] if op.unwrap is not None else result
-
     # -- the operations the tables cannot derive ------------------------------------------------
 
     def uprobe(self, action: str, name: str, offset: int) -> dict[str, Any]:
@@ -317,10 +313,21 @@ def _operation(cls: type[Request[Any]]) -> Callable[..., Any]:
     """The World method of an operation served by one actor: the request's fields are its
     parameters."""
 
-    def operation(self: World, *args: Any, **kwargs: Any) -> Any:
-        return self._operate(cls, args, kwargs)
-
     op = cls.OP
+    collapsed, run, unwrap, waits, bind = op.served_by[0] == COLLAPSED, op.run or "", op.unwrap, op.waits, cls.BIND
+
+    def operation(self: World, *args: Any, **kwargs: Any) -> Any:
+        actor = self.collapser if collapsed else self.remapper
+        if self.codec:
+            result = self.perform(self.request(cls, *args, **kwargs), actor, waits=waits)
+        else:
+            # Without the codec the request is only its arguments (perform() with no answer to
+            # make): bound as its constructor binds them, its id drawn, no message built.
+            next(self._ids)
+            value = resolve(actor, run)(*bind(*args, **kwargs))
+            result = self.start(actor, value) if waits else self.call(actor, value)
+        return result[unwrap] if unwrap is not None else result
+
     fields = dataclasses.fields(typing.cast(Any, cls))[1:]
     params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)] + [
         inspect.Parameter(
