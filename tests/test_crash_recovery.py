@@ -137,10 +137,15 @@ class Workload:
         for name, shmem in FILES:
             await self._try(s, m.FileCreate, name=name, size=4 * MB, shmem=shmem)
         for pid in PIDS:
+            have: set[int] = set()
             if await self._try(s, m.ProcSpawn, pid=pid) is None:
-                continue  # it survived: its mappings too
+                # It survived, with the mappings the restored snapshot held: a kill between
+                # the spawn and the last mmap (or before the snapshot that had them) loses some.
+                have = {row["start"] for row in await self._try(s, m.Smaps, pid=pid) or ()}
             for i, (name, shmem) in enumerate(FILES):
                 addr = 0x40000000 + (pid * 4 + i) * 8 * MB
+                if addr in have:
+                    continue
                 await self._try(s, m.Mmap, pid=pid, addr=addr, length=4 * MB, name=name, prot="rx" if name == "lib" else "rw", shared=name != "lib")
                 await self._try(s, m.Madvise, pid=pid, addr=addr, length=4 * MB, advice="hugepage")
 
