@@ -36,6 +36,8 @@ import struct
 import types
 import typing
 from collections.abc import Callable
+from itertools import compress
+from operator import is_not
 from typing import Any
 
 from shared.clip import quote
@@ -446,6 +448,11 @@ class _Schema:
     # (name, encoder) of the fields whose values are converted or checked when sent.
     encoders: tuple[tuple[str, _Encode], ...]
     required: tuple[str, ...]
+    # Per field, in ``names`` order: the type a value is taken unchanged with (None: always
+    # checked), and its check; what from_wire's path for a message sent whole and in order uses.
+    exacts: tuple[type | None, ...]
+    checks: tuple[_Check, ...]
+    positions: range
 
 
 _SCHEMAS: dict[type, _Schema] = {}
@@ -480,7 +487,9 @@ def _build_schema(cls: type) -> _Schema:
     names = tuple(codecs)
     getter = operator.attrgetter(*names)
     values = getter if len(names) > 1 else lambda msg: (getter(msg),)
-    return _Schema(cls, cls.TAG, names, values, codecs, encoders, required)
+    exacts = tuple(codecs[name].exact for name in names)
+    checks = tuple(codecs[name].check for name in names)
+    return _Schema(cls, cls.TAG, names, values, codecs, encoders, required, exacts, checks, range(len(names)))
 
 
 # --- public API ------------------------------------------------------------------------------
@@ -514,6 +523,20 @@ def from_wire(obj: Any) -> Message:
     schema = _SCHEMAS.get(cls) or _schema(cls)
     if type(fields) is not dict:
         raise ProtocolError(f"{tag}: fields must be a map, got {_type_name(fields)}")
+    names = schema.names
+    if len(fields) == len(names) and tuple(fields) == names:
+        # Every field, in declaration order: what to_wire sends. Only the values that are not
+        # of their field's exact type are checked, picked in C, and the message is built
+        # from positions (no keyword dictionary).
+        args = list(fields.values())
+        checks = schema.checks
+        for i in compress(schema.positions, map(is_not, map(type, args), schema.exacts)):
+            try:
+                args[i] = checks[i](args[i])
+            except _Invalid as err:
+                where = "".join(reversed(err.path))
+                raise ProtocolError(f"{tag}: field {names[i]!r}{where}: {err.reason}") from None
+        return schema.cls(*args)
     codecs = schema.codecs
     if not fields.keys() <= codecs.keys():
         unknown = next(name for name in fields if name not in codecs)

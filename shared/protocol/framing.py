@@ -51,6 +51,9 @@ MAX_STR = 1024 * 1024
 MAX_CONTAINERS = 2 * 65536
 
 _HEADER = struct.Struct(">I")
+# Frames up to this size are decoded from a copy of their bytes, larger ones through a view of
+# the buffer. Below MAX_CONTAINERS: such a frame cannot hold more arrays and maps than allowed.
+_COPY_BYTES = 16 * 1024
 # A frame of many messages (encode_batch): what each may weigh and how many it holds; 256 bodies
 # of at most 4 KiB stay far below MAX_FRAME_BYTES and MAX_CONTAINERS.
 MAX_BATCHED_BODY = 4096
@@ -262,20 +265,32 @@ class FrameDecoder:
         try:
             # A frame of n bytes holds at most n arrays and maps: only a larger one needs them
             # counted as they are decoded.
-            budget = _ContainerBudget() if length > MAX_CONTAINERS else None
-            # The views must be released before feed() resizes the buffer.
-            with memoryview(buffer) as view, view[start + _HEADER.size : end] as body:
+            if length <= _COPY_BYTES:
+                # A small frame is copied out: cheaper than a view of the buffer and its release.
                 obj = msgpack.unpackb(
-                    body,
+                    buffer[start + _HEADER.size : end],
                     raw=False,
                     strict_map_key=True,
                     max_str_len=MAX_STR,
                     max_bin_len=MAX_STR,
                     max_array_len=MAX_ITEMS,
                     max_map_len=MAX_ITEMS,
-                    list_hook=budget,
-                    object_hook=budget,
                 )
+            else:
+                budget = _ContainerBudget() if length > MAX_CONTAINERS else None
+                # The views must be released before feed() resizes the buffer.
+                with memoryview(buffer) as view, view[start + _HEADER.size : end] as body:
+                    obj = msgpack.unpackb(
+                        body,
+                        raw=False,
+                        strict_map_key=True,
+                        max_str_len=MAX_STR,
+                        max_bin_len=MAX_STR,
+                        max_array_len=MAX_ITEMS,
+                        max_map_len=MAX_ITEMS,
+                        list_hook=budget,
+                        object_hook=budget,
+                    )
         except _TooManyContainers:
             raise self._poison(f"frame holds more than {MAX_CONTAINERS} arrays and maps") from None
         except msgpack.ExtraData as exc:

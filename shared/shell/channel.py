@@ -172,9 +172,10 @@ class Channel:
 
     def _send_bytes_nowait(self, data: bytes) -> bool:
         self._check_open()
-        data = self._write_if_idle(data)
-        if not data:
-            return True
+        if self.idle():
+            data = data[self._write_now(data) :]
+            if not data:
+                return True
         try:
             self._out_send.send_nowait(data)
         except trio.WouldBlock:
@@ -272,7 +273,8 @@ class Channel:
                     "ENOBUFS",
                 )
             self._decoder.feed(data)
-            self._charge()
+            if budget is not None:
+                self._charge()
 
     def receive_nowait(self) -> Message | None:
         """The next message if it has already been read from the stream, else None.
@@ -287,7 +289,8 @@ class Channel:
             if obj is None:
                 return None
             self._partial_since = None
-            self._charge()
+            if self._budget is not None:
+                self._charge()
             return from_wire(obj)
         except ProtocolError as err:
             self._failed = True
@@ -297,7 +300,7 @@ class Channel:
     async def _read(self) -> bytes | bytearray:
         """The next bytes from the stream (b"" at its end), within the read timeout once a frame
         has begun."""
-        if self._decoder.buffered() and self._read_timeout is not None:
+        if self._read_timeout is not None and self._decoder.buffered():
             if self._partial_since is None:
                 self._partial_since = trio.current_time()
             with trio.move_on_at(self._partial_since + self._read_timeout):

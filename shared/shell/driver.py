@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Awaitable, Callable, Generator
+from types import GeneratorType
 from typing import Any, Protocol
 
 import trio
@@ -87,7 +88,10 @@ class Driver:
         self.held = False
         self.clients = 0
         self.active_requests = 0
-        self._t0 = trio.current_time()
+        # The run's clock, read directly: trio.current_time() is three Python calls, and every
+        # event reads the time.
+        self._time = trio.lowlevel.current_clock().current_time
+        self._t0 = self._time()
         # What changed() waits on; made by the first waiter, so that an event nobody waits for
         # costs no trio.Event.
         self._tick: trio.Event | None = None
@@ -102,10 +106,10 @@ class Driver:
     # -- time ---------------------------------------------------------------------------------
 
     def now_ms(self) -> float:
-        return (trio.current_time() - self._t0) * 1000.0
+        return (self._time() - self._t0) * 1000.0
 
     def uptime_s(self) -> float:
-        return trio.current_time() - self._t0
+        return self._time() - self._t0
 
     def status(self) -> dict[str, Any]:
         """What ``thpctl status`` shows of any daemon; each adds its own model's figures."""
@@ -134,7 +138,7 @@ class Driver:
             PeerError: the core refuses the message; it is left as it was, and the caller must
             close the peer connection. A bug in the core is logged, not raised.
         """
-        self.guard(self.core.advance, self.now_ms())
+        self.advance_now()
         try:
             self.core.deliver(msg)
         except PeerError:
@@ -153,6 +157,17 @@ class Driver:
         except Exception as exc:
             log.exception("model_error", call=getattr(fn, "__qualname__", repr(fn)))
             return exc
+
+    def advance_now(self) -> None:
+        """Move the core's clock to now: ``guard(core.advance, now_ms())`` in one Python call,
+        as every event does it first."""
+        core = self.core
+        try:
+            core.advance((self._time() - self._t0) * 1000.0)
+        except UserError:
+            raise
+        except Exception:
+            log.exception("model_error", call=core.advance.__qualname__)
 
     def settle(self, from_clock: bool = False) -> None:
         """After every event: answer what cannot be sent, wake the pump, the clock, the waiters."""
@@ -217,12 +232,16 @@ class Driver:
         """Run ``fn(*args)`` on the core now; a generator becomes a core task. Errors (UserError,
         or a bug logged as EIO) become the job's result."""
         job = Job(self.mark(), self.barrier_after, self.needs_barrier, self._finished.append)
-        self.guard(self.core.advance, self.now_ms())
+        self.advance_now()
+        # guard() written out: one Python call fewer on every request's path.
         try:
-            value = self.guard(fn, *args)
+            value = fn(*args)
         except UserError as err:
             value = err
-        if isinstance(value, Generator):
+        except Exception as exc:
+            log.exception("model_error", call=getattr(fn, "__qualname__", repr(fn)))
+            value = exc
+        if type(value) is GeneratorType:  # a core operation that waits (a generator function)
             task = self.guard(self.core.spawn, value, job.set, getattr(fn, "__name__", ""))
             if isinstance(task, Exception):
                 if not job.finished:
