@@ -10,6 +10,7 @@ memory is committed to it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import struct
 from collections import deque
 from typing import Any
@@ -51,6 +52,16 @@ MAX_STR = 1024 * 1024
 MAX_CONTAINERS = 2 * 65536
 
 _HEADER = struct.Struct(">I")
+# msgpack's decoder with the limits above: strings as str, only str/int map keys.
+_unpackb = functools.partial(
+    msgpack.unpackb,
+    raw=False,
+    strict_map_key=True,
+    max_str_len=MAX_STR,
+    max_bin_len=MAX_STR,
+    max_array_len=MAX_ITEMS,
+    max_map_len=MAX_ITEMS,
+)
 # Frames up to this size are decoded from a copy of their bytes, larger ones through a view of
 # the buffer. Below MAX_CONTAINERS: such a frame cannot hold more arrays and maps than allowed.
 _COPY_BYTES = 16 * 1024
@@ -267,30 +278,12 @@ class FrameDecoder:
             # counted as they are decoded.
             if length <= _COPY_BYTES:
                 # A small frame is copied out: cheaper than a view of the buffer and its release.
-                obj = msgpack.unpackb(
-                    buffer[start + _HEADER.size : end],
-                    raw=False,
-                    strict_map_key=True,
-                    max_str_len=MAX_STR,
-                    max_bin_len=MAX_STR,
-                    max_array_len=MAX_ITEMS,
-                    max_map_len=MAX_ITEMS,
-                )
+                obj = _unpackb(buffer[start + _HEADER.size : end])
             else:
                 budget = _ContainerBudget() if length > MAX_CONTAINERS else None
                 # The views must be released before feed() resizes the buffer.
                 with memoryview(buffer) as view, view[start + _HEADER.size : end] as body:
-                    obj = msgpack.unpackb(
-                        body,
-                        raw=False,
-                        strict_map_key=True,
-                        max_str_len=MAX_STR,
-                        max_bin_len=MAX_STR,
-                        max_array_len=MAX_ITEMS,
-                        max_map_len=MAX_ITEMS,
-                        list_hook=budget,
-                        object_hook=budget,
-                    )
+                    obj = _unpackb(body, list_hook=budget, object_hook=budget)
         except _TooManyContainers:
             raise self._poison(f"frame holds more than {MAX_CONTAINERS} arrays and maps") from None
         except msgpack.ExtraData as exc:
