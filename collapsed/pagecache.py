@@ -4,7 +4,7 @@ and :class:`PageCache`, the part that owns them and the page operations every ot
 Per-page state is kept as parallel arrays indexed by pfn (a ``mem_map``), 35 bytes a page (8 more
 for its xarray slot) instead of a Python object per page. What works on a whole range at once
 (collapse_file and its scan, freeing the pages a collapse replaced, a long batch of rmap rows) does
-so through numpy views of these arrays (:meth:`PhysMem.views`, made per use).
+so through numpy views of these arrays (:meth:`PhysMem.views`, kept until memory grows).
 
 Physical memory comes in 2 MiB blocks: a PMD-order compound page is one whole block, so its head
 is ``pfn & ~511`` and subpage ``i`` is ``head + i``, as in the kernel. Splitting a folio
@@ -136,39 +136,16 @@ _MASK = _NR - 1
 HPAGE_PMD_ORDER = 9
 
 
+@dataclass(frozen=True, slots=True)
 class PageViews:
-    """numpy views of :class:`PhysMem`'s per-page arrays (:meth:`PhysMem.views`), each made
-    when it is read. Not kept: an array that exports a view cannot grow (``PhysMem._grow``), and
-    a kept view, anywhere, would fail the next allocation that needs a new block."""
+    """numpy views of :class:`PhysMem`'s per-page arrays (:meth:`PhysMem.views`)."""
 
-    __slots__ = ("_mem",)
-
-    def __init__(self, mem: PhysMem) -> None:
-        self._mem = mem
-
-    @property
-    def ref(self) -> np.ndarray:
-        return view(self._mem.ref)
-
-    @property
-    def mapcount(self) -> np.ndarray:
-        return view(self._mem.mapcount)
-
-    @property
-    def flags(self) -> np.ndarray:
-        return view(self._mem.flags)
-
-    @property
-    def index(self) -> np.ndarray:
-        return view(self._mem.index)
-
-    @property
-    def ino(self) -> np.ndarray:
-        return view(self._mem.ino)
-
-    @property
-    def order(self) -> np.ndarray:
-        return view(self._mem.order)
+    ref: np.ndarray
+    mapcount: np.ndarray
+    flags: np.ndarray
+    index: np.ndarray
+    ino: np.ndarray
+    order: np.ndarray
 
 
 class PhysMem:
@@ -183,6 +160,7 @@ class PhysMem:
         self.index = array("q")
         self.ino = array("l")  # owning file; 0 when none
         self.order = array("B")  # folio order, in every page of a large folio; 0 for a small page
+        self._views: PageViews | None = None
         self.entire: dict[int, int] = {}  # head pfn -> PMD mappings (entire_mapcount)
         self.pins: dict[int, int] = {}  # head pfn -> GUP pins (also counted in ref)
         # Free small pages, taken from the end: an array, so a collapse's 512 go back in one copy.
@@ -196,10 +174,23 @@ class PhysMem:
         self.nr_allocated = 0
 
     def views(self) -> PageViews:
-        """numpy views of the per-page arrays, each made when read (:class:`PageViews`)."""
-        return PageViews(self)
+        """numpy views of the per-page arrays, made once and kept until memory grows (an array
+        that exports a view cannot grow: :meth:`_grow` drops them first, and whoever replaces
+        the arrays, :meth:`forget_views`). A caller's own reference to one must not outlive an
+        allocation, as with :func:`view`."""
+        views = self._views
+        if views is None:
+            views = self._views = PageViews(
+                *(view(a) for a in (self.ref, self.mapcount, self.flags, self.index, self.ino, self.order))
+            )
+        return views
+
+    def forget_views(self) -> None:
+        """Drop the views: the arrays they show were replaced (a snapshot restored)."""
+        self._views = None
 
     def _grow(self, blocks: int) -> None:
+        self._views = None
         for a in (self.ref, self.mapcount, self.flags, self.index, self.ino, self.order):
             a.frombytes(_ZERO_BLOCK[a.typecode] * blocks)
 
