@@ -175,10 +175,7 @@ class Collapser(Actor):
             changed nothing, and the connection to that remapper must be closed.
         """
         peer_checks.check(self, msg)
-        if type(msg) in peer_checks.REPLIES:
-            # A reply to one of our requests (collapse_file's two), ahead of the kinds below.
-            self.deliver_reply(msg.req, msg)  # type: ignore[attr-defined]  # every reply has one
-        elif isinstance(msg, m.LookupPage):
+        if isinstance(msg, m.LookupPage):
             if self.lookup_page(msg) is not None:
                 self.spawn(self._after_unlock(partial(self.lookup_page, msg)), name="lookup")
         elif isinstance(msg, m.LookupPages):

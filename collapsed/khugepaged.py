@@ -29,7 +29,6 @@ from collapsed.pagecache import (
     PG_WRITEBACK,
     File,
     PageCache,
-    pages,
     view,
 )
 from shared import messages as m
@@ -74,7 +73,6 @@ class Ready(NamedTuple):
     :meth:`Khugepaged._scan_range` found them."""
 
     pfns: np.ndarray  # in index order
-    at: slice | np.ndarray  # pfns as an index (pagecache.pages)
     flags: np.ndarray  # theirs, and their refcounts, before the isolation
     refs: np.ndarray
     mapped: np.ndarray  # those mapped with a PTE: try_to_unmap's work
@@ -346,9 +344,7 @@ class Khugepaged:
             pfns = values[present]
         del values
         mem = self.cache.mem
-        at = pages(pfns)
-        v = mem.views()
-        flags = v.flags[at].copy()  # kept, and memory may grow before it is used
+        flags = view(mem.flags)[pfns]
         # The scan's checks of the flags (small pages on the LRU) and, for a range without a
         # hole, collapse_file's of each locked page (not locked by another, PG_uptodate, neither
         # dirty nor under writeback but for shmem) in one pass; the scan's alone if that fails.
@@ -357,23 +353,24 @@ class Khugepaged:
         isolable = n == HPAGE_PMD_NR and not np.count_nonzero((flags & (refuse | need)) != need)
         if not isolable and np.count_nonzero((flags & (PG_HEAD | PG_TAIL | PG_LRU)) != PG_LRU):
             return None
-        refs = v.ref[at].copy()
-        maps = v.mapcount[at]
+        refs = view(mem.ref)[pfns]
+        maps = view(mem.mapcount)[pfns]
         if np.count_nonzero(refs != maps + 1):
             return None
         last = int(pfns[-1])
         # The isolation's last check: every page still this file's.
-        if not isolable or np.count_nonzero(v.ino[at] != f.ino):
+        if not isolable or np.count_nonzero(view(mem.ino)[pfns] != f.ino):
             return n, last, None
-        return n, last, Ready(pfns, at, flags, refs, pfns[maps != 0])
+        return n, last, Ready(pfns, flags, refs, pfns[maps != 0])
 
     def _isolate(self, ready: Ready) -> np.ndarray:
         """collapse_file's page loop for a range :meth:`_scan_range` found ready: lock, isolate
         from the LRU and take the two references of all 512 pages at once."""
-        v = self.cache.mem.views()
-        v.flags[ready.at] = (ready.flags | PG_LOCKED) & (~PG_LRU & 0xFFFF)
-        v.ref[ready.at] = ready.refs + 2
-        return ready.pfns
+        mem = self.cache.mem
+        pfns = ready.pfns
+        view(mem.flags)[pfns] = (ready.flags | PG_LOCKED) & (~PG_LRU & 0xFFFF)
+        view(mem.ref)[pfns] = ready.refs + 2
+        return pfns
 
     def _count(self, result: R) -> None:
         self.results[result.name] = self.results.get(result.name, 0) + 1
@@ -499,7 +496,7 @@ class Khugepaged:
                 yield from self.fileops.unmap_range(f, start, end, mapped, even_cows=False)
             # Only the cache's references and ours (the "2 +") are left on each folio.
             if ready is not None:
-                refs_ok = not np.count_nonzero(mem.views().ref[ready.at] != 3)
+                refs_ok = not np.count_nonzero(view(mem.ref)[pfns] != 3)
             else:
                 refs_ok = all(mem.ref[p] == 2 + mem.folio_nr(p) for p in pagelist)
             if not refs_ok:
@@ -530,10 +527,10 @@ class Khugepaged:
             for p in pagelist:
                 nr = mem.folio_nr(p)
                 f.nrpages -= nr
-                mem.views().ino[p : p + nr] = 0
+                view(mem.ino)[p : p + nr] = 0
         else:
             f.nrpages -= len(pfns)
-            mem.views().ino[pfns if ready is None else ready.at] = 0
+            view(mem.ino)[pfns] = 0
         mem.ref[new] = 1
         cache.add_huge_page(f, start, new, dirty=f.shmem)  # collapse_file: folio_mark_dirty for shmem
         if large:

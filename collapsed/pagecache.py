@@ -4,7 +4,7 @@ and :class:`PageCache`, the part that owns them and the page operations every ot
 Per-page state is kept as parallel arrays indexed by pfn (a ``mem_map``), 35 bytes a page (8 more
 for its xarray slot) instead of a Python object per page. What works on a whole range at once
 (collapse_file and its scan, freeing the pages a collapse replaced, a long batch of rmap rows) does
-so through numpy views of these arrays (:meth:`PhysMem.views`, kept until memory grows).
+so through numpy views of these arrays (:func:`view`), never kept across a yield.
 
 Physical memory comes in 2 MiB blocks: a PMD-order compound page is one whole block, so its head
 is ``pfn & ~511`` and subpage ``i`` is ``head + i``, as in the kernel. Splitting a folio
@@ -57,42 +57,20 @@ PG_READAHEAD = 1 << 10
 LRU_BATCH = 15
 
 
-# The numpy type of each per-page array's (and an xarray chunk's) type code, made once: frombuffer
-# given the code parses it each time.
-_DTYPE = {code: np.dtype(code) for code in "lHqB"}
-
-
 def view(a: array) -> np.ndarray:
     """A numpy view of a per-page array, for operations on a whole 512-page range at once.
     Never kept across a yield: an array that exports a view cannot grow (``PhysMem._grow``)."""
-    return np.frombuffer(a, dtype=_DTYPE[a.typecode])
-
-
-# Offsets 0..511: pages() compares a range's pfns with its first pfn plus these.
-_RUN = np.arange(HPAGE_PMD_NR, dtype=np.int64)
-
-
-def pages(pfns: np.ndarray) -> slice | np.ndarray:
-    """``pfns`` (int64) as an index into the per-page arrays: a slice when they are one ascending
-    run of at most 512 (a range's pages, allocated one after the other, most often), where a
-    gather or a scatter is a copy rather than a lookup per page; ``pfns`` itself otherwise.
-    Gathered through a slice, the pages' values are a view: copy what is kept."""
-    n = len(pfns)
-    if 0 < n <= HPAGE_PMD_NR:
-        first = int(pfns[0])
-        if int(pfns[-1]) - first == n - 1 and not np.count_nonzero(pfns != _RUN[:n] + first):
-            return slice(first, first + n)
-    return pfns
+    return np.frombuffer(a, dtype=a.typecode)
 
 
 # One block's worth of zeros for each per-page array's type: what a new block starts as.
-_ZERO_BLOCK = {code: bytes(array(code).itemsize * HPAGE_PMD_NR) for code in "lHqB"}
+_ZERO_BLOCK = {code: array(code, bytes(array(code).itemsize * HPAGE_PMD_NR)) for code in "lHqB"}
 
 # A batch of rmap rows at least this long is applied (and checked) with array operations.
 BULK_ROWS = 16
 
 
-Drops = tuple[np.ndarray, np.ndarray, slice | np.ndarray] | None
+Drops = tuple[np.ndarray, np.ndarray] | None
 # The last message pte_drops() looked at and its answer: the peer check and the accounting of one
 # RmapDelta ask about it one after the other (the message is kept alive here, so its identity
 # cannot be taken by another).
@@ -100,11 +78,11 @@ _last_drops: tuple[m.RmapDelta | None, Drops] = (None, None)
 
 
 def pte_drops(delta: m.RmapDelta) -> Drops:
-    """(pfns, PTE deltas, pfns as an index) of a long :class:`~shared.messages.RmapDelta` that
-    only drops PTE mappings (a zapped range: munmap, try_to_unmap, exit): a read-only view of
-    its pfns, the deltas as int64 (``np.add.at`` into the int64 mapcounts with int32 deltas is
-    ~25x slower) and :func:`pages` of the pfns (an index only once they are checked: a slice
-    would take a negative pfn from the end); None for anything else, which goes row by row."""
+    """(pfns, PTE deltas) of a long :class:`~shared.messages.RmapDelta` that only drops PTE
+    mappings (a zapped range: munmap, try_to_unmap, exit): a read-only view of its pfns and
+    the deltas as int64 (``np.add.at`` into the int64 mapcounts with int32 deltas is ~25x
+    slower);
+    None for anything else, which goes row by row."""
     global _last_drops
     if delta.pmds or delta.pins or not delta.ptes or delta.nrows < BULK_ROWS:
         return None
@@ -113,8 +91,7 @@ def pte_drops(delta: m.RmapDelta) -> Drops:
     ptes = np.frombuffer(delta.ptes, dtype=np.dtype(m.RMAP_DELTA))
     drops = None
     if not np.count_nonzero(ptes >= 0):
-        pfns = np.frombuffer(delta.pfns, dtype=np.dtype(m.RMAP_PFN))
-        drops = pfns, ptes.astype(np.int64), pages(pfns)
+        drops = np.frombuffer(delta.pfns, dtype=np.dtype(m.RMAP_PFN)), ptes.astype(np.int64)
     _last_drops = delta, drops
     return drops
 
@@ -136,18 +113,6 @@ _MASK = _NR - 1
 HPAGE_PMD_ORDER = 9
 
 
-@dataclass(frozen=True, slots=True)
-class PageViews:
-    """numpy views of :class:`PhysMem`'s per-page arrays (:meth:`PhysMem.views`)."""
-
-    ref: np.ndarray
-    mapcount: np.ndarray
-    flags: np.ndarray
-    index: np.ndarray
-    ino: np.ndarray
-    order: np.ndarray
-
-
 class PhysMem:
     """``mem_map`` plus the allocator. Refcount lives on the head of a compound page."""
 
@@ -160,7 +125,6 @@ class PhysMem:
         self.index = array("q")
         self.ino = array("l")  # owning file; 0 when none
         self.order = array("B")  # folio order, in every page of a large folio; 0 for a small page
-        self._views: PageViews | None = None
         self.entire: dict[int, int] = {}  # head pfn -> PMD mappings (entire_mapcount)
         self.pins: dict[int, int] = {}  # head pfn -> GUP pins (also counted in ref)
         # Free small pages, taken from the end: an array, so a collapse's 512 go back in one copy.
@@ -173,26 +137,11 @@ class PhysMem:
         self._rng = random.Random(seed)
         self.nr_allocated = 0
 
-    def views(self) -> PageViews:
-        """numpy views of the per-page arrays, made once and kept until memory grows (an array
-        that exports a view cannot grow: :meth:`_grow` drops them first, and whoever replaces
-        the arrays, :meth:`forget_views`). A caller's own reference to one must not outlive an
-        allocation, as with :func:`view`."""
-        views = self._views
-        if views is None:
-            views = self._views = PageViews(
-                *(view(a) for a in (self.ref, self.mapcount, self.flags, self.index, self.ino, self.order))
-            )
-        return views
-
-    def forget_views(self) -> None:
-        """Drop the views: the arrays they show were replaced (a snapshot restored)."""
-        self._views = None
-
     def _grow(self, blocks: int) -> None:
-        self._views = None
         for a in (self.ref, self.mapcount, self.flags, self.index, self.ino, self.order):
-            a.frombytes(_ZERO_BLOCK[a.typecode] * blocks)
+            zeros = _ZERO_BLOCK[a.typecode]
+            for _ in range(blocks):
+                a.extend(zeros)
 
     def _new_block(self) -> int:
         """A free 2 MiB block's first pfn; 0 when memory is full."""
@@ -234,10 +183,9 @@ class PhysMem:
             return 0
         self.ref[head] = 1
         self.flags[head] = PG_ALLOCATED | PG_HEAD
-        v = self.views()
-        v.flags[head + 1 : head + _NR] = PG_ALLOCATED | PG_TAIL
-        v.ref[head + 1 : head + _NR] = 0
-        v.order[head : head + _NR] = HPAGE_PMD_ORDER
+        view(self.flags)[head + 1 : head + _NR] = PG_ALLOCATED | PG_TAIL
+        view(self.ref)[head + 1 : head + _NR] = 0
+        view(self.order)[head : head + _NR] = HPAGE_PMD_ORDER
         self.nr_allocated += _NR
         return head
 
@@ -247,9 +195,8 @@ class PhysMem:
         become free small pages."""
         if self.flags[pfn] & PG_HEAD:
             nr = 1 << self.order[pfn]
-            v = self.views()
-            for a in (v.ref, v.mapcount, v.flags, v.index, v.ino, v.order):
-                a[pfn : pfn + nr] = 0
+            for a in (self.ref, self.mapcount, self.flags, self.index, self.ino, self.order):
+                view(a)[pfn : pfn + nr] = 0
             self.entire.pop(pfn, None)
             if nr == _NR:
                 self._free_blocks.append(pfn)
@@ -471,7 +418,9 @@ class PageCache:
     def unlock_pages(self, pfns: np.ndarray) -> None:
         """:meth:`unlock` of every page of ``pfns`` (small pages, distinct), waking sleepers in
         that order."""
-        self.mem.views().flags[pages(pfns)] &= ~PG_LOCKED & 0xFFFF
+        flags = view(self.mem.flags)
+        flags[pfns] &= ~PG_LOCKED & 0xFFFF
+        del flags
         asleep = [key for key in self.waiting() if isinstance(key, tuple) and key[0] == "page"]
         if asleep:
             order = {pfn: i for i, pfn in enumerate(pfns.tolist())}
@@ -512,26 +461,21 @@ class PageCache:
         """:meth:`put` of ``n`` references on each of ``pfns`` (small pages, distinct), in order:
         collapse_file's release of the pages it replaced, without a call per page."""
         mem = self.mem
-        at = pages(pfns)
-        v = mem.views()
-        ref = v.ref
-        left = ref[at] - n
+        ref = view(mem.ref)
+        left = ref[pfns] - n
         if np.count_nonzero(left < 0):
             bad = pfns[int(np.argmax(left < 0))]
             raise AssertionError(f"refcount underflow on pfn {bad}")
-        ref[at] = left
-        if np.count_nonzero(left):
-            freed = pfns[left == 0]
-            at = freed
-        else:
-            freed = pfns  # all of them (a collapse's): the run, if they are one, stays one
+        ref[pfns] = left
+        freed = pfns[left == 0]
+        del ref
         if not len(freed):
             return
         if self._lru_batch:
             # The freed are the batch's pages without a reference left (a live page has one).
             self._lru_batch[:] = [p for p in self._lru_batch if mem.ref[p]]
-        for a in (v.mapcount, v.flags, v.index, v.ino):
-            a[at] = 0
+        for a in (mem.mapcount, mem.flags, mem.index, mem.ino):
+            view(a)[freed] = 0
         mem._free_small.frombytes(freed.astype(np.int64, copy=False).tobytes())
         mem.nr_allocated -= len(freed)
         if mem.pins:
@@ -544,29 +488,19 @@ class PageCache:
         drops = pte_drops(delta)
         if drops is not None:
             mem = self.mem
-            pfns, deltas, at = drops
-            v = mem.views()
-            orders = v.order[at]
+            pfns, deltas = drops
+            orders = view(mem.order)[pfns]
             heads = pfns
             if np.count_nonzero(orders):  # pages of large folios: their heads hold the references
                 heads = pfns & ~((np.int64(1) << orders.astype(np.int64)) - 1)
-            if heads is pfns and isinstance(at, slice):
-                distinct, sums = pfns, deltas  # one ascending run, so distinct already
-            else:
-                distinct, sums = sum_by(heads, deltas)
-            ref = v.ref
-            if distinct is pfns:  # each pfn once (its own head): a plain scatter adds as np.add.at
-                left = ref[at] + sums
-                if not np.count_nonzero(left <= 0):
-                    v.mapcount[at] += deltas
-                    ref[at] = left
-                    return
-            else:
-                left = ref[distinct] + sums
-                if not np.count_nonzero(left <= 0):
-                    np.add.at(v.mapcount, pfns, deltas)
-                    ref[distinct] = left
-                    return
+            distinct, sums = sum_by(heads, deltas)
+            ref = view(mem.ref)
+            left = ref[distinct] + sums
+            if not np.count_nonzero(left <= 0):
+                np.add.at(view(mem.mapcount), pfns, deltas)
+                ref[distinct] = left
+                return
+            del ref
         self.apply_rmap(delta.rows)
 
     def apply_rmap(self, rows: Iterable[m.RmapRow]) -> None:
@@ -676,9 +610,8 @@ class PageCache:
         one allocated at fault is clean until written, a collapsed one is ``dirty``."""
         mem = self.mem
         mem.flags[head] |= PG_UPTODATE | (PG_SWAPBACKED if f.shmem else 0) | (PG_DIRTY if dirty else 0)
-        v = mem.views()
-        v.index[head : head + _NR] = np.arange(start, start + _NR)
-        v.ino[head : head + _NR] = f.ino
+        view(mem.index)[head : head + _NR] = np.arange(start, start + _NR)
+        view(mem.ino)[head : head + _NR] = f.ino
         assert not start & _MASK, f"a PMD-order folio at unaligned index {start}"
         chunk = f.chunks.get(start >> 9)
         if chunk is None:

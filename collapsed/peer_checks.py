@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from collapsed.fileops import file_name_problem
-from collapsed.pagecache import PG_ALLOCATED, File, pte_drops, sum_by
+from collapsed.pagecache import PG_ALLOCATED, File, pte_drops, sum_by, view
 from shared import messages as m
 from shared.errors import PeerError
 from shared.knobs import KnobError
@@ -61,8 +61,6 @@ _REPLY_TO: dict[type[Message], type[Message]] = {
     m.CollapsePteMapped: m.CollapsePteMappedResult,
     m.VisitMm: m.VisitMmDone,
 }
-# Those replies' kinds, which the collapser hands to the waiting request first of all.
-REPLIES = frozenset(_REPLY_TO.values())
 
 
 def check(c: Collapser, msg: Message) -> None:
@@ -186,13 +184,10 @@ def _rmap_delta(c: Collapser, msg: m.RmapDelta) -> None:
     if drops is not None:
         # A zapped range: the counts only fall, so it is sound if each page's final count is.
         # Otherwise the rows below find the first bad one.
-        pfns, deltas, at = drops
-        if isinstance(at, slice):  # one ascending run: within memory if its ends are; distinct
-            if 0 < at.start and at.stop <= n and not np.count_nonzero(mem.views().mapcount[at] + deltas < 0):
-                return
-        elif not np.count_nonzero((pfns <= 0) | (pfns >= n)):
+        pfns, deltas = drops
+        if not np.count_nonzero((pfns <= 0) | (pfns >= n)):
             distinct, sums = sum_by(pfns, deltas)
-            if not np.count_nonzero(mem.views().mapcount[distinct] + sums < 0):
+            if not np.count_nonzero(view(mapcount)[distinct] + sums < 0):
                 return
     pte_held: dict[int, int] = {}
     pmd_held: dict[int, int] = {}

@@ -153,7 +153,6 @@ def _restore(
     mem.order = order
     mem.ref = array("l", bytes(mem.ref.itemsize * n))
     mem.mapcount = array("l", bytes(mem.mapcount.itemsize * n))
-    mem.forget_views()  # any made were of the arrays just replaced
     mem.nr_blocks = nr_blocks
     mem._free_blocks = [_pfn(b, n) for b in saved["free_blocks"]]
     mem._free_small = array("q", [_pfn(p, n) for p in saved["free_small"]])

@@ -47,9 +47,6 @@ _SHIFT = np.uint64(PTE_SHIFT)
 _ANON = np.uint64(PTE_ANON)
 _THP = np.uint64(PTE_THP)
 _SHMEM = np.uint64(PTE_SHMEM)
-_PRESENT = np.uint64(PTE_PRESENT)
-# A plain file PTE has PTE_PRESENT alone of these.
-_KIND = np.uint64(PTE_PRESENT | PTE_ANON | PTE_THP)
 _AROUND_THP = operator.itemgetter(2)  # of a fault-around page (index, pfn, thp)
 
 
@@ -325,10 +322,6 @@ class PageTables:
         go: their rmap rows in slot order, the table's counts and the mm counters."""
         ptes = np.frombuffer(table.ptes, dtype=np.uint64)
         window = ptes[first:stop]
-        if only is not None and len(only) == stop - first:
-            mapped = (window >> _SHIFT).astype(np.int64)
-            if self._zap_mapping(mm, table, window, mapped, only):
-                return
         chosen = window != 0
         if only is not None and len(only):
             # Membership in the sorted pfns: where each would go, and whether it is there.
@@ -360,25 +353,6 @@ class PageTables:
         del ptes, window
         for slot in anon_slots:
             self.zap_pte(mm, table, int(slot))
-
-    def _zap_mapping(
-        self, mm: Mm, table: PteTable, window: np.ndarray, mapped: np.ndarray, only: np.ndarray
-    ) -> bool:
-        """:meth:`_zap_ptes` of a window whose every slot maps the pfn ``only`` names for it with
-        a plain file PTE (neither anon nor a THP's subpage): try_to_unmap of the pages a collapse
-        replaces, in far fewer array operations. False, changing nothing, for any other window."""
-        if np.count_nonzero((window & _KIND) != _PRESENT) or np.count_nonzero(mapped != only):
-            return False
-        n = len(window)
-        shmem = int(np.count_nonzero(window & _SHMEM))
-        window[:] = 0
-        table.nr -= n
-        table.nr_foreign -= n  # no PTE of a THP's subpage, so none belonged
-        mm.update_hiwater_rss()
-        mm.rss["MM_SHMEMPAGES"] -= shmem
-        mm.rss["MM_FILEPAGES"] -= n - shmem
-        self.rmap.unmap_ptes(mapped)
-        return True
 
     def move_page_tables(self, mm: Mm, old: int, new: int, length: int) -> None:
         """mremap's move_page_tables: what maps [old, old+length) maps [new, new+length) after,

@@ -37,7 +37,7 @@ def _deltas(column: array, n: int) -> bytes:
     """A delta column of ``n`` rows packed (zeros past its end); empty when all are zero, as an
     RmapDelta allows."""
     packed = _wire(column)
-    if packed == bytes(len(packed)):  # a compare, where counting the zero bytes walks them all
+    if packed.count(0) == len(packed):
         return b""
     return packed + bytes(4 * (n - len(column)))
 
