@@ -218,6 +218,12 @@ async def test_requests_pipeline_on_a_connection_and_run_concurrently_across_con
         running_daemons(workdir, "unix", remapd_args=ONE_PAGE_FLAGS) as d,
         Session(d.collapsed.address, d.remapd.address) as s,
     ):
+        # remapd is ready once it listens; before the pair has met, collapsed answers a create
+        # without a barrier and the file reaches remapd at its resync, maybe after the mmap.
+        collapsed = await s.client(COLLAPSED)
+        with trio.fail_after(20):
+            while not (await collapsed.call(m.Status))["peer"]:
+                await trio.sleep(0.01)
         await s.call(m.FileCreate, name="f", size=2 * MB)
         await s.call(m.ProcSpawn, pid=1)
         addr = (await s.call(m.Mmap, pid=1, addr=None, length=2 * MB, name="f"))["addr"]
