@@ -255,9 +255,14 @@ class World:
         """Run request ``msg`` on ``actor`` (its core method, or ``fn``) as a daemon would, and
         return its result as the client gets it (the Pending, if ``waits``)."""
         run = fn if fn is not None else resolve(actor, msg.OP.run or "")
-        answer = self._answer(msg) if self.codec else None
+        return self._run(actor, run, msg.args(), self._answer(msg) if self.codec else None, waits)
+
+    def _run(
+        self, actor: Actor, run: Callable[..., Any], args: tuple[Any, ...], answer: Answer | None, waits: bool
+    ) -> Any:
+        """``run(*args)`` on ``actor``, its result through ``answer`` (the Pending, if ``waits``)."""
         try:
-            op = run(*msg.args())
+            op = run(*args)
         except UserError as err:
             if answer is not None:
                 answer(err)
@@ -324,8 +329,7 @@ def _operation(cls: type[Request[Any]]) -> Callable[..., Any]:
             # Without the codec the request is only its arguments (perform() with no answer to
             # make): bound as its constructor binds them, its id drawn, no message built.
             next(self._ids)
-            value = resolve(actor, run)(*bind(*args, **kwargs))
-            result = self.start(actor, value) if waits else self.call(actor, value)
+            result = self._run(actor, resolve(actor, run), bind(*args, **kwargs), None, waits)
         return result[unwrap] if unwrap is not None else result
 
     fields = dataclasses.fields(typing.cast(Any, cls))[1:]
