@@ -255,6 +255,14 @@ async def open_client(address: str, name: str = "daemon", secrets: Secrets | Non
                     nursery.cancel_scope.cancel()
 
 
+def _route(cls: type[Request[Any]], daemon: str | None) -> str:
+    """The daemon a request goes to: ``daemon``, or by default the one that serves ``cls``."""
+    target = daemon or ROUTES.get(cls)
+    if target is None:
+        raise ValueError(f"{cls.TAG} is served by both daemons: name one")
+    return target
+
+
 class Session:
     """Connections to both daemons, each opened when first needed (from the owning task), with
     the client secret of ``secrets`` (default: from the environment, read now).
@@ -290,16 +298,12 @@ class Session:
 
     async def start(self, cls: type[Request[Any]], daemon: str | None = None, **fields: Any) -> Pending:
         """Send a request to ``daemon`` (by default the one that serves ``cls``)."""
-        target = daemon or ROUTES.get(cls)
-        if target is None:
-            raise ValueError(f"{cls.TAG} is served by both daemons: name one")
+        target = _route(cls, daemon)
         client = self._clients.get(target) or await self.client(target)
         return await client.start(cls, **fields)
 
     async def call(self, cls: type[Request[R]], daemon: str | None = None, **fields: Any) -> R:
-        target = daemon or ROUTES.get(cls)
-        if target is None:
-            raise ValueError(f"{cls.TAG} is served by both daemons: name one")
+        target = _route(cls, daemon)
         client = self._clients.get(target) or await self.client(target)
         # As start() then result(), one coroutine fewer on every call's path.
         result: R = await (await client.start(cls, **fields)).result()
